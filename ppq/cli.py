@@ -1,0 +1,567 @@
+"""The ``ppq`` command. The only module that imports click, prints for people, or exits.
+
+Settings come from, highest first: flags, ``PPQ_*`` environment variables, the
+YAML file given by ``--config`` (or ``PPQ_CONFIG``), defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .config import Config, load_config
+from .errors import ConfigError, PPQError, TaskFailedError
+
+log = logging.getLogger("ppq.cli")
+
+# Exit codes.
+RET_OK = 0
+RET_ERROR = 1
+RET_CONFIG = 2
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {"time": record.created, "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("ppq")
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+    root.propagate = False
+
+
+def fail(message: str, code: int = RET_ERROR) -> None:
+    err_console.print(f"ppq: error: {message}", markup=False, highlight=False)
+    sys.exit(code)
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Turn ppq errors into one line and an exit code."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        fail(str(exc), RET_CONFIG)
+    except PPQError as exc:
+        fail(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def build_config(ctx: click.Context, overrides: dict[str, Any]) -> Config:
+    path = ctx.obj.get("config") or os.environ.get("PPQ_CONFIG")
+    base = dict(ctx.obj.get("overrides", {}))
+    base.update(overrides)
+    config = run_guarded(lambda: load_config(path, base))
+    setup_logging(config)
+    return config  # type: ignore[no-any-return]
+
+
+def _split(values: tuple[str, ...]) -> list[str] | None:
+    items = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    return items or None
+
+
+def _redis_map(values: tuple[str, ...]) -> dict[str, str] | None:
+    if not values:
+        return None
+    result = {}
+    for value in values:
+        index, sep, url = value.partition("=")
+        if not sep:
+            index, url = "0", value
+        result[index.strip()] = url.strip()
+    return result
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config file (default: $PPQ_CONFIG).")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+@click.version_option(__version__, prog_name="ppq")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_level: str | None, log_format: str | None) -> None:
+    """ppq: a distributed task queue over Pyro5 and Redis."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config_path
+    ctx.obj["overrides"] = {"log_level": log_level, "log_format": log_format}
+
+
+def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config`` and logging flags on every subcommand too."""
+    fn = click.option("--config", "sub_config", type=click.Path(dir_okay=False), default=None,
+                      help="YAML config file.")(fn)
+    fn = click.option("--log-level", "sub_log_level", default=None, help="DEBUG, INFO, WARNING, ERROR.")(fn)
+    return fn
+
+
+def _apply_sub(ctx: click.Context, sub_config: str | None, sub_log_level: str | None) -> None:
+    if sub_config:
+        ctx.obj["config"] = sub_config
+    if sub_log_level:
+        ctx.obj["overrides"]["log_level"] = sub_log_level
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        signal.signal(getattr(signal, name), handler)
+
+
+# -- master / worker / up ---------------------------------------------------------
+
+
+@main.command()
+@config_option
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to bind (default 7600; 0 = any free port).")
+@click.option("--redis-map", "redis_map", multiple=True,
+              help="QUEUE_INDEX=redis://host:port/db (repeatable); a bare URL is queue_index 0.")
+@click.option("--data-dir", default=None, help="Data directory of the embedded redis-server.")
+@click.option("--lease-timeout", type=float, default=None, help="Seconds a task stays leased without heartbeat.")
+@click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without auth_token.")
+@click.pass_context
+def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, host: str | None,
+           port: int | None, redis_map: tuple[str, ...], data_dir: str | None, lease_timeout: float | None,
+           insecure: bool | None) -> None:
+    """Run a master: the Pyro5 object `queue` over the Redis stores."""
+    from .master import MasterServer
+
+    _apply_sub(ctx, sub_config, sub_log_level)
+    config = build_config(ctx, {
+        "master.host": host, "master.port": port, "master.redis_map": _redis_map(redis_map),
+        "master.data_dir": data_dir, "master.lease_timeout": lease_timeout, "master.insecure": insecure,
+    })
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    server = run_guarded(lambda: MasterServer(config).start())
+    if server.embedded is not None:
+        console.print(f"embedded redis-server: {server.embedded.url}, data in {server.embedded.data_dir}",
+                      markup=False, highlight=False)
+    console.print(f"ppq master ready: {server.uri}", markup=False, highlight=False)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+
+
+def _worker_overrides(master_hosts: tuple[str, ...], queue_index: int | None, concurrency: int | None,
+                      pool: str | None, port: int | None, host: str | None, allow: tuple[str, ...],
+                      allowed_paths: tuple[str, ...], task_timeout: float | None, max_sleep: float | None,
+                      heartbeat_interval: float | None, autodiscover: tuple[str, ...],
+                      insecure: bool | None) -> dict[str, Any]:
+    return {
+        "worker.master_hosts": _split(master_hosts), "worker.queue_index": queue_index,
+        "worker.concurrency": concurrency, "worker.pool": pool, "worker.port": port, "worker.host": host,
+        "worker.allowed_modules": _split(allow), "worker.allowed_paths": _split(allowed_paths),
+        "worker.task_timeout": task_timeout, "worker.max_sleep": max_sleep,
+        "worker.heartbeat_interval": heartbeat_interval, "worker.autodiscover": _split(autodiscover),
+        "worker.insecure": insecure,
+    }
+
+
+def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--master-hosts", "master_hosts", multiple=True,
+                     help="Master host:port or PYRO: URI; comma-separated or repeated."),
+        click.option("--queue-index", type=int, default=None, help="The queue_index to pull (default 0)."),
+        click.option("--concurrency", "-c", type=int, default=None, help="Executors (default: CPU count)."),
+        click.option("--pool", type=click.Choice(["processes", "threads"]), default=None),
+        click.option("--port", type=int, default=None, help="Control object port (default 7620; 0 = free)."),
+        click.option("--host", default=None, help="Control object bind address (default 127.0.0.1)."),
+        click.option("--allow", "--allowed-modules", "allow", multiple=True,
+                     help="Module (dotted prefix) tasks may come from; repeatable or comma-separated."),
+        click.option("--allowed-paths", multiple=True, help="Directories a task's `path` may name."),
+        click.option("--task-timeout", type=float, default=None, help="Seconds a task may run (default 300)."),
+        click.option("--max-sleep", type=float, default=None, help="Longest idle wait for a task, seconds."),
+        click.option("--heartbeat-interval", type=float, default=None, help="Seconds between heartbeats."),
+        click.option("--autodiscover", multiple=True, help="Packages whose `tasks` module is imported at start."),
+        click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without a token."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@config_option
+@worker_options
+@click.pass_context
+def worker(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, **options: Any) -> None:
+    """Run a worker agent: pull tasks from the masters and run them."""
+    from . import worker as worker_mod
+
+    _apply_sub(ctx, sub_config, sub_log_level)
+    config = build_config(ctx, _worker_overrides(**options))
+    mode = run_guarded(lambda: worker_mod.run(config))
+    if mode == worker_mod.RESTART:
+        command = worker_mod.restart_command()
+        log.info("restarting: %s", " ".join(command))
+        subprocess.Popen(command, start_new_session=True)
+        sys.exit(RET_OK)
+    sys.exit(RET_ERROR if mode == worker_mod.NOW else RET_OK)
+
+
+@main.command()
+@config_option
+@click.option("--workers", "-w", type=int, default=1, show_default=True, help="Worker agents to start.")
+@click.option("--concurrency", "-c", type=int, default=None, help="Executors per worker.")
+@click.option("--port", type=int, default=None, help="Master port (default 7600).")
+@click.option("--data-dir", default=None, help="Data directory of the embedded redis-server.")
+@click.option("--allow", multiple=True, help="Module tasks may come from; repeatable or comma-separated.")
+@click.pass_context
+def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, workers: int,
+       concurrency: int | None, port: int | None, data_dir: str | None, allow: tuple[str, ...]) -> None:
+    """Run a whole local stack in the foreground: embedded Redis, a master and workers.
+
+    Ctrl-C stops everything cleanly.
+    """
+    from .master import MasterServer
+
+    _apply_sub(ctx, sub_config, sub_log_level)
+    config = build_config(ctx, {"master.port": port, "master.data_dir": data_dir,
+                                "worker.allowed_modules": _split(allow)})
+    if workers < 0:
+        fail("--workers must not be negative", RET_CONFIG)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    server = run_guarded(lambda: MasterServer(config).start())
+    address = f"127.0.0.1:{server.port}"
+    if server.embedded is not None:
+        console.print(f"redis: {server.embedded.url} (data in {server.embedded.data_dir})", markup=False,
+                      highlight=False)
+    console.print(f"master: {server.uri}", markup=False, highlight=False)
+    command = [sys.executable, "-m", "ppq"]
+    if ctx.obj.get("config"):
+        command += ["--config", ctx.obj["config"]]
+    command += ["worker", "--master-hosts", address, "--port", "0"]
+    if concurrency is not None:
+        command += ["--concurrency", str(concurrency)]
+    for module in _split(allow) or []:
+        command += ["--allow", module]
+    env = dict(os.environ)
+    if config.log_level:
+        env["PPQ_LOG_LEVEL"] = config.log_level
+    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+    allowed = ", ".join(config.worker.allowed_modules) or "none: pass --allow MODULE"
+    console.print(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "
+                  f"ppq push --master {address} module.func ARGS   (Ctrl-C stops)", markup=False, highlight=False)
+    try:
+        while not stop.wait(0.5):
+            for i, child in enumerate(children):
+                if child.poll() is not None and not stop.is_set():
+                    log.warning("worker pid %s exited with %s; starting another", child.pid, child.returncode)
+                    children[i] = subprocess.Popen(command, env=env)
+    finally:
+        console.print("stopping...", markup=False)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + config.worker.task_timeout + 10
+        for child in children:
+            try:
+                child.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        server.stop()
+
+
+# -- client commands ------------------------------------------------------------------
+
+
+def _client(ctx: click.Context, masters: tuple[str, ...]) -> Any:
+    from .client import Client
+
+    config = build_config(ctx, {"client.masters": _split(masters)})
+    return run_guarded(lambda: Client(config=config))
+
+
+def master_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--master", "-m", "masters", multiple=True,
+                        help="Master host:port or PYRO: URI (default: from config).")(fn)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_json_default, sort_keys=True))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _when(ts: Any) -> str:
+    if not ts:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
+
+
+@main.command()
+@config_option
+@master_option
+@click.argument("target")
+@click.argument("args", nargs=-1)
+@click.option("--kwarg", "-k", multiple=True, help="KEY=VALUE keyword argument (VALUE read as JSON if it parses).")
+@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.option("--delay", type=float, default=None, help="Seconds before the task may run.")
+@click.option("--key", default="", help="De-duplication key.")
+@click.option("--max-retry", type=int, default=1, show_default=True)
+@click.option("--retry-delay/--no-retry-delay", default=False, help="Back off exponentially between retries.")
+@click.option("--timeout", type=float, default=None, help="Seconds the task may run.")
+@click.option("--wait", is_flag=True, help="Wait for the task to end and print its result.")
+@click.pass_context
+def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+         target: str, args: tuple[str, ...], kwarg: tuple[str, ...], queue_index: int, delay: float | None,
+         key: str, max_retry: int, retry_delay: bool, timeout: float | None, wait: bool) -> None:
+    """Push TARGET (module.func) with ARGS (each read as JSON if it parses, else a string)."""
+    _apply_sub(ctx, sub_config, sub_log_level)
+    client = _client(ctx, masters)
+    kwargs = {}
+    for item in kwarg:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            fail(f"--kwarg {item!r}: expected KEY=VALUE", RET_CONFIG)
+        kwargs[name] = _parse_value(value)
+    task_id = run_guarded(lambda: client.push(
+        target, *[_parse_value(a) for a in args], kwargs=kwargs, queue_index=queue_index, delay=delay, key=key,
+        max_retry=max_retry, retry_delay=retry_delay, timeout=timeout))
+    click.echo(task_id)
+    if wait:
+        try:
+            value = run_guarded(lambda: client.result(task_id, queue_index=queue_index))
+        except TaskFailedError as exc:
+            fail(f"task {task_id} failed: {exc.error}")
+        _print_json(value)
+
+
+@main.command()
+@config_option
+@master_option
+@click.argument("task_id")
+@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--wait", is_flag=True, help="Wait for the task to end.")
+@click.option("--timeout", type=float, default=None, help="With --wait: seconds to wait at most.")
+@click.pass_context
+def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+         task_id: str, queue_index: int, as_json: bool, wait: bool, timeout: float | None) -> None:
+    """Show one task: state, retries, timestamps, result or error."""
+    _apply_sub(ctx, sub_config, sub_log_level)
+    client = _client(ctx, masters)
+    if wait:
+        try:
+            run_guarded(lambda: client.result(task_id, timeout=timeout, queue_index=queue_index))
+        except TaskFailedError:
+            pass
+    info = run_guarded(lambda: client.info(task_id, queue_index))
+    if info is None:
+        fail(f"task {task_id} is unknown in queue_index {queue_index}")
+    info.pop("result_pickled", None)
+    if as_json:
+        _print_json(info)
+        return
+    table = Table(title=f"task {task_id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for name in ("state", "queue_index", "module", "fclass", "func", "args", "kwargs", "key", "retry", "max_retry",
+                 "attempts", "expiries", "worker", "created", "eta", "started", "finished", "result", "error",
+                 "traceback"):
+        value = info.get(name)
+        if name in ("created", "eta", "started", "finished"):
+            value = _when(value)
+        elif name in ("args", "kwargs", "result"):
+            value = json.dumps(value, default=_json_default) if value is not None else ""
+        table.add_row(name, "" if value is None else str(value))
+    console.print(table)
+    if info["state"] in ("dead", "failed") and wait:
+        sys.exit(RET_ERROR)
+
+
+@main.command()
+@config_option
+@master_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+           as_json: bool) -> None:
+    """Queue counts per queue_index and the live workers."""
+    _apply_sub(ctx, sub_config, sub_log_level)
+    client = _client(ctx, masters)
+    info = run_guarded(client.server_info)
+    if as_json:
+        _print_json({str(k): v for k, v in info.items()})
+        return
+    console.print(status_tables(info))
+
+
+def status_tables(info: dict[Any, dict[str, Any]]) -> Any:
+    from rich.console import Group
+
+    queues = Table(title="queues")
+    for name in ("queue_index", "queued", "delayed", "running", "dead", "pushed", "done", "retried", "expired",
+                 "workers", "redis"):
+        queues.add_column(name, justify="right" if name not in ("redis",) else "left")
+    workers = Table(title="workers")
+    for name in ("id", "queue_index", "concurrency", "running", "done", "failed", "last heartbeat"):
+        workers.add_column(name)
+    for qi, entry in sorted(info.items(), key=lambda kv: int(kv[0])):
+        if not entry.get("ok", True):
+            queues.add_row(str(qi), *["?"] * 8, f"{entry.get('redis')} UNREACHABLE")
+            continue
+        queues.add_row(str(qi), *(str(entry.get(n, 0)) for n in ("queued", "delayed", "running", "dead", "pushed",
+                                                                   "done", "retried", "expired")),
+                       str(len(entry.get("workers", []))), str(entry.get("redis", "")))
+        for w in entry.get("workers", []):
+            running = w.get("running") or []
+            workers.add_row(str(w.get("id")), str(qi), str(w.get("concurrency", "")),
+                            ", ".join(running) if running else "-", str(w.get("done", "")), str(w.get("failed", "")),
+                            _when(w.get("last_heartbeat")))
+    return Group(queues, workers)
+
+
+@main.command()
+@config_option
+@master_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+            as_json: bool) -> None:
+    """Live workers with their per-function stats, read from their control objects."""
+    from .rpc import WORKER_OBJECT, PyroFunc
+
+    _apply_sub(ctx, sub_config, sub_log_level)
+    client = _client(ctx, masters)
+    config = build_config(ctx, {})
+    info = run_guarded(client.server_info)
+    rows = []
+    for entry in info.values():
+        for w in entry.get("workers", []):
+            stats: dict[str, Any] = {}
+            running: list[Any] = []
+            uri = w.get("control_uri")
+            if uri:
+                control = PyroFunc(uri, token=config.auth_token, timeout=3, objid=WORKER_OBJECT, default_return=None)
+                stats = control("get_worker_stats") or {}
+                running = (control("get_running_info") or {}).get("tasks", [])
+                control.close()
+            rows.append({"worker": w, "stats": stats, "running": running})
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title="workers")
+    for name in ("worker", "function", "count", "ok", "failed", "mean time (s)"):
+        table.add_column(name)
+    for row in rows:
+        wid = str(row["worker"].get("id"))
+        if not row["stats"]:
+            table.add_row(wid, "-", "0", "0", "0", "-")
+        for name, s in sorted(row["stats"].items()):
+            table.add_row(wid, name, str(s["count"]), str(s["ok"]), str(s["failed"]), f"{s['mean_time']:.4f}")
+    console.print(table)
+
+
+@main.group()
+def dead() -> None:
+    """The dead list: tasks that exhausted their retries."""
+
+
+@dead.command("list")
+@config_option
+@master_option
+@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def dead_list(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+              queue_index: int, limit: int, as_json: bool) -> None:
+    """Dead tasks, newest first, with the reason."""
+    _apply_sub(ctx, sub_config, sub_log_level)
+    client = _client(ctx, masters)
+    tasks = run_guarded(lambda: client.call("dead_tasks", queue_index, limit))
+    if as_json:
+        for t in tasks:
+            t.pop("result_pickled", None)
+        _print_json(tasks)
+        return
+    table = Table(title=f"dead tasks, queue_index {queue_index}")
+    for name in ("id", "task", "retry", "died", "reason"):
+        table.add_column(name)
+    for t in tasks:
+        table.add_row(t["id"], f"{t['module']}.{t['func']}", str(t.get("retry")), _when(t.get("finished")),
+                      t.get("error", ""))
+    console.print(table)
+
+
+@dead.command("requeue")
+@config_option
+@master_option
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Requeue every dead task.")
+@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.pass_context
+def dead_requeue(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+                 task_ids: tuple[str, ...], all_: bool, queue_index: int) -> None:
+    """Put dead tasks (IDs, or --all) back in the queue."""
+    _apply_sub(ctx, sub_config, sub_log_level)
+    if not task_ids and not all_:
+        fail("give task ids or --all", RET_CONFIG)
+    client = _client(ctx, masters)
+    done = run_guarded(lambda: client.call("requeue_dead", None if all_ else list(task_ids), queue_index))
+    click.echo(f"requeued {len(done)} task(s)")
+
+
+@dead.command("purge")
+@config_option
+@master_option
+@click.argument("task_ids", nargs=-1)
+@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.pass_context
+def dead_purge(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+               task_ids: tuple[str, ...], queue_index: int) -> None:
+    """Delete dead tasks (IDs, or all of them)."""
+    _apply_sub(ctx, sub_config, sub_log_level)
+    client = _client(ctx, masters)
+    n = run_guarded(lambda: client.call("purge_dead", list(task_ids) or None, queue_index))
+    click.echo(f"purged {n} task(s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

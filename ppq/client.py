@@ -1,0 +1,206 @@
+"""The high-level client: ``Client`` and the ``@task`` decorator, over :class:`PyroFunc`."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from . import codec
+from .config import Config, load_config
+from .errors import InvalidTaskError, ResultTimeoutError, TaskFailedError
+from .rpc import DEFAULT_TIMEOUT, PyroFunc
+from .task import CANCELLED, DEAD, DONE, new_id
+
+# Tasks sent per push_tasks call by push_many.
+DEFAULT_CHUNK = 5000
+_FINAL = (DONE, DEAD, CANCELLED)
+
+
+def target_name(target: str | Callable[..., Any]) -> tuple[str, str, str | None]:
+    """(module, func, fclass) of a dotted name or a function object."""
+    if callable(target) and not isinstance(target, str):
+        fn = inspect.unwrap(target)
+        qual = fn.__qualname__.split(".")
+        if "<locals>" in qual or "<lambda>" in fn.__qualname__:
+            raise InvalidTaskError(f"{fn.__qualname__} is not importable by a worker: use a module-level function")
+        module = fn.__module__
+        if len(qual) == 2:
+            return module, qual[1], qual[0]
+        return module, qual[-1], None
+    if not isinstance(target, str) or "." not in target:
+        raise InvalidTaskError(f"target must be 'module.func' or a function, got {target!r:.80}")
+    module, _, func = target.rpartition(".")
+    return module, func, None
+
+
+class Client:
+    """Push tasks and read their state and results.
+
+    ``masters`` is a list of ``host:port`` or ``PYRO:`` URIs (default: from the
+    config: ``client.masters``, else ``worker.master_hosts``). Each push carries a
+    task id made here, so a push retried after a dropped reply is stored once.
+    """
+
+    def __init__(
+        self,
+        masters: str | Sequence[str] | None = None,
+        *,
+        config: Config | None = None,
+        token: str | None = None,
+        retry: int | None = None,
+        timeout: float | None = None,
+        allow_pickle: bool | None = None,
+        queue_index: int = 0,
+    ) -> None:
+        config = config or load_config()
+        masters = masters or config.client_masters()
+        self.queue_index = queue_index
+        self.allow_pickle = config.client.allow_pickle if allow_pickle is None else allow_pickle
+        self.call = PyroFunc(
+            masters,
+            retry=config.client.retry if retry is None else retry,
+            random_idx=True,
+            token=token if token is not None else config.auth_token,
+            timeout=timeout or config.client.timeout or DEFAULT_TIMEOUT,
+        )
+
+    def _task(self, target: str | Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any] | None,
+              options: dict[str, Any]) -> dict[str, Any]:
+        module, func, fclass = target_name(target)
+        task: dict[str, Any] = {"func": func, "module": module, "task_id": options.pop("task_id", None) or new_id()}
+        if fclass and "fclass" not in options:
+            task["fclass"] = fclass
+        if self.allow_pickle:
+            task["parameters"] = codec.encode_parameters(args, kwargs, use_pickle=True)
+        else:
+            task["args"] = list(args)
+            task["kwargs"] = dict(kwargs or {})
+        task.setdefault("queue_index", self.queue_index)
+        task.update(options)
+        return task
+
+    def push(self, target: str | Callable[..., Any], *args: Any, kwargs: dict[str, Any] | None = None,
+             **options: Any) -> str:
+        """Push ``target(*args, **kwargs)``; ``options`` are push_task's (queue_index, delay, key...)."""
+        return str(self.call("push_task", **self._task(target, args, kwargs, options)))
+
+    def push_many(self, tasks: Iterable[Any], chunk: int = DEFAULT_CHUNK, **options: Any) -> list[str]:
+        """Push many tasks, ``chunk`` per round trip.
+
+        Each item is ``(target, args)``, ``(target, args, kwargs)`` or a dict of
+        push_task fields. ``options`` apply to every task.
+        """
+        batch: list[dict[str, Any]] = []
+        ids: list[str] = []
+        for item in tasks:
+            if isinstance(item, dict):
+                task = dict(options, **item)
+                task.setdefault("task_id", new_id())
+                task.setdefault("queue_index", self.queue_index)
+            else:
+                target, args, *rest = item
+                batch_options = dict(options)
+                task = self._task(target, args, rest[0] if rest else None, batch_options)
+            batch.append(task)
+            if len(batch) >= chunk:
+                ids.extend(self.call("push_tasks", batch))
+                batch = []
+        if batch:
+            ids.extend(self.call("push_tasks", batch))
+        return ids
+
+    def info(self, task_id: str, queue_index: int | None = None) -> dict[str, Any] | None:
+        """The task's record, or None if it is unknown."""
+        qi = self.queue_index if queue_index is None else queue_index
+        return self.call("get_task_info", task_id, qi)  # type: ignore[no-any-return]
+
+    def cancel(self, task_id: str, queue_index: int | None = None) -> str | None:
+        qi = self.queue_index if queue_index is None else queue_index
+        return self.call("cancel_task", task_id, qi)  # type: ignore[no-any-return]
+
+    def server_info(self) -> dict[int, dict[str, Any]]:
+        return self.call("server_info")  # type: ignore[no-any-return]
+
+    def _value(self, info: dict[str, Any]) -> Any:
+        if info["state"] == DONE:
+            if info.get("result_pickled") is not None:
+                return codec.decode(codec.from_wire(info["result_pickled"]), allow_pickle=self.allow_pickle)
+            return info.get("result")
+        raise TaskFailedError(info["id"], info.get("error") or info["state"], info.get("traceback") or "")
+
+    def result(self, task_id: str, timeout: float | None = None, queue_index: int | None = None) -> Any:
+        """Wait for the task to end and return its result; raise TaskFailedError if it failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            info = self.info(task_id, queue_index)
+            if info is None:
+                raise InvalidTaskError(f"task {task_id} is unknown (never pushed, or its record expired)")
+            if info["state"] in _FINAL:
+                return self._value(info)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeoutError(f"task {task_id} is still {info['state']} after {timeout:g}s")
+            wait = pause if deadline is None else min(pause, max(deadline - time.monotonic(), 0))
+            time.sleep(wait)
+            pause = min(pause * 2, 0.25)
+
+    def results(self, task_ids: Sequence[str], timeout: float | None = None,
+                queue_index: int | None = None) -> Iterator[tuple[str, Any]]:
+        """Yield ``(task_id, result)`` as tasks end, in the order they end."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(task_ids)
+        qi = self.queue_index if queue_index is None else queue_index
+        pause = 0.002
+        while pending:
+            infos = self.call("get_tasks_info", pending, qi)
+            still = []
+            for tid, info in zip(pending, infos):
+                if info is None:
+                    raise InvalidTaskError(f"task {tid} is unknown (never pushed, or its record expired)")
+                if info["state"] in _FINAL:
+                    yield tid, self._value(info)
+                    pause = 0.002
+                else:
+                    still.append(tid)
+            pending = still
+            if pending:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ResultTimeoutError(f"{len(pending)} task(s) still running after {timeout:g}s")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.25)
+
+    def close(self) -> None:
+        self.call.close()
+
+
+_default_client: Client | None = None
+
+
+def default_client() -> Client:
+    """The Client used by ``@task`` functions: configured from ``PPQ_*`` variables."""
+    global _default_client
+    if _default_client is None:
+        _default_client = Client()
+    return _default_client
+
+
+def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, **push_options: Any) -> Any:
+    """Decorate a module-level function so that ``fn.push(*args, **kwargs)`` enqueues it.
+
+    ``fn(*args, **kwargs)`` still runs it here. ``push_options`` (queue_index,
+    delay, max_retry, key...) apply to every push.
+    """
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        target_name(func)
+
+        def push(*args: Any, **kwargs: Any) -> str:
+            return (client or default_client()).push(func, *args, kwargs=kwargs, **push_options)
+
+        func.push = push  # type: ignore[attr-defined]
+        return functools.wraps(func)(func)
+
+    return decorate(fn) if fn is not None else decorate

@@ -1,0 +1,345 @@
+"""Typed, frozen settings and the one loader that builds them.
+
+Precedence, highest first: command-line flags, ``PPQ_*`` environment variables,
+the YAML file, the defaults below. Environment variables are named after the key:
+``PPQ_AUTH_TOKEN``, ``PPQ_MASTER_PORT``, ``PPQ_WORKER_QUEUE_INDEX``... and their
+values are read as YAML scalars (``PPQ_WORKER_CONCURRENCY=4`` is an int).
+
+Every key is documented in ``config.example.yaml``; an unknown key, a wrong type
+or a value out of range raises :class:`~ppq.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from .errors import ConfigError
+
+# Port of the master's Pyro5 daemon.
+DEFAULT_MASTER_PORT = 7600
+# Port of a worker's control object; 0 picks a free port.
+DEFAULT_WORKER_PORT = 7620
+# Seconds a handed-out task stays leased without a heartbeat.
+DEFAULT_LEASE_TIMEOUT = 60.0
+# Seconds a task may run before its executor is killed.
+DEFAULT_TASK_TIMEOUT = 300.0
+# Largest encoded (args, kwargs) or result, in bytes.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# Seconds a finished task's record and result are kept.
+DEFAULT_RESULT_TTL = 86400
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    enabled: bool = False
+    certfile: str = ""
+    keyfile: str = ""
+    cafile: str = ""
+    require_client_cert: bool = False
+    client_certfile: str = ""
+    client_keyfile: str = ""
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_batch: int = 10000
+    max_name_length: int = 200
+    max_key_length: int = 512
+    max_delay: float = 365 * 86400.0
+    max_retry: int = 100
+    max_timeout: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_MASTER_PORT
+    redis_map: dict[int, str] = field(default_factory=dict)
+    data_dir: str = ""
+    appendfsync: str = "everysec"
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT
+    max_lease_expiries: int = 10
+    reaper_interval: float = 1.0
+    result_ttl: int = DEFAULT_RESULT_TTL
+    redis_timeout: float = 2.0
+    threadpool_size: int = 4000
+    allow_pickle: bool = False
+    insecure: bool = False
+    metrics_port: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_WORKER_PORT
+    master_hosts: list[str] = field(default_factory=lambda: [f"127.0.0.1:{DEFAULT_MASTER_PORT}"])
+    queue_index: int = 0
+    concurrency: int = 0
+    pool: str = "processes"
+    max_sleep: float = 5.0
+    task_timeout: float = DEFAULT_TASK_TIMEOUT
+    heartbeat_interval: float = 10.0
+    prefetch: int = 0
+    allowed_modules: list[str] = field(default_factory=list)
+    allowed_paths: list[str] = field(default_factory=list)
+    autodiscover: list[str] = field(default_factory=list)
+    allow_pickle: bool = False
+    insecure: bool = False
+    metrics_port: int = 0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    masters: list[str] = field(default_factory=list)
+    retry: int = 3
+    timeout: float = 10.0
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    auth_token: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "text"
+    master: MasterConfig = field(default_factory=MasterConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+    def client_masters(self) -> list[str]:
+        """The master addresses a client uses: ``client.masters``, else the worker's."""
+        return list(self.client.masters or self.worker.master_hosts)
+
+
+_SECTIONS = {
+    "master": MasterConfig,
+    "worker": WorkerConfig,
+    "client": ClientConfig,
+    "limits": LimitsConfig,
+    "tls": TLSConfig,
+}
+_CHOICES = {
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    "log_format": ("text", "json"),
+    "worker.pool": ("processes", "threads"),
+    "master.appendfsync": ("always", "everysec", "no"),
+}
+_NON_NEGATIVE = {
+    "master.port", "worker.port", "worker.concurrency", "worker.queue_index", "worker.prefetch",
+    "master.metrics_port", "worker.metrics_port",
+}
+_POSITIVE = {
+    "master.lease_timeout", "master.reaper_interval", "master.redis_timeout", "master.threadpool_size",
+    "master.max_lease_expiries", "master.result_ttl", "worker.max_sleep", "worker.task_timeout",
+    "worker.heartbeat_interval", "client.retry", "client.timeout", "limits.max_payload", "limits.max_batch",
+    "limits.max_name_length", "limits.max_key_length", "limits.max_delay", "limits.max_timeout",
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type ``tp``; return it converted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [t for t in options if t is not type(None)]
+        return _coerce(key, value, inner[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "auth_token":
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def redis_url(key: str, value: Any) -> str:
+    """Normalise one ``redis_map`` entry (a URL or ``{host, port, db, password}``) to a URL."""
+    if isinstance(value, str):
+        parsed = urlparse(value)
+        if parsed.scheme not in ("redis", "rediss", "unix") or not (parsed.hostname or parsed.path):
+            raise ConfigError(f"{key}: expected a redis:// URL, got {value!r}")
+        try:
+            parsed.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ConfigError(f"{key}: bad port in {value!r}") from None
+        return value
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"host", "port", "db", "password", "username"}
+        if unknown:
+            raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r} (expected host, port, db, password)")
+        host = value.get("host", "127.0.0.1")
+        port = value.get("port", 6379)
+        db = value.get("db", 0)
+        if not isinstance(host, str) or not isinstance(port, int) or not isinstance(db, int):
+            raise ConfigError(f"{key}: host must be a string, port and db integers")
+        auth = ""
+        if value.get("password"):
+            auth = f"{value.get('username', '')}:{value['password']}@"
+        return f"redis://{auth}{host}:{port}/{db}"
+    raise ConfigError(f"{key}: expected a redis:// URL or a mapping, got {value!r}")
+
+
+def _redis_map(value: Mapping[Any, Any]) -> dict[int, str]:
+    result: dict[int, str] = {}
+    for raw_index, target in value.items():
+        try:
+            index = int(raw_index)
+        except (TypeError, ValueError):
+            raise ConfigError(f"master.redis_map: queue_index {raw_index!r} is not an integer") from None
+        if index < 0:
+            raise ConfigError(f"master.redis_map: queue_index {index} is negative")
+        result[index] = redis_url(f"master.redis_map[{index}]", target)
+    return result
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}")
+        if name in _SECTIONS and not prefix:
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(_SECTIONS[name], value, f"{key}.")
+            continue
+        value = _coerce(key, value, hints[name])
+        if key == "master.redis_map":
+            value = _redis_map(value)
+        if key in _CHOICES:
+            value = value.upper() if key == "log_level" else value
+            if value not in _CHOICES[key]:
+                raise ConfigError(f"{key}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
+        if key in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value!r}")
+        if key in _POSITIVE and value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+        if key in ("master.port", "worker.port") and value > 65535:
+            raise ConfigError(f"{key}: not a port number: {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    """Merge a dotted-key mapping (``{"master.port": 1}``) into nested ``base``."""
+    for dotted, value in extra.items():
+        parts = dotted.split(".")
+        node = base
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The dotted keys set by ``PPQ_*`` variables; unknown ``PPQ_*`` names are an error."""
+    known: dict[str, str] = {}
+    for f in dataclasses.fields(Config):
+        if f.name in _SECTIONS:
+            for sub in dataclasses.fields(_SECTIONS[f.name]):
+                known[f"PPQ_{f.name}_{sub.name}".upper()] = f"{f.name}.{sub.name}"
+        else:
+            known[f"PPQ_{f.name}".upper()] = f.name
+    result: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith("PPQ_") or name in _IGNORED_ENV:
+            continue
+        if name not in known:
+            raise ConfigError(f"unknown environment variable {name}")
+        key = known[name]
+        if key == "auth_token":
+            result[key] = raw
+            continue
+        try:
+            result[key] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            result[key] = raw
+    return result
+
+
+# PPQ_* variables that are not config keys.
+_IGNORED_ENV = {"PPQ_CONFIG"}
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with errors that name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(
+    path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build a :class:`Config` from defaults, a YAML file, ``PPQ_*`` env and overrides.
+
+    ``overrides`` holds dotted keys (``{"master.port": 7601}``) from command-line
+    flags; a None value means "not given" and is skipped.
+    """
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    _merge(data, env_overrides(os.environ if environ is None else environ))
+    _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(Config, data, "")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain data, as it would be written in YAML."""
+    return dataclasses.asdict(config)

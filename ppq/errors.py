@@ -1,0 +1,79 @@
+"""The ppq error family.
+
+Every error ppq raises on purpose is a :class:`PPQError`. The classes here are
+registered with Pyro5's serializer (see :mod:`ppq.rpc`), so a ppq client gets the
+same type and message the master raised. This module imports nothing from ppq.
+"""
+
+
+class PPQError(Exception):
+    """Base class of every ppq error."""
+
+
+class ConfigError(PPQError):
+    """A configuration key is unknown, of the wrong type or out of range."""
+
+
+class InvalidTaskError(PPQError, ValueError):
+    """An argument of an RPC call (a task field, a queue_index...) is invalid."""
+
+
+class CodecError(InvalidTaskError):
+    """A payload cannot be encoded or decoded by the configured codec."""
+
+
+class StorageError(PPQError):
+    """Redis could not be reached or answered with an error."""
+
+
+class AuthError(PPQError):
+    """Authentication failed."""
+
+
+class NotAllowedError(PPQError):
+    """A worker refused to import a module or use a path not in its allowlists."""
+
+
+class LeaseLostError(PPQError):
+    """A worker reported on a task whose lease it no longer holds."""
+
+
+class TaskTimeoutError(PPQError):
+    """A task ran past its timeout and was stopped."""
+
+
+class TaskFailedError(PPQError):
+    """A task ended in failure; carries the remote error type, message and traceback."""
+
+    def __init__(self, task_id: str, error: str = "", traceback: str = "") -> None:
+        super().__init__(task_id, error, traceback)
+        self.task_id = task_id
+        self.error = error
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} failed: {self.error}"
+
+
+class ResultTimeoutError(PPQError, TimeoutError):
+    """A wait for a task's result ran out of time."""
+
+
+class ConnectError(PPQError, ConnectionError):
+    """No master could be reached after every retry."""
+
+
+ALL_ERRORS = (
+    PPQError,
+    ConfigError,
+    InvalidTaskError,
+    CodecError,
+    StorageError,
+    AuthError,
+    NotAllowedError,
+    LeaseLostError,
+    TaskTimeoutError,
+    TaskFailedError,
+    ResultTimeoutError,
+    ConnectError,
+)

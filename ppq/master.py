@@ -1,0 +1,502 @@
+"""The master: a stateless Pyro5 object over the Redis stores, and ``serve()``.
+
+Any number of masters can serve the same queues; every background duty
+(delayed-task mover, lease reaper) is a Lua script that is safe to run on all of
+them at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgpack
+
+from . import codec, rpc
+from .config import Config
+from .embedded import RedisServer, default_data_dir
+from .errors import (
+    CodecError,
+    ConfigError,
+    InvalidTaskError,
+    LeaseLostError,
+    StorageError,
+)
+from .store import Store
+from .task import check_push, check_queue_index, check_task_id
+
+log = logging.getLogger("ppq.master")
+
+# Longest long-poll a worker may ask for, in seconds.
+MAX_WAIT = 30.0
+# Largest encoded worker_info, in bytes.
+MAX_WORKER_INFO = 16 * 1024
+
+
+class Waker:
+    """Wakes the threads long-polling one queue_index when tasks become ready."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.generation = 0
+
+    def wake(self, count: int) -> None:
+        with self.cond:
+            self.generation += 1
+            if count <= 0:
+                self.cond.notify_all()
+            else:
+                self.cond.notify(count)
+
+    def wait(self, generation: int, timeout: float) -> None:
+        with self.cond:
+            if self.generation == generation:
+                self.cond.wait(timeout)
+
+
+def worker_id_of(worker_info: Any) -> str:
+    """The id of a worker from the ``worker_info`` it sends with every call."""
+    if isinstance(worker_info, Mapping):
+        wid = worker_info.get("id")
+        if wid is None:
+            wid = f"{worker_info.get('host', '?')}:{worker_info.get('pid', '?')}"
+    elif isinstance(worker_info, (list, tuple)):
+        wid = ":".join(str(x) for x in worker_info)
+    elif isinstance(worker_info, (str, int)) and not isinstance(worker_info, bool):
+        wid = str(worker_info)
+    else:
+        raise InvalidTaskError(f"worker_info must be a dict or a string, got {type(worker_info).__name__}")
+    if not isinstance(wid, str) or not wid or len(wid) > 200 or "\x00" in wid:
+        raise InvalidTaskError("worker_info: id must be a non-empty string of at most 200 characters")
+    return wid
+
+
+def _check_info(worker_info: Any) -> dict[str, Any]:
+    info = dict(worker_info) if isinstance(worker_info, Mapping) else {"id": worker_id_of(worker_info)}
+    try:
+        packed = msgpack.packb(info)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidTaskError("worker_info must hold plain data (strings, numbers, lists, dicts)") from None
+    if len(packed) > MAX_WORKER_INFO:
+        raise InvalidTaskError(f"worker_info is larger than {MAX_WORKER_INFO} bytes")
+    return info
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidTaskError(f"{name} must be a number between {low:g} and {high:g}, got {value!r:.40}")
+    return float(value)
+
+
+def _text_field(name: str, value: Any, limit: int) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidTaskError(f"{name} must be a string, got {type(value).__name__}")
+    return value[:limit]
+
+
+class Master:
+    """The object a master daemon exposes as ``queue``."""
+
+    def __init__(self, config: Config, stores: Mapping[int, Store]) -> None:
+        self.config = config
+        self.stores = dict(stores)
+        self.wakers = {qi: Waker() for qi in self.stores}
+        self.limits = config.limits
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start_background(self) -> None:
+        """Start the wake-up listeners and the mover/reaper loop of each store."""
+        for qi, store in self.stores.items():
+            for target, name in ((self._listen, "wake"), (self._duties, "duties")):
+                t = threading.Thread(target=target, args=(qi, store), name=f"ppq-{name}-{qi}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def stop_background(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        for waker in self.wakers.values():
+            waker.wake(0)
+
+    def _listen(self, qi: int, store: Store) -> None:
+        store.listen(self.wakers[qi].wake, self._stop)
+
+    def _duties(self, qi: int, store: Store) -> None:
+        """Move due delayed tasks and reap expired leases, forever."""
+        interval = self.config.master.reaper_interval
+        next_reap = 0.0
+        failing = False
+        while not self._stop.is_set():
+            pause = interval
+            try:
+                _, next_eta, now = store.move_due()
+                if next_eta is not None:
+                    pause = min(pause, max(next_eta - now, 0.005))
+                if time.monotonic() >= next_reap:
+                    reaped = store.reap()
+                    if reaped:
+                        log.info("queue_index %s: %s expired lease(s) handled", qi, reaped)
+                    next_reap = time.monotonic() + interval
+                if failing:
+                    log.info("queue_index %s: redis is back", qi)
+                    failing = False
+            except StorageError as exc:
+                if not failing:
+                    log.error("%s", exc)
+                failing = True
+                pause = interval
+            except Exception:  # noqa: BLE001 - keep the duty loop alive whatever happens
+                log.exception("queue_index %s: background duty failed", qi)
+            self._stop.wait(pause)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _store(self, queue_index: Any) -> Store:
+        return self.stores[check_queue_index(queue_index, self.stores)]
+
+    def _seen(self) -> float:
+        """Seconds a worker counts as live after it was last heard from."""
+        return max(3 * self.config.worker.heartbeat_interval, 2 * MAX_WAIT)
+
+    def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
+               wait: float, strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
+        store = self._store(queue_index)
+        wid = worker_id_of(worker_info)
+        waker = self.wakers[store.queue_index]
+        generation = waker.generation
+        accepted, tasks = store.report(wid, reports, count, self._seen(), strict)
+        if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):
+            return accepted, tasks
+        deadline = time.monotonic() + wait
+        while not tasks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stop.is_set():
+                break
+            waker.wait(generation, remaining)
+            generation = waker.generation
+            _, tasks = store.report(wid, [], count, self._seen())
+        return accepted, tasks
+
+    def _plain(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add decoded args/kwargs for clients that are not ppq's own worker."""
+        if rpc.client_is_ppq():
+            return tasks
+        for task in tasks:
+            try:
+                task["args"], task["kwargs"] = codec.decode_parameters(task["parameters"])
+            except CodecError:
+                task["args"], task["kwargs"] = None, None
+        return tasks
+
+    def _result_report(self, task_id: Any, lease: Any, ok: bool, result: Any = None, result_bytes: Any = None,
+                       error: Any = "", traceback: Any = "", retry: bool = True) -> dict[str, Any]:
+        check_task_id(task_id)
+        if lease is not None and not isinstance(lease, str):
+            raise InvalidTaskError("lease must be a string")
+        encoded = b""
+        if ok:
+            if result_bytes is not None:
+                encoded = codec.from_wire(result_bytes)
+                if codec.is_pickle(encoded) and not self.config.master.allow_pickle:
+                    raise InvalidTaskError("result is pickled, and this master does not accept pickle")
+            else:
+                encoded = codec.encode(result)
+            if len(encoded) > self.limits.max_payload:
+                raise InvalidTaskError(f"result is {len(encoded)} bytes, more than the limit of "
+                                       f"{self.limits.max_payload}")
+        return {
+            "id": task_id, "lease": lease or "", "ok": ok, "result": encoded,
+            "error": _text_field("error", error, 10_000), "traceback": _text_field("traceback", traceback, 100_000),
+            "retry": bool(retry), "release": False,
+        }
+
+    def _fill_lease(self, report: dict[str, Any], queue_index: Any, worker_info: Any) -> None:
+        """A seed-style report without a lease: use the lease the task holds, if this worker holds it."""
+        if report["lease"]:
+            return
+        info = self._store(queue_index).info(report["id"])
+        if info and info.get("worker") == worker_id_of(worker_info):
+            report["lease"] = info.get("lease", "")
+
+    def _finish(self, report: dict[str, Any], worker_info: Any, queue_index: Any, piggyback: bool) -> Any:
+        self._fill_lease(report, queue_index, worker_info)
+        accepted, tasks = self._lease(worker_info, queue_index, [report], 1 if piggyback else 0, 0, strict=True)
+        if not accepted[0]:
+            raise LeaseLostError(f"task {report['id']}: this worker no longer holds its lease "
+                                 f"(it expired or was handed to another worker); the report was refused")
+        if piggyback:
+            return self._plain(tasks)[0] if tasks else None
+        return True
+
+    # -- the exposed methods ------------------------------------------------
+
+    @rpc.remote
+    def ping(self) -> str:
+        return "pong"
+
+    @rpc.remote
+    def push_task(self, func: Any, key: Any = "", fclass: Any = None, module: Any = None, path: Any = None,
+                  lang: Any = "", parameters: Any = None, max_retry: Any = 1, retry_delay: Any = False,
+                  queue_index: Any = 0, delay: Any = None, args: Any = None, kwargs: Any = None,
+                  timeout: Any = None, result_ttl: Any = None, task_id: Any = None) -> str:
+        """Push one task; return its id. See DESIGN.md for the fields."""
+        options = {
+            "func": func, "key": key, "fclass": fclass, "module": module, "path": path, "lang": lang,
+            "parameters": parameters, "max_retry": max_retry, "retry_delay": retry_delay,
+            "queue_index": queue_index, "delay": delay, "args": args, "kwargs": kwargs,
+            "timeout": timeout, "result_ttl": result_ttl, "task_id": task_id,
+        }
+        spec = check_push(options, self.stores, self.limits, self.config.master.allow_pickle)
+        return self.stores[spec.queue_index].push([spec])[0]
+
+    @rpc.remote
+    def push_tasks(self, tasks: Any) -> list[str]:
+        """Push many tasks in one call; all are checked before any is stored."""
+        if not isinstance(tasks, (list, tuple)):
+            raise InvalidTaskError(f"tasks must be a list of dicts, got {type(tasks).__name__}")
+        if len(tasks) > self.limits.max_batch:
+            raise InvalidTaskError(f"tasks holds {len(tasks)} tasks, more than the limit of {self.limits.max_batch}")
+        specs = []
+        for i, options in enumerate(tasks):
+            if not isinstance(options, Mapping):
+                raise InvalidTaskError(f"tasks[{i}] must be a dict, got {type(options).__name__}")
+            try:
+                specs.append(check_push(options, self.stores, self.limits, self.config.master.allow_pickle))
+            except InvalidTaskError as exc:
+                raise type(exc)(f"tasks[{i}]: {exc}") from None
+        by_queue: dict[int, list[int]] = {}
+        for i, spec in enumerate(specs):
+            by_queue.setdefault(spec.queue_index, []).append(i)
+        ids: list[str] = [""] * len(specs)
+        for qi, positions in by_queue.items():
+            for pos, tid in zip(positions, self.stores[qi].push([specs[p] for p in positions])):
+                ids[pos] = tid
+        return ids
+
+    @rpc.remote
+    def get_task(self, worker_info: Any, queue_index: Any = 0, wait: Any = 0) -> dict[str, Any] | None:
+        """Lease the next task of ``queue_index`` (waiting up to ``wait`` seconds); None if there is none."""
+        wait = _number("wait", wait, 0, MAX_WAIT)
+        _, tasks = self._lease(worker_info, queue_index, [], 1, wait)
+        return self._plain(tasks)[0] if tasks else None
+
+    @rpc.remote
+    def get_tasks(self, worker_info: Any, queue_index: Any = 0, count: Any = 1, wait: Any = 0) -> list[dict[str, Any]]:
+        """Lease up to ``count`` tasks."""
+        count = int(_number("count", count, 1, self.limits.max_batch))
+        wait = _number("wait", wait, 0, MAX_WAIT)
+        return self._plain(self._lease(worker_info, queue_index, [], count, wait)[1])
+
+    @rpc.remote
+    def task_finish(self, task_id: Any, worker_info: Any, queue_index: Any = 0, piggyback: Any = False,
+                    result: Any = None, result_bytes: Any = None, lease: Any = None) -> Any:
+        """Record a task's success. Refused (LeaseLostError) if the worker lost its lease.
+
+        With ``piggyback`` the reply is the next task (or None) instead of True.
+        """
+        report = self._result_report(task_id, lease, True, result=result, result_bytes=result_bytes)
+        return self._finish(report, worker_info, queue_index, bool(piggyback))
+
+    @rpc.remote
+    def task_error(self, task_id: Any, worker_info: Any, queue_index: Any = 0, piggyback: Any = False,
+                   error: Any = "", traceback: Any = "", lease: Any = None, retry: Any = True) -> Any:
+        """Record a task's failure: it is retried while retries remain, else it goes to the dead list."""
+        report = self._result_report(task_id, lease, False, error=error, traceback=traceback, retry=bool(retry))
+        return self._finish(report, worker_info, queue_index, bool(piggyback))
+
+    @rpc.remote
+    def report(self, worker_info: Any, queue_index: Any = 0, reports: Any = (), want: Any = 0,
+               wait: Any = 0) -> dict[str, Any]:
+        """The worker's fast path: many finishes/errors/hand-backs and the next tasks in one call.
+
+        Each report: ``{id, lease, ok, result_bytes | result, error, traceback, retry, release}``.
+        Returns ``{"accepted": [bool, ...], "tasks": [...]}``.
+        """
+        if not isinstance(reports, (list, tuple)) or len(reports) > self.limits.max_batch:
+            raise InvalidTaskError(f"reports must be a list of at most {self.limits.max_batch} dicts")
+        want = int(_number("want", want, 0, self.limits.max_batch))
+        wait = _number("wait", wait, 0, MAX_WAIT)
+        checked = []
+        for i, r in enumerate(reports):
+            if not isinstance(r, Mapping):
+                raise InvalidTaskError(f"reports[{i}] must be a dict")
+            item = self._result_report(r.get("id"), r.get("lease"), bool(r.get("ok")), r.get("result"),
+                                       r.get("result_bytes"), r.get("error", ""), r.get("traceback", ""),
+                                       r.get("retry", True))
+            item["release"] = bool(r.get("release"))
+            checked.append(item)
+        accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait)
+        return {"accepted": accepted, "tasks": self._plain(tasks)}
+
+    @rpc.remote
+    def heartbeat(self, worker_info: Any, queue_index: Any = 0, running: Any = ()) -> dict[str, Any]:
+        """Extend the leases of ``running`` (``[[id, lease], ...]``); register the worker.
+
+        Returns ``{"lost": [ids]}``: tasks whose lease is gone or that were cancelled.
+        """
+        info = _check_info(worker_info)
+        if not isinstance(running, (list, tuple)) or len(running) > self.limits.max_batch:
+            raise InvalidTaskError("running must be a list of [task_id, lease] pairs")
+        pairs = []
+        for item in running:
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise InvalidTaskError("running must be a list of [task_id, lease] pairs")
+            pairs.append((check_task_id(item[0]), _text_field("lease", item[1], 300)))
+        info["address"] = rpc.client_address()
+        info["last_heartbeat"] = time.time()
+        lost = self._store(queue_index).heartbeat(worker_id_of(worker_info), info, pairs, self._seen())
+        return {"lost": lost}
+
+    @rpc.remote
+    def get_task_info(self, task_id: Any, queue_index: Any = 0) -> dict[str, Any] | None:
+        """The task's record (state, retry, timestamps, result or error); None if unknown."""
+        check_task_id(task_id)
+        return self._store(queue_index).info(task_id)
+
+    @rpc.remote
+    def get_tasks_info(self, task_ids: Any, queue_index: Any = 0) -> list[dict[str, Any] | None]:
+        if not isinstance(task_ids, (list, tuple)) or len(task_ids) > self.limits.max_batch:
+            raise InvalidTaskError(f"task_ids must be a list of at most {self.limits.max_batch} ids")
+        store = self._store(queue_index)
+        return [store.info(check_task_id(t)) for t in task_ids]
+
+    @rpc.remote
+    def cancel_task(self, task_id: Any, queue_index: Any = 0) -> str | None:
+        """Cancel a waiting task; a running one is marked so its result is dropped.
+
+        Returns the state the task was in, or None if it is unknown.
+        """
+        check_task_id(task_id)
+        return self._store(queue_index).cancel(task_id)
+
+    @rpc.remote
+    def dead_tasks(self, queue_index: Any = 0, limit: Any = 100, offset: Any = 0) -> list[dict[str, Any]]:
+        limit = int(_number("limit", limit, 1, 10_000))
+        offset = int(_number("offset", offset, 0, 1e12))
+        return self._store(queue_index).dead(limit, offset)
+
+    @rpc.remote
+    def requeue_dead(self, task_ids: Any = None, queue_index: Any = 0) -> list[str]:
+        """Put dead tasks (the given ids, or all when None) back in the queue."""
+        return self._store(queue_index).requeue_dead(self._ids(task_ids))
+
+    @rpc.remote
+    def purge_dead(self, task_ids: Any = None, queue_index: Any = 0) -> int:
+        """Delete dead tasks (the given ids, or all when None)."""
+        return self._store(queue_index).purge_dead(self._ids(task_ids))
+
+    def _ids(self, task_ids: Any) -> list[str] | None:
+        if task_ids is None:
+            return None
+        if isinstance(task_ids, str):
+            task_ids = [task_ids]
+        if not isinstance(task_ids, (list, tuple)) or not task_ids or len(task_ids) > self.limits.max_batch:
+            raise InvalidTaskError("task_ids must be a non-empty list of ids, or None for all")
+        return [check_task_id(t) for t in task_ids]
+
+    @rpc.remote
+    def server_info(self) -> dict[int, dict[str, Any]]:
+        """One dict per queue_index: queued/delayed/running/dead counts, counters and live workers."""
+        out: dict[int, dict[str, Any]] = {}
+        for qi, store in sorted(self.stores.items()):
+            entry: dict[str, Any] = {"queue_index": qi, "redis": store.safe_url}
+            try:
+                entry.update(store.counts())
+                entry["workers"] = store.workers()
+                entry["ok"] = True
+            except StorageError as exc:
+                entry.update({"ok": False, "error": str(exc), "workers": []})
+            out[qi] = entry
+        return out
+
+
+def open_stores(config: Config) -> tuple[dict[int, Store], RedisServer | None]:
+    """Connect to each Redis of ``master.redis_map``, or start an embedded one."""
+    m = config.master
+    embedded = None
+    redis_map = dict(m.redis_map)
+    if not redis_map:
+        data_dir = m.data_dir or default_data_dir(m.port)
+        embedded = RedisServer(data_dir, appendfsync=m.appendfsync).start()
+        log.info("embedded redis-server at %s, data in %s", embedded.url, embedded.data_dir)
+        redis_map = {0: embedded.url}
+    stores = {
+        qi: Store(qi, url, timeout=m.redis_timeout, lease_timeout=m.lease_timeout,
+                  max_lease_expiries=m.max_lease_expiries, result_ttl=m.result_ttl)
+        for qi, url in redis_map.items()
+    }
+    for qi, store in stores.items():
+        try:
+            store.ping()
+        except StorageError as exc:
+            if embedded is not None:
+                embedded.stop()
+            raise ConfigError(f"master.redis_map[{qi}]: cannot reach {store.safe_url}: {exc}") from None
+    return stores, embedded
+
+
+class MasterServer:
+    """A running master: stores, the exposed object and its Pyro5 daemon."""
+
+    def __init__(self, config: Config) -> None:
+        m = config.master
+        rpc.check_bind(m.host, config.auth_token, m.insecure, "master.host")
+        rpc.apply_tls(config.tls, server=True)
+        self.config = config
+        self.stores, self.embedded = open_stores(config)
+        self.master = Master(config, self.stores)
+        try:
+            self.daemon = rpc.Daemon(m.host, m.port, config.auth_token, m.threadpool_size)
+        except OSError as exc:
+            self.close_stores()
+            raise ConfigError(f"master.port: cannot listen on {m.host}:{m.port}: {exc.strerror or exc}") from None
+        self.uri = str(self.daemon.register(self.master, objectId=rpc.MASTER_OBJECT))
+        self.port = self.daemon.locationStr.rsplit(":", 1)[1]
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MasterServer:
+        self.master.start_background()
+        self._thread = rpc.serve_in_thread(self.daemon, "ppq-master-daemon")
+        log.info("master serving %s, queue_index %s", self.uri, ", ".join(map(str, sorted(self.stores))))
+        return self
+
+    def close_stores(self) -> None:
+        for store in self.stores.values():
+            store.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+    def stop(self) -> None:
+        self.master.stop_background()
+        self.daemon.shutdown()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.close_stores()
+        log.info("master stopped")
+
+    def __enter__(self) -> MasterServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run(config: Config, stop: threading.Event) -> None:
+    """Serve until ``stop`` is set."""
+    server = MasterServer(config).start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+
+

@@ -1,0 +1,326 @@
+"""All of ppq's Pyro5 glue: proxies, the auth handshake, TLS, error registration,
+the daemon, and :class:`PyroFunc`, the retrying caller.
+
+No other ppq module imports Pyro5.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import inspect
+import ipaddress
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import Pyro5.api
+import Pyro5.callcontext
+import Pyro5.errors
+import Pyro5.server
+from Pyro5 import config as pyro_config
+from Pyro5.serializers import SerializerBase
+
+from . import errors
+from .config import TLSConfig
+from .errors import AuthError, ConfigError, ConnectError, InvalidTaskError, PPQError
+
+log = logging.getLogger("ppq.rpc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Pyro5 object id of the master.
+MASTER_OBJECT = "queue"
+# Pyro5 object id of a worker's control object.
+WORKER_OBJECT = "worker"
+# Serializer of ppq's own proxies: fast, carries bytes and int dict keys.
+DEFAULT_SERIALIZER = "marshal"
+# Seconds a ppq proxy waits for a reply before giving up.
+DEFAULT_TIMEOUT = 10.0
+
+expose = Pyro5.api.expose
+CommunicationError = Pyro5.errors.CommunicationError
+
+pyro_config.SERVERTYPE = "thread"
+pyro_config.SERIALIZER = DEFAULT_SERIALIZER
+pyro_config.DETAILED_TRACEBACK = False
+
+
+def _register_errors() -> None:
+    for cls in errors.ALL_ERRORS:
+        name = f"{cls.__module__}.{cls.__name__}"
+
+        def to_class(classname: str, data: dict[str, Any], cls: type = cls) -> Any:
+            if cls is errors.TaskFailedError:
+                ex = cls(*data.get("args", ())[:3])
+                for attr, value in (data.get("attributes") or {}).items():
+                    setattr(ex, attr, value)
+                return ex
+            return SerializerBase.make_exception(cls, data)
+
+        SerializerBase.register_dict_to_class(name, to_class)
+
+
+_register_errors()
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def check_bind(host: str, token: str | None, insecure: bool, key: str) -> None:
+    """Refuse a non-loopback bind without an auth token, unless forced."""
+    if not is_loopback(host) and not token and not insecure:
+        raise ConfigError(
+            f"{key} is {host!r}, which is reachable from other machines, and no auth_token is set: "
+            f"set auth_token (or PPQ_AUTH_TOKEN), or pass --insecure to run without one"
+        )
+
+
+def apply_tls(tls: TLSConfig, server: bool) -> None:
+    """Set Pyro5's process-wide SSL settings from ``tls``."""
+    if not tls.enabled:
+        return
+    pyro_config.SSL = True
+    pyro_config.SSL_CACERTS = tls.cafile
+    if server:
+        if not tls.certfile or not tls.keyfile:
+            raise ConfigError("tls.certfile and tls.keyfile are required when tls.enabled is true")
+        pyro_config.SSL_SERVERCERT = tls.certfile
+        pyro_config.SSL_SERVERKEY = tls.keyfile
+        pyro_config.SSL_REQUIRECLIENTCERT = tls.require_client_cert
+    pyro_config.SSL_CLIENTCERT = tls.client_certfile
+    pyro_config.SSL_CLIENTKEY = tls.client_keyfile
+
+
+def master_uri(address: str, objid: str = MASTER_OBJECT) -> str:
+    """``host:port`` (or a full ``PYRO:`` URI) as a Pyro5 URI of ``objid``."""
+    address = address.strip()
+    if address.startswith(("PYRO:", "PYROMETA:", "PYRONAME:")):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"master address {address!r} is not host:port or a PYRO: URI")
+    return f"PYRO:{objid}@{host}:{port}"
+
+
+def make_proxy(uri: str, token: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+               serializer: str = DEFAULT_SERIALIZER) -> Any:
+    proxy = Pyro5.api.Proxy(uri)
+    proxy._pyroSerializer = serializer
+    proxy._pyroTimeout = timeout
+    proxy._pyroHandshake = {"token": token or "", "ppq": 1}
+    return proxy
+
+
+def _auth_failure(exc: BaseException) -> bool:
+    return "authentication failed" in str(exc)
+
+
+def client_is_ppq() -> bool:
+    """True if the current call comes from ppq's own client (not a plain Pyro5 proxy)."""
+    conn = getattr(Pyro5.callcontext.current_context, "client", None)
+    return bool(getattr(conn, "ppq_client", False))
+
+
+def client_address() -> str:
+    addr = getattr(Pyro5.callcontext.current_context, "client_sock_addr", None)
+    return f"{addr[0]}:{addr[1]}" if addr else ""
+
+
+_PLAIN_ERRORS: dict[type, type] = {
+    errors.InvalidTaskError: ValueError,
+    errors.AuthError: PermissionError,
+    errors.StorageError: ConnectionError,
+    errors.LeaseLostError: RuntimeError,
+}
+
+
+def remote(method: F) -> F:
+    """Wrap an exposed method: bad arguments and ppq errors become clear errors.
+
+    A ppq client gets the ppq error itself; a plain Pyro5 client, which cannot
+    deserialize ppq's classes, gets the closest builtin type with the ppq error's
+    name in the message. Anything unexpected is logged and reported as a PPQError.
+    """
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise InvalidTaskError(f"{method.__name__}: {exc}") from None
+            return method(*args, **kwargs)
+        except PPQError as exc:
+            if client_is_ppq():
+                raise
+            plain = next((v for k, v in _PLAIN_ERRORS.items() if isinstance(exc, k)), RuntimeError)
+            raise plain(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            log.exception("internal error in %s", method.__name__)
+            raise (PPQError if client_is_ppq() else RuntimeError)(
+                f"internal error in {method.__name__}: {type(exc).__name__}: {exc}") from None
+
+    return expose(wrapper)  # type: ignore[no-any-return]
+
+
+class Daemon(Pyro5.server.Daemon):
+    """A Pyro5 daemon that checks ppq's auth token in the connection handshake."""
+
+    def __init__(self, host: str, port: int, token: str | None = None, threadpool_size: int = 4000) -> None:
+        pyro_config.THREADPOOL_SIZE = max(threadpool_size, 8)
+        pyro_config.THREADPOOL_SIZE_MIN = 8
+        pyro_config.COMMTIMEOUT = 0.0
+        self._token = (token or "").encode("utf-8")
+        super().__init__(host=host, port=port)
+
+    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
+        offered = data.get("token") if isinstance(data, dict) else data
+        if self._token:
+            if not isinstance(offered, str) or not hmac.compare_digest(offered.encode("utf-8"), self._token):
+                log.warning("authentication failed for a connection from %s", _peer(conn))
+                raise Pyro5.errors.SecurityError("authentication failed")
+        conn.ppq_client = isinstance(data, dict) and bool(data.get("ppq"))
+        return "ok"
+
+
+def _peer(conn: Any) -> str:
+    try:
+        host, port = conn.sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, AttributeError):
+        return "?"
+
+
+def serve_in_thread(daemon: Daemon, name: str) -> threading.Thread:
+    thread = threading.Thread(target=daemon.requestLoop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+_MISSING: Any = object()
+
+
+class PyroFunc:
+    """Call a method on one of several masters, retrying and failing over.
+
+    ``PyroFunc(uris)('push_task', 'sleep', module='time')`` calls
+    ``push_task('sleep', module='time')``; with ``func='push_task'`` the method
+    name is fixed and every argument goes to it. ``random_idx`` starts at a
+    random master. On a communication error (master down, connection dropped,
+    timeout) the next master is tried; each of ``retry`` rounds tries every master
+    once, with a jittered pause between rounds. When every try failed,
+    ``default_return`` is returned if it was given, else :class:`ConnectError` is
+    raised. Errors raised by the master itself (bad arguments...) are not retried.
+
+    Proxies are kept per thread, so one PyroFunc can be shared by many threads
+    (``threaded`` is accepted for compatibility; it is always so). With
+    ``set_one_way`` calls do not wait for a reply and return None.
+    """
+
+    def __init__(
+        self,
+        uri_or_list: str | Sequence[str],
+        func: str = "",
+        default_return: Any = _MISSING,
+        retry: int = 1,
+        random_idx: bool = False,
+        threaded: bool = False,
+        set_one_way: bool = False,
+        *,
+        token: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        serializer: str = DEFAULT_SERIALIZER,
+        objid: str = MASTER_OBJECT,
+    ) -> None:
+        addresses = [uri_or_list] if isinstance(uri_or_list, str) else list(uri_or_list)
+        if not addresses:
+            raise ConfigError("PyroFunc needs at least one master address")
+        self.uris = [master_uri(a, objid) for a in addresses]
+        self.func = func
+        self.default_return = default_return
+        self.retry = max(1, int(retry))
+        self.random_idx = random_idx
+        self.threaded = threaded
+        self.set_one_way = set_one_way
+        self.token = token
+        self.timeout = timeout
+        self.serializer = serializer
+        self._local = threading.local()
+
+    def _proxies(self) -> dict[int, Any]:
+        proxies = getattr(self._local, "proxies", None)
+        if proxies is None:
+            proxies = self._local.proxies = {}
+        return proxies
+
+    def _proxy(self, index: int) -> Any:
+        proxies = self._proxies()
+        proxy = proxies.get(index)
+        if proxy is None:
+            proxy = proxies[index] = make_proxy(self.uris[index], self.token, self.timeout, self.serializer)
+        return proxy
+
+    def _drop(self, index: int) -> None:
+        proxy = self._proxies().pop(index, None)
+        if proxy is not None:
+            try:
+                proxy._pyroRelease()
+            except Exception:  # noqa: BLE001 - a broken proxy may fail to close
+                pass
+
+    def close(self) -> None:
+        """Close this thread's connections."""
+        for index in list(self._proxies()):
+            self._drop(index)
+
+    def order(self) -> list[int]:
+        indexes = list(range(len(self.uris)))
+        if self.random_idx and len(indexes) > 1:
+            start = random.randrange(len(indexes))
+            indexes = indexes[start:] + indexes[:start]
+        return indexes
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.func:
+            method = self.func
+        else:
+            if not args:
+                raise TypeError("PyroFunc call needs the method name as its first argument")
+            method, args = args[0], args[1:]
+        last: BaseException | None = None
+        for attempt in range(self.retry):
+            if attempt:
+                time.sleep(min(0.05 * 2 ** attempt, 2.0) * (0.5 + random.random()))
+            for index in self.order():
+                try:
+                    proxy = self._proxy(index)
+                    if self.set_one_way:
+                        proxy._pyroOneway.add(method)
+                    return getattr(proxy, method)(*args, **kwargs)
+                except CommunicationError as exc:
+                    self._drop(index)
+                    if _auth_failure(exc):
+                        raise AuthError(f"authentication failed at {self.uris[index]}: "
+                                        f"check auth_token / PPQ_AUTH_TOKEN") from None
+                    last = exc
+                    log.warning("%s on %s failed (%s: %s); trying the next master", method, self.uris[index],
+                                type(exc).__name__, exc)
+        if self.default_return is not _MISSING:
+            return self.default_return
+        raise ConnectError(f"{method}: no master answered ({', '.join(self.uris)}): {last}")

@@ -1,0 +1,582 @@
+"""One queue_index's storage in Redis, and the Lua scripts that change it.
+
+This is the only module that imports redis. Every state change that touches
+several keys is one Lua script, so a master killed at any instant leaves each
+task in exactly one place. Scripts read the clock with Redis ``TIME``, so masters
+on different machines agree on leases and delays.
+
+Keys, all under ``ppq:{queue_index}:`` (built in :func:`keys_of` only):
+
+    t:<id>         hash   the task record (fields below)
+    queue          list   ids ready to run, FIFO (RPUSH in, LPOP out)
+    delayed        zset   ids waiting for their eta (score), incl. retry backoff
+    running        zset   ids handed out, score = lease deadline
+    dead           zset   ids that exhausted their retries, score = time of death
+    keys           hash   de-duplication key -> id, while that task waits
+    stats          hash   counters: pushed, done, retried, dead, expired, cancelled
+    workers        hash   worker id -> msgpack of its last reported info
+    workers:seen   zset   worker id -> time after which it counts as gone
+    wake           channel  published with the number of tasks made ready
+
+Task record fields: id key func module fclass path lang params max_retry
+retry_delay timeout result_ttl state created eta started finished worker lease
+attempts retry expiries result error traceback cancel.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import msgpack
+import redis
+import redis.exceptions
+
+from . import codec
+from .errors import CodecError, StorageError
+from .task import TaskSpec
+
+log = logging.getLogger("ppq.store")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NOW = """
+local _t = redis.call('TIME')
+local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
+"""
+
+_PUSH = _NOW + """
+local P = ARGV[1]
+local ids = {}
+local ready = 0
+for i = 2, #ARGV do
+  local task = cmsgpack.unpack(ARGV[i])
+  local id = task.id
+  local tk = P .. 't:' .. id
+  local settled = false
+  if redis.call('EXISTS', tk) == 1 then
+    settled = true
+  elseif task.key ~= '' then
+    local old = redis.call('HGET', P .. 'keys', task.key)
+    if old then
+      local ok = P .. 't:' .. old
+      local state = redis.call('HGET', ok, 'state')
+      if state == 'queued' or state == 'delayed' then
+        redis.call('HSET', ok, unpack(task.fields))
+        if task.delay > 0 then
+          if state == 'queued' then redis.call('LREM', P .. 'queue', 1, old) end
+          redis.call('ZADD', P .. 'delayed', now + task.delay, old)
+          redis.call('HSET', ok, 'state', 'delayed', 'eta', now + task.delay)
+        elseif state == 'delayed' then
+          redis.call('ZREM', P .. 'delayed', old)
+          redis.call('RPUSH', P .. 'queue', old)
+          redis.call('HSET', ok, 'state', 'queued', 'eta', now)
+          ready = ready + 1
+        end
+        id = old
+        settled = true
+      end
+    end
+    if not settled then redis.call('HSET', P .. 'keys', task.key, id) end
+  end
+  if not settled then
+    redis.call('HSET', tk, 'id', id, 'key', task.key, 'created', now, 'retry', 0, 'attempts', 0,
+               unpack(task.fields))
+    if task.delay > 0 then
+      redis.call('HSET', tk, 'state', 'delayed', 'eta', now + task.delay)
+      redis.call('ZADD', P .. 'delayed', now + task.delay, id)
+    else
+      redis.call('HSET', tk, 'state', 'queued', 'eta', now)
+      redis.call('RPUSH', P .. 'queue', id)
+      ready = ready + 1
+    end
+    redis.call('HINCRBY', P .. 'stats', 'pushed', 1)
+  end
+  ids[#ids + 1] = id
+end
+if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+return ids
+"""
+
+# ARGV: prefix, worker id, how many to lease, lease seconds, seconds until the
+# worker counts as gone, default result ttl, strict (1: lease nothing if a report
+# is refused), then one msgpack blob per report:
+# {id, lease, ok, result, error, traceback, retry, release}.
+# Returns {accepted flags, leased tasks}.
+_REPORT = _NOW + """
+local P, wid, count, lt, seen, dttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6])
+local accepted = {}
+local ready = 0
+for i = 8, #ARGV do
+  local r = cmsgpack.unpack(ARGV[i])
+  local tk = P .. 't:' .. r.id
+  local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel')
+  if f[1] ~= 'running' or f[2] ~= r.lease or not redis.call('ZSCORE', P .. 'running', r.id) then
+    accepted[#accepted + 1] = 0
+    if ARGV[7] == '1' then count = 0 end
+  else
+    redis.call('ZREM', P .. 'running', r.id)
+    local ttl = dttl
+    if f[6] and f[6] ~= '' then ttl = tonumber(f[6]) end
+    if f[7] == '1' then
+      redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
+      redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
+      redis.call('EXPIRE', tk, math.max(ttl, 1))
+    elseif r.release then
+      redis.call('HSET', tk, 'state', 'queued', 'eta', now)
+      redis.call('HDEL', tk, 'lease')
+      redis.call('LPUSH', P .. 'queue', r.id)
+      redis.call('HINCRBY', P .. 'stats', 'released', 1)
+      ready = ready + 1
+    elseif r.ok then
+      redis.call('HSET', tk, 'state', 'done', 'finished', now, 'result', r.result)
+      redis.call('HINCRBY', P .. 'stats', 'done', 1)
+      if ttl > 0 then redis.call('EXPIRE', tk, ttl) else redis.call('DEL', tk) end
+    else
+      local retry = tonumber(f[3] or 0) + 1
+      redis.call('HSET', tk, 'retry', retry, 'error', r.error, 'traceback', r.traceback, 'finished', now)
+      if r.retry and retry <= tonumber(f[4] or 0) then
+        redis.call('HSET', tk, 'state', 'failed')
+        if f[5] == '1' then
+          local eta = now + 1 + 2 ^ retry
+          redis.call('HSET', tk, 'eta', eta)
+          redis.call('ZADD', P .. 'delayed', eta, r.id)
+        else
+          redis.call('HSET', tk, 'eta', now)
+          redis.call('RPUSH', P .. 'queue', r.id)
+          ready = ready + 1
+        end
+        redis.call('HINCRBY', P .. 'stats', 'retried', 1)
+      else
+        redis.call('HSET', tk, 'state', 'dead')
+        redis.call('ZADD', P .. 'dead', now, r.id)
+        redis.call('HINCRBY', P .. 'stats', 'dead', 1)
+      end
+    end
+    accepted[#accepted + 1] = 1
+  end
+end
+local out = {}
+while #out < count do
+  local id = redis.call('LPOP', P .. 'queue')
+  if not id then break end
+  local tk = P .. 't:' .. id
+  local f = redis.call('HMGET', tk, 'state', 'key', 'func', 'module', 'fclass', 'path', 'lang', 'params',
+                       'timeout', 'retry', 'max_retry')
+  if f[1] == 'queued' or f[1] == 'failed' then
+    local attempts = redis.call('HINCRBY', tk, 'attempts', 1)
+    local lease = wid .. '/' .. attempts
+    redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now)
+    redis.call('ZADD', P .. 'running', now + lt, id)
+    if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
+      redis.call('HDEL', P .. 'keys', f[2])
+    end
+    out[#out + 1] = {id, f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], lease}
+  end
+end
+if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+if wid ~= '' then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
+return {accepted, out}
+"""
+
+# ARGV: prefix, worker id, lease seconds, seconds until gone, info, then id/lease pairs.
+_HEARTBEAT = _NOW + """
+local P, wid, lt, seen = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local lost = {}
+for i = 6, #ARGV, 2 do
+  local id, lease = ARGV[i], ARGV[i + 1]
+  local cur = redis.call('HMGET', P .. 't:' .. id, 'lease', 'state', 'cancel')
+  if cur[1] == lease and cur[2] == 'running' and redis.call('ZSCORE', P .. 'running', id) then
+    redis.call('ZADD', P .. 'running', 'XX', now + lt, id)
+    if cur[3] == '1' then lost[#lost + 1] = id end
+  else
+    lost[#lost + 1] = id
+  end
+end
+redis.call('HSET', P .. 'workers', wid, ARGV[5])
+redis.call('ZADD', P .. 'workers:seen', now + seen, wid)
+return lost
+"""
+
+# ARGV: prefix, max lease expiries, batch limit.
+_REAP = _NOW + """
+local P, maxexp, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)
+local ready = 0
+for _, id in ipairs(ids) do
+  redis.call('ZREM', P .. 'running', id)
+  local tk = P .. 't:' .. id
+  if redis.call('EXISTS', tk) == 1 then
+    local exp = redis.call('HINCRBY', tk, 'expiries', 1)
+    redis.call('HINCRBY', P .. 'stats', 'expired', 1)
+    if redis.call('HGET', tk, 'cancel') == '1' then
+      redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
+    elseif exp > maxexp then
+      redis.call('HSET', tk, 'state', 'dead', 'finished', now,
+        'error', 'LeaseExpired: the worker running it was lost ' .. exp .. ' times', 'traceback', '')
+      redis.call('ZADD', P .. 'dead', now, id)
+      redis.call('HINCRBY', P .. 'stats', 'dead', 1)
+    else
+      redis.call('HSET', tk, 'state', 'queued', 'eta', now)
+      redis.call('HDEL', tk, 'lease')
+      redis.call('LPUSH', P .. 'queue', id)
+      ready = ready + 1
+    end
+  end
+end
+if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+local gone = redis.call('ZRANGEBYSCORE', P .. 'workers:seen', '-inf', now)
+for _, wid in ipairs(gone) do
+  redis.call('ZREM', P .. 'workers:seen', wid)
+  redis.call('HDEL', P .. 'workers', wid)
+end
+return #ids
+"""
+
+# ARGV: prefix, batch limit. Returns {moved, next eta or false, now}.
+_MOVE = _NOW + """
+local P, limit = ARGV[1], tonumber(ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now, 'LIMIT', 0, limit)
+local moved = 0
+for _, id in ipairs(ids) do
+  redis.call('ZREM', P .. 'delayed', id)
+  local tk = P .. 't:' .. id
+  local state = redis.call('HGET', tk, 'state')
+  if state == 'delayed' or state == 'failed' then
+    if state == 'delayed' then redis.call('HSET', tk, 'state', 'queued') end
+    redis.call('RPUSH', P .. 'queue', id)
+    moved = moved + 1
+  end
+end
+if moved > 0 then redis.call('PUBLISH', P .. 'wake', moved) end
+local nxt = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')
+return {moved, nxt[2] or false, tostring(now)}
+"""
+
+# ARGV: prefix, id, ttl. Returns the state the task had.
+_CANCEL = _NOW + """
+local P, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local tk = P .. 't:' .. id
+local f = redis.call('HMGET', tk, 'state', 'key')
+local state = f[1]
+if not state then return false end
+if state == 'queued' or state == 'delayed' or state == 'failed' then
+  redis.call('LREM', P .. 'queue', 1, id)
+  redis.call('ZREM', P .. 'delayed', id)
+  if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
+    redis.call('HDEL', P .. 'keys', f[2])
+  end
+  redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
+  redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
+  redis.call('EXPIRE', tk, math.max(ttl, 1))
+elseif state == 'running' then
+  redis.call('HSET', tk, 'cancel', '1')
+end
+return state
+"""
+
+# ARGV: prefix, then ids (none = all). Returns the ids requeued.
+_REQUEUE_DEAD = _NOW + """
+local P = ARGV[1]
+local ids = {}
+if #ARGV == 1 then ids = redis.call('ZRANGE', P .. 'dead', 0, -1) else
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end end
+local done = {}
+for _, id in ipairs(ids) do
+  if redis.call('ZREM', P .. 'dead', id) == 1 then
+    local tk = P .. 't:' .. id
+    if redis.call('EXISTS', tk) == 1 then
+      redis.call('HSET', tk, 'state', 'queued', 'retry', 0, 'expiries', 0, 'eta', now)
+      redis.call('RPUSH', P .. 'queue', id)
+      done[#done + 1] = id
+    end
+  end
+end
+if #done > 0 then redis.call('PUBLISH', P .. 'wake', #done) end
+return done
+"""
+
+# ARGV: prefix, then ids (none = all). Returns how many were removed.
+_PURGE_DEAD = """
+local P = ARGV[1]
+local ids = {}
+if #ARGV == 1 then ids = redis.call('ZRANGE', P .. 'dead', 0, -1) else
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end end
+local n = 0
+for _, id in ipairs(ids) do
+  if redis.call('ZREM', P .. 'dead', id) == 1 then
+    redis.call('DEL', P .. 't:' .. id)
+    n = n + 1
+  end
+end
+return n
+"""
+
+_TEXT_FIELDS = (
+    "id", "key", "func", "module", "fclass", "path", "lang", "state", "worker", "lease", "error", "traceback",
+)
+_FLOAT_FIELDS = ("created", "eta", "started", "finished", "timeout")
+_INT_FIELDS = ("max_retry", "retry", "attempts", "expiries", "result_ttl")
+
+
+def keys_of(queue_index: int) -> str:
+    """The prefix of every Redis key of one queue_index."""
+    return f"ppq:{queue_index}:"
+
+
+def _storage_errors(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise StorageError(
+                f"queue_index {self.queue_index}: redis at {self.safe_url} is unreachable ({exc})"
+            ) from None
+        except redis.exceptions.RedisError as exc:
+            raise StorageError(f"queue_index {self.queue_index}: redis error: {exc}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _text(value: Any) -> str:
+    if value is None or value is False:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _pack(obj: Any) -> bytes:
+    # Lua's cmsgpack reads strings, not msgpack's bin type; both carry bytes.
+    return msgpack.packb(obj, use_bin_type=False)
+
+
+class Store:
+    """The tasks of one queue_index, in one Redis database."""
+
+    def __init__(
+        self,
+        queue_index: int,
+        url: str,
+        timeout: float = 2.0,
+        lease_timeout: float = 60.0,
+        max_lease_expiries: int = 10,
+        result_ttl: int = 86400,
+    ) -> None:
+        self.queue_index = queue_index
+        self.url = url
+        self.safe_url = _redact(url)
+        self.prefix = keys_of(queue_index)
+        self.lease_timeout = lease_timeout
+        self.max_lease_expiries = max_lease_expiries
+        self.result_ttl = result_ttl
+        self.redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            socket_keepalive=True,
+            retry_on_timeout=False,
+            max_connections=10000,
+        )
+        self._push = self.redis.register_script(_PUSH)
+        self._report = self.redis.register_script(_REPORT)
+        self._heartbeat = self.redis.register_script(_HEARTBEAT)
+        self._reap = self.redis.register_script(_REAP)
+        self._move = self.redis.register_script(_MOVE)
+        self._cancel = self.redis.register_script(_CANCEL)
+        self._requeue_dead = self.redis.register_script(_REQUEUE_DEAD)
+        self._purge_dead = self.redis.register_script(_PURGE_DEAD)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    @_storage_errors
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    @_storage_errors
+    def push(self, specs: Sequence[TaskSpec]) -> list[str]:
+        """Store tasks (or update waiting ones with the same key); return their ids in order."""
+        blobs = [
+            _pack({"id": s.id, "key": s.key, "delay": s.delay,
+                   "fields": [x for kv in s.fields.items() for x in kv]})
+            for s in specs
+        ]
+        return [_text(i) for i in self._push(args=[self.prefix, *blobs])]
+
+    @_storage_errors
+    def report(self, worker_id: str, reports: Iterable[dict[str, Any]], count: int, seen: float,
+               strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
+        """Record finishes, errors and hand-backs, then lease up to ``count`` tasks to ``worker_id``.
+
+        Each report is ``{id, lease, ok, result, error, traceback, retry, release}``.
+        Returns one flag per report (False: the lease was lost, nothing changed) and
+        the leased tasks. With ``strict``, nothing is leased if a report is refused.
+        """
+        blobs = [_pack(r) for r in reports]
+        accepted, leased = self._report(
+            args=[self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict), *blobs]
+        )
+        tasks = []
+        for row in leased:
+            tid, func, module, fclass, path, lang, params, timeout, retry, max_retry, lease = row
+            tasks.append({
+                "id": _text(tid), "func": _text(func), "module": _text(module), "fclass": _text(fclass),
+                "path": _text(path), "lang": _text(lang), "parameters": params or b"",
+                "timeout": float(timeout) if timeout else None, "retry": int(retry or 0),
+                "max_retry": int(max_retry or 0), "lease": _text(lease), "queue_index": self.queue_index,
+            })
+        return [bool(a) for a in accepted], tasks
+
+    @_storage_errors
+    def heartbeat(self, worker_id: str, info: dict[str, Any], running: Iterable[tuple[str, str]],
+                  seen: float) -> list[str]:
+        """Extend the leases ``worker_id`` holds; return the ids whose lease is lost or cancelled."""
+        pairs = [x for pair in running for x in pair]
+        lost = self._heartbeat(args=[self.prefix, worker_id, self.lease_timeout, seen,
+                                     msgpack.packb(info), *pairs])
+        return [_text(i) for i in lost]
+
+    @_storage_errors
+    def reap(self, limit: int = 1000) -> int:
+        """Requeue tasks whose lease ran out, and forget workers that went quiet."""
+        return int(self._reap(args=[self.prefix, self.max_lease_expiries, limit]))
+
+    @_storage_errors
+    def move_due(self, limit: int = 1000) -> tuple[int, float | None, float]:
+        """Move delayed tasks whose time has come to the queue; return (moved, next eta, now)."""
+        moved, nxt, now = self._move(args=[self.prefix, limit])
+        return int(moved), (float(nxt) if nxt else None), float(now)
+
+    @_storage_errors
+    def cancel(self, task_id: str) -> str | None:
+        state = self._cancel(args=[self.prefix, task_id, self.result_ttl])
+        return _text(state) or None
+
+    @_storage_errors
+    def requeue_dead(self, ids: Sequence[str] | None = None) -> list[str]:
+        return [_text(i) for i in self._requeue_dead(args=[self.prefix, *(ids or [])])]
+
+    @_storage_errors
+    def purge_dead(self, ids: Sequence[str] | None = None) -> int:
+        return int(self._purge_dead(args=[self.prefix, *(ids or [])]))
+
+    @_storage_errors
+    def dead(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """The dead tasks, newest first."""
+        ids = self.redis.zrevrange(self.prefix + "dead", offset, offset + limit - 1)
+        infos = [self.info(_text(i)) for i in ids]
+        return [i for i in infos if i is not None]
+
+    @_storage_errors
+    def info(self, task_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(self.prefix + "t:" + task_id)
+        if not raw:
+            return None
+        data = {_text(k): v for k, v in raw.items()}
+        out: dict[str, Any] = {"queue_index": self.queue_index}
+        for name in _TEXT_FIELDS:
+            if name in data:
+                out[name] = _text(data[name])
+        for name in _FLOAT_FIELDS:
+            value = _text(data.get(name))
+            out[name] = float(value) if value else None
+        for name in _INT_FIELDS:
+            value = _text(data.get(name))
+            out[name] = int(value) if value else (None if name == "result_ttl" else 0)
+        out["retry_delay"] = _text(data.get("retry_delay")) == "1"
+        out["cancel_requested"] = _text(data.get("cancel")) == "1"
+        params = data.get("params") or b""
+        out["args"], out["kwargs"] = None, None
+        if params and not codec.is_pickle(params):
+            try:
+                out["args"], out["kwargs"] = codec.decode_parameters(params)
+            except CodecError:
+                pass
+        result = data.get("result")
+        out["result"] = None
+        out["result_pickled"] = None
+        if result is not None:
+            if codec.is_pickle(result):
+                out["result_pickled"] = result
+            else:
+                try:
+                    out["result"] = codec.decode(result)
+                except CodecError:
+                    out["result_pickled"] = result
+        out["has_result"] = result is not None
+        return out
+
+    @_storage_errors
+    def counts(self) -> dict[str, Any]:
+        p = self.prefix
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(p + "queue")
+        pipe.zcard(p + "delayed")
+        pipe.zcard(p + "running")
+        pipe.zcard(p + "dead")
+        pipe.hgetall(p + "stats")
+        queued, delayed, running, dead, stats = pipe.execute()
+        out: dict[str, Any] = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
+        for name in ("pushed", "done", "retried", "expired", "cancelled", "released"):
+            out[name] = int(stats.get(name.encode(), 0))
+        out["failed"] = int(stats.get(b"dead", 0))
+        return out
+
+    @_storage_errors
+    def workers(self) -> list[dict[str, Any]]:
+        """The workers heard from recently, with their last reported info."""
+        p = self.prefix
+        now = float(self.redis.time()[0])
+        live = self.redis.zrangebyscore(p + "workers:seen", now, "+inf", withscores=True)
+        if not live:
+            return []
+        infos = self.redis.hmget(p + "workers", [w for w, _ in live])
+        out = []
+        for (wid, _), blob in zip(live, infos):
+            info = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
+            info["id"] = _text(wid)
+            out.append(info)
+        return out
+
+    def listen(self, on_wake: Callable[[int], None], stop: threading.Event) -> None:
+        """Call ``on_wake(n)`` whenever tasks become ready; runs until ``stop`` is set.
+
+        Survives Redis outages: it reconnects with a capped backoff.
+        """
+        delay = 0.1
+        while not stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.prefix + "wake")
+                on_wake(0)
+                delay = 0.1
+                while not stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg and msg.get("type") == "message":
+                        try:
+                            on_wake(int(msg["data"]))
+                        except ValueError:
+                            on_wake(1)
+            except redis.exceptions.RedisError as exc:
+                log.warning("queue_index %s: wake-up channel lost (%s); retrying", self.queue_index, exc)
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except redis.exceptions.RedisError:
+                        pass
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

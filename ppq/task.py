@@ -1,0 +1,242 @@
+"""The task record: its states, the checks on every pushed field, and the import
+of a task's target by dotted name."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import codec
+from .config import LimitsConfig
+from .errors import InvalidTaskError, NotAllowedError
+
+QUEUED = "queued"
+DELAYED = "delayed"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"  # the last attempt failed; the task waits for its retry
+DEAD = "dead"
+CANCELLED = "cancelled"
+STATES = (QUEUED, DELAYED, RUNNING, DONE, FAILED, DEAD, CANCELLED)
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_TASK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+# Options of push_task beyond the task's target, with nothing special to check.
+PUSH_FIELDS = (
+    "func", "key", "fclass", "module", "path", "lang", "parameters", "max_retry", "retry_delay",
+    "queue_index", "delay", "args", "kwargs", "timeout", "result_ttl", "task_id",
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A checked push: everything the store needs to write one task."""
+
+    id: str
+    queue_index: int
+    key: str
+    delay: float
+    fields: dict[str, Any]
+
+
+def new_id() -> str:
+    """A fresh task id."""
+    return uuid.uuid4().hex
+
+
+def check_queue_index(value: Any, configured: Iterable[int]) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidTaskError(f"queue_index must be an integer, got {type(value).__name__}")
+    configured = list(configured)
+    if value not in configured:
+        raise InvalidTaskError(
+            f"queue_index {value} is not configured (configured: {', '.join(map(str, sorted(configured)))})"
+        )
+    return value
+
+
+def check_task_id(value: Any, name: str = "task_id") -> str:
+    if not isinstance(value, str) or not _TASK_ID.match(value):
+        raise InvalidTaskError(f"{name} must be a string of 1-64 letters, digits or _.:-, got {value!r:.80}")
+    return value
+
+
+def _str(name: str, value: Any, limit: int, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+    if not isinstance(value, str):
+        raise InvalidTaskError(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise InvalidTaskError(f"{name} is longer than {limit} characters")
+    if "\x00" in value:
+        raise InvalidTaskError(f"{name} contains a NUL character")
+    if pattern is not None and not pattern.match(value):
+        raise InvalidTaskError(f"{name} {value!r} is not {what}")
+    return value
+
+
+def _number(name: str, value: Any, low: float, high: float, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTaskError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < low or value > high:
+        raise InvalidTaskError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+    return float(value)
+
+
+def check_push(
+    options: Mapping[str, Any],
+    queue_indexes: Iterable[int],
+    limits: LimitsConfig,
+    allow_pickle: bool = False,
+) -> TaskSpec:
+    """Check every field of one push; return the task to store or raise InvalidTaskError."""
+    unknown = set(options) - set(PUSH_FIELDS)
+    if unknown:
+        raise InvalidTaskError(f"unknown push option {sorted(unknown)[0]!r}")
+    get = options.get
+    func = get("func")
+    module = get("module")
+    if module is None and isinstance(func, str) and "." in func:
+        module, _, func = func.rpartition(".")
+    if func is None or func == "":
+        raise InvalidTaskError("func must be a non-empty function name")
+    func = _str("func", func, limits.max_name_length, _IDENTIFIER, "a Python identifier")
+    if module is None or module == "":
+        raise InvalidTaskError("module is required (or give func as 'module.func')")
+    module = _str("module", module, limits.max_name_length, _DOTTED, "a dotted module name")
+    fclass = get("fclass")
+    if fclass is not None and fclass != "":
+        fclass = _str("fclass", fclass, limits.max_name_length, _IDENTIFIER, "a class name")
+    path = get("path")
+    if path is not None and path != "":
+        path = _str("path", path, 4096)
+    lang = _str("lang", get("lang") or "", 32)
+    key = _str("key", get("key") or "", limits.max_key_length)
+    queue_index = check_queue_index(get("queue_index", 0), queue_indexes)
+    max_retry = get("max_retry", 1)
+    if max_retry is None:
+        max_retry = 1
+    if isinstance(max_retry, bool) or not isinstance(max_retry, int):
+        raise InvalidTaskError(f"max_retry must be an integer, got {type(max_retry).__name__}")
+    if not 0 <= max_retry <= limits.max_retry:
+        raise InvalidTaskError(f"max_retry must be between 0 and {limits.max_retry}, got {max_retry}")
+    retry_delay = get("retry_delay", False)
+    if retry_delay is None:
+        retry_delay = False
+    if not isinstance(retry_delay, bool):
+        raise InvalidTaskError(f"retry_delay must be true or false, got {retry_delay!r:.40}")
+    delay = _number("delay", get("delay"), 0, limits.max_delay) or 0.0
+    timeout = _number("timeout", get("timeout"), 0.001, limits.max_timeout)
+    result_ttl = get("result_ttl")
+    if result_ttl is not None and (isinstance(result_ttl, bool) or not isinstance(result_ttl, int) or result_ttl < 0):
+        raise InvalidTaskError(f"result_ttl must be a non-negative integer of seconds, got {result_ttl!r:.40}")
+    task_id = get("task_id")
+    task_id = check_task_id(task_id) if task_id is not None else new_id()
+    params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
+    fields: dict[str, Any] = {
+        "func": func,
+        "module": module,
+        "fclass": fclass or "",
+        "path": path or "",
+        "lang": lang,
+        "params": params,
+        "max_retry": max_retry,
+        "retry_delay": int(retry_delay),
+        "timeout": "" if timeout is None else repr(timeout),
+        "result_ttl": "" if result_ttl is None else result_ttl,
+    }
+    return TaskSpec(id=task_id, queue_index=queue_index, key=key, delay=delay, fields=fields)
+
+
+def _parameters(parameters: Any, args: Any, kwargs: Any, limits: LimitsConfig, allow_pickle: bool) -> bytes:
+    if parameters is not None:
+        if args is not None or kwargs is not None:
+            raise InvalidTaskError("give either parameters or args/kwargs, not both")
+        data = codec.from_wire(parameters)
+        if len(data) > limits.max_payload:
+            raise InvalidTaskError(f"parameters are {len(data)} bytes, more than the limit of {limits.max_payload}")
+        if codec.is_pickle(data):
+            if not allow_pickle:
+                raise InvalidTaskError("parameters are pickled, and this master does not accept pickle "
+                                       "(master.allow_pickle is false)")
+            return data
+        args, kwargs = codec.decode_parameters(data)
+    if args is None:
+        args = []
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(args, (list, tuple)):
+        raise InvalidTaskError(f"args must be a list, got {type(args).__name__}")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidTaskError("kwargs must be a dict with string keys")
+    data = codec.encode_parameters(args, kwargs)
+    if len(data) > limits.max_payload:
+        raise InvalidTaskError(f"parameters are {len(data)} bytes, more than the limit of {limits.max_payload}")
+    return data
+
+
+def module_allowed(module: str, allowed: Iterable[str]) -> bool:
+    """True if ``module`` is one of ``allowed`` or inside one of them, by whole segments."""
+    for prefix in allowed:
+        if prefix == "*" or module == prefix or module.startswith(prefix + "."):
+            return True
+    return False
+
+
+def path_allowed(path: str, allowed: Iterable[str]) -> bool:
+    import os.path
+
+    real = os.path.realpath(path)
+    for prefix in allowed:
+        base = os.path.realpath(prefix)
+        if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def resolve(
+    module: str,
+    func: str,
+    fclass: str = "",
+    path: str = "",
+    allowed_modules: Iterable[str] = ("*",),
+    allowed_paths: Iterable[str] = (),
+) -> Callable[..., Any]:
+    """Import ``module`` and return the callable ``func`` (or ``fclass.func``).
+
+    The allowlists are checked before anything is imported; a refusal raises
+    :class:`NotAllowedError`.
+    """
+    allowed_modules = list(allowed_modules)
+    if not module_allowed(module, allowed_modules):
+        raise NotAllowedError(
+            f"module {module!r} is not in this worker's allowed_modules "
+            f"({', '.join(allowed_modules) or 'empty'}); add it to worker.allowed_modules"
+        )
+    if path:
+        if not path_allowed(path, allowed_paths):
+            raise NotAllowedError(f"path {path!r} is not in this worker's allowed_paths")
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    target: Any = importlib.import_module(module)
+    if fclass:
+        cls = getattr(target, fclass)
+        raw = inspect.getattr_static(cls, func)
+        if isinstance(raw, (staticmethod, classmethod)):
+            target = getattr(cls, func)
+        else:
+            target = getattr(cls(), func)
+    else:
+        target = getattr(target, func)
+    if not callable(target):
+        raise TypeError(f"{module}.{func} is not callable")
+    return target
