@@ -239,9 +239,11 @@ def worker(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
 @click.option("--port", type=int, default=None, help="Master port (default 7600).")
 @click.option("--data-dir", default=None, help="Data directory of the embedded redis-server.")
 @click.option("--allow", multiple=True, help="Module tasks may come from; repeatable or comma-separated.")
+@click.option("--demo", is_flag=True, help="Push a few ppq.demo tasks once the stack is up and show their results.")
 @click.pass_context
 def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, workers: int,
-       concurrency: int | None, port: int | None, data_dir: str | None, allow: tuple[str, ...]) -> None:
+       concurrency: int | None, port: int | None, data_dir: str | None, allow: tuple[str, ...],
+       demo: bool) -> None:
     """Run a whole local stack in the foreground: embedded Redis, a master and workers.
 
     Ctrl-C stops everything cleanly.
@@ -249,6 +251,8 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     from .master import MasterServer
 
     _apply_sub(ctx, sub_config, sub_log_level)
+    if demo:
+        allow = (*allow, "ppq.demo")
     config = build_config(ctx, {"master.port": port, "master.data_dir": data_dir,
                                 "worker.allowed_modules": _split(allow)})
     if workers < 0:
@@ -276,6 +280,8 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     allowed = ", ".join(config.worker.allowed_modules) or "none: pass --allow MODULE"
     console.print(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "
                   f"ppq push --master {address} module.func ARGS   (Ctrl-C stops)", markup=False, highlight=False)
+    if demo:
+        threading.Thread(target=_run_demo, args=(config, address, stop), daemon=True).start()
     try:
         while not stop.wait(0.5):
             for i, child in enumerate(children):
@@ -294,6 +300,36 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
             except subprocess.TimeoutExpired:
                 child.kill()
         server.stop()
+
+
+def _run_demo(config: Config, address: str, stop: threading.Event) -> None:
+    """Push demo tasks through the stack and print what came back."""
+    from .client import Client
+
+    client = Client([address], config=config)
+    try:
+        ids = [client.push("ppq.demo.add", i, i) for i in range(5)]
+        ids += [client.push("ppq.demo.slow_square", i) for i in range(5)]
+        ids.append(client.push("ppq.demo.where"))
+        failing = client.push("ppq.demo.fail", max_retry=0)
+        table = Table(title="demo tasks")
+        for name in ("task id", "result"):
+            table.add_column(name)
+        for task_id, value in client.results(ids, timeout=60):
+            table.add_row(task_id, json.dumps(value))
+        console.print(table)
+        try:
+            client.result(failing, timeout=60)
+        except TaskFailedError as exc:
+            console.print(f"ppq.demo.fail went to the dead list as expected: {exc.error}", markup=False,
+                          highlight=False)
+        console.print(f"try: ppq status -m {address}   |   ppq dead list -m {address}", markup=False,
+                      highlight=False)
+    except PPQError as exc:
+        if not stop.is_set():
+            log.error("demo failed: %s", exc)
+    finally:
+        client.close()
 
 
 # -- client commands ------------------------------------------------------------------
