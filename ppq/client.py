@@ -11,7 +11,7 @@ from typing import Any
 from . import codec
 from .config import Config, load_config
 from .errors import InvalidTaskError, ResultTimeoutError, TaskFailedError
-from .rpc import DEFAULT_TIMEOUT, PyroFunc
+from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
 from .task import CANCELLED, DEAD, DONE, new_id
 
 # Tasks sent per push_tasks call by push_many.
@@ -56,6 +56,7 @@ class Client:
         queue_index: int = 0,
     ) -> None:
         config = config or load_config()
+        apply_tls(config.tls, server=False)
         masters = masters or config.client_masters()
         self.queue_index = queue_index
         self.allow_pickle = config.client.allow_pickle if allow_pickle is None else allow_pickle

@@ -163,9 +163,12 @@ class Master:
     def _store(self, queue_index: Any) -> Store:
         return self.stores[check_queue_index(queue_index, self.stores)]
 
-    def _seen(self) -> float:
-        """Seconds a worker counts as live after it was last heard from."""
-        return max(3 * self.config.worker.heartbeat_interval, 2 * MAX_WAIT)
+    def _seen(self, worker_info: Any = None) -> float:
+        """Seconds a worker counts as live after it was last heard from: three of its heartbeats."""
+        interval = worker_info.get("heartbeat_interval") if isinstance(worker_info, Mapping) else None
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and 0 < interval <= 3600:
+            return 3 * float(interval) + 1
+        return 3 * self.config.worker.heartbeat_interval + 1
 
     def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
                wait: float, strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
@@ -173,7 +176,7 @@ class Master:
         wid = worker_id_of(worker_info)
         waker = self.wakers[store.queue_index]
         generation = waker.generation
-        accepted, tasks = store.report(wid, reports, count, self._seen(), strict)
+        accepted, tasks = store.report(wid, reports, count, self._seen(worker_info), strict)
         if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):
             return accepted, tasks
         deadline = time.monotonic() + wait
@@ -183,7 +186,7 @@ class Master:
                 break
             waker.wait(generation, remaining)
             generation = waker.generation
-            _, tasks = store.report(wid, [], count, self._seen())
+            _, tasks = store.report(wid, [], count, self._seen(worker_info))
         return accepted, tasks
 
     def _plain(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -353,7 +356,7 @@ class Master:
             pairs.append((check_task_id(item[0]), _text_field("lease", item[1], 300)))
         info["address"] = rpc.client_address()
         info["last_heartbeat"] = time.time()
-        lost = self._store(queue_index).heartbeat(worker_id_of(worker_info), info, pairs, self._seen())
+        lost = self._store(queue_index).heartbeat(worker_id_of(worker_info), info, pairs, self._seen(worker_info))
         return {"lost": lost}
 
     @rpc.remote
@@ -444,11 +447,30 @@ def open_stores(config: Config) -> tuple[dict[int, Store], RedisServer | None]:
     return stores, embedded
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's open-files limit to its hard limit (one socket per connection)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        return soft
+    except (ImportError, ValueError, OSError):
+        return -1
+
+
 class MasterServer:
     """A running master: stores, the exposed object and its Pyro5 daemon."""
 
     def __init__(self, config: Config) -> None:
         m = config.master
+        limit = raise_open_files_limit()
+        if 0 <= limit < m.threadpool_size + 64:
+            log.warning("open-files limit is %s: fewer than master.threadpool_size (%s) connections will fit",
+                        limit, m.threadpool_size)
         rpc.check_bind(m.host, config.auth_token, m.insecure, "master.host")
         rpc.apply_tls(config.tls, server=True)
         self.config = config

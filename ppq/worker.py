@@ -354,7 +354,7 @@ class Agent:
             "id": self.id, "host": self.host, "pid": os.getpid(), "queue_index": self.queue_index,
             "concurrency": self.concurrency, "pool": self.config.worker.pool, "started": self.started,
             "running": running, "done": self.counters.done, "failed": self.counters.failed,
-            "control_uri": self.control_uri,
+            "control_uri": self.control_uri, "heartbeat_interval": self.config.worker.heartbeat_interval,
         }
 
     def running_info(self) -> dict[str, Any]:
@@ -469,6 +469,8 @@ class Agent:
         while True:
             running = [(s.running.task["id"], s.running.task["lease"]) for s in list(self.slots)
                        if s.running is not None]
+            with self._cond:
+                running += [(t["id"], t["lease"]) for t in self._inbox]
             try:
                 lost = self._call("heartbeat", self.info(), self.queue_index, running)["lost"]
                 for slot in list(self.slots):
