@@ -158,7 +158,7 @@ class Client:
         while pending:
             infos = self.call("get_tasks_info", pending, qi)
             still = []
-            for tid, info in zip(pending, infos):
+            for tid, info in zip(pending, infos, strict=True):
                 if info is None:
                     raise InvalidTaskError(f"task {tid} is unknown (never pushed, or its record expired)")
                 if info["state"] in _FINAL:

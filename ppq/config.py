@@ -89,7 +89,7 @@ class WorkerConfig:
     max_sleep: float = 5.0
     task_timeout: float = DEFAULT_TASK_TIMEOUT
     heartbeat_interval: float = 10.0
-    prefetch: int = 0
+    prefetch: int = -1
     allowed_modules: list[str] = field(default_factory=list)
     allowed_paths: list[str] = field(default_factory=list)
     autodiscover: list[str] = field(default_factory=list)
@@ -136,7 +136,7 @@ _CHOICES = {
     "master.appendfsync": ("always", "everysec", "no"),
 }
 _NON_NEGATIVE = {
-    "master.port", "worker.port", "worker.concurrency", "worker.queue_index", "worker.prefetch",
+    "master.port", "worker.port", "worker.concurrency", "worker.queue_index",
     "master.metrics_port", "worker.metrics_port",
 }
 _POSITIVE = {
@@ -258,6 +258,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"{key}: must not be negative, got {value!r}")
         if key in _POSITIVE and value <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+        if key == "worker.prefetch" and value < -1:
+            raise ConfigError(f"{key}: must be -1 (automatic), 0 or more, got {value!r}")
         if key in ("master.port", "worker.port") and value > 65535:
             raise ConfigError(f"{key}: not a port number: {value!r}")
         kwargs[name] = value

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
@@ -281,7 +281,7 @@ class Master:
             by_queue.setdefault(spec.queue_index, []).append(i)
         ids: list[str] = [""] * len(specs)
         for qi, positions in by_queue.items():
-            for pos, tid in zip(positions, self.stores[qi].push([specs[p] for p in positions])):
+            for pos, tid in zip(positions, self.stores[qi].push([specs[p] for p in positions]), strict=True):
                 ids[pos] = tid
         return ids
 

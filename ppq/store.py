@@ -536,7 +536,7 @@ class Store:
             return []
         infos = self.redis.hmget(p + "workers", [w for w, _ in live])
         out = []
-        for (wid, _), blob in zip(live, infos):
+        for (wid, _), blob in zip(live, infos, strict=True):
             info = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
             info["id"] = _text(wid)
             out.append(info)

@@ -107,20 +107,43 @@ def execute(task: dict[str, Any], allowed_modules: list[str], allowed_paths: lis
     return report
 
 
-def _executor_main(conn: Any, allowed_modules: list[str], allowed_paths: list[str], allow_pickle: bool) -> None:
-    """An executor process: run the tasks the agent sends until it sends None."""
+def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed_paths: list[str],
+                   allow_pickle: bool) -> None:
+    """An executor process: run the batches of tasks the agent sends until it sends None.
+
+    ``progress`` is shared memory: [index in the batch of the task running now,
+    its start on the monotonic clock]; the agent reads it to enforce timeouts.
+    Results go back in small groups, at once for a task that took a while.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for name in ("SIGUSR1", "SIGUSR2"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     while True:
         try:
-            task = conn.recv()
+            batch = conn.recv()
         except (EOFError, OSError):
             return
-        if task is None:
+        if batch is None:
             return
-        conn.send(execute(task, allowed_modules, allowed_paths, allow_pickle))
+        done: list[dict[str, Any]] = []
+        flushed = time.monotonic()
+        for index, task in enumerate(batch):
+            progress[1] = time.monotonic()
+            progress[0] = index
+            done.append(execute(task, allowed_modules, allowed_paths, allow_pickle))
+            now = time.monotonic()
+            if now - flushed > _FLUSH_AFTER or now - progress[1] > _FLUSH_AFTER:
+                conn.send(done)
+                done = []
+                flushed = now
+        conn.send(done)
+
+
+# Seconds an executor may hold finished results before sending them to the agent.
+_FLUSH_AFTER = 0.005
+# Most tasks handed to one executor at once.
+MAX_EXECUTOR_BATCH = 64
 
 
 # -- executor slots -------------------------------------------------------------
@@ -129,22 +152,77 @@ def _executor_main(conn: Any, allowed_modules: list[str], allowed_paths: list[st
 @dataclass
 class Running:
     task: dict[str, Any]
-    started: float
-    deadline: float
     lost: bool = False
 
 
-class ProcessSlot:
-    """One executor process and the task it runs."""
+class Slot:
+    """An executor and the batch of tasks it holds.
+
+    ``batch`` lists the tasks sent, in order; the first ``received`` of them have
+    reported. ``progress`` tells which one runs now and since when.
+    """
+
+    index: int
+    progress: Any
+
+    def __init__(self) -> None:
+        self.batch: list[Running] = []
+        self.received = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.batch
+
+    def pending(self) -> list[Running]:
+        return self.batch[self.received:]
+
+    def current(self) -> tuple[Running, float] | None:
+        """The task running now and its start (monotonic), if it can be told."""
+        if not self.batch:
+            return None
+        index = int(self.progress[0])
+        if index < self.received or index >= len(self.batch):
+            return None
+        return self.batch[index], float(self.progress[1])
+
+    def assign(self, tasks: list[Running]) -> None:
+        self.batch = tasks
+        self.received = 0
+        self.progress[0] = -1
+        self.progress[1] = 0.0
+        self.send([r.task for r in tasks])
+
+    def take(self, reports: list[dict[str, Any]]) -> list[tuple[Running, dict[str, Any]]]:
+        """Match reports to the batch; clear the batch once every task has reported."""
+        pairs = []
+        for report in reports:
+            if self.received < len(self.batch):
+                pairs.append((self.batch[self.received], report))
+                self.received += 1
+        if self.received >= len(self.batch):
+            self.batch = []
+            self.received = 0
+        return pairs
+
+    def send(self, tasks: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def poll(self) -> list[dict[str, Any]] | None:
+        raise NotImplementedError
+
+
+class ProcessSlot(Slot):
+    """One executor process."""
 
     def __init__(self, index: int, ctx: Any, options: tuple[Any, ...]) -> None:
+        super().__init__()
         self.index = index
+        self.progress = ctx.Array("d", 2, lock=False)
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_executor_main, args=(child, *options), name=f"ppq-executor-{index}",
-                                   daemon=True)
+        self.process = ctx.Process(target=_executor_main, args=(child, self.progress, *options),
+                                   name=f"ppq-executor-{index}", daemon=True)
         self.process.start()
         child.close()
-        self.running: Running | None = None
 
     @property
     def pid(self) -> int | None:
@@ -153,16 +231,17 @@ class ProcessSlot:
     def waitables(self) -> list[Any]:
         return [self.conn, self.process.sentinel]
 
-    def send(self, task: dict[str, Any]) -> None:
-        self.conn.send(task)
+    def send(self, tasks: list[dict[str, Any]]) -> None:
+        self.conn.send(tasks)
 
-    def poll(self) -> dict[str, Any] | None:
-        if self.running is not None and self.conn.poll():
-            try:
-                return self.conn.recv()  # type: ignore[no-any-return]
-            except (EOFError, OSError):
-                return None
-        return None
+    def poll(self) -> list[dict[str, Any]] | None:
+        reports: list[dict[str, Any]] = []
+        try:
+            while self.conn.poll():
+                reports.extend(self.conn.recv())
+        except (EOFError, OSError):
+            pass
+        return reports or None
 
     def dead(self) -> bool:
         return not self.process.is_alive()
@@ -188,41 +267,50 @@ class ProcessSlot:
         self.conn.close()
 
 
-class ThreadSlot:
+class ThreadSlot(Slot):
     """One executor thread. A thread cannot be killed: on timeout it is abandoned."""
 
+    pid = None
+
     def __init__(self, index: int, wake: Callable[[], None], options: tuple[Any, ...]) -> None:
+        super().__init__()
         self.index = index
         self.options = options
+        self.progress = [-1.0, 0.0]
         self._wake = wake
-        self._tasks: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._abandoned = False
         self.thread = threading.Thread(target=self._loop, name=f"ppq-executor-{index}", daemon=True)
         self.thread.start()
-        self.running: Running | None = None
-
-    pid = None
 
     def _loop(self) -> None:
         while True:
-            task = self._tasks.get()
-            if task is None or self._abandoned:
+            batch = self._tasks.get()
+            if batch is None or self._abandoned:
                 return
-            self._results.put(execute(task, *self.options))
-            self._wake()
+            for index, task in enumerate(batch):
+                self.progress[1] = time.monotonic()
+                self.progress[0] = index
+                report = execute(task, *self.options)
+                if self._abandoned:
+                    return
+                self._results.put(report)
+                self._wake()
 
     def waitables(self) -> list[Any]:
         return []
 
-    def send(self, task: dict[str, Any]) -> None:
-        self._tasks.put(task)
+    def send(self, tasks: list[dict[str, Any]]) -> None:
+        self._tasks.put(tasks)
 
-    def poll(self) -> dict[str, Any] | None:
-        try:
-            return self._results.get_nowait()
-        except queue.Empty:
-            return None
+    def poll(self) -> list[dict[str, Any]] | None:
+        reports = []
+        while True:
+            try:
+                reports.append(self._results.get_nowait())
+            except queue.Empty:
+                return reports or None
 
     def dead(self) -> bool:
         return not self.thread.is_alive()
@@ -293,7 +381,8 @@ class Agent:
         self.config = config
         self.queue_index = w.queue_index
         self.concurrency = w.concurrency or os.cpu_count() or 1
-        self.capacity = self.concurrency + w.prefetch
+        self.prefetch = w.prefetch
+        self._mean_duration: float | None = None
         self.task_timeout = w.task_timeout
         self.max_sleep = min(w.max_sleep, 30.0)
         self.allowed_modules = list(w.allowed_modules)
@@ -348,8 +437,21 @@ class Agent:
 
     # -- info --
 
+    def light_info(self) -> dict[str, Any]:
+        """What every report call carries: enough to know the worker and how long it stays listed."""
+        return {"id": self.id, "heartbeat_interval": self.config.worker.heartbeat_interval}
+
+    def running_tasks(self) -> list[tuple[Any, Running, float | None]]:
+        """(slot, task, start) for each task an executor is running now."""
+        out = []
+        for slot in list(self.slots):
+            current = slot.current()
+            if current is not None:
+                out.append((slot, current[0], current[1]))
+        return out
+
     def info(self) -> dict[str, Any]:
-        running = [s.running.task["id"] for s in self.slots if s.running is not None]
+        running = [r.task["id"] for _, r, _ in self.running_tasks()]
         return {
             "id": self.id, "host": self.host, "pid": os.getpid(), "queue_index": self.queue_index,
             "concurrency": self.concurrency, "pool": self.config.worker.pool, "started": self.started,
@@ -358,15 +460,15 @@ class Agent:
         }
 
     def running_info(self) -> dict[str, Any]:
-        now = time.time()
+        now = time.monotonic()
+        wall = time.time()
         tasks = []
-        for slot in list(self.slots):
-            r = slot.running
-            if r is not None:
-                t = r.task
-                tasks.append({"id": t["id"], "func": t["func"], "module": t["module"], "fclass": t.get("fclass", ""),
-                              "started": r.started, "elapsed": now - r.started, "executor": slot.index,
-                              "executor_pid": slot.pid})
+        for slot, r, start in self.running_tasks():
+            t = r.task
+            elapsed = now - start if start else 0.0
+            tasks.append({"id": t["id"], "func": t["func"], "module": t["module"], "fclass": t.get("fclass", ""),
+                          "started": wall - elapsed, "elapsed": elapsed, "executor": slot.index,
+                          "executor_pid": slot.pid})
         info = self.info()
         info["tasks"] = tasks
         info["waiting"] = len(self._inbox)
@@ -378,10 +480,29 @@ class Agent:
     # -- capacity shared by fetcher, reporter and supervisor --
 
     def _busy(self) -> int:
-        return sum(1 for s in self.slots if s.running is not None)
+        """Tasks handed to executors that have not reported yet."""
+        return sum(len(s.batch) - s.received for s in self.slots)
+
+    def _ahead(self) -> int:
+        """How many tasks to hold beyond one per executor.
+
+        ``worker.prefetch`` when set (0 = none); by default it follows the mean
+        task duration: many while tasks are short, none once they take a while, so
+        long tasks are not held back from other workers.
+        """
+        if self.prefetch >= 0:
+            return self.prefetch
+        mean = self._mean_duration
+        if mean is None:
+            return self.concurrency
+        if mean < 0.01:
+            return 64 * self.concurrency
+        if mean < 0.1:
+            return 4 * self.concurrency
+        return 0
 
     def _free(self) -> int:
-        return self.capacity - self._busy() - len(self._inbox) - self._reserved
+        return self.concurrency + self._ahead() - self._busy() - len(self._inbox) - self._reserved
 
     def _reserve(self, block: bool) -> int:
         with self._cond:
@@ -410,7 +531,7 @@ class Agent:
                 continue
             self._fetching.set()
             try:
-                reply = self._call("report", self.info(), self.queue_index, [], n, self.max_sleep)
+                reply = self._call("report", self.light_info(), self.queue_index, [], n, self.max_sleep)
                 tasks = reply["tasks"]
                 pause = 0.05
             except (PPQError, rpc.CommunicationError) as exc:
@@ -444,7 +565,7 @@ class Agent:
         while True:
             n = 0 if self.stopping else self._reserve(block=False)
             try:
-                reply = self._call("report", self.info(), self.queue_index, batch, n, 0)
+                reply = self._call("report", self.light_info(), self.queue_index, batch, n, 0)
             except (PPQError, rpc.CommunicationError) as exc:
                 self._accept(n, [])
                 if self.stopping:
@@ -458,7 +579,7 @@ class Agent:
                 pause = min(pause * 2, self.max_sleep)
                 continue
             self._accept(n, reply["tasks"])
-            for report, ok in zip(batch, reply["accepted"]):
+            for report, ok in zip(batch, reply["accepted"], strict=True):
                 if not ok:
                     log.warning("task %s: report refused, the lease was lost (the task was requeued)",
                                 report["id"])
@@ -467,17 +588,17 @@ class Agent:
     def _heartbeat(self) -> None:
         interval = self.config.worker.heartbeat_interval
         while True:
-            running = [(s.running.task["id"], s.running.task["lease"]) for s in list(self.slots)
-                       if s.running is not None]
+            held = [r for slot in list(self.slots) for r in slot.pending()]
+            running = [(r.task["id"], r.task["lease"]) for r in held]
             with self._cond:
                 running += [(t["id"], t["lease"]) for t in self._inbox]
             try:
-                lost = self._call("heartbeat", self.info(), self.queue_index, running)["lost"]
-                for slot in list(self.slots):
-                    if slot.running is not None and slot.running.task["id"] in lost and not slot.running.lost:
-                        slot.running.lost = True
+                lost = set(self._call("heartbeat", self.info(), self.queue_index, running)["lost"])
+                for r in held:
+                    if r.task["id"] in lost and not r.lost:
+                        r.lost = True
                         log.warning("task %s: lease lost or task cancelled; its result will be dropped",
-                                    slot.running.task["id"])
+                                    r.task["id"])
             except (PPQError, rpc.CommunicationError) as exc:
                 log.warning("heartbeat failed: %s", exc)
             if self._stop_event.wait(interval) and self._done_reporting.is_set():
@@ -501,27 +622,30 @@ class Agent:
 
     def _replace(self, slot: Any) -> None:
         slot.kill()
-        if not self.stopping:
+        if not self.stopping or self._busy():
             self.slots[slot.index] = self._new_slot(slot.index)
 
     def _dispatch(self) -> None:
+        """Hand waiting tasks to idle executors: an even share each, at most MAX_EXECUTOR_BATCH."""
         while self._inbox:
-            free = next((s for s in self.slots if s.running is None and not s.dead()), None)
-            if free is None:
+            idle = [s for s in self.slots if s.idle and not s.dead()]
+            if not idle:
                 return
+            slot = idle[0]
+            share = max(1, min(MAX_EXECUTOR_BATCH, -(-len(self._inbox) // len(idle))))
             with self._cond:
-                task = self._inbox.popleft()
-            timeout = task.get("timeout") or self.task_timeout
-            now = time.time()
-            free.running = Running(task, now, time.monotonic() + timeout)
+                tasks = [Running(self._inbox.popleft()) for _ in range(min(share, len(self._inbox)))]
             if _HOOKS["on_task_executing"]:
-                _call_hooks("on_task_executing", self._context(task))
+                for r in tasks:
+                    _call_hooks("on_task_executing", self._context(r.task))
             try:
-                free.send(task)
+                slot.assign(tasks)
             except (OSError, ValueError) as exc:
-                self._complete(free, self._failure(task, f"ExecutorError: cannot hand the task to the executor: "
-                                                         f"{exc}"))
-                self._replace(free)
+                slot.batch = []
+                for r in tasks:
+                    self._finish(r, self._failure(r.task, f"ExecutorError: cannot hand the task to the executor: "
+                                                           f"{exc}"))
+                self._replace(slot)
 
     def _failure(self, task: dict[str, Any], error: str, retry: bool = True) -> dict[str, Any]:
         return {"id": task["id"], "ok": False, "error": error, "traceback": "", "retry": retry, "duration": 0.0}
@@ -545,22 +669,21 @@ class Agent:
                 context["traceback"] = report.get("traceback", "")
         return context
 
-    def _complete(self, slot: Any, report: dict[str, Any]) -> None:
-        running = slot.running
-        slot.running = None
-        with self._cond:
-            self._cond.notify_all()
-        if running is None or running.task["id"] != report["id"]:
-            return
+    def _finish(self, running: Running, report: dict[str, Any]) -> None:
+        """Count a task's outcome, run hooks, and queue its report for the master."""
         task = running.task
         name = f"{task['module']}.{task['fclass'] + '.' if task.get('fclass') else ''}{task['func']}"
+        duration = report.get("duration", 0.0)
         stats = self.counters.per_func[name]
         stats.count += 1
-        stats.total_time += report.get("duration", 0.0)
+        stats.total_time += duration
+        mean = self._mean_duration
+        self._mean_duration = duration if mean is None else 0.8 * mean + 0.2 * duration
         if report.get("ok"):
             stats.ok += 1
             self.counters.done += 1
-            log.debug("task %s %s done in %.3fs", task["id"], name, report.get("duration", 0.0))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("task %s %s done in %.3fs", task["id"], name, duration)
         else:
             stats.failed += 1
             self.counters.failed += 1
@@ -570,10 +693,33 @@ class Agent:
             _call_hooks(hook, self._context(task, report))
         if running.lost:
             self.counters.lost += 1
+        report["id"] = task["id"]
         report["lease"] = task["lease"]
         report.pop("started", None)
         report.pop("duration", None)
         self._outbox.put(report)
+
+    def _abort_slot(self, slot: Any, error: str) -> None:
+        """The executor is dead or being killed: fail the task it ran, requeue the rest of its batch."""
+        current = slot.current()
+        pending = slot.pending()
+        slot.batch = []
+        slot.received = 0
+        again = []
+        for r in pending:
+            if current is not None and r is current[0]:
+                self._finish(r, self._failure(r.task, error))
+            else:
+                again.append(r.task)
+        if current is None and pending:
+            # Nothing was known to run: blame the first task, as the one that was starting.
+            first = pending[0]
+            again = [r.task for r in pending[1:]]
+            self._finish(first, self._failure(first.task, error))
+        with self._cond:
+            self._inbox.extendleft(reversed(again))
+            self._cond.notify_all()
+        self._replace(slot)
 
     def _hand_back(self, tasks: list[dict[str, Any]]) -> None:
         for task in tasks:
@@ -581,41 +727,57 @@ class Agent:
         if tasks:
             log.info("handing %d task(s) back to the queue", len(tasks))
 
+    def _timeout_of(self, running: Running) -> float:
+        return float(running.task.get("timeout") or self.task_timeout)
+
     def _supervise_once(self, timeout: float) -> None:
         waitables: list[Any] = [self._wake_r]
         for slot in self.slots:
             waitables.extend(slot.waitables())
         now = time.monotonic()
-        deadlines = [s.running.deadline for s in self.slots if s.running is not None]
-        if deadlines:
-            timeout = max(0.0, min(timeout, min(deadlines) - now))
-        multiprocessing.connection.wait(waitables, timeout)
+        for _, r, start in self.running_tasks():
+            if start:
+                timeout = min(timeout, start + self._timeout_of(r) - now)
+        if self._busy():
+            timeout = min(timeout, 0.1)
+        multiprocessing.connection.wait(waitables, max(timeout, 0.0))
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        freed = False
         for slot in list(self.slots):
-            report = slot.poll() if slot.running is not None else None
-            if report is not None:
-                self._complete(slot, report)
-            elif slot.dead():
-                if slot.running is not None:
-                    task = slot.running.task
-                    log.error("executor %s died (exit code %s) while running task %s", slot.index, slot.exitcode(),
-                              task["id"])
-                    self._complete(slot, self._failure(task, f"ExecutorDied: the executor process exited with "
-                                                             f"code {slot.exitcode()} while running the task"))
-                elif not self.stopping:
-                    log.warning("executor %s exited (code %s); starting a new one", slot.index, slot.exitcode())
-                self._replace(slot)
-            elif slot.running is not None and time.monotonic() >= slot.running.deadline:
-                task = slot.running.task
-                timeout_s = task.get("timeout") or self.task_timeout
-                log.warning("task %s ran past its timeout of %gs; stopping its executor", task["id"], timeout_s)
-                self._complete(slot, self._failure(task, f"TaskTimeoutError: timeout: the task ran longer than "
-                                                         f"{timeout_s:g}s and was stopped"))
-                self._replace(slot)
+            reports = slot.poll() if slot.batch else None
+            if reports:
+                for running, report in slot.take(reports):
+                    self._finish(running, report)
+                freed = freed or slot.idle
+            if slot.dead():
+                if slot.batch:
+                    log.error("executor %s died (exit code %s) with %d task(s)", slot.index, slot.exitcode(),
+                              len(slot.pending()))
+                    self._abort_slot(slot, f"ExecutorDied: the executor process exited with code "
+                                           f"{slot.exitcode()} while running the task")
+                else:
+                    if not self.stopping:
+                        log.warning("executor %s exited (code %s); starting a new one", slot.index, slot.exitcode())
+                    self._replace(slot)
+                freed = True
+                continue
+            current = slot.current()
+            if current is not None:
+                running, start = current
+                limit = self._timeout_of(running)
+                if start and time.monotonic() - start >= limit:
+                    log.warning("task %s ran past its timeout of %gs; stopping its executor", running.task["id"],
+                                limit)
+                    self._abort_slot(slot, f"TaskTimeoutError: timeout: the task ran longer than {limit:g}s "
+                                           f"and was stopped")
+                    freed = True
+        if freed:
+            with self._cond:
+                self._cond.notify_all()
         if not self.stopping:
             self._dispatch()
 
@@ -693,10 +855,10 @@ class Agent:
         deadline = time.monotonic() + self.task_timeout
         while self._busy() and self._stop_mode != NOW and time.monotonic() < deadline:
             self._supervise_once(min(0.5, max(deadline - time.monotonic(), 0)))
-        unfinished = [s.running.task for s in self.slots if s.running is not None]
+        unfinished = [r.task for s in self.slots for r in s.pending()]
         for slot in self.slots:
-            if slot.running is not None:
-                slot.running = None
+            if slot.batch:
+                slot.batch = []
                 slot.kill()
         self._hand_back(unfinished)
         if unfinished:
