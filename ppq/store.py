@@ -18,9 +18,10 @@ Keys, all under ``ppq:{queue_index}:`` (built in :func:`keys_of` only):
     workers:seen   zset   worker id -> time after which it counts as gone
     wake           channel  published with the number of tasks made ready
 
-Task record fields: id key func module fclass path lang params max_retry
-retry_delay timeout result_ttl state created eta started finished worker lease
-attempts retry expiries result error traceback cancel.
+Task record fields: body (msgpack of the target, parameters and timeout),
+state, created, eta, key, the options that differ from their defaults
+(max_retry, retry_delay, result_ttl), and as the task lives: started finished
+worker lease attempts retry expiries result error traceback cancel.
 """
 
 from __future__ import annotations
@@ -48,28 +49,34 @@ local _t = redis.call('TIME')
 local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
 """
 
+# ARGV: prefix, then per task: id, key, delay, body, n, and n field/value pairs
+# (the options that differ from their defaults). Returns the ids, in order.
 _PUSH = _NOW + """
 local P = ARGV[1]
 local ids = {}
-local ready = 0
-for i = 2, #ARGV do
-  local task = cmsgpack.unpack(ARGV[i])
-  local id = task.id
+local ready, pushed = 0, 0
+local i = 2
+while i <= #ARGV do
+  local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
+  local first, last = i + 5, i + 4 + 2 * n
+  i = last + 1
   local tk = P .. 't:' .. id
   local settled = false
   if redis.call('EXISTS', tk) == 1 then
     settled = true
-  elseif task.key ~= '' then
-    local old = redis.call('HGET', P .. 'keys', task.key)
+  elseif key ~= '' then
+    local old = redis.call('HGET', P .. 'keys', key)
     if old then
       local ok = P .. 't:' .. old
       local state = redis.call('HGET', ok, 'state')
       if state == 'queued' or state == 'delayed' then
-        redis.call('HSET', ok, unpack(task.fields))
-        if task.delay > 0 then
+        redis.call('HDEL', ok, 'max_retry', 'retry_delay', 'result_ttl')
+        redis.call('HSET', ok, 'body', body)
+        for j = first, last, 2 do redis.call('HSET', ok, ARGV[j], ARGV[j + 1]) end
+        if delay > 0 then
           if state == 'queued' then redis.call('LREM', P .. 'queue', 1, old) end
-          redis.call('ZADD', P .. 'delayed', now + task.delay, old)
-          redis.call('HSET', ok, 'state', 'delayed', 'eta', now + task.delay)
+          redis.call('ZADD', P .. 'delayed', now + delay, old)
+          redis.call('HSET', ok, 'state', 'delayed', 'eta', now + delay)
         elseif state == 'delayed' then
           redis.call('ZREM', P .. 'delayed', old)
           redis.call('RPUSH', P .. 'queue', old)
@@ -80,39 +87,41 @@ for i = 2, #ARGV do
         settled = true
       end
     end
-    if not settled then redis.call('HSET', P .. 'keys', task.key, id) end
+    if not settled then redis.call('HSET', P .. 'keys', key, id) end
   end
   if not settled then
-    redis.call('HSET', tk, 'id', id, 'key', task.key, 'created', now, 'retry', 0, 'attempts', 0,
-               unpack(task.fields))
-    if task.delay > 0 then
-      redis.call('HSET', tk, 'state', 'delayed', 'eta', now + task.delay)
-      redis.call('ZADD', P .. 'delayed', now + task.delay, id)
+    if delay > 0 then
+      redis.call('HSET', tk, 'state', 'delayed', 'created', now, 'eta', now + delay, 'body', body)
+      redis.call('ZADD', P .. 'delayed', now + delay, id)
     else
-      redis.call('HSET', tk, 'state', 'queued', 'eta', now)
+      redis.call('HSET', tk, 'state', 'queued', 'created', now, 'body', body)
       redis.call('RPUSH', P .. 'queue', id)
       ready = ready + 1
     end
-    redis.call('HINCRBY', P .. 'stats', 'pushed', 1)
+    if key ~= '' then redis.call('HSET', tk, 'key', key) end
+    for j = first, last, 2 do redis.call('HSET', tk, ARGV[j], ARGV[j + 1]) end
+    pushed = pushed + 1
   end
   ids[#ids + 1] = id
 end
+if pushed > 0 then redis.call('HINCRBY', P .. 'stats', 'pushed', pushed) end
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 return ids
 """
 
 # ARGV: prefix, worker id, how many to lease, lease seconds, seconds until the
 # worker counts as gone, default result ttl, strict (1: lease nothing if a report
-# is refused), then one msgpack blob per report:
-# {id, lease, ok, result, error, traceback, retry, release}.
+# is refused), then 6 values per report: id, lease, kind (ok, error, error-final
+# for no retry, release), result, error, traceback.
 # Returns {accepted flags, leased tasks}.
 _REPORT = _NOW + """
 local P, wid, count, lt, seen, dttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), tonumber(ARGV[6])
 local accepted = {}
 local ready = 0
-for i = 8, #ARGV do
-  local r = cmsgpack.unpack(ARGV[i])
+for i = 8, #ARGV, 6 do
+  local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
+             traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
   local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel')
   if f[1] ~= 'running' or f[2] ~= r.lease or not redis.call('ZSCORE', P .. 'running', r.id) then
@@ -126,20 +135,20 @@ for i = 8, #ARGV do
       redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
       redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
       redis.call('EXPIRE', tk, math.max(ttl, 1))
-    elseif r.release then
+    elseif r.kind == 'release' then
       redis.call('HSET', tk, 'state', 'queued', 'eta', now)
       redis.call('HDEL', tk, 'lease')
       redis.call('LPUSH', P .. 'queue', r.id)
       redis.call('HINCRBY', P .. 'stats', 'released', 1)
       ready = ready + 1
-    elseif r.ok then
+    elseif r.kind == 'ok' then
       redis.call('HSET', tk, 'state', 'done', 'finished', now, 'result', r.result)
       redis.call('HINCRBY', P .. 'stats', 'done', 1)
       if ttl > 0 then redis.call('EXPIRE', tk, ttl) else redis.call('DEL', tk) end
     else
-      local retry = tonumber(f[3] or 0) + 1
+      local retry = (tonumber(f[3]) or 0) + 1
       redis.call('HSET', tk, 'retry', retry, 'error', r.error, 'traceback', r.traceback, 'finished', now)
-      if r.retry and retry <= tonumber(f[4] or 0) then
+      if r.kind == 'error' and retry <= (tonumber(f[4]) or 1) then
         redis.call('HSET', tk, 'state', 'failed')
         if f[5] == '1' then
           local eta = now + 1 + 2 ^ retry
@@ -165,8 +174,7 @@ while #out < count do
   local id = redis.call('LPOP', P .. 'queue')
   if not id then break end
   local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'key', 'func', 'module', 'fclass', 'path', 'lang', 'params',
-                       'timeout', 'retry', 'max_retry')
+  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry')
   if f[1] == 'queued' or f[1] == 'failed' then
     local attempts = redis.call('HINCRBY', tk, 'attempts', 1)
     local lease = wid .. '/' .. attempts
@@ -175,7 +183,7 @@ while #out < count do
     if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
       redis.call('HDEL', P .. 'keys', f[2])
     end
-    out[#out + 1] = {id, f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], lease}
+    out[#out + 1] = {id, f[3], f[4] or '0', lease}
   end
 end
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
@@ -316,11 +324,31 @@ end
 return n
 """
 
-_TEXT_FIELDS = (
-    "id", "key", "func", "module", "fclass", "path", "lang", "state", "worker", "lease", "error", "traceback",
-)
-_FLOAT_FIELDS = ("created", "eta", "started", "finished", "timeout")
-_INT_FIELDS = ("max_retry", "retry", "attempts", "expiries", "result_ttl")
+_TEXT_FIELDS = ("key", "state", "worker", "lease", "error", "traceback")
+_FLOAT_FIELDS = ("created", "eta", "started", "finished")
+_INT_FIELDS = ("retry", "attempts", "expiries")
+# Short names of the task body's fields (a msgpack map stored as one hash field).
+_BODY = {"func": "f", "module": "m", "fclass": "c", "path": "p", "lang": "l", "params": "a", "timeout": "t",
+         "max_retry": "r"}
+
+
+def encode_body(fields: dict[str, Any]) -> bytes:
+    """The static part of a task (target, parameters, timeout) as one blob."""
+    return msgpack.packb({short: fields[name] for name, short in _BODY.items()}, use_bin_type=True)
+
+
+def decode_body(blob: bytes) -> dict[str, Any]:
+    data = msgpack.unpackb(blob, raw=False)
+    return {name: data.get(short) for name, short in _BODY.items()}
+
+
+def task_of(row: Sequence[Any], queue_index: int) -> dict[str, Any]:
+    """A leased task as the worker gets it, from a row of the lease script."""
+    tid, body, retry, lease = row
+    task = decode_body(body)
+    task["parameters"] = task.pop("params")
+    task.update(id=_text(tid), retry=int(retry), lease=_text(lease), queue_index=queue_index)
+    return task
 
 
 def keys_of(queue_index: int) -> str:
@@ -347,11 +375,6 @@ def _text(value: Any) -> str:
     if value is None or value is False:
         return ""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _pack(obj: Any) -> bytes:
-    # Lua's cmsgpack reads strings, not msgpack's bin type; both carry bytes.
-    return msgpack.packb(obj, use_bin_type=False)
 
 
 class Store:
@@ -400,12 +423,18 @@ class Store:
     @_storage_errors
     def push(self, specs: Sequence[TaskSpec]) -> list[str]:
         """Store tasks (or update waiting ones with the same key); return their ids in order."""
-        blobs = [
-            _pack({"id": s.id, "key": s.key, "delay": s.delay,
-                   "fields": [x for kv in s.fields.items() for x in kv]})
-            for s in specs
-        ]
-        return [_text(i) for i in self._push(args=[self.prefix, *blobs])]
+        args: list[Any] = [self.prefix]
+        for spec in specs:
+            f = spec.fields
+            extra = []
+            if f["max_retry"] != 1:
+                extra += ["max_retry", f["max_retry"]]
+            if f["retry_delay"]:
+                extra += ["retry_delay", 1]
+            if f["result_ttl"] is not None:
+                extra += ["result_ttl", f["result_ttl"]]
+            args += [spec.id, spec.key, spec.delay, encode_body(f), len(extra) // 2, *extra]
+        return [_text(i) for i in self._push(args=args)]
 
     @_storage_errors
     def report(self, worker_id: str, reports: Iterable[dict[str, Any]], count: int, seen: float,
@@ -416,20 +445,17 @@ class Store:
         Returns one flag per report (False: the lease was lost, nothing changed) and
         the leased tasks. With ``strict``, nothing is leased if a report is refused.
         """
-        blobs = [_pack(r) for r in reports]
-        accepted, leased = self._report(
-            args=[self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict), *blobs]
-        )
-        tasks = []
-        for row in leased:
-            tid, func, module, fclass, path, lang, params, timeout, retry, max_retry, lease = row
-            tasks.append({
-                "id": _text(tid), "func": _text(func), "module": _text(module), "fclass": _text(fclass),
-                "path": _text(path), "lang": _text(lang), "parameters": params or b"",
-                "timeout": float(timeout) if timeout else None, "retry": int(retry or 0),
-                "max_retry": int(max_retry or 0), "lease": _text(lease), "queue_index": self.queue_index,
-            })
-        return [bool(a) for a in accepted], tasks
+        args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict)]
+        for r in reports:
+            if r.get("release"):
+                kind = "release"
+            elif r["ok"]:
+                kind = "ok"
+            else:
+                kind = "error" if r.get("retry", True) else "error-final"
+            args += [r["id"], r["lease"], kind, r.get("result") or b"", r.get("error") or "", r.get("traceback") or ""]
+        accepted, leased = self._report(args=args)
+        return [bool(a) for a in accepted], [task_of(row, self.queue_index) for row in leased]
 
     @_storage_errors
     def heartbeat(self, worker_id: str, info: dict[str, Any], running: Iterable[tuple[str, str]],
@@ -477,7 +503,14 @@ class Store:
         if not raw:
             return None
         data = {_text(k): v for k, v in raw.items()}
-        out: dict[str, Any] = {"queue_index": self.queue_index}
+        out: dict[str, Any] = {"id": task_id, "queue_index": self.queue_index}
+        body = decode_body(data["body"]) if data.get("body") else dict.fromkeys(_BODY)
+        for name in ("func", "module", "fclass", "path", "lang"):
+            out[name] = body[name] or ""
+        out["timeout"] = body["timeout"]
+        out["max_retry"] = int(_text(data.get("max_retry")) or 1)
+        value = _text(data.get("result_ttl"))
+        out["result_ttl"] = int(value) if value else None
         for name in _TEXT_FIELDS:
             if name in data:
                 out[name] = _text(data[name])
@@ -486,10 +519,10 @@ class Store:
             out[name] = float(value) if value else None
         for name in _INT_FIELDS:
             value = _text(data.get(name))
-            out[name] = int(value) if value else (None if name == "result_ttl" else 0)
+            out[name] = int(value) if value else 0
         out["retry_delay"] = _text(data.get("retry_delay")) == "1"
         out["cancel_requested"] = _text(data.get("cancel")) == "1"
-        params = data.get("params") or b""
+        params = body["params"] or b""
         out["args"], out["kwargs"] = None, None
         if params and not codec.is_pickle(params):
             try:

@@ -151,8 +151,8 @@ def check_push(
         "params": params,
         "max_retry": max_retry,
         "retry_delay": int(retry_delay),
-        "timeout": "" if timeout is None else repr(timeout),
-        "result_ttl": "" if result_ttl is None else result_ttl,
+        "timeout": timeout,
+        "result_ttl": result_ttl,
     }
     return TaskSpec(id=task_id, queue_index=queue_index, key=key, delay=delay, fields=fields)
 
