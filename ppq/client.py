@@ -96,15 +96,16 @@ class Client:
         """
         batch: list[dict[str, Any]] = []
         ids: list[str] = []
-        for item in tasks:
+        base = new_id()[:22]
+        for n, item in enumerate(tasks):
+            task_id = f"{base}{n:010x}"
             if isinstance(item, dict):
                 task = dict(options, **item)
-                task.setdefault("task_id", new_id())
+                task.setdefault("task_id", task_id)
                 task.setdefault("queue_index", self.queue_index)
             else:
                 target, args, *rest = item
-                batch_options = dict(options)
-                task = self._task(target, args, rest[0] if rest else None, batch_options)
+                task = self._task(target, args, rest[0] if rest else None, dict(options, task_id=task_id))
             batch.append(task)
             if len(batch) >= chunk:
                 ids.extend(self.call("push_tasks", batch))

@@ -38,7 +38,7 @@ import redis.exceptions
 
 from . import codec
 from .errors import CodecError, StorageError
-from .task import TaskSpec
+from .task import BODY_FIELDS, TaskSpec, decode_body
 
 log = logging.getLogger("ppq.store")
 
@@ -327,21 +327,6 @@ return n
 _TEXT_FIELDS = ("key", "state", "worker", "lease", "error", "traceback")
 _FLOAT_FIELDS = ("created", "eta", "started", "finished")
 _INT_FIELDS = ("retry", "attempts", "expiries")
-# Short names of the task body's fields (a msgpack map stored as one hash field).
-_BODY = {"func": "f", "module": "m", "fclass": "c", "path": "p", "lang": "l", "params": "a", "timeout": "t",
-         "max_retry": "r"}
-
-
-def encode_body(fields: dict[str, Any]) -> bytes:
-    """The static part of a task (target, parameters, timeout) as one blob."""
-    return msgpack.packb({short: fields[name] for name, short in _BODY.items()}, use_bin_type=True)
-
-
-def decode_body(blob: bytes) -> dict[str, Any]:
-    data = msgpack.unpackb(blob, raw=False)
-    return {name: data.get(short) for name, short in _BODY.items()}
-
-
 def task_of(row: Sequence[Any], queue_index: int) -> dict[str, Any]:
     """A leased task as the worker gets it, from a row of the lease script."""
     tid, body, retry, lease = row
@@ -425,15 +410,9 @@ class Store:
         """Store tasks (or update waiting ones with the same key); return their ids in order."""
         args: list[Any] = [self.prefix]
         for spec in specs:
-            f = spec.fields
-            extra = []
-            if f["max_retry"] != 1:
-                extra += ["max_retry", f["max_retry"]]
-            if f["retry_delay"]:
-                extra += ["retry_delay", 1]
-            if f["result_ttl"] is not None:
-                extra += ["result_ttl", f["result_ttl"]]
-            args += [spec.id, spec.key, spec.delay, encode_body(f), len(extra) // 2, *extra]
+            args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
+            for name, value in spec.options:
+                args += [name, value]
         return [_text(i) for i in self._push(args=args)]
 
     @_storage_errors
@@ -504,7 +483,7 @@ class Store:
             return None
         data = {_text(k): v for k, v in raw.items()}
         out: dict[str, Any] = {"id": task_id, "queue_index": self.queue_index}
-        body = decode_body(data["body"]) if data.get("body") else dict.fromkeys(_BODY)
+        body = decode_body(data["body"]) if data.get("body") else dict.fromkeys(BODY_FIELDS)
         for name in ("func", "module", "fclass", "path", "lang"):
             out[name] = body[name] or ""
         out["timeout"] = body["timeout"]

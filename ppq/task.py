@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from . import codec
 from .config import LimitsConfig
 from .errors import InvalidTaskError, NotAllowedError
@@ -39,13 +41,67 @@ PUSH_FIELDS = (
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A checked push: everything the store needs to write one task."""
+    """A checked push: everything the store needs to write one task.
+
+    ``body`` is the static part of the record (see :func:`encode_body`);
+    ``options`` the retry options that differ from their defaults.
+    """
 
     id: str
     queue_index: int
     key: str
     delay: float
-    fields: dict[str, Any]
+    body: bytes
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+# Short names of the task body's fields: the body is one msgpack map, stored as
+# one field of the task's record and handed to workers as it is.
+BODY_FIELDS = {"func": "f", "module": "m", "fclass": "c", "path": "p", "lang": "l", "params": "a", "timeout": "t",
+               "max_retry": "r"}
+
+
+def encode_body(func: str, module: str, fclass: str, path: str, lang: str, params: bytes, timeout: float | None,
+                max_retry: int) -> bytes:
+    return msgpack.packb({"f": func, "m": module, "c": fclass, "p": path, "l": lang, "a": params, "t": timeout,
+                          "r": max_retry}, use_bin_type=True)
+
+
+def decode_body(blob: bytes) -> dict[str, Any]:
+    data = msgpack.unpackb(blob, raw=False)
+    return {name: data.get(short) for name, short in BODY_FIELDS.items()}
+
+
+_PUSH_FIELDS = frozenset(PUSH_FIELDS)
+# Targets already checked, (func, module, fclass, path, lang, name limit) -> normalised.
+_checked_targets: dict[tuple[Any, ...], tuple[str, str, str, str, str]] = {}
+_MAX_CHECKED_TARGETS = 10000
+
+
+def _check_target(func: Any, module: Any, fclass: Any, path: Any, lang: Any,
+                  limits: LimitsConfig) -> tuple[str, str, str, str, str]:
+    key = (func, module, fclass, path, lang, limits.max_name_length)
+    try:
+        return _checked_targets[key]
+    except (KeyError, TypeError):
+        pass
+    if module is None and isinstance(func, str) and "." in func:
+        module, _, func = func.rpartition(".")
+    if func is None or func == "":
+        raise InvalidTaskError("func must be a non-empty function name")
+    func = _str("func", func, limits.max_name_length, _IDENTIFIER, "a Python identifier")
+    if module is None or module == "":
+        raise InvalidTaskError("module is required (or give func as 'module.func')")
+    module = _str("module", module, limits.max_name_length, _DOTTED, "a dotted module name")
+    if fclass is not None and fclass != "":
+        fclass = _str("fclass", fclass, limits.max_name_length, _IDENTIFIER, "a class name")
+    if path is not None and path != "":
+        path = _str("path", path, 4096)
+    lang = _str("lang", lang or "", 32)
+    checked = (func, module, fclass or "", path or "", lang)
+    if len(_checked_targets) < _MAX_CHECKED_TARGETS:
+        _checked_targets[key] = checked
+    return checked
 
 
 def new_id() -> str:
@@ -99,29 +155,18 @@ def check_push(
     allow_pickle: bool = False,
 ) -> TaskSpec:
     """Check every field of one push; return the task to store or raise InvalidTaskError."""
-    unknown = set(options) - set(PUSH_FIELDS)
-    if unknown:
-        raise InvalidTaskError(f"unknown push option {sorted(unknown)[0]!r}")
+    if not _PUSH_FIELDS.issuperset(options):
+        unknown = sorted(str(k) for k in set(options) - _PUSH_FIELDS)
+        raise InvalidTaskError(f"unknown push option {unknown[0]!r}")
     get = options.get
-    func = get("func")
-    module = get("module")
-    if module is None and isinstance(func, str) and "." in func:
-        module, _, func = func.rpartition(".")
-    if func is None or func == "":
-        raise InvalidTaskError("func must be a non-empty function name")
-    func = _str("func", func, limits.max_name_length, _IDENTIFIER, "a Python identifier")
-    if module is None or module == "":
-        raise InvalidTaskError("module is required (or give func as 'module.func')")
-    module = _str("module", module, limits.max_name_length, _DOTTED, "a dotted module name")
-    fclass = get("fclass")
-    if fclass is not None and fclass != "":
-        fclass = _str("fclass", fclass, limits.max_name_length, _IDENTIFIER, "a class name")
-    path = get("path")
-    if path is not None and path != "":
-        path = _str("path", path, 4096)
-    lang = _str("lang", get("lang") or "", 32)
-    key = _str("key", get("key") or "", limits.max_key_length)
-    queue_index = check_queue_index(get("queue_index", 0), queue_indexes)
+    func, module, fclass, path, lang = _check_target(get("func"), get("module"), get("fclass"), get("path"),
+                                                     get("lang"), limits)
+    key = get("key") or ""
+    if key:
+        key = _str("key", key, limits.max_key_length)
+    queue_index = get("queue_index", 0)
+    if queue_index.__class__ is not int or queue_index not in queue_indexes:
+        queue_index = check_queue_index(queue_index, queue_indexes)
     max_retry = get("max_retry", 1)
     if max_retry is None:
         max_retry = 1
@@ -134,27 +179,26 @@ def check_push(
         retry_delay = False
     if not isinstance(retry_delay, bool):
         raise InvalidTaskError(f"retry_delay must be true or false, got {retry_delay!r:.40}")
-    delay = _number("delay", get("delay"), 0, limits.max_delay) or 0.0
-    timeout = _number("timeout", get("timeout"), 0.001, limits.max_timeout)
+    delay = get("delay")
+    delay = (_number("delay", delay, 0, limits.max_delay) or 0.0) if delay is not None else 0.0
+    timeout = get("timeout")
+    if timeout is not None:
+        timeout = _number("timeout", timeout, 0.001, limits.max_timeout)
     result_ttl = get("result_ttl")
     if result_ttl is not None and (isinstance(result_ttl, bool) or not isinstance(result_ttl, int) or result_ttl < 0):
         raise InvalidTaskError(f"result_ttl must be a non-negative integer of seconds, got {result_ttl!r:.40}")
     task_id = get("task_id")
     task_id = check_task_id(task_id) if task_id is not None else new_id()
     params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
-    fields: dict[str, Any] = {
-        "func": func,
-        "module": module,
-        "fclass": fclass or "",
-        "path": path or "",
-        "lang": lang,
-        "params": params,
-        "max_retry": max_retry,
-        "retry_delay": int(retry_delay),
-        "timeout": timeout,
-        "result_ttl": result_ttl,
-    }
-    return TaskSpec(id=task_id, queue_index=queue_index, key=key, delay=delay, fields=fields)
+    extra: list[tuple[str, Any]] = []
+    if max_retry != 1:
+        extra.append(("max_retry", max_retry))
+    if retry_delay:
+        extra.append(("retry_delay", 1))
+    if result_ttl is not None:
+        extra.append(("result_ttl", result_ttl))
+    body = encode_body(func, module, fclass, path, lang, params, timeout, max_retry)
+    return TaskSpec(id=task_id, queue_index=queue_index, key=key, delay=delay, body=body, options=tuple(extra))
 
 
 def _parameters(parameters: Any, args: Any, kwargs: Any, limits: LimitsConfig, allow_pickle: bool) -> bytes:
