@@ -601,7 +601,8 @@ class Agent:
                                     r.task["id"])
             except (PPQError, rpc.CommunicationError) as exc:
                 log.warning("heartbeat failed: %s", exc)
-            if self._stop_event.wait(interval) and self._done_reporting.is_set():
+            # Leases are still extended while a graceful stop lets tasks finish.
+            if self._done_reporting.wait(interval):
                 return
 
     # -- executors --
