@@ -16,6 +16,8 @@ from .task import CANCELLED, DEAD, DONE, new_id
 
 # Tasks sent per push_tasks call by push_many.
 DEFAULT_CHUNK = 5000
+# Longest single wait the master is asked to hold, in seconds.
+_WAIT_STEP = 20.0
 _FINAL = (DONE, DEAD, CANCELLED)
 
 
@@ -67,6 +69,8 @@ class Client:
             token=token if token is not None else config.auth_token,
             timeout=timeout or config.client.timeout or DEFAULT_TIMEOUT,
         )
+        # A wait held by the master must end before the proxy's own timeout.
+        self._wait_step = max(0.5, min(_WAIT_STEP, (self.call.timeout or _WAIT_STEP + 2) - 2))
 
     def _task(self, target: str | Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any] | None,
               options: dict[str, Any]) -> dict[str, Any]:
@@ -134,45 +138,51 @@ class Client:
         raise TaskFailedError(info["id"], info.get("error") or info["state"], info.get("traceback") or "")
 
     def result(self, task_id: str, timeout: float | None = None, queue_index: int | None = None) -> Any:
-        """Wait for the task to end and return its result; raise TaskFailedError if it failed."""
+        """Wait for the task to end and return its result; raise TaskFailedError if it failed.
+
+        The master holds the call until the task ends (no polling); ``timeout``
+        None waits for ever, else ResultTimeoutError is raised.
+        """
+        qi = self.queue_index if queue_index is None else queue_index
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.002
         while True:
-            info = self.info(task_id, queue_index)
+            wait = self._wait_step if deadline is None else min(self._wait_step, max(deadline - time.monotonic(), 0))
+            info = self.call("wait_task", task_id, qi, wait)
             if info is None:
                 raise InvalidTaskError(f"task {task_id} is unknown (never pushed, or its record expired)")
             if info["state"] in _FINAL:
                 return self._value(info)
             if deadline is not None and time.monotonic() >= deadline:
                 raise ResultTimeoutError(f"task {task_id} is still {info['state']} after {timeout:g}s")
-            wait = pause if deadline is None else min(pause, max(deadline - time.monotonic(), 0))
-            time.sleep(wait)
-            pause = min(pause * 2, 0.25)
 
     def results(self, task_ids: Sequence[str], timeout: float | None = None,
                 queue_index: int | None = None) -> Iterator[tuple[str, Any]]:
-        """Yield ``(task_id, result)`` as tasks end, in the order they end."""
+        """Yield ``(task_id, result)`` as tasks end, in the order they end.
+
+        A failed task yields its TaskFailedError as the result instead of raising.
+        """
+        qi = self.queue_index if queue_index is None else queue_index
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(task_ids)
-        qi = self.queue_index if queue_index is None else queue_index
-        pause = 0.002
         while pending:
-            infos = self.call("get_tasks_info", pending, qi)
+            wait = self._wait_step if deadline is None else min(self._wait_step, max(deadline - time.monotonic(), 0))
             still = []
-            for tid, info in zip(pending, infos, strict=True):
-                if info is None:
-                    raise InvalidTaskError(f"task {tid} is unknown (never pushed, or its record expired)")
-                if info["state"] in _FINAL:
-                    yield tid, self._value(info)
-                    pause = 0.002
-                else:
-                    still.append(tid)
+            for start in range(0, len(pending), DEFAULT_CHUNK):
+                chunk = pending[start:start + DEFAULT_CHUNK]
+                infos = self.call("wait_tasks", chunk, qi, wait if start == 0 else 0)
+                for tid, info in zip(chunk, infos, strict=True):
+                    if info is None:
+                        raise InvalidTaskError(f"task {tid} is unknown (never pushed, or its record expired)")
+                    if info["state"] in _FINAL:
+                        try:
+                            yield tid, self._value(info)
+                        except TaskFailedError as exc:
+                            yield tid, exc
+                    else:
+                        still.append(tid)
             pending = still
-            if pending:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise ResultTimeoutError(f"{len(pending)} task(s) still running after {timeout:g}s")
-                time.sleep(pause)
-                pause = min(pause * 2, 0.25)
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeoutError(f"{len(pending)} task(s) still unfinished after {timeout:g}s")
 
     def close(self) -> None:
         self.call.close()

@@ -26,7 +26,7 @@ from .errors import (
     StorageError,
 )
 from .store import Store
-from .task import check_push, check_queue_index, check_task_id
+from .task import FINAL_STATES, check_push, check_queue_index, check_task_id
 
 log = logging.getLogger("ppq.master")
 
@@ -106,6 +106,8 @@ class Master:
         self.config = config
         self.stores = dict(stores)
         self.wakers = {qi: Waker() for qi in self.stores}
+        self._watchers: dict[tuple[int, str], list[threading.Event]] = {}
+        self._watch_lock = threading.Lock()
         self.limits = config.limits
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -128,7 +130,46 @@ class Master:
             waker.wake(0)
 
     def _listen(self, qi: int, store: Store) -> None:
-        store.listen(self.wakers[qi].wake, self._stop)
+        def finished(task_id: str) -> None:
+            with self._watch_lock:
+                events = self._watchers.get((qi, task_id), ())
+                for event in events:
+                    event.set()
+
+        store.listen(self.wakers[qi].wake, finished, self._stop)
+
+    def _wait_final(self, store: Store, task_ids: list[str], timeout: float) -> list[dict[str, Any] | None]:
+        """Infos of ``task_ids`` once one has ended (or ``timeout`` passed), without polling."""
+        event = threading.Event()
+        keys = [(store.queue_index, tid) for tid in task_ids]
+        with self._watch_lock:
+            for key in keys:
+                self._watchers.setdefault(key, []).append(event)
+        try:
+            if timeout > 0:
+                store.watch(task_ids, timeout + 5)
+            infos = [store.info(tid) for tid in task_ids]
+            if timeout <= 0 or any(i is None or i["state"] in FINAL_STATES for i in infos):
+                return infos
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return infos
+                # The finished channel can miss a message in a Redis outage: look again now and then.
+                event.wait(min(remaining, 5.0))
+                event.clear()
+                infos = [store.info(tid) for tid in task_ids]
+                if any(i is None or i["state"] in FINAL_STATES for i in infos):
+                    return infos
+        finally:
+            with self._watch_lock:
+                for key in keys:
+                    events = self._watchers.get(key)
+                    if events is not None:
+                        events.remove(event)
+                        if not events:
+                            del self._watchers[key]
 
     def _duties(self, qi: int, store: Store) -> None:
         """Move due delayed tasks and reap expired leases, forever."""
@@ -364,6 +405,22 @@ class Master:
         """The task's record (state, retry, timestamps, result or error); None if unknown."""
         check_task_id(task_id)
         return self._store(queue_index).info(task_id)
+
+    @rpc.remote
+    def wait_task(self, task_id: Any, queue_index: Any = 0, timeout: Any = 10) -> dict[str, Any] | None:
+        """Wait up to ``timeout`` seconds for the task to end; return its record (None if unknown)."""
+        check_task_id(task_id)
+        timeout = _number("timeout", timeout, 0, MAX_WAIT)
+        return self._wait_final(self._store(queue_index), [task_id], timeout)[0]
+
+    @rpc.remote
+    def wait_tasks(self, task_ids: Any, queue_index: Any = 0, timeout: Any = 10) -> list[dict[str, Any] | None]:
+        """Wait until at least one of ``task_ids`` has ended (or ``timeout``); return all their records."""
+        if not isinstance(task_ids, (list, tuple)) or not task_ids or len(task_ids) > self.limits.max_batch:
+            raise InvalidTaskError(f"task_ids must be a non-empty list of at most {self.limits.max_batch} ids")
+        ids = [check_task_id(t) for t in task_ids]
+        timeout = _number("timeout", timeout, 0, MAX_WAIT)
+        return self._wait_final(self._store(queue_index), ids, timeout)
 
     @rpc.remote
     def get_tasks_info(self, task_ids: Any, queue_index: Any = 0) -> list[dict[str, Any] | None]:

@@ -16,7 +16,9 @@ Keys, all under ``ppq:{queue_index}:`` (built in :func:`keys_of` only):
     stats          hash   counters: pushed, done, retried, dead, expired, cancelled
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone
+    waiting        zset   ids someone waits on (Client.result) -> until when
     wake           channel  published with the number of tasks made ready
+    finished       channel  published with the id of a waited-on task that ended
 
 Task record fields: body (msgpack of the target, parameters and timeout),
 state, created, eta, key, the options that differ from their defaults
@@ -167,6 +169,9 @@ for i = 8, #ARGV, 6 do
       end
     end
     accepted[#accepted + 1] = 1
+    if r.kind ~= 'release' and redis.call('ZSCORE', P .. 'waiting', r.id) then
+      redis.call('PUBLISH', P .. 'finished', r.id)
+    end
   end
 end
 local out = {}
@@ -228,6 +233,7 @@ for _, id in ipairs(ids) do
         'error', 'LeaseExpired: the worker running it was lost ' .. exp .. ' times', 'traceback', '')
       redis.call('ZADD', P .. 'dead', now, id)
       redis.call('HINCRBY', P .. 'stats', 'dead', 1)
+      if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
     else
       redis.call('HSET', tk, 'state', 'queued', 'eta', now)
       redis.call('HDEL', tk, 'lease')
@@ -237,6 +243,7 @@ for _, id in ipairs(ids) do
   end
 end
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+redis.call('ZREMRANGEBYSCORE', P .. 'waiting', '-inf', now)
 local gone = redis.call('ZRANGEBYSCORE', P .. 'workers:seen', '-inf', now)
 for _, wid in ipairs(gone) do
   redis.call('ZREM', P .. 'workers:seen', wid)
@@ -281,6 +288,7 @@ if state == 'queued' or state == 'delayed' or state == 'failed' then
   redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
   redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
   redis.call('EXPIRE', tk, math.max(ttl, 1))
+  if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
 elseif state == 'running' then
   redis.call('HSET', tk, 'cancel', '1')
 end
@@ -457,6 +465,12 @@ class Store:
         return int(moved), (float(nxt) if nxt else None), float(now)
 
     @_storage_errors
+    def watch(self, task_ids: Sequence[str], seconds: float) -> None:
+        """Ask for a message on the ``finished`` channel when any of ``task_ids`` ends."""
+        now = float(self.redis.time()[0])
+        self.redis.zadd(self.prefix + "waiting", {tid: now + seconds for tid in task_ids})
+
+    @_storage_errors
     def cancel(self, task_id: str) -> str | None:
         state = self._cancel(args=[self.prefix, task_id, self.result_ttl])
         return _text(state) or None
@@ -554,26 +568,34 @@ class Store:
             out.append(info)
         return out
 
-    def listen(self, on_wake: Callable[[int], None], stop: threading.Event) -> None:
-        """Call ``on_wake(n)`` whenever tasks become ready; runs until ``stop`` is set.
+    def listen(self, on_wake: Callable[[int], None], on_finished: Callable[[str], None],
+               stop: threading.Event) -> None:
+        """Call ``on_wake(n)`` whenever tasks become ready and ``on_finished(id)`` when a
+        watched task ends; runs until ``stop`` is set.
 
-        Survives Redis outages: it reconnects with a capped backoff.
+        Survives Redis outages: it reconnects with a capped backoff, and calls
+        ``on_wake(0)`` after each (re)connection so waiters look again.
         """
+        wake_channel = (self.prefix + "wake").encode()
         delay = 0.1
         while not stop.is_set():
             pubsub = None
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.prefix + "wake")
+                pubsub.subscribe(self.prefix + "wake", self.prefix + "finished")
                 on_wake(0)
                 delay = 0.1
                 while not stop.is_set():
                     msg = pubsub.get_message(timeout=0.5)
-                    if msg and msg.get("type") == "message":
+                    if not msg or msg.get("type") != "message":
+                        continue
+                    if msg["channel"] == wake_channel:
                         try:
                             on_wake(int(msg["data"]))
                         except ValueError:
                             on_wake(1)
+                    else:
+                        on_finished(_text(msg["data"]))
             except redis.exceptions.RedisError as exc:
                 log.warning("queue_index %s: wake-up channel lost (%s); retrying", self.queue_index, exc)
                 stop.wait(delay)

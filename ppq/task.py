@@ -27,6 +27,8 @@ FAILED = "failed"  # the last attempt failed; the task waits for its retry
 DEAD = "dead"
 CANCELLED = "cancelled"
 STATES = (QUEUED, DELAYED, RUNNING, DONE, FAILED, DEAD, CANCELLED)
+# States a task does not leave by itself.
+FINAL_STATES = (DONE, DEAD, CANCELLED)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
