@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,6 +110,7 @@ class Master:
         self._watchers: dict[tuple[int, str], list[threading.Event]] = {}
         self._watch_lock = threading.Lock()
         self.limits = config.limits
+        self.id = uuid.uuid4().hex[:12]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -220,14 +222,25 @@ class Master:
         accepted, tasks = store.report(wid, reports, count, self._seen(worker_info), strict)
         if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):
             return accepted, tasks
-        deadline = time.monotonic() + wait
-        while not tasks:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stop.is_set():
-                break
-            waker.wait(generation, remaining)
+        # Register as a waiter first, then look again: a push in between is not missed.
+        member = f"{self.id}:{threading.get_ident()}"
+        store.add_waiter(member, wait)
+        try:
+            deadline = time.monotonic() + wait
             generation = waker.generation
             _, tasks = store.report(wid, [], count, self._seen(worker_info))
+            while not tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    break
+                waker.wait(generation, remaining)
+                generation = waker.generation
+                _, tasks = store.report(wid, [], count, self._seen(worker_info))
+        finally:
+            try:
+                store.remove_waiter(member)
+            except StorageError:
+                pass
         return accepted, tasks
 
     def _plain(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,6 +17,8 @@ Keys, all under ``ppq:{queue_index}:`` (built in :func:`keys_of` only):
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone
     waiting        zset   ids someone waits on (Client.result) -> until when
+    waiters        zset   long-polls waiting for tasks -> until when; wake is
+                          published only while one is registered
     wake           channel  published with the number of tasks made ready
     finished       channel  published with the id of a waited-on task that ended
 
@@ -107,7 +109,9 @@ while i <= #ARGV do
   ids[#ids + 1] = id
 end
 if pushed > 0 then redis.call('HINCRBY', P .. 'stats', 'pushed', pushed) end
-if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+if ready > 0 and redis.call('ZCOUNT', P .. 'waiters', now, '+inf') > 0 then
+  redis.call('PUBLISH', P .. 'wake', ready)
+end
 return ids
 """
 
@@ -244,6 +248,7 @@ for _, id in ipairs(ids) do
 end
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 redis.call('ZREMRANGEBYSCORE', P .. 'waiting', '-inf', now)
+redis.call('ZREMRANGEBYSCORE', P .. 'waiters', '-inf', now)
 local gone = redis.call('ZRANGEBYSCORE', P .. 'workers:seen', '-inf', now)
 for _, wid in ipairs(gone) do
   redis.call('ZREM', P .. 'workers:seen', wid)
@@ -463,6 +468,16 @@ class Store:
         """Move delayed tasks whose time has come to the queue; return (moved, next eta, now)."""
         moved, nxt, now = self._move(args=[self.prefix, limit])
         return int(moved), (float(nxt) if nxt else None), float(now)
+
+    @_storage_errors
+    def add_waiter(self, member: str, seconds: float) -> None:
+        """Register a long-poll, so that pushes publish a wake-up while it waits."""
+        now = float(self.redis.time()[0])
+        self.redis.zadd(self.prefix + "waiters", {member: now + seconds + 2})
+
+    @_storage_errors
+    def remove_waiter(self, member: str) -> None:
+        self.redis.zrem(self.prefix + "waiters", member)
 
     @_storage_errors
     def watch(self, task_ids: Sequence[str], seconds: float) -> None:
