@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import inspect
 import ipaddress
 import logging
 import random
@@ -156,16 +155,17 @@ def remote(method: F) -> F:
     deserialize ppq's classes, gets the closest builtin type with the ppq error's
     name in the message. Anything unexpected is logged and reported as a PPQError.
     """
-    signature = inspect.signature(method)
-
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             try:
-                signature.bind(*args, **kwargs)
+                return method(*args, **kwargs)
             except TypeError as exc:
-                raise InvalidTaskError(f"{method.__name__}: {exc}") from None
-            return method(*args, **kwargs)
+                # Raised by the call itself (wrong arguments), not from inside the method.
+                if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                    message = str(exc).split(".")[-1].replace("() ", ": ", 1)
+                    raise InvalidTaskError(message) from None
+                raise
         except PPQError as exc:
             if client_is_ppq():
                 raise
