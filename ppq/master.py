@@ -237,10 +237,12 @@ class Master:
                 generation = waker.generation
                 _, tasks = store.report(wid, [], count, self._seen(worker_info))
         finally:
-            try:
-                store.remove_waiter(member)
-            except StorageError:
-                pass
+            # With tasks in hand, reply first: the registration expires by itself.
+            if not tasks:
+                try:
+                    store.remove_waiter(member)
+                except StorageError:
+                    pass
         return accepted, tasks
 
     def _plain(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:

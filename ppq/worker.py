@@ -515,11 +515,12 @@ class Agent:
             return n
 
     def _accept(self, reserved: int, tasks: list[dict[str, Any]]) -> None:
+        """Take leased tasks: straight to idle executors, the rest wait in the inbox."""
         with self._cond:
             self._reserved -= reserved
             self._inbox.extend(tasks)
-        if tasks:
-            self._wake()
+            if tasks and not self.stopping and self.slots:
+                self._dispatch()
 
     # -- threads talking to masters --
 
@@ -627,7 +628,10 @@ class Agent:
             self.slots[slot.index] = self._new_slot(slot.index)
 
     def _dispatch(self) -> None:
-        """Hand waiting tasks to idle executors: an even share each, at most MAX_EXECUTOR_BATCH."""
+        """Hand waiting tasks to idle executors: an even share each, at most MAX_EXECUTOR_BATCH.
+
+        Called with ``self._cond`` held, from the supervisor or a thread that got tasks.
+        """
         while self._inbox:
             idle = [s for s in self.slots if s.idle and not s.dead()]
             if not idle:
@@ -747,6 +751,11 @@ class Agent:
                 pass
         except BlockingIOError:
             pass
+        with self._cond:
+            self._supervise_slots()
+
+    def _supervise_slots(self) -> None:
+        """Collect reports, replace dead executors, enforce timeouts; ``self._cond`` is held."""
         freed = False
         for slot in list(self.slots):
             reports = slot.poll() if slot.batch else None
@@ -777,8 +786,7 @@ class Agent:
                                            f"and was stopped")
                     freed = True
         if freed:
-            with self._cond:
-                self._cond.notify_all()
+            self._cond.notify_all()
         if not self.stopping:
             self._dispatch()
 
