@@ -149,10 +149,11 @@ def _stop_on_signals(stop: threading.Event) -> None:
 @click.option("--data-dir", default=None, help="Data directory of the embedded redis-server.")
 @click.option("--lease-timeout", type=float, default=None, help="Seconds a task stays leased without heartbeat.")
 @click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without auth_token.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @click.pass_context
 def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, host: str | None,
            port: int | None, redis_map: tuple[str, ...], data_dir: str | None, lease_timeout: float | None,
-           insecure: bool | None) -> None:
+           insecure: bool | None, metrics_port: int | None) -> None:
     """Run a master: the Pyro5 object `queue` over the Redis stores."""
     from .master import MasterServer
 
@@ -160,6 +161,7 @@ def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
     config = build_config(ctx, {
         "master.host": host, "master.port": port, "master.redis_map": _redis_map(redis_map),
         "master.data_dir": data_dir, "master.lease_timeout": lease_timeout, "master.insecure": insecure,
+        "master.metrics_port": metrics_port,
     })
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -179,14 +181,14 @@ def _worker_overrides(master_hosts: tuple[str, ...], queue_index: int | None, co
                       pool: str | None, port: int | None, host: str | None, allow: tuple[str, ...],
                       allowed_paths: tuple[str, ...], task_timeout: float | None, max_sleep: float | None,
                       heartbeat_interval: float | None, autodiscover: tuple[str, ...],
-                      insecure: bool | None) -> dict[str, Any]:
+                      insecure: bool | None, metrics_port: int | None, prefetch: int | None) -> dict[str, Any]:
     return {
         "worker.master_hosts": _split(master_hosts), "worker.queue_index": queue_index,
         "worker.concurrency": concurrency, "worker.pool": pool, "worker.port": port, "worker.host": host,
         "worker.allowed_modules": _split(allow), "worker.allowed_paths": _split(allowed_paths),
         "worker.task_timeout": task_timeout, "worker.max_sleep": max_sleep,
         "worker.heartbeat_interval": heartbeat_interval, "worker.autodiscover": _split(autodiscover),
-        "worker.insecure": insecure,
+        "worker.insecure": insecure, "worker.metrics_port": metrics_port, "worker.prefetch": prefetch,
     }
 
 
@@ -207,6 +209,9 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--heartbeat-interval", type=float, default=None, help="Seconds between heartbeats."),
         click.option("--autodiscover", multiple=True, help="Packages whose `tasks` module is imported at start."),
         click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without a token."),
+        click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."),
+        click.option("--prefetch", type=int, default=None,
+                     help="Tasks held ahead of free executors (-1 automatic, 0 none)."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -481,6 +481,9 @@ class Master:
     @rpc.remote
     def server_info(self) -> dict[int, dict[str, Any]]:
         """One dict per queue_index: queued/delayed/running/dead counts, counters and live workers."""
+        return self.queue_info()
+
+    def queue_info(self) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
         for qi, store in sorted(self.stores.items()):
             entry: dict[str, Any] = {"queue_index": qi, "redis": store.safe_url}
@@ -559,6 +562,17 @@ class MasterServer:
 
     def start(self) -> MasterServer:
         self.master.start_background()
+        self.metrics_server = None
+        if self.config.master.metrics_port:
+            from .metrics import serve_master_metrics
+
+            try:
+                self.metrics_server = serve_master_metrics(self.config.master.host, self.config.master.metrics_port,
+                                                           self.master.queue_info)
+            except OSError as exc:
+                self.stop()
+                raise ConfigError(f"master.metrics_port: cannot listen on {self.config.master.metrics_port}: "
+                                  f"{exc.strerror or exc}") from None
         self._thread = rpc.serve_in_thread(self.daemon, "ppq-master-daemon")
         log.info("master serving %s, queue_index %s", self.uri, ", ".join(map(str, sorted(self.stores))))
         return self
@@ -570,6 +584,9 @@ class MasterServer:
             self.embedded.stop()
 
     def stop(self) -> None:
+        if getattr(self, "metrics_server", None) is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server = None
         self.master.stop_background()
         self.daemon.shutdown()
         if self._thread is not None:

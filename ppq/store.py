@@ -13,7 +13,8 @@ Keys, all under ``ppq:{queue_index}:`` (built in :func:`keys_of` only):
     running        zset   ids handed out, score = lease deadline
     dead           zset   ids that exhausted their retries, score = time of death
     keys           hash   de-duplication key -> id, while that task waits
-    stats          hash   counters: pushed, done, retried, dead, expired, cancelled
+    stats          hash   counters: pushed, done, retried, dead, expired, cancelled, released
+    rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone
     waiting        zset   ids someone waits on (Client.result) -> until when
@@ -125,6 +126,8 @@ local P, wid, count, lt, seen, dttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonum
   tonumber(ARGV[5]), tonumber(ARGV[6])
 local accepted = {}
 local ready = 0
+local bucket = math.floor(now / 10)
+local done_n, failed_n = 0, 0
 for i = 8, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
@@ -149,9 +152,10 @@ for i = 8, #ARGV, 6 do
       ready = ready + 1
     elseif r.kind == 'ok' then
       redis.call('HSET', tk, 'state', 'done', 'finished', now, 'result', r.result)
-      redis.call('HINCRBY', P .. 'stats', 'done', 1)
+      done_n = done_n + 1
       if ttl > 0 then redis.call('EXPIRE', tk, ttl) else redis.call('DEL', tk) end
     else
+      failed_n = failed_n + 1
       local retry = (tonumber(f[3]) or 0) + 1
       redis.call('HSET', tk, 'retry', retry, 'error', r.error, 'traceback', r.traceback, 'finished', now)
       if r.kind == 'error' and retry <= (tonumber(f[4]) or 1) then
@@ -178,12 +182,17 @@ for i = 8, #ARGV, 6 do
     end
   end
 end
+if done_n > 0 then
+  redis.call('HINCRBY', P .. 'stats', 'done', done_n)
+  redis.call('HINCRBY', P .. 'rate', 'd:' .. bucket, done_n)
+end
+if failed_n > 0 then redis.call('HINCRBY', P .. 'rate', 'f:' .. bucket, failed_n) end
 local out = {}
 while #out < count do
   local id = redis.call('LPOP', P .. 'queue')
   if not id then break end
   local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry')
+  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created')
   if f[1] == 'queued' or f[1] == 'failed' then
     local attempts = redis.call('HINCRBY', tk, 'attempts', 1)
     local lease = wid .. '/' .. attempts
@@ -192,7 +201,7 @@ while #out < count do
     if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
       redis.call('HDEL', P .. 'keys', f[2])
     end
-    out[#out + 1] = {id, f[3], f[4] or '0', lease}
+    out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
   end
 end
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
@@ -249,6 +258,10 @@ end
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 redis.call('ZREMRANGEBYSCORE', P .. 'waiting', '-inf', now)
 redis.call('ZREMRANGEBYSCORE', P .. 'waiters', '-inf', now)
+local oldest = math.floor(now / 10) - 12
+for _, field in ipairs(redis.call('HKEYS', P .. 'rate')) do
+  if tonumber(string.sub(field, 3)) < oldest then redis.call('HDEL', P .. 'rate', field) end
+end
 local gone = redis.call('ZRANGEBYSCORE', P .. 'workers:seen', '-inf', now)
 for _, wid in ipairs(gone) do
   redis.call('ZREM', P .. 'workers:seen', wid)
@@ -342,10 +355,11 @@ _FLOAT_FIELDS = ("created", "eta", "started", "finished")
 _INT_FIELDS = ("retry", "attempts", "expiries")
 def task_of(row: Sequence[Any], queue_index: int) -> dict[str, Any]:
     """A leased task as the worker gets it, from a row of the lease script."""
-    tid, body, retry, lease = row
+    tid, body, retry, lease, ready_at = row
     task = decode_body(body)
     task["parameters"] = task.pop("params")
-    task.update(id=_text(tid), retry=int(retry), lease=_text(lease), queue_index=queue_index)
+    task.update(id=_text(tid), retry=int(retry), lease=_text(lease), queue_index=queue_index,
+                ready_at=float(ready_at))
     return task
 
 
@@ -560,11 +574,22 @@ class Store:
         pipe.zcard(p + "running")
         pipe.zcard(p + "dead")
         pipe.hgetall(p + "stats")
-        queued, delayed, running, dead, stats = pipe.execute()
+        pipe.hgetall(p + "rate")
+        pipe.time()
+        queued, delayed, running, dead, stats, rate, now = pipe.execute()
         out: dict[str, Any] = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
         for name in ("pushed", "done", "retried", "expired", "cancelled", "released"):
             out[name] = int(stats.get(name.encode(), 0))
         out["failed"] = int(stats.get(b"dead", 0))
+        # The last six 10-second buckets, the current one included: about one minute.
+        current = int(now[0]) // 10
+        per_min = {"d": 0, "f": 0}
+        for field, value in rate.items():
+            kind, _, bucket = _text(field).partition(":")
+            if kind in per_min and bucket.lstrip("-").isdigit() and int(bucket) > current - 6:
+                per_min[kind] += int(value)
+        out["done_per_min"] = per_min["d"]
+        out["failed_per_min"] = per_min["f"]
         return out
 
     @_storage_errors

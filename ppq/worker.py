@@ -415,6 +415,7 @@ class Agent:
         self._daemon: rpc.Daemon | None = None
         self._threads: list[threading.Thread] = []
         self._fetching = threading.Event()
+        self.metrics: Any = None
 
     # -- signals and flags --
 
@@ -679,6 +680,10 @@ class Agent:
         task = running.task
         name = f"{task['module']}.{task['fclass'] + '.' if task.get('fclass') else ''}{task['func']}"
         duration = report.get("duration", 0.0)
+        if self.metrics is not None:
+            started = report.get("started")
+            wait = started - task["ready_at"] if started and task.get("ready_at") else None
+            self.metrics.observe(name, bool(report.get("ok")), duration, wait)
         stats = self.counters.per_func[name]
         stats.count += 1
         stats.total_time += duration
@@ -824,6 +829,15 @@ class Agent:
         self._autodiscover()
         self._start_executors()
         self._serve_control()
+        if self.config.worker.metrics_port:
+            from .metrics import WorkerMetrics
+
+            self.metrics = WorkerMetrics()
+            try:
+                self.metrics.serve(self.config.worker.host, self.config.worker.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"worker.metrics_port: cannot listen on {self.config.worker.metrics_port}: "
+                                  f"{exc.strerror or exc}") from None
         try:
             self._call("heartbeat", self.info(), self.queue_index, [])
         except (PPQError, rpc.CommunicationError) as exc:
@@ -885,6 +899,8 @@ class Agent:
             slot.close()
         if self._daemon is not None:
             self._daemon.shutdown()
+        if self.metrics is not None:
+            self.metrics.stop()
         self._call.close()
         for fd in (self._wake_r, self._wake_w):
             try:
