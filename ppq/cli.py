@@ -375,10 +375,63 @@ def _when(ts: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
 
 
+def _push_file(client: Any, path: str, chunk: int) -> None:
+    """Push every line of a JSON-lines file; good lines are pushed even if others are refused."""
+    from rich.progress import Progress
+
+    from .errors import InvalidTaskError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}", RET_CONFIG)
+    good: list[tuple[int, dict[str, Any]]] = []
+    refused: list[tuple[int, str]] = []
+    for n, line in lines:
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            refused.append((n, f"not JSON: {exc}"))
+            continue
+        if not isinstance(item, dict):
+            refused.append((n, "expected a JSON object"))
+            continue
+        target = item.pop("task", None) or item.pop("target", None)
+        if target is not None:
+            module, _, func = str(target).rpartition(".")
+            item.setdefault("module", module or None)
+            item.setdefault("func", func)
+        good.append((n, item))
+    pushed: list[tuple[int, str]] = []
+    with Progress(console=err_console, transient=True) as progress:
+        bar = progress.add_task("pushing", total=len(good))
+        for start in range(0, len(good), chunk):
+            part = good[start:start + chunk]
+            try:
+                ids = client.push_many([item for _, item in part], chunk=chunk)
+                pushed.extend(zip((n for n, _ in part), ids, strict=True))
+            except InvalidTaskError:
+                # One bad line refuses the whole batch: push this batch line by line to name it.
+                for n, item in part:
+                    try:
+                        pushed.append((n, client.push_many([item])[0]))
+                    except InvalidTaskError as exc:
+                        refused.append((n, str(exc)))
+            progress.update(bar, advance=len(part))
+    for n, task_id in pushed:
+        click.echo(f"{n}\t{task_id}")
+    for n, reason in sorted(refused):
+        err_console.print(f"line {n}: refused: {reason}", markup=False, highlight=False)
+    err_console.print(f"{len(pushed)} pushed, {len(refused)} refused", markup=False, highlight=False)
+    if refused:
+        sys.exit(RET_ERROR)
+
+
 @main.command()
 @config_option
 @master_option
-@click.argument("target")
+@click.argument("target", required=False)
 @click.argument("args", nargs=-1)
 @click.option("--kwarg", "-k", multiple=True, help="KEY=VALUE keyword argument (VALUE read as JSON if it parses).")
 @click.option("--queue-index", "-q", type=int, default=0, show_default=True)
@@ -388,13 +441,32 @@ def _when(ts: Any) -> str:
 @click.option("--retry-delay/--no-retry-delay", default=False, help="Back off exponentially between retries.")
 @click.option("--timeout", type=float, default=None, help="Seconds the task may run.")
 @click.option("--wait", is_flag=True, help="Wait for the task to end and print its result.")
+@click.option("--file", "file_", type=click.Path(dir_okay=False), default=None,
+              help="Push every line of a JSON-lines file: {\"task\": \"module.func\", \"args\": [...], ...}.")
+@click.option("--chunk", type=int, default=1000, show_default=True, help="With --file: tasks per round trip.")
 @click.pass_context
 def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
-         target: str, args: tuple[str, ...], kwarg: tuple[str, ...], queue_index: int, delay: float | None,
-         key: str, max_retry: int, retry_delay: bool, timeout: float | None, wait: bool) -> None:
-    """Push TARGET (module.func) with ARGS (each read as JSON if it parses, else a string)."""
+         target: str | None, args: tuple[str, ...], kwarg: tuple[str, ...], queue_index: int, delay: float | None,
+         key: str, max_retry: int, retry_delay: bool, timeout: float | None, wait: bool, file_: str | None,
+         chunk: int) -> None:
+    """Push TARGET (module.func) with ARGS (each read as JSON if it parses, else a string).
+
+    With --file, push every line of a JSON-lines file instead; each line holds
+    push_task fields ("task": "module.func" or "func" and "module", "args",
+    "kwargs", "queue_index", "delay", "key", "max_retry"...). Prints "LINE<TAB>ID"
+    per pushed line and names each refused line with its reason.
+    """
     _apply_sub(ctx, sub_config, sub_log_level)
     client = _client(ctx, masters)
+    if file_:
+        if target or args:
+            fail("give either TARGET ARGS or --file, not both", RET_CONFIG)
+        if chunk < 1:
+            fail("--chunk must be at least 1", RET_CONFIG)
+        run_guarded(lambda: _push_file(client, file_, chunk))
+        return
+    if not target:
+        fail("give TARGET (module.func) or --file", RET_CONFIG)
     kwargs = {}
     for item in kwarg:
         name, sep, value = item.partition("=")
@@ -477,25 +549,62 @@ def status_tables(info: dict[Any, dict[str, Any]]) -> Any:
     from rich.console import Group
 
     queues = Table(title="queues")
-    for name in ("queue_index", "queued", "delayed", "running", "dead", "pushed", "done", "retried", "expired",
-                 "workers", "redis"):
-        queues.add_column(name, justify="right" if name not in ("redis",) else "left")
+    columns = ("queued", "delayed", "running", "dead", "done_per_min", "failed_per_min", "pushed", "done", "retried",
+               "expired")
+    for name in ("queue_index", *columns, "workers", "redis"):
+        queues.add_column(name.replace("_per_min", "/min"), justify="left" if name == "redis" else "right")
     workers = Table(title="workers")
     for name in ("id", "queue_index", "concurrency", "running", "done", "failed", "last heartbeat"):
         workers.add_column(name)
     for qi, entry in sorted(info.items(), key=lambda kv: int(kv[0])):
         if not entry.get("ok", True):
-            queues.add_row(str(qi), *["?"] * 8, f"{entry.get('redis')} UNREACHABLE")
+            queues.add_row(str(qi), *["?"] * (len(columns) + 1), f"{entry.get('redis')} UNREACHABLE")
             continue
-        queues.add_row(str(qi), *(str(entry.get(n, 0)) for n in ("queued", "delayed", "running", "dead", "pushed",
-                                                                   "done", "retried", "expired")),
-                       str(len(entry.get("workers", []))), str(entry.get("redis", "")))
+        queues.add_row(str(qi), *(str(entry.get(n, 0)) for n in columns), str(len(entry.get("workers", []))),
+                       str(entry.get("redis", "")))
         for w in entry.get("workers", []):
             running = w.get("running") or []
             workers.add_row(str(w.get("id")), str(qi), str(w.get("concurrency", "")),
                             ", ".join(running) if running else "-", str(w.get("done", "")), str(w.get("failed", "")),
                             _when(w.get("last_heartbeat")))
     return Group(queues, workers)
+
+
+@main.command()
+@config_option
+@master_option
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", type=int, default=0, help="Stop after this many refreshes (0 = until Ctrl-C).")
+@click.pass_context
+def top(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+        interval: float, iterations: int) -> None:
+    """`ppq status`, refreshed live in the terminal (Ctrl-C or q to quit)."""
+    from rich.live import Live
+
+    _apply_sub(ctx, sub_config, sub_log_level)
+    if interval <= 0:
+        fail("--interval must be greater than 0", RET_CONFIG)
+    client = _client(ctx, masters)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    count = 0
+
+    def frame() -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        try:
+            body = status_tables(client.server_info())
+        except PPQError as exc:
+            body = Text(f"{type(exc).__name__}: {exc}", style="red")
+        return Group(Text(f"ppq top  {time.strftime('%H:%M:%S')}  every {interval:g}s  (Ctrl-C quits)"), body)
+
+    with Live(frame(), console=console, refresh_per_second=4, screen=console.is_terminal) as live:
+        while not stop.wait(interval):
+            count += 1
+            live.update(frame())
+            if iterations and count >= iterations:
+                break
 
 
 @main.command()
