@@ -35,6 +35,8 @@ log = logging.getLogger("ppq.master")
 MAX_WAIT = 30.0
 # Largest encoded worker_info, in bytes.
 MAX_WORKER_INFO = 16 * 1024
+# Seconds between the INFO summary lines of each queue_index.
+SUMMARY_INTERVAL = 60.0
 
 
 class Waker:
@@ -177,6 +179,8 @@ class Master:
         """Move due delayed tasks and reap expired leases, forever."""
         interval = self.config.master.reaper_interval
         next_reap = 0.0
+        next_summary = time.monotonic() + SUMMARY_INTERVAL
+        last_summary = ""
         failing = False
         while not self._stop.is_set():
             pause = interval
@@ -192,6 +196,14 @@ class Master:
                 if failing:
                     log.info("queue_index %s: redis is back", qi)
                     failing = False
+                if time.monotonic() >= next_summary:
+                    next_summary = time.monotonic() + SUMMARY_INTERVAL
+                    c = store.counts()
+                    summary = (f"queued={c['queued']} delayed={c['delayed']} running={c['running']} "
+                               f"dead={c['dead']} done/min={c['done_per_min']} failed/min={c['failed_per_min']}")
+                    if summary != last_summary:
+                        log.info("queue_index %s: %s", qi, summary)
+                        last_summary = summary
             except StorageError as exc:
                 if not failing:
                     log.error("%s", exc)
@@ -220,6 +232,8 @@ class Master:
         waker = self.wakers[store.queue_index]
         generation = waker.generation
         accepted, tasks = store.report(wid, reports, count, self._seen(worker_info), strict)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_changes(store.queue_index, wid, reports, accepted, tasks)
         if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):
             return accepted, tasks
         # Register as a waiter first, then look again: a push in between is not missed.
@@ -236,6 +250,8 @@ class Master:
                 waker.wait(generation, remaining)
                 generation = waker.generation
                 _, tasks = store.report(wid, [], count, self._seen(worker_info))
+            if tasks and log.isEnabledFor(logging.DEBUG):
+                self._log_changes(store.queue_index, wid, [], [], tasks)
         finally:
             # With tasks in hand, reply first: the registration expires by itself.
             if not tasks:
@@ -244,6 +260,15 @@ class Master:
                 except StorageError:
                     pass
         return accepted, tasks
+
+    def _log_changes(self, qi: int, wid: str, reports: list[dict[str, Any]], accepted: list[bool],
+                     tasks: list[dict[str, Any]]) -> None:
+        for report, ok in zip(reports, accepted, strict=True):
+            outcome = "handed back" if report.get("release") else ("finished" if report["ok"] else "failed")
+            log.debug("queue_index %s: task %s %s by %s%s", qi, report["id"], outcome, wid,
+                      "" if ok else " (refused: lease lost)")
+        for task in tasks:
+            log.debug("queue_index %s: task %s %s.%s leased to %s", qi, task["id"], task["module"], task["func"], wid)
 
     def _plain(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Add decoded args/kwargs for clients that are not ppq's own worker."""
@@ -315,7 +340,11 @@ class Master:
             "timeout": timeout, "result_ttl": result_ttl, "task_id": task_id,
         }
         spec = check_push(options, self.stores, self.limits, self.config.master.allow_pickle)
-        return self.stores[spec.queue_index].push([spec])[0]
+        task_id = self.stores[spec.queue_index].push([spec])[0]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("queue_index %s: task %s pushed%s", spec.queue_index, task_id,
+                      f" (delay {spec.delay:g}s)" if spec.delay else "")
+        return task_id
 
     @rpc.remote
     def push_tasks(self, tasks: Any) -> list[str]:
@@ -339,6 +368,9 @@ class Master:
         for qi, positions in by_queue.items():
             for pos, tid in zip(positions, self.stores[qi].push([specs[p] for p in positions]), strict=True):
                 ids[pos] = tid
+        if log.isEnabledFor(logging.DEBUG):
+            for spec, tid in zip(specs, ids, strict=True):
+                log.debug("queue_index %s: task %s pushed", spec.queue_index, tid)
         return ids
 
     @rpc.remote
