@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -24,6 +24,9 @@ from rich.table import Table
 from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError, PPQError, TaskFailedError
+
+if TYPE_CHECKING:
+    from .client import Client
 
 log = logging.getLogger("ppq.cli")
 
@@ -479,10 +482,22 @@ def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     click.echo(task_id)
     if wait:
         try:
-            value = run_guarded(lambda: client.result(task_id, queue_index=queue_index))
+            value = client.result(task_id, queue_index=queue_index)
         except TaskFailedError as exc:
             fail(f"task {task_id} failed: {exc.error}")
+        except PPQError as exc:
+            fail(f"{type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:
+            sys.exit(130)
         _print_json(value)
+
+
+def _wait_end(client: Client, task_id: str, timeout: float | None, queue_index: int) -> None:
+    """Wait for the task to end, whether it succeeded or failed."""
+    try:
+        client.result(task_id, timeout=timeout, queue_index=queue_index)
+    except TaskFailedError:
+        pass
 
 
 @main.command()
@@ -500,10 +515,7 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     _apply_sub(ctx, sub_config, sub_log_level)
     client = _client(ctx, masters)
     if wait:
-        try:
-            run_guarded(lambda: client.result(task_id, timeout=timeout, queue_index=queue_index))
-        except TaskFailedError:
-            pass
+        run_guarded(lambda: _wait_end(client, task_id, timeout, queue_index))
     info = run_guarded(lambda: client.info(task_id, queue_index))
     if info is None:
         fail(f"task {task_id} is unknown in queue_index {queue_index}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -213,6 +212,6 @@ def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, 
             return (client or default_client()).push(func, *args, kwargs=kwargs, **push_options)
 
         func.push = push  # type: ignore[attr-defined]
-        return functools.wraps(func)(func)
+        return func
 
     return decorate(fn) if fn is not None else decorate

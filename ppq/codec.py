@@ -92,7 +92,10 @@ def decode_parameters(data: bytes, allow_pickle: bool = False) -> tuple[list[Any
         except (ValueError, UnicodeDecodeError) as exc:
             raise CodecError(f"parameters: not valid JSON: {exc}") from None
     else:
-        pair = decode(data, allow_pickle=allow_pickle)
+        try:
+            pair = decode(data, allow_pickle=allow_pickle)
+        except CodecError as exc:
+            raise CodecError(f"parameters: {exc}") from None
     if isinstance(pair, tuple):
         pair = list(pair)
     if not isinstance(pair, list) or len(pair) != 2:

@@ -1,7 +1,7 @@
 """Prometheus metrics for masters and workers (``--metrics-port``).
 
 A master exports what Redis knows of each queue_index, read at scrape time, so
-every master reports the same queue-wide figures: event counters (pushed, done,
+every master reports the same queue-wide figures: event counters (pushed, leased, done,
 retried, dead, expired, cancelled, released), depths (queued, delayed, running,
 dead) and live workers. A worker exports its own task counts and the duration
 and wait time (from push to start) of its tasks, per function.
@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger("ppq.metrics")
 
-_EVENTS = ("pushed", "done", "retried", "dead", "expired", "cancelled", "released")
+_EVENTS = ("pushed", "leased", "done", "retried", "dead", "expired", "cancelled", "released")
 _DEPTHS = ("queued", "delayed", "running", "dead")
 # Buckets of the duration and wait histograms, in seconds.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)

@@ -6,6 +6,7 @@ No other ppq module imports Pyro5.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hmac
 import ipaddress
@@ -22,6 +23,7 @@ import Pyro5.callcontext
 import Pyro5.errors
 import Pyro5.server
 from Pyro5 import config as pyro_config
+from Pyro5 import serializers as pyro_serializers
 from Pyro5.serializers import SerializerBase
 
 from . import errors
@@ -65,6 +67,46 @@ def _register_errors() -> None:
 
 
 _register_errors()
+
+
+def _bytes_as_base64(data: bytes) -> dict[str, str]:
+    return {"data": base64.b64encode(data).decode("ascii"), "encoding": "base64"}
+
+
+# json cannot carry bytes: a json client gets them as serpent does, a base64 dict.
+SerializerBase.register_class_to_dict(bytes, _bytes_as_base64, serpent_too=False)
+
+_request = threading.local()
+_pyro_dict_to_class = SerializerBase.dict_to_class.__func__  # type: ignore[attr-defined]
+
+
+def _dict_to_class(cls: type, data: dict[str, Any]) -> Any:
+    """Pyro5 turns a dict with a "__class__" key into an object (an exception, a
+    URI...); in a request's arguments no object is made, the call is refused."""
+    if getattr(_request, "active", False):
+        # A builtin type, so that a client without ppq can read it too.
+        raise ValueError(f"InvalidTaskError: arguments must be plain data; a dict with a '__class__' key "
+                         f"({str(data.get('__class__'))!r:.80}) is not accepted")
+    return _pyro_dict_to_class(cls, data)
+
+
+def _guard_requests() -> None:
+    """Make every serializer read a request's arguments as plain data (see :func:`_dict_to_class`)."""
+    if getattr(SerializerBase, "_ppq_guarded", False):
+        return
+    SerializerBase.dict_to_class = classmethod(_dict_to_class)  # type: ignore[method-assign,assignment]
+    for serializer in pyro_serializers.serializers.values():
+        load_call = serializer.loadsCall
+
+        def guarded(data: Any, load_call: Callable[[Any], Any] = load_call) -> Any:
+            _request.active = True
+            try:
+                return load_call(data)
+            finally:
+                _request.active = False
+
+        serializer.loadsCall = guarded
+    SerializerBase._ppq_guarded = True  # type: ignore[attr-defined]
 
 
 def is_loopback(host: str) -> bool:
@@ -187,6 +229,7 @@ class Daemon(Pyro5.server.Daemon):
         pyro_config.THREADPOOL_SIZE_MIN = 8
         pyro_config.COMMTIMEOUT = 0.0
         self._token = (token or "").encode("utf-8")
+        _guard_requests()
         super().__init__(host=host, port=port)
 
     def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
@@ -310,7 +353,10 @@ class PyroFunc:
             for index in self.order():
                 try:
                     proxy = self._proxy(index)
-                    if self.set_one_way:
+                    if self.set_one_way and method not in proxy._pyroOneway:
+                        # Binding fetches the object's metadata, which resets the one-way set.
+                        if proxy._pyroConnection is None:
+                            proxy._pyroBind()
                         proxy._pyroOneway.add(method)
                     return getattr(proxy, method)(*args, **kwargs)
                 except CommunicationError as exc:

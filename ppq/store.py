@@ -13,7 +13,7 @@ Keys, all under ``ppq:{queue_index}:`` (built in :func:`keys_of` only):
     running        zset   ids handed out, score = lease deadline
     dead           zset   ids that exhausted their retries, score = time of death
     keys           hash   de-duplication key -> id, while that task waits
-    stats          hash   counters: pushed, done, retried, dead, expired, cancelled, released
+    stats          hash   counters: pushed, leased, done, retried, dead, expired, cancelled, released
     rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone
@@ -128,6 +128,7 @@ local accepted = {}
 local ready = 0
 local bucket = math.floor(now / 10)
 local done_n, failed_n = 0, 0
+local refused = false
 for i = 8, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
@@ -135,6 +136,7 @@ for i = 8, #ARGV, 6 do
   local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel')
   if f[1] ~= 'running' or f[2] ~= r.lease or not redis.call('ZSCORE', P .. 'running', r.id) then
     accepted[#accepted + 1] = 0
+    refused = true
     if ARGV[7] == '1' then count = 0 end
   else
     redis.call('ZREM', P .. 'running', r.id)
@@ -204,8 +206,9 @@ while #out < count do
     out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
   end
 end
+if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
-if wid ~= '' then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
+if wid ~= '' and not refused then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
 return {accepted, out}
 """
 
@@ -578,7 +581,7 @@ class Store:
         pipe.time()
         queued, delayed, running, dead, stats, rate, now = pipe.execute()
         out: dict[str, Any] = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
-        for name in ("pushed", "done", "retried", "expired", "cancelled", "released"):
+        for name in ("pushed", "leased", "done", "retried", "expired", "cancelled", "released"):
             out[name] = int(stats.get(name.encode(), 0))
         out["failed"] = int(stats.get(b"dead", 0))
         # The last six 10-second buckets, the current one included: about one minute.

@@ -17,7 +17,7 @@ import msgpack
 
 from . import codec
 from .config import LimitsConfig
-from .errors import InvalidTaskError, NotAllowedError
+from .errors import CodecError, InvalidTaskError, NotAllowedError
 
 QUEUED = "queued"
 DELAYED = "delayed"
@@ -224,7 +224,10 @@ def _parameters(parameters: Any, args: Any, kwargs: Any, limits: LimitsConfig, a
         raise InvalidTaskError(f"args must be a list, got {type(args).__name__}")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise InvalidTaskError("kwargs must be a dict with string keys")
-    data = codec.encode_parameters(args, kwargs)
+    try:
+        data = codec.encode_parameters(args, kwargs)
+    except CodecError as exc:
+        raise CodecError(f"args/kwargs: {exc}") from None
     if len(data) > limits.max_payload:
         raise InvalidTaskError(f"parameters are {len(data)} bytes, more than the limit of {limits.max_payload}")
     return data
