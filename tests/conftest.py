@@ -175,3 +175,108 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
     spawner = Spawner(tmp_path)
     yield spawner
     spawner.cleanup()
+
+
+# -- helpers shared by the functional test files (added; the names above are unchanged) -------------------
+
+
+def redis_snapshot(*clients: redis.Redis) -> list[dict[bytes, tuple[bytes, Any]]]:
+    """Every key of each Redis with its type and full content, to prove a call changed nothing."""
+    out = []
+    for r in clients:
+        state: dict[bytes, tuple[bytes, Any]] = {}
+        for key in r.keys("*"):
+            kind = r.type(key)
+            if kind == b"string":
+                value: Any = r.get(key)
+            elif kind == b"hash":
+                value = r.hgetall(key)
+            elif kind == b"list":
+                value = r.lrange(key, 0, -1)
+            elif kind == b"set":
+                value = r.smembers(key)
+            elif kind == b"zset":
+                value = r.zrange(key, 0, -1, withscores=True)
+            else:
+                value = kind
+            state[key] = (kind, value)
+        out.append(state)
+    return out
+
+
+def wait_state(call: PyroFunc, task_id: str, states: str | tuple[str, ...], queue_index: int = 0,
+               timeout: float = 20.0) -> dict[str, Any]:
+    """Poll get_task_info until the task is in one of ``states``; return its info."""
+    wanted = (states,) if isinstance(states, str) else tuple(states)
+    last: list[Any] = [None]
+
+    def check() -> Any:
+        info = call("get_task_info", task_id, queue_index)
+        last[0] = info
+        return info if info is not None and info["state"] in wanted else None
+
+    try:
+        return wait_for(check, timeout=timeout, interval=0.05)  # type: ignore[no-any-return]
+    except AssertionError:
+        raise AssertionError(f"task {task_id} never reached {wanted}; last info: {last[0]}") from None
+
+
+def address_of(server: MasterServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def workers_of(call: PyroFunc, queue_index: int = 0) -> list[dict[str, Any]]:
+    return list(call("server_info")[queue_index]["workers"])
+
+
+def worker_entry(call: PyroFunc, pid: int, queue_index: int = 0, timeout: float = 20.0) -> dict[str, Any]:
+    """Wait until the worker agent with ``pid`` is listed by server_info; return its entry."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: next((w for w in workers_of(call, queue_index) if w.get("pid") == pid), None),
+        timeout=timeout, interval=0.05, what=f"worker pid {pid} in server_info")
+
+
+def pid_gone(pid: int) -> bool:
+    """True if no live process has ``pid`` (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def ppq_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``ppq`` subprocess: no inherited PPQ_*, the tests dir importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPQ_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra or {})
+    return env
+
+
+def ppq_command() -> list[str]:
+    """The installed ``ppq`` console script, else ``python -m ppq``."""
+    script = Path(sys.executable).parent / "ppq"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ppq"]
+
+
+def run_ppq(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0,
+            cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one ``ppq`` command to its end; return the completed process (text output)."""
+    return subprocess.run([*ppq_command(), *args], capture_output=True, text=True, env=ppq_env(env),
+                          cwd=cwd or str(TESTS_DIR), timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def module_master(redis_a: RedisServer, redis_b: RedisServer) -> Iterator[MasterServer]:
+    """One in-process master for a whole test module, configured like ``master``.
+
+    A module overrides ``master`` with it (``def master(module_master, ra, rb)``) when
+    stopping a master per test (most of a second each) costs too much; ``ra``/``rb``
+    still flush Redis before every test.
+    """
+    config = load_config(overrides={"master.port": 0, "master.redis_map": {0: redis_a.url, 1: redis_b.url},
+                                    "master.reaper_interval": 0.2}, environ={})
+    server = MasterServer(config).start()
+    yield server
+    server.stop()

@@ -1,0 +1,357 @@
+"""The ``ppq`` command: real subprocesses against real masters, Redis and workers, and
+click's CliRunner for what needs no server (usage and config errors)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+
+import psutil
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from ppq import Client, PyroFunc, decode_parameters
+from ppq.cli import main
+from ppq.embedded import free_port
+
+from .conftest import address_of, pid_gone, run_ppq, wait_for
+
+W1 = {"id": "cli-test-worker", "host": "box", "pid": 77, "heartbeat_interval": 5}
+
+
+@pytest.fixture
+def master(module_master, ra, rb):
+    """One in-process master for the tests here that start no worker; Redis flushed per test.
+    Tests that start workers build their own with ``make_master`` (see test_worker.py for why)."""
+    return module_master
+
+
+@pytest.fixture
+def runner():
+    """A CliRunner; the ``ppq`` logger that a command configures is put back afterwards."""
+    logger = logging.getLogger("ppq")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield CliRunner()
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+# -- no server needed: CliRunner ----------------------------------------------------------------------
+
+
+def test_version_and_help(runner):
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and "ppq, version" in result.output
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("master", "worker", "push", "status", "task", "dead", "up"):
+        assert command in result.output
+    result = runner.invoke(main, ["dead", "--help"])
+    assert all(sub in result.output for sub in ("list", "requeue", "purge"))
+
+
+@pytest.mark.parametrize(("config", "args", "key"), [
+    ({"master": {"bogus": 1}}, ["master"], "master.bogus"),
+    ({"worker": {"concurrency": "many"}}, ["worker"], "worker.concurrency"),
+    ({"master": {"redis_map": {0: "http://127.0.0.1:6379"}}}, ["master"], "master.redis_map[0]"),
+    ({"client": {"masters": 7600}}, ["status"], "client.masters"),
+    ({}, ["master", "--redis-map", "0=not-a-url"], "master.redis_map[0]"),
+    ({}, ["worker", "--concurrency", "-2"], "worker.concurrency"),
+])
+def test_config_errors_are_one_line_naming_the_key(runner, tmp_path, config, args, key):
+    path = tmp_path / "ppq.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for argv in (["--config", str(path), *args], [*args[:1], "--config", str(path), *args[1:]]):
+        result = runner.invoke(main, argv)
+        assert result.exit_code == 2, result.output
+        lines = error_lines(result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("ppq: error:") and key in lines[0], result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_unknown_env_variable_and_missing_config_file(runner, tmp_path):
+    result = runner.invoke(main, ["status"], env={"PPQ_MASTER_PROT": "1"})
+    assert result.exit_code == 2 and "PPQ_MASTER_PROT" in result.stderr
+    result = runner.invoke(main, ["--config", str(tmp_path / "nope.yaml"), "status"])
+    assert result.exit_code == 2 and "nope.yaml" in result.stderr
+    result = runner.invoke(main, ["status"], env={"PPQ_CONFIG": str(tmp_path / "env.yaml")})
+    assert result.exit_code == 2 and "env.yaml" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["push"], "TARGET"),
+    (["push", "tasks.add", "--kwarg", "no-equals"], "KEY=VALUE"),
+    (["dead", "requeue"], "--all"),
+    (["worker", "--pool", "gevent"], "gevent"),
+    (["push", "--file", "x.jsonl", "tasks.add"], "--file"),
+])
+def test_usage_errors_exit_2(runner, args, words):
+    result = runner.invoke(main, ["--log-level", "ERROR", *args])
+    assert result.exit_code == 2
+    assert words in result.output
+    assert "Traceback" not in result.output
+
+
+# -- ppq master ---------------------------------------------------------------------------------------
+
+
+def test_master_with_unreachable_redis_exits_with_one_clear_line(tmp_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    out = run_ppq("master", "--port", str(free_port()), "--redis-map", f"0={dead}")
+    assert out.returncode != 0
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("ppq: error:") and "master.redis_map" in lines[0]
+    assert "Traceback" not in out.stderr + out.stdout
+    # The same from a config file, with the mapping form of a redis_map entry.
+    path = tmp_path / "ppq.yaml"
+    path.write_text(yaml.safe_dump({"master": {"port": free_port(),
+                                               "redis_map": {3: {"host": "127.0.0.1", "port": free_port()}}}}))
+    out = run_ppq("--config", str(path), "master")
+    assert out.returncode != 0
+    lines = error_lines(out.stderr)
+    assert len(lines) == 1 and "master.redis_map[3]" in lines[0], out.stderr
+
+
+def test_master_without_redis_map_runs_embedded_redis_that_persists(spawn, tmp_path):
+    data = tmp_path / "redis-data"
+    port = free_port()
+    first = spawn("master", "--port", str(port), "--data-dir", str(data), name="master-embedded")
+    call = PyroFunc(f"127.0.0.1:{port}", timeout=3, default_return=None)
+    wait_for(lambda: first.poll() is not None or call("ping") == "pong", what="the embedded master")
+    assert first.poll() is None, spawn.log(first)
+    assert str(data) in wait_for(lambda: "data in" in spawn.log(first) and spawn.log(first), timeout=5)
+    task_id = call("push_task", "add", module="tasks", args=[1, 2], key="survivor")
+    assert call("get_task_info", task_id, 0)["state"] == "queued"
+    redis_pid = int((data / "redis.pid").read_text())
+    assert not pid_gone(redis_pid)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(20) == 0, spawn.log(first)
+    wait_for(lambda: pid_gone(redis_pid), timeout=10, what="the embedded redis-server to stop with its master")
+    call.close()
+    # Started again on the same data directory: the task is still there, still queued.
+    port = free_port()
+    second = spawn("master", "--port", str(port), "--data-dir", str(data), name="master-embedded")
+    call = PyroFunc(f"127.0.0.1:{port}", timeout=3, default_return=None)
+    try:
+        wait_for(lambda: second.poll() is not None or call("ping") == "pong", what="the restarted master")
+        info = call("get_task_info", task_id, 0)
+        assert info is not None, spawn.log(second)
+        assert (info["state"], info["args"], info["key"]) == ("queued", [1, 2], "survivor")
+        # Its key still de-duplicates.
+        assert call("push_task", "add", module="tasks", args=[5, 5], key="survivor") == task_id
+    finally:
+        call.close()
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(20) == 0
+
+
+# -- config precedence through the CLI ---------------------------------------------------------------------
+
+
+def test_flag_beats_env_beats_yaml_through_the_cli(make_master, master, redis_a, redis_b, tmp_path):
+    """Three masters told apart by their Redis: the one `ppq status` reaches shows which setting won."""
+    from_yaml = make_master(master__redis_map={0: redis_a.url})
+    from_env = make_master(master__redis_map={0: redis_b.url})
+    from_flag = master  # queue_index 0 and 1
+    path = tmp_path / "ppq.yaml"
+    path.write_text(yaml.safe_dump({"client": {"masters": [address_of(from_yaml)]}}))
+
+    def reached(*args, env=None):
+        out = run_ppq(*args, env=env)
+        assert out.returncode == 0, out.stderr
+        info = json.loads(out.stdout)
+        return sorted(info), info["0"]["redis"]
+
+    env = {"PPQ_CLIENT_MASTERS": address_of(from_env)}
+    assert reached("--config", str(path), "status", "--json") == (["0"], redis_a.url)
+    assert reached("status", "--config", str(path), "--json", env={"PPQ_CONFIG": "/nonexistent.yaml"}) == \
+        (["0"], redis_a.url)
+    assert reached("--config", str(path), "status", "--json", env=env) == (["0"], redis_b.url)
+    assert reached("status", "--json", env={"PPQ_CONFIG": str(path), **env}) == (["0"], redis_b.url)
+    assert reached("--config", str(path), "status", "--json", "-m", address_of(from_flag), env=env) == \
+        (["0", "1"], redis_a.url)
+
+
+# -- client commands against a master ------------------------------------------------------------------------
+
+
+def test_push_prints_an_id_and_task_shows_it(master, call):
+    addr = address_of(master)
+    out = run_ppq("push", "-m", addr, "tasks.echo", "1", "two", '{"x": [1]}', "-k", "k=v", "-k", "n=2",
+                  "--delay", "60", "--key", "cli-key", "--max-retry", "2", "--retry-delay", "--timeout", "9")
+    assert out.returncode == 0, out.stderr
+    task_id = out.stdout.strip()
+    assert len(out.stdout.splitlines()) == 1 and task_id
+    info = call("get_task_info", task_id, 0)
+    assert (info["module"], info["func"]) == ("tasks", "echo")
+    assert info["args"] == [1, "two", {"x": [1]}] and info["kwargs"] == {"k": "v", "n": 2}
+    assert (info["state"], info["key"], info["max_retry"], info["retry_delay"], info["timeout"]) == \
+        ("delayed", "cli-key", 2, True, 9.0)
+    out = run_ppq("push", "-m", addr, "-q", "1", "tasks.add", "1", "2")
+    assert out.returncode == 0 and call("get_task_info", out.stdout.strip(), 1)["args"] == [1, 2]
+    shown = run_ppq("task", "-m", addr, task_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "delayed" in shown.stdout and "echo" in shown.stdout and "cli-key" in shown.stdout
+    as_json = run_ppq("task", "-m", addr, task_id, "--json")
+    assert as_json.returncode == 0
+    data = json.loads(as_json.stdout)
+    assert (data["id"], data["state"], data["args"]) == (task_id, "delayed", [1, "two", {"x": [1]}])
+    unknown = run_ppq("task", "-m", addr, "no-such-task")
+    assert unknown.returncode == 1 and "unknown" in unknown.stderr
+    refused = run_ppq("push", "-m", addr, "tasks.add", "1", "--delay", "-5")
+    assert refused.returncode == 1 and "delay" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(error_lines(refused.stderr)) == 1
+
+
+def test_push_file_pushes_good_lines_and_names_refused_ones(master, call, tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"task": "tasks.add", "args": [1, 2]}),
+        json.dumps({"func": "echo", "module": "tasks", "kwargs": {"a": 1}, "queue_index": 1}),
+        json.dumps({"task": "tasks.add", "delay": -1}),
+        "not json",
+        json.dumps({"task": "tasks.add", "args": [3, 4]}),
+    ]) + "\n")
+    out = run_ppq("push", "-m", address_of(master), "--file", str(path))
+    assert out.returncode == 1
+    pushed = dict(line.split("\t") for line in out.stdout.splitlines())
+    assert set(pushed) == {"1", "2", "5"}
+    assert call("get_task_info", pushed["1"], 0)["args"] == [1, 2]
+    assert call("get_task_info", pushed["2"], 1)["kwargs"] == {"a": 1}
+    assert call("get_task_info", pushed["5"], 0)["args"] == [3, 4]
+    assert "line 3" in out.stderr and "delay" in out.stderr and "line 4" in out.stderr
+    assert "3 pushed, 2 refused" in out.stderr
+
+
+def test_status_and_status_json(master, call):
+    for i in range(3):
+        call("push_task", "add", module="tasks", args=[i, i])
+    call("push_task", "add", module="tasks", args=[0, 0], delay=300)
+    call("push_task", "add", module="tasks", args=[0, 0], queue_index=1)
+    call("get_task", W1, 0)
+    call("heartbeat", W1, 0, [])
+    out = run_ppq("status", "-m", address_of(master))
+    assert out.returncode == 0, out.stderr
+    assert "queues" in out.stdout and "workers" in out.stdout and W1["id"] in out.stdout
+    out = run_ppq("status", "-m", address_of(master), "--json")
+    assert out.returncode == 0
+    data = json.loads(out.stdout)
+    assert set(data) == {"0", "1"}
+    assert (data["0"]["queued"], data["0"]["delayed"], data["0"]["running"], data["0"]["dead"]) == (2, 1, 1, 0)
+    assert data["1"]["queued"] == 1
+    assert W1["id"] in [w["id"] for w in data["0"]["workers"]]
+
+
+def test_status_with_no_master_is_one_line(tmp_path):
+    out = run_ppq("status", "-m", f"127.0.0.1:{free_port()}", env={"PPQ_CLIENT_RETRY": "1", "PPQ_CLIENT_TIMEOUT": "2"})
+    assert out.returncode == 1
+    lines = error_lines(out.stderr)
+    assert lines[-1].startswith("ppq: error:") and "ConnectError" in lines[-1]
+    assert "Traceback" not in out.stderr
+
+
+def _dead_task(call, tag):
+    """Push a task, then play a worker that fails every queued task for good; return the new id."""
+    task_id = call("push_task", "boom", module="tasks", args=[tag], max_retry=0)
+    while (task := call("get_task", W1, 0)) is not None:
+        (arg,), _ = decode_parameters(task["parameters"])
+        call("task_error", task["id"], W1, 0, error=f"ValueError: {arg}", traceback="tb", lease=task["lease"],
+             retry=False)
+    assert call("get_task_info", task_id, 0)["state"] == "dead"
+    return task_id
+
+
+def test_dead_list_requeue_purge(master, call):
+    addr = address_of(master)
+    first = _dead_task(call, "first-death")
+    second = _dead_task(call, "second-death")
+    out = run_ppq("dead", "list", "-m", addr)
+    assert out.returncode == 0, out.stderr
+    assert first in out.stdout and second in out.stdout and "tasks.boom" in out.stdout
+    assert "first-death" in out.stdout
+    out = run_ppq("dead", "list", "-m", addr, "--json")
+    listed = json.loads(out.stdout)
+    assert [t["id"] for t in listed] == [second, first]  # newest first
+    assert listed[0]["error"] == "ValueError: second-death"
+    out = run_ppq("dead", "requeue", "-m", addr, first)
+    assert out.returncode == 0 and "requeued 1 task(s)" in out.stdout
+    assert call("get_task_info", first, 0)["state"] == "queued"
+    assert [t["id"] for t in call("dead_tasks", 0)] == [second]
+    out = run_ppq("dead", "purge", "-m", addr, second)
+    assert out.returncode == 0 and "purged 1 task(s)" in out.stdout
+    assert call("get_task_info", second, 0) is None
+    # --all / everything.
+    third = _dead_task(call, "third")
+    assert call("get_task_info", first, 0)["state"] == "dead"  # `first` was leased and failed again
+    out = run_ppq("dead", "requeue", "-m", addr, "--all")
+    assert "requeued 2 task(s)" in out.stdout
+    assert {call("get_task_info", t, 0)["state"] for t in (first, third)} == {"queued"}
+    fourth = _dead_task(call, "fourth")  # fails the requeued first and third again, too
+    out = run_ppq("dead", "purge", "-m", addr)
+    assert out.returncode == 0 and "purged 3 task(s)" in out.stdout and call("dead_tasks", 0) == []
+    assert all(call("get_task_info", t, 0) is None for t in (first, third, fourth))
+
+
+def test_push_wait_prints_the_result(make_master, spawn):
+    server = make_master()
+    addr = address_of(server)
+    spawn.worker(addr)
+    out = run_ppq("push", "-m", addr, "tasks.add", "2", "3", "--wait")
+    assert out.returncode == 0, out.stderr
+    task_id, result = out.stdout.splitlines()
+    assert json.loads(result) == 5
+    call = PyroFunc(addr)
+    assert call("get_task_info", task_id, 0)["state"] == "done"
+    out = run_ppq("push", "-m", addr, "tasks.boom", "--max-retry", "0", "--wait")
+    assert out.returncode == 1
+    assert "failed" in out.stderr and "ValueError: boom" in out.stderr
+    failed_id = out.stdout.strip()
+    # `ppq task ID --wait` waits for the end, then shows the task, failed or not.
+    shown = run_ppq("task", "-m", addr, failed_id, "--wait", "--json")
+    assert shown.stdout.strip(), f"nothing shown; stderr: {shown.stderr}"
+    shown_info = json.loads(shown.stdout)
+    assert (shown_info["state"], shown_info["error"]) == ("dead", "ValueError: boom")
+    call.close()
+
+
+# -- ppq up ------------------------------------------------------------------------------------------------------
+
+
+def test_up_runs_a_local_stack_and_sigint_stops_everything(spawn, tmp_path):
+    port = free_port()
+    data = tmp_path / "up-data"
+    env = {"PPQ_WORKER_MAX_SLEEP": "1", "PPQ_WORKER_HEARTBEAT_INTERVAL": "0.5"}
+    up = spawn("up", "--workers", "1", "--allow", "tasks", "--port", str(port), "--data-dir", str(data), env=env,
+               name="up")
+    addr = f"127.0.0.1:{port}"
+    ping = PyroFunc(addr, timeout=3, default_return=None)
+    children: set[int] = set()
+    try:
+        wait_for(lambda: up.poll() is not None or ping("ping") == "pong", what="ppq up's master")
+        assert up.poll() is None, spawn.log(up)
+        client = Client([addr])
+        task_id = client.push("tasks.add", 2, 3)
+        assert client.result(task_id, timeout=30) == 5
+        client.close()
+        workers = wait_for(lambda: ping("server_info")[0]["workers"], timeout=10)
+        assert len(workers) == 1
+        redis_pid = int((data / "redis.pid").read_text())
+        children = {p.pid for p in psutil.Process(up.pid).children(recursive=True)}
+        assert redis_pid in children and workers[0]["pid"] in children
+        assert str(data) in spawn.log(up)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0, spawn.log(up)
+        wait_for(lambda: pid_gone(redis_pid), timeout=10, what="redis-server to stop")
+        wait_for(lambda: all(pid_gone(p) for p in children), timeout=15,
+                 what=f"every child of ppq up to exit: {[p for p in children if not pid_gone(p)]}")
+    finally:
+        ping.close()
+        for pid in children:  # only if the test failed half-way: they were started by this test
+            if not pid_gone(pid):
+                psutil.Process(pid).kill()

@@ -1,0 +1,262 @@
+"""The payload codec and the task record's checks, without servers: what crosses the wire,
+what a push may hold, and how a worker resolves a target (allowlists before any import)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import sys
+
+import pytest
+import serpent
+
+from ppq import codec
+from ppq.config import LimitsConfig
+from ppq.errors import CodecError, InvalidTaskError, NotAllowedError
+from ppq.task import (
+    check_push,
+    decode_body,
+    encode_body,
+    module_allowed,
+    path_allowed,
+    resolve,
+)
+
+LIMITS = LimitsConfig()
+QUEUES = (0, 1)
+
+
+# -- codec ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, True, 0, -5, 2 ** 40, 1.5, "text", "ünïcode", b"\x00\xffbytes",
+                                   [1, [2, [3]]], {"a": {"b": [None, 1.0]}}, {1: "int keys"}])
+def test_encode_decode_round_trip(value):
+    data = codec.encode(value)
+    assert isinstance(data, bytes)
+    assert codec.decode(data) == value
+    assert not codec.is_pickle(data)
+
+
+def test_tuples_come_back_as_lists():
+    assert codec.decode(codec.encode((1, (2, 3)))) == [1, [2, 3]]
+
+
+def test_encode_refuses_objects_naming_their_type():
+    with pytest.raises(CodecError) as excinfo:
+        codec.encode({"ok": [1, {"bad": object()}]})
+    assert "object" in str(excinfo.value)
+    with pytest.raises(CodecError):
+        codec.encode({1, 2})
+
+
+def test_pickle_is_opt_in_on_both_ends():
+    value = {1, 2, 3}
+    data = codec.encode(value, use_pickle=True)
+    assert codec.is_pickle(data)
+    with pytest.raises(CodecError) as excinfo:
+        codec.decode(data)
+    assert "pickle" in str(excinfo.value)
+    assert codec.decode(data, allow_pickle=True) == value
+    # JSON-like data stays msgpack even when pickle is allowed.
+    assert not codec.is_pickle(codec.encode([1, 2], use_pickle=True))
+
+
+def test_decode_refuses_garbage():
+    with pytest.raises(CodecError):
+        codec.decode(b"\xc1")
+
+
+def test_parameters_round_trip_and_json_text():
+    data = codec.encode_parameters((1, "a"), {"k": [1, 2]})
+    assert codec.decode_parameters(data) == ([1, "a"], {"k": [1, 2]})
+    assert codec.decode_parameters(codec.encode_parameters()) == ([], {})
+    assert codec.decode_parameters(b'[[1, 2], {"x": null}]') == ([1, 2], {"x": None})
+    assert codec.decode_parameters(json.dumps([[], None]).encode()) == ([], {})
+
+
+@pytest.mark.parametrize("data", [codec.encode([1, 2, 3]), codec.encode({"args": []}), codec.encode(["a", {}]),
+                                  codec.encode([[1], {1: 2}]), b"[1, 2", b"{}"])
+def test_decode_parameters_refuses_what_is_not_an_args_kwargs_pair(data):
+    with pytest.raises(CodecError) as excinfo:
+        codec.decode_parameters(data)
+    assert "parameters" in str(excinfo.value)
+
+
+def test_pickled_parameters_need_allow_pickle():
+    data = codec.encode_parameters([{1, 2}], {}, use_pickle=True)
+    with pytest.raises(CodecError):
+        codec.decode_parameters(data)
+    assert codec.decode_parameters(data, allow_pickle=True) == ([{1, 2}], {})
+
+
+def test_from_wire_accepts_every_pyro5_serializer_shape_of_bytes():
+    blob = codec.encode_parameters([1], {"a": 2})
+    assert codec.from_wire(blob) == blob
+    assert codec.from_wire(bytearray(blob)) == blob
+    assert codec.from_wire(memoryview(blob)) == blob
+    # What serpent really makes of bytes on the wire.
+    over_serpent = serpent.loads(serpent.dumps({"p": blob}))["p"]
+    assert isinstance(over_serpent, dict) and over_serpent["encoding"] == "base64"
+    assert codec.from_wire(over_serpent) == blob
+    assert codec.from_wire("[[1], {}]") == b"[[1], {}]"
+    with pytest.raises(CodecError):
+        codec.from_wire({"data": "!!!not base64!!!", "encoding": "base64"})
+    with pytest.raises(CodecError) as excinfo:
+        codec.from_wire(12)
+    assert "parameters" in str(excinfo.value)
+
+
+# -- check_push -------------------------------------------------------------------------------
+
+
+def test_check_push_builds_a_spec():
+    spec = check_push({"func": "add", "module": "tasks", "args": [1, 2], "kwargs": {"x": 1}, "key": "k",
+                       "delay": 2, "max_retry": 3, "retry_delay": True, "queue_index": 1, "timeout": 5},
+                      QUEUES, LIMITS)
+    assert (spec.queue_index, spec.key, spec.delay) == (1, "k", 2.0)
+    assert dict(spec.options) == {"max_retry": 3, "retry_delay": 1}
+    body = decode_body(spec.body)
+    assert (body["func"], body["module"], body["timeout"], body["max_retry"]) == ("add", "tasks", 5.0, 3)
+    assert codec.decode_parameters(body["params"]) == ([1, 2], {"x": 1})
+    assert len(spec.id) >= 16
+
+
+def test_check_push_splits_a_dotted_func_and_keeps_seed_parameters():
+    params = codec.encode_parameters([0], {})
+    spec = check_push({"func": "time.sleep", "parameters": params}, QUEUES, LIMITS)
+    body = decode_body(spec.body)
+    assert (body["module"], body["func"]) == ("time", "sleep")
+    assert codec.decode_parameters(body["params"]) == ([0], {})
+    b64 = {"data": base64.b64encode(params).decode(), "encoding": "base64"}
+    assert decode_body(check_push({"func": "sleep", "module": "time", "parameters": b64}, QUEUES,
+                                  LIMITS).body)["params"] == params
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    ({"func": "", "module": "m"}, "func"),
+    ({"func": None, "module": "m"}, "func"),
+    ({"func": "f"}, "module"),
+    ({"func": "f", "module": "a..b"}, "module"),
+    ({"func": "f", "module": "1abc"}, "module"),
+    ({"func": "f", "module": "m" * 201}, "module"),
+    ({"func": "f", "module": "m", "delay": -0.5}, "delay"),
+    ({"func": "f", "module": "m", "delay": float("nan")}, "delay"),
+    ({"func": "f", "module": "m", "delay": 400 * 86400}, "delay"),
+    ({"func": "f", "module": "m", "queue_index": 2}, "queue_index"),
+    ({"func": "f", "module": "m", "queue_index": -1}, "queue_index"),
+    ({"func": "f", "module": "m", "max_retry": 101}, "max_retry"),
+    ({"func": "f", "module": "m", "max_retry": 1.5}, "max_retry"),
+    ({"func": "f", "module": "m", "retry_delay": 1}, "retry_delay"),
+    ({"func": "f", "module": "m", "timeout": -1}, "timeout"),
+    ({"func": "f", "module": "m", "result_ttl": "1"}, "result_ttl"),
+    ({"func": "f", "module": "m", "task_id": ""}, "task_id"),
+    ({"func": "f", "module": "m", "task_id": "x" * 65}, "task_id"),
+    ({"func": "f", "module": "m", "key": "k\x00"}, "key"),
+    ({"func": "f", "module": "m", "surprise": 1}, "surprise"),
+    ({"func": "f", "module": "m", "args": {"a": 1}}, "args"),
+    ({"func": "f", "module": "m", "kwargs": {1: 1}}, "kwargs"),
+    ({"func": "f", "module": "m", "args": [object()]}, "args|parameters"),
+    ({"func": "f", "module": "m", "parameters": codec.encode_parameters([1]), "kwargs": {}}, "parameters"),
+    ({"func": "f", "module": "m", "parameters": pickle.dumps(([1], {}))}, "parameters"),
+    ({"func": "f", "module": "m", "parameters": 42}, "parameters"),
+])
+def test_check_push_refuses_bad_fields_naming_them(options, field):
+    with pytest.raises(InvalidTaskError) as excinfo:
+        check_push(options, QUEUES, LIMITS)
+    assert any(name in str(excinfo.value) for name in field.split("|")), str(excinfo.value)
+
+
+def test_check_push_payload_limit():
+    small = LimitsConfig(max_payload=100)
+    check_push({"func": "f", "module": "m", "args": ["x" * 50]}, QUEUES, small)
+    with pytest.raises(InvalidTaskError) as excinfo:
+        check_push({"func": "f", "module": "m", "args": ["x" * 200]}, QUEUES, small)
+    assert "parameters" in str(excinfo.value) and "100" in str(excinfo.value)
+    with pytest.raises(InvalidTaskError):
+        check_push({"func": "f", "module": "m", "parameters": codec.encode_parameters(["x" * 200])}, QUEUES, small)
+
+
+def test_check_push_accepts_pickle_only_when_allowed():
+    data = pickle.dumps(([1], {}), protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(InvalidTaskError) as excinfo:
+        check_push({"func": "f", "module": "m", "parameters": data}, QUEUES, LIMITS)
+    assert "pickle" in str(excinfo.value)
+    spec = check_push({"func": "f", "module": "m", "parameters": data}, QUEUES, LIMITS, allow_pickle=True)
+    assert decode_body(spec.body)["params"] == data
+
+
+def test_body_round_trip():
+    blob = encode_body("f", "m", "C", "/p", "py", b"\x01", 2.5, 4)
+    assert decode_body(blob) == {"func": "f", "module": "m", "fclass": "C", "path": "/p", "lang": "py",
+                                 "params": b"\x01", "timeout": 2.5, "max_retry": 4}
+
+
+# -- allowlists and resolve -------------------------------------------------------------------------
+
+
+def test_module_allowed_matches_whole_segments():
+    assert module_allowed("app", ["app"])
+    assert module_allowed("app.tasks.sub", ["app"])
+    assert not module_allowed("apple", ["app"])
+    assert not module_allowed("app", ["app.tasks"])
+    assert not module_allowed("os", [])
+    assert module_allowed("anything.at.all", ["*"])
+
+
+def test_path_allowed(tmp_path):
+    (tmp_path / "inside").mkdir()
+    assert path_allowed(str(tmp_path / "inside"), [str(tmp_path)])
+    assert path_allowed(str(tmp_path), [str(tmp_path)])
+    assert not path_allowed(str(tmp_path) + "-sibling", [str(tmp_path)])
+    assert not path_allowed(str(tmp_path / "inside" / ".." / ".."), [str(tmp_path)])
+
+
+def _marker_module(tmp_path, name):
+    marker = tmp_path / f"{name}.imported"
+    (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n\ndef run():\n"
+                                         f"    return 'ran'\n")
+    return marker
+
+
+def test_resolve_refuses_a_module_not_allowed_without_importing_it(tmp_path):
+    marker = _marker_module(tmp_path, "ppq_resolve_marker_a")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(NotAllowedError) as excinfo:
+            resolve("ppq_resolve_marker_a", "run", allowed_modules=["tests"])
+        assert "ppq_resolve_marker_a" in str(excinfo.value)
+        assert not marker.exists() and "ppq_resolve_marker_a" not in sys.modules
+        # The control: allowed, the same module is imported (and writes its marker).
+        assert resolve("ppq_resolve_marker_a", "run", allowed_modules=["ppq_resolve_marker_a"])() == "ran"
+        assert marker.exists()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("ppq_resolve_marker_a", None)
+
+
+def test_resolve_refuses_a_path_not_allowed(tmp_path):
+    marker = _marker_module(tmp_path, "ppq_resolve_marker_b")
+    before = list(sys.path)
+    with pytest.raises(NotAllowedError) as excinfo:
+        resolve("ppq_resolve_marker_b", "run", path=str(tmp_path), allowed_modules=["*"], allowed_paths=["/nowhere"])
+    assert "path" in str(excinfo.value)
+    assert sys.path == before and not marker.exists()
+    try:
+        assert resolve("ppq_resolve_marker_b", "run", path=str(tmp_path), allowed_modules=["*"],
+                       allowed_paths=[str(tmp_path)])() == "ran"
+    finally:
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
+        sys.modules.pop("ppq_resolve_marker_b", None)
+
+
+def test_resolve_functions_instance_methods_and_staticmethods():
+    assert resolve("tests.tasks", "add", allowed_modules=["tests"])(2, 3) == 5
+    assert resolve("tests.tasks", "double", fclass="Calculator", allowed_modules=["tests"])(4) == 8
+    assert resolve("tests.tasks", "triple", fclass="Calculator", allowed_modules=["tests"])(4) == 12
+    with pytest.raises(ModuleNotFoundError):
+        resolve("tests.no_such_module_here", "f", allowed_modules=["tests"])
+    with pytest.raises(AttributeError):
+        resolve("tests.tasks", "no_such_function", allowed_modules=["tests"])

@@ -1,0 +1,178 @@
+"""Config loading: YAML + PPQ_* env + flags, one precedence, validation naming the key.
+(The same precedence through the real CLI is in test_cli.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from ppq.config import Config, env_overrides, load_config, redis_url, to_dict
+from ppq.errors import ConfigError
+
+from .conftest import REPO
+
+
+def write(tmp_path, data, name="ppq.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults():
+    config = load_config(environ={})
+    assert config.master.port == 7600 and config.master.host == "127.0.0.1"
+    assert config.worker.port == 7620
+    assert config.worker.master_hosts == ["127.0.0.1:7600"]
+    assert config.master.redis_map == {}
+    assert config.worker.allowed_modules == [] and config.auth_token is None
+    assert config.client_masters() == ["127.0.0.1:7600"]
+
+
+def test_the_example_file_documents_every_key_with_its_default():
+    path = REPO / "config.example.yaml"
+    data = yaml.safe_load(path.read_text())
+    for f in dataclasses.fields(Config):
+        assert f.name in data, f"config.example.yaml lacks {f.name}"
+        if dataclasses.is_dataclass(f.type) or isinstance(data[f.name], dict):
+            section = getattr(Config(), f.name)
+            names = {s.name for s in dataclasses.fields(section)}
+            assert set(data[f.name]) == names, f"{f.name}: {set(data[f.name]) ^ names}"
+    assert to_dict(load_config(str(path), environ={})) == to_dict(load_config(environ={}))
+
+
+def test_seed_dotted_settings_map_onto_the_yaml(tmp_path):
+    path = write(tmp_path, {
+        "master": {"port": 7601, "redis_map": {0: "redis://127.0.0.1:6379/0", 3: {"host": "10.0.0.5", "port": 6380,
+                                                                                   "db": 2}}},
+        "worker": {"port": 7621, "master_hosts": ["127.0.0.1:7601", "PYRO:queue@10.0.0.1:7600"], "queue_index": 3,
+                   "max_sleep": 2, "task_timeout": 30},
+    })
+    config = load_config(path, environ={})
+    assert config.master.port == 7601
+    assert config.master.redis_map == {0: "redis://127.0.0.1:6379/0", 3: "redis://10.0.0.5:6380/2"}
+    assert (config.worker.port, config.worker.queue_index) == (7621, 3)
+    assert config.worker.master_hosts == ["127.0.0.1:7601", "PYRO:queue@10.0.0.1:7600"]
+    assert config.worker.max_sleep == 2.0 and isinstance(config.worker.max_sleep, float)
+    assert config.worker.task_timeout == 30.0
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"bogus": 1}, "bogus"),
+    ({"master": {"bogus": 1}}, "master.bogus"),
+    ({"worker": {"concurency": 4}}, "worker.concurency"),
+    ({"limits": {"max_payloads": 4}}, "limits.max_payloads"),
+])
+def test_unknown_key_is_an_error_naming_it(tmp_path, data, key):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, data), environ={})
+    assert key in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"master": {"port": "seventy"}}, "master.port"),
+    ({"master": {"port": 70000}}, "master.port"),
+    ({"master": {"port": True}}, "master.port"),
+    ({"master": {"lease_timeout": 0}}, "master.lease_timeout"),
+    ({"master": {"lease_timeout": "long"}}, "master.lease_timeout"),
+    ({"master": {"allow_pickle": "yes"}}, "master.allow_pickle"),
+    ({"master": {"appendfsync": "sometimes"}}, "master.appendfsync"),
+    ({"master": "not a mapping"}, "master"),
+    ({"worker": {"concurrency": -1}}, "worker.concurrency"),
+    ({"worker": {"pool": "gevent"}}, "worker.pool"),
+    ({"worker": {"master_hosts": 7600}}, "worker.master_hosts"),
+    ({"worker": {"allowed_modules": [1, 2]}}, "worker.allowed_modules"),
+    ({"worker": {"prefetch": -2}}, "worker.prefetch"),
+    ({"worker": {"task_timeout": -3}}, "worker.task_timeout"),
+    ({"log_level": "LOUD"}, "log_level"),
+    ({"client": {"retry": 0}}, "client.retry"),
+])
+def test_wrong_type_or_range_is_an_error_naming_the_key(tmp_path, data, key):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, data), environ={})
+    assert key in str(excinfo.value)
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.1:6379/0",
+    "127.0.0.1:6379",
+    "redis://127.0.0.1:notaport/0",
+    {"host": "h", "port": "6379"},
+    {"host": "h", "colour": "red"},
+    42,
+])
+def test_bad_redis_url_is_an_error_naming_the_key(tmp_path, target):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, {"master": {"redis_map": {0: target}}}), environ={})
+    assert "master.redis_map[0]" in str(excinfo.value)
+
+
+def test_bad_queue_index_in_redis_map(tmp_path):
+    for index in ("zero", -1):
+        with pytest.raises(ConfigError) as excinfo:
+            load_config(write(tmp_path, {"master": {"redis_map": {index: "redis://h:1/0"}}}), environ={})
+        assert "master.redis_map" in str(excinfo.value)
+
+
+def test_redis_url_forms():
+    assert redis_url("k", "redis://h:1/2") == "redis://h:1/2"
+    assert redis_url("k", "unix:///tmp/redis.sock") == "unix:///tmp/redis.sock"
+    assert redis_url("k", {"host": "h"}) == "redis://h:6379/0"
+    assert redis_url("k", {"host": "h", "port": 1, "db": 3, "password": "pw"}) == "redis://:pw@h:1/3"
+
+
+def test_unreadable_or_invalid_yaml_names_the_file(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(tmp_path / "missing.yaml"), environ={})
+    assert "missing.yaml" in str(excinfo.value)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, "master: [unclosed", "broken.yaml"), environ={})
+    assert "broken.yaml" in str(excinfo.value)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, "- a list\n", "list.yaml"), environ={})
+    assert "list.yaml" in str(excinfo.value)
+    assert load_config(write(tmp_path, "", "empty.yaml"), environ={}) == load_config(environ={})
+
+
+def test_env_variables_are_typed_and_checked():
+    config = load_config(environ={"PPQ_MASTER_PORT": "7611", "PPQ_WORKER_ALLOWED_MODULES": "app,lib.tasks",
+                                  "PPQ_WORKER_MAX_SLEEP": "0.5", "PPQ_AUTH_TOKEN": "12345",
+                                  "PPQ_MASTER_ALLOW_PICKLE": "true", "PPQ_LOG_LEVEL": "debug",
+                                  "PPQ_CONFIG": "ignored-here", "OTHER": "x"})
+    assert config.master.port == 7611
+    assert config.worker.allowed_modules == ["app", "lib.tasks"]
+    assert config.worker.max_sleep == 0.5
+    assert config.auth_token == "12345"  # kept as text, not read as a number
+    assert config.master.allow_pickle is True
+    assert config.log_level == "DEBUG"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(environ={"PPQ_MASTER_PROT": "1"})
+    assert "PPQ_MASTER_PROT" in str(excinfo.value)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(environ={"PPQ_MASTER_PORT": "abc"})
+    assert "master.port" in str(excinfo.value)
+    assert env_overrides({"PPQ_WORKER_QUEUE_INDEX": "2"}) == {"worker.queue_index": 2}
+
+
+def test_flag_overrides_env_overrides_yaml_overrides_default(tmp_path):
+    path = write(tmp_path, {"master": {"port": 1111}, "worker": {"queue_index": 1, "max_sleep": 3}})
+    env = {"PPQ_MASTER_PORT": "2222", "PPQ_WORKER_QUEUE_INDEX": "2"}
+    flags = {"master.port": 3333}
+    assert load_config(environ={}).master.port == 7600
+    assert load_config(path, environ={}).master.port == 1111
+    both = load_config(path, environ=env)
+    assert (both.master.port, both.worker.queue_index, both.worker.max_sleep) == (2222, 2, 3.0)
+    everything = load_config(path, overrides=flags, environ=env)
+    assert (everything.master.port, everything.worker.queue_index, everything.worker.max_sleep) == (3333, 2, 3.0)
+    # A flag not given (None) does not override anything.
+    assert load_config(path, overrides={"master.port": None}, environ=env).master.port == 2222
+    # Without the file, env still beats the default, and flags beat env.
+    assert load_config(environ=env).master.port == 2222
+    assert load_config(overrides=flags, environ=env).master.port == 3333
+
+
+def test_config_is_frozen():
+    config = load_config(environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.master.port = 1  # type: ignore[misc]

@@ -1,0 +1,432 @@
+"""Worker agents as real ``ppq worker`` subprocesses against a real master and Redis:
+running tasks, failures, allowlists, concurrency, timeouts, signals, executors that die,
+the thread pool, heartbeats, the control object, hooks and autodiscover."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ppq import Client, PyroFunc, encode_parameters
+
+from .conftest import (
+    REPO,
+    TESTS_DIR,
+    address_of,
+    pid_gone,
+    run_ppq,
+    wait_for,
+    wait_state,
+    worker_entry,
+    workers_of,
+)
+
+# These tests use conftest's function-scoped ``master`` on purpose: a worker SIGKILLed at the end
+# of a test may still have a long-poll pending in the master, which would lease the next test's
+# task to a dead agent (it comes back only when the lease expires). Stopping the master ends it.
+
+
+def control(uri: str) -> PyroFunc:
+    """A caller on a worker's control object (id ``worker``)."""
+    return PyroFunc(uri, objid="worker", timeout=5)
+
+
+def running_tasks(ctl: PyroFunc, count: int = 1, timeout: float = 15.0) -> list[dict]:
+    """Wait until the worker reports at least ``count`` running tasks; return them."""
+    return wait_for(lambda: (t := ctl("get_running_info")["tasks"]) and len(t) >= count and t, timeout=timeout,
+                    interval=0.02, what=f"{count} running task(s)")
+
+
+def spans(path: Path) -> list[tuple[float, float]]:
+    out = []
+    for line in path.read_text().splitlines():
+        _, start, end = line.split()
+        out.append((float(start), float(end)))
+    return out
+
+
+def push(call, func: str, *args, **options) -> str:
+    module, _, name = func.rpartition(".")
+    return call("push_task", name, module=module, args=list(args), **options)
+
+
+# -- running tasks end to end ---------------------------------------------------------------------
+
+
+def test_seed_call_runs_and_records_result_state_and_worker(master, call, spawn):
+    proc = spawn.worker(address_of(master), allow="time,tasks")
+    seed = PyroFunc(f"PYRO:queue@127.0.0.1:{master.port}", retry=1, random_idx=True, threaded=True)
+    task_id = seed("push_task", "sleep", module="time", parameters=encode_parameters([0.3], {}), queue_index=0)
+    info = wait_state(seed, task_id, "done")
+    entry = worker_entry(call, proc.pid)
+    assert info["worker"] == entry["id"]
+    assert info["result"] is None and info["has_result"] is True
+    assert (info["attempts"], info["retry"], info.get("error") or "") == (1, 0, "")
+    assert info["finished"] - info["started"] >= 0.3
+    # threaded=True: one PyroFunc shared by several threads.
+    ids: list[str] = []
+    threads = [threading.Thread(target=lambda i=i: ids.append(
+        seed("push_task", "add", module="tasks", parameters=encode_parameters([i, i], {}), queue_index=0)))
+        for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(set(ids)) == 4
+    results = sorted(wait_state(seed, tid, "done")["result"] for tid in ids)
+    assert results == [0, 2, 4, 6]
+    seed.close()
+
+
+def test_plain_proxy_task_runs_on_a_worker(master, spawn):
+    import Pyro5.api
+
+    spawn.worker(address_of(master))
+    with Pyro5.api.Proxy(master.uri) as q:
+        q._pyroSerializer = "serpent"
+        task_id = q.push_task("echo", module="tasks", args=[1, [2]], kwargs={"k": {"n": None}})
+        info = wait_for(lambda: (i := q.get_task_info(task_id, 0))["state"] == "done" and i, timeout=20)
+    assert info["result"] == {"args": [1, [2]], "kwargs": {"k": {"n": None}}}
+
+
+def test_fclass_instance_method_and_staticmethod(master, call, spawn):
+    proc = spawn.worker(address_of(master), allow="tasks,tests")
+    double = call("push_task", "double", module="tasks", fclass="Calculator", args=[4])
+    triple = call("push_task", "triple", module="tasks", fclass="Calculator", args=[4])
+    client = Client([address_of(master)])
+    from . import tasks
+
+    by_object = client.push(tasks.Calculator.triple, 5)  # module tests.tasks, fclass Calculator
+    executor_pid = client.push("tasks.pid")
+    assert client.result(double, timeout=20) == 8
+    assert client.result(triple, timeout=20) == 12
+    assert client.result(by_object, timeout=20) == 15
+    assert client.result(executor_pid, timeout=20) != proc.pid  # processes pool: not the agent itself
+    client.close()
+
+
+def test_retry_then_dead_list_with_error_and_traceback(master, call, spawn):
+    proc = spawn.worker(address_of(master))
+    task_id = push(call, "tasks.boom", "it broke", max_retry=1)
+    info = wait_state(call, task_id, "dead")
+    assert (info["retry"], info["attempts"]) == (2, 2)
+    assert info["error"] == "ValueError: it broke"
+    assert "Traceback" in info["traceback"] and "tasks.py" in info["traceback"] and "boom" in info["traceback"]
+    assert [d["id"] for d in call("dead_tasks", 0)] == [task_id]
+    stats = control(worker_entry(call, proc.pid)["control_uri"])("get_worker_stats")
+    assert (stats["tasks.boom"]["count"], stats["tasks.boom"]["failed"], stats["tasks.boom"]["ok"]) == (2, 2, 0)
+
+
+def test_failing_imports_give_dead_tasks_with_a_readable_reason(master, call, spawn, tmp_path):
+    (tmp_path / "ppq_broken_mod.py").write_text("raise RuntimeError('broken at import time')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR), str(REPO)])}
+    spawn.worker(address_of(master), allow="tasks,ppq_missing_mod_xyz,ppq_broken_mod", env=env)
+    missing = call("push_task", "f", module="ppq_missing_mod_xyz", max_retry=0)
+    broken = call("push_task", "f", module="ppq_broken_mod", max_retry=0)
+    no_func = call("push_task", "no_such_function", module="tasks", max_retry=0)
+    info = wait_state(call, missing, "dead")
+    assert "ModuleNotFoundError" in info["error"] and "ppq_missing_mod_xyz" in info["error"]
+    assert info["traceback"]
+    info = wait_state(call, broken, "dead")
+    assert "RuntimeError" in info["error"] and "broken at import time" in info["error"]
+    info = wait_state(call, no_func, "dead")
+    assert "AttributeError" in info["error"] and "no_such_function" in info["error"]
+
+
+def test_module_not_allowed_is_refused_and_never_imported(master, call, spawn, tmp_path):
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "ppq_marker_mod.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\n\ndef run():\n    return 'ran'\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR), str(REPO)])}
+    spawn.worker(address_of(master), allow="tasks", env=env)
+    task_id = call("push_task", "run", module="ppq_marker_mod", max_retry=3)
+    info = wait_state(call, task_id, "dead")
+    assert "NotAllowedError" in info["error"] and "ppq_marker_mod" in info["error"]
+    assert info["attempts"] == 1  # not retried: it can never succeed on this worker
+    ok = push(call, "tasks.add", 1, 2)
+    assert wait_state(call, ok, "done")["result"] == 3
+    assert not marker.exists()
+    # The control: importing that module does write the marker.
+    subprocess.run([sys.executable, "-c", "import ppq_marker_mod"], env={**os.environ, **env}, check=True,
+                   timeout=30)
+    assert marker.read_text() == "imported"
+
+
+def test_worker_pulls_only_its_queue_index(master, call, spawn):
+    proc = spawn.worker(address_of(master), extra=("--queue-index", "1"))
+    zero = push(call, "tasks.add", 1, 1, queue_index=0)
+    one = push(call, "tasks.add", 2, 2, queue_index=1)
+    assert wait_state(call, one, "done", queue_index=1)["result"] == 4
+    worker_entry(call, proc.pid, queue_index=1)
+    assert call("get_task_info", zero, 0)["state"] == "queued"
+    assert all(w.get("pid") != proc.pid for w in workers_of(call, 0))
+
+
+def test_heartbeats_list_the_agent_with_its_running_tasks_and_drop_it_when_dead(master, call, spawn):
+    proc = spawn.worker(address_of(master))
+    task_id = push(call, "tasks.sleep_then", 1.5, "late")
+    wait_state(call, task_id, "running")
+    entry = wait_for(lambda: (e := worker_entry(call, proc.pid)) and task_id in e["running"] and e, timeout=10,
+                     what="the running task in the worker's heartbeat")
+    assert entry["host"] == socket.gethostname() and entry["queue_index"] == 0 and entry["concurrency"] == 1
+    assert entry["control_uri"].startswith("PYRO:worker@127.0.0.1:")
+    assert abs(entry["last_heartbeat"] - time.time()) < 5
+    assert wait_state(call, task_id, "done")["result"] == "late"
+    wait_for(lambda: worker_entry(call, proc.pid)["done"] == 1, timeout=10, what="done count in heartbeat")
+    proc.kill()
+    proc.wait(10)
+    wait_for(lambda: all(w.get("pid") != proc.pid for w in workers_of(call)), timeout=10,
+             what="the killed worker to be dropped from server_info")
+
+
+def test_lease_is_extended_by_heartbeats_for_a_long_task(make_master, spawn):
+    server = make_master(master__lease_timeout=1)
+    call = PyroFunc(address_of(server))
+    spawn.worker(address_of(server))
+    task_id = push(call, "tasks.sleep_then", 2.5, "kept")
+    info = wait_state(call, task_id, "done")
+    assert (info["result"], info["attempts"], info["expiries"]) == ("kept", 1, 0)
+    call.close()
+
+
+# -- concurrency and timeouts ------------------------------------------------------------------------
+
+
+def test_four_executors_run_four_sleeping_tasks_at_once(master, call, spawn, tmp_path):
+    out = tmp_path / "spans.txt"
+    spawn.worker(address_of(master), concurrency=4)
+    ids = call("push_tasks", [{"func": "span", "module": "tasks", "args": [str(out), i, 2.0]} for i in range(4)])
+    assert sorted(wait_state(call, tid, "done")["result"] for tid in ids) == [0, 1, 2, 3]
+    times = spans(out)
+    assert len(times) == 4
+    assert max(s for s, _ in times) < min(e for _, e in times), f"the four tasks did not overlap: {times}"
+
+
+def test_task_past_its_timeout_is_killed_retried_and_the_pool_is_whole_again(master, call, spawn, tmp_path):
+    proc = spawn.worker(address_of(master), concurrency=4, extra=("--task-timeout", "30"))
+    ctl = control(worker_entry(call, proc.pid)["control_uri"])
+    task_id = push(call, "tasks.sleep_then", 30, timeout=1, max_retry=1)
+    (first,) = running_tasks(ctl)
+    assert first["id"] == task_id and first["executor_pid"]
+    killed = first["executor_pid"]
+    info = wait_state(call, task_id, "dead", timeout=20)
+    assert "timeout" in info["error"].lower()
+    assert (info["retry"], info["attempts"]) == (2, 2)
+    assert ctl("get_worker_stats")["tasks.sleep_then"]["failed"] == 2
+    wait_for(lambda: pid_gone(killed), timeout=10, what="the timed-out executor to be gone")
+    # The pool is whole: four new tasks run at once on four live executors.
+    out = tmp_path / "spans.txt"
+    ids = call("push_tasks", [{"func": "span", "module": "tasks", "args": [str(out), i, 2.0]} for i in range(4)])
+    running = running_tasks(ctl, 4)
+    pids = {t["executor_pid"] for t in running}
+    assert len(pids) == 4 and killed not in pids
+    assert ctl("get_running_info")["concurrency"] == 4
+    for tid in ids:
+        wait_state(call, tid, "done")
+    times = spans(out)
+    assert max(s for s, _ in times) < min(e for _, e in times)
+    quick = push(call, "tasks.add", 2, 3)
+    assert wait_state(call, quick, "done")["result"] == 5
+
+
+def test_executor_killed_with_sigkill_is_replaced_and_its_task_reported(master, call, spawn, tmp_path):
+    record = tmp_path / "runs.txt"
+    proc = spawn.worker(address_of(master), concurrency=2, extra=("--task-timeout", "60"))
+    ctl = control(worker_entry(call, proc.pid)["control_uri"])
+    task_id = push(call, "tasks.rerun", str(record), 30, timeout=60, max_retry=1)
+    (running,) = running_tasks(ctl)
+    executor = running["executor_pid"]
+    assert executor and executor != proc.pid
+    wait_for(lambda: record.exists() and record.read_text().strip(), timeout=10, what="the task to start")
+    os.kill(executor, signal.SIGKILL)
+    info = wait_state(call, task_id, "done", timeout=20)
+    assert info["result"] == 2  # the second run, after the executor died
+    assert (info["retry"], info["attempts"], info["expiries"]) == (1, 2, 0)  # reported, not left to expire
+    stats = ctl("get_worker_stats")["tasks.rerun"]
+    assert (stats["count"], stats["ok"], stats["failed"]) == (2, 1, 1)
+    runs = record.read_text().split()
+    assert runs[0] == str(executor) and runs[1] != str(executor)
+    # Still two executors: two tasks at once.
+    out = tmp_path / "spans.txt"
+    ids = call("push_tasks", [{"func": "span", "module": "tasks", "args": [str(out), i, 1.0]} for i in range(2)])
+    assert {t["executor_pid"] for t in running_tasks(ctl, 2)}.isdisjoint({executor})
+    for tid in ids:
+        wait_state(call, tid, "done")
+    assert proc.poll() is None
+
+
+def test_thread_pool_runs_tasks_in_the_agent_process(master, call, spawn, tmp_path):
+    proc = spawn.worker(address_of(master), concurrency=2, extra=("--pool", "threads"))
+    task_id = push(call, "tasks.pid")
+    assert wait_state(call, task_id, "done")["result"] == proc.pid
+    out = tmp_path / "spans.txt"
+    ids = call("push_tasks", [{"func": "span", "module": "tasks", "args": [str(out), i, 1.0]} for i in range(2)])
+    for tid in ids:
+        wait_state(call, tid, "done")
+    times = spans(out)
+    assert max(s for s, _ in times) < min(e for _, e in times)
+    entry = worker_entry(call, proc.pid)
+    assert entry["pool"] == "threads"
+    stats = control(entry["control_uri"])("get_worker_stats")
+    assert stats["tasks.pid"]["ok"] == 1 and stats["tasks.span"]["count"] == 2
+    assert stats["tasks.span"]["mean_time"] >= 1.0
+    # `ppq workers` shows the same, read from the control object.
+    out = run_ppq("workers", "-m", address_of(master), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [r for r in json.loads(out.stdout) if r["worker"].get("pid") == proc.pid]
+    assert rows and rows[0]["stats"]["tasks.span"]["count"] == 2
+
+
+# -- signals ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_graceful_signal_lets_the_running_task_finish_and_exits_0(master, call, spawn, signame):
+    proc = spawn.worker(address_of(master), extra=("--task-timeout", "20"))
+    task_id = push(call, "tasks.sleep_then", 2, "finished")
+    assert wait_state(call, task_id, "running")["worker"] == worker_entry(call, proc.pid)["id"]
+    signalled = time.time()
+    proc.send_signal(getattr(signal, signame))
+    assert proc.wait(20) == 0, spawn.log(proc)
+    info = call("get_task_info", task_id, 0)
+    assert (info["state"], info["result"], info["attempts"]) == ("done", "finished", 1)
+    assert info["finished"] > signalled
+
+
+def test_sigterm_with_a_short_task_timeout_hands_the_task_to_another_worker(master, call, spawn, tmp_path):
+    record = tmp_path / "runs.txt"
+    first = spawn.worker(address_of(master), extra=("--task-timeout", "1"))
+    first_id = worker_entry(call, first.pid)["id"]
+    # The task's own timeout (60 s) lets it run; the agent's task_timeout (1 s) bounds the stop.
+    task_id = push(call, "tasks.rerun", str(record), 60, timeout=60, max_retry=0)
+    assert wait_state(call, task_id, "running")["worker"] == first_id
+    second = spawn.worker(address_of(master))
+    second_id = worker_entry(call, second.pid)["id"]
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(20) == 0, spawn.log(first)
+    info = wait_state(call, task_id, "done", timeout=20)
+    assert info["worker"] == second_id
+    assert info["result"] == 2 and info["retry"] == 0  # handed back, not failed
+    assert call("server_info")[0]["released"] == 1
+    assert second.poll() is None
+
+
+def test_sigusr2_restarts_the_agent_with_a_new_pid_that_keeps_working(master, call, spawn):
+    old = spawn.worker(address_of(master))
+    worker_entry(call, old.pid)
+    old.send_signal(signal.SIGUSR2)
+    assert old.wait(20) == 0, spawn.log(old)
+    new = wait_for(lambda: next((w for w in workers_of(call) if w.get("pid") not in (None, old.pid)), None),
+                   timeout=20, what="the restarted agent in server_info")
+    new_pid = new["pid"]
+    try:
+        cmdline = Path(f"/proc/{new_pid}/cmdline").read_bytes().split(b"\0")
+        assert b"ppq" in cmdline and b"worker" in cmdline
+        assert new_pid != old.pid
+        task_id = push(call, "tasks.add", 20, 22)
+        info = wait_state(call, task_id, "done")
+        assert (info["result"], info["worker"]) == (42, new["id"])
+    finally:
+        # The restarted agent is not a child of this process: stop it by its pid.
+        if not pid_gone(new_pid):
+            os.kill(new_pid, signal.SIGTERM)
+            try:
+                wait_for(lambda: pid_gone(new_pid), timeout=15)
+            except AssertionError:
+                os.kill(new_pid, signal.SIGKILL)
+                raise
+
+
+def test_second_sigint_stops_at_once_and_hands_the_task_back(master, call, spawn):
+    proc = spawn.worker(address_of(master), extra=("--task-timeout", "60"))
+    task_id = push(call, "tasks.sleep_then", 30, timeout=60)
+    assert wait_state(call, task_id, "running")["worker"] == worker_entry(call, proc.pid)["id"]
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(1.0)  # graceful: it waits for the 30 s task
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(15)
+    assert time.monotonic() - signalled < 8  # "at once": not after the 30 s task
+    info = wait_state(call, task_id, "queued", timeout=5)
+    assert info["retry"] == 0 and not info.get("error")
+    assert call("server_info")[0]["released"] == 1
+
+
+# -- hooks and autodiscover --------------------------------------------------------------------------------
+
+
+HOOK_MODULE = '''
+import json
+import os
+
+import ppq.worker
+
+OUT = os.environ["HOOK_OUT"]
+KEYS = ("task_id", "func", "module", "sub", "kw", "lang", "return_value", "exception")
+
+
+def _recorder(name):
+    def hook(context):
+        with open(OUT, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"hook": name, "keys": sorted(context),
+                                **{k: context.get(k) for k in KEYS}}) + "\\n")
+    return hook
+
+
+def broken(context):
+    raise RuntimeError("this hook is broken on purpose")
+
+
+for name in ("on_task_executing", "on_task_finished", "on_task_error"):
+    ppq.worker.add_hook(name, broken)
+    ppq.worker.add_hook(name, _recorder(name))
+
+
+def mul(a, b, scale=1):
+    return a * b * scale
+
+
+def fail():
+    raise KeyError("nope")
+'''
+
+
+def test_hooks_from_an_autodiscovered_package(master, call, spawn, tmp_path):
+    package = tmp_path / "hookpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tasks.py").write_text(textwrap.dedent(HOOK_MODULE))
+    out = tmp_path / "hooks.jsonl"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR), str(REPO)]), "HOOK_OUT": str(out)}
+    # Only `tasks` is allowed explicitly: autodiscover must allow hookpkg itself.
+    proc = spawn.worker(address_of(master), allow="tasks", extra=("--autodiscover", "hookpkg"), env=env)
+    ok = call("push_task", "mul", module="hookpkg.tasks", args=[3, 4], kwargs={"scale": 2}, lang="py")
+    bad = call("push_task", "fail", module="hookpkg.tasks", max_retry=0)
+    info = wait_state(call, ok, "done")
+    assert info["result"] == 24  # the raising hook did not fail the task
+    assert "KeyError" in wait_state(call, bad, "dead")["error"]
+    records = wait_for(lambda: out.exists() and (lines := [json.loads(x) for x in out.read_text().splitlines()])
+                       and len(lines) >= 4 and lines, timeout=10, what="four hook records")
+    by_hook = {(r["hook"], r["task_id"]): r for r in records}
+    executing = by_hook[("on_task_executing", ok)]
+    assert (executing["func"], executing["sub"], executing["kw"], executing["lang"]) == ("mul", [3, 4],
+                                                                                         {"scale": 2}, "py")
+    finished = by_hook[("on_task_finished", ok)]
+    assert finished["return_value"] == 24 and finished["module"] == "hookpkg.tasks"
+    assert {"func", "sub", "kw", "lang", "return_value"} <= set(finished["keys"])
+    errored = by_hook[("on_task_error", bad)]
+    assert "KeyError" in errored["exception"] and errored["func"] == "fail"
+    assert ("on_task_finished", bad) not in by_hook and ("on_task_error", ok) not in by_hook
+    assert "broken on purpose" in spawn.log(proc)
+    assert proc.poll() is None
