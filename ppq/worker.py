@@ -137,7 +137,8 @@ def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed
                 conn.send(done)
                 done = []
                 flushed = now
-        conn.send(done)
+        if done:
+            conn.send(done)
 
 
 # Seconds an executor may hold finished results before sending them to the agent.
@@ -763,7 +764,8 @@ class Agent:
         """Collect reports, replace dead executors, enforce timeouts; ``self._cond`` is held."""
         freed = False
         for slot in list(self.slots):
-            reports = slot.poll() if slot.batch else None
+            # Always drain: an unread message would keep the pipe readable and the loop spinning.
+            reports = slot.poll()
             if reports:
                 for running, report in slot.take(reports):
                     self._finish(running, report)

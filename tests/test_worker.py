@@ -430,3 +430,28 @@ def test_hooks_from_an_autodiscovered_package(master, call, spawn, tmp_path):
     assert ("on_task_finished", bad) not in by_hook and ("on_task_error", ok) not in by_hook
     assert "broken on purpose" in spawn.log(proc)
     assert proc.poll() is None
+
+
+@pytest.mark.parametrize("pool", ["processes", "threads"])
+def test_idle_agent_does_not_spin_after_running_tasks(master, spawn, pool):
+    """After a burst of tasks the agent goes back to waiting: its CPU use while idle stays
+    far below one busy core (a pipe left unread once made the supervisor loop spin)."""
+    import psutil
+
+    client = Client([address_of(master)])
+    proc = spawn.worker(address_of(master), concurrency=2, extra=("--pool", pool))
+    ids = [client.push("tasks.add", i, i) for i in range(200)]
+    # Tasks of a few milliseconds: each executor reports them one by one.
+    ids += [client.push("tasks.sleep_then", 0.006, i) for i in range(150)]
+    assert [client.result(t, timeout=30) for t in ids] == [2 * i for i in range(200)] + list(range(150))
+    agent = psutil.Process(proc.pid)
+    tree = [agent, *agent.children(recursive=True)]
+
+    def cpu_seconds() -> float:
+        return sum(p.cpu_times().user + p.cpu_times().system for p in tree)
+
+    before, started = cpu_seconds(), time.monotonic()
+    time.sleep(2.0)  # the quantity measured is CPU used over a span of idle wall time
+    busy = (cpu_seconds() - before) / (time.monotonic() - started)
+    client.close()
+    assert busy < 0.25, f"idle agent used {busy:.0%} of a core"
