@@ -58,6 +58,7 @@ class LimitsConfig:
     max_delay: float = 365 * 86400.0
     max_retry: int = 100
     max_timeout: float = 7 * 86400.0
+    max_result_ttl: int = 365 * 86400
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ _POSITIVE = {
     "master.max_lease_expiries", "master.result_ttl", "worker.max_sleep", "worker.task_timeout",
     "worker.heartbeat_interval", "client.retry", "client.timeout", "limits.max_payload", "limits.max_batch",
     "limits.max_name_length", "limits.max_key_length", "limits.max_delay", "limits.max_timeout",
+    "limits.max_result_ttl",
 }
 
 

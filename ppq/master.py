@@ -420,9 +420,16 @@ class Master:
         for i, r in enumerate(reports):
             if not isinstance(r, Mapping):
                 raise InvalidTaskError(f"reports[{i}] must be a dict")
-            item = self._result_report(r.get("id"), r.get("lease"), bool(r.get("ok")), r.get("result"),
-                                       r.get("result_bytes"), r.get("error", ""), r.get("traceback", ""),
-                                       r.get("retry", True))
+            try:
+                item = self._result_report(r.get("id"), r.get("lease"), bool(r.get("ok")), r.get("result"),
+                                           r.get("result_bytes"), r.get("error", ""), r.get("traceback", ""),
+                                           r.get("retry", True))
+            except InvalidTaskError as exc:
+                if not r.get("ok") or r.get("release"):
+                    raise
+                # A result that cannot be stored fails its task for good; the batch's other reports stand.
+                item = self._result_report(r.get("id"), r.get("lease"), False,
+                                           error=f"InvalidResultError: {exc}", retry=False)
             item["release"] = bool(r.get("release"))
             checked.append(item)
         accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait)

@@ -1,7 +1,7 @@
 """Prometheus metrics for masters and workers (``--metrics-port``).
 
 A master exports what Redis knows of each queue_index, read at scrape time, so
-every master reports the same queue-wide figures: event counters (pushed, leased, done,
+every master reports the same queue-wide figures: event counters (pushed, leased, done, errors,
 retried, dead, expired, cancelled, released), depths (queued, delayed, running,
 dead) and live workers. A worker exports its own task counts and the duration
 and wait time (from push to start) of its tasks, per function.
@@ -19,7 +19,10 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger("ppq.metrics")
 
-_EVENTS = ("pushed", "leased", "done", "retried", "dead", "expired", "cancelled", "released")
+# Event name -> its counter in the queue's figures ("failed" counts tasks that went dead; "dead" is the
+# dead list's current size, a depth).
+_EVENTS = {"pushed": "pushed", "leased": "leased", "done": "done", "errors": "errors", "retried": "retried",
+           "dead": "failed", "expired": "expired", "cancelled": "cancelled", "released": "released"}
 _DEPTHS = ("queued", "delayed", "running", "dead")
 # Buckets of the duration and wait histograms, in seconds.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
@@ -42,8 +45,8 @@ class QueueCollector(Collector):
             up.add_metric([label], 1.0 if ok else 0.0)
             if not ok:
                 continue
-            for event in _EVENTS:
-                events.add_metric([label, event], float(entry.get(event, 0)))
+            for event, name in _EVENTS.items():
+                events.add_metric([label, event], float(entry.get(name, 0)))
             for state in _DEPTHS:
                 depth.add_metric([label, state], float(entry.get(state, 0)))
             workers.add_metric([label], float(len(entry.get("workers", []))))

@@ -11,10 +11,12 @@ import functools
 import hmac
 import ipaddress
 import logging
+import os
 import random
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -110,8 +112,11 @@ def _guard_requests() -> None:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    """True if ``host`` is reachable from this machine only (an empty host binds every interface)."""
+    if host == "localhost":
         return True
+    if not host:
+        return False
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -257,6 +262,20 @@ def serve_in_thread(daemon: Daemon, name: str) -> threading.Thread:
 
 
 _MISSING: Any = object()
+# Position of task_id among push_task's parameters.
+_TASK_ID_POSITION = 15
+
+
+def _with_task_ids(method: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Give each pushed task an id made here, so that a push retried after a lost reply is stored once."""
+    if method == "push_task" and "task_id" not in kwargs and len(args) <= _TASK_ID_POSITION:
+        kwargs = dict(kwargs, task_id=uuid.uuid4().hex)
+    elif method == "push_tasks" and args and isinstance(args[0], (list, tuple)):
+        tasks = [dict(t, task_id=uuid.uuid4().hex) if isinstance(t, dict) and "task_id" not in t else t
+                 for t in args[0]]
+        args = (tasks, *args[1:])
+    return args, kwargs
 
 
 class PyroFunc:
@@ -270,6 +289,10 @@ class PyroFunc:
     once, with a jittered pause between rounds. When every try failed,
     ``default_return`` is returned if it was given, else :class:`ConnectError` is
     raised. Errors raised by the master itself (bad arguments...) are not retried.
+
+    ``push_task`` and ``push_tasks`` calls get a task id made here (unless
+    given), so a push retried after a lost reply is stored once. ``token``
+    defaults to ``PPQ_AUTH_TOKEN``.
 
     Proxies are kept per thread, so one PyroFunc can be shared by many threads
     (``threaded`` is accepted for compatibility; it is always so). With
@@ -301,7 +324,7 @@ class PyroFunc:
         self.random_idx = random_idx
         self.threaded = threaded
         self.set_one_way = set_one_way
-        self.token = token
+        self.token = token if token is not None else os.environ.get("PPQ_AUTH_TOKEN") or None
         self.timeout = timeout
         self.serializer = serializer
         self._local = threading.local()
@@ -346,6 +369,7 @@ class PyroFunc:
             if not args:
                 raise TypeError("PyroFunc call needs the method name as its first argument")
             method, args = args[0], args[1:]
+        args, kwargs = _with_task_ids(method, args, kwargs)
         last: BaseException | None = None
         for attempt in range(self.retry):
             if attempt:

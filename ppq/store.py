@@ -13,7 +13,8 @@ Keys, all under ``ppq:{queue_index}:`` (built in :func:`keys_of` only):
     running        zset   ids handed out, score = lease deadline
     dead           zset   ids that exhausted their retries, score = time of death
     keys           hash   de-duplication key -> id, while that task waits
-    stats          hash   counters: pushed, leased, done, retried, dead, expired, cancelled, released
+    stats          hash   counters: pushed, leased, done, errors (failed attempts), retried, dead,
+                          expired, cancelled, released
     rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone
@@ -40,6 +41,8 @@ from typing import Any, TypeVar
 import msgpack
 import redis
 import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import codec
 from .errors import CodecError, StorageError
@@ -188,7 +191,10 @@ if done_n > 0 then
   redis.call('HINCRBY', P .. 'stats', 'done', done_n)
   redis.call('HINCRBY', P .. 'rate', 'd:' .. bucket, done_n)
 end
-if failed_n > 0 then redis.call('HINCRBY', P .. 'rate', 'f:' .. bucket, failed_n) end
+if failed_n > 0 then
+  redis.call('HINCRBY', P .. 'stats', 'errors', failed_n)
+  redis.call('HINCRBY', P .. 'rate', 'f:' .. bucket, failed_n)
+end
 local out = {}
 while #out < count do
   local id = redis.call('LPOP', P .. 'queue')
@@ -417,6 +423,8 @@ class Store:
             socket_connect_timeout=timeout,
             socket_keepalive=True,
             retry_on_timeout=False,
+            # Fail fast: an unreachable Redis is reported at once, the caller decides about retrying.
+            retry=Retry(NoBackoff(), 0),
             max_connections=10000,
         )
         self._push = self.redis.register_script(_PUSH)
@@ -581,8 +589,9 @@ class Store:
         pipe.time()
         queued, delayed, running, dead, stats, rate, now = pipe.execute()
         out: dict[str, Any] = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
-        for name in ("pushed", "leased", "done", "retried", "expired", "cancelled", "released"):
+        for name in ("pushed", "leased", "done", "errors", "retried", "expired", "cancelled", "released"):
             out[name] = int(stats.get(name.encode(), 0))
+        # Tasks that ever went dead (the dead list's size is "dead").
         out["failed"] = int(stats.get(b"dead", 0))
         # The last six 10-second buckets, the current one included: about one minute.
         current = int(now[0]) // 10

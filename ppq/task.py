@@ -187,8 +187,10 @@ def check_push(
     if timeout is not None:
         timeout = _number("timeout", timeout, 0.001, limits.max_timeout)
     result_ttl = get("result_ttl")
-    if result_ttl is not None and (isinstance(result_ttl, bool) or not isinstance(result_ttl, int) or result_ttl < 0):
-        raise InvalidTaskError(f"result_ttl must be a non-negative integer of seconds, got {result_ttl!r:.40}")
+    if result_ttl is not None and (isinstance(result_ttl, bool) or not isinstance(result_ttl, int)
+                                   or not 0 <= result_ttl <= limits.max_result_ttl):
+        raise InvalidTaskError(f"result_ttl must be an integer of seconds from 0 to {limits.max_result_ttl}, "
+                               f"got {result_ttl!r:.40}")
     task_id = get("task_id")
     task_id = check_task_id(task_id) if task_id is not None else new_id()
     params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)

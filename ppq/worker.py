@@ -36,7 +36,7 @@ from typing import Any
 
 from . import codec, rpc
 from .config import Config
-from .errors import CodecError, ConfigError, NotAllowedError, PPQError
+from .errors import CodecError, ConfigError, InvalidTaskError, NotAllowedError, PPQError
 from .task import resolve
 
 log = logging.getLogger("ppq.worker")
@@ -569,6 +569,18 @@ class Agent:
             n = 0 if self.stopping else self._reserve(block=False)
             try:
                 reply = self._call("report", self.light_info(), self.queue_index, batch, n, 0)
+            except InvalidTaskError as exc:
+                self._accept(n, [])
+                if any(r.get("ok") or r.get("result_bytes") for r in batch):
+                    # Refused for good: report plain failures instead, which carry nothing to refuse.
+                    log.error("the master refused %d report(s) (%s); reporting them as failed", len(batch), exc)
+                    batch = [{"id": r["id"], "lease": r["lease"], "ok": False, "retry": False,
+                              "error": f"ReportRefusedError: {exc}"} if not r.get("release") else r
+                             for r in batch]
+                    continue
+                log.error("the master refused %d report(s) (%s); their leases will expire and the tasks run "
+                          "again", len(batch), exc)
+                return
             except (PPQError, rpc.CommunicationError) as exc:
                 self._accept(n, [])
                 if self.stopping:

@@ -108,3 +108,8 @@ def mul(a, b):
 def plus(a, b=0):
     """Left undecorated: a test decorates it with ``ppq.task(client=..., **options)`` itself."""
     return a + b
+
+
+def big(size):
+    """A result of ``size`` bytes."""
+    return b"x" * size

@@ -617,6 +617,12 @@ def test_metrics_master_and_worker(spawn, redis_a, ra):
         assert sample(m, "ppq_queue_depth", queue_index="0", state=state) == count, state
     assert sample(m, "ppq_workers", queue_index="0") == 1
     assert sample(m, "ppq_redis_up", queue_index="0") == 1
+    assert sample(m, "ppq_tasks_total", queue_index="0", event="errors") == 2  # both failed attempts
+    # A counter never goes down: purging the dead list empties the depth, not the count of deaths.
+    assert c.call("purge_dead", None, 0) == 1
+    m = scrape(master_port)
+    assert sample(m, "ppq_queue_depth", queue_index="0", state="dead") == 0
+    assert sample(m, "ppq_tasks_total", queue_index="0", event="dead") == 1
 
     w = wait_for(lambda: scrape(worker_port), what="the worker's metrics endpoint")
     assert sample(w, "ppq_worker_tasks_total", func="tasks.add", outcome="ok") == 3

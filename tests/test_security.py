@@ -288,6 +288,15 @@ def test_bind_master_non_loopback_without_token_is_refused(spawn, redis_a):
     assert "auth_token" in line and "--insecure" in line and "0.0.0.0" in line, line
 
 
+@pytest.mark.parametrize("host", ["", "::"])
+def test_bind_master_on_every_interface_without_token_is_refused(spawn, redis_a, host):
+    """An empty host binds every interface, like 0.0.0.0: refused without a token too."""
+    proc = spawn("master", "--host", host, "--port", str(free_port()), "--redis-map", f"0={redis_a.url}")
+    assert proc.wait(30) != 0
+    line = one_line_error(spawn.log(proc))
+    assert "auth_token" in line and "--insecure" in line and "master.host" in line, line
+
+
 def test_bind_master_non_loopback_insecure_or_with_token_starts(spawn, redis_a):
     proc, address = spawn.master(redis_a.url, "--host", "0.0.0.0", "--insecure")
     assert PyroFunc(address)("ping") == "pong"
@@ -647,6 +656,7 @@ BAD_CALLS: list[tuple[str, str, tuple[Any, ...], dict[str, Any], tuple[str, ...]
     ("max_retry-huge", "push_task", ("add",), {"module": "tasks", "max_retry": 10**30}, ("max_retry",)),
     ("retry_delay-str", "push_task", ("add",), {"module": "tasks", "retry_delay": "yes"}, ("retry_delay",)),
     ("result_ttl-negative", "push_task", ("add",), {"module": "tasks", "result_ttl": -1}, ("result_ttl",)),
+    ("result_ttl-huge", "push_task", ("add",), {"module": "tasks", "result_ttl": 10**16}, ("result_ttl",)),
     ("task_id-bad", "push_task", ("add",), {"module": "tasks", "task_id": "a b"}, ("task_id",)),
     ("task_id-long", "push_task", ("add",), {"module": "tasks", "task_id": "a" * 65}, ("task_id",)),
     ("args-not-list", "push_task", ("add",), {"module": "tasks", "args": "ab"}, ("args",)),

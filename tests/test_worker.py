@@ -455,3 +455,18 @@ def test_idle_agent_does_not_spin_after_running_tasks(master, spawn, pool):
     busy = (cpu_seconds() - before) / (time.monotonic() - started)
     client.close()
     assert busy < 0.25, f"idle agent used {busy:.0%} of a core"
+
+
+def test_a_result_over_the_size_limit_fails_its_task_and_the_worker_goes_on(master, spawn):
+    """A result larger than limits.max_payload cannot be stored: that task fails for good with the
+    reason, and the tasks reported with it and after it are not held up."""
+    client = Client([address_of(master)])
+    spawn.worker(address_of(master), concurrency=1)
+    huge = client.push("tasks.big", 2 * 1024 * 1024, max_retry=3)
+    small = [client.push("tasks.add", i, 1) for i in range(20)]
+    assert [client.result(t, timeout=30) for t in small] == [i + 1 for i in range(20)]
+    info = wait_state(client.call, huge, "dead", timeout=30)
+    assert "InvalidResultError" in info["error"] and "limit" in info["error"], info["error"]
+    assert info["retry"] == 1, "a result that cannot be stored is not retried"
+    assert client.result(client.push("tasks.add", 1, 1), timeout=30) == 2
+    client.close()
