@@ -590,7 +590,7 @@ def status_tables(info: dict[Any, dict[str, Any]]) -> Any:
 @click.pass_context
 def top(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
         interval: float, iterations: int) -> None:
-    """`ppq status`, refreshed live in the terminal (Ctrl-C or q to quit)."""
+    """`ppq status`, refreshed live in the terminal (Ctrl-C to quit)."""
     from rich.live import Live
 
     _apply_sub(ctx, sub_config, sub_log_level)

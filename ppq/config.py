@@ -334,12 +334,15 @@ def load_config(
 ) -> Config:
     """Build a :class:`Config` from defaults, a YAML file, ``PPQ_*`` env and overrides.
 
+    With no ``path``, the file named by ``PPQ_CONFIG`` is read, if set.
     ``overrides`` holds dotted keys (``{"master.port": 7601}``) from command-line
     flags; a None value means "not given" and is skipped.
     """
+    env = os.environ if environ is None else environ
+    path = path or env.get("PPQ_CONFIG") or None
     data: dict[str, Any] = read_yaml(path) if path else {}
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    _merge(data, env_overrides(os.environ if environ is None else environ))
+    _merge(data, env_overrides(env))
     _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     return _build(Config, data, "")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import shutil
@@ -88,6 +89,7 @@ class RedisServer:
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
 
     @property
     def url(self) -> str:
@@ -115,8 +117,38 @@ class RedisServer:
         while _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def _lock(self) -> None:
+        """Hold the data directory: two servers on one AOF would ruin it."""
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+            fd = os.open(os.path.join(self.data_dir, "ppq.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"data directory {self.data_dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"data directory {self.data_dir} is in use by another ppq process (pid {holder}): "
+                              f"stop it, or give this one another data directory (master.data_dir)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> RedisServer:
-        os.makedirs(self.data_dir, exist_ok=True)
+        self._lock()
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _start(self, timeout: float) -> RedisServer:
         self._stop_stale()
         args = [
             find_redis_server(),
@@ -158,20 +190,24 @@ class RedisServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+            if proc is None or proc.poll() is not None:
+                return
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        finally:
+            self._unlock()
 
     def kill(self) -> None:
         """SIGKILL, for tests of outages."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        self._unlock()
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -819,8 +819,11 @@ class Agent:
                 log.info("autodiscover: imported %s", name)
             except ModuleNotFoundError as exc:
                 if exc.name not in (name, package):
-                    raise
+                    raise ConfigError(f"worker.autodiscover: importing {name} failed: {exc}") from None
                 log.warning("autodiscover: %s has no tasks module", package)
+            except Exception as exc:  # noqa: BLE001 - any failure of the user's module is reported in one line
+                raise ConfigError(f"worker.autodiscover: importing {name} failed: "
+                                  f"{type(exc).__name__}: {exc}") from None
 
     def _serve_control(self) -> None:
         w = self.config.worker

@@ -118,6 +118,33 @@ def test_master_with_unreachable_redis_exits_with_one_clear_line(tmp_path):
     assert len(lines) == 1 and "master.redis_map[3]" in lines[0], out.stderr
 
 
+def test_a_second_master_on_the_same_data_dir_is_refused_and_the_first_keeps_working(spawn, tmp_path):
+    data = tmp_path / "redis-data"
+    port = free_port()
+    first = spawn("master", "--port", str(port), "--data-dir", str(data), name="master-embedded")
+    call = PyroFunc(f"127.0.0.1:{port}", timeout=3, default_return=None)
+    wait_for(lambda: first.poll() is not None or call("ping") == "pong", what="the embedded master")
+    redis_pid = int((data / "redis.pid").read_text())
+    second = spawn("master", "--port", str(free_port()), "--data-dir", str(data), name="master-second")
+    assert second.wait(30) != 0
+    lines = [line for line in spawn.log(second).splitlines() if line.strip() and not line.startswith("$ ")]
+    assert any("in use" in line and str(data) in line for line in lines), lines
+    assert "Traceback" not in spawn.log(second)
+    assert not pid_gone(redis_pid), "the second master stopped the first one's redis-server"
+    task_id = call("push_task", "add", module="tasks", args=[1, 2])
+    assert call("get_task_info", task_id, 0)["state"] == "queued"
+    call.close()
+
+
+def test_master_with_an_unusable_data_dir_says_so_in_one_line(spawn, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = spawn("master", "--port", str(free_port()), "--data-dir", str(blocker / "data"), name="master-bad-dir")
+    assert proc.wait(30) != 0
+    log = spawn.log(proc)
+    assert "Traceback" not in log and str(blocker / "data") in log, log
+
+
 def test_master_without_redis_map_runs_embedded_redis_that_persists(spawn, tmp_path):
     data = tmp_path / "redis-data"
     port = free_port()

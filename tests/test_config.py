@@ -135,11 +135,12 @@ def test_unreadable_or_invalid_yaml_names_the_file(tmp_path):
     assert load_config(write(tmp_path, "", "empty.yaml"), environ={}) == load_config(environ={})
 
 
-def test_env_variables_are_typed_and_checked():
+def test_env_variables_are_typed_and_checked(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
     config = load_config(environ={"PPQ_MASTER_PORT": "7611", "PPQ_WORKER_ALLOWED_MODULES": "app,lib.tasks",
                                   "PPQ_WORKER_MAX_SLEEP": "0.5", "PPQ_AUTH_TOKEN": "12345",
                                   "PPQ_MASTER_ALLOW_PICKLE": "true", "PPQ_LOG_LEVEL": "debug",
-                                  "PPQ_CONFIG": "ignored-here", "OTHER": "x"})
+                                  "PPQ_CONFIG": str(tmp_path / "empty.yaml"), "OTHER": "x"})
     assert config.master.port == 7611
     assert config.worker.allowed_modules == ["app", "lib.tasks"]
     assert config.worker.max_sleep == 0.5
@@ -176,3 +177,11 @@ def test_config_is_frozen():
     config = load_config(environ={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.master.port = 1  # type: ignore[misc]
+
+
+def test_ppq_config_names_the_file_when_no_path_is_given(tmp_path):
+    path = tmp_path / "ppq.yaml"
+    path.write_text("client:\n  masters: ['10.1.2.3:7600']\nworker:\n  queue_index: 4\n")
+    config = load_config(environ={"PPQ_CONFIG": str(path)})
+    assert config.client_masters() == ["10.1.2.3:7600"] and config.worker.queue_index == 4
+    assert load_config(environ={}).worker.queue_index == 0

@@ -470,3 +470,16 @@ def test_a_result_over_the_size_limit_fails_its_task_and_the_worker_goes_on(mast
     assert info["retry"] == 1, "a result that cannot be stored is not retried"
     assert client.result(client.push("tasks.add", 1, 1), timeout=30) == 2
     client.close()
+
+
+def test_an_autodiscovered_tasks_module_that_fails_to_import_is_one_clear_line(master, spawn, tmp_path):
+    package = tmp_path / "brokenpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tasks.py").write_text("def oops(:\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR), str(REPO)])}
+    proc = spawn.worker(address_of(master), extra=("--autodiscover", "brokenpkg"), env=env)
+    assert proc.wait(30) != 0
+    log = spawn.log(proc)
+    assert "Traceback" not in log, log
+    assert "worker.autodiscover" in log and "brokenpkg.tasks" in log and "SyntaxError" in log, log
