@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import pickle
+import threading
 from typing import Any
 
 import msgpack
@@ -27,6 +28,24 @@ _JSON_START = frozenset(b"[{ \t\r\n")
 def is_pickle(data: bytes) -> bool:
     """True if ``data`` looks like a pickle (protocol 2 or later)."""
     return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5 and data[-1:] == b"."
+
+
+_packers = threading.local()
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack ``obj`` with this thread's packer (making one per call costs more than packing small data)."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        return packer.pack(obj)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        packer.reset()
+        raise CodecError(
+            f"cannot encode a value of type {type(_offender(obj)).__name__}: the default codec "
+            f"carries JSON-like data and bytes ({exc})"
+        ) from None
 
 
 def encode(obj: Any, use_pickle: bool = False) -> bytes:

@@ -27,7 +27,7 @@ from .errors import (
     StorageError,
 )
 from .store import Store
-from .task import FINAL_STATES, check_push, check_queue_index, check_task_id
+from .task import FINAL_STATES, check_push, check_pushes, check_queue_index, check_task_id
 
 log = logging.getLogger("ppq.master")
 
@@ -353,14 +353,7 @@ class Master:
             raise InvalidTaskError(f"tasks must be a list of dicts, got {type(tasks).__name__}")
         if len(tasks) > self.limits.max_batch:
             raise InvalidTaskError(f"tasks holds {len(tasks)} tasks, more than the limit of {self.limits.max_batch}")
-        specs = []
-        for i, options in enumerate(tasks):
-            if not isinstance(options, Mapping):
-                raise InvalidTaskError(f"tasks[{i}] must be a dict, got {type(options).__name__}")
-            try:
-                specs.append(check_push(options, self.stores, self.limits, self.config.master.allow_pickle))
-            except InvalidTaskError as exc:
-                raise type(exc)(f"tasks[{i}]: {exc}") from None
+        specs = check_pushes(tasks, self.stores, self.limits, self.config.master.allow_pickle)
         by_queue: dict[int, list[int]] = {}
         for i, spec in enumerate(specs):
             by_queue.setdefault(spec.queue_index, []).append(i)

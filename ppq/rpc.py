@@ -10,7 +10,9 @@ import base64
 import functools
 import hmac
 import ipaddress
+import json
 import logging
+import marshal
 import os
 import random
 import socket
@@ -92,18 +94,45 @@ def _dict_to_class(cls: type, data: dict[str, Any]) -> Any:
     return _pyro_dict_to_class(cls, data)
 
 
+def _plain_loader(name: str, serializer: Any) -> Callable[[bytes], Any] | None:
+    """A request reader that skips Pyro5's walk over every argument looking for class
+    dicts; used when the request's bytes hold no "__class__" at all."""
+    if name == "marshal":
+        return marshal.loads
+    if name == "msgpack":
+        import msgpack
+
+        return lambda raw: msgpack.unpackb(raw, raw=False, ext_hook=serializer.ext_hook)
+    if name == "serpent":
+        import serpent
+
+        return serpent.loads  # type: ignore[no-any-return]
+    if name == "json":
+        def load_json(raw: bytes) -> Any:
+            data = json.loads(raw.decode("utf-8"))
+            return data["object"], data["method"], data["params"], data["kwargs"]
+
+        return load_json
+    return None
+
+
 def _guard_requests() -> None:
     """Make every serializer read a request's arguments as plain data (see :func:`_dict_to_class`)."""
     if getattr(SerializerBase, "_ppq_guarded", False):
         return
     SerializerBase.dict_to_class = classmethod(_dict_to_class)  # type: ignore[method-assign,assignment]
-    for serializer in pyro_serializers.serializers.values():
+    for name, serializer in pyro_serializers.serializers.items():
         load_call = serializer.loadsCall
+        plain = _plain_loader(name, serializer)
 
-        def guarded(data: Any, load_call: Callable[[Any], Any] = load_call) -> Any:
+        def guarded(data: Any, load_call: Callable[[Any], Any] = load_call,
+                    plain: Callable[[bytes], Any] | None = plain) -> Any:
+            raw = data if type(data) is bytes else bytes(data)
+            if plain is not None and b"__class__" not in raw:
+                return plain(raw)
             _request.active = True
             try:
-                return load_call(data)
+                return load_call(raw)
             finally:
                 _request.active = False
 

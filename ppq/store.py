@@ -33,11 +33,15 @@ worker lease attempts retry expiries result error traceback cancel.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlparse
 
+import hiredis
 import msgpack
 import redis
 import redis.exceptions
@@ -58,10 +62,18 @@ local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
 """
 
 # ARGV: prefix, then per task: id, key, delay, body, n, and n field/value pairs
-# (the options that differ from their defaults). Returns the ids, in order.
+# (the options that differ from their defaults). Returns {position, id} pairs, flat,
+# for the tasks whose id is not the one given (a waiting task with the same key).
 _PUSH = _NOW + """
 local P = ARGV[1]
-local ids = {}
+local renamed = {}
+local position = 0
+-- New ready ids, appended to the queue in bulk (in push order).
+local fresh = {}
+local function flush()
+  if #fresh > 0 then redis.call('RPUSH', P .. 'queue', unpack(fresh)) end
+  fresh = {}
+end
 local ready, pushed = 0, 0
 local i = 2
 while i <= #ARGV do
@@ -87,6 +99,7 @@ while i <= #ARGV do
           redis.call('HSET', ok, 'state', 'delayed', 'eta', now + delay)
         elseif state == 'delayed' then
           redis.call('ZREM', P .. 'delayed', old)
+          flush()
           redis.call('RPUSH', P .. 'queue', old)
           redis.call('HSET', ok, 'state', 'queued', 'eta', now)
           ready = ready + 1
@@ -103,20 +116,26 @@ while i <= #ARGV do
       redis.call('ZADD', P .. 'delayed', now + delay, id)
     else
       redis.call('HSET', tk, 'state', 'queued', 'created', now, 'body', body)
-      redis.call('RPUSH', P .. 'queue', id)
       ready = ready + 1
+      fresh[#fresh + 1] = id
+      if #fresh == 1000 then flush() end
     end
     if key ~= '' then redis.call('HSET', tk, 'key', key) end
     for j = first, last, 2 do redis.call('HSET', tk, ARGV[j], ARGV[j + 1]) end
     pushed = pushed + 1
   end
-  ids[#ids + 1] = id
+  position = position + 1
+  if id ~= ARGV[first - 5] then
+    renamed[#renamed + 1] = position
+    renamed[#renamed + 1] = id
+  end
 end
+flush()
 if pushed > 0 then redis.call('HINCRBY', P .. 'stats', 'pushed', pushed) end
 if ready > 0 and redis.call('ZCOUNT', P .. 'waiters', now, '+inf') > 0 then
   redis.call('PUBLISH', P .. 'wake', ready)
 end
-return ids
+return renamed
 """
 
 # ARGV: prefix, worker id, how many to lease, lease seconds, seconds until the
@@ -372,6 +391,113 @@ def task_of(row: Sequence[Any], queue_index: int) -> dict[str, Any]:
     return task
 
 
+class _Link:
+    """Plain connections to one Redis for the scripts on the hot path.
+
+    A round trip through redis-py's command machinery costs about three times the
+    round trip itself; here a command is packed by hiredis, sent on a socket and
+    its reply parsed by hiredis. Idle connections wait in a stack shared by all
+    threads. Used for ``redis://`` URLs (TCP, no TLS).
+    """
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parsed = urlparse(url)
+        self.address = (parsed.hostname or "127.0.0.1", parsed.port or 6379)
+        self.username = unquote(parsed.username) if parsed.username else None
+        self.password = unquote(parsed.password) if parsed.password else None
+        path = parsed.path.strip("/")
+        self.db = int(path) if path.isdigit() else int(parse_qs(parsed.query).get("db", ["0"])[0])
+        self.timeout = timeout
+        self._idle: list[tuple[socket.socket, Any]] = []
+        self._closed = False
+
+    @staticmethod
+    def usable(url: str) -> bool:
+        parsed = urlparse(url)
+        return parsed.scheme == "redis" and not parse_qs(parsed.query).keys() - {"db"}
+
+    def _connect(self) -> tuple[socket.socket, Any]:
+        sock = socket.create_connection(self.address, self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn = (sock, hiredis.Reader())
+            if self.password is not None:
+                auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+                self._roundtrip(conn, auth)
+            if self.db:
+                self._roundtrip(conn, ("SELECT", self.db))
+        except BaseException:
+            sock.close()
+            raise
+        return conn
+
+    @staticmethod
+    def _roundtrip(conn: tuple[socket.socket, Any], args: Sequence[Any]) -> Any:
+        sock, reader = conn
+        sock.sendall(hiredis.pack_command(tuple(args)))
+        while True:
+            reply = reader.gets()
+            if reply is not False:
+                break
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("connection closed by the server")
+            reader.feed(data)
+        if isinstance(reply, hiredis.ReplyError):
+            raise redis.exceptions.ResponseError(str(reply))
+        return reply
+
+    def call(self, *args: Any) -> Any:
+        conn = None
+        try:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                conn = self._connect()
+            reply = self._roundtrip(conn, args)
+        except redis.exceptions.ResponseError:
+            self._idle.append(conn)  # type: ignore[arg-type]
+            raise
+        except (OSError, hiredis.ProtocolError) as exc:
+            # A reply may be half read: this connection cannot be trusted again.
+            if conn is not None:
+                conn[0].close()
+            raise redis.exceptions.ConnectionError(f"Error connecting to {self.address[0]}:{self.address[1]}: "
+                                                   f"{exc}") from None
+        if self._closed:
+            conn[0].close()
+        else:
+            self._idle.append(conn)
+        return reply
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop()[0].close()
+
+
+class _Script:
+    """A Lua script run with EVALSHA, loaded on first use (and again after a Redis restart)."""
+
+    def __init__(self, source: str, client: redis.Redis, link: _Link | None) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        self.link = link
+        self.fallback = client.register_script(source)
+
+    def __call__(self, args: Sequence[Any]) -> Any:
+        if self.link is None:
+            return self.fallback(args=args)
+        try:
+            return self.link.call("EVALSHA", self.sha, 0, *args)
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            self.link.call("SCRIPT", "LOAD", self.source)
+            return self.link.call("EVALSHA", self.sha, 0, *args)
+
+
 def keys_of(queue_index: int) -> str:
     """The prefix of every Redis key of one queue_index."""
     return f"ppq:{queue_index}:"
@@ -427,16 +553,19 @@ class Store:
             retry=Retry(NoBackoff(), 0),
             max_connections=10000,
         )
-        self._push = self.redis.register_script(_PUSH)
-        self._report = self.redis.register_script(_REPORT)
-        self._heartbeat = self.redis.register_script(_HEARTBEAT)
-        self._reap = self.redis.register_script(_REAP)
-        self._move = self.redis.register_script(_MOVE)
-        self._cancel = self.redis.register_script(_CANCEL)
-        self._requeue_dead = self.redis.register_script(_REQUEUE_DEAD)
-        self._purge_dead = self.redis.register_script(_PURGE_DEAD)
+        self._link = _Link(url, timeout) if _Link.usable(url) else None
+        self._push = _Script(_PUSH, self.redis, self._link)
+        self._report = _Script(_REPORT, self.redis, self._link)
+        self._heartbeat = _Script(_HEARTBEAT, self.redis, self._link)
+        self._reap = _Script(_REAP, self.redis, self._link)
+        self._move = _Script(_MOVE, self.redis, self._link)
+        self._cancel = _Script(_CANCEL, self.redis, self._link)
+        self._requeue_dead = _Script(_REQUEUE_DEAD, self.redis, self._link)
+        self._purge_dead = _Script(_PURGE_DEAD, self.redis, self._link)
 
     def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
         self.redis.close()
 
     @_storage_errors
@@ -451,7 +580,11 @@ class Store:
             args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:
                 args += [name, value]
-        return [_text(i) for i in self._push(args=args)]
+        ids = [spec.id for spec in specs]
+        renamed = self._push(args)
+        for k in range(0, len(renamed), 2):
+            ids[int(renamed[k]) - 1] = _text(renamed[k + 1])
+        return ids
 
     @_storage_errors
     def report(self, worker_id: str, reports: Iterable[dict[str, Any]], count: int, seen: float,
@@ -471,7 +604,7 @@ class Store:
             else:
                 kind = "error" if r.get("retry", True) else "error-final"
             args += [r["id"], r["lease"], kind, r.get("result") or b"", r.get("error") or "", r.get("traceback") or ""]
-        accepted, leased = self._report(args=args)
+        accepted, leased = self._report(args)
         return [bool(a) for a in accepted], [task_of(row, self.queue_index) for row in leased]
 
     @_storage_errors
@@ -479,19 +612,19 @@ class Store:
                   seen: float) -> list[str]:
         """Extend the leases ``worker_id`` holds; return the ids whose lease is lost or cancelled."""
         pairs = [x for pair in running for x in pair]
-        lost = self._heartbeat(args=[self.prefix, worker_id, self.lease_timeout, seen,
+        lost = self._heartbeat([self.prefix, worker_id, self.lease_timeout, seen,
                                      msgpack.packb(info), *pairs])
         return [_text(i) for i in lost]
 
     @_storage_errors
     def reap(self, limit: int = 1000) -> int:
         """Requeue tasks whose lease ran out, and forget workers that went quiet."""
-        return int(self._reap(args=[self.prefix, self.max_lease_expiries, limit]))
+        return int(self._reap([self.prefix, self.max_lease_expiries, limit]))
 
     @_storage_errors
     def move_due(self, limit: int = 1000) -> tuple[int, float | None, float]:
         """Move delayed tasks whose time has come to the queue; return (moved, next eta, now)."""
-        moved, nxt, now = self._move(args=[self.prefix, limit])
+        moved, nxt, now = self._move([self.prefix, limit])
         return int(moved), (float(nxt) if nxt else None), float(now)
 
     @_storage_errors
@@ -512,16 +645,16 @@ class Store:
 
     @_storage_errors
     def cancel(self, task_id: str) -> str | None:
-        state = self._cancel(args=[self.prefix, task_id, self.result_ttl])
+        state = self._cancel([self.prefix, task_id, self.result_ttl])
         return _text(state) or None
 
     @_storage_errors
     def requeue_dead(self, ids: Sequence[str] | None = None) -> list[str]:
-        return [_text(i) for i in self._requeue_dead(args=[self.prefix, *(ids or [])])]
+        return [_text(i) for i in self._requeue_dead([self.prefix, *(ids or [])])]
 
     @_storage_errors
     def purge_dead(self, ids: Sequence[str] | None = None) -> int:
-        return int(self._purge_dead(args=[self.prefix, *(ids or [])]))
+        return int(self._purge_dead([self.prefix, *(ids or [])]))
 
     @_storage_errors
     def dead(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:

@@ -10,8 +10,7 @@ import re
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -41,8 +40,7 @@ PUSH_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class TaskSpec:
+class TaskSpec(NamedTuple):
     """A checked push: everything the store needs to write one task.
 
     ``body`` is the static part of the record (see :func:`encode_body`);
@@ -63,10 +61,22 @@ BODY_FIELDS = {"func": "f", "module": "m", "fclass": "c", "path": "p", "lang": "
                "max_retry": "r"}
 
 
+# Body prefixes already built: (func, module, fclass, path, lang, timeout, max_retry) -> bytes.
+_body_prefixes: dict[tuple[Any, ...], bytes] = {}
+
+
 def encode_body(func: str, module: str, fclass: str, path: str, lang: str, params: bytes, timeout: float | None,
                 max_retry: int) -> bytes:
-    return msgpack.packb({"f": func, "m": module, "c": fclass, "p": path, "l": lang, "a": params, "t": timeout,
-                          "r": max_retry}, use_bin_type=True)
+    """The body: one msgpack map of 8 entries, its parameters last, so that tasks with the
+    same target share the bytes before them."""
+    target = (func, module, fclass, path, lang, timeout, max_retry)
+    prefix = _body_prefixes.get(target)
+    if prefix is None:
+        fields = {"f": func, "m": module, "c": fclass, "p": path, "l": lang, "t": timeout, "r": max_retry}
+        prefix = b"\x88" + b"".join(codec.pack(k) + codec.pack(v) for k, v in fields.items()) + codec.pack("a")
+        if len(_body_prefixes) < _MAX_CHECKED_TARGETS:
+            _body_prefixes[target] = prefix
+    return prefix + codec.pack(params)
 
 
 def decode_body(blob: bytes) -> dict[str, Any]:
@@ -75,6 +85,8 @@ def decode_body(blob: bytes) -> dict[str, Any]:
 
 
 _PUSH_FIELDS = frozenset(PUSH_FIELDS)
+# Fields that differ from task to task in a batch; the others are checked once per run of equal values.
+_PER_TASK_FIELDS = frozenset(("task_id", "args", "kwargs", "parameters"))
 # Targets already checked, (func, module, fclass, path, lang, name limit) -> normalised.
 _checked_targets: dict[tuple[Any, ...], tuple[str, str, str, str, str]] = {}
 _MAX_CHECKED_TARGETS = 10000
@@ -169,40 +181,81 @@ def check_push(
     queue_index = get("queue_index", 0)
     if queue_index.__class__ is not int or queue_index not in queue_indexes:
         queue_index = check_queue_index(queue_index, queue_indexes)
+    extra: list[tuple[str, Any]] = []
     max_retry = get("max_retry", 1)
     if max_retry is None:
         max_retry = 1
-    if isinstance(max_retry, bool) or not isinstance(max_retry, int):
-        raise InvalidTaskError(f"max_retry must be an integer, got {type(max_retry).__name__}")
-    if not 0 <= max_retry <= limits.max_retry:
-        raise InvalidTaskError(f"max_retry must be between 0 and {limits.max_retry}, got {max_retry}")
-    retry_delay = get("retry_delay", False)
-    if retry_delay is None:
-        retry_delay = False
-    if not isinstance(retry_delay, bool):
-        raise InvalidTaskError(f"retry_delay must be true or false, got {retry_delay!r:.40}")
+    elif max_retry != 1 or max_retry.__class__ is not int:
+        if isinstance(max_retry, bool) or not isinstance(max_retry, int):
+            raise InvalidTaskError(f"max_retry must be an integer, got {type(max_retry).__name__}")
+        if not 0 <= max_retry <= limits.max_retry:
+            raise InvalidTaskError(f"max_retry must be between 0 and {limits.max_retry}, got {max_retry}")
+        extra.append(("max_retry", max_retry))
+    retry_delay = get("retry_delay")
+    if retry_delay is not None and retry_delay is not False:
+        if retry_delay is not True:
+            raise InvalidTaskError(f"retry_delay must be true or false, got {retry_delay!r:.40}")
+        extra.append(("retry_delay", 1))
     delay = get("delay")
     delay = (_number("delay", delay, 0, limits.max_delay) or 0.0) if delay is not None else 0.0
     timeout = get("timeout")
     if timeout is not None:
         timeout = _number("timeout", timeout, 0.001, limits.max_timeout)
     result_ttl = get("result_ttl")
-    if result_ttl is not None and (isinstance(result_ttl, bool) or not isinstance(result_ttl, int)
-                                   or not 0 <= result_ttl <= limits.max_result_ttl):
-        raise InvalidTaskError(f"result_ttl must be an integer of seconds from 0 to {limits.max_result_ttl}, "
-                               f"got {result_ttl!r:.40}")
-    task_id = get("task_id")
-    task_id = check_task_id(task_id) if task_id is not None else new_id()
-    params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
-    extra: list[tuple[str, Any]] = []
-    if max_retry != 1:
-        extra.append(("max_retry", max_retry))
-    if retry_delay:
-        extra.append(("retry_delay", 1))
     if result_ttl is not None:
+        if (isinstance(result_ttl, bool) or not isinstance(result_ttl, int)
+                or not 0 <= result_ttl <= limits.max_result_ttl):
+            raise InvalidTaskError(f"result_ttl must be an integer of seconds from 0 to {limits.max_result_ttl}, "
+                                   f"got {result_ttl!r:.40}")
         extra.append(("result_ttl", result_ttl))
+    task_id = get("task_id")
+    if task_id is None:
+        task_id = new_id()
+    elif task_id.__class__ is not str or not _TASK_ID.match(task_id):
+        check_task_id(task_id)
+    params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
     body = encode_body(func, module, fclass, path, lang, params, timeout, max_retry)
-    return TaskSpec(id=task_id, queue_index=queue_index, key=key, delay=delay, body=body, options=tuple(extra))
+    return TaskSpec(task_id, queue_index, key, delay, body, tuple(extra))
+
+
+def check_pushes(
+    tasks: Iterable[Any],
+    queue_indexes: Iterable[int],
+    limits: LimitsConfig,
+    allow_pickle: bool = False,
+) -> list[TaskSpec]:
+    """:func:`check_push` for each task of a batch, naming the position of a bad one.
+
+    Tasks usually differ only in their id and arguments: the other fields are
+    checked once for each run of tasks where they are the same.
+    """
+    specs: list[TaskSpec] = []
+    shared: Any = None
+    template: TaskSpec | None = None
+    prefix = b""
+    for i, options in enumerate(tasks):
+        if options.__class__ is not dict and not isinstance(options, Mapping):
+            raise InvalidTaskError(f"tasks[{i}] must be a dict, got {type(options).__name__}")
+        try:
+            fields = [(k, v) for k, v in options.items() if k not in _PER_TASK_FIELDS]
+            get = options.get
+            if template is None or fields != shared:
+                template = check_push(options, queue_indexes, limits, allow_pickle)
+                params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
+                prefix = template.body[:len(template.body) - len(codec.pack(params))]
+                shared = fields
+                specs.append(template)
+                continue
+            task_id = get("task_id")
+            if task_id is None:
+                task_id = new_id()
+            elif task_id.__class__ is not str or not _TASK_ID.match(task_id):
+                check_task_id(task_id)
+            params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
+            specs.append(template._replace(id=task_id, body=prefix + codec.pack(params)))
+        except InvalidTaskError as exc:
+            raise type(exc)(f"tasks[{i}]: {exc}") from None
+    return specs
 
 
 def _parameters(parameters: Any, args: Any, kwargs: Any, limits: LimitsConfig, allow_pickle: bool) -> bytes:
@@ -220,14 +273,18 @@ def _parameters(parameters: Any, args: Any, kwargs: Any, limits: LimitsConfig, a
         args, kwargs = codec.decode_parameters(data)
     if args is None:
         args = []
-    if kwargs is None:
+    elif args.__class__ is not list:
+        if not isinstance(args, (list, tuple)):
+            raise InvalidTaskError(f"args must be a list, got {type(args).__name__}")
+        args = list(args)
+    if not kwargs:
+        if kwargs is not None and kwargs.__class__ is not dict:
+            raise InvalidTaskError("kwargs must be a dict with string keys")
         kwargs = {}
-    if not isinstance(args, (list, tuple)):
-        raise InvalidTaskError(f"args must be a list, got {type(args).__name__}")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+    elif not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise InvalidTaskError("kwargs must be a dict with string keys")
     try:
-        data = codec.encode_parameters(args, kwargs)
+        data = codec.pack([args, kwargs])
     except CodecError as exc:
         raise CodecError(f"args/kwargs: {exc}") from None
     if len(data) > limits.max_payload:

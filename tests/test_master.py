@@ -547,6 +547,32 @@ def test_push_tasks_returns_ids_in_order_across_queue_indexes(call, ra, rb):
     assert rb.lrange("ppq:1:queue", 0, -1) == [ids[1].encode()]
 
 
+def test_push_tasks_runs_of_alike_tasks_keep_each_task_its_own_fields(call):
+    """Tasks that share their fields but the id and arguments are checked once per run: each still
+    gets its own arguments, and a change of any other field starts a new run."""
+    tasks = []
+    for i in range(30):
+        task = {"func": "add", "module": "tasks", "args": [i, i]}
+        if 10 <= i < 20:
+            task.update(max_retry=5, timeout=2.5, kwargs={"n": i})
+        if i >= 20:
+            task.update(func="echo", parameters=encode_parameters([i], {"k": "v"}))
+            del task["args"]
+        tasks.append(task)
+    tasks.append({"func": "add", "module": "tasks", "args": [1], "bogus": 1})
+    with pytest.raises(InvalidTaskError, match=r"tasks\[30\]: unknown push option 'bogus'"):
+        call("push_tasks", tasks)
+    ids = call("push_tasks", tasks[:30])
+    for i, task_id in enumerate(ids):
+        info = call("get_task_info", task_id, 0)
+        if i < 10:
+            assert (info["func"], info["args"], info["kwargs"], info["max_retry"]) == ("add", [i, i], {}, 1)
+        elif i < 20:
+            assert (info["args"], info["kwargs"], info["max_retry"], info["timeout"]) == ([i, i], {"n": i}, 5, 2.5)
+        else:
+            assert (info["func"], info["args"], info["kwargs"]) == ("echo", [i], {"k": "v"})
+
+
 def test_push_with_the_same_task_id_is_stored_once(call, ra):
     a = call("push_task", "add", module="tasks", args=[1, 2], task_id="fixed-id-1")
     b = call("push_task", "add", module="tasks", args=[1, 2], task_id="fixed-id-1")
