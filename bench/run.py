@@ -50,12 +50,11 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import psutil  # noqa: E402
 import redis  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
 import refs  # noqa: E402
 from peers.base import BenchContext, Peer, free_port, stop_all_spawned, stop_procs  # noqa: E402
 from peers.noop_tasks import DONE_KEY, LAT_KEY  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 SYSTEMS: dict[str, tuple[str, str]] = {
     "ppq": ("peers.ppq_peer", "PpqPeer"),
