@@ -122,7 +122,14 @@ def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--config", "sub_config", type=click.Path(dir_okay=False), default=None,
                       help="YAML config file.")(fn)
     fn = click.option("--log-level", "sub_log_level", default=None, help="DEBUG, INFO, WARNING, ERROR.")(fn)
+    fn = click.option("--log-format", type=click.Choice(["text", "json"]), default=None, expose_value=False,
+                      callback=_set_log_format, help="text, or json lines for log shippers.")(fn)
     return fn
+
+
+def _set_log_format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.obj["overrides"]["log_format"] = value
 
 
 def _apply_sub(ctx: click.Context, sub_config: str | None, sub_log_level: str | None) -> None:
@@ -284,6 +291,7 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     env = dict(os.environ)
     if config.log_level:
         env["PPQ_LOG_LEVEL"] = config.log_level
+    env["PPQ_LOG_FORMAT"] = config.log_format
     children = [subprocess.Popen(command, env=env) for _ in range(workers)]
     allowed = ", ".join(config.worker.allowed_modules) or "none: pass --allow MODULE"
     console.print(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "

@@ -748,3 +748,18 @@ def test_push_many_and_results(master, client, spawn):
     assert results[ids[0]] == 3
     assert results[ids[1]] == {"args": ["a"], "kwargs": {"b": 2}}
     assert isinstance(results[ids[2]], TaskFailedError) and "many" in results[ids[2]].error
+
+
+def test_log_format_is_taken_after_the_command_too(spawn, redis_a, tmp_path):
+    """`ppq master --log-format json` (the flag after the command, as for --log-level) logs JSON lines."""
+    port = free_port()
+    err_path = tmp_path / "master.err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ppq", "master", "--log-format", "json", "--log-level", "INFO",
+                                 "--port", str(port), "--redis-map", f"0={redis_a.url}"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=spawn.env(), cwd=str(TESTS_DIR))
+    spawn.procs.append(proc)
+    lines = wait_for(lambda: [x for x in err_path.read_text().splitlines() if x.strip()], what="a log line")
+    assert proc.poll() is None, err_path.read_text()
+    for line in lines:
+        assert json.loads(line)["logger"].startswith("ppq"), line
