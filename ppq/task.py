@@ -162,6 +162,15 @@ def _number(name: str, value: Any, low: float, high: float, allow_none: bool = T
     return float(value)
 
 
+def _task_id(value: Any) -> str:
+    """The pushed task_id, checked, or a new one."""
+    if value is None:
+        return new_id()
+    if value.__class__ is not str or not _TASK_ID.match(value):
+        check_task_id(value)
+    return value  # type: ignore[no-any-return]
+
+
 def check_push(
     options: Mapping[str, Any],
     queue_indexes: Iterable[int],
@@ -208,11 +217,7 @@ def check_push(
             raise InvalidTaskError(f"result_ttl must be an integer of seconds from 0 to {limits.max_result_ttl}, "
                                    f"got {result_ttl!r:.40}")
         extra.append(("result_ttl", result_ttl))
-    task_id = get("task_id")
-    if task_id is None:
-        task_id = new_id()
-    elif task_id.__class__ is not str or not _TASK_ID.match(task_id):
-        check_task_id(task_id)
+    task_id = _task_id(get("task_id"))
     params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
     body = encode_body(func, module, fclass, path, lang, params, timeout, max_retry)
     return TaskSpec(task_id, queue_index, key, delay, body, tuple(extra))
@@ -246,11 +251,7 @@ def check_pushes(
                 shared = fields
                 specs.append(template)
                 continue
-            task_id = get("task_id")
-            if task_id is None:
-                task_id = new_id()
-            elif task_id.__class__ is not str or not _TASK_ID.match(task_id):
-                check_task_id(task_id)
+            task_id = _task_id(get("task_id"))
             params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
             specs.append(template._replace(id=task_id, body=prefix + codec.pack(params)))
         except InvalidTaskError as exc:
