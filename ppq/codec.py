@@ -51,14 +51,11 @@ def pack(obj: Any) -> bytes:
 def encode(obj: Any, use_pickle: bool = False) -> bytes:
     """Encode ``obj``; with ``use_pickle`` fall back to pickle for non JSON-like data."""
     try:
-        return msgpack.packb(obj, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
+        return pack(obj)
+    except CodecError:
         if use_pickle:
             return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        raise CodecError(
-            f"cannot encode a value of type {type(_offender(obj)).__name__}: the default codec "
-            f"carries JSON-like data and bytes ({exc})"
-        ) from None
+        raise
 
 
 def _offender(obj: Any) -> Any:
