@@ -27,7 +27,7 @@ from .errors import (
     StorageError,
 )
 from .store import Store
-from .task import FINAL_STATES, check_push, check_pushes, check_queue_index, check_task_id
+from .task import FINAL_STATES, TaskSpec, check_push, check_pushes, check_queue_index, check_task_id
 
 log = logging.getLogger("ppq.master")
 
@@ -39,25 +39,72 @@ MAX_WORKER_INFO = 16 * 1024
 SUMMARY_INTERVAL = 60.0
 
 
+class Waiter:
+    """One long-poll waiting on this master: woken, or handed tasks leased by a push."""
+
+    __slots__ = ("wid", "count", "seen", "event", "tasks")
+
+    def __init__(self, wid: str, count: int, seen: float) -> None:
+        self.wid = wid
+        self.count = count
+        self.seen = seen
+        self.event = threading.Event()
+        # Set, with the event, by a push that claimed this waiter: the tasks it leased to it.
+        self.tasks: list[dict[str, Any]] | None = None
+
+    def hand(self, tasks: list[dict[str, Any]]) -> None:
+        self.tasks = tasks
+        self.event.set()
+
+
 class Waker:
-    """Wakes the threads long-polling one queue_index when tasks become ready."""
+    """The long-polls of one queue_index waiting on this master.
+
+    A push on this master claims the longest-waiting one and leases tasks to it in
+    the push's own script (:meth:`claim`); tasks made ready elsewhere arrive as a
+    published count and wake that many (:meth:`wake`).
+    """
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
         self.generation = 0
+        self.idle: dict[Waiter, None] = {}
 
     def wake(self, count: int) -> None:
-        with self.cond:
+        """Wake ``count`` idle waiters (all when ``count`` <= 0) to look for tasks."""
+        with self.lock:
             self.generation += 1
-            if count <= 0:
-                self.cond.notify_all()
-            else:
-                self.cond.notify(count)
+            n = len(self.idle) if count <= 0 else min(count, len(self.idle))
+            for _ in range(n):
+                waiter = next(iter(self.idle))
+                del self.idle[waiter]
+                waiter.event.set()
 
-    def wait(self, generation: int, timeout: float) -> None:
-        with self.cond:
-            if self.generation == generation:
-                self.cond.wait(timeout)
+    def claim(self) -> Waiter | None:
+        """Take the longest-waiting idle waiter; the caller must ``hand()`` it its tasks."""
+        with self.lock:
+            if not self.idle:
+                return None
+            waiter = next(iter(self.idle))
+            del self.idle[waiter]
+            return waiter
+
+    def wait(self, waiter: Waiter, generation: int, timeout: float) -> list[dict[str, Any]] | None:
+        """Wait until woken, handed tasks (returned) or ``timeout``; at once if a wake-up
+        came after ``generation``."""
+        with self.lock:
+            if self.generation != generation:
+                return None
+            waiter.event.clear()
+            waiter.tasks = None
+            self.idle[waiter] = None
+        if not waiter.event.wait(timeout):
+            with self.lock:
+                if self.idle.pop(waiter, True) is None:
+                    return None
+            # Woken or claimed just now: a claim always ends in hand().
+            waiter.event.wait()
+        return waiter.tasks
 
 
 def worker_id_of(worker_info: Any) -> str:
@@ -239,17 +286,22 @@ class Master:
         # Register as a waiter first, then look again: a push in between is not missed.
         member = f"{self.id}:{threading.get_ident()}"
         store.add_waiter(member, wait)
+        seen = self._seen(worker_info)
+        waiter = Waiter(wid, count, seen)
         try:
             deadline = time.monotonic() + wait
             generation = waker.generation
-            _, tasks = store.report(wid, [], count, self._seen(worker_info))
+            _, tasks = store.report(wid, [], count, seen)
             while not tasks:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
                     break
-                waker.wait(generation, remaining)
+                handed = waker.wait(waiter, generation, remaining)
+                if handed:
+                    tasks = handed
+                    break
                 generation = waker.generation
-                _, tasks = store.report(wid, [], count, self._seen(worker_info))
+                _, tasks = store.report(wid, [], count, seen)
             if tasks and log.isEnabledFor(logging.DEBUG):
                 self._log_changes(store.queue_index, wid, [], [], tasks)
         finally:
@@ -340,11 +392,26 @@ class Master:
             "timeout": timeout, "result_ttl": result_ttl, "task_id": task_id,
         }
         spec = check_push(options, self.stores, self.limits, self.config.master.allow_pickle)
-        task_id = self.stores[spec.queue_index].push([spec])[0]
+        task_id = self._push(spec.queue_index, [spec])[0]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("queue_index %s: task %s pushed%s", spec.queue_index, task_id,
                       f" (delay {spec.delay:g}s)" if spec.delay else "")
         return task_id
+
+    def _push(self, queue_index: int, specs: list[TaskSpec]) -> list[str]:
+        """Store tasks; when one is ready at once and a long-poll waits here, lease to it in the same step."""
+        store = self.stores[queue_index]
+        waiter = None
+        if any(not spec.delay for spec in specs):
+            waiter = self.wakers[queue_index].claim()
+        if waiter is None:
+            return store.push(specs)[0]
+        tasks: list[dict[str, Any]] = []
+        try:
+            ids, tasks = store.push(specs, (waiter.wid, waiter.count, waiter.seen))
+        finally:
+            waiter.hand(tasks)
+        return ids
 
     @rpc.remote
     def push_tasks(self, tasks: Any) -> list[str]:
@@ -359,7 +426,7 @@ class Master:
             by_queue.setdefault(spec.queue_index, []).append(i)
         ids: list[str] = [""] * len(specs)
         for qi, positions in by_queue.items():
-            for pos, tid in zip(positions, self.stores[qi].push([specs[p] for p in positions]), strict=True):
+            for pos, tid in zip(positions, self._push(qi, [specs[p] for p in positions]), strict=True):
                 ids[pos] = tid
         if log.isEnabledFor(logging.DEBUG):
             for spec, tid in zip(specs, ids, strict=True):

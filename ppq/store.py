@@ -61,11 +61,37 @@ local _t = redis.call('TIME')
 local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
 """
 
-# ARGV: prefix, then per task: id, key, delay, body, n, and n field/value pairs
-# (the options that differ from their defaults). Returns {position, id} pairs, flat,
-# for the tasks whose id is not the one given (a waiting task with the same key).
+# Leases up to `count` ready tasks to worker `wid` for `lt` seconds into `out`:
+# rows of {id, body, retry, lease, ready since}.
+_LEASE = """
+local out = {}
+while #out < count do
+  local id = redis.call('LPOP', P .. 'queue')
+  if not id then break end
+  local tk = P .. 't:' .. id
+  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created')
+  if f[1] == 'queued' or f[1] == 'failed' then
+    local attempts = redis.call('HINCRBY', tk, 'attempts', 1)
+    local lease = wid .. '/' .. attempts
+    redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now)
+    redis.call('ZADD', P .. 'running', now + lt, id)
+    if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
+      redis.call('HDEL', P .. 'keys', f[2])
+    end
+    out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
+  end
+end
+if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end
+"""
+
+# ARGV: prefix, worker id ('' for none), how many to lease to it, lease seconds, seconds until
+# the worker counts as gone, then per task: id, key, delay, body, n, and n field/value pairs
+# (the options that differ from their defaults). Returns {renamed, leased}: renamed is
+# {position, id} pairs, flat, for the tasks whose id is not the one given (a waiting
+# task with the same key); leased holds the rows leased to the worker, as the report
+# script's.
 _PUSH = _NOW + """
-local P = ARGV[1]
+local P, wid, count, lt, seen = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local renamed = {}
 local position = 0
 -- New ready ids, appended to the queue in bulk (in push order).
@@ -75,7 +101,7 @@ local function flush()
   fresh = {}
 end
 local ready, pushed = 0, 0
-local i = 2
+local i = 6
 while i <= #ARGV do
   local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
   local first, last = i + 5, i + 4 + 2 * n
@@ -132,10 +158,14 @@ while i <= #ARGV do
 end
 flush()
 if pushed > 0 then redis.call('HINCRBY', P .. 'stats', 'pushed', pushed) end
+if wid == '' then count = 0 end
+""" + _LEASE + """
+if #out > 0 then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
+ready = ready - #out
 if ready > 0 and redis.call('ZCOUNT', P .. 'waiters', now, '+inf') > 0 then
   redis.call('PUBLISH', P .. 'wake', ready)
 end
-return renamed
+return {renamed, out}
 """
 
 # ARGV: prefix, worker id, how many to lease, lease seconds, seconds until the
@@ -214,25 +244,7 @@ if failed_n > 0 then
   redis.call('HINCRBY', P .. 'stats', 'errors', failed_n)
   redis.call('HINCRBY', P .. 'rate', 'f:' .. bucket, failed_n)
 end
-local out = {}
-while #out < count do
-  local id = redis.call('LPOP', P .. 'queue')
-  if not id then break end
-  local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created')
-  if f[1] == 'queued' or f[1] == 'failed' then
-    local attempts = redis.call('HINCRBY', tk, 'attempts', 1)
-    local lease = wid .. '/' .. attempts
-    redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now)
-    redis.call('ZADD', P .. 'running', now + lt, id)
-    if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
-      redis.call('HDEL', P .. 'keys', f[2])
-    end
-    out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
-  end
-end
-if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end
-if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+""" + _LEASE + """if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 if wid ~= '' and not refused then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
 return {accepted, out}
 """
@@ -573,18 +585,26 @@ class Store:
         return bool(self.redis.ping())
 
     @_storage_errors
-    def push(self, specs: Sequence[TaskSpec]) -> list[str]:
-        """Store tasks (or update waiting ones with the same key); return their ids in order."""
-        args: list[Any] = [self.prefix]
+    def push(self, specs: Sequence[TaskSpec], lease_to: tuple[str, int, float] | None = None
+             ) -> tuple[list[str], list[dict[str, Any]]]:
+        """Store tasks (or update waiting ones with the same key); return their ids in order.
+
+        With ``lease_to`` = (worker id, count, seen), up to ``count`` ready tasks are
+        then leased to that worker in the same step, as :meth:`report` would, and
+        returned second; a push that hands work straight to a waiting worker saves the
+        wake-up round.
+        """
+        wid, count, seen = lease_to or ("", 0, 0.0)
+        args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen]
         for spec in specs:
             args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:
                 args += [name, value]
         ids = [spec.id for spec in specs]
-        renamed = self._push(args)
+        renamed, leased = self._push(args)
         for k in range(0, len(renamed), 2):
             ids[int(renamed[k]) - 1] = _text(renamed[k + 1])
-        return ids
+        return ids, [task_of(row, self.queue_index) for row in leased]
 
     @_storage_errors
     def report(self, worker_id: str, reports: Iterable[dict[str, Any]], count: int, seen: float,
