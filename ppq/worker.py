@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,13 +108,17 @@ def execute(task: dict[str, Any], allowed_modules: list[str], allowed_paths: lis
 
 
 def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed_paths: list[str],
-                   allow_pickle: bool) -> None:
+                   allow_pickle: bool, inherited: Sequence[Any] = ()) -> None:
     """An executor process: run the batches of tasks the agent sends until it sends None.
 
     ``progress`` is shared memory: [index in the batch of the task running now,
     its start on the monotonic clock]; the agent reads it to enforce timeouts.
     Results go back in small groups, at once for a task that took a while.
     """
+    # A forked executor holds copies of the agent's ends of the pipes: closed, so that
+    # the agent's exit reaches it as end of file.
+    for other in inherited:
+        other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for name in ("SIGUSR1", "SIGUSR2"):
@@ -215,12 +219,15 @@ class Slot:
 class ProcessSlot(Slot):
     """One executor process."""
 
-    def __init__(self, index: int, ctx: Any, options: tuple[Any, ...]) -> None:
+    def __init__(self, index: int, ctx: Any, options: tuple[Any, ...], siblings: Sequence[ProcessSlot] = ()
+                 ) -> None:
         super().__init__()
         self.index = index
         self.progress = ctx.Array("d", 2, lock=False)
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_executor_main, args=(child, self.progress, *options),
+        # Forked (not from the fork server): the agent's ends of its pipes are inherited.
+        inherited = [self.conn, *(s.conn for s in siblings)] if ctx.get_start_method() == "fork" else []
+        self.process = ctx.Process(target=_executor_main, args=(child, self.progress, *options, inherited),
                                    name=f"ppq-executor-{index}", daemon=True)
         self.process.start()
         child.close()
@@ -631,10 +638,20 @@ class Agent:
         return ProcessSlot(index, self._mp, self._options())
 
     def _start_executors(self) -> None:
-        if self.config.worker.pool == "processes":
-            self._mp = multiprocessing.get_context("forkserver")
-            self._mp.set_forkserver_preload(["ppq.worker"])
-        self.slots = [self._new_slot(i) for i in range(self.concurrency)]
+        if self.config.worker.pool != "processes":
+            self.slots = [self._new_slot(i) for i in range(self.concurrency)]
+            return
+        self._mp = multiprocessing.get_context("forkserver")
+        self._mp.set_forkserver_preload(["ppq.worker"])
+        # The first executors are forked from this process while it has no other thread,
+        # which is safe and saves starting the fork server (a fresh interpreter) before
+        # the first task can run; replacements, forked later, come from the fork server.
+        first = self._mp
+        if sys.platform == "linux" and threading.active_count() == 1:
+            first = multiprocessing.get_context("fork")
+        self.slots = []
+        for i in range(self.concurrency):
+            self.slots.append(ProcessSlot(i, first, self._options(), self.slots))
 
     def _replace(self, slot: Any) -> None:
         slot.kill()

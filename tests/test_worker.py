@@ -265,6 +265,18 @@ def test_executor_killed_with_sigkill_is_replaced_and_its_task_reported(master, 
     assert proc.poll() is None
 
 
+def test_executors_exit_when_their_agent_is_killed(master, call, spawn):
+    proc = spawn.worker(address_of(master), concurrency=2)
+    worker_entry(call, proc.pid)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    executors = wait_for(lambda: len(pids := children.read_text().split()) == 2 and [int(p) for p in pids],
+                         what="two executor processes")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    for pid in executors:
+        wait_for(lambda pid=pid: pid_gone(pid), timeout=10, what=f"executor {pid} to exit")
+
+
 def test_thread_pool_runs_tasks_in_the_agent_process(master, call, spawn, tmp_path):
     proc = spawn.worker(address_of(master), concurrency=2, extra=("--pool", "threads"))
     task_id = push(call, "tasks.pid")
