@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import codec
@@ -95,27 +96,53 @@ class Client:
         """Push many tasks, ``chunk`` per round trip.
 
         Each item is ``(target, args)``, ``(target, args, kwargs)`` or a dict of
-        push_task fields. ``options`` apply to every task.
+        push_task fields. ``options`` apply to every task. While the master stores
+        one chunk, the next is built.
         """
-        batch: list[dict[str, Any]] = []
+        chunks = self._chunks(tasks, max(1, chunk), options)
+        first = next(chunks, None)
+        if first is None:
+            return []
+        if len(first) < chunk:
+            return list(self.call("push_tasks", first))
         ids: list[str] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="ppq-push-many") as builder:
+            batch: list[dict[str, Any]] | None = first
+            while batch is not None:
+                following = builder.submit(next, chunks, None)
+                ids.extend(self.call("push_tasks", batch))
+                batch = following.result()
+        return ids
+
+    def _chunks(self, tasks: Iterable[Any], chunk: int, options: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
+        batch: list[dict[str, Any]] = []
         base = new_id()[:22]
+        names: dict[str, tuple[str, str, str | None]] = {}
+        # The usual item, (dotted name, args), becomes its dict here without _task's general path.
+        plain = not options and not self.allow_pickle
+        queue_index = self.queue_index
         for n, item in enumerate(tasks):
             task_id = f"{base}{n:010x}"
             if isinstance(item, dict):
                 task = dict(options, **item)
                 task.setdefault("task_id", task_id)
-                task.setdefault("queue_index", self.queue_index)
+                task.setdefault("queue_index", queue_index)
             else:
                 target, args, *rest = item
-                task = self._task(target, args, rest[0] if rest else None, dict(options, task_id=task_id))
+                name = names.get(target) if plain and target.__class__ is str else None
+                if name is None or rest or args.__class__ not in (list, tuple):
+                    task = self._task(target, args, rest[0] if rest else None, dict(options, task_id=task_id))
+                    if plain and target.__class__ is str:
+                        names[target] = target_name(target)
+                else:
+                    task = {"func": name[1], "module": name[0], "task_id": task_id, "args": list(args),
+                            "kwargs": {}, "queue_index": queue_index}
             batch.append(task)
             if len(batch) >= chunk:
-                ids.extend(self.call("push_tasks", batch))
+                yield batch
                 batch = []
         if batch:
-            ids.extend(self.call("push_tasks", batch))
-        return ids
+            yield batch
 
     def info(self, task_id: str, queue_index: int | None = None) -> dict[str, Any] | None:
         """The task's record, or None if it is unknown."""

@@ -87,6 +87,7 @@ def decode_body(blob: bytes) -> dict[str, Any]:
 _PUSH_FIELDS = frozenset(PUSH_FIELDS)
 # Fields that differ from task to task in a batch; the others are checked once per run of equal values.
 _PER_TASK_FIELDS = frozenset(("task_id", "args", "kwargs", "parameters"))
+_NO_KWARGS = (dict, type(None))
 # Targets already checked, (func, module, fclass, path, lang, name limit) -> normalised.
 _checked_targets: dict[tuple[Any, ...], tuple[str, str, str, str, str]] = {}
 _MAX_CHECKED_TARGETS = 10000
@@ -235,25 +236,46 @@ def check_pushes(
     checked once for each run of tasks where they are the same.
     """
     specs: list[TaskSpec] = []
-    shared: Any = None
+    append = specs.append
+    make = tuple.__new__
+    pack = codec.pack
+    keys: Any = None
+    shared: list[tuple[str, Any]] = []
     template: TaskSpec | None = None
     prefix = b""
     for i, options in enumerate(tasks):
         if options.__class__ is not dict and not isinstance(options, Mapping):
             raise InvalidTaskError(f"tasks[{i}] must be a dict, got {type(options).__name__}")
         try:
-            fields = [(k, v) for k, v in options.items() if k not in _PER_TASK_FIELDS]
             get = options.get
-            if template is None or fields != shared:
+            if template is None or options.keys() != keys or any(get(k) != v for k, v in shared):
                 template = check_push(options, queue_indexes, limits, allow_pickle)
                 params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
-                prefix = template.body[:len(template.body) - len(codec.pack(params))]
-                shared = fields
-                specs.append(template)
+                prefix = template.body[:len(template.body) - len(pack(params))]
+                keys = options.keys()
+                shared = [(k, v) for k, v in options.items() if k not in _PER_TASK_FIELDS]
+                append(template)
                 continue
-            task_id = _task_id(get("task_id"))
-            params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
-            specs.append(template._replace(id=task_id, body=prefix + codec.pack(params)))
+            task_id = get("task_id")
+            if task_id is None:
+                task_id = new_id()
+            elif task_id.__class__ is not str or not _TASK_ID.match(task_id):
+                check_task_id(task_id)
+            args = get("args")
+            kwargs = get("kwargs")
+            if args.__class__ is list and not kwargs and kwargs.__class__ in _NO_KWARGS and "parameters" not in options:
+                # The usual task, a list of arguments: _parameters' checks, inlined.
+                try:
+                    params = pack([args, {}])
+                except CodecError as exc:
+                    raise CodecError(f"args/kwargs: {exc}") from None
+                if len(params) > limits.max_payload:
+                    raise InvalidTaskError(f"parameters are {len(params)} bytes, more than the limit of "
+                                           f"{limits.max_payload}")
+            else:
+                params = _parameters(get("parameters"), args, kwargs, limits, allow_pickle)
+            body = prefix + pack(params)
+            append(make(TaskSpec, (task_id, template[1], template[2], template[3], body, template[5])))
         except InvalidTaskError as exc:
             raise type(exc)(f"tasks[{i}]: {exc}") from None
     return specs

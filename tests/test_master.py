@@ -27,7 +27,7 @@ from ppq import (
     TaskFailedError,
     encode_parameters,
 )
-from ppq.codec import encode
+from ppq.codec import decode_parameters, encode
 
 from . import tasks
 from .conftest import address_of, redis_snapshot, wait_for, wait_state
@@ -573,6 +573,72 @@ def test_push_tasks_runs_of_alike_tasks_keep_each_task_its_own_fields(call):
             assert (info["func"], info["args"], info["kwargs"]) == ("echo", [i], {"k": "v"})
 
 
+def _long_poll(master, count, wait, out):
+    """get_tasks(count, wait) in a thread with its own connection; the reply lands in ``out``."""
+    def run():
+        caller = PyroFunc(master.uri, timeout=wait + 10)
+        try:
+            started = time.monotonic()
+            out["tasks"] = caller("get_tasks", W1, 0, count, wait)
+            out["seconds"] = time.monotonic() - started
+        finally:
+            caller.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _waiting(server):
+    """True once a long-poll waits idle in ``server`` (its look at the queue is over)."""
+    return bool(server.master.wakers[0].idle)
+
+
+def test_push_hands_tasks_to_a_long_poll_on_the_same_master(master, call, ra):
+    out = {}
+    thread = _long_poll(master, 3, 20, out)
+    wait_for(lambda: _waiting(master), what="the long-poll to wait")
+    ids = call("push_tasks", [{"func": "add", "module": "tasks", "args": [i, i]} for i in range(5)])
+    thread.join(15)
+    assert not thread.is_alive() and out["seconds"] < 10
+    got = out["tasks"]
+    assert [t["id"] for t in got] == ids[:3]
+    assert [decode_parameters(t["parameters"]) for t in got] == [([i, i], {}) for i in range(3)]
+    for task in got:
+        assert ra.hget(f"ppq:0:t:{task['id']}", "state") == b"running"
+        assert ra.hget(f"ppq:0:t:{task['id']}", "worker") == W1["id"].encode()
+        assert task["lease"] == ra.hget(f"ppq:0:t:{task['id']}", "lease").decode()
+    assert [x.decode() for x in ra.lrange("ppq:0:queue", 0, -1)] == ids[3:]
+    assert call("server_info")[0]["leased"] == 3
+    # The leases are good: the worker can finish the handed tasks.
+    for task in got:
+        call("task_finish", task["id"], W1, 0, result=1, lease=task["lease"])
+    assert [call("get_task_info", t["id"])["state"] for t in got] == ["done"] * 3
+
+
+def test_push_on_one_master_wakes_a_long_poll_on_another(make_master, master, call, ra):
+    other = make_master()
+    out = {}
+    thread = _long_poll(other, 1, 20, out)
+    wait_for(lambda: _waiting(other), what="the long-poll to wait")
+    assert not _waiting(master)
+    (task_id,) = call("push_tasks", [{"func": "add", "module": "tasks", "args": [1, 2]}])
+    thread.join(15)
+    assert not thread.is_alive() and out["seconds"] < 10
+    assert [t["id"] for t in out["tasks"]] == [task_id]
+    assert call("get_task_info", task_id)["state"] == "running"
+
+
+def test_delayed_push_is_not_handed_to_a_long_poll(master, call, ra):
+    out = {}
+    thread = _long_poll(master, 1, 1.5, out)
+    wait_for(lambda: _waiting(master), what="the long-poll to wait")
+    task_id = call("push_task", "add", module="tasks", args=[1, 2], delay=30)
+    thread.join(15)
+    assert out["tasks"] == [] and out["seconds"] >= 1.4
+    assert call("get_task_info", task_id)["state"] == "delayed"
+
+
 def test_push_with_the_same_task_id_is_stored_once(call, ra):
     a = call("push_task", "add", module="tasks", args=[1, 2], task_id="fixed-id-1")
     b = call("push_task", "add", module="tasks", args=[1, 2], task_id="fixed-id-1")
@@ -685,6 +751,30 @@ def test_client_push_many_and_results(master, call):
         got = dict(client.results(ids, timeout=10))
         assert got == {ids[i]: 2 * i for i in range(5)} | {ids[5]: {"args": [1], "kwargs": {"x": 2}}, ids[6]: 14}
         assert dict(client.results(small_chunks, timeout=10)) == dict.fromkeys(small_chunks, 2)
+    finally:
+        client.close()
+
+
+def test_client_push_many_in_chunks_keeps_order_and_stops_at_a_bad_item(master, call):
+    client = Client([address_of(master)])
+    try:
+        items = [("tasks.add", (i, 1)) if i % 3 else ("tasks.echo", [i], {"k": i}) for i in range(11)]
+        ids = client.push_many(iter(items), chunk=4)
+        assert len(set(ids)) == 11
+        for i, tid in enumerate(ids):
+            info = client.info(tid)
+            assert info["func"] == ("add" if i % 3 else "echo")
+            assert info["args"] == [i, 1] if i % 3 else info["kwargs"] == {"k": i}
+
+        def bad_after_five():
+            yield from [("tasks.add", (i, 0)) for i in range(5)]
+            yield ("not-a-dotted-name", ())
+
+        before = call("server_info")[0]["queued"]
+        with pytest.raises(InvalidTaskError, match="not-a-dotted-name"):
+            client.push_many(bad_after_five(), chunk=2)
+        # Whole chunks before the bad item were stored; the chunk holding it was not.
+        assert call("server_info")[0]["queued"] == before + 4
     finally:
         client.close()
 
