@@ -11,6 +11,8 @@ per push) and a Pyro5-fronted queue (one RPC per push) can reach on this machine
 
 from __future__ import annotations
 
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,8 +29,9 @@ REF_KEY = "bench:ref"
 ECHO_START_TIMEOUT = 20.0
 
 
-def redis_loop(redis_url: str, n: int) -> dict[str, float]:
-    """ops/s of RPUSH (n calls) and then LPOP (n calls), one connection."""
+def redis_loop(redis_url: str, n: int, samples: int = 100) -> dict[str, float]:
+    """ops/s of RPUSH (n calls) and then LPOP (n calls), one connection; then the
+    round trip of a PING sent after an idle gap (``samples`` of them)."""
     import redis
 
     r = redis.Redis.from_url(redis_url)
@@ -42,12 +45,27 @@ def redis_loop(redis_url: str, n: int) -> dict[str, float]:
         lpop(REF_KEY)
     t2 = time.perf_counter()
     r.delete(REF_KEY)
+    idle = idle_round_trips(r.ping, samples)
     r.close()
-    return {"rpush_per_s": n / (t1 - t0), "lpop_per_s": n / (t2 - t1)}
+    return {"rpush_per_s": n / (t1 - t0), "lpop_per_s": n / (t2 - t1), "redis_idle_rt_ms": idle}
 
 
-def pyro_echo(n: int, log_dir: Path, serializers: tuple[str, ...] = ("marshal", "msgpack")) -> dict[str, float]:
-    """calls/s of ``echo(i)`` through one proxy, for each serializer."""
+def idle_round_trips(call: Any, samples: int) -> float:
+    """Median ms of one ``call()`` made 20-80 ms after the last, as the latency phase spaces its
+    pushes: on an idle machine every process woken for it starts cold, which a tight loop hides."""
+    times = []
+    for _ in range(samples):
+        time.sleep(random.uniform(0.02, 0.08))
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def pyro_echo(n: int, log_dir: Path, serializers: tuple[str, ...] = ("marshal", "msgpack"),
+              samples: int = 100) -> dict[str, float]:
+    """calls/s of ``echo(i)`` through one proxy, for each serializer; then the round
+    trip of an echo sent after an idle gap (marshal, ``samples`` of them)."""
     import Pyro5.api
 
     port = free_port()
@@ -76,6 +94,8 @@ def pyro_echo(n: int, log_dir: Path, serializers: tuple[str, ...] = ("marshal", 
                 for i in range(n):
                     echo(i)
                 out[f"{ser}_per_s"] = n / (time.perf_counter() - t0)
+                if ser == "marshal":
+                    out["pyro_idle_rt_ms"] = idle_round_trips(lambda echo=echo: echo(0), samples)
     finally:
         stop_procs([server], grace=2.0)
     return out

@@ -434,6 +434,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                            ("marshal_per_s", "Pyro5 echo, marshal"), ("msgpack_per_s", "Pyro5 echo, msgpack")):
             rt.add_row(label, fmt(ref.get(key), "{:,.0f}"))
         out.print(rt)
+        it = Table(title="Idle round trips: one call 20-80 ms after the last, as the latency phase pushes "
+                         "(median ms); the floor under push-to-start latency")
+        it.add_column("reference")
+        it.add_column("ms", justify="right")
+        for key, label in (("redis_idle_rt_ms", "redis-py PING"), ("pyro_idle_rt_ms", "Pyro5 echo, marshal")):
+            it.add_row(label, fmt(ref.get(key), "{:.2f}"))
+        out.print(it)
     for name, data in systems.items():
         for e in data.get("errors", []):
             out.print(f"[red]{name}: {e}[/red]")
