@@ -146,7 +146,7 @@ def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed
 
 
 # Seconds an executor may hold finished results before sending them to the agent.
-_FLUSH_AFTER = 0.005
+_FLUSH_AFTER = 0.02
 # Most tasks handed to one executor at once.
 MAX_EXECUTOR_BATCH = 64
 
