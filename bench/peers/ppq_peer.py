@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -52,16 +53,22 @@ class PpqPeer(Peer):
         self.master = spawn(cmd, self.env, self.ctx.log_dir / "ppq-master.log")
         self.client = Client([f"PYRO:queue@127.0.0.1:{self.port}"], retry=1, timeout=30)
         deadline = time.monotonic() + MASTER_START_TIMEOUT
-        while True:
-            if self.master.poll() is not None:
-                raise RuntimeError(f"ppq master exited with {self.master.returncode}: see ppq-master.log")
-            try:
-                self.client.server_info()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("ppq master did not answer in time") from None
-                time.sleep(0.1)
+        rpc_log = logging.getLogger("ppq.rpc")
+        level = rpc_log.level
+        rpc_log.setLevel(logging.ERROR)  # no "trying the next master" line per probe while it starts
+        try:
+            while True:
+                if self.master.poll() is not None:
+                    raise RuntimeError(f"ppq master exited with {self.master.returncode}: see ppq-master.log")
+                try:
+                    self.client.server_info()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("ppq master did not answer in time") from None
+                    time.sleep(0.1)
+        finally:
+            rpc_log.setLevel(level)
 
     def stop(self) -> None:
         if getattr(self, "client", None) is not None:
