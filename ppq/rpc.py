@@ -116,6 +116,27 @@ def _plain_loader(name: str, serializer: Any) -> Callable[[bytes], Any] | None:
     return None
 
 
+def _fast_marshal_replies() -> None:
+    """Read marshal replies without Pyro5's walk over every value looking for class dicts
+    when the reply's bytes hold no "__class__" (the walk would rebuild the same data)."""
+    serializer = pyro_serializers.serializers["marshal"]
+    if getattr(serializer, "_ppq_fast_replies", False):
+        return
+    walk = serializer.loads
+
+    def loads(data: Any) -> Any:
+        raw = data if type(data) is bytes else bytes(data)
+        if b"__class__" not in raw:
+            return marshal.loads(raw)
+        return walk(raw)
+
+    serializer.loads = loads
+    serializer._ppq_fast_replies = True
+
+
+_fast_marshal_replies()
+
+
 def _guard_requests() -> None:
     """Make every serializer read a request's arguments as plain data (see :func:`_dict_to_class`)."""
     if getattr(SerializerBase, "_ppq_guarded", False):
