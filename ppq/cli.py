@@ -324,15 +324,15 @@ def _run_demo(config: Config, address: str, stop: threading.Event) -> None:
 
     client = Client([address], config=config)
     try:
-        ids = [client.push("ppq.demo.add", i, i) for i in range(5)]
-        ids += [client.push("ppq.demo.slow_square", i) for i in range(5)]
-        ids.append(client.push("ppq.demo.where"))
+        calls = {client.push("ppq.demo.add", i, i): f"add({i}, {i})" for i in range(5)}
+        calls.update({client.push("ppq.demo.slow_square", i): f"slow_square({i})" for i in range(5)})
+        calls[client.push("ppq.demo.where")] = "where()"
         failing = client.push("ppq.demo.fail", max_retry=0)
-        table = Table(title="demo tasks")
-        for name in ("task id", "result"):
+        table = Table(title="demo tasks, in the order they finished")
+        for name in ("task id", "call", "result"):
             table.add_column(name)
-        for task_id, value in client.results(ids, timeout=60):
-            table.add_row(task_id, json.dumps(value))
+        for task_id, value in client.results(list(calls), timeout=60):
+            table.add_row(task_id, calls[task_id], json.dumps(value))
         console.print(table)
         try:
             client.result(failing, timeout=60)

@@ -350,6 +350,33 @@ def test_push_wait_prints_the_result(make_master, spawn):
 # -- ppq up ------------------------------------------------------------------------------------------------------
 
 
+def test_up_demo_prints_each_call_with_its_result(spawn, tmp_path):
+    port = free_port()
+    up = spawn("up", "--demo", "--port", str(port), "--data-dir", str(tmp_path / "demo-data"), name="up-demo")
+    children: set[int] = set()
+    try:
+        wait_for(lambda: up.poll() is not None or "went to the dead list as expected" in spawn.log(up),
+                 timeout=60, what="the demo to finish")
+        assert up.poll() is None, spawn.log(up)
+        children = {p.pid for p in psutil.Process(up.pid).children(recursive=True)}
+        rows = {}
+        for line in spawn.log(up).splitlines():
+            cells = [c.strip() for c in line.split("\u2502") if c.strip()]
+            if len(cells) == 3 and cells[1] != "call":
+                rows[cells[1]] = cells[2]
+        expected = {f"add({i}, {i})": str(2 * i) for i in range(5)} | {f"slow_square({i})": str(i * i)
+                                                                        for i in range(5)}
+        assert {k: v for k, v in rows.items() if k != "where()"} == expected, spawn.log(up)
+        assert '"pid"' in rows["where()"]
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0, spawn.log(up)
+        wait_for(lambda: all(pid_gone(p) for p in children), timeout=15, what="every child of ppq up to exit")
+    finally:
+        for pid in children:  # only if the test failed half-way: they were started by this test
+            if not pid_gone(pid):
+                psutil.Process(pid).kill()
+
+
 def test_up_runs_a_local_stack_and_sigint_stops_everything(spawn, tmp_path):
     port = free_port()
     data = tmp_path / "up-data"
