@@ -129,14 +129,12 @@ class Client:
                 task.setdefault("queue_index", queue_index)
             else:
                 target, args, *rest = item
-                name = names.get(target) if plain and target.__class__ is str else None
-                if name is None or rest or args.__class__ not in (list, tuple):
-                    task = self._task(target, args, rest[0] if rest else None, dict(options, task_id=task_id))
-                    if plain and target.__class__ is str:
-                        names[target] = target_name(target)
+                if plain and not rest and target.__class__ is str and args.__class__ in (list, tuple):
+                    module, func, _ = names.get(target) or names.setdefault(target, target_name(target))
+                    task = {"func": func, "module": module, "task_id": task_id, "args": list(args), "kwargs": {},
+                            "queue_index": queue_index}
                 else:
-                    task = {"func": name[1], "module": name[0], "task_id": task_id, "args": list(args),
-                            "kwargs": {}, "queue_index": queue_index}
+                    task = self._task(target, args, rest[0] if rest else None, dict(options, task_id=task_id))
             batch.append(task)
             if len(batch) >= chunk:
                 yield batch

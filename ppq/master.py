@@ -74,20 +74,19 @@ class Waker:
         """Wake ``count`` idle waiters (all when ``count`` <= 0) to look for tasks."""
         with self.lock:
             self.generation += 1
-            n = len(self.idle) if count <= 0 else min(count, len(self.idle))
-            for _ in range(n):
-                waiter = next(iter(self.idle))
-                del self.idle[waiter]
-                waiter.event.set()
+            for _ in range(len(self.idle) if count <= 0 else min(count, len(self.idle))):
+                self._take().event.set()
 
     def claim(self) -> Waiter | None:
         """Take the longest-waiting idle waiter; the caller must ``hand()`` it its tasks."""
         with self.lock:
-            if not self.idle:
-                return None
-            waiter = next(iter(self.idle))
-            del self.idle[waiter]
-            return waiter
+            return self._take() if self.idle else None
+
+    def _take(self) -> Waiter:
+        """Remove and return the longest-waiting idle waiter (``self.lock`` held)."""
+        waiter = next(iter(self.idle))
+        del self.idle[waiter]
+        return waiter
 
     def wait(self, waiter: Waiter, generation: int, timeout: float) -> list[dict[str, Any]] | None:
         """Wait until woken, handed tasks (returned) or ``timeout``; at once if a wake-up

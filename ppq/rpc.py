@@ -116,21 +116,25 @@ def _plain_loader(name: str, serializer: Any) -> Callable[[bytes], Any] | None:
     return None
 
 
+def _walk_only_for_classes(plain: Callable[[bytes], Any] | None, walk: Callable[[bytes], Any]
+                           ) -> Callable[[Any], Any]:
+    """A reader that uses ``plain`` when the bytes hold no "__class__" (Pyro5's walk over
+    every value would rebuild the same data), else ``walk``."""
+    def load(data: Any) -> Any:
+        raw = data if type(data) is bytes else bytes(data)
+        if plain is not None and b"__class__" not in raw:
+            return plain(raw)
+        return walk(raw)
+
+    return load
+
+
 def _fast_marshal_replies() -> None:
-    """Read marshal replies without Pyro5's walk over every value looking for class dicts
-    when the reply's bytes hold no "__class__" (the walk would rebuild the same data)."""
+    """Read marshal replies without Pyro5's walk when they carry no class dicts."""
     serializer = pyro_serializers.serializers["marshal"]
     if getattr(serializer, "_ppq_fast_replies", False):
         return
-    walk = serializer.loads
-
-    def loads(data: Any) -> Any:
-        raw = data if type(data) is bytes else bytes(data)
-        if b"__class__" not in raw:
-            return marshal.loads(raw)
-        return walk(raw)
-
-    serializer.loads = loads
+    serializer.loads = _walk_only_for_classes(marshal.loads, serializer.loads)
     serializer._ppq_fast_replies = True
 
 
@@ -143,21 +147,14 @@ def _guard_requests() -> None:
         return
     SerializerBase.dict_to_class = classmethod(_dict_to_class)  # type: ignore[method-assign,assignment]
     for name, serializer in pyro_serializers.serializers.items():
-        load_call = serializer.loadsCall
-        plain = _plain_loader(name, serializer)
-
-        def guarded(data: Any, load_call: Callable[[Any], Any] = load_call,
-                    plain: Callable[[bytes], Any] | None = plain) -> Any:
-            raw = data if type(data) is bytes else bytes(data)
-            if plain is not None and b"__class__" not in raw:
-                return plain(raw)
+        def guarded(raw: bytes, load_call: Callable[[Any], Any] = serializer.loadsCall) -> Any:
             _request.active = True
             try:
                 return load_call(raw)
             finally:
                 _request.active = False
 
-        serializer.loadsCall = guarded
+        serializer.loadsCall = _walk_only_for_classes(_plain_loader(name, serializer), guarded)
     SerializerBase._ppq_guarded = True  # type: ignore[attr-defined]
 
 

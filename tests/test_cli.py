@@ -118,12 +118,19 @@ def test_master_with_unreachable_redis_exits_with_one_clear_line(tmp_path):
     assert len(lines) == 1 and "master.redis_map[3]" in lines[0], out.stderr
 
 
+def embedded_master(spawn, data):
+    """``ppq master`` with embedded Redis in ``data``; returns it and a caller once it answers."""
+    port = free_port()
+    proc = spawn("master", "--port", str(port), "--data-dir", str(data), name="master-embedded")
+    call = PyroFunc(f"127.0.0.1:{port}", timeout=3, default_return=None)
+    wait_for(lambda: proc.poll() is not None or call("ping") == "pong", what="the embedded master")
+    assert proc.poll() is None, spawn.log(proc)
+    return proc, call
+
+
 def test_a_second_master_on_the_same_data_dir_is_refused_and_the_first_keeps_working(spawn, tmp_path):
     data = tmp_path / "redis-data"
-    port = free_port()
-    first = spawn("master", "--port", str(port), "--data-dir", str(data), name="master-embedded")
-    call = PyroFunc(f"127.0.0.1:{port}", timeout=3, default_return=None)
-    wait_for(lambda: first.poll() is not None or call("ping") == "pong", what="the embedded master")
+    first, call = embedded_master(spawn, data)
     redis_pid = int((data / "redis.pid").read_text())
     second = spawn("master", "--port", str(free_port()), "--data-dir", str(data), name="master-second")
     assert second.wait(30) != 0
@@ -147,11 +154,7 @@ def test_master_with_an_unusable_data_dir_says_so_in_one_line(spawn, tmp_path):
 
 def test_master_without_redis_map_runs_embedded_redis_that_persists(spawn, tmp_path):
     data = tmp_path / "redis-data"
-    port = free_port()
-    first = spawn("master", "--port", str(port), "--data-dir", str(data), name="master-embedded")
-    call = PyroFunc(f"127.0.0.1:{port}", timeout=3, default_return=None)
-    wait_for(lambda: first.poll() is not None or call("ping") == "pong", what="the embedded master")
-    assert first.poll() is None, spawn.log(first)
+    first, call = embedded_master(spawn, data)
     assert str(data) in wait_for(lambda: "data in" in spawn.log(first) and spawn.log(first), timeout=5)
     task_id = call("push_task", "add", module="tasks", args=[1, 2], key="survivor")
     assert call("get_task_info", task_id, 0)["state"] == "queued"
