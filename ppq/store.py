@@ -65,22 +65,34 @@ local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
 # rows of {id, body, retry, lease, ready since}.
 _LEASE = """
 local out = {}
+-- Running-set entries of the leased tasks, added in bulk.
+local expiries = {}
+local function add_running()
+  if #expiries > 0 then redis.call('ZADD', P .. 'running', unpack(expiries)) end
+  expiries = {}
+end
 while #out < count do
-  local id = redis.call('LPOP', P .. 'queue')
-  if not id then break end
-  local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created')
-  if f[1] == 'queued' or f[1] == 'failed' then
-    local attempts = redis.call('HINCRBY', tk, 'attempts', 1)
-    local lease = wid .. '/' .. attempts
-    redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now)
-    redis.call('ZADD', P .. 'running', now + lt, id)
-    if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
-      redis.call('HDEL', P .. 'keys', f[2])
+  -- Ids of tasks no longer waiting (cancelled, say) are dropped as they come out.
+  local ids = redis.call('LPOP', P .. 'queue', math.min(count - #out, 1000))
+  if not ids then break end
+  for _, id in ipairs(ids) do
+    local tk = P .. 't:' .. id
+    local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts')
+    if f[1] == 'queued' or f[1] == 'failed' then
+      local attempts = (tonumber(f[7]) or 0) + 1
+      local lease = wid .. '/' .. attempts
+      redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now, 'attempts', attempts)
+      expiries[#expiries + 1] = now + lt
+      expiries[#expiries + 1] = id
+      if #expiries == 2000 then add_running() end
+      if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
+        redis.call('HDEL', P .. 'keys', f[2])
+      end
+      out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
     end
-    out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
   end
 end
+add_running()
 if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end
 """
 
@@ -181,17 +193,19 @@ local ready = 0
 local bucket = math.floor(now / 10)
 local done_n, failed_n = 0, 0
 local refused = false
+-- Tasks someone waits on (wait_task): looked up one by one only when there are any.
+local watched = redis.call('EXISTS', P .. 'waiting') == 1
 for i = 8, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
   local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel')
-  if f[1] ~= 'running' or f[2] ~= r.lease or not redis.call('ZSCORE', P .. 'running', r.id) then
+  -- Taking it out of the running set is the last check: a task not in it has no live lease.
+  if f[1] ~= 'running' or f[2] ~= r.lease or redis.call('ZREM', P .. 'running', r.id) == 0 then
     accepted[#accepted + 1] = 0
     refused = true
     if ARGV[7] == '1' then count = 0 end
   else
-    redis.call('ZREM', P .. 'running', r.id)
     local ttl = dttl
     if f[6] and f[6] ~= '' then ttl = tonumber(f[6]) end
     if f[7] == '1' then
@@ -231,7 +245,7 @@ for i = 8, #ARGV, 6 do
       end
     end
     accepted[#accepted + 1] = 1
-    if r.kind ~= 'release' and redis.call('ZSCORE', P .. 'waiting', r.id) then
+    if watched and r.kind ~= 'release' and redis.call('ZSCORE', P .. 'waiting', r.id) then
       redis.call('PUBLISH', P .. 'finished', r.id)
     end
   end
