@@ -595,6 +595,10 @@ class Master:
         return out
 
 
+# Oldest Redis the scripts run on (LPOP with a count).
+MIN_REDIS = (6, 2)
+
+
 def open_stores(config: Config) -> tuple[dict[int, Store], RedisServer | None]:
     """Connect to each Redis of ``master.redis_map``, or start an embedded one."""
     m = config.master
@@ -612,11 +616,19 @@ def open_stores(config: Config) -> tuple[dict[int, Store], RedisServer | None]:
     }
     for qi, store in stores.items():
         try:
-            store.ping()
+            version = store.server_version()
         except StorageError as exc:
-            if embedded is not None:
-                embedded.stop()
-            raise ConfigError(f"master.redis_map[{qi}]: cannot reach {store.safe_url}: {exc}") from None
+            problem = f"cannot reach {store.safe_url}: {exc}"
+        else:
+            if version >= MIN_REDIS:
+                continue
+            problem = (f"{store.safe_url} runs Redis {'.'.join(map(str, version))}; ppq needs "
+                       f"{'.'.join(map(str, MIN_REDIS))} or later")
+        for opened in stores.values():
+            opened.close()
+        if embedded is not None:
+            embedded.stop()
+        raise ConfigError(f"master.redis_map[{qi}]: {problem}")
     return stores, embedded
 
 

@@ -599,6 +599,12 @@ class Store:
         return bool(self.redis.ping())
 
     @_storage_errors
+    def server_version(self) -> tuple[int, ...]:
+        """The Redis server's version, as numbers."""
+        text = str(self.redis.info("server").get("redis_version", "0"))
+        return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+    @_storage_errors
     def push(self, specs: Sequence[TaskSpec], lease_to: tuple[str, int, float] | None = None
              ) -> tuple[list[str], list[dict[str, Any]]]:
         """Store tasks (or update waiting ones with the same key); return their ids in order.
