@@ -11,4 +11,7 @@ fi
 . bench/.venv/bin/activate
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e . -r bench/requirements.txt
+# pip byte-compiles the peers as it installs them, but not an editable install: without
+# this, and with PYTHONDONTWRITEBYTECODE set, every ppq process would compile ppq first.
+python -m compileall -q ppq
 exec python bench/run.py "$@"

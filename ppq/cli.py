@@ -18,8 +18,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .config import Config, load_config
@@ -35,8 +33,37 @@ RET_OK = 0
 RET_ERROR = 1
 RET_CONFIG = 2
 
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+
+
+class LazyConsole:
+    """A rich Console made on first use: a worker or master that prints no table never imports rich,
+    which is about a third of their start-up."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Any = None
+
+    def get(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            self._console = Console(stderr=self._stderr,
+                                    width=None if stream.isatty() else (400 if self._stderr else 160))
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+console = LazyConsole()
+err_console = LazyConsole(stderr=True)
+
+
+def _table(**options: Any) -> Any:
+    from rich.table import Table
+
+    return Table(**options)
 
 
 class JSONFormatter(logging.Formatter):
@@ -328,7 +355,7 @@ def _run_demo(config: Config, address: str, stop: threading.Event) -> None:
         calls.update({client.push("ppq.demo.slow_square", i): f"slow_square({i})" for i in range(5)})
         calls[client.push("ppq.demo.where")] = "where()"
         failing = client.push("ppq.demo.fail", max_retry=0)
-        table = Table(title="demo tasks, in the order they finished")
+        table = _table(title="demo tasks, in the order they finished")
         for name in ("task id", "call", "result"):
             table.add_column(name)
         for task_id, value in client.results(list(calls), timeout=60):
@@ -415,7 +442,7 @@ def _push_file(client: Any, path: str, chunk: int) -> None:
             item.setdefault("func", func)
         good.append((n, item))
     pushed: list[tuple[int, str]] = []
-    with Progress(console=err_console, transient=True) as progress:
+    with Progress(console=err_console.get(), transient=True) as progress:
         bar = progress.add_task("pushing", total=len(good))
         for start in range(0, len(good), chunk):
             part = good[start:start + chunk]
@@ -531,7 +558,7 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     if as_json:
         _print_json(info)
         return
-    table = Table(title=f"task {task_id}", show_header=False)
+    table = _table(title=f"task {task_id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for name in ("state", "queue_index", "module", "fclass", "func", "args", "kwargs", "key", "retry", "max_retry",
@@ -568,12 +595,12 @@ def status(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
 def status_tables(info: dict[Any, dict[str, Any]]) -> Any:
     from rich.console import Group
 
-    queues = Table(title="queues")
+    queues = _table(title="queues")
     columns = ("queued", "delayed", "running", "dead", "done_per_min", "failed_per_min", "pushed", "done", "retried",
                "expired")
     for name in ("queue_index", *columns, "workers", "redis"):
         queues.add_column(name.replace("_per_min", "/min"), justify="left" if name == "redis" else "right")
-    workers = Table(title="workers")
+    workers = _table(title="workers")
     for name in ("id", "queue_index", "concurrency", "running", "done", "failed", "last heartbeat"):
         workers.add_column(name)
     for qi, entry in sorted(info.items(), key=lambda kv: int(kv[0])):
@@ -619,7 +646,7 @@ def top(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, m
             body = Text(f"{type(exc).__name__}: {exc}", style="red")
         return Group(Text(f"ppq top  {time.strftime('%H:%M:%S')}  every {interval:g}s  (Ctrl-C quits)"), body)
 
-    with Live(frame(), console=console, refresh_per_second=4, screen=console.is_terminal) as live:
+    with Live(frame(), console=console.get(), refresh_per_second=4, screen=console.is_terminal) as live:
         while not stop.wait(interval):
             count += 1
             live.update(frame())
@@ -656,7 +683,7 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
     if as_json:
         _print_json(rows)
         return
-    table = Table(title="workers")
+    table = _table(title="workers")
     for name in ("worker", "function", "count", "ok", "failed", "mean time (s)"):
         table.add_column(name)
     for row in rows:
@@ -691,7 +718,7 @@ def dead_list(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
             t.pop("result_pickled", None)
         _print_json(tasks)
         return
-    table = Table(title=f"dead tasks, queue_index {queue_index}")
+    table = _table(title=f"dead tasks, queue_index {queue_index}")
     for name in ("id", "task", "retry", "died", "reason"):
         table.add_column(name)
     for t in tasks:

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
 from .errors import ConfigError
 
 # Port of the master's Pyro5 daemon.
@@ -300,6 +298,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if key == "auth_token":
             result[key] = raw
             continue
+        import yaml
+
         try:
             result[key] = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
@@ -313,6 +313,8 @@ _IGNORED_ENV = {"PPQ_CONFIG"}
 
 def read_yaml(path: str) -> dict[str, Any]:
     """Read a YAML config file into a dict, with errors that name the file."""
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)

@@ -107,6 +107,20 @@ def execute(task: dict[str, Any], allowed_modules: list[str], allowed_paths: lis
     return report
 
 
+def _import_allowed(allowed_modules: list[str]) -> None:
+    """Import the allowed modules while the agent connects, so the first task does not wait for it.
+
+    Only names of modules (not ``*``); one that fails is left for its first task to report.
+    """
+    for name in allowed_modules:
+        if name in sys.modules or not all(part.isidentifier() for part in name.split(".")):
+            continue
+        try:
+            importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 - whatever it is, the task that needs the module reports it
+            log.debug("executor: importing %s ahead of its tasks failed", name, exc_info=True)
+
+
 def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed_paths: list[str],
                    allow_pickle: bool, inherited: Sequence[Any] = ()) -> None:
     """An executor process: run the batches of tasks the agent sends until it sends None.
@@ -123,6 +137,7 @@ def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for name in ("SIGUSR1", "SIGUSR2"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _import_allowed(allowed_modules)
     while True:
         try:
             batch = conn.recv()

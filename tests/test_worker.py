@@ -277,6 +277,37 @@ def test_executors_exit_when_their_agent_is_killed(master, call, spawn):
         wait_for(lambda pid=pid: pid_gone(pid), timeout=10, what=f"executor {pid} to exit")
 
 
+def test_executors_import_allowed_modules_before_their_first_task(master, call, spawn, tmp_path):
+    """Each executor imports the allowed modules as it starts, not when the first task comes."""
+    marks = tmp_path / "imported.txt"
+    (tmp_path / "warm_tasks.py").write_text(textwrap.dedent(f"""
+        import os
+        with open({str(marks)!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+
+        def pid():
+            return os.getpid()
+    """))
+    (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('broken at import')\n")
+    proc = spawn.worker(address_of(master), allow="warm_tasks,broken_tasks", concurrency=2,
+                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])})
+    worker_entry(call, proc.pid)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    executors = wait_for(lambda: len(pids := children.read_text().split()) == 2 and sorted(int(p) for p in pids),
+                         what="two executor processes")
+    # Imported once in each executor, and no task has been pushed yet.
+    wait_for(lambda: marks.exists() and sorted(map(int, marks.read_text().split())) == executors,
+             what="each executor to import warm_tasks")
+    task_id = push(call, "warm_tasks.pid")
+    assert wait_state(call, task_id, "done")["result"] in executors
+    assert sorted(map(int, marks.read_text().split())) == executors
+    # A module that fails to import does not stop the executor: its task reports the error.
+    task_id = push(call, "broken_tasks.anything")
+    info = wait_state(call, task_id, ("failed", "dead"))
+    assert "broken at import" in info["error"]
+    assert proc.poll() is None
+
+
 def test_thread_pool_runs_tasks_in_the_agent_process(master, call, spawn, tmp_path):
     proc = spawn.worker(address_of(master), concurrency=2, extra=("--pool", "threads"))
     task_id = push(call, "tasks.pid")
