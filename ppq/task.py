@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import operator
 import re
 import sys
 import uuid
@@ -224,6 +225,10 @@ def check_push(
     return TaskSpec(task_id, queue_index, key, delay, body, tuple(extra))
 
 
+def _nothing(options: Any) -> None:
+    return None
+
+
 def check_pushes(
     tasks: Iterable[Any],
     queue_indexes: Iterable[int],
@@ -240,7 +245,9 @@ def check_pushes(
     make = tuple.__new__
     pack = codec.pack
     keys: Any = None
-    shared: list[tuple[str, Any]] = []
+    # The fields a run of alike tasks shares, read in one C call, and their values in the run.
+    shared: Callable[[Any], Any] = _nothing
+    values: Any = None
     template: TaskSpec | None = None
     prefix = b""
     for i, options in enumerate(tasks):
@@ -248,12 +255,14 @@ def check_pushes(
             raise InvalidTaskError(f"tasks[{i}] must be a dict, got {type(options).__name__}")
         try:
             get = options.get
-            if template is None or options.keys() != keys or any(get(k) != v for k, v in shared):
+            if template is None or options.keys() != keys or shared(options) != values:
                 template = check_push(options, queue_indexes, limits, allow_pickle)
                 params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
                 prefix = template.body[:len(template.body) - len(pack(params))]
                 keys = options.keys()
-                shared = [(k, v) for k, v in options.items() if k not in _PER_TASK_FIELDS]
+                names = [k for k in options if k not in _PER_TASK_FIELDS]
+                shared = operator.itemgetter(*names) if names else _nothing
+                values = shared(options)
                 append(template)
                 continue
             task_id = get("task_id")

@@ -547,6 +547,31 @@ def test_push_tasks_returns_ids_in_order_across_queue_indexes(call, ra, rb):
     assert rb.lrange("ppq:1:queue", 0, -1) == [ids[1].encode()]
 
 
+def test_a_task_id_is_stored_once_across_pushes_and_within_one(call, ra):
+    """A push retried after a lost reply, or an id given twice in one batch, stores one task."""
+    first = call("push_tasks", [{"func": "add", "module": "tasks", "args": [1, 1], "task_id": f"given-{i}"}
+                                for i in range(3)])
+    assert first == ["given-0", "given-1", "given-2"]
+    task = lease(call)
+    assert task["id"] == "given-0"
+    # The same ids again, one of them twice, among new ones: the stored tasks are left as they are.
+    again = call("push_tasks", [{"func": "add", "module": "tasks", "args": [9, 9], "task_id": tid}
+                                for tid in ("given-0", "new-0", "given-1", "new-0", "new-1")])
+    assert again == ["given-0", "new-0", "given-1", "new-0", "new-1"]
+    assert ra.hget("ppq:0:t:given-0", "state") == b"running"
+    assert call("get_task_info", "given-1", 0)["state"] == "queued"
+    assert [t.decode() for t in ra.lrange("ppq:0:queue", 0, -1)] == ["given-1", "given-2", "new-0", "new-1"]
+    assert int(ra.hget("ppq:0:stats", "pushed")) == 5
+    again = call("push_task", "add", module="tasks", args=[9, 9], task_id="given-2")
+    assert again == "given-2" and len(ra.lrange("ppq:0:queue", 0, -1)) == 4
+    # An id repeated in a push where no id was stored before.
+    twice = call("push_tasks", [{"func": "add", "module": "tasks", "args": [1, 2], "task_id": tid}
+                                for tid in ("dup-a", "dup-a", "dup-b")])
+    assert twice == ["dup-a", "dup-a", "dup-b"]
+    assert [t.decode() for t in ra.lrange("ppq:0:queue", 0, -1)][-2:] == ["dup-a", "dup-b"]
+    assert int(ra.hget("ppq:0:stats", "pushed")) == 7
+
+
 def test_push_tasks_runs_of_alike_tasks_keep_each_task_its_own_fields(call):
     """Tasks that share their fields but the id and arguments are checked once per run: each still
     gets its own arguments, and a change of any other field starts a new run."""
