@@ -34,7 +34,6 @@ RET_ERROR = 1
 RET_CONFIG = 2
 
 
-
 class LazyConsole:
     """A rich Console made on first use: a worker or master that prints no table never imports rich,
     which is about a third of their start-up."""

@@ -410,12 +410,8 @@ _INT_FIELDS = ("retry", "attempts", "expiries")
 def task_of(row: Sequence[Any], queue_index: int) -> dict[str, Any]:
     """A leased task as the worker gets it, from a row of the lease script."""
     tid, body, retry, lease, ready_at = row
-    # The body's short names (task.BODY_FIELDS), read into one dict display: this runs for every
-    # task handed out.
-    get = msgpack.unpackb(body, raw=False).get
-    return {"func": get("f"), "module": get("m"), "fclass": get("c"), "path": get("p"), "lang": get("l"),
-            "timeout": get("t"), "max_retry": get("r"), "parameters": get("a"), "id": _text(tid),
-            "retry": int(retry), "lease": _text(lease), "queue_index": queue_index, "ready_at": float(ready_at)}
+    return decode_body(body, "parameters", id=_text(tid), retry=int(retry), lease=_text(lease),
+                       queue_index=queue_index, ready_at=float(ready_at))
 
 
 class _Link:

@@ -80,9 +80,11 @@ def encode_body(func: str, module: str, fclass: str, path: str, lang: str, param
     return prefix + codec.pack(params)
 
 
-def decode_body(blob: bytes) -> dict[str, Any]:
-    data = msgpack.unpackb(blob, raw=False)
-    return {name: data.get(short) for name, short in BODY_FIELDS.items()}
+def decode_body(blob: bytes, params: str = "params", **extra: Any) -> dict[str, Any]:
+    """The body's fields by their long names (the parameters under ``params``), plus ``extra``."""
+    get = msgpack.unpackb(blob, raw=False).get
+    return {"func": get("f"), "module": get("m"), "fclass": get("c"), "path": get("p"), "lang": get("l"),
+            "timeout": get("t"), "max_retry": get("r"), params: get("a"), **extra}
 
 
 _PUSH_FIELDS = frozenset(PUSH_FIELDS)
