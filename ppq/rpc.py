@@ -16,15 +16,18 @@ import marshal
 import os
 import random
 import socket
+import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import Pyro5.api
 import Pyro5.callcontext
 import Pyro5.errors
+import Pyro5.protocol
 import Pyro5.server
 from Pyro5 import config as pyro_config
 from Pyro5 import serializers as pyro_serializers
@@ -273,6 +276,104 @@ def remote(method: F) -> F:
     return expose(wrapper)  # type: ignore[no-any-return]
 
 
+# -- the direct wire path ------------------------------------------------------
+#
+# Most calls between ppq's own processes are the plainest kind of Pyro5 call: marshal,
+# no flags, no annotations, a reply of plain data. For those, both ends read and write
+# Pyro5's message (a 40-byte header, then the marshal data) directly, in two socket
+# reads per message, instead of Pyro5's general path, which builds a message object,
+# a correlation uuid and a peer-address lookup per call and walks every argument.
+# The bytes on the wire are the same; anything else takes Pyro5's own path.
+
+# Pyro5's message header: tag, version, type, serializer, flags, seq, data size,
+# annotations size, correlation id, reserved, magic.
+_HEADER = struct.Struct("!4sHBBHHII16sHH")
+_PROTOCOL = 502
+_MAGIC = 0x4DC5
+_NO_CORRELATION = bytes(16)
+_MARSHAL_ID = pyro_serializers.MarshalSerializer.serializer_id
+_INVOKE = Pyro5.protocol.MSG_INVOKE
+_RESULT = Pyro5.protocol.MSG_RESULT
+_EXCEPTION = Pyro5.protocol.FLAGS_EXCEPTION
+_COMPRESSED = Pyro5.protocol.FLAGS_COMPRESSED
+_STREAMED = Pyro5.protocol.FLAGS_ITEMSTREAMRESULT
+_DIRECT_WIRE = (Pyro5.protocol.PROTOCOL_VERSION == _PROTOCOL
+                and _HEADER.size == getattr(Pyro5.protocol, "_header_size", None))
+# Types marshal writes as Pyro5's marshal serializer does. Pyro5 converts other types of
+# arguments and results (an array.array to a list, a UUID to a str...) first.
+_PLAIN = frozenset((str, int, float, bool, type(None), bytes, list, dict, tuple))
+
+
+def _direct_wire() -> bool:
+    """The direct path is off while Pyro5 is set to log the wire or compress."""
+    return _DIRECT_WIRE and not pyro_config.LOGWIRE and not pyro_config.COMPRESSION
+
+
+def _message(kind: int, seq: int, data: bytes) -> bytes:
+    return _HEADER.pack(b"PYRO", _PROTOCOL, kind, _MARSHAL_ID, 0, seq, len(data), 0, _NO_CORRELATION, 0, _MAGIC) + data
+
+
+class _Replay:
+    """A server connection whose first bytes were already read: ``recv`` serves those first."""
+
+    def __init__(self, conn: Any, data: bytes) -> None:
+        self._conn = conn
+        self._data = data
+
+    def recv(self, size: int) -> bytes:
+        if not self._data:
+            return self._conn.recv(size)  # type: ignore[no-any-return]
+        head, self._data = self._data[:size], self._data[size:]
+        if len(head) < size:
+            head += self._conn.recv(size - len(head))
+        return head
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _direct_call(proxy: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call ``method`` on a connected marshal proxy over the direct path.
+
+    Returns ``_MISSING`` (nothing sent) when the arguments need Pyro5's own conversion.
+    A failure after the request went out closes the connection, as Pyro5 does, so a
+    late reply is never read as the next call's.
+    """
+    conn = proxy._pyroConnection
+    for value in (*args, *kwargs.values()):
+        if type(value) not in _PLAIN:
+            return _MISSING
+    try:
+        data = marshal.dumps((conn.objectId, method, list(args), kwargs))
+    except ValueError:
+        return _MISSING
+    seq = proxy._pyroSeq = (proxy._pyroSeq + 1) & 0xFFFF
+    try:
+        conn.send(_message(_INVOKE, seq, data))
+        tag, version, kind, serializer_id, flags, rseq, size, annotations, _, _, magic = _HEADER.unpack(
+            conn.recv(_HEADER.size))
+        if tag != b"PYRO" or version != _PROTOCOL or magic != _MAGIC or kind != _RESULT:
+            raise Pyro5.errors.ProtocolError("invalid reply message")
+        if rseq != seq or serializer_id != _MARSHAL_ID:
+            raise Pyro5.errors.ProtocolError(f"invoke: reply out of sync (seq {rseq}, expected {seq})")
+        if size + annotations > pyro_config.MAX_MESSAGE_SIZE:
+            raise Pyro5.errors.ProtocolError(f"reply too large ({size + annotations} bytes)")
+        body = conn.recv(size + annotations) if size + annotations else b""
+        if annotations:
+            body = body[annotations:]
+        if flags & _COMPRESSED:
+            body = zlib.decompress(body)
+        if flags & _STREAMED:
+            raise Pyro5.errors.ProtocolError("result of call is an iterator, which ppq does not use")
+        result = pyro_serializers.serializers["marshal"].loads(body)
+    except BaseException:
+        proxy._pyroRelease()
+        raise
+    if flags & _EXCEPTION:
+        raise result
+    return result
+
+
 class Daemon(Pyro5.server.Daemon):
     """A Pyro5 daemon that checks ppq's auth token in the connection handshake."""
 
@@ -281,6 +382,8 @@ class Daemon(Pyro5.server.Daemon):
         pyro_config.THREADPOOL_SIZE_MIN = 8
         pyro_config.COMMTIMEOUT = 0.0
         self._token = (token or "").encode("utf-8")
+        # (object id, method name) -> (object, its bound method), for calls on the direct path.
+        self._direct: dict[tuple[str, str], tuple[Any, Callable[..., Any]]] = {}
         _guard_requests()
         super().__init__(host=host, port=port)
 
@@ -292,6 +395,79 @@ class Daemon(Pyro5.server.Daemon):
                 raise Pyro5.errors.SecurityError("authentication failed")
         conn.ppq_client = isinstance(data, dict) and bool(data.get("ppq"))
         return "ok"
+
+    def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
+        """Serve one request: a plain marshal call to ppq's own object over the direct path
+        (see ``_direct_call``), anything else through Pyro5's own handler."""
+        if not _direct_wire():
+            return super().handleRequest(conn)
+        head = conn.recv(_HEADER.size)
+        tag, version, kind, serializer_id, flags, seq, size, annotations, _, _, magic = _HEADER.unpack(head)
+        if (kind != _INVOKE or serializer_id != _MARSHAL_ID or flags or annotations or tag != b"PYRO"
+                or version != _PROTOCOL or magic != _MAGIC or size > pyro_config.MAX_MESSAGE_SIZE):
+            return super().handleRequest(_Replay(conn, head))
+        data = conn.recv(size) if size else b""
+        try:
+            objid, method, vargs, kwargs = pyro_serializers.serializers["marshal"].loadsCall(data)
+            cached = self._direct.get((objid, method)) if type(method) is str else None
+            if cached is not None and self.objectsById.get(objid) is cached[0]:
+                target = cached[1]
+            else:
+                target = self._direct_target(objid, method)
+        except Exception:  # noqa: BLE001 - Pyro5's handler makes the error reply
+            target = None
+        if target is None or type(vargs) not in (list, tuple) or type(kwargs) is not dict:
+            return super().handleRequest(_Replay(conn, head + data))
+        ctx = Pyro5.callcontext.current_context
+        ctx.client = conn
+        ctx.client_sock_addr = address = conn.__dict__.get("ppq_address") or _peer_address(conn)
+        ctx.seq = seq
+        ctx.annotations = {}
+        ctx.msg_flags = 0
+        ctx.serializer_id = _MARSHAL_ID
+        ctx.correlation_id = None
+        ctx.response_annotations = {}
+        try:
+            result = target(*vargs, **kwargs)
+            if type(result) in _PLAIN:
+                reply = marshal.dumps(result)
+            else:
+                reply = pyro_serializers.serializers["marshal"].dumps(result)
+            if len(reply) > pyro_config.MAX_MESSAGE_SIZE:
+                raise Pyro5.errors.ProtocolError(f"reply too large ({len(reply)} bytes)")
+        except Exception as exc:
+            self.methodcall_error_handler(self, address, target, vargs, kwargs, exc)
+            self._sendExceptionResponse(conn, seq, _MARSHAL_ID, exc,
+                                        Pyro5.errors.format_traceback(detailed=pyro_config.DETAILED_TRACEBACK))
+            if isinstance(exc, (Pyro5.errors.CommunicationError, Pyro5.errors.SecurityError)):
+                raise
+            return None
+        conn.send(_message(_RESULT, seq, reply))
+        return None
+
+    def _direct_target(self, objid: Any, method: Any) -> Callable[..., Any] | None:
+        """The bound method a direct call may run: an exposed public method of one of
+        ppq's own objects (registered as instances); None sends the call Pyro5's way."""
+        if objid not in (MASTER_OBJECT, WORKER_OBJECT) or type(method) is not str or method.startswith("_"):
+            return None
+        obj = self.objectsById.get(objid)
+        if obj is None or isinstance(obj, type):
+            return None
+        if not getattr(getattr(type(obj), method, None), "_pyroExposed", False):
+            return None
+        target: Callable[..., Any] = getattr(obj, method)
+        self._direct[(objid, method)] = (obj, target)
+        return target
+
+
+def _peer_address(conn: Any) -> Any:
+    """The peer address of a server connection, looked up once per connection."""
+    try:
+        address = conn.sock.getpeername()
+    except OSError:
+        return None
+    conn.ppq_address = address
+    return address
 
 
 def _peer(conn: Any) -> str:
@@ -429,6 +605,11 @@ class PyroFunc:
                         if proxy._pyroConnection is None:
                             proxy._pyroBind()
                         proxy._pyroOneway.add(method)
+                    elif (proxy._pyroConnection is not None and self.serializer == "marshal"
+                          and not proxy._pyroOneway and _direct_wire()):
+                        result = _direct_call(proxy, method, args, kwargs)
+                        if result is not _MISSING:
+                            return result
                     return getattr(proxy, method)(*args, **kwargs)
                 except CommunicationError as exc:
                     self._drop(index)

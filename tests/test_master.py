@@ -120,6 +120,37 @@ def test_pyrofunc_default_return_and_connect_error(master):
     both.close()
 
 
+def test_calls_outside_the_direct_wire_path_get_the_same_answers(master, call):
+    """ppq's own calls take a direct wire path; calls Pyro5 must handle itself (annotations,
+    a correlation id, a top-level argument Pyro5 converts first) give the same results."""
+    import array
+    import uuid
+
+    import Pyro5.callcontext
+
+    task_id = call("push_task", "add", module="tasks", args=[1, 2])
+    plain = call("get_task_info", task_id, 0)
+    with plain_proxy(master, "marshal") as q:
+        assert q.get_task_info(task_id, 0) == plain
+        context = Pyro5.callcontext.current_context
+        context.correlation_id = uuid.uuid4()
+        context.annotations = {"XTRA": b"some bytes"}
+        try:
+            assert q.get_task_info(task_id, 0) == plain
+            assert q.ping() == "pong"
+        finally:
+            context.correlation_id = None
+            context.annotations = {}
+        with pytest.raises(ValueError, match="queue_index"):
+            q.get_task_info(task_id, 99)
+        assert q.get_task_info(task_id, 0) == plain
+    # Pyro5 sends an array.array argument as a list (marshal alone would send its bytes).
+    converted = call("push_task", "add", module="tasks", args=array.array("i", [3, 4]))
+    assert call("get_task_info", converted, 0)["args"] == [3, 4]
+    # The connection stays in step after a call that took Pyro5's path.
+    assert call("get_task_info", task_id, 0) == plain
+
+
 def test_pyrofunc_one_way_push_lands(call, master, ra):
     """``set_one_way``: calls do not wait for a reply and return None (DESIGN.md, rpc.PyroFunc)."""
     oneway = PyroFunc(address_of(master), set_one_way=True)
