@@ -7,9 +7,9 @@ import importlib
 import inspect
 import math
 import operator
+import os
 import re
 import sys
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -123,8 +123,9 @@ def _check_target(func: Any, module: Any, fclass: Any, path: Any, lang: Any,
 
 
 def new_id() -> str:
-    """A fresh task id."""
-    return uuid.uuid4().hex
+    """A fresh task id: 128 random bits as 32 hex digits (the shape of a uuid4's hex, made
+    without building a UUID object, which costs four times as much)."""
+    return os.urandom(16).hex()
 
 
 def check_queue_index(value: Any, configured: Iterable[int]) -> int:
