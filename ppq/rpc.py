@@ -35,6 +35,7 @@ from Pyro5.serializers import SerializerBase
 from . import errors
 from .config import TLSConfig
 from .errors import AuthError, ConfigError, ConnectError, InvalidTaskError, PPQError
+from .task import new_id
 
 log = logging.getLogger("ppq.rpc")
 
@@ -492,9 +493,9 @@ def _with_task_ids(method: str, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Give each pushed task an id made here, so that a push retried after a lost reply is stored once."""
     if method == "push_task" and "task_id" not in kwargs and len(args) <= _TASK_ID_POSITION:
-        kwargs = dict(kwargs, task_id=os.urandom(16).hex())
+        kwargs = dict(kwargs, task_id=new_id())
     elif method == "push_tasks" and args and isinstance(args[0], (list, tuple)):
-        tasks = [dict(t, task_id=os.urandom(16).hex()) if isinstance(t, dict) and "task_id" not in t else t
+        tasks = [dict(t, task_id=new_id()) if isinstance(t, dict) and "task_id" not in t else t
                  for t in args[0]]
         args = (tasks, *args[1:])
     return args, kwargs
