@@ -674,7 +674,7 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
             running: list[Any] = []
             uri = w.get("control_uri")
             if uri:
-                control = PyroFunc(uri, token=config.auth_token, timeout=3, objid=WORKER_OBJECT, default_return=None)
+                control = PyroFunc(uri, token=config.client_secret, timeout=3, objid=WORKER_OBJECT, default_return=None)
                 stats = control("get_worker_stats") or {}
                 running = (control("get_running_info") or {}).get("tasks", [])
                 control.close()

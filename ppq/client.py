@@ -58,7 +58,7 @@ class Client:
         queue_index: int = 0,
     ) -> None:
         config = config or load_config()
-        apply_tls(config.tls, server=False)
+        apply_tls(config.tls)
         masters = masters or config.client_masters()
         self.queue_index = queue_index
         self.allow_pickle = config.client.allow_pickle if allow_pickle is None else allow_pickle
@@ -66,7 +66,7 @@ class Client:
             masters,
             retry=config.client.retry if retry is None else retry,
             random_idx=True,
-            token=token if token is not None else config.auth_token,
+            token=token if token is not None else config.client_secret,
             timeout=timeout or config.client.timeout or DEFAULT_TIMEOUT,
         )
         # A wait held by the master must end before the proxy's own timeout.

@@ -34,6 +34,8 @@ DEFAULT_TASK_TIMEOUT = 300.0
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # Seconds a finished task's record and result are kept.
 DEFAULT_RESULT_TTL = 86400
+# Largest RPC request a master or worker reads, in bytes.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class LimitsConfig:
     max_retry: int = 100
     max_timeout: float = 7 * 86400.0
     max_result_ttl: int = 365 * 86400
+    max_message: int = DEFAULT_MAX_MESSAGE
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class ClientConfig:
 @dataclass(frozen=True)
 class Config:
     auth_token: str | None = None
+    worker_token: str | None = None
+    client_token: str | None = None
     log_level: str = "INFO"
     log_format: str = "text"
     master: MasterConfig = field(default_factory=MasterConfig)
@@ -115,6 +120,21 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+
+    @property
+    def worker_secret(self) -> str | None:
+        """The token a worker agent sends: ``worker_token``, else ``auth_token``."""
+        return self.worker_token or self.auth_token
+
+    @property
+    def client_secret(self) -> str | None:
+        """The token a client sends: ``client_token``, else ``auth_token``."""
+        return self.client_token or self.auth_token
+
+    @property
+    def any_token(self) -> bool:
+        """True if connections must present a token."""
+        return bool(self.auth_token or self.worker_token or self.client_token)
 
     def client_masters(self) -> list[str]:
         """The master addresses a client uses: ``client.masters``, else the worker's."""
@@ -128,6 +148,7 @@ _SECTIONS = {
     "limits": LimitsConfig,
     "tls": TLSConfig,
 }
+_TOKENS = ("auth_token", "worker_token", "client_token")
 _CHOICES = {
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
     "log_format": ("text", "json"),
@@ -143,7 +164,7 @@ _POSITIVE = {
     "master.max_lease_expiries", "master.result_ttl", "worker.max_sleep", "worker.task_timeout",
     "worker.heartbeat_interval", "client.retry", "client.timeout", "limits.max_payload", "limits.max_batch",
     "limits.max_name_length", "limits.max_key_length", "limits.max_delay", "limits.max_timeout",
-    "limits.max_result_ttl",
+    "limits.max_result_ttl", "limits.max_message",
 }
 
 
@@ -175,7 +196,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "auth_token":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key in _TOKENS:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if origin is list:
@@ -295,7 +316,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if name not in known:
             raise ConfigError(f"unknown environment variable {name}")
         key = known[name]
-        if key == "auth_token":
+        if key in _TOKENS:
             result[key] = raw
             continue
         import yaml

@@ -374,7 +374,7 @@ class Master:
 
     # -- the exposed methods ------------------------------------------------
 
-    @rpc.remote
+    @rpc.remote(role=rpc.ANY)
     def ping(self) -> str:
         return "pong"
 
@@ -432,21 +432,21 @@ class Master:
                 log.debug("queue_index %s: task %s pushed", spec.queue_index, tid)
         return ids
 
-    @rpc.remote
+    @rpc.remote(role=rpc.WORKER)
     def get_task(self, worker_info: Any, queue_index: Any = 0, wait: Any = 0) -> dict[str, Any] | None:
         """Lease the next task of ``queue_index`` (waiting up to ``wait`` seconds); None if there is none."""
         wait = _number("wait", wait, 0, MAX_WAIT)
         _, tasks = self._lease(worker_info, queue_index, [], 1, wait)
         return self._plain(tasks)[0] if tasks else None
 
-    @rpc.remote
+    @rpc.remote(role=rpc.WORKER)
     def get_tasks(self, worker_info: Any, queue_index: Any = 0, count: Any = 1, wait: Any = 0) -> list[dict[str, Any]]:
         """Lease up to ``count`` tasks."""
         count = int(_number("count", count, 1, self.limits.max_batch))
         wait = _number("wait", wait, 0, MAX_WAIT)
         return self._plain(self._lease(worker_info, queue_index, [], count, wait)[1])
 
-    @rpc.remote
+    @rpc.remote(role=rpc.WORKER)
     def task_finish(self, task_id: Any, worker_info: Any, queue_index: Any = 0, piggyback: Any = False,
                     result: Any = None, result_bytes: Any = None, lease: Any = None) -> Any:
         """Record a task's success. Refused (LeaseLostError) if the worker lost its lease.
@@ -456,14 +456,14 @@ class Master:
         report = self._result_report(task_id, lease, True, result=result, result_bytes=result_bytes)
         return self._finish(report, worker_info, queue_index, bool(piggyback))
 
-    @rpc.remote
+    @rpc.remote(role=rpc.WORKER)
     def task_error(self, task_id: Any, worker_info: Any, queue_index: Any = 0, piggyback: Any = False,
                    error: Any = "", traceback: Any = "", lease: Any = None, retry: Any = True) -> Any:
         """Record a task's failure: it is retried while retries remain, else it goes to the dead list."""
         report = self._result_report(task_id, lease, False, error=error, traceback=traceback, retry=bool(retry))
         return self._finish(report, worker_info, queue_index, bool(piggyback))
 
-    @rpc.remote
+    @rpc.remote(role=rpc.WORKER)
     def report(self, worker_info: Any, queue_index: Any = 0, reports: Any = (), want: Any = 0,
                wait: Any = 0) -> dict[str, Any]:
         """The worker's fast path: many finishes/errors/hand-backs and the next tasks in one call.
@@ -494,7 +494,7 @@ class Master:
         accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait)
         return {"accepted": accepted, "tasks": self._plain(tasks)}
 
-    @rpc.remote
+    @rpc.remote(role=rpc.WORKER)
     def heartbeat(self, worker_info: Any, queue_index: Any = 0, running: Any = ()) -> dict[str, Any]:
         """Extend the leases of ``running`` (``[[id, lease], ...]``); register the worker.
 
@@ -576,7 +576,7 @@ class Master:
             raise InvalidTaskError("task_ids must be a non-empty list of ids, or None for all")
         return [check_task_id(t) for t in task_ids]
 
-    @rpc.remote
+    @rpc.remote(role=rpc.ANY)
     def server_info(self) -> dict[int, dict[str, Any]]:
         """One dict per queue_index: queued/delayed/running/dead counts, counters and live workers."""
         return self.queue_info()
@@ -656,13 +656,16 @@ class MasterServer:
         if 0 <= limit < m.threadpool_size + 64:
             log.warning("open-files limit is %s: fewer than master.threadpool_size (%s) connections will fit",
                         limit, m.threadpool_size)
-        rpc.check_bind(m.host, config.auth_token, m.insecure, "master.host")
-        rpc.apply_tls(config.tls, server=True)
+        rpc.check_bind(m.host, config.auth_token or (config.worker_token and config.client_token), m.insecure,
+                       "master.host")
+        ssl_context = rpc.server_ssl_context(config.tls)
         self.config = config
         self.stores, self.embedded = open_stores(config)
         self.master = Master(config, self.stores)
         try:
-            self.daemon = rpc.Daemon(m.host, m.port, config.auth_token, m.threadpool_size)
+            self.daemon = rpc.Daemon(m.host, m.port, rpc.token_roles(config.auth_token, config.worker_token,
+                                                                     config.client_token),
+                                     m.threadpool_size, config.limits.max_message, ssl_context)
         except OSError as exc:
             self.close_stores()
             raise ConfigError(f"master.port: cannot listen on {m.host}:{m.port}: {exc.strerror or exc}") from None

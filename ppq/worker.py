@@ -358,16 +358,16 @@ class WorkerControl:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    @rpc.remote
+    @rpc.remote(role=rpc.ANY)
     def ping(self) -> str:
         return "pong"
 
-    @rpc.remote
+    @rpc.remote(role=rpc.ANY)
     def get_running_info(self) -> dict[str, Any]:
         """The agent's identity and the tasks it is running now."""
         return self.agent.running_info()
 
-    @rpc.remote
+    @rpc.remote(role=rpc.ANY)
     def get_worker_stats(self) -> dict[str, Any]:
         """Per function: count, ok, failed, total_time and mean_time in seconds."""
         return self.agent.stats_snapshot()
@@ -421,8 +421,7 @@ class Agent:
             raise ConfigError("worker.master_hosts is empty: give at least one master address")
         random.shuffle(addresses)
         self.masters = [rpc.master_uri(a) for a in addresses]
-        token = config.auth_token
-        self._call = rpc.PyroFunc(self.masters, retry=1, token=token, timeout=self.max_sleep + 15)
+        self._call = rpc.PyroFunc(self.masters, retry=1, token=config.worker_secret, timeout=self.max_sleep + 15)
         self._stop_mode: str | None = None
         self._stop_event = threading.Event()
         self._cond = threading.Condition()
@@ -859,21 +858,25 @@ class Agent:
 
     def _serve_control(self) -> None:
         w = self.config.worker
-        rpc.check_bind(w.host, self.config.auth_token, w.insecure, "worker.host")
+        config = self.config
+        rpc.check_bind(w.host, config.auth_token or (config.worker_token and config.client_token), w.insecure,
+                       "worker.host")
+        tokens = rpc.token_roles(config.auth_token, config.worker_token, config.client_token)
+        ssl_context = rpc.server_ssl_context(config.tls)
         try:
-            self._daemon = rpc.Daemon(w.host, w.port, self.config.auth_token, threadpool_size=32)
+            self._daemon = rpc.Daemon(w.host, w.port, tokens, 32, config.limits.max_message, ssl_context)
         except OSError as exc:
             if w.port == 0:
                 raise
             log.warning("worker.port %s is taken (%s); the control object uses a free port", w.port,
                         exc.strerror or exc)
-            self._daemon = rpc.Daemon(w.host, 0, self.config.auth_token, threadpool_size=32)
+            self._daemon = rpc.Daemon(w.host, 0, tokens, 32, config.limits.max_message, ssl_context)
         self.control_uri = str(self._daemon.register(WorkerControl(self), objectId=rpc.WORKER_OBJECT))
         self._threads.append(rpc.serve_in_thread(self._daemon, "ppq-worker-control"))
 
     def start(self) -> None:
         """Start executors, the control object and the helper threads."""
-        rpc.apply_tls(self.config.tls, server=True)
+        rpc.apply_tls(self.config.tls)
         self._done_reporting = threading.Event()
         self._autodiscover()
         self._start_executors()

@@ -1,0 +1,59 @@
+"""All of ppq's Pyro5 glue; no other ppq module imports Pyro5.
+
+- :mod:`.wire`: Pyro5's message format, read with limits and bounded decoders;
+- :mod:`.server`: the daemon of masters and workers' control objects, with its own
+  connection handling (handshakes without blocking, idle connections without threads);
+- :mod:`.client`: proxies, the direct call path, and :class:`PyroFunc`;
+- :mod:`.exposed`: ``@remote``, the wrapper of every exposed method (roles, errors);
+- :mod:`.roles`: which token grants which role;
+- :mod:`.net`: the loopback bind rule and TLS settings.
+
+Importing this package changes nothing in Pyro5: ppq's daemons and proxies set up
+what they need when they are made, for themselves.
+"""
+
+from Pyro5.api import expose
+
+from .client import (
+    DEFAULT_SERIALIZER,
+    DEFAULT_TIMEOUT,
+    MASTER_OBJECT,
+    WORKER_OBJECT,
+    CommunicationError,
+    PyroFunc,
+    make_proxy,
+    master_uri,
+    register_errors,
+)
+from .exposed import caller_role, client_address, client_is_ppq, remote
+from .net import apply_tls, check_bind, is_loopback, server_ssl_context
+from .roles import ALL, ANY, CLIENT, WORKER, token_roles
+from .server import Daemon, serve_in_thread
+
+__all__ = [
+    "ALL",
+    "ANY",
+    "CLIENT",
+    "DEFAULT_SERIALIZER",
+    "DEFAULT_TIMEOUT",
+    "MASTER_OBJECT",
+    "WORKER",
+    "WORKER_OBJECT",
+    "CommunicationError",
+    "Daemon",
+    "PyroFunc",
+    "apply_tls",
+    "caller_role",
+    "check_bind",
+    "client_address",
+    "client_is_ppq",
+    "expose",
+    "is_loopback",
+    "make_proxy",
+    "master_uri",
+    "register_errors",
+    "remote",
+    "serve_in_thread",
+    "server_ssl_context",
+    "token_roles",
+]

@@ -1,0 +1,276 @@
+"""ppq's Pyro5 daemon: the server of masters and of workers' control objects.
+
+Connections come through :class:`~ppq.rpc.transport.Transport` (handshakes and
+idle connections are handled there). Every request is read here with the size
+limit of its serializer (``limits.max_message`` for msgpack and marshal, less for
+text), never decompressed, and decoded only by the bounded decoders of
+:mod:`ppq.rpc.wire`. Requests of ppq's own clients (msgpack, no flags or
+annotations) take a direct path that reads and writes Pyro5's message without
+Pyro5's per-call machinery; everything else is checked here, then served by
+Pyro5's own handler.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import Pyro5.callcontext
+import Pyro5.core
+import Pyro5.errors
+import Pyro5.server
+from Pyro5 import serializers as pyro_serializers
+
+from . import wire
+from .roles import ALL
+from .transport import IdleError, Transport
+
+# Seconds a request may take to arrive once its first bytes have (no progress: closed).
+STALL_TIMEOUT = 30.0
+# Largest serpent or json request, in bytes: text parses into far more memory than binary.
+MAX_TEXT_MESSAGE = 4 * 1024 * 1024
+
+_DAEMON_OBJECT = Pyro5.core.DAEMON_NAME
+
+
+class Daemon(Pyro5.server.Daemon):
+    """A Pyro5 daemon served by :class:`Transport`, with ppq's tokens and roles.
+
+    ``tokens`` maps a token to the role it grants (see :mod:`ppq.rpc.roles`); with no
+    tokens every connection has every role. ``max_message`` is the largest request read.
+    """
+
+    def __init__(self, host: str, port: int, tokens: Mapping[str, str] | None = None, threads: int = 4000,
+                 max_message: int = 16 * 1024 * 1024, ssl_context: ssl.SSLContext | None = None) -> None:
+        # Pyro5's Daemon.__init__ would start Pyro5's own transport server: set up its state here instead.
+        self._Daemon__mustshutdown = threading.Event()
+        self._Daemon__loopstopped = threading.Event()
+        self._Daemon__loopstopped.set()
+        self._tokens = [(token.encode("utf-8"), role) for token, role in (tokens or {}).items() if token]
+        self.max_message = max_message
+        self.transportServer = Transport(self, host, port, threads, ssl_context)
+        self.locationStr = self.transportServer.locationStr
+        self.natLocationStr = None
+        interface = Pyro5.server.DaemonObject(self)
+        interface._pyroId = _DAEMON_OBJECT
+        self.objectsById = {_DAEMON_OBJECT: interface}
+        self._pyroInstances = {}
+        self.streaming_responses = {}
+        self.housekeeper_lock = threading.Lock()
+        self._disconnect_lock = threading.Lock()
+        self.create_single_instance_lock = threading.Lock()
+        self.methodcall_error_handler = Pyro5.server._default_methodcall_error_handler
+        _bytes_for_json()
+        # (object id, method name) -> (object, its bound method), for calls on the direct path.
+        self._direct: dict[tuple[str, str], tuple[Any, Callable[..., Any]]] = {}
+
+    def role_of(self, offered: Any) -> str | None:
+        """The role a handshake's token grants, or None (refused). Constant-time compares."""
+        if not self._tokens:
+            return ALL
+        token = offered.get("token") if isinstance(offered, dict) else offered
+        if not isinstance(token, str) or len(token) > 1024:
+            return None
+        given = token.encode("utf-8", "replace")
+        granted = None
+        for expected, role in self._tokens:
+            if hmac.compare_digest(given, expected) and granted is None:
+                granted = role
+        return granted
+
+    def validateHandshake(self, conn: Any, data: Any) -> Any:  # noqa: N802 - Pyro5's name
+        raise Pyro5.errors.SecurityError("handshakes are handled by ppq's transport")
+
+    # -- requests --
+
+    def _read(self, conn: Any, size: int) -> bytes:
+        """Read ``size`` bytes; a request that makes no progress for STALL_TIMEOUT seconds is dropped."""
+        sock = conn.sock
+        chunks = []
+        left = size
+        last = time.monotonic()
+        while left:
+            try:
+                chunk = sock.recv(min(left, 1 << 20))
+            except TimeoutError:
+                if time.monotonic() - last > STALL_TIMEOUT:
+                    raise Pyro5.errors.TimeoutError("request stalled") from None
+                continue
+            if not chunk:
+                raise Pyro5.errors.ConnectionClosedError("connection closed mid-request")
+            chunks.append(chunk)
+            left -= len(chunk)
+            last = time.monotonic()
+        return b"".join(chunks)
+
+    def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
+        """Serve one request (see the module docstring); raise IdleError when none comes."""
+        try:
+            head = conn.sock.recv(wire.HEADER.size)
+        except TimeoutError:
+            raise IdleError from None
+        if not head:
+            raise Pyro5.errors.ConnectionClosedError("closed")
+        if len(head) < wire.HEADER.size:
+            head += self._read(conn, wire.HEADER.size - len(head))
+        header = wire.parse_header(head)
+        if header.kind not in (wire.MSG_INVOKE, wire.MSG_PING):
+            raise wire.WireError(f"unexpected message type {header.kind}")
+        limit = self.max_message if header.serializer_id in (wire.MSGPACK, wire.MARSHAL) else min(
+            self.max_message, MAX_TEXT_MESSAGE)
+        total = header.size + header.annotations
+        if total > limit:
+            self._refuse(conn, header, f"InvalidTaskError: a request of {total} bytes is larger than the "
+                                       f"limit of {limit} bytes (limits.max_message)")
+            raise wire.WireError(f"a request of {total} bytes (limit {limit})")
+        body = self._read(conn, total) if total else b""
+        if header.kind == wire.MSG_INVOKE:
+            if (header.serializer_id == wire.MSGPACK and not header.flags and not header.annotations
+                    and b"__class__" not in body and self._direct_request(conn, header, body)):
+                return
+            problem = self._check_request(header, body[header.annotations:])
+            if problem:
+                self._refuse(conn, header, problem)
+                return
+        super().handleRequest(_Replay(conn, head + body))
+
+    def _check_request(self, header: wire.Header, data: bytes) -> str:
+        """Why a request for Pyro5's handler is refused ('' if it is not): bounded decoding,
+        and no dicts with a "__class__" key (Pyro5 would make objects of them)."""
+        try:
+            if header.serializer_id == wire.MARSHAL:
+                wire.check_marshal(data)
+            elif header.serializer_id in (wire.SERPENT, wire.JSON):
+                wire._check_text_depth(data.decode("utf-8", "replace"))
+            if b"__class__" in data:
+                found = wire.find_class_dict(wire.loads(header.serializer_id, data))
+                if found is not None:
+                    return (f"InvalidTaskError: arguments must be plain data; a dict with a '__class__' key "
+                            f"({found!r}) is not accepted")
+        except wire.WireError as exc:
+            return f"InvalidTaskError: {exc}"
+        return ""
+
+    def _refuse(self, conn: Any, header: wire.Header, reason: str) -> None:
+        """Answer a request with an error (a builtin type, readable by any client)."""
+        serializer_id = header.serializer_id if header.serializer_id in wire.SERIALIZER_NAMES else wire.MSGPACK
+        try:
+            self._sendExceptionResponse(conn, header.seq, serializer_id, ValueError(reason), None)
+        except Exception:  # noqa: BLE001 - the connection is closed next anyway
+            pass
+
+    def _direct_request(self, conn: Any, header: wire.Header, data: bytes) -> bool:
+        """Serve a plain msgpack call to ppq's own object; False sends it Pyro5's way."""
+        try:
+            objid, method, vargs, kwargs = wire.unpack(data)
+        except (wire.WireError, ValueError, TypeError):
+            return False
+        if type(method) is not str or type(vargs) is not list or type(kwargs) is not dict:
+            return False
+        cached = self._direct.get((objid, method)) if type(objid) is str else None
+        if cached is not None and self.objectsById.get(objid) is cached[0]:
+            target = cached[1]
+        else:
+            target = self._direct_target(objid, method)
+            if target is None:
+                return False
+        if any(type(k) is not str for k in kwargs):
+            return False
+        ctx = Pyro5.callcontext.current_context
+        ctx.client = conn
+        ctx.client_sock_addr = conn.__dict__.get("ppq_address")
+        ctx.seq = header.seq
+        ctx.annotations = {}
+        ctx.msg_flags = 0
+        ctx.serializer_id = wire.MSGPACK
+        ctx.correlation_id = None
+        ctx.response_annotations = {}
+        try:
+            result = target(*vargs, **kwargs)
+            reply = pack_reply(result)
+        except Exception as exc:
+            self.methodcall_error_handler(self, ctx.client_sock_addr, target, vargs, kwargs, exc)
+            self._sendExceptionResponse(conn, header.seq, wire.MSGPACK, exc,
+                                        Pyro5.errors.format_traceback(detailed=False))
+            if isinstance(exc, (Pyro5.errors.CommunicationError, Pyro5.errors.SecurityError)):
+                raise
+            return True
+        conn.send(wire.message(wire.MSG_RESULT, wire.MSGPACK, header.seq, reply))
+        return True
+
+    def _direct_target(self, objid: Any, method: str) -> Callable[..., Any] | None:
+        """The bound method a direct call may run: an exposed public method of a registered
+        instance; None sends the call Pyro5's way."""
+        if method.startswith("_") or objid == _DAEMON_OBJECT:
+            return None
+        obj = self.objectsById.get(objid)
+        if obj is None or isinstance(obj, type):
+            return None
+        if not getattr(getattr(type(obj), method, None), "_pyroExposed", False):
+            return None
+        target: Callable[..., Any] = getattr(obj, method)
+        self._direct[(objid, method)] = (obj, target)
+        return target
+
+
+_packer = threading.local()
+_json_bytes = threading.Lock()
+
+
+def _bytes_for_json() -> None:
+    """json cannot carry bytes: a json client gets them as serpent does, a base64 dict
+    (registered once, by the first ppq daemon of the process)."""
+    with _json_bytes:
+        if getattr(_bytes_for_json, "done", False):
+            return
+        import base64
+
+        def as_base64(data: bytes) -> dict[str, str]:
+            return {"data": base64.b64encode(data).decode("ascii"), "encoding": "base64"}
+
+        pyro_serializers.SerializerBase.register_class_to_dict(bytes, as_base64, serpent_too=False)
+        _bytes_for_json.done = True  # type: ignore[attr-defined]
+
+
+def pack_reply(value: Any) -> bytes:
+    """msgpack a reply as Pyro5's msgpack serializer would (other types through its converter)."""
+    packer = getattr(_packer, "packer", None)
+    if packer is None:
+        serializer = pyro_serializers.serializers["msgpack"]
+        import msgpack
+
+        packer = _packer.packer = msgpack.Packer(use_bin_type=True, default=serializer.default)
+    try:
+        return packer.pack(value)  # type: ignore[no-any-return]
+    except BaseException:
+        packer.reset()
+        raise
+
+
+class _Replay:
+    """A server connection whose first bytes were already read: ``recv`` serves those first."""
+
+    def __init__(self, conn: Any, data: bytes) -> None:
+        self._conn = conn
+        self._data = data
+
+    def recv(self, size: int) -> bytes:
+        if not self._data:
+            return self._conn.recv(size)  # type: ignore[no-any-return]
+        head, self._data = self._data[:size], self._data[size:]
+        if len(head) < size:
+            head += self._conn.recv(size - len(head))
+        return head
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def serve_in_thread(daemon: Daemon, name: str) -> threading.Thread:
+    thread = threading.Thread(target=daemon.requestLoop, name=name, daemon=True)
+    thread.start()
+    return thread

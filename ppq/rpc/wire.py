@@ -1,0 +1,303 @@
+"""Pyro5's wire format, read with limits.
+
+Every message is a 40-byte header (tag, protocol version, type, serializer, flags,
+sequence, data size, annotations size, correlation id, reserved, magic), then the
+annotations, then the serialized data. This module reads it without trusting it:
+sizes are checked against the caller's limit before anything is read, compressed
+messages are refused (ppq never compresses, and inflating is unbounded), and data
+is decoded only by decoders that cannot be made to allocate more than a small
+multiple of the bytes received:
+
+- msgpack (ppq's own serializer): containers are bounded by the input's length,
+  and there are no back-references;
+- marshal (a plain Pyro5 proxy may choose it): checked by :func:`check_marshal`
+  first, which refuses declared lengths beyond the bytes present, back-references
+  that would expand past a budget or point into an unfinished container, code
+  objects, and deep nesting;
+- serpent and json: text, parsed by bounded parsers; their size is capped lower.
+
+No Pyro5 class walk runs on data read here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import struct
+from typing import Any, NamedTuple
+
+import msgpack
+
+# Pyro5 message header: tag, version, type, serializer, flags, seq, data size,
+# annotations size, correlation id, reserved, magic.
+HEADER = struct.Struct("!4sHBBHHII16sHH")
+TAG = b"PYRO"
+PROTOCOL = 502
+MAGIC = 0x4DC5
+NO_CORRELATION = bytes(16)
+
+MSG_CONNECT = 1
+MSG_CONNECTOK = 2
+MSG_CONNECTFAIL = 3
+MSG_INVOKE = 4
+MSG_RESULT = 5
+MSG_PING = 6
+
+FLAGS_EXCEPTION = 1 << 0
+FLAGS_COMPRESSED = 1 << 1
+FLAGS_ONEWAY = 1 << 2
+FLAGS_BATCH = 1 << 3
+FLAGS_ITEMSTREAMRESULT = 1 << 4
+FLAGS_KEEPSERIALIZED = 1 << 5
+FLAGS_CORR_ID = 1 << 6
+
+SERPENT = 1
+MARSHAL = 2
+JSON = 3
+MSGPACK = 4
+SERIALIZER_NAMES = {SERPENT: "serpent", JSON: "json", MARSHAL: "marshal", MSGPACK: "msgpack"}
+
+# Largest handshake (annotations and data together) read before the token is checked, in bytes.
+MAX_HANDSHAKE = 4096
+# Deepest nesting accepted in a marshal, serpent or json message.
+MAX_DEPTH = 200
+
+
+class WireError(Exception):
+    """A message that ppq refuses to read; the connection is closed."""
+
+
+class Header(NamedTuple):
+    kind: int
+    serializer_id: int
+    flags: int
+    seq: int
+    size: int
+    annotations: int
+
+
+def parse_header(data: bytes) -> Header:
+    """The header's fields; WireError if it is not a Pyro5 message of this protocol."""
+    if len(data) != HEADER.size:
+        raise WireError("truncated header")
+    tag, version, kind, serializer_id, flags, seq, size, annotations, _, _, magic = HEADER.unpack(data)
+    if tag != TAG or version != PROTOCOL or magic != MAGIC:
+        raise WireError("not a Pyro5 message of protocol 502")
+    if flags & FLAGS_COMPRESSED:
+        raise WireError("compressed messages are not accepted")
+    return Header(kind, serializer_id, flags, seq, size, annotations)
+
+
+def message(kind: int, serializer_id: int, seq: int, data: bytes, flags: int = 0) -> bytes:
+    return HEADER.pack(TAG, PROTOCOL, kind, serializer_id, flags, seq, len(data), 0, NO_CORRELATION, 0,
+                       MAGIC) + data
+
+
+def unpack(data: bytes) -> Any:
+    """msgpack data as ppq sends it: bytes stay bytes, int map keys allowed. Every length
+    is bounded by the input's (msgpack's default), so nothing allocates far past it."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except msgpack.StackError:
+        raise WireError("the message nests too deeply") from None
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+        raise WireError(f"bad msgpack data: {exc}") from None
+
+
+def loads(serializer_id: int, data: bytes) -> Any:
+    """Decode ``data`` with the bounded decoder of its serializer, as plain data (no objects
+    are made from class dicts)."""
+    if serializer_id == MSGPACK:
+        return unpack(data)
+    if serializer_id == MARSHAL:
+        import marshal
+
+        check_marshal(data)
+        try:
+            return marshal.loads(data)
+        except (ValueError, EOFError, TypeError) as exc:
+            raise WireError(f"bad marshal data: {exc}") from None
+    if serializer_id in (SERPENT, JSON):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError("text message is not UTF-8") from None
+        _check_text_depth(text)
+        try:
+            if serializer_id == JSON:
+                return json.loads(text)
+            if text.startswith("#"):
+                # serpent's header comment line ("# serpent utf-8 python3.2")
+                text = text.split("\n", 1)[1] if "\n" in text else ""
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+            raise WireError(f"bad {SERIALIZER_NAMES[serializer_id]} data: {type(exc).__name__}") from None
+    raise WireError(f"unknown serializer id {serializer_id}")
+
+
+def _check_text_depth(text: str) -> None:
+    """Refuse text that opens more than MAX_DEPTH brackets at once (before any parser recurses)."""
+    depth = 0
+    if text.count("[") + text.count("{") + text.count("(") <= MAX_DEPTH:
+        return
+    in_string = ""
+    escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == in_string:
+                in_string = ""
+        elif ch in "\"'":
+            in_string = ch
+        elif ch in "[{(":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise WireError(f"the message nests deeper than {MAX_DEPTH} levels")
+        elif ch in "]})":
+            depth -= 1
+
+
+# marshal type codes (Python/marshal.c) -> size of a fixed payload.
+_FIXED = {ord("N"): 0, ord("F"): 0, ord("T"): 0, ord("S"): 0, ord("."): 0, ord("i"): 4, ord("g"): 8,
+          ord("y"): 16}
+_LEN32 = frozenset(map(ord, "stuaA"))
+_LEN8 = frozenset(map(ord, "zZ"))
+_SEQ32 = frozenset(map(ord, "([<>"))
+_SMALL_TUPLE = ord(")")
+_DICT = ord("{")
+_NULL = ord("0")
+_REF = ord("r")
+_LONG = ord("l")
+_FLOAT = ord("f")
+_COMPLEX = ord("x")
+_FLAG_REF = 0x80
+_INT32 = struct.Struct("<i")
+
+
+def check_marshal(data: bytes, max_depth: int = MAX_DEPTH) -> None:
+    """Walk marshal ``data`` without building anything; raise WireError unless it is safe
+    for ``marshal.loads`` and for walking what that returns.
+
+    Refused: a declared count or length larger than the bytes left (marshal allocates
+    first, then reads), a back-reference to a container still being read (a cycle) or
+    one that makes the data, expanded, larger than a small multiple of its size, code
+    objects and unknown types, nesting deeper than ``max_depth``, trailing bytes.
+    """
+    end = len(data)
+    budget = 4 * end + 4096
+    refs: list[int | None] = []
+    pos = 0
+    expanded = 0
+
+    def need(n: int) -> None:
+        if n < 0 or pos + n > end:
+            raise WireError("marshal data declares more bytes than it holds")
+
+    def int32() -> int:
+        nonlocal pos
+        need(4)
+        (value,) = _INT32.unpack_from(data, pos)
+        pos += 4
+        return int(value)
+
+    def obj(depth: int) -> int:
+        """Skip one object; return its weight (1 per object plus 1 per 8 bytes of text)."""
+        nonlocal pos, expanded
+        if depth > max_depth:
+            raise WireError(f"the message nests deeper than {max_depth} levels")
+        need(1)
+        code = data[pos]
+        pos += 1
+        slot = -1
+        if code & _FLAG_REF:
+            slot = len(refs)
+            refs.append(None)
+        code &= ~_FLAG_REF
+        weight = 1
+        if code in _FIXED:
+            need(_FIXED[code])
+            pos += _FIXED[code]
+        elif code in _LEN32:
+            n = int32()
+            need(n)
+            pos += n
+            weight += n // 8
+        elif code in _LEN8:
+            need(1)
+            n = data[pos]
+            pos += 1
+            need(n)
+            pos += n
+            weight += n // 8
+        elif code == _LONG:
+            n = abs(int32())
+            need(2 * n)
+            pos += 2 * n
+            weight += n // 4
+        elif code in (_FLOAT, _COMPLEX):
+            for _ in range(2 if code == _COMPLEX else 1):
+                need(1)
+                n = data[pos]
+                pos += 1
+                need(n)
+                pos += n
+        elif code in _SEQ32 or code == _SMALL_TUPLE:
+            if code == _SMALL_TUPLE:
+                need(1)
+                n = data[pos]
+                pos += 1
+            else:
+                n = int32()
+            # Every item takes at least one byte: a count beyond the bytes left is a lie.
+            need(n)
+            for _ in range(n):
+                weight += obj(depth + 1)
+        elif code == _DICT:
+            while True:
+                need(1)
+                if data[pos] == _NULL:
+                    pos += 1
+                    break
+                weight += obj(depth + 1) + obj(depth + 1)
+        elif code == _REF:
+            index = int32()
+            if not 0 <= index < len(refs) or refs[index] is None:
+                raise WireError("marshal data refers to an object it has not finished")
+            weight = refs[index]  # type: ignore[assignment]
+            expanded += weight
+            if expanded > budget:
+                raise WireError("marshal data expands past its size through back-references")
+        else:
+            raise WireError(f"marshal type {chr(code)!r} is not accepted")
+        if slot >= 0:
+            refs[slot] = weight
+        return weight
+
+    obj(0)
+    if pos != end:
+        raise WireError("trailing bytes after the marshal data")
+
+
+def find_class_dict(value: Any, limit: int = 1_000_000) -> str | None:
+    """The ``__class__`` value of the first dict in ``value`` that has that key, if any
+    (serpent's floats aside).
+
+    Pyro5 would make an object of such a dict; ppq takes arguments as plain data only.
+    Iterative, and stops after ``limit`` values.
+    """
+    stack = [value]
+    seen = 0
+    while stack and seen < limit:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            # serpent writes nan and inf as {"__class__": "float", "value": ...}: a number, not an object.
+            if "__class__" in item and item["__class__"] != "float":
+                return str(item["__class__"])[:80]
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return None
