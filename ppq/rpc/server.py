@@ -89,16 +89,14 @@ class Daemon(Pyro5.server.Daemon):
 
     def _read(self, conn: Any, size: int) -> bytes:
         """Read ``size`` bytes; a request that makes no progress for STALL_TIMEOUT seconds is dropped."""
-        sock = conn.sock
         chunks = []
         left = size
         last = time.monotonic()
         while left:
-            try:
-                chunk = sock.recv(min(left, 1 << 20))
-            except TimeoutError:
+            chunk = _recv(conn, min(left, 1 << 20))
+            if chunk is None:
                 if time.monotonic() - last > STALL_TIMEOUT:
-                    raise Pyro5.errors.TimeoutError("request stalled") from None
+                    raise Pyro5.errors.TimeoutError("request stalled")
                 continue
             if not chunk:
                 raise Pyro5.errors.ConnectionClosedError("connection closed mid-request")
@@ -109,10 +107,9 @@ class Daemon(Pyro5.server.Daemon):
 
     def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
         """Serve one request (see the module docstring); raise IdleError when none comes."""
-        try:
-            head = conn.sock.recv(wire.HEADER.size)
-        except TimeoutError:
-            raise IdleError from None
+        head = _recv(conn, wire.HEADER.size)
+        if head is None:
+            raise IdleError
         if not head:
             raise Pyro5.errors.ConnectionClosedError("closed")
         if len(head) < wire.HEADER.size:
@@ -215,6 +212,19 @@ class Daemon(Pyro5.server.Daemon):
         target: Callable[..., Any] = getattr(obj, method)
         self._direct[(objid, method)] = (obj, target)
         return target
+
+
+def _recv(conn: Any, size: int) -> bytes | None:
+    """Up to ``size`` bytes from ``conn``; None if none came within IDLE_PARK seconds.
+
+    A plain socket is blocking with the kernel's receive timeout (SO_RCVTIMEO) set by
+    the transport, so a read costs one system call however it ends; a TLS socket has
+    Python's timeout instead.
+    """
+    try:
+        return conn.sock.recv(size)  # type: ignore[no-any-return]
+    except (BlockingIOError, TimeoutError):
+        return None
 
 
 _packer = threading.local()

@@ -27,6 +27,7 @@ import queue
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,8 @@ HANDSHAKE_TIMEOUT = 5.0
 MAX_PENDING = 256
 # Seconds an authenticated connection may stay idle before its thread lets go of it.
 IDLE_PARK = 1.0
+# Seconds a reply may wait for a client that does not read it before the connection is dropped.
+SEND_TIMEOUT = 30.0
 # Pool threads kept even when idle; others end after IDLE_THREAD seconds without work.
 MIN_THREADS = 8
 IDLE_THREAD = 60.0
@@ -145,6 +148,23 @@ class _Pool:
             count = self._threads
         for _ in range(count):
             self._jobs.put(None)
+
+
+def _set_idle_timeouts(sock: socket.socket) -> None:
+    """An authenticated connection's reads give up after IDLE_PARK seconds without data, its
+    writes after SEND_TIMEOUT seconds without progress: in the kernel (SO_RCVTIMEO,
+    SO_SNDTIMEO) for a plain socket, which stays blocking so that a read or write is one
+    system call; with Python's timeout for TLS."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(IDLE_PARK)
+        return
+    sock.setblocking(True)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IDLE_PARK))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_TIMEOUT))
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
 
 
 class _Pending:
@@ -420,7 +440,7 @@ class Transport:
         conn.ppq_role = role
         conn.ppq_address = pending.address
         try:
-            pending.sock.settimeout(IDLE_PARK)
+            _set_idle_timeouts(pending.sock)
         except OSError:
             conn.close()
             return
