@@ -108,11 +108,13 @@ def _check_target(func: Any, module: Any, fclass: Any, path: Any, lang: Any,
     if func is None or func == "":
         raise InvalidTaskError("func must be a non-empty function name")
     func = _str("func", func, limits.max_name_length, _IDENTIFIER, "a Python identifier")
+    _public("func", func)
     if module is None or module == "":
         raise InvalidTaskError("module is required (or give func as 'module.func')")
     module = _str("module", module, limits.max_name_length, _DOTTED, "a dotted module name")
     if fclass is not None and fclass != "":
         fclass = _str("fclass", fclass, limits.max_name_length, _IDENTIFIER, "a class name")
+        _public("fclass", fclass)
     if path is not None and path != "":
         path = _str("path", path, 4096)
     lang = _str("lang", lang or "", 32)
@@ -120,6 +122,12 @@ def _check_target(func: Any, module: Any, fclass: Any, path: Any, lang: Any,
     if len(_checked_targets) < _MAX_CHECKED_TARGETS:
         _checked_targets[key] = checked
     return checked
+
+
+def _public(name: str, value: str) -> None:
+    """Refuse a private or special name (``_x``, ``__class__``) as a task's target."""
+    if value.startswith("_"):
+        raise InvalidTaskError(f"{name} {value!r} starts with '_': private and special names are not task targets")
 
 
 def new_id() -> str:
@@ -346,6 +354,54 @@ def path_allowed(path: str, allowed: Iterable[str]) -> bool:
     return False
 
 
+# What resolve checked, (module, func, fclass, allowed_modules) -> the objects it found: while the
+# module still holds the same objects, the checks are not repeated.
+_resolved: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
+def _not_allowed_name(module: str, func: str, fclass: str, allowed: tuple[str, ...]) -> str | None:
+    """Why a task's names alone are refused, or None."""
+    for field, name in (("func", func), ("fclass", fclass)):
+        if name.startswith("_"):
+            return f"{field} {name!r} starts with '_': private and special names are not task targets"
+    if not module_allowed(module, allowed):
+        return (f"module {module!r} is not in this worker's allowed_modules "
+                f"({', '.join(allowed) or 'empty'}); add it to worker.allowed_modules")
+    return None
+
+
+def _defined_in(obj: Any) -> str | None:
+    """The module ``obj`` was defined in, looking through wrappers (``__wrapped__``); None if it
+    does not say (a builtin of a C module names that module, e.g. 'posix')."""
+    try:
+        inner = inspect.unwrap(obj)
+        name = inner.__module__
+    except Exception:  # noqa: BLE001 - no module, a cycle of wrappers, an attribute that raises
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _check_defined(what: str, obj: Any, allowed: tuple[str, ...]) -> None:
+    """Refuse ``obj`` unless it was defined in an allowed module."""
+    owner = _defined_in(obj)
+    if owner is None:
+        raise NotAllowedError(f"{what} does not name the module it was defined in, so this worker cannot "
+                              f"check it against allowed_modules ({', '.join(allowed) or 'empty'})")
+    if not module_allowed(owner, allowed):
+        raise NotAllowedError(f"{what} was defined in module {owner!r}, which is not in this worker's "
+                              f"allowed_modules ({', '.join(allowed) or 'empty'}): only functions and classes "
+                              f"defined in allowed modules run")
+
+
+def _class_attribute(cls: type, name: str) -> Any:
+    """``name`` as the class itself holds it (a function, staticmethod...), found without running anything."""
+    for klass in cls.__mro__:
+        attrs = klass.__dict__
+        if name in attrs:
+            return attrs[name]
+    raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
+
+
 def resolve(
     module: str,
     func: str,
@@ -356,30 +412,49 @@ def resolve(
 ) -> Callable[..., Any]:
     """Import ``module`` and return the callable ``func`` (or ``fclass.func``).
 
-    The allowlists are checked before anything is imported; a refusal raises
+    The allowlist is about what runs, not only the module named: the module
+    must be allowed before it is imported, and the object found there (a
+    function, a class, a method and its class) must have been defined in an
+    allowed module too, so a name the module merely imported (``from os import
+    system``) is refused. Decorated functions are judged by the function they
+    wrap. Names starting with ``_`` are refused. Every check runs before the
+    class is instantiated or anything is called; a refusal raises
     :class:`NotAllowedError`.
     """
-    allowed_modules = list(allowed_modules)
-    if not module_allowed(module, allowed_modules):
-        raise NotAllowedError(
-            f"module {module!r} is not in this worker's allowed_modules "
-            f"({', '.join(allowed_modules) or 'empty'}); add it to worker.allowed_modules"
-        )
+    allowed = tuple(allowed_modules)
+    key = (module, func, fclass, allowed)
+    checked = _resolved.get(key)
+    if checked is None:
+        reason = _not_allowed_name(module, func, fclass, allowed)
+        if reason is not None:
+            raise NotAllowedError(reason)
     if path:
         if not path_allowed(path, allowed_paths):
             raise NotAllowedError(f"path {path!r} is not in this worker's allowed_paths")
         if path not in sys.path:
             sys.path.insert(0, path)
-    target: Any = importlib.import_module(module)
-    if fclass:
+    target: Any = sys.modules.get(module) or importlib.import_module(module)
+    if not fclass:
+        target = getattr(target, func)
+        if checked is None or checked[0] is not target:
+            _check_defined(f"{module}.{func}", target, allowed)
+            if len(_resolved) < _MAX_CHECKED_TARGETS:
+                _resolved[key] = (target,)
+    else:
         cls = getattr(target, fclass)
-        raw = inspect.getattr_static(cls, func)
+        if not isinstance(cls, type):
+            raise NotAllowedError(f"fclass {module}.{fclass} is not a class")
+        raw = _class_attribute(cls, func)
+        if checked is None or checked[0] is not cls or checked[1] is not raw:
+            _check_defined(f"class {module}.{fclass}", cls, allowed)
+            inner = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+            _check_defined(f"{module}.{fclass}.{func}", inner, allowed)
+            if len(_resolved) < _MAX_CHECKED_TARGETS:
+                _resolved[key] = (cls, raw)
         if isinstance(raw, (staticmethod, classmethod)):
             target = getattr(cls, func)
         else:
             target = getattr(cls(), func)
-    else:
-        target = getattr(target, func)
     if not callable(target):
         raise TypeError(f"{module}.{func} is not callable")
     return target

@@ -161,6 +161,11 @@ def test_check_push_splits_a_dotted_func_and_keeps_seed_parameters():
     ({"func": "f", "module": "m", "parameters": codec.encode_parameters([1]), "kwargs": {}}, "parameters"),
     ({"func": "f", "module": "m", "parameters": pickle.dumps(([1], {}))}, "parameters"),
     ({"func": "f", "module": "m", "parameters": 42}, "parameters"),
+    ({"func": "__class__", "module": "m"}, "func"),
+    ({"func": "_helper", "module": "m"}, "func"),
+    ({"func": "m._helper"}, "func"),
+    ({"func": "__init_subclass__", "module": "m", "fclass": "Calculator"}, "func"),
+    ({"func": "f", "module": "m", "fclass": "_Hidden"}, "fclass"),
 ])
 def test_check_push_refuses_bad_fields_naming_them(options, field):
     with pytest.raises(InvalidTaskError) as excinfo:
@@ -260,3 +265,66 @@ def test_resolve_functions_instance_methods_and_staticmethods():
         resolve("tests.no_such_module_here", "f", allowed_modules=["tests"])
     with pytest.raises(AttributeError):
         resolve("tests.tasks", "no_such_function", allowed_modules=["tests"])
+
+
+def test_resolve_refuses_callables_defined_outside_the_allowed_modules():
+    from . import escape_tasks
+
+    allowed = ["tests.escape_tasks"]
+    created = escape_tasks.Launcher.created
+    refused = {("system", ""): "posix", ("run", ""): "subprocess", ("shell", ""): "functools",
+               ("sneaky", ""): "subprocess", ("chmod", "Path"): "pathlib", ("chmod", "Home"): "pathlib",
+               ("system", "Launcher"): "posix", ("run", "Launcher"): "subprocess"}
+    for (func, fclass), home in refused.items():
+        with pytest.raises(NotAllowedError) as excinfo:
+            resolve("tests.escape_tasks", func, fclass=fclass, allowed_modules=allowed)
+        assert repr(home) in str(excinfo.value) and "allowed_modules" in str(excinfo.value), str(excinfo.value)
+    # Checked before the class is instantiated.
+    assert escape_tasks.Launcher.created == created
+    # Twice: the second answer comes from what the first one checked.
+    for _ in range(2):
+        assert resolve("tests.escape_tasks", "traced_add", allowed_modules=allowed)(2, 3) == 5
+        assert resolve("tests.escape_tasks", "wrapped_mul", allowed_modules=allowed)(2, 3) == 6
+        assert resolve("tests.escape_tasks", "cached_square", allowed_modules=allowed)(3) == 9
+        assert resolve("tests.escape_tasks", "hello", fclass="Launcher", allowed_modules=allowed)() == "hello"
+        with pytest.raises(NotAllowedError):
+            resolve("tests.escape_tasks", "system", allowed_modules=allowed)
+    assert escape_tasks.Launcher.created == created + 2
+    # "*" still allows everything.
+    assert resolve("tests.escape_tasks", "run", allowed_modules=["*"]) is escape_tasks.run
+    assert resolve("tests.escape_tasks", "Path", allowed_modules=["*"]) is escape_tasks.Path
+
+
+def test_resolve_judges_the_object_the_module_holds_now():
+    from . import escape_tasks
+
+    allowed = ["tests.escape_tasks"]
+    original = escape_tasks.wrapped_mul
+    assert resolve("tests.escape_tasks", "wrapped_mul", allowed_modules=allowed) is original
+    escape_tasks.wrapped_mul = escape_tasks.run
+    try:
+        with pytest.raises(NotAllowedError) as excinfo:
+            resolve("tests.escape_tasks", "wrapped_mul", allowed_modules=allowed)
+        assert "'subprocess'" in str(excinfo.value)
+    finally:
+        escape_tasks.wrapped_mul = original
+    assert resolve("tests.escape_tasks", "wrapped_mul", allowed_modules=allowed) is original
+
+
+@pytest.mark.parametrize(("func", "fclass", "field"), [
+    ("__class__", "", "func"), ("_foreign", "", "func"), ("__getattr__", "", "func"),
+    ("__init_subclass__", "Launcher", "func"), ("hello", "_Hidden", "fclass"),
+])
+def test_resolve_refuses_private_and_special_names(func, fclass, field):
+    with pytest.raises(NotAllowedError) as excinfo:
+        resolve("tests.escape_tasks", func, fclass=fclass, allowed_modules=["*"])
+    assert str(excinfo.value).startswith(f"{field} ") and "'_'" in str(excinfo.value)
+
+
+def test_resolve_refuses_what_has_no_module_or_is_no_class():
+    with pytest.raises(NotAllowedError) as excinfo:
+        resolve("tests.tasks", "os", allowed_modules=["tests"])  # a module object, not a callable
+    assert "does not name the module" in str(excinfo.value)
+    with pytest.raises(NotAllowedError) as excinfo:
+        resolve("tests.tasks", "system", fclass="os", allowed_modules=["tests"])
+    assert "not a class" in str(excinfo.value)

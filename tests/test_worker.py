@@ -290,7 +290,7 @@ def test_executors_import_allowed_modules_before_their_first_task(master, call, 
     """))
     (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('broken at import')\n")
     proc = spawn.worker(address_of(master), allow="warm_tasks,broken_tasks", concurrency=2,
-                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])})
+                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent), str(REPO)])})
     worker_entry(call, proc.pid)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     executors = wait_for(lambda: len(pids := children.read_text().split()) == 2 and sorted(int(p) for p in pids),
