@@ -30,9 +30,11 @@ STATES = (QUEUED, DELAYED, RUNNING, DONE, FAILED, DEAD, CANCELLED)
 # States a task does not leave by itself.
 FINAL_STATES = (DONE, DEAD, CANCELLED)
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_TASK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# Matched whole (fullmatch): "$" would also match before a final newline.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_TASK_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Options of push_task beyond the task's target, with nothing special to check.
 PUSH_FIELDS = (
@@ -148,7 +150,7 @@ def check_queue_index(value: Any, configured: Iterable[int]) -> int:
 
 
 def check_task_id(value: Any, name: str = "task_id") -> str:
-    if not isinstance(value, str) or not _TASK_ID.match(value):
+    if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
         raise InvalidTaskError(f"{name} must be a string of 1-64 letters, digits or _.:-, got {value!r:.80}")
     return value
 
@@ -160,7 +162,7 @@ def _str(name: str, value: Any, limit: int, pattern: re.Pattern[str] | None = No
         raise InvalidTaskError(f"{name} is longer than {limit} characters")
     if "\x00" in value:
         raise InvalidTaskError(f"{name} contains a NUL character")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise InvalidTaskError(f"{name} {value!r} is not {what}")
     return value
 
@@ -179,7 +181,7 @@ def _task_id(value: Any) -> str:
     """The pushed task_id, checked, or a new one."""
     if value is None:
         return new_id()
-    if value.__class__ is not str or not _TASK_ID.match(value):
+    if value.__class__ is not str or not _TASK_ID.fullmatch(value):
         check_task_id(value)
     return value  # type: ignore[no-any-return]
 
@@ -200,6 +202,8 @@ def check_push(
     key = get("key") or ""
     if key:
         key = _str("key", key, limits.max_key_length)
+        if _CONTROL.search(key):
+            raise InvalidTaskError(f"key {key!r:.80} contains a control character (newline, tab...)")
     queue_index = get("queue_index", 0)
     if queue_index.__class__ is not int or queue_index not in queue_indexes:
         queue_index = check_queue_index(queue_index, queue_indexes)
@@ -279,7 +283,7 @@ def check_pushes(
             task_id = get("task_id")
             if task_id is None:
                 task_id = new_id()
-            elif task_id.__class__ is not str or not _TASK_ID.match(task_id):
+            elif task_id.__class__ is not str or not _TASK_ID.fullmatch(task_id):
                 check_task_id(task_id)
             args = get("args")
             kwargs = get("kwargs")

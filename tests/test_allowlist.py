@@ -82,3 +82,50 @@ def test_private_and_special_names_are_refused_at_push(call, ra, rb, options, fi
         call("push_tasks", [{"func": "add", "module": "tasks"}, options])
     assert str(excinfo.value).startswith(f"tasks[1]: {field} "), str(excinfo.value)
     assert redis_snapshot(ra, rb) == before
+
+
+# -- names and ids are matched whole ------------------------------------------------------------------
+
+
+NEWLINE_PUSHES = [
+    ({"func": "add\n", "module": "tasks"}, "func"),
+    ({"func": "tasks.add\n"}, "func"),
+    ({"func": "add", "module": "tasks\n"}, "module"),
+    ({"func": "add", "module": "tasks.sub\n"}, "module"),
+    ({"func": "double", "module": "tasks", "fclass": "Calculator\n"}, "fclass"),
+    ({"func": "add", "module": "tasks", "task_id": "abc\n"}, "task_id"),
+    ({"func": "add", "module": "tasks", "key": "k\n"}, "key"),
+    ({"func": "add", "module": "tasks", "key": "k\r"}, "key"),
+]
+
+
+@pytest.mark.parametrize(("options", "field"), NEWLINE_PUSHES)
+def test_a_trailing_newline_is_refused_at_push(call, ra, rb, options, field):
+    before = redis_snapshot(ra, rb)
+    with pytest.raises(InvalidTaskError) as excinfo:
+        call("push_task", **options)
+    assert str(excinfo.value).startswith(f"{field} "), str(excinfo.value)
+    with pytest.raises(InvalidTaskError) as excinfo:
+        call("push_tasks", [{"func": "add", "module": "tasks", "args": [1, 2]}, options])
+    assert str(excinfo.value).startswith(f"tasks[1]: {field} "), str(excinfo.value)
+    assert redis_snapshot(ra, rb) == before
+
+
+def test_a_task_id_with_a_trailing_newline_is_refused_everywhere(call, ra, rb):
+    # The same id without the newline exists, so a loose match would reach it.
+    task_id = call("push_task", "add", module="tasks", args=[1, 2], task_id="abc", delay=3600)
+    before = redis_snapshot(ra, rb)
+    calls = [
+        ("get_task_info", ("abc\n",)), ("cancel_task", ("abc\n",)), ("wait_task", ("abc\n", 0, 0)),
+        ("wait_tasks", (["abc", "abc\n"], 0, 0)), ("get_tasks_info", (["abc\n"],)),
+        ("requeue_dead", (["abc\n"],)), ("purge_dead", ("abc\n",)),
+        ("heartbeat", ({"id": "w1"}, 0, [["abc\n", "lease"]])),
+        ("task_finish", ("abc\n", {"id": "w1"})), ("task_error", ("abc\n", {"id": "w1"})),
+        ("report", ({"id": "w1"}, 0, [{"id": "abc\n", "lease": "l", "ok": False}])),
+    ]
+    for method, args in calls:
+        with pytest.raises(InvalidTaskError) as excinfo:
+            call(method, *args)
+        assert "task_id" in str(excinfo.value) and "'abc\\n'" in str(excinfo.value), (method, str(excinfo.value))
+    assert redis_snapshot(ra, rb) == before
+    assert call("get_task_info", task_id)["state"] == "delayed"

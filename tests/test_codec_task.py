@@ -166,6 +166,12 @@ def test_check_push_splits_a_dotted_func_and_keeps_seed_parameters():
     ({"func": "m._helper"}, "func"),
     ({"func": "__init_subclass__", "module": "m", "fclass": "Calculator"}, "func"),
     ({"func": "f", "module": "m", "fclass": "_Hidden"}, "fclass"),
+    ({"func": "f\n", "module": "m"}, "func"),
+    ({"func": "f", "module": "m\n"}, "module"),
+    ({"func": "f", "module": "m", "fclass": "C\n"}, "fclass"),
+    ({"func": "f", "module": "m", "task_id": "abc\n"}, "task_id"),
+    ({"func": "f", "module": "m", "key": "k\n"}, "key"),
+    ({"func": "f", "module": "m", "key": "k\tk"}, "key"),
 ])
 def test_check_push_refuses_bad_fields_naming_them(options, field):
     with pytest.raises(InvalidTaskError) as excinfo:
