@@ -42,10 +42,7 @@ def pack(obj: Any) -> bytes:
         return packer.pack(obj)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         packer.reset()
-        raise CodecError(
-            f"cannot encode a value of type {type(_offender(obj)).__name__}: the default codec "
-            f"carries JSON-like data and bytes ({exc})"
-        ) from None
+        raise CodecError(_why_not(obj, exc)) from None
 
 
 def encode(obj: Any, use_pickle: bool = False) -> bytes:
@@ -58,26 +55,44 @@ def encode(obj: Any, use_pickle: bool = False) -> bytes:
         raise
 
 
+# Deepest nesting of lists and dicts msgpack packs (its own recursion limit).
+MAX_DEPTH = 1024
+# What _offender returns for data nested deeper than MAX_DEPTH.
+_TOO_DEEP = object()
+
+
 def _offender(obj: Any) -> Any:
-    """The first value inside ``obj`` that msgpack cannot carry (for error messages)."""
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            found = _offender(item)
-            if found is not None:
-                return found
-        return None
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            for item in (k, v):
-                found = _offender(item)
-                if found is not None:
-                    return found
-        return None
-    try:
-        msgpack.packb(obj, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError):
-        return obj
+    """The first value inside ``obj`` that msgpack cannot carry, or ``_TOO_DEEP``; None if none is found.
+
+    A walk with its own stack, not recursion: the data may be nested as deep as a caller likes.
+    """
+    stack = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            if depth >= MAX_DEPTH:
+                return _TOO_DEEP
+            children = [x for kv in item.items() for x in kv] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in reversed(children))
+            continue
+        try:
+            msgpack.packb(item, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):
+            return item
     return None
+
+
+def _why_not(obj: Any, exc: BaseException) -> str:
+    """Why msgpack refused ``obj``, naming the offending value's type."""
+    found = _offender(obj)
+    if found is _TOO_DEEP:
+        return f"the data is nested deeper than {MAX_DEPTH} levels of lists and dicts"
+    if isinstance(found, int) and not isinstance(found, bool):
+        return f"an integer of {found.bit_length()} bits does not fit in the 64 bits the default codec carries"
+    if found is None:
+        return f"cannot encode the data: {exc}"
+    return (f"cannot encode a value of type {type(found).__name__}: the default codec carries JSON-like data "
+            f"and bytes ({exc})")
 
 
 def decode(data: bytes, allow_pickle: bool = False) -> Any:
@@ -107,6 +122,8 @@ def decode_parameters(data: bytes, allow_pickle: bool = False) -> tuple[list[Any
             pair = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise CodecError(f"parameters: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CodecError("parameters: the JSON text is nested too deep") from None
     else:
         try:
             pair = decode(data, allow_pickle=allow_pickle)

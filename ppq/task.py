@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import operator
 import os
 import re
@@ -126,6 +125,20 @@ def _check_target(func: Any, module: Any, fclass: Any, path: Any, lang: Any,
     return checked
 
 
+def show(value: Any, limit: int = 60) -> str:
+    """``value`` for an error message: short, and safe for anything a caller can send (a huge
+    integer has no str(), a deeply nested list no repr())."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes)):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)} item{'' if len(value) == 1 else 's'}"
+    return f"a {type(value).__name__}"
+
+
 def _public(name: str, value: str) -> None:
     """Refuse a private or special name (``_x``, ``__class__``) as a task's target."""
     if value.startswith("_"):
@@ -144,14 +157,14 @@ def check_queue_index(value: Any, configured: Iterable[int]) -> int:
     configured = list(configured)
     if value not in configured:
         raise InvalidTaskError(
-            f"queue_index {value} is not configured (configured: {', '.join(map(str, sorted(configured)))})"
+            f"queue_index {show(value)} is not configured (configured: {', '.join(map(str, sorted(configured)))})"
         )
     return value
 
 
 def check_task_id(value: Any, name: str = "task_id") -> str:
     if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
-        raise InvalidTaskError(f"{name} must be a string of 1-64 letters, digits or _.:-, got {value!r:.80}")
+        raise InvalidTaskError(f"{name} must be a string of 1-64 letters, digits or _.:-, got {show(value, 80)}")
     return value
 
 
@@ -163,7 +176,7 @@ def _str(name: str, value: Any, limit: int, pattern: re.Pattern[str] | None = No
     if "\x00" in value:
         raise InvalidTaskError(f"{name} contains a NUL character")
     if pattern is not None and not pattern.fullmatch(value):
-        raise InvalidTaskError(f"{name} {value!r} is not {what}")
+        raise InvalidTaskError(f"{name} {show(value, 80)} is not {what}")
     return value
 
 
@@ -172,8 +185,9 @@ def _number(name: str, value: Any, low: float, high: float, allow_none: bool = T
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidTaskError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < low or value > high:
-        raise InvalidTaskError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+    # Compared as they are: float() of a huge integer overflows, and NaN fails every comparison.
+    if not low <= value <= high:
+        raise InvalidTaskError(f"{name} must be between {low:g} and {high:g}, got {show(value)}")
     return float(value)
 
 
@@ -194,8 +208,8 @@ def check_push(
 ) -> TaskSpec:
     """Check every field of one push; return the task to store or raise InvalidTaskError."""
     if not _PUSH_FIELDS.issuperset(options):
-        unknown = sorted(str(k) for k in set(options) - _PUSH_FIELDS)
-        raise InvalidTaskError(f"unknown push option {unknown[0]!r}")
+        unknown = sorted(show(k) for k in set(options) - _PUSH_FIELDS)
+        raise InvalidTaskError(f"unknown push option {unknown[0]}")
     get = options.get
     func, module, fclass, path, lang = _check_target(get("func"), get("module"), get("fclass"), get("path"),
                                                      get("lang"), limits)
@@ -215,12 +229,12 @@ def check_push(
         if isinstance(max_retry, bool) or not isinstance(max_retry, int):
             raise InvalidTaskError(f"max_retry must be an integer, got {type(max_retry).__name__}")
         if not 0 <= max_retry <= limits.max_retry:
-            raise InvalidTaskError(f"max_retry must be between 0 and {limits.max_retry}, got {max_retry}")
+            raise InvalidTaskError(f"max_retry must be between 0 and {limits.max_retry}, got {show(max_retry)}")
         extra.append(("max_retry", max_retry))
     retry_delay = get("retry_delay")
     if retry_delay is not None and retry_delay is not False:
         if retry_delay is not True:
-            raise InvalidTaskError(f"retry_delay must be true or false, got {retry_delay!r:.40}")
+            raise InvalidTaskError(f"retry_delay must be true or false, got {show(retry_delay)}")
         extra.append(("retry_delay", 1))
     delay = get("delay")
     delay = (_number("delay", delay, 0, limits.max_delay) or 0.0) if delay is not None else 0.0
@@ -232,7 +246,7 @@ def check_push(
         if (isinstance(result_ttl, bool) or not isinstance(result_ttl, int)
                 or not 0 <= result_ttl <= limits.max_result_ttl):
             raise InvalidTaskError(f"result_ttl must be an integer of seconds from 0 to {limits.max_result_ttl}, "
-                                   f"got {result_ttl!r:.40}")
+                                   f"got {show(result_ttl)}")
         extra.append(("result_ttl", result_ttl))
     task_id = _task_id(get("task_id"))
     params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)

@@ -3,12 +3,19 @@ the callable that runs (not only the module named), and what the master accepts 
 
 from __future__ import annotations
 
+import collections
+import copy
+import logging
+import math
 import stat
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ppq import Client
-from ppq.errors import InvalidTaskError
+from ppq.errors import InvalidTaskError, LeaseLostError, PPQError
 
 from .conftest import address_of, redis_snapshot, wait_state
 
@@ -129,3 +136,129 @@ def test_a_task_id_with_a_trailing_newline_is_refused_everywhere(call, ra, rb):
         assert "task_id" in str(excinfo.value) and "'abc\\n'" in str(excinfo.value), (method, str(excinfo.value))
     assert redis_snapshot(ra, rb) == before
     assert call("get_task_info", task_id)["state"] == "delayed"
+
+
+# -- odd input is a field error, never an internal error ------------------------------------------------
+
+
+def nested(depth: int, kind: type = list) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value] if kind is list else {"k": value}
+    return value
+
+
+# Values a caller can send that once broke the checks: huge integers (no float(), no str()), nesting
+# deeper than msgpack and Python's recursion allow, NaN and infinities, bytes for strings, newlines.
+ODD = st.one_of(
+    st.sampled_from([10 ** 5000, -(10 ** 5000), 2 ** 64, 2 ** 63, -(2 ** 63) - 1, math.nan, math.inf, -math.inf,
+                     -1, 0, -0.0, 1e300, 5e-324, True, None, "", "abc\n", "add\n", "tasks\n", "x" * 5000,
+                     "\x00", b"abc", b"\x80\x04junk.", b"\x80\x05K\x01.", {}, [], [[]], {"a": 1}]),
+    st.integers(1000, 1950).map(nested),
+    st.integers(1000, 1950).map(lambda depth: nested(depth, dict)),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+)
+
+# A valid call of each method; the test puts odd values in one or two places of it.
+TEMPLATES: dict[str, list[Any]] = {
+    "push_task": ["add", "", None, "tasks", None, "", None, 1, False, 0, None, [1, 2], {"x": 1}, None, None, None],
+    "push_tasks": [[{"func": "add", "module": "tasks", "args": [1, 2], "key": "k", "delay": 0, "task_id": "t1",
+                     "max_retry": 1, "queue_index": 0, "timeout": 5, "kwargs": {}}]],
+    "get_task_info": ["abc", 0],
+    "wait_task": ["abc", 0, 0],
+    "wait_tasks": [["abc", "def"], 0, 0],
+    "cancel_task": ["abc", 0],
+    "dead_tasks": [0, 10, 0],
+    "requeue_dead": [["abc"], 0],
+    "purge_dead": [["abc"], 0],
+    "get_tasks": [{"id": "w1", "heartbeat_interval": 1}, 0, 1, 0],
+    "report": [{"id": "w1", "heartbeat_interval": 1}, 0,
+               [{"id": "abc", "lease": "l", "ok": True, "result": 1, "result_bytes": None, "error": "",
+                 "traceback": "", "retry": True, "release": False}], 0, 0],
+    "heartbeat": [{"id": "w1", "heartbeat_interval": 1}, 0, [["abc", "l"]]],
+    "task_finish": ["abc", {"id": "w1"}, 0, False, 1, None, "l"],
+    "task_error": ["abc", {"id": "w1"}, 0, False, "e", "tb", "l", True],
+    "server_info": [],
+}
+
+
+def _spoil(draw: Any, value: Any) -> Any:
+    """``value`` with an odd value in place of it, or of one of its fields or items."""
+    if isinstance(value, dict) and value and draw(st.booleans()):
+        key = draw(st.sampled_from(sorted(value)))
+        return {**value, key: draw(ODD)}
+    if isinstance(value, list) and value and draw(st.booleans()):
+        spoiled = list(value)
+        spoiled[0] = _spoil(draw, spoiled[0])
+        return spoiled
+    return draw(ODD)
+
+
+@st.composite
+def junk_calls(draw: Any) -> tuple[str, list[Any]]:
+    method = draw(st.sampled_from(sorted(TEMPLATES)))
+    args = copy.deepcopy(TEMPLATES[method])
+    if args:
+        for i in draw(st.lists(st.integers(0, len(args) - 1), min_size=1, max_size=2)):
+            args[i] = _spoil(draw, args[i])
+    if draw(st.integers(0, 9)) == 0:
+        args.append(draw(ODD))  # one argument too many
+    return method, args
+
+
+def test_odd_arguments_get_field_errors_never_internal_errors(master, call, ra, rb, caplog):
+    caplog.set_level(logging.WARNING, logger="ppq")
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                     HealthCheck.data_too_large])
+    @given(junk_calls())
+    def check(junk: tuple[str, list[Any]]) -> None:
+        method, args = junk
+        ra.flushall()
+        rb.flushall()
+        before = redis_snapshot(ra, rb)
+        try:
+            call(method, *args)
+            outcomes["ok"] += 1
+        except PPQError as exc:
+            assert isinstance(exc, (InvalidTaskError, LeaseLostError)), f"{method}: {type(exc).__name__}: {exc}"
+            assert not str(exc).startswith("internal error"), f"{method}: {exc}"
+            assert redis_snapshot(ra, rb) == before, f"{method} failed ({exc}) but changed Redis"
+            outcomes[type(exc).__name__] += 1
+        broken = [r for r in caplog.records if r.exc_info or "internal error" in r.getMessage()]
+        assert not broken, f"{method}: the master logged {broken[0].getMessage()}"
+
+    check()
+    # Both kinds of outcome were reached, so the calls went past the first checks.
+    assert outcomes["ok"] and outcomes["InvalidTaskError"] + outcomes["CodecError"], outcomes
+
+
+def test_odd_numbers_and_nesting_are_named_in_the_error(call, ra, rb):
+    before = redis_snapshot(ra, rb)
+    cases = [
+        (("push_task", "add"), {"module": "tasks", "delay": 10 ** 5000}, "delay"),
+        (("push_task", "add"), {"module": "tasks", "timeout": math.inf}, "timeout"),
+        (("push_task", "add"), {"module": "tasks", "max_retry": 10 ** 5000}, "max_retry"),
+        (("push_task", "add"), {"module": "tasks", "queue_index": -(10 ** 5000)}, "queue_index"),
+        (("push_task", "add"), {"module": "tasks", "result_ttl": math.nan}, "result_ttl"),
+        (("push_task", "add"), {"module": "tasks", "args": [nested(1900)]}, "args"),
+        (("push_task", "add"), {"module": "tasks", "kwargs": {"a": nested(1900, dict)}}, "args/kwargs"),
+        (("push_task", "add"), {"module": "tasks", "args": [10 ** 30]}, "args"),
+        (("push_task", "add"), {"module": "tasks", "task_id": nested(1900)}, "task_id"),
+        (("push_task", "add"), {"module": b"tasks"}, "module"),
+        (("push_task", "add"), {"module": "tasks", "parameters": b"[" * 5000 + b"]" * 5000}, "parameters"),
+        (("wait_task", "abc", 0, 10 ** 5000), {}, "timeout"),
+        (("get_tasks", {"id": "w1"}, 0, 1, math.nan), {}, "wait"),
+        (("dead_tasks", 0, 10 ** 5000), {}, "limit"),
+        (("heartbeat", ["w", 10 ** 5000]), {}, "worker_info"),
+        (("task_finish", "abc", {"id": "w1"}, 0, False, nested(1900)), {}, "result"),
+    ]
+    for args, kwargs, field in cases:
+        with pytest.raises(InvalidTaskError) as excinfo:
+            call(*args, **kwargs)
+        assert field in str(excinfo.value) and "internal error" not in str(excinfo.value), (args[0], field,
+                                                                                             str(excinfo.value))
+    assert redis_snapshot(ra, rb) == before

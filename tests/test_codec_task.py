@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import pickle
 import sys
 
@@ -334,3 +335,39 @@ def test_resolve_refuses_what_has_no_module_or_is_no_class():
     with pytest.raises(NotAllowedError) as excinfo:
         resolve("tests.tasks", "system", fclass="os", allowed_modules=["tests"])
     assert "not a class" in str(excinfo.value)
+
+
+def _nested(depth, kind=list):
+    value = 1
+    for _ in range(depth):
+        value = [value] if kind is list else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    (_nested(1900), "nested deeper"), (_nested(50_000, dict), "nested deeper"),
+    ([1, {"a": [10 ** 5000]}], "bits"), ({"ok": [object()]}, "object"),
+])
+def test_encode_names_what_it_cannot_carry_however_deep(value, words):
+    with pytest.raises(CodecError) as excinfo:
+        codec.encode(value)
+    assert words in str(excinfo.value)
+
+
+def test_deep_json_parameters_are_a_codec_error():
+    with pytest.raises(CodecError) as excinfo:
+        codec.decode_parameters(b"[" * 100_000 + b"]" * 100_000)
+    assert "parameters" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    ({"delay": 10 ** 5000}, "delay"), ({"timeout": -(10 ** 5000)}, "timeout"), ({"delay": math.inf}, "delay"),
+    ({"max_retry": 10 ** 5000}, "max_retry"), ({"queue_index": 10 ** 5000}, "queue_index"),
+    ({"result_ttl": 10 ** 5000}, "result_ttl"), ({"retry_delay": _nested(1900)}, "retry_delay"),
+    ({"task_id": _nested(1900)}, "task_id"), ({"task_id": 10 ** 5000}, "task_id"), ({10 ** 5000: 1}, "option"),
+    ({"args": [_nested(1900)]}, "args"), ({"kwargs": {"k": 10 ** 5000}}, "args"),
+])
+def test_check_push_names_the_field_of_a_huge_or_deep_value(options, field):
+    with pytest.raises(InvalidTaskError) as excinfo:
+        check_push({"func": "f", "module": "m", **options}, QUEUES, LIMITS)
+    assert field in str(excinfo.value) and len(str(excinfo.value)) < 300, str(excinfo.value)
