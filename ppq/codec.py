@@ -6,15 +6,17 @@ accepted for parameters too, for outside clients that cannot send msgpack.
 
 Pickle carries any Python object and therefore runs code on load; it is used only
 where both ends opt in (``allow_pickle``). A pickled payload is recognised by its
-header and refused everywhere else.
+whole framing (see :func:`is_pickle`) and refused everywhere else.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import json
 import pickle
+import pickletools
 import threading
 from typing import Any
 
@@ -26,8 +28,22 @@ _JSON_START = frozenset(b"[{ \t\r\n")
 
 
 def is_pickle(data: bytes) -> bool:
-    """True if ``data`` looks like a pickle (protocol 2 or later)."""
-    return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5 and data[-1:] == b"."
+    """True if ``data`` is a pickle of protocol 2 to 5, by its framing.
+
+    A PROTO opcode first, then opcodes that walk cleanly (read by
+    :func:`pickletools.genops`, which runs nothing) up to a STOP at the last
+    byte. The first and last bytes are looked at first, so data that is no
+    pickle (msgpack never starts with PROTO and ends with STOP) costs nothing;
+    a walk costs about 2 µs per opcode.
+    """
+    if len(data) < 3 or data[0] != 0x80 or not 2 <= data[1] <= 5 or data[-1] != 0x2E:
+        return False
+    try:
+        last = collections.deque(pickletools.genops(data), maxlen=1)
+    except Exception:  # noqa: BLE001 - a bad opcode, a truncated argument: not a pickle
+        return False
+    # genops stops at the first STOP: it must be the last byte.
+    return bool(last) and last[0][0].name == "STOP" and last[0][2] == len(data) - 1
 
 
 _packers = threading.local()
@@ -95,11 +111,11 @@ def _why_not(obj: Any, exc: BaseException) -> str:
             f"and bytes ({exc})")
 
 
-def decode(data: bytes, allow_pickle: bool = False) -> Any:
-    """Decode what :func:`encode` made."""
+def decode(data: bytes, allow_pickle: bool = False, setting: str = "allow_pickle") -> Any:
+    """Decode what :func:`encode` made; ``setting`` names the option that enables pickle here."""
     if is_pickle(data):
         if not allow_pickle:
-            raise CodecError("payload is a pickle, and pickle is not enabled (allow_pickle)")
+            raise CodecError(f"payload is a pickle, and pickle is not enabled here ({setting} is false)")
         try:
             return pickle.loads(data)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad payload
@@ -115,8 +131,9 @@ def encode_parameters(args: Any = (), kwargs: Any = None, use_pickle: bool = Fal
     return encode([list(args), dict(kwargs or {})], use_pickle=use_pickle)
 
 
-def decode_parameters(data: bytes, allow_pickle: bool = False) -> tuple[list[Any], dict[str, Any]]:
-    """Decode and check an ``(args, kwargs)`` pair."""
+def decode_parameters(data: bytes, allow_pickle: bool = False,
+                      setting: str = "allow_pickle") -> tuple[list[Any], dict[str, Any]]:
+    """Decode and check an ``(args, kwargs)`` pair; ``setting`` as for :func:`decode`."""
     if data[:1] and data[0] in _JSON_START:
         try:
             pair = json.loads(data)
@@ -126,7 +143,7 @@ def decode_parameters(data: bytes, allow_pickle: bool = False) -> tuple[list[Any
             raise CodecError("parameters: the JSON text is nested too deep") from None
     else:
         try:
-            pair = decode(data, allow_pickle=allow_pickle)
+            pair = decode(data, allow_pickle=allow_pickle, setting=setting)
         except CodecError as exc:
             raise CodecError(f"parameters: {exc}") from None
     if isinstance(pair, tuple):

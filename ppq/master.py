@@ -356,7 +356,8 @@ class Master:
             if result_bytes is not None:
                 encoded = codec.from_wire(result_bytes)
                 if codec.is_pickle(encoded) and not self.config.master.allow_pickle:
-                    raise InvalidTaskError("result is pickled, and this master does not accept pickle")
+                    raise InvalidTaskError("result is pickled, and this master does not accept pickle "
+                                           "(master.allow_pickle is false)")
             else:
                 encoded = _encode_result(result)
             if len(encoded) > self.limits.max_payload:

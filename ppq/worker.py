@@ -90,7 +90,7 @@ def execute(task: dict[str, Any], allowed_modules: list[str], allowed_paths: lis
     try:
         fn = resolve(task["module"], task["func"], task.get("fclass") or "", task.get("path") or "",
                      allowed_modules, allowed_paths)
-        args, kwargs = codec.decode_parameters(task["parameters"], allow_pickle=allow_pickle)
+        args, kwargs = codec.decode_parameters(task["parameters"], allow_pickle, "worker.allow_pickle")
         value = fn(*args, **kwargs)
         try:
             report["result_bytes"] = codec.encode(value, use_pickle=allow_pickle)

@@ -7,6 +7,7 @@ import collections
 import copy
 import logging
 import math
+import pickle
 import stat
 from typing import Any
 
@@ -262,3 +263,16 @@ def test_odd_numbers_and_nesting_are_named_in_the_error(call, ra, rb):
         assert field in str(excinfo.value) and "internal error" not in str(excinfo.value), (args[0], field,
                                                                                              str(excinfo.value))
     assert redis_snapshot(ra, rb) == before
+
+
+def test_a_pickled_result_is_refused_naming_master_allow_pickle(call, ra, rb):
+    task_id = call("push_task", "add", module="tasks", args=[1, 2])
+    [task] = call("get_tasks", {"id": "w1"}, 0, 1, 0)
+    before = redis_snapshot(ra, rb)
+    for protocol in (2, 5):
+        with pytest.raises(InvalidTaskError) as excinfo:
+            call("task_finish", task_id, {"id": "w1"}, 0, False, None, pickle.dumps({1, 2}, protocol=protocol),
+                 task["lease"])
+        assert "pickle" in str(excinfo.value) and "master.allow_pickle" in str(excinfo.value), str(excinfo.value)
+    assert redis_snapshot(ra, rb) == before
+    assert call("get_task_info", task_id)["state"] == "running"

@@ -371,3 +371,62 @@ def test_check_push_names_the_field_of_a_huge_or_deep_value(options, field):
     with pytest.raises(InvalidTaskError) as excinfo:
         check_push({"func": "f", "module": "m", **options}, QUEUES, LIMITS)
     assert field in str(excinfo.value) and len(str(excinfo.value)) < 300, str(excinfo.value)
+
+
+# -- pickle is recognised by its framing, not by its ends ------------------------------------------
+
+
+class _Runs:
+    """Unpickling this runs ``os.system`` (never done by these tests: only walked)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_real_pickles_are_recognised_and_refused_naming_the_setting(protocol, tmp_path):
+    marker = tmp_path / "ran"
+    data = pickle.dumps(([_Runs(f"touch {marker}")], {}), protocol=protocol)
+    assert codec.is_pickle(data)
+    assert not marker.exists()  # recognising it ran nothing
+    with pytest.raises(CodecError) as excinfo:
+        codec.decode_parameters(data, setting="worker.allow_pickle")
+    assert "pickle" in str(excinfo.value) and "worker.allow_pickle" in str(excinfo.value)
+    with pytest.raises(InvalidTaskError) as excinfo:
+        check_push({"func": "f", "module": "m", "parameters": data}, QUEUES, LIMITS)
+    assert "pickle" in str(excinfo.value) and "master.allow_pickle" in str(excinfo.value)
+    assert not marker.exists()
+    assert codec.decode(pickle.dumps({1, 2}, protocol=protocol), allow_pickle=True) == {1, 2}
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x04junk.",  # PROTO 4 ... STOP, but no pickle in between
+    b"\x80\x05K\x01..",  # a whole pickle, then one more byte
+    pickle.dumps([1], protocol=4) + b"\x92\x90\x80.",  # a pickle with msgpack after it
+    b"\x80\x02" + b"\x00" * 100 + b".",
+    b"\x80\x03X\xff\xff\xff\xff.",  # an argument longer than the data
+])
+def test_data_that_only_looks_like_a_pickle_at_its_ends_is_what_it_is(data):
+    assert not codec.is_pickle(data)
+    for allow_pickle in (False, True):
+        with pytest.raises(CodecError) as excinfo:
+            codec.decode(data, allow_pickle=allow_pickle)
+        assert "not valid msgpack" in str(excinfo.value), str(excinfo.value)
+    with pytest.raises(CodecError) as excinfo:
+        check_push({"func": "f", "module": "m", "parameters": data}, QUEUES, LIMITS, allow_pickle=True)
+    assert "not valid msgpack" in str(excinfo.value), str(excinfo.value)
+
+
+def test_pickles_of_protocol_0_and_1_are_never_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    for protocol in (0, 1):
+        data = pickle.dumps(_Runs(f"touch {marker}"), protocol=protocol)
+        assert not codec.is_pickle(data)
+        with pytest.raises(CodecError):
+            codec.decode(data, allow_pickle=True)
+    assert not marker.exists()
