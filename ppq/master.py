@@ -111,7 +111,10 @@ def worker_id_of(worker_info: Any) -> str:
     if isinstance(worker_info, Mapping):
         wid = worker_info.get("id")
         if wid is None:
-            wid = f"{worker_info.get('host', '?')}:{worker_info.get('pid', '?')}"
+            host, pid = worker_info.get("host", "?"), worker_info.get("pid", "?")
+            if not (_plain_part(host) and _plain_part(pid)):
+                raise InvalidTaskError("worker_info: host and pid must be strings or numbers")
+            wid = f"{host}:{pid}"
     elif isinstance(worker_info, (list, tuple)):
         if not all(_plain_part(x) for x in worker_info):
             raise InvalidTaskError("worker_info as a list must hold strings and numbers")

@@ -217,7 +217,7 @@ def check_push(
     if key:
         key = _str("key", key, limits.max_key_length)
         if _CONTROL.search(key):
-            raise InvalidTaskError(f"key {key!r:.80} contains a control character (newline, tab...)")
+            raise InvalidTaskError(f"key {show(key, 80)} contains a control character (newline, tab...)")
     queue_index = get("queue_index", 0)
     if queue_index.__class__ is not int or queue_index not in queue_indexes:
         queue_index = check_queue_index(queue_index, queue_indexes)

@@ -179,7 +179,7 @@ TEMPLATES: dict[str, list[Any]] = {
                  "traceback": "", "retry": True, "release": False}], 0, 0],
     "heartbeat": [{"id": "w1", "heartbeat_interval": 1}, 0, [["abc", "l"]]],
     "task_finish": ["abc", {"id": "w1"}, 0, False, 1, None, "l"],
-    "task_error": ["abc", {"id": "w1"}, 0, False, "e", "tb", "l", True],
+    "task_error": ["abc", {"host": "h", "pid": 1}, 0, False, "e", "tb", "l", True],
     "server_info": [],
 }
 
@@ -255,6 +255,8 @@ def test_odd_numbers_and_nesting_are_named_in_the_error(call, ra, rb):
         (("get_tasks", {"id": "w1"}, 0, 1, math.nan), {}, "wait"),
         (("dead_tasks", 0, 10 ** 5000), {}, "limit"),
         (("heartbeat", ["w", 10 ** 5000]), {}, "worker_info"),
+        (("heartbeat", {"host": "h", "pid": 10 ** 5000}), {}, "worker_info"),
+        (("get_tasks", {"host": nested(1900), "pid": 1}), {}, "worker_info"),
         (("task_finish", "abc", {"id": "w1"}, 0, False, nested(1900)), {}, "result"),
     ]
     for args, kwargs, field in cases:
