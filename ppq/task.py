@@ -9,6 +9,7 @@ import operator
 import os
 import re
 import sys
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -473,6 +474,9 @@ def resolve(
             target = getattr(cls, func)
         else:
             target = getattr(cls(), func)
+            if isinstance(raw, types.FunctionType) and getattr(target, "__func__", None) is not raw:
+                raise NotAllowedError(f"{module}.{fclass}.{func}: the instance holds something else than the "
+                                      f"method its class defines")
     if not callable(target):
         raise TypeError(f"{module}.{func} is not callable")
     return target

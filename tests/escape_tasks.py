@@ -73,6 +73,16 @@ class Launcher:
         return "hello"
 
 
+class Shadow:
+    """Its instances hide a method of the class behind an attribute of their own."""
+
+    def __init__(self):
+        self.hello = system
+
+    def hello(self):
+        return "hello"
+
+
 def __getattr__(name):
     """Module attributes ``many_N``: as many distinct task functions as a test needs, defined here."""
     if name.startswith("many_"):
