@@ -27,7 +27,7 @@ from .errors import (
     StorageError,
 )
 from .store import Store
-from .task import FINAL_STATES, TaskSpec, check_push, check_pushes, check_queue_index, check_task_id
+from .task import FINAL_STATES, TaskSpec, check_push, check_pushes, check_queue_index, check_task_id, show
 
 log = logging.getLogger("ppq.master")
 
@@ -111,16 +111,26 @@ def worker_id_of(worker_info: Any) -> str:
     if isinstance(worker_info, Mapping):
         wid = worker_info.get("id")
         if wid is None:
-            wid = f"{worker_info.get('host', '?')}:{worker_info.get('pid', '?')}"
+            host, pid = worker_info.get("host", "?"), worker_info.get("pid", "?")
+            if not (_plain_part(host) and _plain_part(pid)):
+                raise InvalidTaskError("worker_info: host and pid must be strings or numbers")
+            wid = f"{host}:{pid}"
     elif isinstance(worker_info, (list, tuple)):
+        if not all(_plain_part(x) for x in worker_info):
+            raise InvalidTaskError("worker_info as a list must hold strings and numbers")
         wid = ":".join(str(x) for x in worker_info)
-    elif isinstance(worker_info, (str, int)) and not isinstance(worker_info, bool):
+    elif isinstance(worker_info, (str, int)) and not isinstance(worker_info, bool) and _plain_part(worker_info):
         wid = str(worker_info)
     else:
         raise InvalidTaskError(f"worker_info must be a dict or a string, got {type(worker_info).__name__}")
     if not isinstance(wid, str) or not wid or len(wid) > 200 or "\x00" in wid:
         raise InvalidTaskError("worker_info: id must be a non-empty string of at most 200 characters")
     return wid
+
+
+def _plain_part(value: Any) -> bool:
+    """True for a value that may make up a worker id: a string, or a number str() can print."""
+    return isinstance(value, (str, float)) or (isinstance(value, int) and value.bit_length() <= 64)
 
 
 def _check_info(worker_info: Any) -> dict[str, Any]:
@@ -136,8 +146,15 @@ def _check_info(worker_info: Any) -> dict[str, Any]:
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidTaskError(f"{name} must be a number between {low:g} and {high:g}, got {value!r:.40}")
+        raise InvalidTaskError(f"{name} must be a number between {low:g} and {high:g}, got {show(value)}")
     return float(value)
+
+
+def _encode_result(result: Any) -> bytes:
+    try:
+        return codec.encode(result)
+    except CodecError as exc:
+        raise CodecError(f"result: {exc}") from None
 
 
 def _text_field(name: str, value: Any, limit: int) -> str:
@@ -342,9 +359,10 @@ class Master:
             if result_bytes is not None:
                 encoded = codec.from_wire(result_bytes)
                 if codec.is_pickle(encoded) and not self.config.master.allow_pickle:
-                    raise InvalidTaskError("result is pickled, and this master does not accept pickle")
+                    raise InvalidTaskError("result is pickled, and this master does not accept pickle "
+                                           "(master.allow_pickle is false)")
             else:
-                encoded = codec.encode(result)
+                encoded = _encode_result(result)
             if len(encoded) > self.limits.max_payload:
                 raise InvalidTaskError(f"result is {len(encoded)} bytes, more than the limit of "
                                        f"{self.limits.max_payload}")

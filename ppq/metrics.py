@@ -4,7 +4,9 @@ A master exports what Redis knows of each queue_index, read at scrape time, so
 every master reports the same queue-wide figures: event counters (pushed, leased, done, errors,
 retried, dead, expired, cancelled, released), depths (queued, delayed, running,
 dead) and live workers. A worker exports its own task counts and the duration
-and wait time (from push to start) of its tasks, per function.
+and wait time (from push to start) of its tasks, per function: the agent gives
+the labels, a bounded set (tasks refused before they ran share one label, and
+functions past the first few hundred another; see ppq.worker.MAX_FUNC_LABELS).
 """
 
 from __future__ import annotations

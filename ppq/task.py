@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import operator
 import os
 import re
 import sys
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -30,9 +30,11 @@ STATES = (QUEUED, DELAYED, RUNNING, DONE, FAILED, DEAD, CANCELLED)
 # States a task does not leave by itself.
 FINAL_STATES = (DONE, DEAD, CANCELLED)
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_TASK_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# Matched whole (fullmatch): "$" would also match before a final newline.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_TASK_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Options of push_task beyond the task's target, with nothing special to check.
 PUSH_FIELDS = (
@@ -108,11 +110,13 @@ def _check_target(func: Any, module: Any, fclass: Any, path: Any, lang: Any,
     if func is None or func == "":
         raise InvalidTaskError("func must be a non-empty function name")
     func = _str("func", func, limits.max_name_length, _IDENTIFIER, "a Python identifier")
+    _public("func", func)
     if module is None or module == "":
         raise InvalidTaskError("module is required (or give func as 'module.func')")
     module = _str("module", module, limits.max_name_length, _DOTTED, "a dotted module name")
     if fclass is not None and fclass != "":
         fclass = _str("fclass", fclass, limits.max_name_length, _IDENTIFIER, "a class name")
+        _public("fclass", fclass)
     if path is not None and path != "":
         path = _str("path", path, 4096)
     lang = _str("lang", lang or "", 32)
@@ -120,6 +124,26 @@ def _check_target(func: Any, module: Any, fclass: Any, path: Any, lang: Any,
     if len(_checked_targets) < _MAX_CHECKED_TARGETS:
         _checked_targets[key] = checked
     return checked
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``value`` for an error message: short, and safe for anything a caller can send (a huge
+    integer has no str(), a deeply nested list no repr())."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes)):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)} item{'' if len(value) == 1 else 's'}"
+    return f"a {type(value).__name__}"
+
+
+def _public(name: str, value: str) -> None:
+    """Refuse a private or special name (``_x``, ``__class__``) as a task's target."""
+    if value.startswith("_"):
+        raise InvalidTaskError(f"{name} {value!r} starts with '_': private and special names are not task targets")
 
 
 def new_id() -> str:
@@ -134,14 +158,14 @@ def check_queue_index(value: Any, configured: Iterable[int]) -> int:
     configured = list(configured)
     if value not in configured:
         raise InvalidTaskError(
-            f"queue_index {value} is not configured (configured: {', '.join(map(str, sorted(configured)))})"
+            f"queue_index {show(value)} is not configured (configured: {', '.join(map(str, sorted(configured)))})"
         )
     return value
 
 
 def check_task_id(value: Any, name: str = "task_id") -> str:
-    if not isinstance(value, str) or not _TASK_ID.match(value):
-        raise InvalidTaskError(f"{name} must be a string of 1-64 letters, digits or _.:-, got {value!r:.80}")
+    if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
+        raise InvalidTaskError(f"{name} must be a string of 1-64 letters, digits or _.:-, got {show(value, 80)}")
     return value
 
 
@@ -152,8 +176,8 @@ def _str(name: str, value: Any, limit: int, pattern: re.Pattern[str] | None = No
         raise InvalidTaskError(f"{name} is longer than {limit} characters")
     if "\x00" in value:
         raise InvalidTaskError(f"{name} contains a NUL character")
-    if pattern is not None and not pattern.match(value):
-        raise InvalidTaskError(f"{name} {value!r} is not {what}")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise InvalidTaskError(f"{name} {show(value, 80)} is not {what}")
     return value
 
 
@@ -162,8 +186,9 @@ def _number(name: str, value: Any, low: float, high: float, allow_none: bool = T
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidTaskError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < low or value > high:
-        raise InvalidTaskError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+    # Compared as they are: float() of a huge integer overflows, and NaN fails every comparison.
+    if not low <= value <= high:
+        raise InvalidTaskError(f"{name} must be between {low:g} and {high:g}, got {show(value)}")
     return float(value)
 
 
@@ -171,7 +196,7 @@ def _task_id(value: Any) -> str:
     """The pushed task_id, checked, or a new one."""
     if value is None:
         return new_id()
-    if value.__class__ is not str or not _TASK_ID.match(value):
+    if value.__class__ is not str or not _TASK_ID.fullmatch(value):
         check_task_id(value)
     return value  # type: ignore[no-any-return]
 
@@ -184,14 +209,16 @@ def check_push(
 ) -> TaskSpec:
     """Check every field of one push; return the task to store or raise InvalidTaskError."""
     if not _PUSH_FIELDS.issuperset(options):
-        unknown = sorted(str(k) for k in set(options) - _PUSH_FIELDS)
-        raise InvalidTaskError(f"unknown push option {unknown[0]!r}")
+        unknown = sorted(show(k) for k in set(options) - _PUSH_FIELDS)
+        raise InvalidTaskError(f"unknown push option {unknown[0]}")
     get = options.get
     func, module, fclass, path, lang = _check_target(get("func"), get("module"), get("fclass"), get("path"),
                                                      get("lang"), limits)
     key = get("key") or ""
     if key:
         key = _str("key", key, limits.max_key_length)
+        if _CONTROL.search(key):
+            raise InvalidTaskError(f"key {show(key, 80)} contains a control character (newline, tab...)")
     queue_index = get("queue_index", 0)
     if queue_index.__class__ is not int or queue_index not in queue_indexes:
         queue_index = check_queue_index(queue_index, queue_indexes)
@@ -203,12 +230,12 @@ def check_push(
         if isinstance(max_retry, bool) or not isinstance(max_retry, int):
             raise InvalidTaskError(f"max_retry must be an integer, got {type(max_retry).__name__}")
         if not 0 <= max_retry <= limits.max_retry:
-            raise InvalidTaskError(f"max_retry must be between 0 and {limits.max_retry}, got {max_retry}")
+            raise InvalidTaskError(f"max_retry must be between 0 and {limits.max_retry}, got {show(max_retry)}")
         extra.append(("max_retry", max_retry))
     retry_delay = get("retry_delay")
     if retry_delay is not None and retry_delay is not False:
         if retry_delay is not True:
-            raise InvalidTaskError(f"retry_delay must be true or false, got {retry_delay!r:.40}")
+            raise InvalidTaskError(f"retry_delay must be true or false, got {show(retry_delay)}")
         extra.append(("retry_delay", 1))
     delay = get("delay")
     delay = (_number("delay", delay, 0, limits.max_delay) or 0.0) if delay is not None else 0.0
@@ -220,7 +247,7 @@ def check_push(
         if (isinstance(result_ttl, bool) or not isinstance(result_ttl, int)
                 or not 0 <= result_ttl <= limits.max_result_ttl):
             raise InvalidTaskError(f"result_ttl must be an integer of seconds from 0 to {limits.max_result_ttl}, "
-                                   f"got {result_ttl!r:.40}")
+                                   f"got {show(result_ttl)}")
         extra.append(("result_ttl", result_ttl))
     task_id = _task_id(get("task_id"))
     params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
@@ -271,7 +298,7 @@ def check_pushes(
             task_id = get("task_id")
             if task_id is None:
                 task_id = new_id()
-            elif task_id.__class__ is not str or not _TASK_ID.match(task_id):
+            elif task_id.__class__ is not str or not _TASK_ID.fullmatch(task_id):
                 check_task_id(task_id)
             args = get("args")
             kwargs = get("kwargs")
@@ -346,6 +373,54 @@ def path_allowed(path: str, allowed: Iterable[str]) -> bool:
     return False
 
 
+# What resolve checked, (module, func, fclass, allowed_modules) -> the objects it found: while the
+# module still holds the same objects, the checks are not repeated.
+_resolved: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
+def _not_allowed_name(module: str, func: str, fclass: str, allowed: tuple[str, ...]) -> str | None:
+    """Why a task's names alone are refused, or None."""
+    for field, name in (("func", func), ("fclass", fclass)):
+        if name.startswith("_"):
+            return f"{field} {name!r} starts with '_': private and special names are not task targets"
+    if not module_allowed(module, allowed):
+        return (f"module {module!r} is not in this worker's allowed_modules "
+                f"({', '.join(allowed) or 'empty'}); add it to worker.allowed_modules")
+    return None
+
+
+def _defined_in(obj: Any) -> str | None:
+    """The module ``obj`` was defined in, looking through wrappers (``__wrapped__``); None if it
+    does not say (a builtin of a C module names that module, e.g. 'posix')."""
+    try:
+        inner = inspect.unwrap(obj)
+        name = inner.__module__
+    except Exception:  # noqa: BLE001 - no module, a cycle of wrappers, an attribute that raises
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _check_defined(what: str, obj: Any, allowed: tuple[str, ...]) -> None:
+    """Refuse ``obj`` unless it was defined in an allowed module."""
+    owner = _defined_in(obj)
+    if owner is None:
+        raise NotAllowedError(f"{what} does not name the module it was defined in, so this worker cannot "
+                              f"check it against allowed_modules ({', '.join(allowed) or 'empty'})")
+    if not module_allowed(owner, allowed):
+        raise NotAllowedError(f"{what} was defined in module {owner!r}, which is not in this worker's "
+                              f"allowed_modules ({', '.join(allowed) or 'empty'}): only functions and classes "
+                              f"defined in allowed modules run")
+
+
+def _class_attribute(cls: type, name: str) -> Any:
+    """``name`` as the class itself holds it (a function, staticmethod...), found without running anything."""
+    for klass in cls.__mro__:
+        attrs = klass.__dict__
+        if name in attrs:
+            return attrs[name]
+    raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
+
+
 def resolve(
     module: str,
     func: str,
@@ -356,30 +431,52 @@ def resolve(
 ) -> Callable[..., Any]:
     """Import ``module`` and return the callable ``func`` (or ``fclass.func``).
 
-    The allowlists are checked before anything is imported; a refusal raises
+    The allowlist is about what runs, not only the module named: the module
+    must be allowed before it is imported, and the object found there (a
+    function, a class, a method and its class) must have been defined in an
+    allowed module too, so a name the module merely imported (``from os import
+    system``) is refused. Decorated functions are judged by the function they
+    wrap. Names starting with ``_`` are refused. Every check runs before the
+    class is instantiated or anything is called; a refusal raises
     :class:`NotAllowedError`.
     """
-    allowed_modules = list(allowed_modules)
-    if not module_allowed(module, allowed_modules):
-        raise NotAllowedError(
-            f"module {module!r} is not in this worker's allowed_modules "
-            f"({', '.join(allowed_modules) or 'empty'}); add it to worker.allowed_modules"
-        )
+    allowed = tuple(allowed_modules)
+    key = (module, func, fclass, allowed)
+    checked = _resolved.get(key)
+    if checked is None:
+        reason = _not_allowed_name(module, func, fclass, allowed)
+        if reason is not None:
+            raise NotAllowedError(reason)
     if path:
         if not path_allowed(path, allowed_paths):
             raise NotAllowedError(f"path {path!r} is not in this worker's allowed_paths")
         if path not in sys.path:
             sys.path.insert(0, path)
-    target: Any = importlib.import_module(module)
-    if fclass:
+    target: Any = sys.modules.get(module) or importlib.import_module(module)
+    if not fclass:
+        target = getattr(target, func)
+        if checked is None or checked[0] is not target:
+            _check_defined(f"{module}.{func}", target, allowed)
+            if len(_resolved) < _MAX_CHECKED_TARGETS:
+                _resolved[key] = (target,)
+    else:
         cls = getattr(target, fclass)
-        raw = inspect.getattr_static(cls, func)
+        if not isinstance(cls, type):
+            raise NotAllowedError(f"fclass {module}.{fclass} is not a class")
+        raw = _class_attribute(cls, func)
+        if checked is None or checked[0] is not cls or checked[1] is not raw:
+            _check_defined(f"class {module}.{fclass}", cls, allowed)
+            inner = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+            _check_defined(f"{module}.{fclass}.{func}", inner, allowed)
+            if len(_resolved) < _MAX_CHECKED_TARGETS:
+                _resolved[key] = (cls, raw)
         if isinstance(raw, (staticmethod, classmethod)):
             target = getattr(cls, func)
         else:
             target = getattr(cls(), func)
-    else:
-        target = getattr(target, func)
+            if isinstance(raw, types.FunctionType) and getattr(target, "__func__", None) is not raw:
+                raise NotAllowedError(f"{module}.{fclass}.{func}: the instance holds something else than the "
+                                      f"method its class defines")
     if not callable(target):
         raise TypeError(f"{module}.{func} is not callable")
     return target

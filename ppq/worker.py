@@ -44,6 +44,14 @@ log = logging.getLogger("ppq.worker")
 HOOK_NAMES = ("on_task_executing", "on_task_finished", "on_task_error")
 _HOOKS: dict[str, list[Callable[[dict[str, Any]], Any]]] = {name: [] for name in HOOK_NAMES}
 
+# Labels of tasks in the agent's figures (get_worker_stats, metrics): a task refused before it ran
+# (not allowed, its module or function not importable) counts under REFUSED, whatever it named; past
+# MAX_FUNC_LABELS distinct functions, new ones count under OTHER. Each label costs about 3.5 KB of
+# /metrics text, so the figures stay small whatever callers push.
+REFUSED = "(refused)"
+OTHER = "(other)"
+MAX_FUNC_LABELS = 200
+
 # How the agent was asked to stop.
 GRACEFUL = "graceful"
 RESTART = "restart"
@@ -87,10 +95,11 @@ def execute(task: dict[str, Any], allowed_modules: list[str], allowed_paths: lis
     """Run one task; return its report (without lease) for the master."""
     started = time.time()
     report: dict[str, Any] = {"id": task["id"], "started": started}
+    fn = None
     try:
         fn = resolve(task["module"], task["func"], task.get("fclass") or "", task.get("path") or "",
                      allowed_modules, allowed_paths)
-        args, kwargs = codec.decode_parameters(task["parameters"], allow_pickle=allow_pickle)
+        args, kwargs = codec.decode_parameters(task["parameters"], allow_pickle, "worker.allow_pickle")
         value = fn(*args, **kwargs)
         try:
             report["result_bytes"] = codec.encode(value, use_pickle=allow_pickle)
@@ -103,6 +112,8 @@ def execute(task: dict[str, Any], allowed_modules: list[str], allowed_paths: lis
     except BaseException as exc:  # noqa: BLE001 - a task's failure of any kind is reported
         report.update(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
                       retry=True)
+    if fn is None:
+        report["refused"] = True  # for the agent's figures only; not sent to the master
     report["duration"] = time.time() - started
     return report
 
@@ -369,7 +380,11 @@ class WorkerControl:
 
     @rpc.remote(role=rpc.ANY)
     def get_worker_stats(self) -> dict[str, Any]:
-        """Per function: count, ok, failed, total_time and mean_time in seconds."""
+        """Per function: count, ok, failed, total_time and mean_time in seconds.
+
+        Tasks refused before they ran count under ``(refused)``; functions beyond the
+        first MAX_FUNC_LABELS under ``(other)``.
+        """
         return self.agent.stats_snapshot()
 
 
@@ -723,12 +738,19 @@ class Agent:
         """Count a task's outcome, run hooks, and queue its report for the master."""
         task = running.task
         name = f"{task['module']}.{task['fclass'] + '.' if task.get('fclass') else ''}{task['func']}"
+        per_func = self.counters.per_func
+        if report.pop("refused", False):
+            label = REFUSED
+        elif name in per_func or len(per_func) < MAX_FUNC_LABELS:
+            label = name
+        else:
+            label = OTHER
         duration = report.get("duration", 0.0)
         if self.metrics is not None:
             started = report.get("started")
             wait = started - task["ready_at"] if started and task.get("ready_at") else None
-            self.metrics.observe(name, bool(report.get("ok")), duration, wait)
-        stats = self.counters.per_func[name]
+            self.metrics.observe(label, bool(report.get("ok")), duration, wait)
+        stats = per_func[label]
         stats.count += 1
         stats.total_time += duration
         mean = self._mean_duration

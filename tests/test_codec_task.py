@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import pickle
 import sys
 
@@ -161,6 +162,17 @@ def test_check_push_splits_a_dotted_func_and_keeps_seed_parameters():
     ({"func": "f", "module": "m", "parameters": codec.encode_parameters([1]), "kwargs": {}}, "parameters"),
     ({"func": "f", "module": "m", "parameters": pickle.dumps(([1], {}))}, "parameters"),
     ({"func": "f", "module": "m", "parameters": 42}, "parameters"),
+    ({"func": "__class__", "module": "m"}, "func"),
+    ({"func": "_helper", "module": "m"}, "func"),
+    ({"func": "m._helper"}, "func"),
+    ({"func": "__init_subclass__", "module": "m", "fclass": "Calculator"}, "func"),
+    ({"func": "f", "module": "m", "fclass": "_Hidden"}, "fclass"),
+    ({"func": "f\n", "module": "m"}, "func"),
+    ({"func": "f", "module": "m\n"}, "module"),
+    ({"func": "f", "module": "m", "fclass": "C\n"}, "fclass"),
+    ({"func": "f", "module": "m", "task_id": "abc\n"}, "task_id"),
+    ({"func": "f", "module": "m", "key": "k\n"}, "key"),
+    ({"func": "f", "module": "m", "key": "k\tk"}, "key"),
 ])
 def test_check_push_refuses_bad_fields_naming_them(options, field):
     with pytest.raises(InvalidTaskError) as excinfo:
@@ -260,3 +272,165 @@ def test_resolve_functions_instance_methods_and_staticmethods():
         resolve("tests.no_such_module_here", "f", allowed_modules=["tests"])
     with pytest.raises(AttributeError):
         resolve("tests.tasks", "no_such_function", allowed_modules=["tests"])
+
+
+def test_resolve_refuses_callables_defined_outside_the_allowed_modules():
+    from . import escape_tasks
+
+    allowed = ["tests.escape_tasks"]
+    created = escape_tasks.Launcher.created
+    refused = {("system", ""): "posix", ("run", ""): "subprocess", ("shell", ""): "functools",
+               ("sneaky", ""): "subprocess", ("chmod", "Path"): "pathlib", ("chmod", "Home"): "pathlib",
+               ("system", "Launcher"): "posix", ("run", "Launcher"): "subprocess", ("hello", "Shadow"): "instance"}
+    for (func, fclass), home in refused.items():
+        with pytest.raises(NotAllowedError) as excinfo:
+            resolve("tests.escape_tasks", func, fclass=fclass, allowed_modules=allowed)
+        message = str(excinfo.value)
+        if home == "instance":
+            assert "the instance holds" in message, message
+        else:
+            assert f"module {home!r}, which is not in" in message and "allowed_modules" in message, message
+    # Checked before the class is instantiated.
+    assert escape_tasks.Launcher.created == created
+    # Twice: the second answer comes from what the first one checked.
+    for _ in range(2):
+        assert resolve("tests.escape_tasks", "traced_add", allowed_modules=allowed)(2, 3) == 5
+        assert resolve("tests.escape_tasks", "wrapped_mul", allowed_modules=allowed)(2, 3) == 6
+        assert resolve("tests.escape_tasks", "cached_square", allowed_modules=allowed)(3) == 9
+        assert resolve("tests.escape_tasks", "hello", fclass="Launcher", allowed_modules=allowed)() == "hello"
+        with pytest.raises(NotAllowedError):
+            resolve("tests.escape_tasks", "system", allowed_modules=allowed)
+    assert escape_tasks.Launcher.created == created + 2
+    # "*" still allows everything.
+    assert resolve("tests.escape_tasks", "run", allowed_modules=["*"]) is escape_tasks.run
+    assert resolve("tests.escape_tasks", "Path", allowed_modules=["*"]) is escape_tasks.Path
+
+
+def test_resolve_judges_the_object_the_module_holds_now():
+    from . import escape_tasks
+
+    allowed = ["tests.escape_tasks"]
+    original = escape_tasks.wrapped_mul
+    assert resolve("tests.escape_tasks", "wrapped_mul", allowed_modules=allowed) is original
+    escape_tasks.wrapped_mul = escape_tasks.run
+    try:
+        with pytest.raises(NotAllowedError) as excinfo:
+            resolve("tests.escape_tasks", "wrapped_mul", allowed_modules=allowed)
+        assert "'subprocess'" in str(excinfo.value)
+    finally:
+        escape_tasks.wrapped_mul = original
+    assert resolve("tests.escape_tasks", "wrapped_mul", allowed_modules=allowed) is original
+
+
+@pytest.mark.parametrize(("func", "fclass", "field"), [
+    ("__class__", "", "func"), ("_foreign", "", "func"), ("__getattr__", "", "func"),
+    ("__init_subclass__", "Launcher", "func"), ("hello", "_Hidden", "fclass"),
+])
+def test_resolve_refuses_private_and_special_names(func, fclass, field):
+    with pytest.raises(NotAllowedError) as excinfo:
+        resolve("tests.escape_tasks", func, fclass=fclass, allowed_modules=["*"])
+    assert str(excinfo.value).startswith(f"{field} ") and "'_'" in str(excinfo.value)
+
+
+def test_resolve_refuses_what_has_no_module_or_is_no_class():
+    with pytest.raises(NotAllowedError) as excinfo:
+        resolve("tests.tasks", "os", allowed_modules=["tests"])  # a module object, not a callable
+    assert "does not name the module" in str(excinfo.value)
+    with pytest.raises(NotAllowedError) as excinfo:
+        resolve("tests.tasks", "system", fclass="os", allowed_modules=["tests"])
+    assert "not a class" in str(excinfo.value)
+
+
+def _nested(depth, kind=list):
+    value = 1
+    for _ in range(depth):
+        value = [value] if kind is list else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    (_nested(1900), "nested deeper"), (_nested(50_000, dict), "nested deeper"),
+    ([1, {"a": [10 ** 5000]}], "bits"), ({"ok": [object()]}, "object"),
+])
+def test_encode_names_what_it_cannot_carry_however_deep(value, words):
+    with pytest.raises(CodecError) as excinfo:
+        codec.encode(value)
+    assert words in str(excinfo.value)
+
+
+def test_deep_json_parameters_are_a_codec_error():
+    with pytest.raises(CodecError) as excinfo:
+        codec.decode_parameters(b"[" * 100_000 + b"]" * 100_000)
+    assert "parameters" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    ({"delay": 10 ** 5000}, "delay"), ({"timeout": -(10 ** 5000)}, "timeout"), ({"delay": math.inf}, "delay"),
+    ({"max_retry": 10 ** 5000}, "max_retry"), ({"queue_index": 10 ** 5000}, "queue_index"),
+    ({"result_ttl": 10 ** 5000}, "result_ttl"), ({"retry_delay": _nested(1900)}, "retry_delay"),
+    ({"task_id": _nested(1900)}, "task_id"), ({"task_id": 10 ** 5000}, "task_id"), ({10 ** 5000: 1}, "option"),
+    ({"args": [_nested(1900)]}, "args"), ({"kwargs": {"k": 10 ** 5000}}, "args"),
+])
+def test_check_push_names_the_field_of_a_huge_or_deep_value(options, field):
+    with pytest.raises(InvalidTaskError) as excinfo:
+        check_push({"func": "f", "module": "m", **options}, QUEUES, LIMITS)
+    assert field in str(excinfo.value) and len(str(excinfo.value)) < 300, str(excinfo.value)
+
+
+# -- pickle is recognised by its framing, not by its ends ------------------------------------------
+
+
+class _Runs:
+    """Unpickling this runs ``os.system`` (never done by these tests: only walked)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_real_pickles_are_recognised_and_refused_naming_the_setting(protocol, tmp_path):
+    marker = tmp_path / "ran"
+    data = pickle.dumps(([_Runs(f"touch {marker}")], {}), protocol=protocol)
+    assert codec.is_pickle(data)
+    assert not marker.exists()  # recognising it ran nothing
+    with pytest.raises(CodecError) as excinfo:
+        codec.decode_parameters(data, setting="worker.allow_pickle")
+    assert "pickle" in str(excinfo.value) and "worker.allow_pickle" in str(excinfo.value)
+    with pytest.raises(InvalidTaskError) as excinfo:
+        check_push({"func": "f", "module": "m", "parameters": data}, QUEUES, LIMITS)
+    assert "pickle" in str(excinfo.value) and "master.allow_pickle" in str(excinfo.value)
+    assert not marker.exists()
+    assert codec.decode(pickle.dumps({1, 2}, protocol=protocol), allow_pickle=True) == {1, 2}
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x04junk.",  # PROTO 4 ... STOP, but no pickle in between
+    b"\x80\x05K\x01..",  # a whole pickle, then one more byte
+    pickle.dumps([1], protocol=4) + b"\x92\x90\x80.",  # a pickle with msgpack after it
+    b"\x80\x02" + b"\x00" * 100 + b".",
+    b"\x80\x03X\xff\xff\xff\xff.",  # an argument longer than the data
+])
+def test_data_that_only_looks_like_a_pickle_at_its_ends_is_what_it_is(data):
+    assert not codec.is_pickle(data)
+    for allow_pickle in (False, True):
+        with pytest.raises(CodecError) as excinfo:
+            codec.decode(data, allow_pickle=allow_pickle)
+        assert "not valid msgpack" in str(excinfo.value), str(excinfo.value)
+    with pytest.raises(CodecError) as excinfo:
+        check_push({"func": "f", "module": "m", "parameters": data}, QUEUES, LIMITS, allow_pickle=True)
+    assert "not valid msgpack" in str(excinfo.value), str(excinfo.value)
+
+
+def test_pickles_of_protocol_0_and_1_are_never_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    for protocol in (0, 1):
+        data = pickle.dumps(_Runs(f"touch {marker}"), protocol=protocol)
+        assert not codec.is_pickle(data)
+        with pytest.raises(CodecError):
+            codec.decode(data, allow_pickle=True)
+    assert not marker.exists()

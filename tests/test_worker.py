@@ -290,7 +290,7 @@ def test_executors_import_allowed_modules_before_their_first_task(master, call, 
     """))
     (tmp_path / "broken_tasks.py").write_text("raise RuntimeError('broken at import')\n")
     proc = spawn.worker(address_of(master), allow="warm_tasks,broken_tasks", concurrency=2,
-                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])})
+                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent), str(REPO)])})
     worker_entry(call, proc.pid)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     executors = wait_for(lambda: len(pids := children.read_text().split()) == 2 and sorted(int(p) for p in pids),
@@ -526,3 +526,69 @@ def test_an_autodiscovered_tasks_module_that_fails_to_import_is_one_clear_line(m
     log = spawn.log(proc)
     assert "Traceback" not in log, log
     assert "worker.autodiscover" in log and "brokenpkg.tasks" in log and "SyntaxError" in log, log
+
+
+# -- the agent's figures stay bounded ------------------------------------------------------------------
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def _func_labels(body: str) -> set[str]:
+    import re
+
+    return set(re.findall(r'^ppq_worker_tasks_total\{func="([^"]*)"', body, re.MULTILINE))
+
+
+def _dead_count(call) -> int:
+    return call("server_info")[0]["dead"]
+
+
+def test_refused_tasks_with_distinct_names_share_one_label(master, call, spawn):
+    from ppq.embedded import free_port
+
+    metrics_port = free_port()
+    proc = spawn.worker(address_of(master), allow="tasks", extra=("--metrics-port", str(metrics_port)))
+    total = 5000
+    for start in range(0, total, 1000):
+        batch = []
+        for i in range(start, start + 1000):
+            if i % 2:
+                batch.append({"func": f"run_{i}", "module": f"not_allowed_{i}", "max_retry": 0})
+            else:
+                batch.append({"func": f"missing_{i}", "module": "tasks", "max_retry": 0})
+        call("push_tasks", batch)
+    wait_for(lambda: _dead_count(call) == total, timeout=120, interval=0.2, what=f"{total} dead tasks")
+    body = _scrape(metrics_port)
+    assert _func_labels(body) == {"(refused)"}
+    assert 'ppq_worker_tasks_total{func="(refused)",outcome="error"} 5000.0' in body
+    assert len(body.encode()) < 20_000, len(body.encode())
+    stats = control(worker_entry(call, proc.pid)["control_uri"])("get_worker_stats")
+    assert list(stats) == ["(refused)"] and stats["(refused)"]["failed"] == total
+    # A task that runs still gets its own label.
+    assert wait_state(call, push(call, "tasks.add", 1, 2), "done")["result"] == 3
+    assert _func_labels(_scrape(metrics_port)) == {"(refused)", "tasks.add"}
+
+
+def test_distinct_functions_past_the_cap_count_as_other(master, call, spawn):
+    from ppq.embedded import free_port
+    from ppq.worker import MAX_FUNC_LABELS
+
+    metrics_port = free_port()
+    proc = spawn.worker(address_of(master), allow="escape_tasks", extra=("--metrics-port", str(metrics_port)))
+    extra = 50
+    ids = call("push_tasks", [{"func": f"many_{i}", "module": "escape_tasks"}
+                              for i in range(MAX_FUNC_LABELS + extra)])
+    wait_for(lambda: all(i and i["state"] == "done" for i in call("get_tasks_info", ids)), timeout=60,
+             interval=0.2, what="every task done")
+    stats = control(worker_entry(call, proc.pid)["control_uri"])("get_worker_stats")
+    assert len(stats) == MAX_FUNC_LABELS + 1
+    assert stats["(other)"]["count"] == extra and stats["(other)"]["ok"] == extra
+    assert sum(s["count"] for s in stats.values()) == MAX_FUNC_LABELS + extra
+    body = _scrape(metrics_port)
+    assert _func_labels(body) == set(stats)
+    assert len(body.encode()) < 1_000_000, len(body.encode())
