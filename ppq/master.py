@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,9 @@ MAX_WAIT = 30.0
 MAX_WORKER_INFO = 16 * 1024
 # Seconds between the INFO summary lines of each queue_index.
 SUMMARY_INTERVAL = 60.0
+# Leases handed out by get_task / get_tasks / piggyback that this master remembers for
+# finishes and errors sent without their lease (the seed's call shape); the oldest go first.
+MAX_REMEMBERED_LEASES = 100_000
 
 
 class Waiter:
@@ -157,6 +161,9 @@ class Master:
         self.wakers = {qi: Waker() for qi in self.stores}
         self._watchers: dict[tuple[int, str], list[threading.Event]] = {}
         self._watch_lock = threading.Lock()
+        # (queue_index, task id) -> (caller's address, worker id, lease): see _remember_leases.
+        self._handed: OrderedDict[tuple[int, str], tuple[str, str, str]] = OrderedDict()
+        self._handed_lock = threading.Lock()
         self.limits = config.limits
         self.id = uuid.uuid4().hex[:12]
         self._stop = threading.Event()
@@ -354,13 +361,34 @@ class Master:
             "retry": bool(retry), "release": False,
         }
 
+    def _remember_leases(self, queue_index: Any, worker_info: Any, tasks: list[dict[str, Any]]) -> None:
+        """Remember the leases of ``tasks``, just handed to the caller, for its reports without a lease.
+
+        Such a report is the seed's call shape (``task_finish(id, worker_info)``); it is
+        filled in only for the same connection and worker id that leased the task, so that
+        knowing a task's worker (which get_task_info shows) is not enough to report for it.
+        """
+        if not tasks:
+            return
+        qi = self._store(queue_index).queue_index
+        entry = (rpc.client_address(), worker_id_of(worker_info))
+        with self._handed_lock:
+            for task in tasks:
+                self._handed[(qi, task["id"])] = (*entry, task["lease"])
+            while len(self._handed) > MAX_REMEMBERED_LEASES:
+                self._handed.popitem(last=False)
+
     def _fill_lease(self, report: dict[str, Any], queue_index: Any, worker_info: Any) -> None:
-        """A seed-style report without a lease: use the lease the task holds, if this worker holds it."""
+        """A report without a lease: use the one this master handed to the same caller, if any."""
         if report["lease"]:
             return
-        info = self._store(queue_index).info(report["id"])
-        if info and info.get("worker") == worker_id_of(worker_info):
-            report["lease"] = info.get("lease", "")
+        key = (self._store(queue_index).queue_index, report["id"])
+        caller = (rpc.client_address(), worker_id_of(worker_info))
+        with self._handed_lock:
+            entry = self._handed.get(key)
+            if entry is not None and caller[0] and entry[:2] == caller:
+                del self._handed[key]
+                report["lease"] = entry[2]
 
     def _finish(self, report: dict[str, Any], worker_info: Any, queue_index: Any, piggyback: bool) -> Any:
         self._fill_lease(report, queue_index, worker_info)
@@ -369,6 +397,7 @@ class Master:
             raise LeaseLostError(f"task {report['id']}: this worker no longer holds its lease "
                                  f"(it expired or was handed to another worker); the report was refused")
         if piggyback:
+            self._remember_leases(queue_index, worker_info, tasks)
             return self._plain(tasks)[0] if tasks else None
         return True
 
@@ -437,6 +466,7 @@ class Master:
         """Lease the next task of ``queue_index`` (waiting up to ``wait`` seconds); None if there is none."""
         wait = _number("wait", wait, 0, MAX_WAIT)
         _, tasks = self._lease(worker_info, queue_index, [], 1, wait)
+        self._remember_leases(queue_index, worker_info, tasks)
         return self._plain(tasks)[0] if tasks else None
 
     @rpc.remote
@@ -444,7 +474,9 @@ class Master:
         """Lease up to ``count`` tasks."""
         count = int(_number("count", count, 1, self.limits.max_batch))
         wait = _number("wait", wait, 0, MAX_WAIT)
-        return self._plain(self._lease(worker_info, queue_index, [], count, wait)[1])
+        _, tasks = self._lease(worker_info, queue_index, [], count, wait)
+        self._remember_leases(queue_index, worker_info, tasks)
+        return self._plain(tasks)
 
     @rpc.remote
     def task_finish(self, task_id: Any, worker_info: Any, queue_index: Any = 0, piggyback: Any = False,

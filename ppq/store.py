@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -62,7 +63,8 @@ local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
 """
 
 # Leases up to `count` ready tasks to worker `wid` for `lt` seconds into `out`:
-# rows of {id, body, retry, lease, ready since}.
+# rows of {id, body, retry, lease, ready since}. Each lease is `nonce` (random, made by the
+# master for this call) and the task's place in `out`: unguessable, and distinct per task.
 _LEASE = """
 local out = {}
 -- Running-set entries of the leased tasks, added in bulk.
@@ -80,7 +82,7 @@ while #out < count do
     local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts')
     if f[1] == 'queued' or f[1] == 'failed' then
       local attempts = (tonumber(f[7]) or 0) + 1
-      local lease = wid .. '/' .. attempts
+      local lease = nonce .. ':' .. (#out + 1)
       redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now, 'attempts', attempts)
       expiries[#expiries + 1] = now + lt
       expiries[#expiries + 1] = id
@@ -97,13 +99,14 @@ if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end
 """
 
 # ARGV: prefix, worker id ('' for none), how many to lease to it, lease seconds, seconds until
-# the worker counts as gone, then per task: id, key, delay, body, n, and n field/value pairs
+# the worker counts as gone, lease nonce, then per task: id, key, delay, body, n, and n field/value pairs
 # (the options that differ from their defaults). Returns {renamed, leased}: renamed is
 # {position, id} pairs, flat, for the tasks whose id is not the one given (a waiting
 # task with the same key); leased holds the rows leased to the worker, as the report
 # script's.
 _PUSH = _NOW + """
-local P, wid, count, lt, seen = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local P, wid, count, lt, seen, nonce = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6]
 local renamed = {}
 local position = 0
 -- New ready ids, appended to the queue in bulk (in push order).
@@ -113,7 +116,7 @@ local function flush()
   fresh = {}
 end
 local ready, pushed = 0, 0
-local i = 6
+local i = 7
 while i <= #ARGV do
   local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
   local first, last = i + 5, i + 4 + 2 * n
@@ -182,12 +185,12 @@ return {renamed, out}
 
 # ARGV: prefix, worker id, how many to lease, lease seconds, seconds until the
 # worker counts as gone, default result ttl, strict (1: lease nothing if a report
-# is refused), then 6 values per report: id, lease, kind (ok, error, error-final
+# is refused), lease nonce, then 6 values per report: id, lease, kind (ok, error, error-final
 # for no retry, release), result, error, traceback.
 # Returns {accepted flags, leased tasks}.
 _REPORT = _NOW + """
-local P, wid, count, lt, seen, dttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), tonumber(ARGV[6])
+local P, wid, count, lt, seen, dttl, nonce = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8]
 local accepted = {}
 local ready = 0
 local bucket = math.floor(now / 10)
@@ -195,7 +198,7 @@ local done_n, failed_n = 0, 0
 local refused = false
 -- Tasks someone waits on (wait_task): looked up one by one only when there are any.
 local watched = redis.call('EXISTS', P .. 'waiting') == 1
-for i = 8, #ARGV, 6 do
+for i = 9, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
@@ -404,7 +407,9 @@ end
 return n
 """
 
-_TEXT_FIELDS = ("key", "state", "worker", "lease", "error", "traceback")
+# Fields of a task record given out as text. The lease is not among them: only the
+# worker it was leased to ever learns it (in the reply that leased the task).
+_TEXT_FIELDS = ("key", "state", "worker", "error", "traceback")
 _FLOAT_FIELDS = ("created", "eta", "started", "finished")
 _INT_FIELDS = ("retry", "attempts", "expiries")
 def task_of(row: Sequence[Any], queue_index: int) -> dict[str, Any]:
@@ -612,7 +617,7 @@ class Store:
         wake-up round.
         """
         wid, count, seen = lease_to or ("", 0, 0.0)
-        args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen]
+        args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen, os.urandom(16).hex() if count else ""]
         for spec in specs:
             args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:
@@ -632,7 +637,8 @@ class Store:
         Returns one flag per report (False: the lease was lost, nothing changed) and
         the leased tasks. With ``strict``, nothing is leased if a report is refused.
         """
-        args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict)]
+        args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict),
+                           os.urandom(16).hex() if count > 0 else ""]
         for r in reports:
             if r.get("release"):
                 kind = "release"

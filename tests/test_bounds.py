@@ -1,0 +1,127 @@
+"""The master's boundary against a caller that holds the token but not a worker's lease,
+and against calls sized to exhaust it: real redis-server processes, real masters, real
+``ppq worker`` processes.
+
+- leases are unguessable and only ever given to the worker they were leased to;
+- worker registrations are bounded in number, size and time;
+- one push_tasks call is bounded in bytes, one lookup call in ids;
+- metrics endpoints follow the daemons' rule: loopback, or a token.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import Pyro5.api
+import pytest
+import redis
+
+from ppq import Client
+from ppq.errors import LeaseLostError
+from ppq.master import MasterServer
+from ppq.rpc import make_proxy
+
+from .conftest import wait_for
+
+PREFIX = "ppq:0:"
+
+
+def address_of(server: MasterServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def plain_proxy(server: MasterServer) -> Pyro5.api.Proxy:
+    """A stock Pyro5 proxy, as an outside program makes it (serpent, no ppq handshake)."""
+    proxy = Pyro5.api.Proxy(server.uri)
+    proxy._pyroSerializer = "serpent"
+    proxy._pyroTimeout = 10
+    return proxy
+
+
+def task_and_stats(r: redis.Redis, task_id: str) -> tuple[dict[bytes, bytes], dict[bytes, bytes], list[bytes]]:
+    """What a report on ``task_id`` would change: its record, the counters, the ready queue."""
+    return r.hgetall(PREFIX + "t:" + task_id), r.hgetall(PREFIX + "stats"), r.lrange(PREFIX + "queue", 0, -1)
+
+
+# -- 1. leases ----------------------------------------------------------------------------
+
+
+def test_nobody_but_its_worker_can_report_a_running_task(make_master, spawn, ra):
+    """get_task_info and every other record the master returns carry no lease; finishes,
+    errors and reports with the old-style guess (worker id + "/1"), a random string or no
+    lease at all are refused and change nothing; the real worker's result is the one kept."""
+    server = make_master()
+    client = Client([address_of(server)])
+    spawn.worker(address_of(server))
+    tid = client.push("tasks.sleep_then", 4, "real")
+    info = wait_for(lambda: (i := client.info(tid)) and i["state"] == "running" and i, what="the task to run")
+    wid = info["worker"]
+    lease = ra.hget(PREFIX + "t:" + tid, "lease").decode()
+    assert lease and wid not in lease and len(lease) >= 32, lease
+    records = [info, client.call("get_tasks_info", [tid], 0)[0], client.call("wait_task", tid, 0, 0),
+               client.call("wait_tasks", [tid], 0, 0)[0]]
+    for record in records:
+        assert record["state"] == "running" and "lease" not in record
+        assert lease not in repr(record)
+
+    before = task_and_stats(ra, tid)
+    guesses = (f"{wid}/1", f"{wid}/2", secrets.token_hex(16), None)
+    plain = plain_proxy(server)
+    forger = make_proxy(server.uri)
+    try:
+        for guess in guesses:
+            with pytest.raises(LeaseLostError):
+                forger.task_finish(tid, {"id": wid}, 0, result="forged", lease=guess)
+            with pytest.raises(LeaseLostError):
+                forger.task_error(tid, {"id": wid}, 0, error="forged", lease=guess, retry=False)
+            with pytest.raises(RuntimeError, match="LeaseLostError"):
+                plain.task_finish(tid, {"id": wid}, 0, result="forged", lease=guess)
+            reply = forger.report({"id": wid}, 0, [{"id": tid, "lease": guess, "ok": True, "result": "forged"}], 0, 0)
+            assert reply == {"accepted": [False], "tasks": []}
+            assert forger.heartbeat({"id": wid}, 0, [[tid, guess or ""]])["lost"] == [tid]
+    finally:
+        plain._pyroRelease()
+        forger._pyroRelease()
+    assert task_and_stats(ra, tid) == before
+    assert client.info(tid)["state"] == "running", "the task ended while the forgeries were tried: too short"
+    assert client.result(tid, timeout=20) == "real"
+    assert client.info(tid)["attempts"] == 1
+    client.close()
+
+
+def test_leases_are_distinct_per_task_and_per_call(master, call, ra):
+    """Each leased task gets its own lease, not derived from the worker's id or the attempt."""
+    ids = call("push_tasks", [{"func": "add", "module": "tasks", "args": [i, i]} for i in range(4)])
+    worker = {"id": "w-leases"}
+    first = call("get_tasks", worker, 0, 3)
+    second = call("get_task", worker, 0)
+    leases = [t["lease"] for t in [*first, second]]
+    assert sorted(t["id"] for t in [*first, second]) == sorted(ids)
+    assert len(set(leases)) == 4 and not any(lease.startswith(worker["id"]) for lease in leases)
+    assert len({lease.rsplit(":", 1)[0] for lease in leases}) == 2  # one random part per call
+    for t in [*first, second]:
+        assert ra.hget(PREFIX + "t:" + t["id"], "lease").decode() == t["lease"]
+        assert call("task_finish", t["id"], worker, 0, result=1, lease=t["lease"]) is True
+
+
+def test_a_report_without_lease_counts_only_on_the_connection_that_leased(master, call, ra):
+    """The seed's call shape, task_finish(id, worker_info) without a lease, still works for the
+    worker that leased the task, on its own connection; another connection claiming the same
+    worker id is refused and does not take that lease away."""
+    tid = call("push_task", "add", module="tasks", args=[1, 2])
+    worker = {"id": "seed-worker", "host": "h", "pid": 1}
+    owner, stranger = plain_proxy(master), plain_proxy(master)
+    try:
+        assert owner.get_task(worker, 0)["id"] == tid
+        before = task_and_stats(ra, tid)
+        with pytest.raises(RuntimeError, match="LeaseLostError"):
+            stranger.task_finish(tid, worker, 0, result=99)
+        with pytest.raises(RuntimeError, match="LeaseLostError"):
+            stranger.task_error(tid, worker, 0, error="forged")
+        assert task_and_stats(ra, tid) == before
+        assert owner.task_finish(tid, worker, 0, result=3) is True
+    finally:
+        owner._pyroRelease()
+        stranger._pyroRelease()
+    info = call("get_task_info", tid, 0)
+    assert (info["state"], info["result"]) == ("done", 3)
