@@ -8,6 +8,7 @@ them at once.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -34,8 +35,14 @@ log = logging.getLogger("ppq.master")
 
 # Longest long-poll a worker may ask for, in seconds.
 MAX_WAIT = 30.0
-# Largest encoded worker_info, in bytes.
-MAX_WORKER_INFO = 16 * 1024
+# The worker_info fields a master keeps (what ppq's worker agent sends and `ppq status` /
+# `ppq workers` read): text fields with their longest length, and numbers.
+WORKER_TEXT_FIELDS = {"host": 255, "pool": 32, "control_uri": 300}
+WORKER_NUMBER_FIELDS = ("pid", "queue_index", "concurrency", "started", "done", "failed", "heartbeat_interval")
+# Most running task ids kept from one worker_info.
+MAX_RUNNING_LISTED = 100
+# Most bytes of stored worker infos one server_info reads per queue_index.
+WORKERS_LISTED_BYTES = 8 * 1024 * 1024
 # Seconds between the INFO summary lines of each queue_index.
 SUMMARY_INTERVAL = 60.0
 # Leases handed out by get_task / get_tasks / piggyback that this master remembers for
@@ -127,15 +134,36 @@ def worker_id_of(worker_info: Any) -> str:
     return wid
 
 
-def _check_info(worker_info: Any) -> dict[str, Any]:
-    info = dict(worker_info) if isinstance(worker_info, Mapping) else {"id": worker_id_of(worker_info)}
-    try:
-        packed = msgpack.packb(info)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidTaskError("worker_info must hold plain data (strings, numbers, lists, dicts)") from None
-    if len(packed) > MAX_WORKER_INFO:
-        raise InvalidTaskError(f"worker_info is larger than {MAX_WORKER_INFO} bytes")
-    return info
+def worker_entry(worker_info: Any, limit: int, **extra: Any) -> dict[str, Any]:
+    """What a master stores of a worker's ``worker_info``: its id, the fields ppq reads, each
+    bounded, and ``extra``; the list of running task ids is cut so that the whole, encoded,
+    takes at most ``limit`` bytes. Anything else the worker sent is dropped."""
+    entry: dict[str, Any] = {"id": worker_id_of(worker_info)}
+    source = worker_info if isinstance(worker_info, Mapping) else {}
+    for name, longest in WORKER_TEXT_FIELDS.items():
+        value = source.get(name)
+        if isinstance(value, str):
+            entry[name] = value[:longest]
+    for name in WORKER_NUMBER_FIELDS:
+        value = source.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and abs(value) < 2**53:
+            entry[name] = value
+    entry.update(extra)
+    # The running ids fill what is left of the limit: each costs its length and at most 2 bytes
+    # of msgpack header; the list and its key, 12 more.
+    room = limit - len(msgpack.packb(entry)) - 12
+    running: list[str] = []
+    listed = source.get("running")
+    for tid in listed[:MAX_RUNNING_LISTED] if isinstance(listed, (list, tuple)) else ():
+        if isinstance(tid, str):
+            tid = tid[:64]
+            room -= len(tid.encode("utf-8", "replace")) + 2
+            if room < 0:
+                break
+            running.append(tid)
+    entry["running"] = running
+    return entry
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
@@ -272,11 +300,12 @@ class Master:
         return self.stores[check_queue_index(queue_index, self.stores)]
 
     def _seen(self, worker_info: Any = None) -> float:
-        """Seconds a worker counts as live after it was last heard from: three of its heartbeats."""
+        """Seconds a worker counts as live after it was last heard from: three of its heartbeats,
+        at most ``master.worker_ttl``."""
         interval = worker_info.get("heartbeat_interval") if isinstance(worker_info, Mapping) else None
-        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and 0 < interval <= 3600:
-            return 3 * float(interval) + 1
-        return 3 * self.config.worker.heartbeat_interval + 1
+        if not (isinstance(interval, (int, float)) and not isinstance(interval, bool) and 0 < interval <= 3600):
+            interval = self.config.worker.heartbeat_interval
+        return min(3 * float(interval) + 1, self.config.master.worker_ttl)
 
     def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
                wait: float, strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
@@ -532,7 +561,8 @@ class Master:
 
         Returns ``{"lost": [ids]}``: tasks whose lease is gone or that were cancelled.
         """
-        info = _check_info(worker_info)
+        info = worker_entry(worker_info, self.limits.max_worker_info, address=rpc.client_address(),
+                            last_heartbeat=time.time())
         if not isinstance(running, (list, tuple)) or len(running) > self.limits.max_batch:
             raise InvalidTaskError("running must be a list of [task_id, lease] pairs")
         pairs = []
@@ -540,9 +570,12 @@ class Master:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 raise InvalidTaskError("running must be a list of [task_id, lease] pairs")
             pairs.append((check_task_id(item[0]), _text_field("lease", item[1], 300)))
-        info["address"] = rpc.client_address()
-        info["last_heartbeat"] = time.time()
-        lost = self._store(queue_index).heartbeat(worker_id_of(worker_info), info, pairs, self._seen(worker_info))
+        store = self._store(queue_index)
+        lost = store.heartbeat(info["id"], info, pairs, self._seen(worker_info))
+        if lost is None:
+            raise InvalidTaskError(f"worker_info: queue_index {store.queue_index} already lists "
+                                   f"{self.limits.max_workers} workers (limits.max_workers); a new worker id is "
+                                   f"refused until listed ones go quiet for master.worker_ttl")
         return {"lost": lost}
 
     @rpc.remote
@@ -613,16 +646,19 @@ class Master:
         """One dict per queue_index: queued/delayed/running/dead counts, counters and live workers."""
         return self.queue_info()
 
-    def queue_info(self) -> dict[int, dict[str, Any]]:
+    def queue_info(self, workers: bool = True) -> dict[int, dict[str, Any]]:
+        """Counts of each queue_index, ``workers_live`` (how many workers are listed) and, with
+        ``workers``, their infos (as many as fit in half of ``limits.max_message``)."""
         out: dict[int, dict[str, Any]] = {}
         for qi, store in sorted(self.stores.items()):
             entry: dict[str, Any] = {"queue_index": qi, "redis": store.safe_url}
             try:
                 entry.update(store.counts())
-                entry["workers"] = store.workers()
+                entry["workers_live"] = store.live_workers()
+                entry["workers"] = store.workers(WORKERS_LISTED_BYTES) if workers else []
                 entry["ok"] = True
             except StorageError as exc:
-                entry.update({"ok": False, "error": str(exc), "workers": []})
+                entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})
             out[qi] = entry
         return out
 
@@ -643,7 +679,8 @@ def open_stores(config: Config) -> tuple[dict[int, Store], RedisServer | None]:
         redis_map = {0: embedded.url}
     stores = {
         qi: Store(qi, url, timeout=m.redis_timeout, lease_timeout=m.lease_timeout,
-                  max_lease_expiries=m.max_lease_expiries, result_ttl=m.result_ttl)
+                  max_lease_expiries=m.max_lease_expiries, result_ttl=m.result_ttl,
+                  max_workers=config.limits.max_workers)
         for qi, url in redis_map.items()
     }
     for qi, store in stores.items():
@@ -710,7 +747,7 @@ class MasterServer:
 
             try:
                 self.metrics_server = serve_master_metrics(self.config.master.host, self.config.master.metrics_port,
-                                                           self.master.queue_info)
+                                                           lambda: self.master.queue_info(workers=False))
             except OSError as exc:
                 self.stop()
                 raise ConfigError(f"master.metrics_port: cannot listen on {self.config.master.metrics_port}: "

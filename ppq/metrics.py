@@ -49,7 +49,8 @@ class QueueCollector(Collector):
                 events.add_metric([label, event], float(entry.get(name, 0)))
             for state in _DEPTHS:
                 depth.add_metric([label, state], float(entry.get(state, 0)))
-            workers.add_metric([label], float(len(entry.get("workers", []))))
+            live = entry.get("workers_live")
+            workers.add_metric([label], float(len(entry.get("workers", [])) if live is None else live))
         yield from (events, depth, workers, up)
 
 

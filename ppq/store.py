@@ -62,6 +62,17 @@ local _t = redis.call('TIME')
 local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
 """
 
+# Marks worker `wid` as heard from until `now + seen`, if it is listed already or fewer
+# than `maxw` workers are.
+_SEEN = """
+local function mark_seen()
+  local sk = P .. 'workers:seen'
+  if redis.call('ZSCORE', sk, wid) or redis.call('ZCARD', sk) < maxw then
+    redis.call('ZADD', sk, now + seen, wid)
+  end
+end
+"""
+
 # Leases up to `count` ready tasks to worker `wid` for `lt` seconds into `out`:
 # rows of {id, body, retry, lease, ready since}. Each lease is `nonce` (random, made by the
 # master for this call) and the task's place in `out`: unguessable, and distinct per task.
@@ -99,14 +110,14 @@ if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end
 """
 
 # ARGV: prefix, worker id ('' for none), how many to lease to it, lease seconds, seconds until
-# the worker counts as gone, lease nonce, then per task: id, key, delay, body, n, and n field/value pairs
-# (the options that differ from their defaults). Returns {renamed, leased}: renamed is
-# {position, id} pairs, flat, for the tasks whose id is not the one given (a waiting
-# task with the same key); leased holds the rows leased to the worker, as the report
-# script's.
+# the worker counts as gone, lease nonce, most workers listed, then per task: id, key, delay,
+# body, n, and n field/value pairs (the options that differ from their defaults). Returns
+# {renamed, leased}: renamed is {position, id} pairs, flat, for the tasks whose id is not the
+# one given (a waiting task with the same key); leased holds the rows leased to the worker,
+# as the report script's.
 _PUSH = _NOW + """
-local P, wid, count, lt, seen, nonce = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), ARGV[6]
+local P, wid, count, lt, seen, nonce, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local renamed = {}
 local position = 0
 -- New ready ids, appended to the queue in bulk (in push order).
@@ -116,7 +127,7 @@ local function flush()
   fresh = {}
 end
 local ready, pushed = 0, 0
-local i = 7
+local i = 8
 while i <= #ARGV do
   local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
   local first, last = i + 5, i + 4 + 2 * n
@@ -174,8 +185,8 @@ end
 flush()
 if pushed > 0 then redis.call('HINCRBY', P .. 'stats', 'pushed', pushed) end
 if wid == '' then count = 0 end
-""" + _LEASE + """
-if #out > 0 then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
+""" + _LEASE + _SEEN + """
+if #out > 0 then mark_seen() end
 ready = ready - #out
 if ready > 0 and redis.call('ZCOUNT', P .. 'waiters', now, '+inf') > 0 then
   redis.call('PUBLISH', P .. 'wake', ready)
@@ -185,12 +196,12 @@ return {renamed, out}
 
 # ARGV: prefix, worker id, how many to lease, lease seconds, seconds until the
 # worker counts as gone, default result ttl, strict (1: lease nothing if a report
-# is refused), lease nonce, then 6 values per report: id, lease, kind (ok, error, error-final
+# is refused), lease nonce, most workers listed, then 6 values per report: id, lease, kind (ok, error, error-final
 # for no retry, release), result, error, traceback.
 # Returns {accepted flags, leased tasks}.
 _REPORT = _NOW + """
-local P, wid, count, lt, seen, dttl, nonce = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8]
+local P, wid, count, lt, seen, dttl, nonce, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9])
 local accepted = {}
 local ready = 0
 local bucket = math.floor(now / 10)
@@ -198,7 +209,7 @@ local done_n, failed_n = 0, 0
 local refused = false
 -- Tasks someone waits on (wait_task): looked up one by one only when there are any.
 local watched = redis.call('EXISTS', P .. 'waiting') == 1
-for i = 9, #ARGV, 6 do
+for i = 10, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
@@ -261,16 +272,21 @@ if failed_n > 0 then
   redis.call('HINCRBY', P .. 'stats', 'errors', failed_n)
   redis.call('HINCRBY', P .. 'rate', 'f:' .. bucket, failed_n)
 end
-""" + _LEASE + """if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
-if wid ~= '' and not refused then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
+""" + _LEASE + _SEEN + """if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+if wid ~= '' and not refused then mark_seen() end
 return {accepted, out}
 """
 
-# ARGV: prefix, worker id, lease seconds, seconds until gone, info, then id/lease pairs.
+# ARGV: prefix, worker id, lease seconds, seconds until gone, most workers listed, info,
+# then id/lease pairs. Returns the ids whose lease is lost or cancelled; false, changing
+# nothing, for a worker not listed yet when `maxw` workers are.
 _HEARTBEAT = _NOW + """
-local P, wid, lt, seen = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local P, wid, lt, seen, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if not redis.call('ZSCORE', P .. 'workers:seen', wid) and redis.call('ZCARD', P .. 'workers:seen') >= maxw then
+  return false
+end
 local lost = {}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local id, lease = ARGV[i], ARGV[i + 1]
   local cur = redis.call('HMGET', P .. 't:' .. id, 'lease', 'state', 'cancel')
   if cur[1] == lease and cur[2] == 'running' and redis.call('ZSCORE', P .. 'running', id) then
@@ -280,7 +296,7 @@ for i = 6, #ARGV, 2 do
     lost[#lost + 1] = id
   end
 end
-redis.call('HSET', P .. 'workers', wid, ARGV[5])
+redis.call('HSET', P .. 'workers', wid, ARGV[6])
 redis.call('ZADD', P .. 'workers:seen', now + seen, wid)
 return lost
 """
@@ -563,6 +579,7 @@ class Store:
         lease_timeout: float = 60.0,
         max_lease_expiries: int = 10,
         result_ttl: int = 86400,
+        max_workers: int = 10000,
     ) -> None:
         self.queue_index = queue_index
         self.url = url
@@ -571,6 +588,8 @@ class Store:
         self.lease_timeout = lease_timeout
         self.max_lease_expiries = max_lease_expiries
         self.result_ttl = result_ttl
+        # Worker ids listed at once; see the heartbeat script.
+        self.max_workers = max_workers
         self.redis = redis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -617,7 +636,8 @@ class Store:
         wake-up round.
         """
         wid, count, seen = lease_to or ("", 0, 0.0)
-        args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen, os.urandom(16).hex() if count else ""]
+        args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen, os.urandom(16).hex() if count else "",
+                           self.max_workers]
         for spec in specs:
             args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:
@@ -638,7 +658,7 @@ class Store:
         the leased tasks. With ``strict``, nothing is leased if a report is refused.
         """
         args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict),
-                           os.urandom(16).hex() if count > 0 else ""]
+                           os.urandom(16).hex() if count > 0 else "", self.max_workers]
         for r in reports:
             if r.get("release"):
                 kind = "release"
@@ -652,12 +672,16 @@ class Store:
 
     @_storage_errors
     def heartbeat(self, worker_id: str, info: dict[str, Any], running: Iterable[tuple[str, str]],
-                  seen: float) -> list[str]:
-        """Extend the leases ``worker_id`` holds; return the ids whose lease is lost or cancelled."""
+                  seen: float) -> list[str] | None:
+        """Extend the leases ``worker_id`` holds and list it with ``info`` for ``seen`` seconds;
+        return the ids whose lease is lost or cancelled.
+
+        None, with nothing changed, if the worker is not listed yet and ``max_workers`` are.
+        """
         pairs = [x for pair in running for x in pair]
-        lost = self._heartbeat([self.prefix, worker_id, self.lease_timeout, seen,
-                                     msgpack.packb(info), *pairs])
-        return [_text(i) for i in lost]
+        lost = self._heartbeat([self.prefix, worker_id, self.lease_timeout, seen, self.max_workers,
+                                msgpack.packb(info), *pairs])
+        return None if lost is None else [_text(i) for i in lost]
 
     @_storage_errors
     def reap(self, limit: int = 1000) -> int:
@@ -781,20 +805,30 @@ class Store:
         return out
 
     @_storage_errors
-    def workers(self) -> list[dict[str, Any]]:
-        """The workers heard from recently, with their last reported info."""
+    def workers(self, max_bytes: int = 8 * 1024 * 1024) -> list[dict[str, Any]]:
+        """The workers heard from recently, with their last reported info, soonest to go quiet
+        first; no more than ``max_bytes`` of stored infos are read."""
         p = self.prefix
         now = float(self.redis.time()[0])
-        live = self.redis.zrangebyscore(p + "workers:seen", now, "+inf", withscores=True)
-        if not live:
-            return []
-        infos = self.redis.hmget(p + "workers", [w for w, _ in live])
+        live = self.redis.zrangebyscore(p + "workers:seen", now, "+inf")
         out = []
-        for (wid, _), blob in zip(live, infos, strict=True):
-            info = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
-            info["id"] = _text(wid)
-            out.append(info)
+        used = 0
+        for start in range(0, len(live), 500):
+            chunk = live[start:start + 500]
+            for wid, blob in zip(chunk, self.redis.hmget(p + "workers", chunk), strict=True):
+                used += len(wid) + len(blob or b"")
+                if used > max_bytes:
+                    return out
+                info = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
+                info["id"] = _text(wid)
+                out.append(info)
         return out
+
+    @_storage_errors
+    def live_workers(self) -> int:
+        """How many workers were heard from recently."""
+        now = float(self.redis.time()[0])
+        return int(self.redis.zcount(self.prefix + "workers:seen", now, "+inf"))
 
     def listen(self, on_wake: Callable[[int], None], on_finished: Callable[[str], None],
                stop: threading.Event) -> None:

@@ -11,12 +11,14 @@ and against calls sized to exhaust it: real redis-server processes, real masters
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
+import msgpack
 import Pyro5.api
 import pytest
 import redis
 
-from ppq import Client
+from ppq import Client, InvalidTaskError, PyroFunc
 from ppq.errors import LeaseLostError
 from ppq.master import MasterServer
 from ppq.rpc import make_proxy
@@ -125,3 +127,95 @@ def test_a_report_without_lease_counts_only_on_the_connection_that_leased(master
         stranger._pyroRelease()
     info = call("get_task_info", tid, 0)
     assert (info["state"], info["result"]) == ("done", 3)
+
+
+# -- 2. worker registrations ------------------------------------------------------------------
+
+
+def junk_info(wid: str, stuffed: bool = False) -> dict[str, Any]:
+    """A worker_info as a flood sends it: 15 KiB in a field ppq never reads, or (``stuffed``)
+    every field ppq reads oversized or of the wrong type."""
+    if not stuffed:
+        return {"id": wid, "heartbeat_interval": 3600, "junk": "j" * 15 * 1024}
+    return {"id": wid, "heartbeat_interval": 3600, "host": "h" * 5000, "pool": ["x"] * 100,
+            "running": ["r" * 60] * 5000, "control_uri": "u" * 5000, "pid": 10**30, "done": float("nan")}
+
+
+def test_a_flood_of_registrations_keeps_server_info_small(make_master, spawn, ra):
+    server = make_master()
+    client = Client([address_of(server)])
+    proc = spawn.worker(address_of(server))
+    wait_for(lambda: any(w.get("pid") == proc.pid for w in client.server_info()[0]["workers"]),
+             what="the worker to be listed")
+    flood = make_proxy(server.uri)
+    try:
+        for n in range(2000):
+            assert flood.heartbeat(junk_info(f"fake-{n}", stuffed=n < 20), 0, []) == {"lost": []}
+    finally:
+        flood._pyroRelease()
+    info = client.server_info()
+    assert info[0]["workers_live"] == len(info[0]["workers"]) == 2001
+    size = len(msgpack.packb(info))
+    assert size < 2 * 1024 * 1024, f"server_info is {size} bytes"
+    fake = next(w for w in info[0]["workers"] if w["id"] == "fake-0")
+    assert "junk" not in fake and len(fake["host"]) == 255 and len(fake["control_uri"]) == 300
+    assert "pid" not in fake and "done" not in fake and "pool" not in fake
+    assert 40 < len(fake["running"]) < 60 and fake["running"][0] == "r" * 60
+    assert "junk" not in next(w for w in info[0]["workers"] if w["id"] == "fake-1999")
+    assert all(len(blob) <= 4096 for blob in ra.hvals(PREFIX + "workers")), "a stored worker_info exceeds 4096 bytes"
+    # Listed for worker_ttl (300 s) at most, whatever heartbeat_interval it claims.
+    now = float(ra.time()[0])
+    assert max(score for _, score in ra.zrange(PREFIX + "workers:seen", 0, -1, withscores=True)) <= now + 301
+    # The real worker is listed with its own fields and still works.
+    real = next(w for w in info[0]["workers"] if w.get("pid") == proc.pid)
+    assert real["concurrency"] == 1 and real["running"] == [] and real["control_uri"].startswith("PYRO:")
+    assert client.result(client.push("tasks.add", 2, 3), timeout=20) == 5
+    client.close()
+
+
+def test_new_worker_ids_beyond_max_workers_are_refused(make_master, spawn, ra):
+    server = make_master(limits__max_workers=20)
+    client = Client([address_of(server)])
+    proc = spawn.worker(address_of(server))
+    wait_for(lambda: any(w.get("pid") == proc.pid for w in client.server_info()[0]["workers"]),
+             what="the worker to be listed")
+    flood = make_proxy(server.uri)
+    try:
+        for n in range(19):
+            flood.heartbeat({"id": f"fake-{n}"}, 0, [])
+        before = snapshot_workers(ra)
+        with pytest.raises(InvalidTaskError, match="limits.max_workers"):
+            flood.heartbeat({"id": "one-too-many"}, 0, [])
+        # A new id that only asks for work is served, but not listed.
+        assert flood.report({"id": "asks-only"}, 0, [], 1, 0) == {"accepted": [], "tasks": []}
+        assert snapshot_workers(ra) == before
+        assert flood.heartbeat({"id": "fake-3", "host": "again"}, 0, []) == {"lost": []}
+    finally:
+        flood._pyroRelease()
+    info = client.server_info()[0]
+    assert info["workers_live"] == 20 and "one-too-many" not in {w["id"] for w in info["workers"]}
+    assert next(w for w in info["workers"] if w["id"] == "fake-3")["host"] == "again"
+    # The real worker keeps heartbeating (a listed id) and running tasks.
+    seen = ra.zscore(PREFIX + "workers:seen", next(w["id"] for w in info["workers"] if w.get("pid") == proc.pid))
+    assert client.result(client.push("tasks.add", 1, 1), timeout=20) == 2
+    wid = next(w["id"] for w in info["workers"] if w.get("pid") == proc.pid)
+    wait_for(lambda: ra.zscore(PREFIX + "workers:seen", wid) > seen, what="a later heartbeat of the real worker")
+    client.close()
+
+
+def snapshot_workers(r: redis.Redis) -> tuple[Any, ...]:
+    return r.hgetall(PREFIX + "workers"), r.zrange(PREFIX + "workers:seen", 0, -1)
+
+
+def test_a_quiet_worker_is_dropped_after_worker_ttl(make_master, ra):
+    server = make_master(master__worker_ttl=1.5)
+    call = PyroFunc(address_of(server))
+    try:
+        assert call("heartbeat", {"id": "quiet", "heartbeat_interval": 3600}, 0, []) == {"lost": []}
+        assert [w["id"] for w in call("server_info")[0]["workers"]] == ["quiet"]
+        now = float(ra.time()[0])
+        assert ra.zscore(PREFIX + "workers:seen", "quiet") <= now + 2.5
+        wait_for(lambda: call("server_info")[0]["workers"] == [], timeout=10, what="the quiet worker to go")
+        assert ra.hlen(PREFIX + "workers") == 0
+    finally:
+        call.close()
