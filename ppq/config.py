@@ -38,6 +38,9 @@ DEFAULT_RESULT_TTL = 86400
 DEFAULT_MAX_WORKERS = 10000
 # Largest stored worker_info entry, in bytes (its list of running tasks is cut to fit).
 DEFAULT_MAX_WORKER_INFO = 4096
+# Largest RPC message a master or worker reads, in bytes; one push_tasks call's tasks
+# together must fit in it too.
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 # Longest a worker stays listed after it was last heard from, in seconds.
 DEFAULT_WORKER_TTL = 300.0
 
@@ -65,6 +68,7 @@ class LimitsConfig:
     max_result_ttl: int = 365 * 86400
     max_workers: int = DEFAULT_MAX_WORKERS
     max_worker_info: int = DEFAULT_MAX_WORKER_INFO
+    max_message: int = DEFAULT_MAX_MESSAGE
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ _POSITIVE = {
     "limits.max_result_ttl", "limits.max_workers", "master.worker_ttl",
 }
 # Keys with a floor above zero: key -> the smallest value accepted.
-_AT_LEAST = {"limits.max_worker_info": 1024}
+_AT_LEAST = {"limits.max_worker_info": 1024, "limits.max_message": 65536}
 
 
 def _type_name(tp: Any) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
+import re
 import threading
 import time
 import uuid
@@ -41,8 +43,9 @@ WORKER_TEXT_FIELDS = {"host": 255, "pool": 32, "control_uri": 300}
 WORKER_NUMBER_FIELDS = ("pid", "queue_index", "concurrency", "started", "done", "failed", "heartbeat_interval")
 # Most running task ids kept from one worker_info.
 MAX_RUNNING_LISTED = 100
-# Most bytes of stored worker infos one server_info reads per queue_index.
-WORKERS_LISTED_BYTES = 8 * 1024 * 1024
+# The body and the key of a TaskSpec; where a push_tasks error names a task's position.
+_BODY, _KEY = operator.itemgetter(4), operator.itemgetter(2)
+_POSITION = re.compile(r"^tasks\[(\d+)\]")
 # Seconds between the INFO summary lines of each queue_index.
 SUMMARY_INTERVAL = 60.0
 # Leases handed out by get_task / get_tasks / piggyback that this master remembers for
@@ -477,7 +480,7 @@ class Master:
             raise InvalidTaskError(f"tasks must be a list of dicts, got {type(tasks).__name__}")
         if len(tasks) > self.limits.max_batch:
             raise InvalidTaskError(f"tasks holds {len(tasks)} tasks, more than the limit of {self.limits.max_batch}")
-        specs = check_pushes(tasks, self.stores, self.limits, self.config.master.allow_pickle)
+        specs = self._check_batch(tasks)
         by_queue: dict[int, list[int]] = {}
         for i, spec in enumerate(specs):
             by_queue.setdefault(spec.queue_index, []).append(i)
@@ -489,6 +492,33 @@ class Master:
             for spec, tid in zip(specs, ids, strict=True):
                 log.debug("queue_index %s: task %s pushed", spec.queue_index, tid)
         return ids
+
+    def _check_batch(self, tasks: list[Any] | tuple[Any, ...]) -> list[TaskSpec]:
+        """check_pushes, a run of tasks at a time, refusing the batch as soon as the tasks
+        together take more than ``limits.max_message`` bytes: a message can repeat one object
+        many times, so its own size does not bound theirs."""
+        limit = self.limits.max_message
+        step = max(1, min(256, 4 * limit // self.limits.max_payload))
+        specs: list[TaskSpec] = []
+        total = 0
+        for start in range(0, len(tasks), step):
+            try:
+                chunk = check_pushes(tasks[start:start + step], self.stores, self.limits,
+                                     self.config.master.allow_pickle)
+            except InvalidTaskError as exc:
+                if not start:
+                    raise
+                message = str(exc)
+                where = _POSITION.match(message)
+                if where:
+                    message = f"tasks[{start + int(where[1])}]{message[where.end():]}"
+                raise type(exc)(message) from None
+            total += sum(map(len, map(_BODY, chunk))) + sum(map(len, map(_KEY, chunk)))
+            if total > limit:
+                raise InvalidTaskError(f"tasks: these {len(tasks)} tasks take more than {limit} bytes together "
+                                       f"(limits.max_message); push them in smaller batches")
+            specs += chunk
+        return specs
 
     @rpc.remote
     def get_task(self, worker_info: Any, queue_index: Any = 0, wait: Any = 0) -> dict[str, Any] | None:
@@ -648,14 +678,14 @@ class Master:
 
     def queue_info(self, workers: bool = True) -> dict[int, dict[str, Any]]:
         """Counts of each queue_index, ``workers_live`` (how many workers are listed) and, with
-        ``workers``, their infos (as many as fit in half of ``limits.max_message``)."""
+        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``)."""
         out: dict[int, dict[str, Any]] = {}
         for qi, store in sorted(self.stores.items()):
             entry: dict[str, Any] = {"queue_index": qi, "redis": store.safe_url}
             try:
                 entry.update(store.counts())
                 entry["workers_live"] = store.live_workers()
-                entry["workers"] = store.workers(WORKERS_LISTED_BYTES) if workers else []
+                entry["workers"] = store.workers(self.limits.max_message // (2 * len(self.stores))) if workers else []
                 entry["ok"] = True
             except StorageError as exc:
                 entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})

@@ -219,3 +219,33 @@ def test_a_quiet_worker_is_dropped_after_worker_ttl(make_master, ra):
         assert ra.hlen(PREFIX + "workers") == 0
     finally:
         call.close()
+
+
+# -- 3. one push_tasks call -------------------------------------------------------------------------
+
+
+def test_push_tasks_whose_tasks_together_exceed_max_message_is_refused(master, call, ra, rb):
+    """Each task within limits.max_payload, together more than limits.max_message (16 MiB):
+    refused before anything is stored. The message itself stays small, as it repeats one string."""
+    big = "x" * (1000 * 1024)
+    before = (snapshot(ra), snapshot(rb))
+    with pytest.raises(InvalidTaskError, match=r"^tasks: .*16777216 bytes.*limits\.max_message"):
+        call("push_tasks", [{"func": "echo", "module": "tasks", "args": [big]} for _ in range(20)])
+    with pytest.raises(InvalidTaskError, match="limits.max_message"):
+        call("push_tasks", [{"func": "echo", "module": "tasks", "args": [i]} for i in range(100)]
+             + [{"func": "echo", "module": "tasks", "args": [big], "key": str(i)} for i in range(20)])
+    assert (snapshot(ra), snapshot(rb)) == before
+    ids = call("push_tasks", [{"func": "echo", "module": "tasks", "args": [big]} for _ in range(15)])
+    assert len(ids) == 15 and ra.llen(PREFIX + "queue") == 15
+
+
+def test_push_tasks_names_the_position_of_a_bad_task_in_a_long_batch(call, ra):
+    tasks = [{"func": "add", "module": "tasks", "args": [i, i]} for i in range(300)]
+    tasks[270] = {"func": "add", "module": "tasks", "args": [1], "max_retry": -1}
+    with pytest.raises(InvalidTaskError, match=r"^tasks\[270\]: max_retry"):
+        call("push_tasks", tasks)
+    assert ra.keys("*") == []
+
+
+def snapshot(r: redis.Redis) -> dict[bytes, Any]:
+    return {key: r.dump(key) for key in r.keys("*")}
