@@ -41,6 +41,8 @@ DEFAULT_MAX_WORKER_INFO = 4096
 # Largest RPC message a master or worker reads, in bytes; one push_tasks call's tasks
 # together must fit in it too.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# Task ids one wait_tasks / get_tasks_info call looks up (and dead tasks one dead_tasks lists).
+DEFAULT_MAX_LOOKUP = 1000
 # Longest a worker stays listed after it was last heard from, in seconds.
 DEFAULT_WORKER_TTL = 300.0
 
@@ -69,6 +71,7 @@ class LimitsConfig:
     max_workers: int = DEFAULT_MAX_WORKERS
     max_worker_info: int = DEFAULT_MAX_WORKER_INFO
     max_message: int = DEFAULT_MAX_MESSAGE
+    max_lookup: int = DEFAULT_MAX_LOOKUP
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ _POSITIVE = {
     "master.max_lease_expiries", "master.result_ttl", "worker.max_sleep", "worker.task_timeout",
     "worker.heartbeat_interval", "client.retry", "client.timeout", "limits.max_payload", "limits.max_batch",
     "limits.max_name_length", "limits.max_key_length", "limits.max_delay", "limits.max_timeout",
-    "limits.max_result_ttl", "limits.max_workers", "master.worker_ttl",
+    "limits.max_result_ttl", "limits.max_workers", "master.worker_ttl", "limits.max_lookup",
 }
 # Keys with a floor above zero: key -> the smallest value accepted.
 _AT_LEAST = {"limits.max_worker_info": 1024, "limits.max_message": 65536}

@@ -196,6 +196,8 @@ class Master:
         self._handed: OrderedDict[tuple[int, str], tuple[str, str, str]] = OrderedDict()
         self._handed_lock = threading.Lock()
         self.limits = config.limits
+        # Most bytes of stored task records one reply carries.
+        self._reply_bytes = config.limits.max_message // 2
         self.id = uuid.uuid4().hex[:12]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -236,7 +238,7 @@ class Master:
         try:
             if timeout > 0:
                 store.watch(task_ids, timeout + 5)
-            infos = [store.info(tid) for tid in task_ids]
+            infos = store.infos(task_ids, self._reply_bytes)
             if timeout <= 0 or any(i is None or i["state"] in FINAL_STATES for i in infos):
                 return infos
             deadline = time.monotonic() + timeout
@@ -247,7 +249,7 @@ class Master:
                 # The finished channel can miss a message in a Redis outage: look again now and then.
                 event.wait(min(remaining, 5.0))
                 event.clear()
-                infos = [store.info(tid) for tid in task_ids]
+                infos = store.infos(task_ids, self._reply_bytes)
                 if any(i is None or i["state"] in FINAL_STATES for i in infos):
                     return infos
         finally:
@@ -624,18 +626,20 @@ class Master:
     @rpc.remote
     def wait_tasks(self, task_ids: Any, queue_index: Any = 0, timeout: Any = 10) -> list[dict[str, Any] | None]:
         """Wait until at least one of ``task_ids`` has ended (or ``timeout``); return all their records."""
-        if not isinstance(task_ids, (list, tuple)) or not task_ids or len(task_ids) > self.limits.max_batch:
-            raise InvalidTaskError(f"task_ids must be a non-empty list of at most {self.limits.max_batch} ids")
+        if not isinstance(task_ids, (list, tuple)) or not task_ids or len(task_ids) > self.limits.max_lookup:
+            raise InvalidTaskError(f"task_ids must be a non-empty list of at most {self.limits.max_lookup} ids "
+                                   f"(limits.max_lookup)")
         ids = [check_task_id(t) for t in task_ids]
         timeout = _number("timeout", timeout, 0, MAX_WAIT)
         return self._wait_final(self._store(queue_index), ids, timeout)
 
     @rpc.remote
     def get_tasks_info(self, task_ids: Any, queue_index: Any = 0) -> list[dict[str, Any] | None]:
-        if not isinstance(task_ids, (list, tuple)) or len(task_ids) > self.limits.max_batch:
-            raise InvalidTaskError(f"task_ids must be a list of at most {self.limits.max_batch} ids")
-        store = self._store(queue_index)
-        return [store.info(check_task_id(t)) for t in task_ids]
+        if not isinstance(task_ids, (list, tuple)) or len(task_ids) > self.limits.max_lookup:
+            raise InvalidTaskError(f"task_ids must be a list of at most {self.limits.max_lookup} ids "
+                                   f"(limits.max_lookup)")
+        ids = [check_task_id(t) for t in task_ids]
+        return self._store(queue_index).infos(ids, self._reply_bytes)
 
     @rpc.remote
     def cancel_task(self, task_id: Any, queue_index: Any = 0) -> str | None:
@@ -648,9 +652,9 @@ class Master:
 
     @rpc.remote
     def dead_tasks(self, queue_index: Any = 0, limit: Any = 100, offset: Any = 0) -> list[dict[str, Any]]:
-        limit = int(_number("limit", limit, 1, 10_000))
+        limit = int(_number("limit", limit, 1, self.limits.max_lookup))
         offset = int(_number("offset", offset, 0, 1e12))
-        return self._store(queue_index).dead(limit, offset)
+        return self._store(queue_index).dead(limit, offset, self._reply_bytes)
 
     @rpc.remote
     def requeue_dead(self, task_ids: Any = None, queue_index: Any = 0) -> list[str]:

@@ -50,7 +50,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import codec
-from .errors import CodecError, StorageError
+from .errors import CodecError, InvalidTaskError, StorageError
 from .task import BODY_FIELDS, TaskSpec, decode_body
 
 log = logging.getLogger("ppq.store")
@@ -724,15 +724,39 @@ class Store:
         return int(self._purge_dead([self.prefix, *(ids or [])]))
 
     @_storage_errors
-    def dead(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """The dead tasks, newest first."""
+    def dead(self, limit: int = 100, offset: int = 0, max_bytes: int = 0) -> list[dict[str, Any]]:
+        """The dead tasks, newest first (``max_bytes``: as in :meth:`infos`)."""
         ids = self.redis.zrevrange(self.prefix + "dead", offset, offset + limit - 1)
-        infos = [self.info(_text(i)) for i in ids]
+        infos = self.infos([_text(i) for i in ids], max_bytes)
         return [i for i in infos if i is not None]
 
     @_storage_errors
     def info(self, task_id: str) -> dict[str, Any] | None:
-        raw = self.redis.hgetall(self.prefix + "t:" + task_id)
+        """The record of one task (None if unknown), as :meth:`infos` gives it."""
+        return self._record(task_id, self.redis.hgetall(self.prefix + "t:" + task_id))
+
+    @_storage_errors
+    def infos(self, task_ids: Sequence[str], max_bytes: int = 0) -> list[dict[str, Any] | None]:
+        """The records of ``task_ids`` (None for an unknown one), read in one round trip.
+
+        With ``max_bytes``, InvalidTaskError (naming task_ids) if the stored records take more
+        than that together: the reply carrying them would not fit in a message.
+        """
+        if not task_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for tid in task_ids:
+            pipe.hgetall(self.prefix + "t:" + tid)
+        raws = pipe.execute()
+        if max_bytes:
+            size = sum(sum(map(len, raw.values())) for raw in raws if raw)
+            if size > max_bytes:
+                raise InvalidTaskError(f"task_ids: their records take {size} bytes, more than the {max_bytes} one "
+                                       f"reply may carry (limits.max_message); ask for fewer at a time")
+        return [self._record(tid, raw) for tid, raw in zip(task_ids, raws, strict=True)]
+
+    def _record(self, task_id: str, raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+        """A task record as the master returns it, from its hash (empty: unknown)."""
         if not raw:
             return None
         data = {_text(k): v for k, v in raw.items()}

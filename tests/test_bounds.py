@@ -249,3 +249,60 @@ def test_push_tasks_names_the_position_of_a_bad_task_in_a_long_batch(call, ra):
 
 def snapshot(r: redis.Redis) -> dict[bytes, Any]:
     return {key: r.dump(key) for key in r.keys("*")}
+
+
+# -- 4. lookups per call --------------------------------------------------------------------------
+
+
+def hgetall_calls(r: redis.Redis) -> int:
+    return int(r.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+def test_lookups_beyond_max_lookup_are_refused(call, ra):
+    ids = [f"unknown-{n}" for n in range(1001)]
+    for method, args in (("get_tasks_info", (ids, 0)), ("wait_tasks", (ids, 0, 5))):
+        with pytest.raises(InvalidTaskError, match=r"task_ids .*1000 ids \(limits\.max_lookup\)"):
+            call(method, *args)
+    with pytest.raises(InvalidTaskError, match="limit"):
+        call("dead_tasks", 0, 1001)
+    assert ra.keys("*") == []
+
+
+def test_a_thousand_ids_are_answered_in_one_call(call, ra):
+    known = call("push_tasks", [{"func": "add", "module": "tasks", "args": [n, n]} for n in range(10)])
+    done = call("get_task", {"id": "w-lookup"}, 0)
+    assert call("task_finish", done["id"], {"id": "w-lookup"}, 0, result={"sum": 0}, lease=done["lease"]) is True
+    ids = [f"unknown-{n}" for n in range(1000)]
+    for n, tid in enumerate(known):
+        ids[n * 99] = tid
+    calls = hgetall_calls(ra)
+    infos = call("get_tasks_info", ids, 0)
+    assert hgetall_calls(ra) - calls == 1000
+    assert len(infos) == 1000
+    for tid, info in zip(ids, infos, strict=True):
+        if tid in known:
+            assert info["id"] == tid and info["state"] == ("done" if tid == done["id"] else "queued")
+        else:
+            assert info is None
+    assert infos[ids.index(done["id"])]["result"] == {"sum": 0}
+    # wait_tasks answers at once: an unknown id counts as ended.
+    assert call("wait_tasks", ids, 0, 20) == infos
+    assert call("wait_tasks", known, 0, 0) == [infos[ids.index(tid)] for tid in known]
+
+
+def test_records_too_large_for_one_reply_are_refused(make_master):
+    server = make_master(limits__max_message=65536)
+    call = PyroFunc(address_of(server))
+    try:
+        ids = call("push_tasks", [{"func": "add", "module": "tasks", "args": [n, n]} for n in range(3)])
+        worker = {"id": "w-big"}
+        for _ in ids:
+            task = call("get_task", worker, 0)
+            call("task_finish", task["id"], worker, 0, result="r" * 20_000, lease=task["lease"])
+        with pytest.raises(InvalidTaskError, match=r"task_ids: .*limits\.max_message"):
+            call("get_tasks_info", ids, 0)
+        with pytest.raises(InvalidTaskError, match=r"task_ids: .*limits\.max_message"):
+            call("wait_tasks", ids, 0, 0)
+        assert [i["result"] for i in call("get_tasks_info", ids[:1], 0)] == ["r" * 20_000]
+    finally:
+        call.close()
