@@ -781,7 +781,11 @@ class MasterServer:
 
             try:
                 self.metrics_server = serve_master_metrics(self.config.master.host, self.config.master.metrics_port,
-                                                           lambda: self.master.queue_info(workers=False))
+                                                           lambda: self.master.queue_info(workers=False),
+                                                           self.config.auth_token, self.config.master.insecure)
+            except ConfigError:
+                self.stop()
+                raise
             except OSError as exc:
                 self.stop()
                 raise ConfigError(f"master.metrics_port: cannot listen on {self.config.master.metrics_port}: "
@@ -798,7 +802,9 @@ class MasterServer:
 
     def stop(self) -> None:
         if getattr(self, "metrics_server", None) is not None:
-            self.metrics_server.shutdown()
+            from .metrics import stop_metrics
+
+            stop_metrics(self.metrics_server)
             self.metrics_server = None
         self.master.stop_background()
         self.daemon.shutdown()

@@ -11,16 +11,22 @@ and against calls sized to exhaust it: real redis-server processes, real masters
 from __future__ import annotations
 
 import secrets
+import socket
+import urllib.error
+import urllib.request
 from typing import Any
 
 import msgpack
 import Pyro5.api
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from ppq import Client, InvalidTaskError, PyroFunc
-from ppq.errors import LeaseLostError
+from ppq.embedded import free_port
+from ppq.errors import ConfigError, LeaseLostError
 from ppq.master import MasterServer
+from ppq.metrics import QueueCollector, WorkerMetrics, metrics_token, serve_master_metrics, serve_metrics, stop_metrics
 from ppq.rpc import make_proxy
 
 from .conftest import wait_for
@@ -306,3 +312,70 @@ def test_records_too_large_for_one_reply_are_refused(make_master):
         assert [i["result"] for i in call("get_tasks_info", ids[:1], 0)] == ["r" * 20_000]
     finally:
         call.close()
+
+
+# -- 5. metrics endpoints ---------------------------------------------------------------------------
+
+
+def http_get(port: int, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def queue_counts() -> dict[int, dict[str, Any]]:
+    return {0: {"ok": True, "queued": 7, "workers": [], "workers_live": 2}}
+
+
+def test_metrics_with_a_token_require_the_bearer_header():
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(queue_counts))
+    server = serve_metrics("127.0.0.1", 0, registry, token="m3trics-t0ken")
+    port = server.server_port
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer m3trics-t0ken2"},
+                        {"Authorization": "m3trics-t0ken"}, {"Authorization": "Basic bTN0cmljcy10MGtlbg=="}):
+            status, reply_headers, body = http_get(port, headers)
+            assert status == 401, headers
+            assert reply_headers["WWW-Authenticate"].startswith("Bearer") and b"ppq_" not in body
+        # A silent connection and an oversized request line hold nothing up.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as huge:
+            huge.sendall(b"GET /" + b"x" * 100_000 + b" HTTP/1.1\r\n\r\n")
+            assert huge.recv(100).startswith(b"HTTP/1.0 414")
+            status, _, body = http_get(port, {"Authorization": "Bearer m3trics-t0ken"})
+            assert silent.fileno() >= 0
+        assert status == 200
+        assert 'ppq_queue_depth{queue_index="0",state="queued"} 7.0' in body.decode()
+        assert 'ppq_workers{queue_index="0"} 2.0' in body.decode()
+    finally:
+        stop_metrics(server)
+
+
+def test_metrics_on_loopback_serve_as_before_and_a_non_loopback_host_needs_a_token():
+    server = serve_master_metrics("127.0.0.1", 0, queue_counts, token="t0ken")
+    try:
+        status, _, body = http_get(server.server_port)
+        assert status == 200 and b"ppq_queue_depth" in body
+    finally:
+        stop_metrics(server)
+    with pytest.raises(ConfigError, match=r"master\.host is '0\.0\.0\.0'.*auth_token"):
+        serve_master_metrics("0.0.0.0", 0, queue_counts)
+    with pytest.raises(ConfigError, match=r"worker\.host is '0\.0\.0\.0'.*auth_token"):
+        WorkerMetrics().serve("0.0.0.0", 0)
+    assert metrics_token("0.0.0.0", "t0ken", False, "master.host") == "t0ken"
+    assert metrics_token("0.0.0.0", None, True, "master.host") is None
+    assert metrics_token("127.0.0.1", "t0ken", False, "master.host") is None
+
+
+def test_a_master_with_a_token_serves_metrics_on_loopback(make_master):
+    port = free_port()
+    server = make_master(master__metrics_port=port, auth_token="s3cret")
+    client = Client([address_of(server)], token="s3cret")
+    client.push("tasks.add", 1, 2)
+    status, _, body = wait_for(lambda: (r := http_get(port)) and r[0] == 200 and r, what="the metrics endpoint")
+    assert 'ppq_queue_depth{queue_index="0",state="queued"} 1.0' in body.decode()
+    client.close()
