@@ -742,12 +742,13 @@ class Store:
         With ``max_bytes``, InvalidTaskError (naming task_ids) if the stored records take more
         than that together: the reply carrying them would not fit in a message.
         """
-        if not task_ids:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for tid in task_ids:
-            pipe.hgetall(self.prefix + "t:" + tid)
-        raws = pipe.execute()
+        if len(task_ids) == 1:
+            raws = [self.redis.hgetall(self.prefix + "t:" + task_ids[0])]
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for tid in task_ids:
+                pipe.hgetall(self.prefix + "t:" + tid)
+            raws = pipe.execute() if task_ids else []
         if max_bytes:
             size = sum(sum(map(len, raw.values())) for raw in raws if raw)
             if size > max_bytes:
