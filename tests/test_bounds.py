@@ -51,7 +51,7 @@ def task_and_stats(r: redis.Redis, task_id: str) -> tuple[dict[bytes, bytes], di
     return r.hgetall(PREFIX + "t:" + task_id), r.hgetall(PREFIX + "stats"), r.lrange(PREFIX + "queue", 0, -1)
 
 
-# -- 1. leases ----------------------------------------------------------------------------
+# -- leases ----------------------------------------------------------------------------
 
 
 def test_nobody_but_its_worker_can_report_a_running_task(make_master, spawn, ra):
@@ -107,9 +107,12 @@ def test_leases_are_distinct_per_task_and_per_call(master, call, ra):
     assert sorted(t["id"] for t in [*first, second]) == sorted(ids)
     assert len(set(leases)) == 4 and not any(lease.startswith(worker["id"]) for lease in leases)
     assert len({lease.rsplit(":", 1)[0] for lease in leases}) == 2  # one random part per call
-    for t in [*first, second]:
+    for t in first:
         assert ra.hget(PREFIX + "t:" + t["id"], "lease").decode() == t["lease"]
         assert call("task_finish", t["id"], worker, 0, result=1, lease=t["lease"]) is True
+    assert call("task_error", second["id"], worker, 0, error="E", retry=False, lease=second["lease"]) is True
+    (dead,) = call("dead_tasks", 0)
+    assert dead["id"] == second["id"] and "lease" not in dead and second["lease"] not in repr(dead)
 
 
 def test_a_report_without_lease_counts_only_on_the_connection_that_leased(master, call, ra):
@@ -135,7 +138,7 @@ def test_a_report_without_lease_counts_only_on_the_connection_that_leased(master
     assert (info["state"], info["result"]) == ("done", 3)
 
 
-# -- 2. worker registrations ------------------------------------------------------------------
+# -- worker registrations ------------------------------------------------------------------
 
 
 def junk_info(wid: str, stuffed: bool = False) -> dict[str, Any]:
@@ -227,7 +230,7 @@ def test_a_quiet_worker_is_dropped_after_worker_ttl(make_master, ra):
         call.close()
 
 
-# -- 3. one push_tasks call -------------------------------------------------------------------------
+# -- one push_tasks call -------------------------------------------------------------------------
 
 
 def test_push_tasks_whose_tasks_together_exceed_max_message_is_refused(master, call, ra, rb):
@@ -257,7 +260,7 @@ def snapshot(r: redis.Redis) -> dict[bytes, Any]:
     return {key: r.dump(key) for key in r.keys("*")}
 
 
-# -- 4. lookups per call --------------------------------------------------------------------------
+# -- lookups per call --------------------------------------------------------------------------
 
 
 def hgetall_calls(r: redis.Redis) -> int:
@@ -314,7 +317,7 @@ def test_records_too_large_for_one_reply_are_refused(make_master):
         call.close()
 
 
-# -- 5. metrics endpoints ---------------------------------------------------------------------------
+# -- metrics endpoints ---------------------------------------------------------------------------
 
 
 def http_get(port: int, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
