@@ -226,8 +226,8 @@ def rss_mib(pid: int) -> float:
 
 def final_states(call: Any, ids: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
-    for start in range(0, len(ids), 2000):
-        chunk = ids[start:start + 2000]
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start:start + 1000]
         for tid, info in zip(chunk, call("get_tasks_info", chunk, 0), strict=True):
             out[tid] = (info or {}).get("state", "missing")
     return out

@@ -16,6 +16,8 @@ from .task import CANCELLED, DEAD, DONE, new_id
 
 # Tasks sent per push_tasks call by push_many.
 DEFAULT_CHUNK = 5000
+# Task ids sent per wait_tasks call by results (a master takes up to limits.max_lookup, 1000 by default).
+LOOKUP_CHUNK = 1000
 # Longest single wait the master is asked to hold, in seconds.
 _WAIT_STEP = 20.0
 _FINAL = (DONE, DEAD, CANCELLED)
@@ -191,8 +193,8 @@ class Client:
         while pending:
             wait = self._wait_step if deadline is None else min(self._wait_step, max(deadline - time.monotonic(), 0))
             still = []
-            for start in range(0, len(pending), DEFAULT_CHUNK):
-                chunk = pending[start:start + DEFAULT_CHUNK]
+            for start in range(0, len(pending), LOOKUP_CHUNK):
+                chunk = pending[start:start + LOOKUP_CHUNK]
                 infos = self.call("wait_tasks", chunk, qi, wait if start == 0 else 0)
                 for tid, info in zip(chunk, infos, strict=True):
                     if info is None:

@@ -34,8 +34,17 @@ DEFAULT_TASK_TIMEOUT = 300.0
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # Seconds a finished task's record and result are kept.
 DEFAULT_RESULT_TTL = 86400
-# Largest RPC request a master or worker reads, in bytes.
+# Worker ids one queue_index lists at once; a new id beyond them is refused.
+DEFAULT_MAX_WORKERS = 10000
+# Largest stored worker_info entry, in bytes (its list of running tasks is cut to fit).
+DEFAULT_MAX_WORKER_INFO = 4096
+# Largest RPC message a master or worker reads, in bytes; one push_tasks call's tasks
+# together must fit in it too.
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+# Task ids one wait_tasks / get_tasks_info call looks up (and dead tasks one dead_tasks lists).
+DEFAULT_MAX_LOOKUP = 1000
+# Longest a worker stays listed after it was last heard from, in seconds.
+DEFAULT_WORKER_TTL = 300.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,10 @@ class LimitsConfig:
     max_retry: int = 100
     max_timeout: float = 7 * 86400.0
     max_result_ttl: int = 365 * 86400
+    max_workers: int = DEFAULT_MAX_WORKERS
+    max_worker_info: int = DEFAULT_MAX_WORKER_INFO
     max_message: int = DEFAULT_MAX_MESSAGE
+    max_lookup: int = DEFAULT_MAX_LOOKUP
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class MasterConfig:
     allow_pickle: bool = False
     insecure: bool = False
     metrics_port: int = 0
+    worker_ttl: float = DEFAULT_WORKER_TTL
 
 
 @dataclass(frozen=True)
@@ -164,8 +177,10 @@ _POSITIVE = {
     "master.max_lease_expiries", "master.result_ttl", "worker.max_sleep", "worker.task_timeout",
     "worker.heartbeat_interval", "client.retry", "client.timeout", "limits.max_payload", "limits.max_batch",
     "limits.max_name_length", "limits.max_key_length", "limits.max_delay", "limits.max_timeout",
-    "limits.max_result_ttl", "limits.max_message",
+    "limits.max_result_ttl", "limits.max_message", "limits.max_workers", "master.worker_ttl", "limits.max_lookup",
 }
+# Keys with a floor above zero: key -> the smallest value accepted.
+_AT_LEAST = {"limits.max_worker_info": 1024, "limits.max_message": 65536}
 
 
 def _type_name(tp: Any) -> str:
@@ -279,6 +294,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"{key}: must not be negative, got {value!r}")
         if key in _POSITIVE and value <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+        if key in _AT_LEAST and value < _AT_LEAST[key]:
+            raise ConfigError(f"{key}: must be at least {_AT_LEAST[key]}, got {value!r}")
         if key == "worker.prefetch" and value < -1:
             raise ConfigError(f"{key}: must be -1 (automatic), 0 or more, got {value!r}")
         if key in ("master.port", "worker.port") and value > 65535:

@@ -8,9 +8,13 @@ them at once.
 from __future__ import annotations
 
 import logging
+import math
+import operator
+import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,10 +37,20 @@ log = logging.getLogger("ppq.master")
 
 # Longest long-poll a worker may ask for, in seconds.
 MAX_WAIT = 30.0
-# Largest encoded worker_info, in bytes.
-MAX_WORKER_INFO = 16 * 1024
+# The worker_info fields a master keeps (what ppq's worker agent sends and `ppq status` /
+# `ppq workers` read): text fields with their longest length, and numbers.
+WORKER_TEXT_FIELDS = {"host": 255, "pool": 32, "control_uri": 300}
+WORKER_NUMBER_FIELDS = ("pid", "queue_index", "concurrency", "started", "done", "failed", "heartbeat_interval")
+# Most running task ids kept from one worker_info.
+MAX_RUNNING_LISTED = 100
+# The body and the key of a TaskSpec; where a push_tasks error names a task's position.
+_BODY, _KEY = operator.itemgetter(4), operator.itemgetter(2)
+_POSITION = re.compile(r"^tasks\[(\d+)\]")
 # Seconds between the INFO summary lines of each queue_index.
 SUMMARY_INTERVAL = 60.0
+# Leases handed out by get_task / get_tasks / piggyback that this master remembers for
+# finishes and errors sent without their lease (the seed's call shape); the oldest go first.
+MAX_REMEMBERED_LEASES = 100_000
 
 
 class Waiter:
@@ -133,15 +147,36 @@ def _plain_part(value: Any) -> bool:
     return isinstance(value, (str, float)) or (isinstance(value, int) and value.bit_length() <= 64)
 
 
-def _check_info(worker_info: Any) -> dict[str, Any]:
-    info = dict(worker_info) if isinstance(worker_info, Mapping) else {"id": worker_id_of(worker_info)}
-    try:
-        packed = msgpack.packb(info)
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidTaskError("worker_info must hold plain data (strings, numbers, lists, dicts)") from None
-    if len(packed) > MAX_WORKER_INFO:
-        raise InvalidTaskError(f"worker_info is larger than {MAX_WORKER_INFO} bytes")
-    return info
+def worker_entry(worker_info: Any, limit: int, **extra: Any) -> dict[str, Any]:
+    """What a master stores of a worker's ``worker_info``: its id, the fields ppq reads, each
+    bounded, and ``extra``; the list of running task ids is cut so that the whole, encoded,
+    takes at most ``limit`` bytes. Anything else the worker sent is dropped."""
+    entry: dict[str, Any] = {"id": worker_id_of(worker_info)}
+    source = worker_info if isinstance(worker_info, Mapping) else {}
+    for name, longest in WORKER_TEXT_FIELDS.items():
+        value = source.get(name)
+        if isinstance(value, str):
+            entry[name] = value[:longest]
+    for name in WORKER_NUMBER_FIELDS:
+        value = source.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and abs(value) < 2**53:
+            entry[name] = value
+    entry.update(extra)
+    # The running ids fill what is left of the limit: each costs its length and at most 2 bytes
+    # of msgpack header; the list and its key, 12 more.
+    room = limit - len(msgpack.packb(entry)) - 12
+    running: list[str] = []
+    listed = source.get("running")
+    for tid in listed[:MAX_RUNNING_LISTED] if isinstance(listed, (list, tuple)) else ():
+        if isinstance(tid, str):
+            tid = tid[:64]
+            room -= len(tid.encode("utf-8", "replace")) + 2
+            if room < 0:
+                break
+            running.append(tid)
+    entry["running"] = running
+    return entry
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
@@ -174,7 +209,12 @@ class Master:
         self.wakers = {qi: Waker() for qi in self.stores}
         self._watchers: dict[tuple[int, str], list[threading.Event]] = {}
         self._watch_lock = threading.Lock()
+        # (queue_index, task id) -> (caller's address, worker id, lease): see _remember_leases.
+        self._handed: OrderedDict[tuple[int, str], tuple[str, str, str]] = OrderedDict()
+        self._handed_lock = threading.Lock()
         self.limits = config.limits
+        # Most bytes of stored task records one reply carries.
+        self._reply_bytes = config.limits.max_message // 2
         self.id = uuid.uuid4().hex[:12]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -215,7 +255,7 @@ class Master:
         try:
             if timeout > 0:
                 store.watch(task_ids, timeout + 5)
-            infos = [store.info(tid) for tid in task_ids]
+            infos = store.infos(task_ids, self._reply_bytes)
             if timeout <= 0 or any(i is None or i["state"] in FINAL_STATES for i in infos):
                 return infos
             deadline = time.monotonic() + timeout
@@ -226,7 +266,7 @@ class Master:
                 # The finished channel can miss a message in a Redis outage: look again now and then.
                 event.wait(min(remaining, 5.0))
                 event.clear()
-                infos = [store.info(tid) for tid in task_ids]
+                infos = store.infos(task_ids, self._reply_bytes)
                 if any(i is None or i["state"] in FINAL_STATES for i in infos):
                     return infos
         finally:
@@ -282,11 +322,12 @@ class Master:
         return self.stores[check_queue_index(queue_index, self.stores)]
 
     def _seen(self, worker_info: Any = None) -> float:
-        """Seconds a worker counts as live after it was last heard from: three of its heartbeats."""
+        """Seconds a worker counts as live after it was last heard from: three of its heartbeats,
+        at most ``master.worker_ttl``."""
         interval = worker_info.get("heartbeat_interval") if isinstance(worker_info, Mapping) else None
-        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and 0 < interval <= 3600:
-            return 3 * float(interval) + 1
-        return 3 * self.config.worker.heartbeat_interval + 1
+        if not (isinstance(interval, (int, float)) and not isinstance(interval, bool) and 0 < interval <= 3600):
+            interval = self.config.worker.heartbeat_interval
+        return min(3 * float(interval) + 1, self.config.master.worker_ttl)
 
     def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
                wait: float, strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
@@ -372,13 +413,34 @@ class Master:
             "retry": bool(retry), "release": False,
         }
 
+    def _remember_leases(self, queue_index: Any, worker_info: Any, tasks: list[dict[str, Any]]) -> None:
+        """Remember the leases of ``tasks``, just handed to the caller, for its reports without a lease.
+
+        Such a report is the seed's call shape (``task_finish(id, worker_info)``); it is
+        filled in only for the same connection and worker id that leased the task, so that
+        knowing a task's worker (which get_task_info shows) is not enough to report for it.
+        """
+        if not tasks:
+            return
+        qi = self._store(queue_index).queue_index
+        entry = (rpc.client_address(), worker_id_of(worker_info))
+        with self._handed_lock:
+            for task in tasks:
+                self._handed[(qi, task["id"])] = (*entry, task["lease"])
+            while len(self._handed) > MAX_REMEMBERED_LEASES:
+                self._handed.popitem(last=False)
+
     def _fill_lease(self, report: dict[str, Any], queue_index: Any, worker_info: Any) -> None:
-        """A seed-style report without a lease: use the lease the task holds, if this worker holds it."""
+        """A report without a lease: use the one this master handed to the same caller, if any."""
         if report["lease"]:
             return
-        info = self._store(queue_index).info(report["id"])
-        if info and info.get("worker") == worker_id_of(worker_info):
-            report["lease"] = info.get("lease", "")
+        key = (self._store(queue_index).queue_index, report["id"])
+        caller = (rpc.client_address(), worker_id_of(worker_info))
+        with self._handed_lock:
+            entry = self._handed.get(key)
+            if entry is not None and caller[0] and entry[:2] == caller:
+                del self._handed[key]
+                report["lease"] = entry[2]
 
     def _finish(self, report: dict[str, Any], worker_info: Any, queue_index: Any, piggyback: bool) -> Any:
         self._fill_lease(report, queue_index, worker_info)
@@ -387,6 +449,7 @@ class Master:
             raise LeaseLostError(f"task {report['id']}: this worker no longer holds its lease "
                                  f"(it expired or was handed to another worker); the report was refused")
         if piggyback:
+            self._remember_leases(queue_index, worker_info, tasks)
             return self._plain(tasks)[0] if tasks else None
         return True
 
@@ -437,7 +500,7 @@ class Master:
             raise InvalidTaskError(f"tasks must be a list of dicts, got {type(tasks).__name__}")
         if len(tasks) > self.limits.max_batch:
             raise InvalidTaskError(f"tasks holds {len(tasks)} tasks, more than the limit of {self.limits.max_batch}")
-        specs = check_pushes(tasks, self.stores, self.limits, self.config.master.allow_pickle)
+        specs = self._check_batch(tasks)
         by_queue: dict[int, list[int]] = {}
         for i, spec in enumerate(specs):
             by_queue.setdefault(spec.queue_index, []).append(i)
@@ -450,11 +513,39 @@ class Master:
                 log.debug("queue_index %s: task %s pushed", spec.queue_index, tid)
         return ids
 
+    def _check_batch(self, tasks: list[Any] | tuple[Any, ...]) -> list[TaskSpec]:
+        """check_pushes, a run of tasks at a time, refusing the batch as soon as the tasks
+        together take more than ``limits.max_message`` bytes: a message can repeat one object
+        many times, so its own size does not bound theirs."""
+        limit = self.limits.max_message
+        step = max(1, min(256, 4 * limit // self.limits.max_payload))
+        specs: list[TaskSpec] = []
+        total = 0
+        for start in range(0, len(tasks), step):
+            try:
+                chunk = check_pushes(tasks[start:start + step], self.stores, self.limits,
+                                     self.config.master.allow_pickle)
+            except InvalidTaskError as exc:
+                if not start:
+                    raise
+                message = str(exc)
+                where = _POSITION.match(message)
+                if where:
+                    message = f"tasks[{start + int(where[1])}]{message[where.end():]}"
+                raise type(exc)(message) from None
+            total += sum(map(len, map(_BODY, chunk))) + sum(map(len, map(_KEY, chunk)))
+            if total > limit:
+                raise InvalidTaskError(f"tasks: these {len(tasks)} tasks take more than {limit} bytes together "
+                                       f"(limits.max_message); push them in smaller batches")
+            specs += chunk
+        return specs
+
     @rpc.remote(role=rpc.WORKER)
     def get_task(self, worker_info: Any, queue_index: Any = 0, wait: Any = 0) -> dict[str, Any] | None:
         """Lease the next task of ``queue_index`` (waiting up to ``wait`` seconds); None if there is none."""
         wait = _number("wait", wait, 0, MAX_WAIT)
         _, tasks = self._lease(worker_info, queue_index, [], 1, wait)
+        self._remember_leases(queue_index, worker_info, tasks)
         return self._plain(tasks)[0] if tasks else None
 
     @rpc.remote(role=rpc.WORKER)
@@ -462,7 +553,9 @@ class Master:
         """Lease up to ``count`` tasks."""
         count = int(_number("count", count, 1, self.limits.max_batch))
         wait = _number("wait", wait, 0, MAX_WAIT)
-        return self._plain(self._lease(worker_info, queue_index, [], count, wait)[1])
+        _, tasks = self._lease(worker_info, queue_index, [], count, wait)
+        self._remember_leases(queue_index, worker_info, tasks)
+        return self._plain(tasks)
 
     @rpc.remote(role=rpc.WORKER)
     def task_finish(self, task_id: Any, worker_info: Any, queue_index: Any = 0, piggyback: Any = False,
@@ -518,7 +611,8 @@ class Master:
 
         Returns ``{"lost": [ids]}``: tasks whose lease is gone or that were cancelled.
         """
-        info = _check_info(worker_info)
+        info = worker_entry(worker_info, self.limits.max_worker_info, address=rpc.client_address(),
+                            last_heartbeat=time.time())
         if not isinstance(running, (list, tuple)) or len(running) > self.limits.max_batch:
             raise InvalidTaskError("running must be a list of [task_id, lease] pairs")
         pairs = []
@@ -526,9 +620,12 @@ class Master:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 raise InvalidTaskError("running must be a list of [task_id, lease] pairs")
             pairs.append((check_task_id(item[0]), _text_field("lease", item[1], 300)))
-        info["address"] = rpc.client_address()
-        info["last_heartbeat"] = time.time()
-        lost = self._store(queue_index).heartbeat(worker_id_of(worker_info), info, pairs, self._seen(worker_info))
+        store = self._store(queue_index)
+        lost = store.heartbeat(info["id"], info, pairs, self._seen(worker_info))
+        if lost is None:
+            raise InvalidTaskError(f"worker_info: queue_index {store.queue_index} already lists "
+                                   f"{self.limits.max_workers} workers (limits.max_workers); a new worker id is "
+                                   f"refused until listed ones go quiet for master.worker_ttl")
         return {"lost": lost}
 
     @rpc.remote
@@ -547,18 +644,20 @@ class Master:
     @rpc.remote
     def wait_tasks(self, task_ids: Any, queue_index: Any = 0, timeout: Any = 10) -> list[dict[str, Any] | None]:
         """Wait until at least one of ``task_ids`` has ended (or ``timeout``); return all their records."""
-        if not isinstance(task_ids, (list, tuple)) or not task_ids or len(task_ids) > self.limits.max_batch:
-            raise InvalidTaskError(f"task_ids must be a non-empty list of at most {self.limits.max_batch} ids")
+        if not isinstance(task_ids, (list, tuple)) or not task_ids or len(task_ids) > self.limits.max_lookup:
+            raise InvalidTaskError(f"task_ids must be a non-empty list of at most {self.limits.max_lookup} ids "
+                                   f"(limits.max_lookup)")
         ids = [check_task_id(t) for t in task_ids]
         timeout = _number("timeout", timeout, 0, MAX_WAIT)
         return self._wait_final(self._store(queue_index), ids, timeout)
 
     @rpc.remote
     def get_tasks_info(self, task_ids: Any, queue_index: Any = 0) -> list[dict[str, Any] | None]:
-        if not isinstance(task_ids, (list, tuple)) or len(task_ids) > self.limits.max_batch:
-            raise InvalidTaskError(f"task_ids must be a list of at most {self.limits.max_batch} ids")
-        store = self._store(queue_index)
-        return [store.info(check_task_id(t)) for t in task_ids]
+        if not isinstance(task_ids, (list, tuple)) or len(task_ids) > self.limits.max_lookup:
+            raise InvalidTaskError(f"task_ids must be a list of at most {self.limits.max_lookup} ids "
+                                   f"(limits.max_lookup)")
+        ids = [check_task_id(t) for t in task_ids]
+        return self._store(queue_index).infos(ids, self._reply_bytes)
 
     @rpc.remote
     def cancel_task(self, task_id: Any, queue_index: Any = 0) -> str | None:
@@ -571,9 +670,9 @@ class Master:
 
     @rpc.remote
     def dead_tasks(self, queue_index: Any = 0, limit: Any = 100, offset: Any = 0) -> list[dict[str, Any]]:
-        limit = int(_number("limit", limit, 1, 10_000))
+        limit = int(_number("limit", limit, 1, self.limits.max_lookup))
         offset = int(_number("offset", offset, 0, 1e12))
-        return self._store(queue_index).dead(limit, offset)
+        return self._store(queue_index).dead(limit, offset, self._reply_bytes)
 
     @rpc.remote
     def requeue_dead(self, task_ids: Any = None, queue_index: Any = 0) -> list[str]:
@@ -599,16 +698,19 @@ class Master:
         """One dict per queue_index: queued/delayed/running/dead counts, counters and live workers."""
         return self.queue_info()
 
-    def queue_info(self) -> dict[int, dict[str, Any]]:
+    def queue_info(self, workers: bool = True) -> dict[int, dict[str, Any]]:
+        """Counts of each queue_index, ``workers_live`` (how many workers are listed) and, with
+        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``)."""
         out: dict[int, dict[str, Any]] = {}
         for qi, store in sorted(self.stores.items()):
             entry: dict[str, Any] = {"queue_index": qi, "redis": store.safe_url}
             try:
                 entry.update(store.counts())
-                entry["workers"] = store.workers()
+                entry["workers_live"] = store.live_workers()
+                entry["workers"] = store.workers(self.limits.max_message // (2 * len(self.stores))) if workers else []
                 entry["ok"] = True
             except StorageError as exc:
-                entry.update({"ok": False, "error": str(exc), "workers": []})
+                entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})
             out[qi] = entry
         return out
 
@@ -629,7 +731,8 @@ def open_stores(config: Config) -> tuple[dict[int, Store], RedisServer | None]:
         redis_map = {0: embedded.url}
     stores = {
         qi: Store(qi, url, timeout=m.redis_timeout, lease_timeout=m.lease_timeout,
-                  max_lease_expiries=m.max_lease_expiries, result_ttl=m.result_ttl)
+                  max_lease_expiries=m.max_lease_expiries, result_ttl=m.result_ttl,
+                  max_workers=config.limits.max_workers)
         for qi, url in redis_map.items()
     }
     for qi, store in stores.items():
@@ -699,7 +802,11 @@ class MasterServer:
 
             try:
                 self.metrics_server = serve_master_metrics(self.config.master.host, self.config.master.metrics_port,
-                                                           self.master.queue_info)
+                                                           lambda: self.master.queue_info(workers=False),
+                                                           self.config.client_secret, self.config.master.insecure)
+            except ConfigError:
+                self.stop()
+                raise
             except OSError as exc:
                 self.stop()
                 raise ConfigError(f"master.metrics_port: cannot listen on {self.config.master.metrics_port}: "
@@ -716,7 +823,9 @@ class MasterServer:
 
     def stop(self) -> None:
         if getattr(self, "metrics_server", None) is not None:
-            self.metrics_server.shutdown()
+            from .metrics import stop_metrics
+
+            stop_metrics(self.metrics_server)
             self.metrics_server = None
         self.master.stop_background()
         self.daemon.shutdown()

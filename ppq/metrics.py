@@ -7,19 +7,34 @@ dead) and live workers. A worker exports its own task counts and the duration
 and wait time (from push to start) of its tasks, per function: the agent gives
 the labels, a bounded set (tasks refused before they ran share one label, and
 functions past the first few hundred another; see ppq.worker.MAX_FUNC_LABELS).
+
+The endpoints follow the daemons' rule: on a loopback host they serve anyone on
+this machine; a non-loopback host needs a token (``client_token``, else
+``auth_token``; or ``insecure``), and then every request must carry
+``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from . import rpc
+
 log = logging.getLogger("ppq.metrics")
+
+# Seconds a metrics connection may stay silent before it is dropped.
+REQUEST_TIMEOUT = 10.0
 
 # Event name -> its counter in the queue's figures ("failed" counts tasks that went dead; "dead" is the
 # dead list's current size, a depth).
@@ -51,16 +66,74 @@ class QueueCollector(Collector):
                 events.add_metric([label, event], float(entry.get(name, 0)))
             for state in _DEPTHS:
                 depth.add_metric([label, state], float(entry.get(state, 0)))
-            workers.add_metric([label], float(len(entry.get("workers", []))))
+            live = entry.get("workers_live")
+            workers.add_metric([label], float(len(entry.get("workers", [])) if live is None else live))
         yield from (events, depth, workers, up)
 
 
-def serve_master_metrics(host: str, port: int, counts: Callable[[], Mapping[int, Mapping[str, Any]]]) -> Any:
+class _Handler(WSGIRequestHandler):
+    """One request: its line and headers are bounded by http.server (64 KiB a line, 100
+    headers), a silent connection is dropped after REQUEST_TIMEOUT, and nothing is logged
+    to stderr."""
+
+    timeout = REQUEST_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        log.debug("metrics request from %s: " + format, self.address_string(), *args)
+
+
+def _bearer(app: Callable[..., Iterable[bytes]], token: str) -> Callable[..., Iterable[bytes]]:
+    """``app`` behind a check of ``Authorization: Bearer <token>`` (compared in constant time)."""
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        # WSGI gives header values as latin-1 text: back to the bytes that were sent.
+        offered = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+        if hmac.compare_digest(offered, expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                            ("WWW-Authenticate", 'Bearer realm="ppq metrics"')])
+        return [b"401 Unauthorized: send the header Authorization: Bearer <client_token or auth_token>\n"]
+
+    return guarded
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry, token: str | None = None) -> WSGIServer:
+    """Serve ``registry`` over HTTP on ``host``:``port`` in a daemon thread; with ``token``, only
+    to requests carrying ``Authorization: Bearer <token>``, whatever the host."""
+    family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    app = make_wsgi_app(registry)
+    server = make_server(address[0], port, _bearer(app, token) if token else app, Server, handler_class=_Handler)
+    threading.Thread(target=server.serve_forever, name="ppq-metrics", daemon=True).start()
+    log.info("metrics on http://%s:%s/metrics%s", host, server.server_port,
+             " (Authorization: Bearer <auth_token> required)" if token else "")
+    return server
+
+
+def metrics_token(host: str, token: str | None, insecure: bool, key: str) -> str | None:
+    """The token a metrics endpoint on ``host`` requires: none on a loopback host, else
+    ``token``. A non-loopback host without one is refused (ConfigError naming ``key``)
+    unless ``insecure``."""
+    rpc.check_bind(host, token, insecure, key)
+    return None if rpc.is_loopback(host) else token or None
+
+
+def stop_metrics(server: WSGIServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+def serve_master_metrics(host: str, port: int, counts: Callable[[], Mapping[int, Mapping[str, Any]]],
+                         token: str | None = None, insecure: bool = False) -> WSGIServer:
+    """A master's endpoint: ``host`` is ``master.host``, ``token`` the ``auth_token``."""
+    required = metrics_token(host, token, insecure, "master.host")
     registry = CollectorRegistry()
     registry.register(QueueCollector(counts))
-    server, _ = start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%s/metrics", host, server.server_port)
-    return server
+    return serve_metrics(host, port, registry, required)
 
 
 class WorkerMetrics:
@@ -82,11 +155,11 @@ class WorkerMetrics:
         if wait is not None and wait >= 0:
             self.wait.labels(func).observe(wait)
 
-    def serve(self, host: str, port: int) -> None:
-        self.server, _ = start_http_server(port, addr=host, registry=self.registry)
-        log.info("metrics on http://%s:%s/metrics", host, self.server.server_port)
+    def serve(self, host: str, port: int, token: str | None = None, insecure: bool = False) -> None:
+        """Serve on ``worker.host`` (``host``); ``token`` is the ``auth_token``."""
+        self.server = serve_metrics(host, port, self.registry, metrics_token(host, token, insecure, "worker.host"))
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
+            stop_metrics(self.server)
             self.server = None

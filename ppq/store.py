@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -49,7 +50,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import codec
-from .errors import CodecError, StorageError
+from .errors import CodecError, InvalidTaskError, StorageError
 from .task import BODY_FIELDS, TaskSpec, decode_body
 
 log = logging.getLogger("ppq.store")
@@ -61,8 +62,20 @@ local _t = redis.call('TIME')
 local now = tonumber(_t[1]) + tonumber(_t[2]) / 1000000
 """
 
+# Marks worker `wid` as heard from until `now + seen`, if it is listed already or fewer
+# than `maxw` workers are.
+_SEEN = """
+local function mark_seen()
+  local sk = P .. 'workers:seen'
+  if redis.call('ZSCORE', sk, wid) or redis.call('ZCARD', sk) < maxw then
+    redis.call('ZADD', sk, now + seen, wid)
+  end
+end
+"""
+
 # Leases up to `count` ready tasks to worker `wid` for `lt` seconds into `out`:
-# rows of {id, body, retry, lease, ready since}.
+# rows of {id, body, retry, lease, ready since}. Each lease is `nonce` (random, made by the
+# master for this call) and the task's place in `out`: unguessable, and distinct per task.
 _LEASE = """
 local out = {}
 -- Running-set entries of the leased tasks, added in bulk.
@@ -80,7 +93,7 @@ while #out < count do
     local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts')
     if f[1] == 'queued' or f[1] == 'failed' then
       local attempts = (tonumber(f[7]) or 0) + 1
-      local lease = wid .. '/' .. attempts
+      local lease = nonce .. ':' .. (#out + 1)
       redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now, 'attempts', attempts)
       expiries[#expiries + 1] = now + lt
       expiries[#expiries + 1] = id
@@ -97,13 +110,14 @@ if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end
 """
 
 # ARGV: prefix, worker id ('' for none), how many to lease to it, lease seconds, seconds until
-# the worker counts as gone, then per task: id, key, delay, body, n, and n field/value pairs
-# (the options that differ from their defaults). Returns {renamed, leased}: renamed is
-# {position, id} pairs, flat, for the tasks whose id is not the one given (a waiting
-# task with the same key); leased holds the rows leased to the worker, as the report
-# script's.
+# the worker counts as gone, lease nonce, most workers listed, then per task: id, key, delay,
+# body, n, and n field/value pairs (the options that differ from their defaults). Returns
+# {renamed, leased}: renamed is {position, id} pairs, flat, for the tasks whose id is not the
+# one given (a waiting task with the same key); leased holds the rows leased to the worker,
+# as the report script's.
 _PUSH = _NOW + """
-local P, wid, count, lt, seen = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local P, wid, count, lt, seen, nonce, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local renamed = {}
 local position = 0
 -- New ready ids, appended to the queue in bulk (in push order).
@@ -113,7 +127,7 @@ local function flush()
   fresh = {}
 end
 local ready, pushed = 0, 0
-local i = 6
+local i = 8
 while i <= #ARGV do
   local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
   local first, last = i + 5, i + 4 + 2 * n
@@ -171,8 +185,8 @@ end
 flush()
 if pushed > 0 then redis.call('HINCRBY', P .. 'stats', 'pushed', pushed) end
 if wid == '' then count = 0 end
-""" + _LEASE + """
-if #out > 0 then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
+""" + _LEASE + _SEEN + """
+if #out > 0 then mark_seen() end
 ready = ready - #out
 if ready > 0 and redis.call('ZCOUNT', P .. 'waiters', now, '+inf') > 0 then
   redis.call('PUBLISH', P .. 'wake', ready)
@@ -182,12 +196,12 @@ return {renamed, out}
 
 # ARGV: prefix, worker id, how many to lease, lease seconds, seconds until the
 # worker counts as gone, default result ttl, strict (1: lease nothing if a report
-# is refused), then 6 values per report: id, lease, kind (ok, error, error-final
+# is refused), lease nonce, most workers listed, then 6 values per report: id, lease, kind (ok, error, error-final
 # for no retry, release), result, error, traceback.
 # Returns {accepted flags, leased tasks}.
 _REPORT = _NOW + """
-local P, wid, count, lt, seen, dttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), tonumber(ARGV[6])
+local P, wid, count, lt, seen, dttl, nonce, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9])
 local accepted = {}
 local ready = 0
 local bucket = math.floor(now / 10)
@@ -195,7 +209,7 @@ local done_n, failed_n = 0, 0
 local refused = false
 -- Tasks someone waits on (wait_task): looked up one by one only when there are any.
 local watched = redis.call('EXISTS', P .. 'waiting') == 1
-for i = 8, #ARGV, 6 do
+for i = 10, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
@@ -258,16 +272,21 @@ if failed_n > 0 then
   redis.call('HINCRBY', P .. 'stats', 'errors', failed_n)
   redis.call('HINCRBY', P .. 'rate', 'f:' .. bucket, failed_n)
 end
-""" + _LEASE + """if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
-if wid ~= '' and not refused then redis.call('ZADD', P .. 'workers:seen', now + seen, wid) end
+""" + _LEASE + _SEEN + """if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+if wid ~= '' and not refused then mark_seen() end
 return {accepted, out}
 """
 
-# ARGV: prefix, worker id, lease seconds, seconds until gone, info, then id/lease pairs.
+# ARGV: prefix, worker id, lease seconds, seconds until gone, most workers listed, info,
+# then id/lease pairs. Returns the ids whose lease is lost or cancelled; false, changing
+# nothing, for a worker not listed yet when `maxw` workers are.
 _HEARTBEAT = _NOW + """
-local P, wid, lt, seen = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local P, wid, lt, seen, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if not redis.call('ZSCORE', P .. 'workers:seen', wid) and redis.call('ZCARD', P .. 'workers:seen') >= maxw then
+  return false
+end
 local lost = {}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local id, lease = ARGV[i], ARGV[i + 1]
   local cur = redis.call('HMGET', P .. 't:' .. id, 'lease', 'state', 'cancel')
   if cur[1] == lease and cur[2] == 'running' and redis.call('ZSCORE', P .. 'running', id) then
@@ -277,7 +296,7 @@ for i = 6, #ARGV, 2 do
     lost[#lost + 1] = id
   end
 end
-redis.call('HSET', P .. 'workers', wid, ARGV[5])
+redis.call('HSET', P .. 'workers', wid, ARGV[6])
 redis.call('ZADD', P .. 'workers:seen', now + seen, wid)
 return lost
 """
@@ -404,7 +423,9 @@ end
 return n
 """
 
-_TEXT_FIELDS = ("key", "state", "worker", "lease", "error", "traceback")
+# Fields of a task record given out as text. The lease is not among them: only the
+# worker it was leased to ever learns it (in the reply that leased the task).
+_TEXT_FIELDS = ("key", "state", "worker", "error", "traceback")
 _FLOAT_FIELDS = ("created", "eta", "started", "finished")
 _INT_FIELDS = ("retry", "attempts", "expiries")
 def task_of(row: Sequence[Any], queue_index: int) -> dict[str, Any]:
@@ -558,6 +579,7 @@ class Store:
         lease_timeout: float = 60.0,
         max_lease_expiries: int = 10,
         result_ttl: int = 86400,
+        max_workers: int = 10000,
     ) -> None:
         self.queue_index = queue_index
         self.url = url
@@ -566,6 +588,8 @@ class Store:
         self.lease_timeout = lease_timeout
         self.max_lease_expiries = max_lease_expiries
         self.result_ttl = result_ttl
+        # Worker ids listed at once; see the heartbeat script.
+        self.max_workers = max_workers
         self.redis = redis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -612,7 +636,8 @@ class Store:
         wake-up round.
         """
         wid, count, seen = lease_to or ("", 0, 0.0)
-        args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen]
+        args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen, os.urandom(16).hex() if count else "",
+                           self.max_workers]
         for spec in specs:
             args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:
@@ -632,7 +657,8 @@ class Store:
         Returns one flag per report (False: the lease was lost, nothing changed) and
         the leased tasks. With ``strict``, nothing is leased if a report is refused.
         """
-        args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict)]
+        args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict),
+                           os.urandom(16).hex() if count > 0 else "", self.max_workers]
         for r in reports:
             if r.get("release"):
                 kind = "release"
@@ -646,12 +672,16 @@ class Store:
 
     @_storage_errors
     def heartbeat(self, worker_id: str, info: dict[str, Any], running: Iterable[tuple[str, str]],
-                  seen: float) -> list[str]:
-        """Extend the leases ``worker_id`` holds; return the ids whose lease is lost or cancelled."""
+                  seen: float) -> list[str] | None:
+        """Extend the leases ``worker_id`` holds and list it with ``info`` for ``seen`` seconds;
+        return the ids whose lease is lost or cancelled.
+
+        None, with nothing changed, if the worker is not listed yet and ``max_workers`` are.
+        """
         pairs = [x for pair in running for x in pair]
-        lost = self._heartbeat([self.prefix, worker_id, self.lease_timeout, seen,
-                                     msgpack.packb(info), *pairs])
-        return [_text(i) for i in lost]
+        lost = self._heartbeat([self.prefix, worker_id, self.lease_timeout, seen, self.max_workers,
+                                msgpack.packb(info), *pairs])
+        return None if lost is None else [_text(i) for i in lost]
 
     @_storage_errors
     def reap(self, limit: int = 1000) -> int:
@@ -694,15 +724,40 @@ class Store:
         return int(self._purge_dead([self.prefix, *(ids or [])]))
 
     @_storage_errors
-    def dead(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """The dead tasks, newest first."""
+    def dead(self, limit: int = 100, offset: int = 0, max_bytes: int = 0) -> list[dict[str, Any]]:
+        """The dead tasks, newest first (``max_bytes``: as in :meth:`infos`)."""
         ids = self.redis.zrevrange(self.prefix + "dead", offset, offset + limit - 1)
-        infos = [self.info(_text(i)) for i in ids]
+        infos = self.infos([_text(i) for i in ids], max_bytes)
         return [i for i in infos if i is not None]
 
     @_storage_errors
     def info(self, task_id: str) -> dict[str, Any] | None:
-        raw = self.redis.hgetall(self.prefix + "t:" + task_id)
+        """The record of one task (None if unknown), as :meth:`infos` gives it."""
+        return self._record(task_id, self.redis.hgetall(self.prefix + "t:" + task_id))
+
+    @_storage_errors
+    def infos(self, task_ids: Sequence[str], max_bytes: int = 0) -> list[dict[str, Any] | None]:
+        """The records of ``task_ids`` (None for an unknown one), read in one round trip.
+
+        With ``max_bytes``, InvalidTaskError (naming task_ids) if the stored records take more
+        than that together: the reply carrying them would not fit in a message.
+        """
+        if len(task_ids) == 1:
+            raws = [self.redis.hgetall(self.prefix + "t:" + task_ids[0])]
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for tid in task_ids:
+                pipe.hgetall(self.prefix + "t:" + tid)
+            raws = pipe.execute() if task_ids else []
+        if max_bytes:
+            size = sum(sum(map(len, raw.values())) for raw in raws if raw)
+            if size > max_bytes:
+                raise InvalidTaskError(f"task_ids: their records take {size} bytes, more than the {max_bytes} one "
+                                       f"reply may carry (limits.max_message); ask for fewer at a time")
+        return [self._record(tid, raw) for tid, raw in zip(task_ids, raws, strict=True)]
+
+    def _record(self, task_id: str, raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+        """A task record as the master returns it, from its hash (empty: unknown)."""
         if not raw:
             return None
         data = {_text(k): v for k, v in raw.items()}
@@ -775,20 +830,30 @@ class Store:
         return out
 
     @_storage_errors
-    def workers(self) -> list[dict[str, Any]]:
-        """The workers heard from recently, with their last reported info."""
+    def workers(self, max_bytes: int = 8 * 1024 * 1024) -> list[dict[str, Any]]:
+        """The workers heard from recently, with their last reported info, soonest to go quiet
+        first; no more than ``max_bytes`` of stored infos are read."""
         p = self.prefix
         now = float(self.redis.time()[0])
-        live = self.redis.zrangebyscore(p + "workers:seen", now, "+inf", withscores=True)
-        if not live:
-            return []
-        infos = self.redis.hmget(p + "workers", [w for w, _ in live])
+        live = self.redis.zrangebyscore(p + "workers:seen", now, "+inf")
         out = []
-        for (wid, _), blob in zip(live, infos, strict=True):
-            info = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
-            info["id"] = _text(wid)
-            out.append(info)
+        used = 0
+        for start in range(0, len(live), 500):
+            chunk = live[start:start + 500]
+            for wid, blob in zip(chunk, self.redis.hmget(p + "workers", chunk), strict=True):
+                used += len(wid) + len(blob or b"")
+                if used > max_bytes:
+                    return out
+                info = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
+                info["id"] = _text(wid)
+                out.append(info)
         return out
+
+    @_storage_errors
+    def live_workers(self) -> int:
+        """How many workers were heard from recently."""
+        now = float(self.redis.time()[0])
+        return int(self.redis.zcount(self.prefix + "workers:seen", now, "+inf"))
 
     def listen(self, on_wake: Callable[[int], None], on_finished: Callable[[str], None],
                stop: threading.Event) -> None:

@@ -82,8 +82,8 @@ def alive(procs: Sequence[psutil.Process]) -> list[psutil.Process]:
 def infos_of(call: PyroFunc, ids: Sequence[str], queue_index: int = 0) -> dict[str, dict[str, Any] | None]:
     out: dict[str, dict[str, Any] | None] = {}
     ids = list(ids)
-    for start in range(0, len(ids), 2000):
-        chunk = ids[start:start + 2000]
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start:start + 1000]
         out.update(zip(chunk, call("get_tasks_info", chunk, queue_index), strict=True))
     return out
 
