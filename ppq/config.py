@@ -81,7 +81,7 @@ class MasterConfig:
 class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_WORKER_PORT
-    master_hosts: list[str] = field(default_factory=lambda: [f"127.0.0.1:{DEFAULT_MASTER_PORT}"])
+    master_hosts: list[str] = field(default_factory=list)
     queue_index: int = 0
     concurrency: int = 0
     pool: str = "processes"
@@ -116,9 +116,37 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
 
+    def __post_init__(self) -> None:
+        # An empty worker.master_hosts means this config's own master; the derived
+        # list is marked, so that a copy with another master port derives it again.
+        worker = self.worker
+        derived = getattr(worker, "_derived_from", None)
+        if not worker.master_hosts or (derived is not None and derived != self.own_master()):
+            worker = dataclasses.replace(worker, master_hosts=[self.own_master()])
+            object.__setattr__(worker, "_derived_from", self.own_master())
+            object.__setattr__(self, "worker", worker)
+
+    def own_master(self) -> str:
+        """The address of this config's master, as a client reaches it: ``master.host:master.port``,
+        with a wildcard bind (``0.0.0.0``, ``::`` or empty) reached on loopback."""
+        return connect_address(self.master.host, self.master.port)
+
     def client_masters(self) -> list[str]:
-        """The master addresses a client uses: ``client.masters``, else the worker's."""
+        """The master addresses a client uses: ``client.masters``, else ``worker.master_hosts``,
+        which itself defaults to this config's own master."""
         return list(self.client.masters or self.worker.master_hosts)
+
+
+def connect_address(host: str, port: int) -> str:
+    """``host:port`` to connect to a server bound to ``host``: a wildcard bind is reached on loopback."""
+    host = (host or "").strip()
+    if host in ("", "0.0.0.0", "*"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 _SECTIONS = {

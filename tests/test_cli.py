@@ -412,3 +412,83 @@ def test_up_runs_a_local_stack_and_sigint_stops_everything(spawn, tmp_path):
         for pid in children:  # only if the test failed half-way: they were started by this test
             if not pid_gone(pid):
                 psutil.Process(pid).kill()
+
+
+# -- user paths: a stack started with `ppq up --config FILE` -------------------------------------------------
+
+
+class UpStack:
+    """A ``ppq up --config cfg.yaml`` subprocess on a free port, with its embedded Redis under tmp_path."""
+
+    def __init__(self, spawn, tmp_path, *args, config=None, env=None):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        data = {"master": {"port": self.port, "data_dir": str(tmp_path / "up-data")},
+                "worker": {"max_sleep": 1, "heartbeat_interval": 0.5}}
+        for section, values in (config or {}).items():
+            data.setdefault(section, {}).update(values)
+        self.config = tmp_path / "cfg.yaml"
+        self.config.write_text(yaml.safe_dump(data))
+        self.spawn = spawn
+        self.proc = spawn("up", "--config", str(self.config), *args, env=env, name="up")
+        self.call = PyroFunc(self.address, timeout=3, default_return=None)
+        wait_for(lambda: self.proc.poll() is not None or self.call("ping") == "pong", timeout=30,
+                 what="ppq up's master")
+        assert self.proc.poll() is None, spawn.log(self.proc)
+        self.children = {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+
+    def stop(self):
+        self.call.close()
+        if self.proc.poll() is None:
+            self.children |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except Exception:  # noqa: BLE001 - killed below
+                self.proc.kill()
+        for pid in self.children:  # started by this test; only left if it failed half-way
+            if not pid_gone(pid):
+                psutil.Process(pid).kill()
+
+
+@pytest.fixture
+def up_stack(spawn, tmp_path):
+    stacks = []
+
+    def start(*args, config=None, env=None):
+        stacks.append(UpStack(spawn, tmp_path, *args, config=config, env=env))
+        return stacks[-1]
+
+    yield start
+    for stack in stacks:
+        stack.stop()
+
+
+def test_client_commands_and_workers_reach_the_configs_own_master(up_stack, spawn, tmp_path):
+    """With master.port in the config and nothing else, every client command given that config (by
+    --config, PPQ_CONFIG or PPQ_MASTER_PORT) and a worker given it reach that master, not 7600."""
+    stack = up_stack("--workers", "1", "--allow", "tasks")
+    cfg = str(stack.config)
+    redis_url = stack.call("server_info")[0]["redis"]
+    out = run_ppq("push", "--config", cfg, "tasks.add", "2", "3", "--wait")
+    assert out.returncode == 0, out.stderr
+    task_id, result = out.stdout.split()
+    assert json.loads(result) == 5 and stack.call("get_task_info", task_id, 0)["state"] == "done"
+    for args, env in ((["status", "--config", cfg, "--json"], None),
+                      (["--config", cfg, "status", "--json"], None),
+                      (["status", "--json"], {"PPQ_CONFIG": cfg}),
+                      (["status", "--json"], {"PPQ_MASTER_PORT": str(stack.port)})):
+        out = run_ppq(*args, env=env)
+        assert out.returncode == 0, (args, env, out.stderr)
+        assert json.loads(out.stdout)["0"]["redis"] == redis_url, (args, env)
+    out = run_ppq("push", "tasks.add", "1", "1", env={"PPQ_CONFIG": cfg})
+    assert out.returncode == 0, out.stderr
+    assert stack.call("get_task_info", out.stdout.strip(), 0) is not None
+    # A worker given only the config pulls from the same master.
+    worker = spawn("worker", "--config", cfg, "--allow", "tasks", "--port", "0", "-c", "1")
+    wait_for(lambda: any(w.get("pid") == worker.pid for w in stack.call("server_info")[0]["workers"]),
+             what="the worker started with --config to register")
+    # -m beats the config.
+    out = run_ppq("status", "--config", cfg, "-m", f"127.0.0.1:{free_port()}",
+                  env={"PPQ_CLIENT_RETRY": "1", "PPQ_CLIENT_TIMEOUT": "2"})
+    assert out.returncode == 1 and "ConnectError" in out.stderr

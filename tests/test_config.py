@@ -185,3 +185,24 @@ def test_ppq_config_names_the_file_when_no_path_is_given(tmp_path):
     config = load_config(environ={"PPQ_CONFIG": str(path)})
     assert config.client_masters() == ["10.1.2.3:7600"] and config.worker.queue_index == 4
     assert load_config(environ={}).worker.queue_index == 0
+
+
+@pytest.mark.parametrize(("master", "expected"), [
+    ({"port": 7655}, "127.0.0.1:7655"),
+    ({"host": "0.0.0.0", "port": 7656}, "127.0.0.1:7656"),
+    ({"host": "", "port": 7657}, "127.0.0.1:7657"),
+    ({"host": "10.0.0.5"}, "10.0.0.5:7600"),
+    ({"host": "::", "port": 7658}, "[::1]:7658"),
+])
+def test_clients_and_workers_default_to_the_configs_own_master(tmp_path, master, expected):
+    config = load_config(write(tmp_path, {"master": master}), environ={})
+    assert config.worker.master_hosts == [expected] and config.client_masters() == [expected]
+    # The same when the port comes from the environment, and a copy with another port follows it.
+    assert load_config(environ={"PPQ_MASTER_PORT": "7699"}).client_masters() == ["127.0.0.1:7699"]
+    moved = dataclasses.replace(config, master=dataclasses.replace(config.master, port=7001, host="127.0.0.1"))
+    assert moved.worker.master_hosts == ["127.0.0.1:7001"]
+    # Given addresses are kept as they are.
+    given = load_config(write(tmp_path, {"master": master, "worker": {"master_hosts": ["h:1"]}}), environ={})
+    assert given.worker.master_hosts == ["h:1"]
+    given = load_config(write(tmp_path, {"master": master, "client": {"masters": ["c:2"]}}), environ={})
+    assert given.client_masters() == ["c:2"] and given.worker.master_hosts == [expected]
