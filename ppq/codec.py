@@ -84,7 +84,8 @@ def decode(data: bytes, allow_pickle: bool = False) -> Any:
     """Decode what :func:`encode` made."""
     if is_pickle(data):
         if not allow_pickle:
-            raise CodecError("payload is a pickle, and pickle is not enabled (allow_pickle)")
+            raise CodecError("payload is a pickle, and pickle is not enabled here "
+                             "(worker.allow_pickle on a worker, client.allow_pickle on a client)")
         try:
             return pickle.loads(data)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad payload

@@ -126,6 +126,27 @@ class Config:
             object.__setattr__(worker, "_derived_from", self.own_master())
             object.__setattr__(self, "worker", worker)
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+        """A config from the seed's dotted settings, checked like the YAML file.
+
+        ``Config.from_settings({"master.port": 7600, "master.redis_map": {0: ["127.0.0.1", 6379, 0]}})``.
+        Keys are dotted (``"worker.master_hosts"``) or nested (``{"worker": {...}}``);
+        a bad key or value raises :class:`ConfigError` naming it. ``PPQ_*``
+        variables are read only when ``environ`` is given (``os.environ``, say), and
+        then override the settings as they override the YAML file.
+        """
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"settings: expected a mapping of dotted keys, got {type(settings).__name__}")
+        for name in settings:
+            if not isinstance(name, str):
+                raise ConfigError(f"settings: key {name!r} is not a string")
+        data: dict[str, Any] = {}
+        _merge(data, {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in settings.items()})
+        if environ is not None:
+            _merge(data, env_overrides(environ))
+        return _build(cls, data, "")  # type: ignore[no-any-return]
+
     def own_master(self) -> str:
         """The address of this config's master, as a client reaches it: ``master.host:master.port``,
         with a wildcard bind (``0.0.0.0``, ``::`` or empty) reached on loopback."""
@@ -221,7 +242,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def redis_url(key: str, value: Any) -> str:
-    """Normalise one ``redis_map`` entry (a URL or ``{host, port, db, password}``) to a URL."""
+    """Normalise one ``redis_map`` entry to a URL: a URL, ``{host, port, db, password}``, or the
+    seed's ``[host, port, db]`` list (or tuple)."""
     if isinstance(value, str):
         parsed = urlparse(value)
         if parsed.scheme not in ("redis", "rediss", "unix") or not (parsed.hostname or parsed.path):
@@ -231,6 +253,11 @@ def redis_url(key: str, value: Any) -> str:
         except ValueError:
             raise ConfigError(f"{key}: bad port in {value!r}") from None
         return value
+    if isinstance(value, (list, tuple)):
+        # The seed's form: (host, port, db), optionally with a password.
+        if not 2 <= len(value) <= 4:
+            raise ConfigError(f"{key}: expected [host, port, db] (or [host, port, db, password]), got {value!r}")
+        value = dict(zip(("host", "port", "db", "password"), value, strict=False))
     if isinstance(value, Mapping):
         unknown = set(value) - {"host", "port", "db", "password", "username"}
         if unknown:
@@ -244,7 +271,7 @@ def redis_url(key: str, value: Any) -> str:
         if value.get("password"):
             auth = f"{value.get('username', '')}:{value['password']}@"
         return f"redis://{auth}{host}:{port}/{db}"
-    raise ConfigError(f"{key}: expected a redis:// URL or a mapping, got {value!r}")
+    raise ConfigError(f"{key}: expected a redis:// URL, a mapping or [host, port, db], got {value!r}")
 
 
 def _redis_map(value: Mapping[Any, Any]) -> dict[int, str]:
@@ -304,7 +331,11 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
             if not isinstance(child, dict):
                 child = node[part] = {}
             node = child
-        node[parts[-1]] = value
+        last = parts[-1]
+        if len(parts) == 1 and last in _SECTIONS and isinstance(value, Mapping) and isinstance(node.get(last), dict):
+            node[last].update(value)  # a whole section after some of its dotted keys
+        else:
+            node[last] = value
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -763,3 +764,91 @@ def test_log_format_is_taken_after_the_command_too(spawn, redis_a, tmp_path):
     assert proc.poll() is None, err_path.read_text()
     for line in lines:
         assert json.loads(line)["logger"].startswith("ppq"), line
+
+
+# -- the seed's documented usage, as scripts run in their own processes ----------------------------------
+
+SEED_MASTER = """
+import ppq
+
+settings = {{
+    "master.port": {port},
+    "master.redis_map": {{0: ["127.0.0.1", {redis_port}, 0]}},
+    "master.allow_pickle": {pickle},
+}}
+ppq.Master(ppq.Config.from_settings(settings)).serve()
+"""
+
+SEED_WORKER = """
+import ppq
+
+settings = {{
+    "worker.master_hosts": ["PYROLOC://127.0.0.1:{port}/queue"],
+    "worker.queue_index": 0,
+    "worker.port": 0,
+    "worker.max_sleep": 1,
+    "worker.allowed_modules": ["time"],
+    "worker.allow_pickle": {pickle},
+}}
+ppq.Worker(ppq.Config.from_settings(settings)).serve()
+"""
+
+SEED_CLIENT = """
+import pickle
+import sys
+
+from ppq import PyroFunc
+
+client = PyroFunc("PYROLOC://127.0.0.1:{port}/queue", retry=1, random_idx=True, threaded=True)
+print(client("push_task", "sleep", module="time", queue_index=0), flush=True)
+args, kw = (0.01,), {{}}
+print(client("push_task", "sleep", module="time", parameters=pickle.dumps((args, kw)), queue_index=0), flush=True)
+"""
+
+
+def run_script(spawn: Any, tmp_path: Path, name: str, text: str, wait: bool = False) -> Any:
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    log = tmp_path / f"{name}.log"
+    with open(log, "wb") as out:
+        if wait:
+            return subprocess.run([sys.executable, str(path)], env=spawn.env(), cwd=str(tmp_path),
+                                  stdout=subprocess.PIPE, stderr=out, text=True, timeout=60), log
+        proc = subprocess.Popen([sys.executable, str(path)], env=spawn.env(), cwd=str(tmp_path), stdout=out,
+                                stderr=subprocess.STDOUT)
+    spawn.procs.append(proc)  # killed at teardown if the test fails half-way
+    return proc, log
+
+
+@pytest.mark.parametrize("pickle_on", [("master", "worker"), ("master",), ()])
+def test_seed_master_worker_and_client_snippets(spawn, redis_a, ra, tmp_path, pickle_on):
+    """A master and a worker started from Python with the seed's dotted settings (a [host, port, db]
+    redis_map, a PYROLOC master address), and the seed's PyroFunc client pushing to them."""
+    port = free_port()
+    master, master_log = run_script(spawn, tmp_path, "seed_master", SEED_MASTER.format(
+        port=port, redis_port=redis_a.port, pickle="master" in pickle_on))
+    call = PyroFunc(f"127.0.0.1:{port}", timeout=3, default_return=None)
+    wait_for(lambda: master.poll() is not None or call("ping") == "pong", what="the seed master")
+    assert master.poll() is None, master_log.read_text()
+    worker, worker_log = run_script(spawn, tmp_path, "seed_worker", SEED_WORKER.format(
+        port=port, pickle="worker" in pickle_on))
+    wait_for(lambda: worker.poll() is not None or call("server_info")[0]["workers"], what="the seed worker")
+    assert worker.poll() is None, worker_log.read_text()
+    pushed, client_log = run_script(spawn, tmp_path, "seed_client", SEED_CLIENT.format(port=port), wait=True)
+    ids = pushed.stdout.split()
+    # time.sleep() with no argument fails in the worker, as it always did (TypeError), then goes dead.
+    info = wait_for(lambda: (i := call("get_task_info", ids[0], 0)) and i["state"] == "dead" and i, timeout=30)
+    assert info["error"].startswith("TypeError")
+    if "master" not in pickle_on:
+        assert pushed.returncode == 1 and len(ids) == 1
+        assert "master.allow_pickle" in client_log.read_text()
+    else:
+        assert pushed.returncode == 0, client_log.read_text()
+        state = "done" if "worker" in pickle_on else "dead"
+        info = wait_for(lambda: (i := call("get_task_info", ids[1], 0)) and i["state"] == state and i, timeout=30)
+        if state == "dead":
+            assert "worker.allow_pickle" in info["error"], info
+    call.close()
+    for proc in (worker, master):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
