@@ -107,6 +107,8 @@ def build_config(ctx: click.Context, overrides: dict[str, Any]) -> Config:
     path = ctx.obj.get("config") or os.environ.get("PPQ_CONFIG")
     base = dict(ctx.obj.get("overrides", {}))
     base.update(overrides)
+    if not logging.getLogger("ppq").handlers:
+        setup_logging(Config())  # so that a warning while loading the config is printed like the others
     config = run_guarded(lambda: load_config(path, base))
     setup_logging(config)
     return config  # type: ignore[no-any-return]

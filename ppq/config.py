@@ -12,6 +12,7 @@ or a value out of range raises :class:`~ppq.errors.ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -21,6 +22,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ConfigError
+
+log = logging.getLogger("ppq.config")
 
 # Port of the master's Pyro5 daemon.
 DEFAULT_MASTER_PORT = 7600
@@ -294,7 +297,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ConfigError(f"unknown config key {key!r}")
+            import difflib
+
+            close = difflib.get_close_matches(str(name), sorted(names), 1, 0.75)
+            hint = f" (did you mean {prefix}{close[0]!s}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
         if name in _SECTIONS and not prefix:
             if value is None:
                 value = {}
@@ -339,7 +346,12 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The dotted keys set by ``PPQ_*`` variables; unknown ``PPQ_*`` names are an error."""
+    """The dotted keys set by ``PPQ_*`` variables.
+
+    An unknown ``PPQ_*`` name close to a known one (``PPQ_MASTER_PROT``) is an
+    error that names the known one; any other unknown ``PPQ_*`` name is logged
+    once as a warning and ignored.
+    """
     known: dict[str, str] = {}
     for f in dataclasses.fields(Config):
         if f.name in _SECTIONS:
@@ -352,7 +364,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith("PPQ_") or name in _IGNORED_ENV:
             continue
         if name not in known:
-            raise ConfigError(f"unknown environment variable {name}")
+            _unknown_env(name, [*known, *_IGNORED_ENV])
+            continue
         key = known[name]
         if key == "auth_token":
             result[key] = raw
@@ -368,6 +381,25 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 # PPQ_* variables that are not config keys.
 _IGNORED_ENV = {"PPQ_CONFIG"}
+# How alike (difflib ratio) an unknown PPQ_* name and a known one must be for the
+# unknown one to count as a typo of it, and so to stop the command.
+_TYPO_RATIO = 0.85
+# Unknown PPQ_* names already warned about in this process.
+_warned_env: set[str] = set()
+
+
+def _unknown_env(name: str, known: list[str]) -> None:
+    """A typo of a known variable is an error naming the right one; anything else is warned about once."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, 1, _TYPO_RATIO)
+    if close:
+        raise ConfigError(f"unknown environment variable {name}: did you mean {close[0]}?")
+    if name not in _warned_env:
+        _warned_env.add(name)
+        near = difflib.get_close_matches(name, known, 1, 0.7)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        log.warning("ignoring environment variable %s: not a ppq setting%s", name, hint)
 
 
 def read_yaml(path: str) -> dict[str, Any]:

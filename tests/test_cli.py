@@ -492,3 +492,15 @@ def test_client_commands_and_workers_reach_the_configs_own_master(up_stack, spaw
     out = run_ppq("status", "--config", cfg, "-m", f"127.0.0.1:{free_port()}",
                   env={"PPQ_CLIENT_RETRY": "1", "PPQ_CLIENT_TIMEOUT": "2"})
     assert out.returncode == 1 and "ConnectError" in out.stderr
+
+
+def test_unknown_ppq_variables_warn_and_typos_stop_with_the_right_name(master):
+    addr = address_of(master)
+    out = run_ppq("workers", "-m", addr, "--json", env={"PPQ_PROJECT": "/x"})
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("PPQ_PROJECT") == 1 and "not a ppq setting" in out.stderr
+    assert json.loads(out.stdout) == []
+    out = run_ppq("status", "-m", addr, env={"PPQ_MASTER_PROT": "7600"})
+    assert out.returncode == 2
+    assert error_lines(out.stderr) == ["ppq: error: unknown environment variable PPQ_MASTER_PROT: did you mean "
+                                       "PPQ_MASTER_PORT?"]

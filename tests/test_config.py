@@ -259,3 +259,21 @@ def test_master_addresses_in_every_form(address, uri):
 def test_bad_master_addresses_are_refused(address):
     with pytest.raises(ConfigError, match="master address"):
         master_uri(address)
+
+
+def test_env_typos_name_the_known_variable_and_other_ppq_names_warn_once(caplog):
+    for typo, known in (("PPQ_MASTER_PROT", "PPQ_MASTER_PORT"), ("PPQ_AUTHTOKEN", "PPQ_AUTH_TOKEN"),
+                        ("PPQ_WORKER_CONCURENCY", "PPQ_WORKER_CONCURRENCY"), ("PPQ_CONFG", "PPQ_CONFIG")):
+        with pytest.raises(ConfigError, match=f"unknown environment variable {typo}: did you mean {known}"):
+            load_config(environ={typo: "1"})
+    with caplog.at_level("WARNING", logger="ppq.config"):
+        for _ in range(3):
+            config = load_config(environ={"PPQ_PROJECT_ONCE": "/x", "PPQ_MASTER_PORT": "7612"})
+    assert config.master.port == 7612
+    warnings = [r.getMessage() for r in caplog.records if "PPQ_PROJECT_ONCE" in r.getMessage()]
+    assert len(warnings) == 1 and "not a ppq setting" in warnings[0]
+
+
+def test_unknown_yaml_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"'master.prot' \(did you mean master.port\?\)"):
+        load_config(write(tmp_path, {"master": {"prot": 1}}), environ={})
