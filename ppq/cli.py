@@ -697,8 +697,18 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
 
 
 @main.group()
-def dead() -> None:
-    """The dead list: tasks that exhausted their retries."""
+@config_option
+@click.pass_context
+def dead(ctx: click.Context, sub_config: str | None, sub_log_level: str | None) -> None:
+    """The dead list: tasks that exhausted their retries.
+
+    \b
+    Example:
+      ppq dead list
+      ppq dead requeue 3f2a... 9c1b...
+      ppq dead purge --all --yes
+    """
+    _apply_sub(ctx, sub_config, sub_log_level)
 
 
 @dead.command("list")
@@ -719,6 +729,9 @@ def dead_list(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
             t.pop("result_pickled", None)
         _print_json(tasks)
         return
+    if not tasks:
+        click.echo(f"no dead tasks in queue_index {queue_index}")
+        return
     table = _table(title=f"dead tasks, queue_index {queue_index}")
     for name in ("id", "task", "retry", "died", "reason"):
         table.add_column(name)
@@ -726,6 +739,37 @@ def dead_list(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
         table.add_row(t["id"], f"{t['module']}.{t['func']}", str(t.get("retry")), _when(t.get("finished")),
                       t.get("error", ""))
     console.print(table)
+
+
+def _not_dead(client: Client, task_ids: list[str], queue_index: int) -> dict[str, str]:
+    """Of ``task_ids``, those not on the dead list, each with why: unknown, or its state."""
+    infos = run_guarded(lambda: client.call("get_tasks_info", task_ids, queue_index))
+    return {tid: ("unknown" if info is None else f"{info['state']}, not dead")
+            for tid, info in zip(task_ids, infos, strict=True) if info is None or info["state"] != "dead"}
+
+
+def _report_skipped(skipped: dict[str, str], queue_index: int) -> None:
+    for tid, why in skipped.items():
+        err_console.print(f"{tid}: {why} in queue_index {queue_index}", markup=False, highlight=False)
+
+
+def _confirm(yes: bool, question: str) -> None:
+    """Ask at a terminal; elsewhere only --yes goes ahead."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(f"{question.rstrip('?')}: stdin is not a terminal, so pass --yes to confirm", RET_CONFIG)
+    if not click.confirm(question, default=False, err=True):
+        err_console.print("nothing done", markup=False, highlight=False)
+        sys.exit(RET_ERROR)
+
+
+def _dead_ids(task_ids: tuple[str, ...], all_: bool) -> list[str] | None:
+    if task_ids and all_:
+        fail("give task ids or --all, not both", RET_CONFIG)
+    if not task_ids and not all_:
+        fail("give task ids or --all", RET_CONFIG)
+    return list(dict.fromkeys(task_ids)) or None
 
 
 @dead.command("requeue")
@@ -737,28 +781,94 @@ def dead_list(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
 @click.pass_context
 def dead_requeue(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
                  task_ids: tuple[str, ...], all_: bool, queue_index: int) -> None:
-    """Put dead tasks (IDs, or --all) back in the queue."""
+    """Put dead tasks (IDs, or --all) back in the queue, their retries reset.
+
+    An id that is unknown or not dead is named on stderr, and the exit code is 1.
+    """
     _apply_sub(ctx, sub_config, sub_log_level)
-    if not task_ids and not all_:
-        fail("give task ids or --all", RET_CONFIG)
+    ids = _dead_ids(task_ids, all_)
     client = _client(ctx, masters)
-    done = run_guarded(lambda: client.call("requeue_dead", None if all_ else list(task_ids), queue_index))
+    done = run_guarded(lambda: client.call("requeue_dead", ids, queue_index))
+    skipped = _not_dead(client, [t for t in ids if t not in set(done)], queue_index) if ids else {}
     click.echo(f"requeued {len(done)} task(s)")
+    _report_skipped(skipped, queue_index)
+    if skipped:
+        sys.exit(RET_ERROR)
 
 
 @dead.command("purge")
 @config_option
 @master_option
 @click.argument("task_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Delete every dead task.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask: needed when stdin is not a terminal.")
 @click.option("--queue-index", "-q", type=int, default=0, show_default=True)
 @click.pass_context
 def dead_purge(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
-               task_ids: tuple[str, ...], queue_index: int) -> None:
-    """Delete dead tasks (IDs, or all of them)."""
+               task_ids: tuple[str, ...], all_: bool, yes: bool, queue_index: int) -> None:
+    """Delete dead tasks (IDs, or --all) for good, records and errors with them.
+
+    Asks first at a terminal; elsewhere it needs --yes. An id that is unknown or
+    not dead is named on stderr, nothing is done to it, and the exit code is 1.
+    """
+    _apply_sub(ctx, sub_config, sub_log_level)
+    ids = _dead_ids(task_ids, all_)
+    client = _client(ctx, masters)
+    skipped: dict[str, str] = {}
+    if ids is None:
+        entry = run_guarded(client.server_info).get(queue_index) or {}
+        count = entry.get("dead", 0)
+    else:
+        skipped = _not_dead(client, ids, queue_index)
+        ids = [t for t in ids if t not in skipped]
+        count = len(ids)
+    _report_skipped(skipped, queue_index)
+    if count:
+        what = "every dead task" if ids is None else f"{count} dead task(s)"
+        _confirm(yes, f"Delete {what} in queue_index {queue_index} ({count}) for good?")
+        n = run_guarded(lambda: client.call("purge_dead", ids, queue_index)) if ids is None or ids else 0
+    else:
+        n = 0
+    click.echo(f"purged {n} task(s)")
+    if skipped:
+        sys.exit(RET_ERROR)
+
+
+@main.command()
+@config_option
+@master_option
+@click.argument("task_ids", nargs=-1, required=True)
+@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.pass_context
+def cancel(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
+           task_ids: tuple[str, ...], queue_index: int) -> None:
+    """Cancel tasks: a waiting one never runs; a running one finishes, but its result is dropped.
+
+    Prints one line per id. The exit code is 1 if any id is unknown or had
+    already ended (done, dead or expired), else 0.
+
+    \b
+    Example:
+      ppq cancel 3f2a9c... -q 1
+    """
     _apply_sub(ctx, sub_config, sub_log_level)
     client = _client(ctx, masters)
-    n = run_guarded(lambda: client.call("purge_dead", list(task_ids) or None, queue_index))
-    click.echo(f"purged {n} task(s)")
+    bad = 0
+    for task_id in dict.fromkeys(task_ids):
+        state = run_guarded(lambda task_id=task_id: client.cancel(task_id, queue_index))
+        if state is None:
+            bad += 1
+            err_console.print(f"{task_id}: unknown in queue_index {queue_index}", markup=False, highlight=False)
+        elif state in ("queued", "delayed", "failed"):
+            click.echo(f"{task_id}: cancelled (was {state})")
+        elif state == "running":
+            click.echo(f"{task_id}: running; it is cancelled when it ends, its result dropped")
+        elif state == "cancelled":
+            click.echo(f"{task_id}: already cancelled")
+        else:
+            bad += 1
+            err_console.print(f"{task_id}: already {state}, not cancelled", markup=False, highlight=False)
+    sys.exit(RET_ERROR if bad else RET_OK)
 
 
 if __name__ == "__main__":  # pragma: no cover

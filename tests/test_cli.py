@@ -313,7 +313,7 @@ def test_dead_list_requeue_purge(master, call):
     assert out.returncode == 0 and "requeued 1 task(s)" in out.stdout
     assert call("get_task_info", first, 0)["state"] == "queued"
     assert [t["id"] for t in call("dead_tasks", 0)] == [second]
-    out = run_ppq("dead", "purge", "-m", addr, second)
+    out = run_ppq("dead", "purge", "-m", addr, second, "--yes")
     assert out.returncode == 0 and "purged 1 task(s)" in out.stdout
     assert call("get_task_info", second, 0) is None
     # --all / everything.
@@ -323,7 +323,7 @@ def test_dead_list_requeue_purge(master, call):
     assert "requeued 2 task(s)" in out.stdout
     assert {call("get_task_info", t, 0)["state"] for t in (first, third)} == {"queued"}
     fourth = _dead_task(call, "fourth")  # fails the requeued first and third again, too
-    out = run_ppq("dead", "purge", "-m", addr)
+    out = run_ppq("dead", "purge", "-m", addr, "--all", "--yes")
     assert out.returncode == 0 and "purged 3 task(s)" in out.stdout and call("dead_tasks", 0) == []
     assert all(call("get_task_info", t, 0) is None for t in (first, third, fourth))
 
@@ -504,3 +504,51 @@ def test_unknown_ppq_variables_warn_and_typos_stop_with_the_right_name(master):
     assert out.returncode == 2
     assert error_lines(out.stderr) == ["ppq: error: unknown environment variable PPQ_MASTER_PROT: did you mean "
                                        "PPQ_MASTER_PORT?"]
+
+
+def test_dead_commands_confirm_report_unknown_ids_and_say_when_empty(master, call, tmp_path):
+    addr = address_of(master)
+    out = run_ppq("dead", "list", "-m", addr)
+    assert out.returncode == 0 and out.stdout.strip() == "no dead tasks in queue_index 0"
+    first, second = _dead_task(call, "one"), _dead_task(call, "two")
+    unknown = "f" * 32
+    # Nothing named: a usage error, nothing deleted.
+    out = run_ppq("dead", "purge", "-m", addr)
+    assert out.returncode == 2 and "--all" in out.stderr
+    # --all without a terminal to ask at: refused without --yes.
+    out = run_ppq("dead", "purge", "-m", addr, "--all")
+    assert out.returncode == 2 and "--yes" in out.stderr
+    assert len(call("dead_tasks", 0)) == 2
+    # Unknown ids are named and make the exit code 1; the known ones are still handled.
+    out = run_ppq("dead", "purge", "-m", addr, first, unknown, "--yes")
+    assert out.returncode == 1 and "purged 1 task(s)" in out.stdout
+    assert f"{unknown}: unknown in queue_index 0" in out.stderr
+    assert call("get_task_info", first, 0) is None
+    queued = call("push_task", "add", module="tasks", args=[1, 1])
+    out = run_ppq("dead", "requeue", "-m", addr, unknown, queued)
+    assert out.returncode == 1 and "requeued 0 task(s)" in out.stdout
+    assert f"{unknown}: unknown" in out.stderr and f"{queued}: queued, not dead" in out.stderr
+    # The group takes --config too.
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"client": {"masters": [addr]}}))
+    out = run_ppq("dead", "--config", str(cfg), "list", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [t["id"] for t in json.loads(out.stdout)] == [second]
+
+
+def test_cancel_command(master, call):
+    addr = address_of(master)
+    gone = _dead_task(call, "gone")
+    waiting = call("push_task", "add", module="tasks", args=[1, 1])
+    later = call("push_task", "add", module="tasks", args=[1, 1], delay=60)
+    out = run_ppq("cancel", "-m", addr, waiting, later)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{waiting}: cancelled (was queued)", f"{later}: cancelled (was delayed)"]
+    assert {call("get_task_info", t, 0)["state"] for t in (waiting, later)} == {"cancelled"}
+    out = run_ppq("cancel", "-m", addr, waiting, gone, "0" * 32)
+    assert out.returncode == 1
+    assert out.stdout.strip() == f"{waiting}: already cancelled"
+    assert f"{gone}: already dead, not cancelled" in out.stderr and f"{'0' * 32}: unknown" in out.stderr
+    assert call("get_task_info", gone, 0)["state"] == "dead"
+    out = run_ppq("cancel", "-m", addr)
+    assert out.returncode == 2

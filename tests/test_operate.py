@@ -290,7 +290,7 @@ def test_dead_list_requeue_and_purge(master, client, spawn, ra, tmp_path):
     fourth = client.push("tasks.boom", "purge me too", max_retry=0)
     final_info(client, third, "dead")
     final_info(client, fourth, "dead")
-    out = cli(spawn, "dead", "purge", "-m", address)
+    out = cli(spawn, "dead", "purge", "--all", "--yes", "-m", address)
     assert out.returncode == 0, out.stderr
     assert "purged 2" in out.stdout
     out = cli(spawn, "dead", "list", "--json", "-m", address)
@@ -852,3 +852,24 @@ def test_seed_master_worker_and_client_snippets(spawn, redis_a, ra, tmp_path, pi
     for proc in (worker, master):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_dead_purge_asks_at_a_terminal(master, client, call, spawn):
+    """At a terminal, purge shows what it will delete and asks; "n" keeps everything, "y" deletes."""
+    address = address_of(master)
+    ids = [client.push("tasks.boom", max_retry=0) for _ in range(2)]
+    worker = spawn.worker(address)
+    for task_id in ids:
+        final_info(client, task_id, "dead")
+    worker.terminate()
+    for answer, code, left in ((b"n\r", 1, 2), (b"y\r", 0, 0)):
+        term = PtyTerminal([sys.executable, "-m", "ppq", "dead", "purge", "--all", "-m", address], spawn.env(),
+                           cols=120)
+        try:
+            wait_for(lambda term=term: "for good? [y/N]" in "".join(term.frames()), what="the question")
+            assert "(2)" in "".join(term.frames())
+            term.press(answer)
+            assert term.proc.wait(20) == code, "".join(term.frames())
+        finally:
+            term.close()
+        assert len(call("dead_tasks", 0)) == left
