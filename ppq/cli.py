@@ -414,57 +414,131 @@ def _when(ts: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
 
 
-def _push_file(client: Any, path: str, chunk: int) -> None:
-    """Push every line of a JSON-lines file; good lines are pushed even if others are refused."""
-    from rich.progress import Progress
-
-    from .errors import InvalidTaskError
-
+def _file_item(n: int, raw: bytes) -> dict[str, Any] | str:
+    """Line ``n`` of a --file as push_task fields, or why it is refused."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror or exc}", RET_CONFIG)
-    good: list[tuple[int, dict[str, Any]]] = []
-    refused: list[tuple[int, str]] = []
-    for n, line in lines:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (byte {exc.start + 1} of the line is {raw[exc.start]:#04x})"
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    if not isinstance(item, dict):
+        return "expected a JSON object"
+    target = item.pop("task", None) or item.pop("target", None)
+    if target is not None:
+        module, _, func = str(target).rpartition(".")
+        item.setdefault("module", module or None)
+        item.setdefault("func", func)
+    return item
+
+
+class _PushFile:
+    """``ppq push --file``: read the file a line at a time, push ``chunk`` lines per round trip,
+    print "LINE<TAB>ID" for each stored line as soon as its chunk is stored.
+
+    Ctrl-C takes effect between chunks, so every id printed is stored and every
+    line before the last one reported is settled (pushed or refused); a second
+    Ctrl-C stops at once, the chunk in flight left undecided.
+    """
+
+    def __init__(self, client: Any, path: str, chunk: int, skip: int, options: dict[str, Any]) -> None:
+        self.client = client
+        self.options = options
+        self.path = path
+        self.chunk = chunk
+        self.skip = skip
+        self.pushed = 0
+        self.refused = 0
+        self.settled = skip  # every line up to here is pushed or refused
+        self.interrupted = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+
+    def run(self) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
         try:
-            item = json.loads(line)
-        except ValueError as exc:
-            refused.append((n, f"not JSON: {exc}"))
-            continue
-        if not isinstance(item, dict):
-            refused.append((n, "expected a JSON object"))
-            continue
-        target = item.pop("task", None) or item.pop("target", None)
-        if target is not None:
-            module, _, func = str(target).rpartition(".")
-            item.setdefault("module", module or None)
-            item.setdefault("func", func)
-        good.append((n, item))
-    pushed: list[tuple[int, str]] = []
-    with Progress(console=err_console.get(), transient=True) as progress:
-        bar = progress.add_task("pushing", total=len(good))
-        for start in range(0, len(good), chunk):
-            part = good[start:start + chunk]
-            try:
-                ids = client.push_many([item for _, item in part], chunk=chunk)
-                pushed.extend(zip((n for n, _ in part), ids, strict=True))
-            except InvalidTaskError:
-                # One bad line refuses the whole batch: push this batch line by line to name it.
-                for n, item in part:
-                    try:
-                        pushed.append((n, client.push_many([item])[0]))
-                    except InvalidTaskError as exc:
-                        refused.append((n, str(exc)))
-            progress.update(bar, advance=len(part))
-    for n, task_id in pushed:
-        click.echo(f"{n}\t{task_id}")
-    for n, reason in sorted(refused):
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            fail(f"cannot read {self.path}: {exc.strerror or exc}", RET_CONFIG)
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        columns = (TextColumn("pushing"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[count]} pushed"))
+        try:
+            with f, Progress(*columns, console=err_console.get(), transient=True) as progress:
+                size = os.fstat(f.fileno()).st_size or None
+                bar = progress.add_task("pushing", total=size, count=0)
+                batch: list[tuple[int, dict[str, Any]]] = []
+                last = self.skip
+                read = 0
+                for n, raw in enumerate(f, 1):
+                    read += len(raw)
+                    if n <= self.skip:
+                        continue
+                    last = n
+                    if raw.strip():
+                        item = _file_item(n, raw)
+                        if isinstance(item, str):
+                            self._refuse(n, item)
+                        else:
+                            batch.append((n, item))
+                    if len(batch) >= self.chunk:
+                        self._push(batch, last)
+                        batch = []
+                        progress.update(bar, completed=read, count=self.pushed)
+                        if self.interrupted:
+                            break
+                else:
+                    self._push(batch, last)
+        except KeyboardInterrupt:
+            self._stopped(undecided=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.interrupted:
+            self._stopped(undecided=False)
+        err_console.print(f"{self.pushed} pushed, {self.refused} refused", markup=False, highlight=False)
+        if self.refused:
+            sys.exit(RET_ERROR)
+
+    def _refuse(self, n: int, reason: str) -> None:
+        self.refused += 1
         err_console.print(f"line {n}: refused: {reason}", markup=False, highlight=False)
-    err_console.print(f"{len(pushed)} pushed, {len(refused)} refused", markup=False, highlight=False)
-    if refused:
-        sys.exit(RET_ERROR)
+
+    def _push(self, batch: list[tuple[int, dict[str, Any]]], last: int) -> None:
+        """Push one chunk; print its ids; lines up to ``last`` are then settled."""
+        from .errors import InvalidTaskError
+
+        pushed: list[tuple[int, str]] = []
+        if batch:
+            try:
+                ids = self.client.push_many([item for _, item in batch], chunk=self.chunk, **self.options)
+                pushed = list(zip((n for n, _ in batch), ids, strict=True))
+            except InvalidTaskError:
+                # One bad line refuses the whole chunk: push it line by line to name it.
+                for n, item in batch:
+                    try:
+                        pushed.append((n, self.client.push_many([item], **self.options)[0]))
+                    except InvalidTaskError as exc:
+                        self._refuse(n, str(exc))
+        if pushed:
+            sys.stdout.write("".join(f"{n}\t{task_id}\n" for n, task_id in pushed))
+            sys.stdout.flush()
+        self.pushed += len(pushed)
+        self.settled = last
+
+    def _stopped(self, undecided: bool) -> None:
+        first = self.skip + 1
+        done = f"lines {first}-{self.settled}" if self.settled >= first else "no line"
+        message = f"interrupted after {self.pushed} pushed ({done} done"
+        if undecided:
+            message += f"; the chunk after line {self.settled} may or may not be stored"
+        message += f"): resume with --skip {self.settled}"
+        err_console.print(message, markup=False, highlight=False)
+        sys.exit(130)
 
 
 @main.command()
@@ -483,17 +557,23 @@ def _push_file(client: Any, path: str, chunk: int) -> None:
 @click.option("--file", "file_", type=click.Path(dir_okay=False), default=None,
               help="Push every line of a JSON-lines file: {\"task\": \"module.func\", \"args\": [...], ...}.")
 @click.option("--chunk", type=int, default=1000, show_default=True, help="With --file: tasks per round trip.")
+@click.option("--skip", type=int, default=0, show_default=True,
+              help="With --file: skip the first N lines (to resume after an interrupted push).")
 @click.pass_context
 def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
          target: str | None, args: tuple[str, ...], kwarg: tuple[str, ...], queue_index: int, delay: float | None,
          key: str, max_retry: int, retry_delay: bool, timeout: float | None, wait: bool, file_: str | None,
-         chunk: int) -> None:
+         chunk: int, skip: int) -> None:
     """Push TARGET (module.func) with ARGS (each read as JSON if it parses, else a string).
 
     With --file, push every line of a JSON-lines file instead; each line holds
     push_task fields ("task": "module.func" or "func" and "module", "args",
-    "kwargs", "queue_index", "delay", "key", "max_retry"...). Prints "LINE<TAB>ID"
-    per pushed line and names each refused line with its reason.
+    "kwargs", "queue_index", "delay", "key", "max_retry"...); -q, --delay,
+    --max-retry, --retry-delay and --task-timeout given here apply to lines that
+    do not set them. The file is read as it is pushed, --chunk lines per round
+    trip, and "LINE<TAB>ID" is printed for each line as soon as it is stored;
+    refused lines are named on stderr with their reason. Ctrl-C stops after the
+    chunk in flight and prints the --skip that resumes.
     """
     _apply_sub(ctx, sub_config, sub_log_level)
     client = _client(ctx, masters)
@@ -502,8 +582,19 @@ def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
             fail("give either TARGET ARGS or --file, not both", RET_CONFIG)
         if chunk < 1:
             fail("--chunk must be at least 1", RET_CONFIG)
-        run_guarded(lambda: _push_file(client, file_, chunk))
+        if skip < 0:
+            fail("--skip must not be negative", RET_CONFIG)
+        if key or wait or kwarg:
+            fail("--key, --kwarg and --wait apply to one task: put them on the lines of --file", RET_CONFIG)
+        # Options given on the command line apply to every line that does not set them itself.
+        given = {name: value for name, value in (("queue_index", queue_index), ("delay", delay),
+                                                 ("max_retry", max_retry), ("retry_delay", retry_delay),
+                                                 ("timeout", timeout))
+                 if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+        run_guarded(lambda: _PushFile(client, file_, chunk, skip, given).run())
         return
+    if skip:
+        fail("--skip goes with --file", RET_CONFIG)
     if not target:
         fail("give TARGET (module.func) or --file", RET_CONFIG)
     kwargs = {}

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import signal
+import subprocess
 
 import psutil
 import pytest
@@ -16,7 +19,7 @@ from ppq import Client, PyroFunc, decode_parameters
 from ppq.cli import main
 from ppq.embedded import free_port
 
-from .conftest import address_of, pid_gone, run_ppq, wait_for
+from .conftest import TESTS_DIR, address_of, pid_gone, ppq_command, ppq_env, run_ppq, wait_for
 
 W1 = {"id": "cli-test-worker", "host": "box", "pid": 77, "heartbeat_interval": 5}
 
@@ -552,3 +555,79 @@ def test_cancel_command(master, call):
     assert call("get_task_info", gone, 0)["state"] == "dead"
     out = run_ppq("cancel", "-m", addr)
     assert out.returncode == 2
+
+
+def test_push_file_streams_and_prints_ids_as_chunks_are_stored(master, call, tmp_path):
+    """The file is a FIFO still being written: ids of the first chunks come out before it ends."""
+    fifo = tmp_path / "tasks.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*ppq_command(), "push", "-m", address_of(master), "--file", str(fifo), "--chunk", "2",
+                             "-q", "1", "--max-retry", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=ppq_env(), cwd=str(TESTS_DIR), text=True)
+    try:
+        with open(fifo, "w") as writer:
+            for i in range(4):
+                writer.write(json.dumps({"task": "tasks.add", "args": [i, i]}) + "\n")
+            writer.write(json.dumps({"task": "tasks.add", "args": [9, 9], "queue_index": 0}) + "\n")
+            writer.flush()
+            first = [proc.stdout.readline() for _ in range(4)]  # before the writer has closed the file
+            assert [line.split("\t")[0] for line in first] == ["1", "2", "3", "4"]
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    ids = dict(line.split("\t") for line in [*first, *rest.splitlines()])
+    ids = {n: t.strip() for n, t in ids.items()}
+    info = call("get_task_info", ids["1"], 1)  # -q applies to lines that do not set queue_index
+    assert (info["args"], info["max_retry"]) == ([0, 0], 3)
+    assert call("get_task_info", ids["5"], 0)["args"] == [9, 9]
+    assert "5 pushed, 0 refused" in err
+
+
+def test_push_file_names_a_line_that_is_not_utf8(master, call, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"task": "tasks.echo", "args": ["ok"]}).encode() + b"\n"
+                     + '{"task": "tasks.echo", "args": ["caf\u00e9"]}\n'.encode("latin-1"))
+    out = run_ppq("push", "-m", address_of(master), "--file", str(path))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "line 2: refused: not UTF-8 text" in out.stderr and "1 pushed, 1 refused" in out.stderr
+    (n, task_id), = (line.split("\t") for line in out.stdout.splitlines())
+    assert n == "1" and call("get_task_info", task_id, 0)["args"] == ["ok"]
+
+
+def test_push_file_ctrl_c_keeps_every_printed_id_and_resumes_with_skip(master, ra, tmp_path):
+    """SIGINT to a real `ppq push --file big.jsonl > ids.txt` mid-file: every id in ids.txt is stored,
+    nothing else is, and --skip N from the message pushes exactly the rest."""
+    lines = 60_000
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        for i in range(lines):
+            f.write(f'{{"task": "tasks.add", "args": [{i}, 1]}}\n')
+    ids_path = tmp_path / "ids.txt"
+    args = [*ppq_command(), "push", "-m", address_of(master), "--file", str(big), "--chunk", "200"]
+    with open(ids_path, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, env=ppq_env(), cwd=str(TESTS_DIR),
+                                text=True)
+    try:
+        wait_for(lambda: ids_path.stat().st_size > 0, what="the first ids")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    found = re.search(r"interrupted after (\d+) pushed \(lines 1-(\d+) done\): resume with --skip (\d+)", err)
+    assert found, err
+    pushed, last, skip = map(int, found.groups())
+    assert pushed == last == skip and 0 < pushed < lines
+    printed = [line.split("\t") for line in ids_path.read_text().splitlines()]
+    assert [int(n) for n, _ in printed] == list(range(1, pushed + 1))
+    assert ra.llen("ppq:0:queue") == pushed
+    with open(ids_path, "a") as out:
+        rest = subprocess.run([*args, "--skip", str(skip)], stdout=out, stderr=subprocess.PIPE, env=ppq_env(),
+                              cwd=str(TESTS_DIR), text=True, timeout=120)
+    assert rest.returncode == 0, rest.stderr
+    printed = [line.split("\t") for line in ids_path.read_text().splitlines()]
+    assert [int(n) for n, _ in printed] == list(range(1, lines + 1))
+    assert len({t for _, t in printed}) == lines and ra.llen("ppq:0:queue") == lines
