@@ -167,6 +167,25 @@ def test_result_raises_task_failed_error(master, client, spawn):
     assert "raise ValueError(message)" in exc.traceback and "tasks.py" in exc.traceback
     assert "the reactor melted" in str(exc)
     assert isinstance(exc, ppq.PPQError)
+    assert (exc.type, exc.message) == ("ValueError", "the reactor melted")
+    # The same from results(), which yields the error instead of raising it.
+    other = client.push("tasks.add", 1, max_retry=0)  # add() missing an argument: TypeError
+    ((tid, failed),) = list(client.results([other], timeout=20))
+    assert tid == other and isinstance(failed, TaskFailedError)
+    assert failed.type == "TypeError" and "missing 1 required positional argument" in failed.message
+    assert "Traceback" in failed.traceback
+
+
+@pytest.mark.parametrize(("error", "type_", "message"), [
+    ("ValueError: a: b", "ValueError", "a: b"),
+    ("app.errors.QuotaError: over quota", "app.errors.QuotaError", "over quota"),
+    ("cancelled", "", "cancelled"),
+    ("lease expired 3 times: workers lost", "", "lease expired 3 times: workers lost"),
+    ("", "", ""),
+])
+def test_task_failed_error_splits_type_and_message(error, type_, message):
+    exc = TaskFailedError("t1", error, "tb")
+    assert (exc.task_id, exc.error, exc.type, exc.message, exc.traceback) == ("t1", error, type_, message, "tb")
 
 
 def test_result_timeout(client):
