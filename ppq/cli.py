@@ -47,8 +47,9 @@ class LazyConsole:
             from rich.console import Console
 
             stream = sys.stderr if self._stderr else sys.stdout
-            self._console = Console(stderr=self._stderr,
-                                    width=None if stream.isatty() else (400 if self._stderr else 160))
+            # Piped output is not cut to 80 columns, unless COLUMNS says so.
+            wide = stream.isatty() or "COLUMNS" in os.environ
+            self._console = Console(stderr=self._stderr, width=None if wide else (400 if self._stderr else 160))
         return self._console
 
     def __getattr__(self, name: str) -> Any:
@@ -684,29 +685,96 @@ def status(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
     console.print(status_tables(info))
 
 
-def status_tables(info: dict[Any, dict[str, Any]]) -> Any:
-    from rich.console import Group
+# Columns of `ppq status` / `ppq top`: (key, header, priority). The fewer columns the
+# terminal has room for, the more columns are left out, lowest priority (highest
+# number) first; the rest keep this order.
+QUEUE_COLUMNS = (
+    ("queue_index", "queue", 0), ("queued", "queued", 0), ("delayed", "delayed", 1), ("leased", "leased", 0),
+    ("running", "running", 2), ("dead", "dead", 1), ("done_per_min", "done/min", 3),
+    ("failed_per_min", "fail/min", 4), ("workers", "workers", 5), ("pushed", "pushed", 6), ("done", "done", 6),
+    ("retried", "retried", 7), ("expired", "expired", 8), ("cancelled", "cancelled", 8), ("redis", "redis", 9),
+)
+WORKER_COLUMNS = (
+    ("id", "worker", 0), ("queue_index", "queue", 3), ("concurrency", "exec", 2), ("running", "running", 0),
+    ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "heartbeat", 2), ("tasks", "running tasks", 9),
+)
 
-    queues = _table(title="queues")
-    columns = ("queued", "delayed", "running", "dead", "done_per_min", "failed_per_min", "pushed", "done", "retried",
-               "expired")
-    for name in ("queue_index", *columns, "workers", "redis"):
-        queues.add_column(name.replace("_per_min", "/min"), justify="left" if name == "redis" else "right")
-    workers = _table(title="workers")
-    for name in ("id", "queue_index", "concurrency", "running", "done", "failed", "last heartbeat"):
-        workers.add_column(name)
+
+def _fit_table(title: str, columns: tuple[tuple[str, str, int], ...], rows: list[dict[str, str]], width: int,
+               foldable: tuple[str, ...] = ()) -> Any:
+    """A table of ``rows`` with as many of ``columns`` as fit in ``width`` without cutting a value.
+
+    Columns go lowest priority first until the table fits; a ``foldable`` column
+    (an id, a URL) takes at most a third of the width and is folded onto several lines.
+    """
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    def build(keys: list[str]) -> Any:
+        table = _table(title=title, box=box.SQUARE, title_justify="left")
+        for key, header, _ in columns:
+            if key in keys:
+                text = key in ("id", "redis", "tasks", "heartbeat")
+                table.add_column(header, justify="left" if text else "right", no_wrap=key not in foldable,
+                                 overflow="fold" if key in foldable else "ellipsis",
+                                 max_width=max(20, width // 3) if key in foldable else None)
+        for row in rows:
+            table.add_row(*(row.get(key, "") for key, _, _ in columns if key in keys))
+        return table
+
+    measure = Console(file=io.StringIO(), width=100_000)
+    keys = [key for key, _, _ in columns]
+    for priority in sorted({p for _, _, p in columns}, reverse=True):
+        table = build(keys)
+        if Measurement.get(measure, measure.options, table).maximum <= width or priority == 0:
+            return table
+        keys = [key for key, _, p in columns if p < priority]
+    return build(keys)  # pragma: no cover - the loop returns at priority 0
+
+
+def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> Any:
+    """The queues and workers of ``server_info()``, fitted to ``width`` columns (the terminal's).
+
+    "leased" counts the tasks handed to workers (prefetched ones included),
+    "running" those the workers said they were running at their last heartbeat.
+    """
+    from rich.console import Group
+    from rich.text import Text
+
+    width = width or console.width
+    queue_rows: list[dict[str, str]] = []
+    worker_rows: list[dict[str, str]] = []
+    notes: list[str] = []
     for qi, entry in sorted(info.items(), key=lambda kv: int(kv[0])):
         if not entry.get("ok", True):
-            queues.add_row(str(qi), *["?"] * (len(columns) + 1), f"{entry.get('redis')} UNREACHABLE")
+            queue_rows.append({"queue_index": str(qi), **dict.fromkeys(("queued", "leased", "running"), "?"),
+                               "redis": str(entry.get("redis", ""))})
+            notes.append(f"queue_index {qi}: Redis {entry.get('redis')} UNREACHABLE: {entry.get('error', '')}")
             continue
-        queues.add_row(str(qi), *(str(entry.get(n, 0)) for n in columns), str(len(entry.get("workers", []))),
-                       str(entry.get("redis", "")))
-        for w in entry.get("workers", []):
+        workers = entry.get("workers", [])
+        row = {key: str(entry.get(key, 0)) for key, _, _ in QUEUE_COLUMNS}
+        row.update(queue_index=str(qi), leased=str(entry.get("running", 0)), workers=str(len(workers)),
+                   running=str(sum(len(w.get("running") or []) for w in workers)), redis=str(entry.get("redis", "")))
+        queue_rows.append(row)
+        for w in workers:
             running = w.get("running") or []
-            workers.add_row(str(w.get("id")), str(qi), str(w.get("concurrency", "")),
-                            ", ".join(running) if running else "-", str(w.get("done", "")), str(w.get("failed", "")),
-                            _when(w.get("last_heartbeat")))
-    return Group(queues, workers)
+            beat = w.get("last_heartbeat")
+            worker_rows.append({
+                "id": str(w.get("id")), "queue_index": str(qi), "concurrency": str(w.get("concurrency", "")),
+                "running": str(len(running)), "done": str(w.get("done", "")), "failed": str(w.get("failed", "")),
+                "heartbeat": time.strftime("%H:%M:%S", time.localtime(float(beat))) if beat else "",
+                "tasks": ", ".join(running) or "-"})
+    parts: list[Any] = [_fit_table("queues", QUEUE_COLUMNS, queue_rows, width, foldable=("redis",))]
+    parts += [Text(note, style="red") for note in notes]
+    if worker_rows:
+        parts.append(_fit_table(f"workers ({len(worker_rows)})", WORKER_COLUMNS, worker_rows, width,
+                                foldable=("id", "tasks")))
+    else:
+        parts.append(Text("no live workers"))
+    return Group(*parts)
 
 
 @main.command()
@@ -733,7 +801,7 @@ def top(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, m
         from rich.text import Text
 
         try:
-            body = status_tables(client.server_info())
+            body = status_tables(client.server_info(), console.width)
         except PPQError as exc:
             body = Text(f"{type(exc).__name__}: {exc}", style="red")
         return Group(Text(f"ppq top  {time.strftime('%H:%M:%S')}  every {interval:g}s  (Ctrl-C quits)"), body)

@@ -358,25 +358,26 @@ def test_status_table_and_json(master, client, spawn):
     out = cli(spawn, "status", "-m", address)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    header = next(line for line in text.splitlines() if "queue_index" in line)
+    header = next(line for line in text.splitlines() if "queued" in line)
     cells = [c.strip() for c in re.split(r"[┃│]", header) if c.strip()]
-    for name in ("queue_index", "queued", "delayed", "running", "dead", "done/min", "failed/min", "workers"):
+    for name in ("queue", "queued", "delayed", "leased", "running", "dead", "done/min", "fail/min", "workers"):
         assert name in cells, f"column {name} missing from {cells}"
     rows = {}
     for line in text.splitlines():
         parts = [c.strip() for c in line.split("│")]
         if len(parts) > len(cells) and parts[1].isdigit():
             rows[parts[1]] = dict(zip(cells, parts[1:], strict=False))
-    assert rows["0"]["queued"] == "2" and rows["0"]["delayed"] == "1" and rows["0"]["running"] == "1"
-    assert rows["0"]["dead"] == "1" and rows["0"]["done/min"] == "2" and rows["0"]["failed/min"] == "1"
+    assert rows["0"]["queued"] == "2" and rows["0"]["delayed"] == "1" and rows["0"]["leased"] == "1"
+    assert rows["0"]["running"] == "1"  # as the worker reported at its last heartbeat
+    assert rows["0"]["dead"] == "1" and rows["0"]["done/min"] == "2" and rows["0"]["fail/min"] == "1"
     assert rows["0"]["workers"] == "1" and rows["1"]["queued"] == "1" and rows["1"]["workers"] == "0"
-    # The workers table: one row per live worker, with the task it runs and its counts.
+    # The workers table: one row per live worker, with its counts and the task it runs.
     worker_id = q0["workers"][0]["id"]
-    assert re.search(r"^\s*workers\s*$", text, re.MULTILINE), text
+    assert re.search(r"^\s*workers \(1\)\s*$", text, re.MULTILINE), text
     row = next((line for line in text.splitlines() if worker_id in line), None)
     assert row is not None, f"worker {worker_id} missing from the workers table:\n{text}"
     cells = [c.strip() for c in row.split("│")[1:-1]]
-    assert cells[:6] == [worker_id, "0", "1", long, "2", "1"], cells
+    assert cells[:6] == [worker_id, "0", "1", "1", "2", "1"] and cells[-1] == long, cells
 
     # done/min rises as tasks finish.
     more = [client.push("tasks.add", i, 1, queue_index=1) for i in range(3)]
@@ -461,7 +462,7 @@ def test_top_in_a_pty(master, client, spawn):
     try:
         wait_for(lambda: _latest_queued(term.frames()) == 3, timeout=20, what="top to show 3 queued")
         screen = next(f for f in reversed(term.frames()) if _queued_in(f) == 3)
-        for name in ("queue_index", "queued", "delayed", "running", "dead", "done/min", "failed/min", "workers"):
+        for name in ("queue", "queued", "delayed", "leased", "running", "dead", "done/min", "fail/min", "workers"):
             assert name in screen, name
         drawn = len(term.frames())
         for i in range(4):
@@ -535,7 +536,7 @@ def test_top_in_tmux(master, client, spawn, tmp_path):
     try:
         wait_for(lambda: _queued_in(term.screen()) == 2, timeout=20, what="top in tmux to show 2 queued")
         screen = term.screen()
-        assert "ppq top" in screen and "queue_index" in screen and "workers" in screen
+        assert "ppq top" in screen and "queued" in screen and "workers" in screen
         for i in range(3):
             client.push("tasks.add", i, i)
         wait_for(lambda: _queued_in(term.screen()) == 5, timeout=20, what="top in tmux to show 5 queued")
@@ -892,3 +893,71 @@ def test_dead_purge_asks_at_a_terminal(master, client, call, spawn):
         finally:
             term.close()
         assert len(call("dead_tasks", 0)) == left
+
+
+def _busy_info() -> dict[int, dict[str, Any]]:
+    worker = {"id": "a-rather-long-hostname.example.com:123456:abcdef", "concurrency": 16, "running": ["a" * 32],
+              "done": 1234567, "failed": 89012, "last_heartbeat": time.time()}
+    return {0: {"ok": True, "queued": 1234567, "delayed": 23456, "running": 34567, "dead": 4567,
+                "done_per_min": 567890, "failed_per_min": 6789, "pushed": 987654321, "done": 87654321,
+                "retried": 7654321, "expired": 65432, "cancelled": 5432, "redis": "redis://127.0.0.1:6379/0",
+                "workers": [worker, dict(worker, id="w2")]},
+            1: {"ok": False, "redis": "redis://10.0.0.1:6379/1", "error": "Connection refused", "workers": []}}
+
+
+def _numbers(info: dict[int, dict[str, Any]]) -> set[str]:
+    found = {"0", "1", "2", "16"}  # queue indexes, worker and running counts, executors
+    for entry in info.values():
+        found |= {str(v) for v in entry.values() if isinstance(v, int)}
+        for w in entry["workers"]:
+            found |= {str(v) for v in w.values() if isinstance(v, int)}
+    return found
+
+
+@pytest.mark.parametrize("width", [80, 100, 132, 200])
+def test_status_tables_fit_the_width_without_cutting_a_number(width):
+    import io
+
+    from rich.console import Console
+
+    from ppq.cli import status_tables
+
+    info = _busy_info()
+    out = Console(file=io.StringIO(), width=width)
+    out.print(status_tables(info, width))
+    text = out.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= width, text
+    assert "…" not in text
+    numbers = [c.strip() for line in text.splitlines() for c in line.split("│")[1:-1] if c.strip().isdigit()]
+    assert numbers and set(numbers) <= _numbers(info), text
+    header = next(line for line in text.splitlines() if "queued" in line)
+    for name in ("queue", "queued", "leased", "dead"):
+        assert f" {name} " in header, header  # the first columns are always there
+    if width >= 200:
+        assert "pushed" in header and "redis://127.0.0.1:6379/0" in text and "a" * 32 in text
+    assert "queue_index 1: Redis redis://10.0.0.1:6379/1 UNREACHABLE" in text.replace("\n", " ")
+
+
+@pytest.mark.parametrize("command", ["status", "top"])
+def test_status_and_top_in_an_80_column_terminal(master, client, spawn, command):
+    address = address_of(master)
+    for i in range(1234):
+        client.push("tasks.add", i, i)
+    argv = [sys.executable, "-m", "ppq", command, "-m", address]
+    if command == "top":
+        argv += ["--interval", "0.5"]
+    term = PtyTerminal(argv, spawn.env(), rows=40, cols=80)
+    try:
+        wait_for(lambda: _latest_queued(term.frames()) == 1234 if command == "top"
+                 else term.proc.poll() is not None, timeout=20, what=f"ppq {command} to draw")
+        frames = term.frames()
+        if command == "top":
+            term.press(b"\x03")
+        assert term.proc.wait(10) == 0
+    finally:
+        term.close()
+    screen = next(f for f in reversed(frames) if _queued_in(f)) if command == "top" else "\n".join(frames)
+    lines = screen.replace("\r", "").splitlines()
+    assert max(len(line) for line in lines) <= 80, screen
+    assert _queued_in(screen) == 1234, screen
+    assert "leased" in screen and "…" not in screen
