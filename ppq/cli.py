@@ -132,33 +132,61 @@ def _redis_map(values: tuple[str, ...]) -> dict[str, str] | None:
     return result
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML config file (default: $PPQ_CONFIG).")
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
+LOG_FORMATS = click.Choice(["text", "json"], case_sensitive=False)
+
+
+def _default(key: str) -> str:
+    """How a flag's default is shown when it comes from the config: the key and its built-in value."""
+    section, _, name = key.partition(".")
+    value = getattr(getattr(Config(), section), name) if name else getattr(Config(), section)
+    if isinstance(value, list):
+        value = ",".join(value) or "none"
+    return f"{key}: {value}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                               "max_content_width": 100})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, show_default="$PPQ_CONFIG",
+              help="YAML config file.")
+@click.option("--log-level", type=LOG_LEVELS, default=None, show_default=_default("log_level"),
+              help="Lowest level logged (any case).")
+@click.option("--log-format", type=LOG_FORMATS, default=None, show_default=_default("log_format"),
+              help="text, or json: one JSON object per line, for log shippers.")
 @click.version_option(__version__, prog_name="ppq")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, log_level: str | None, log_format: str | None) -> None:
-    """ppq: a distributed task queue over Pyro5 and Redis."""
+    """ppq: a distributed task queue over Pyro5 and Redis.
+
+    Settings come from, highest first: flags, PPQ_* environment variables, the
+    YAML file (--config or $PPQ_CONFIG), defaults. --config, --log-level and
+    --log-format are taken before or after the command.
+
+    \b
+    Example:
+      ppq up --allow mytasks           # a local stack, in the foreground
+      ppq push mytasks.add 2 3 --wait  # in another terminal
+    """
     ctx.ensure_object(dict)
     ctx.obj["config"] = config_path
-    ctx.obj["overrides"] = {"log_level": log_level, "log_format": log_format}
+    ctx.obj["overrides"] = {"log_level": log_level, "log_format": log_format and log_format.lower()}
 
 
 def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--config`` and logging flags on every subcommand too."""
     fn = click.option("--config", "sub_config", type=click.Path(dir_okay=False), default=None,
-                      help="YAML config file.")(fn)
-    fn = click.option("--log-level", "sub_log_level", default=None, help="DEBUG, INFO, WARNING, ERROR.")(fn)
-    fn = click.option("--log-format", type=click.Choice(["text", "json"]), default=None, expose_value=False,
-                      callback=_set_log_format, help="text, or json lines for log shippers.")(fn)
+                      show_default="$PPQ_CONFIG", help="YAML config file.")(fn)
+    fn = click.option("--log-level", "sub_log_level", type=LOG_LEVELS, default=None,
+                      show_default=_default("log_level"), help="Lowest level logged (any case).")(fn)
+    fn = click.option("--log-format", type=LOG_FORMATS, default=None, expose_value=False,
+                      callback=_set_log_format, show_default=_default("log_format"),
+                      help="text, or json: one JSON object per line, for log shippers.")(fn)
     return fn
 
 
 def _set_log_format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
-        ctx.obj["overrides"]["log_format"] = value
+        ctx.obj["overrides"]["log_format"] = value.lower()
 
 
 def _apply_sub(ctx: click.Context, sub_config: str | None, sub_log_level: str | None) -> None:
@@ -166,6 +194,10 @@ def _apply_sub(ctx: click.Context, sub_config: str | None, sub_log_level: str | 
         ctx.obj["config"] = sub_config
     if sub_log_level:
         ctx.obj["overrides"]["log_level"] = sub_log_level
+
+
+def _renamed(old: str, new: str) -> bool:
+    raise click.UsageError(f"{old} is ambiguous here and was renamed: use {new}")
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -181,19 +213,28 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 @main.command()
 @config_option
-@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
-@click.option("--port", type=int, default=None, help="Port to bind (default 7600; 0 = any free port).")
-@click.option("--redis-map", "redis_map", multiple=True,
+@click.option("--host", default=None, show_default=_default("master.host"), help="Address to bind.")
+@click.option("--port", type=int, default=None, show_default=_default("master.port"),
+              help="Port to bind; 0 = any free port.")
+@click.option("--redis-map", "redis_map", multiple=True, show_default="master.redis_map: an embedded redis-server",
               help="QUEUE_INDEX=redis://host:port/db (repeatable); a bare URL is queue_index 0.")
-@click.option("--data-dir", default=None, help="Data directory of the embedded redis-server.")
-@click.option("--lease-timeout", type=float, default=None, help="Seconds a task stays leased without heartbeat.")
+@click.option("--data-dir", default=None, show_default="master.data_dir: ~/.local/share/ppq/master-PORT",
+              help="Data directory of the embedded redis-server.")
+@click.option("--lease-timeout", type=float, default=None, show_default=_default("master.lease_timeout"),
+              help="Seconds a task stays leased without a heartbeat.")
 @click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without auth_token.")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-port", type=int, default=None, show_default="master.metrics_port: 0 = off",
+              help="Serve Prometheus metrics on this port.")
 @click.pass_context
 def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, host: str | None,
            port: int | None, redis_map: tuple[str, ...], data_dir: str | None, lease_timeout: float | None,
            insecure: bool | None, metrics_port: int | None) -> None:
-    """Run a master: the Pyro5 object `queue` over the Redis stores."""
+    """Run a master: the Pyro5 object `queue` over the Redis stores.
+
+    \b
+    Example:
+      ppq master --port 7600 --redis-map 0=redis://127.0.0.1:6379/0
+    """
     from .master import MasterServer
 
     _apply_sub(ctx, sub_config, sub_log_level)
@@ -234,23 +275,37 @@ def _worker_overrides(master_hosts: tuple[str, ...], queue_index: int | None, co
 def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--master-hosts", "master_hosts", multiple=True,
-                     help="Master host:port or PYRO: URI; comma-separated or repeated."),
-        click.option("--queue-index", type=int, default=None, help="The queue_index to pull (default 0)."),
-        click.option("--concurrency", "-c", type=int, default=None, help="Executors (default: CPU count)."),
-        click.option("--pool", type=click.Choice(["processes", "threads"]), default=None),
-        click.option("--port", type=int, default=None, help="Control object port (default 7620; 0 = free)."),
-        click.option("--host", default=None, help="Control object bind address (default 127.0.0.1)."),
+                     show_default="worker.master_hosts, else the config's own master",
+                     help="Master host:port, PYRO: or PYROLOC:// address; comma-separated or repeated."),
+        click.option("--queue-index", type=int, default=None, show_default=_default("worker.queue_index"),
+                     help="The queue_index to pull."),
+        click.option("--concurrency", "-c", type=int, default=None,
+                     show_default="worker.concurrency: 0 = the CPU count", help="Executors."),
+        click.option("--pool", type=click.Choice(["processes", "threads"]), default=None,
+                     show_default=_default("worker.pool"),
+                     help="Run each task in an executor process (timeouts kill it) or a thread."),
+        click.option("--port", type=int, default=None, show_default=_default("worker.port"),
+                     help="Control object port; 0 = any free port."),
+        click.option("--host", default=None, show_default=_default("worker.host"),
+                     help="Control object bind address."),
         click.option("--allow", "--allowed-modules", "allow", multiple=True,
+                     show_default="worker.allowed_modules: none",
                      help="Module (dotted prefix) tasks may come from; repeatable or comma-separated."),
-        click.option("--allowed-paths", multiple=True, help="Directories a task's `path` may name."),
-        click.option("--task-timeout", type=float, default=None, help="Seconds a task may run (default 300)."),
-        click.option("--max-sleep", type=float, default=None, help="Longest idle wait for a task, seconds."),
-        click.option("--heartbeat-interval", type=float, default=None, help="Seconds between heartbeats."),
-        click.option("--autodiscover", multiple=True, help="Packages whose `tasks` module is imported at start."),
+        click.option("--allowed-paths", multiple=True, show_default="worker.allowed_paths: none",
+                     help="Directories a task's `path` may name."),
+        click.option("--task-timeout", type=float, default=None, show_default=_default("worker.task_timeout"),
+                     help="Seconds a task may run; also the grace period on stop."),
+        click.option("--max-sleep", type=float, default=None, show_default=_default("worker.max_sleep"),
+                     help="Longest idle wait for a task, in seconds."),
+        click.option("--heartbeat-interval", type=float, default=None,
+                     show_default=_default("worker.heartbeat_interval"), help="Seconds between heartbeats."),
+        click.option("--autodiscover", multiple=True, show_default="worker.autodiscover: none",
+                     help="Packages whose `tasks` module is imported at start."),
         click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without a token."),
-        click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."),
-        click.option("--prefetch", type=int, default=None,
-                     help="Tasks held ahead of free executors (-1 automatic, 0 none)."),
+        click.option("--metrics-port", type=int, default=None, show_default="worker.metrics_port: 0 = off",
+                     help="Serve Prometheus metrics on this port."),
+        click.option("--prefetch", type=int, default=None, show_default="worker.prefetch: -1 = automatic",
+                     help="Tasks held ahead of free executors (-1 automatic, 0 none, N up to N)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -262,7 +317,14 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @worker_options
 @click.pass_context
 def worker(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, **options: Any) -> None:
-    """Run a worker agent: pull tasks from the masters and run them."""
+    """Run a worker agent: pull tasks from the masters and run them.
+
+    SIGTERM, SIGINT and SIGUSR1 stop it gracefully, SIGUSR2 restarts it.
+
+    \b
+    Example:
+      ppq worker --master-hosts 127.0.0.1:7600 --allow mytasks --concurrency 4
+    """
     from . import worker as worker_mod
 
     _apply_sub(ctx, sub_config, sub_log_level)
@@ -278,11 +340,14 @@ def worker(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
 
 @main.command()
 @config_option
-@click.option("--workers", "-w", type=int, default=1, show_default=True, help="Worker agents to start.")
-@click.option("--concurrency", "-c", type=int, default=None, help="Executors per worker.")
-@click.option("--port", type=int, default=None, help="Master port (default 7600).")
-@click.option("--data-dir", default=None, help="Data directory of the embedded redis-server.")
-@click.option("--allow", multiple=True, help="Module tasks may come from; repeatable or comma-separated.")
+@click.option("--workers", "-w", type=int, default=1, help="Worker agents to start.")
+@click.option("--concurrency", "-c", type=int, default=None, show_default="worker.concurrency: 0 = the CPU count",
+              help="Executors per worker.")
+@click.option("--port", type=int, default=None, show_default=_default("master.port"), help="Master port.")
+@click.option("--data-dir", default=None, show_default="master.data_dir: ~/.local/share/ppq/master-PORT",
+              help="Data directory of the embedded redis-server.")
+@click.option("--allow", multiple=True, show_default="worker.allowed_modules: none",
+              help="Module tasks may come from; repeatable or comma-separated.")
 @click.option("--demo", is_flag=True, help="Push a few ppq.demo tasks once the stack is up and show their results.")
 @click.pass_context
 def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, workers: int,
@@ -291,6 +356,10 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     """Run a whole local stack in the foreground: embedded Redis, a master and workers.
 
     Ctrl-C stops everything cleanly.
+
+    \b
+    Example:
+      ppq up --allow mytasks --workers 2
     """
     from .master import MasterServer
 
@@ -389,7 +458,8 @@ def _client(ctx: click.Context, masters: tuple[str, ...]) -> Any:
 
 def master_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--master", "-m", "masters", multiple=True,
-                        help="Master host:port or PYRO: URI (default: from config).")(fn)
+                        show_default="client.masters, else worker.master_hosts, else master.host:master.port",
+                        help="Master host:port, PYRO: or PYROLOC:// address; repeatable.")(fn)
 
 
 def _parse_value(text: str) -> Any:
@@ -548,17 +618,22 @@ class _PushFile:
 @click.argument("target", required=False)
 @click.argument("args", nargs=-1)
 @click.option("--kwarg", "-k", multiple=True, help="KEY=VALUE keyword argument (VALUE read as JSON if it parses).")
-@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
-@click.option("--delay", type=float, default=None, help="Seconds before the task may run.")
-@click.option("--key", default="", help="De-duplication key.")
-@click.option("--max-retry", type=int, default=1, show_default=True)
+@click.option("--queue-index", "-q", type=int, default=0, help="The queue_index to push to.")
+@click.option("--delay", type=float, default=None, show_default="none: at once",
+              help="Seconds before the task may run.")
+@click.option("--key", default="", show_default="none",
+              help="De-duplication key: a push with the key of a task still waiting updates that task.")
+@click.option("--max-retry", type=int, default=1, help="Retries after a failure before the task is dead.")
 @click.option("--retry-delay/--no-retry-delay", default=False, help="Back off exponentially between retries.")
-@click.option("--timeout", type=float, default=None, help="Seconds the task may run.")
+@click.option("--task-timeout", "timeout", type=float, default=None, show_default=_default("worker.task_timeout"),
+              help="Seconds the task may run once started (not a wait: see --wait).")
+@click.option("--timeout", "old_timeout", type=float, default=None, hidden=True, expose_value=False,
+              callback=lambda ctx, param, value: value is None or _renamed("--timeout", "--task-timeout"))
 @click.option("--wait", is_flag=True, help="Wait for the task to end and print its result.")
 @click.option("--file", "file_", type=click.Path(dir_okay=False), default=None,
               help="Push every line of a JSON-lines file: {\"task\": \"module.func\", \"args\": [...], ...}.")
-@click.option("--chunk", type=int, default=1000, show_default=True, help="With --file: tasks per round trip.")
-@click.option("--skip", type=int, default=0, show_default=True,
+@click.option("--chunk", type=int, default=1000, help="With --file: tasks per round trip.")
+@click.option("--skip", type=int, default=0,
               help="With --file: skip the first N lines (to resume after an interrupted push).")
 @click.pass_context
 def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
@@ -575,6 +650,12 @@ def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     trip, and "LINE<TAB>ID" is printed for each line as soon as it is stored;
     refused lines are named on stderr with their reason. Ctrl-C stops after the
     chunk in flight and prints the --skip that resumes.
+
+    \b
+    Example:
+      ppq push mytasks.add 2 3 --wait
+      ppq push mytasks.report -k day='"2024-01-31"' --delay 60 --task-timeout 600
+      ppq push --file tasks.jsonl > ids.txt
     """
     _apply_sub(ctx, sub_config, sub_log_level)
     client = _client(ctx, masters)
@@ -632,14 +713,22 @@ def _wait_end(client: Client, task_id: str, timeout: float | None, queue_index: 
 @config_option
 @master_option
 @click.argument("task_id")
-@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.option("--queue-index", "-q", type=int, default=0, help="The queue_index the task was pushed to.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--wait", is_flag=True, help="Wait for the task to end.")
-@click.option("--timeout", type=float, default=None, help="With --wait: seconds to wait at most.")
+@click.option("--wait", is_flag=True, help="Wait for the task to end first.")
+@click.option("--wait-timeout", "timeout", type=float, default=None, show_default="none: for ever",
+              help="With --wait: seconds to wait at most.")
+@click.option("--timeout", "old_timeout", type=float, default=None, hidden=True, expose_value=False,
+              callback=lambda ctx, param, value: value is None or _renamed("--timeout", "--wait-timeout"))
 @click.pass_context
 def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
          task_id: str, queue_index: int, as_json: bool, wait: bool, timeout: float | None) -> None:
-    """Show one task: state, retries, timestamps, result or error."""
+    """Show one task: state, retries, timestamps, result or error.
+
+    \b
+    Example:
+      ppq task 3f2a9c... --wait --wait-timeout 30
+    """
     _apply_sub(ctx, sub_config, sub_log_level)
     client = _client(ctx, masters)
     if wait:
@@ -675,7 +764,16 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
 @click.pass_context
 def status(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
            as_json: bool) -> None:
-    """Queue counts per queue_index and the live workers."""
+    """Queue counts per queue_index and the live workers.
+
+    "leased" counts tasks handed to workers (prefetched ones too), "running"
+    those the workers said they ran at their last heartbeat. Columns that do not
+    fit the terminal are left out; --json has everything.
+
+    \b
+    Example:
+      ppq status -m 127.0.0.1:7600
+    """
     _apply_sub(ctx, sub_config, sub_log_level)
     client = _client(ctx, masters)
     info = run_guarded(client.server_info)
@@ -780,12 +878,17 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
 @main.command()
 @config_option
 @master_option
-@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
-@click.option("--iterations", type=int, default=0, help="Stop after this many refreshes (0 = until Ctrl-C).")
+@click.option("--interval", type=float, default=1.0, help="Seconds between refreshes.")
+@click.option("--iterations", type=int, default=0, help="Stop after this many refreshes; 0 = until Ctrl-C.")
 @click.pass_context
 def top(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
         interval: float, iterations: int) -> None:
-    """`ppq status`, refreshed live in the terminal (Ctrl-C to quit)."""
+    """`ppq status`, refreshed live in the terminal (Ctrl-C to quit).
+
+    \b
+    Example:
+      ppq top --interval 2
+    """
     from rich.live import Live
 
     _apply_sub(ctx, sub_config, sub_log_level)
@@ -821,7 +924,12 @@ def top(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, m
 @click.pass_context
 def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
             as_json: bool) -> None:
-    """Live workers with their per-function stats, read from their control objects."""
+    """Live workers with their per-function stats, read from their control objects.
+
+    \b
+    Example:
+      ppq workers --json
+    """
     from .rpc import WORKER_OBJECT, PyroFunc
 
     _apply_sub(ctx, sub_config, sub_log_level)
@@ -873,13 +981,18 @@ def dead(ctx: click.Context, sub_config: str | None, sub_log_level: str | None) 
 @dead.command("list")
 @config_option
 @master_option
-@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
-@click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--queue-index", "-q", type=int, default=0, help="The queue_index whose dead list to show.")
+@click.option("--limit", type=int, default=50, help="Most tasks shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with tracebacks).")
 @click.pass_context
 def dead_list(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
               queue_index: int, limit: int, as_json: bool) -> None:
-    """Dead tasks, newest first, with the reason."""
+    """Dead tasks, newest first, with the reason.
+
+    \b
+    Example:
+      ppq dead list -q 1 --limit 10
+    """
     _apply_sub(ctx, sub_config, sub_log_level)
     client = _client(ctx, masters)
     tasks = run_guarded(lambda: client.call("dead_tasks", queue_index, limit))
@@ -936,13 +1049,17 @@ def _dead_ids(task_ids: tuple[str, ...], all_: bool) -> list[str] | None:
 @master_option
 @click.argument("task_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Requeue every dead task.")
-@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.option("--queue-index", "-q", type=int, default=0, help="The queue_index the tasks are in.")
 @click.pass_context
 def dead_requeue(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
                  task_ids: tuple[str, ...], all_: bool, queue_index: int) -> None:
     """Put dead tasks (IDs, or --all) back in the queue, their retries reset.
 
     An id that is unknown or not dead is named on stderr, and the exit code is 1.
+
+    \b
+    Example:
+      ppq dead requeue --all
     """
     _apply_sub(ctx, sub_config, sub_log_level)
     ids = _dead_ids(task_ids, all_)
@@ -961,7 +1078,7 @@ def dead_requeue(ctx: click.Context, sub_config: str | None, sub_log_level: str 
 @click.argument("task_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Delete every dead task.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask: needed when stdin is not a terminal.")
-@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.option("--queue-index", "-q", type=int, default=0, help="The queue_index the tasks are in.")
 @click.pass_context
 def dead_purge(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
                task_ids: tuple[str, ...], all_: bool, yes: bool, queue_index: int) -> None:
@@ -969,6 +1086,10 @@ def dead_purge(ctx: click.Context, sub_config: str | None, sub_log_level: str | 
 
     Asks first at a terminal; elsewhere it needs --yes. An id that is unknown or
     not dead is named on stderr, nothing is done to it, and the exit code is 1.
+
+    \b
+    Example:
+      ppq dead purge 3f2a9c... 9c1b07...
     """
     _apply_sub(ctx, sub_config, sub_log_level)
     ids = _dead_ids(task_ids, all_)
@@ -997,7 +1118,7 @@ def dead_purge(ctx: click.Context, sub_config: str | None, sub_log_level: str | 
 @config_option
 @master_option
 @click.argument("task_ids", nargs=-1, required=True)
-@click.option("--queue-index", "-q", type=int, default=0, show_default=True)
+@click.option("--queue-index", "-q", type=int, default=0, help="The queue_index the tasks are in.")
 @click.pass_context
 def cancel(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
            task_ids: tuple[str, ...], queue_index: int) -> None:
@@ -1028,6 +1149,22 @@ def cancel(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
             bad += 1
             err_console.print(f"{task_id}: already {state}, not cancelled", markup=False, highlight=False)
     sys.exit(RET_ERROR if bad else RET_OK)
+
+
+def _examples_last(group: click.Group) -> None:
+    """Move the "Example:" block that ends each docstring after the options, so help ends with it."""
+    import inspect
+
+    for command in [group, *group.commands.values()]:
+        head, sep, example = inspect.cleandoc(command.help or "").partition("\b\nExample:")
+        if sep:
+            command.help = head.rstrip()
+            command.epilog = "\b\nExample:" + example.rstrip()
+        if isinstance(command, click.Group) and command is not group:
+            _examples_last(command)
+
+
+_examples_last(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

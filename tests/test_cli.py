@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 
+import click
 import psutil
 import pytest
 import yaml
@@ -217,7 +218,7 @@ def test_flag_beats_env_beats_yaml_through_the_cli(make_master, master, redis_a,
 def test_push_prints_an_id_and_task_shows_it(master, call):
     addr = address_of(master)
     out = run_ppq("push", "-m", addr, "tasks.echo", "1", "two", '{"x": [1]}', "-k", "k=v", "-k", "n=2",
-                  "--delay", "60", "--key", "cli-key", "--max-retry", "2", "--retry-delay", "--timeout", "9")
+                  "--delay", "60", "--key", "cli-key", "--max-retry", "2", "--retry-delay", "--task-timeout", "9")
     assert out.returncode == 0, out.stderr
     task_id = out.stdout.strip()
     assert len(out.stdout.splitlines()) == 1 and task_id
@@ -631,3 +632,49 @@ def test_push_file_ctrl_c_keeps_every_printed_id_and_resumes_with_skip(master, r
     printed = [line.split("\t") for line in ids_path.read_text().splitlines()]
     assert [int(n) for n, _ in printed] == list(range(1, lines + 1))
     assert len({t for _, t in printed}) == lines and ra.llen("ppq:0:queue") == lines
+
+
+def _commands(group, prefix=()):
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+
+
+def test_every_help_documents_each_option_shows_defaults_one_way_and_ends_with_an_example():
+    paths = [(), *(path for path, _ in _commands(main))]
+    assert ("cancel",) in paths and ("dead", "purge") in paths
+    for path in paths:
+        command = main
+        for name in path:
+            command = command.commands[name]
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert param.help, f"ppq {' '.join(path)} {param.opts[0]} has no help"
+                assert "default" not in param.help.lower(), f"{param.opts[0]}: a default written in its help"
+        out = run_ppq(*path, "--help")
+        assert out.returncode == 0, out.stderr
+        lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        start = max(i for i, line in enumerate(lines) if line == "Example:")
+        examples = lines[start + 1:]
+        assert examples and all(line.startswith("ppq ") for line in examples), (path, examples)
+        if path:
+            assert any(line.startswith(f"ppq {' '.join(path)}") for line in examples), (path, examples)
+        assert "[default:" in out.stdout, path
+    push_help = run_ppq("push", "--help").stdout
+    assert "--task-timeout" in push_help and "(worker.task_timeout: 300.0)" in push_help
+    assert "--wait-timeout" in run_ppq("task", "--help").stdout
+
+
+def test_log_level_is_a_case_insensitive_choice_and_ambiguous_timeouts_are_renamed(master):
+    addr = address_of(master)
+    for args in (["--log-level", "debug", "status", "-m", addr, "--json"],
+                 ["status", "--log-level", "Warning", "-m", addr, "--json", "--log-format", "JSON"]):
+        out = run_ppq(*args)
+        assert out.returncode == 0, out.stderr
+    out = run_ppq("status", "--log-level", "loud", "-m", addr)
+    assert out.returncode == 2 and "loud" in out.stderr
+    out = run_ppq("push", "-m", addr, "tasks.add", "1", "2", "--timeout", "5")
+    assert out.returncode == 2 and "--task-timeout" in out.stderr and out.stdout == ""
+    out = run_ppq("task", "-m", addr, "0" * 32, "--wait", "--timeout", "5")
+    assert out.returncode == 2 and "--wait-timeout" in out.stderr
