@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .config import Config, load_config
+from .config import DEFAULT_WORKER_PORT, Config, connect_address, load_config
 from .errors import ConfigError, PPQError, TaskFailedError
 
 if TYPE_CHECKING:
@@ -196,6 +196,19 @@ def _apply_sub(ctx: click.Context, sub_config: str | None, sub_log_level: str | 
         ctx.obj["overrides"]["log_level"] = sub_log_level
 
 
+def _check_port_free(host: str, port: int, key: str) -> None:
+    """Fail in one line if ``host:port`` cannot be listened on (taken, or not an address here)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            fail(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}", RET_CONFIG)
+
+
 def _renamed(old: str, new: str) -> bool:
     raise click.UsageError(f"{old} is ambiguous here and was renamed: use {new}")
 
@@ -329,6 +342,11 @@ def worker(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
 
     _apply_sub(ctx, sub_config, sub_log_level)
     config = build_config(ctx, _worker_overrides(**options))
+    w = config.worker
+    # The agent falls back to a free port when the default one is taken (several workers on one
+    # machine); a port asked for, by flag, variable or a non-default value, must be that port.
+    if w.port and (options["port"] is not None or "PPQ_WORKER_PORT" in os.environ or w.port != DEFAULT_WORKER_PORT):
+        _check_port_free(w.host, w.port, "worker.port")
     mode = run_guarded(lambda: worker_mod.run(config))
     if mode == worker_mod.RESTART:
         command = worker_mod.restart_command()
@@ -343,16 +361,23 @@ def worker(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
 @click.option("--workers", "-w", type=int, default=1, help="Worker agents to start.")
 @click.option("--concurrency", "-c", type=int, default=None, show_default="worker.concurrency: 0 = the CPU count",
               help="Executors per worker.")
-@click.option("--port", type=int, default=None, show_default=_default("master.port"), help="Master port.")
+@click.option("--host", default=None, show_default=_default("master.host"), help="Address the master binds.")
+@click.option("--port", type=int, default=None, show_default=_default("master.port"),
+              help="Master port; 0 = any free port.")
+@click.option("--queue-index", type=int, default=None, show_default=_default("worker.queue_index"),
+              help="The queue_index the workers pull (and --demo pushes to).")
 @click.option("--data-dir", default=None, show_default="master.data_dir: ~/.local/share/ppq/master-PORT",
               help="Data directory of the embedded redis-server.")
 @click.option("--allow", multiple=True, show_default="worker.allowed_modules: none",
               help="Module tasks may come from; repeatable or comma-separated.")
+@click.option("--metrics-port", type=int, default=None, show_default="master.metrics_port: 0 = off",
+              help="Serve the master's Prometheus metrics on this port.")
+@click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without auth_token.")
 @click.option("--demo", is_flag=True, help="Push a few ppq.demo tasks once the stack is up and show their results.")
 @click.pass_context
 def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, workers: int,
-       concurrency: int | None, port: int | None, data_dir: str | None, allow: tuple[str, ...],
-       demo: bool) -> None:
+       concurrency: int | None, host: str | None, port: int | None, queue_index: int | None, data_dir: str | None,
+       allow: tuple[str, ...], metrics_port: int | None, insecure: bool | None, demo: bool) -> None:
     """Run a whole local stack in the foreground: embedded Redis, a master and workers.
 
     Ctrl-C stops everything cleanly.
@@ -366,14 +391,20 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     _apply_sub(ctx, sub_config, sub_log_level)
     if demo:
         allow = (*allow, "ppq.demo")
-    config = build_config(ctx, {"master.port": port, "master.data_dir": data_dir,
-                                "worker.allowed_modules": _split(allow)})
+    config = build_config(ctx, {"master.host": host, "master.port": port, "master.data_dir": data_dir,
+                                "master.metrics_port": metrics_port, "master.insecure": insecure,
+                                "worker.queue_index": queue_index, "worker.allowed_modules": _split(allow)})
     if workers < 0:
         fail("--workers must not be negative", RET_CONFIG)
     stop = threading.Event()
     _stop_on_signals(stop)
     server = run_guarded(lambda: MasterServer(config).start())
-    address = f"127.0.0.1:{server.port}"
+    qi = config.worker.queue_index
+    if qi not in server.stores:
+        server.stop()
+        fail(f"worker.queue_index: {qi} is not served by this master (master.redis_map has "
+             f"{', '.join(map(str, sorted(server.stores)))})", RET_CONFIG)
+    address = connect_address(config.master.host, int(server.port))
     if server.embedded is not None:
         console.print(f"redis: {server.embedded.url} (data in {server.embedded.data_dir})", markup=False,
                       highlight=False)
@@ -381,7 +412,7 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     command = [sys.executable, "-m", "ppq"]
     if ctx.obj.get("config"):
         command += ["--config", ctx.obj["config"]]
-    command += ["worker", "--master-hosts", address, "--port", "0"]
+    command += ["worker", "--master-hosts", address, "--port", "0", "--queue-index", str(qi)]
     if concurrency is not None:
         command += ["--concurrency", str(concurrency)]
     for module in _split(allow) or []:
@@ -392,8 +423,9 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     env["PPQ_LOG_FORMAT"] = config.log_format
     children = [subprocess.Popen(command, env=env) for _ in range(workers)]
     allowed = ", ".join(config.worker.allowed_modules) or "none: pass --allow MODULE"
+    reach = f"--config {ctx.obj['config']}" if ctx.obj.get("config") else f"--master {address}"
     console.print(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "
-                  f"ppq push --master {address} module.func ARGS   (Ctrl-C stops)", markup=False, highlight=False)
+                  f"ppq push {reach} module.func ARGS   (Ctrl-C stops)", markup=False, highlight=False)
     if demo:
         threading.Thread(target=_run_demo, args=(config, address, stop), daemon=True).start()
     try:
@@ -420,7 +452,7 @@ def _run_demo(config: Config, address: str, stop: threading.Event) -> None:
     """Push demo tasks through the stack and print what came back."""
     from .client import Client
 
-    client = Client([address], config=config)
+    client = Client([address], config=config, queue_index=config.worker.queue_index)
     try:
         calls = {client.push("ppq.demo.add", i, i): f"add({i}, {i})" for i in range(5)}
         calls.update({client.push("ppq.demo.slow_square", i): f"slow_square({i})" for i in range(5)})

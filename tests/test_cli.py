@@ -678,3 +678,61 @@ def test_log_level_is_a_case_insensitive_choice_and_ambiguous_timeouts_are_renam
     assert out.returncode == 2 and "--task-timeout" in out.stderr and out.stdout == ""
     out = run_ppq("task", "-m", addr, "0" * 32, "--wait", "--timeout", "5")
     assert out.returncode == 2 and "--wait-timeout" in out.stderr
+
+
+# -- ports -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port():
+    """A port this test holds open (listening), so that nothing else can bind it."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_an_explicit_port_that_is_taken_is_an_error_everywhere(taken_port, redis_a, tmp_path):
+    port = str(taken_port)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"worker": {"port": taken_port}}))
+    redis_map = f"0={redis_a.url}"
+    cases = [
+        (["worker", "--port", port, "--master-hosts", "127.0.0.1:1"], None, "worker.port"),
+        (["worker", "--master-hosts", "127.0.0.1:1"], {"PPQ_WORKER_PORT": port}, "worker.port"),
+        (["worker", "--config", str(cfg), "--master-hosts", "127.0.0.1:1"], None, "worker.port"),
+        (["worker", "--port", "0", "--metrics-port", port, "--master-hosts", "127.0.0.1:1"], None,
+         "worker.metrics_port"),
+        (["master", "--port", port, "--redis-map", redis_map], None, "master.port"),
+        (["master", "--port", "0", "--metrics-port", port, "--redis-map", redis_map], None, "master.metrics_port"),
+        (["up", "--port", port, "--data-dir", str(tmp_path / "d1"), "--workers", "0"], None, "master.port"),
+        (["up", "--port", "0", "--metrics-port", port, "--data-dir", str(tmp_path / "d2"), "--workers", "0"], None,
+         "master.metrics_port"),
+    ]
+    for args, env, key in cases:
+        out = run_ppq(*args, env=env, timeout=60)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        lines = error_lines(out.stderr)
+        assert lines[-1].startswith("ppq: error:") and key in lines[-1] and port in lines[-1], (args, out.stderr)
+        assert "Traceback" not in out.stderr
+
+
+def test_up_takes_host_queue_index_and_metrics_port_like_the_daemons(up_stack, redis_a, redis_b, ra, rb):
+    metrics = free_port()
+    stack = up_stack("--host", "127.0.0.1", "--queue-index", "1", "--metrics-port", str(metrics), "--allow", "tasks",
+                     config={"master": {"redis_map": {0: redis_a.url, 1: redis_b.url}}})
+    cfg = str(stack.config)
+    out = run_ppq("push", "--config", cfg, "-q", "1", "tasks.add", "20", "22", "--wait", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.split()[1]) == 42
+    workers = stack.call("server_info")[1]["workers"]
+    assert len(workers) == 1 and stack.call("server_info")[0]["workers"] == []
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as reply:
+        assert "queue_index=\"1\"" in reply.read().decode()
+    out = run_ppq("up", "--config", cfg, "--port", "0", "--queue-index", "5", "--workers", "0", timeout=60)
+    assert out.returncode == 2 and "worker.queue_index: 5 is not served" in out.stderr
