@@ -572,7 +572,10 @@ class _PushFile:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         columns = (TextColumn("pushing"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[count]} pushed"))
         try:
-            with f, Progress(*columns, console=err_console.get(), transient=True) as progress:
+            # The bar is drawn on stderr; ids go to stdout, through the bar's console only when
+            # both are the terminal (so that they print above the bar), else straight to the file.
+            with f, Progress(*columns, console=err_console.get(), transient=True,
+                             redirect_stdout=sys.stdout.isatty()) as progress:
                 size = os.fstat(f.fileno()).st_size or None
                 bar = progress.add_task("pushing", total=size, count=0)
                 batch: list[tuple[int, dict[str, Any]]] = []
@@ -982,6 +985,9 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
             rows.append({"worker": w, "stats": stats, "running": running})
     if as_json:
         _print_json(rows)
+        return
+    if not rows:
+        click.echo("no live workers")
         return
     table = _table(title="workers")
     for name in ("worker", "function", "count", "ok", "failed", "mean time (s)"):

@@ -504,6 +504,8 @@ def test_unknown_ppq_variables_warn_and_typos_stop_with_the_right_name(master):
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("PPQ_PROJECT") == 1 and "not a ppq setting" in out.stderr
     assert json.loads(out.stdout) == []
+    out = run_ppq("workers", "-m", addr)
+    assert out.returncode == 0 and out.stdout.strip() == "no live workers"
     out = run_ppq("status", "-m", addr, env={"PPQ_MASTER_PROT": "7600"})
     assert out.returncode == 2
     assert error_lines(out.stderr) == ["ppq: error: unknown environment variable PPQ_MASTER_PROT: did you mean "

@@ -961,3 +961,41 @@ def test_status_and_top_in_an_80_column_terminal(master, client, spawn, command)
     assert max(len(line) for line in lines) <= 80, screen
     assert _queued_in(screen) == 1234, screen
     assert "leased" in screen and "…" not in screen
+
+
+def test_push_file_at_a_terminal_with_ids_to_a_file(master, spawn, tmp_path):
+    """`ppq push --file tasks.jsonl > ids.txt` typed at a terminal: the progress bar is drawn on the
+    terminal, and every id still goes to ids.txt."""
+    lines = 3000
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(f'{{"task": "tasks.add", "args": [{i}, 0]}}\n' for i in range(lines)))
+    ids_path = tmp_path / "ids.txt"
+    master_fd, slave_fd = os.openpty()
+    fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    output = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master_fd, 65536)
+            except OSError:  # EIO: the terminal's last user is gone
+                return
+            if not chunk:
+                return
+            output.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    with open(ids_path, "w") as ids:
+        proc = subprocess.run([sys.executable, "-m", "ppq", "push", "-m", address_of(master), "--file", str(path),
+                               "--chunk", "100"], stdin=slave_fd, stdout=ids, stderr=slave_fd,
+                              env=dict(spawn.env(), TERM="xterm-256color"), cwd=str(TESTS_DIR), timeout=60)
+    os.close(slave_fd)
+    reader.join(10)
+    os.close(master_fd)
+    terminal = bytes(output)
+    assert proc.returncode == 0, terminal.decode(errors="replace")
+    printed = ids_path.read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in printed] == list(range(1, lines + 1))
+    assert f"{lines} pushed, 0 refused".encode() in terminal
+    assert b"\t" not in terminal.replace(b"\r", b"")  # no id went to the terminal
