@@ -428,12 +428,18 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
                   f"ppq push {reach} module.func ARGS   (Ctrl-C stops)", markup=False, highlight=False)
     if demo:
         threading.Thread(target=_run_demo, args=(config, address, stop), daemon=True).start()
+    config_error = False
     try:
-        while not stop.wait(0.5):
+        while not config_error and not stop.wait(0.5):
             for i, child in enumerate(children):
-                if child.poll() is not None and not stop.is_set():
-                    log.warning("worker pid %s exited with %s; starting another", child.pid, child.returncode)
-                    children[i] = subprocess.Popen(command, env=env)
+                if child.poll() is None or stop.is_set():
+                    continue
+                if child.returncode == RET_CONFIG:
+                    # Its one-line error is above; another worker would only fail the same way.
+                    config_error = True
+                    break
+                log.warning("worker pid %s exited with %s; starting another", child.pid, child.returncode)
+                children[i] = subprocess.Popen(command, env=env)
     finally:
         console.print("stopping...", markup=False)
         for child in children:
@@ -446,6 +452,8 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
             except subprocess.TimeoutExpired:
                 child.kill()
         server.stop()
+    if config_error:
+        fail("a worker stopped on a configuration error (above); everything is stopped", RET_CONFIG)
 
 
 def _run_demo(config: Config, address: str, stop: threading.Event) -> None:

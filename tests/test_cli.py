@@ -738,3 +738,18 @@ def test_up_takes_host_queue_index_and_metrics_port_like_the_daemons(up_stack, r
         assert "queue_index=\"1\"" in reply.read().decode()
     out = run_ppq("up", "--config", cfg, "--port", "0", "--queue-index", "5", "--workers", "0", timeout=60)
     assert out.returncode == 2 and "worker.queue_index: 5 is not served" in out.stderr
+
+
+def test_up_stops_when_a_worker_fails_on_its_config_instead_of_restarting_it(spawn, tmp_path, taken_port):
+    """Two workers cannot share worker.metrics_port: the one that cannot listen exits with a config
+    error, and `ppq up` stops everything with exit code 2 rather than restarting it again and again."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"master": {"port": free_port(), "data_dir": str(tmp_path / "data")},
+                                   "worker": {"metrics_port": taken_port}}))
+    up = spawn("up", "--config", str(cfg), "--workers", "1", name="up")
+    assert up.wait(60) == 2, spawn.log(up)
+    log = spawn.log(up)
+    assert "starting another" not in log
+    assert f"worker.metrics_port: cannot listen on {taken_port}" in log
+    assert log.strip().splitlines()[-1] == ("ppq: error: a worker stopped on a configuration error (above); "
+                                            "everything is stopped")
