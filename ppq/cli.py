@@ -21,7 +21,7 @@ import click
 
 from . import __version__
 from .config import DEFAULT_WORKER_PORT, Config, connect_address, load_config
-from .errors import ConfigError, PPQError, TaskFailedError
+from .errors import ConfigError, ConnectError, PPQError, TaskFailedError
 
 if TYPE_CHECKING:
     from .client import Client
@@ -98,6 +98,9 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         return fn()
     except ConfigError as exc:
         fail(str(exc), RET_CONFIG)
+    except ConnectError as exc:
+        fail(f"ConnectError: {exc} (is a master running there? `ppq up` starts one; -m HOST:PORT or "
+             f"--config names another)")
     except PPQError as exc:
         fail(f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:

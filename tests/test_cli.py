@@ -287,6 +287,7 @@ def test_status_with_no_master_is_one_line(tmp_path):
     assert out.returncode == 1
     lines = error_lines(out.stderr)
     assert lines[-1].startswith("ppq: error:") and "ConnectError" in lines[-1]
+    assert "is a master running there? `ppq up` starts one" in lines[-1]
     assert "Traceback" not in out.stderr
 
 
