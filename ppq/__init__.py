@@ -1,7 +1,9 @@
 """ppq: a distributed task queue over Pyro5 and Redis."""
 
+from .api import Master, Worker
 from .client import Client, task
 from .codec import decode_parameters, encode_parameters
+from .config import Config, load_config
 from .errors import (
     AuthError,
     CodecError,
@@ -24,10 +26,12 @@ __all__ = [
     "AuthError",
     "Client",
     "CodecError",
+    "Config",
     "ConfigError",
     "ConnectError",
     "InvalidTaskError",
     "LeaseLostError",
+    "Master",
     "NotAllowedError",
     "PPQError",
     "PyroFunc",
@@ -35,7 +39,9 @@ __all__ = [
     "StorageError",
     "TaskFailedError",
     "TaskTimeoutError",
+    "Worker",
     "decode_parameters",
     "encode_parameters",
+    "load_config",
     "task",
 ]

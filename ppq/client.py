@@ -150,6 +150,15 @@ class Client:
         return self.call("get_task_info", task_id, qi)  # type: ignore[no-any-return]
 
     def cancel(self, task_id: str, queue_index: int | None = None) -> str | None:
+        """Cancel a task; return the state it was in, or None if it is unknown.
+
+        - ``"queued"``, ``"delayed"`` or ``"failed"`` (waiting for a retry): it is
+          now ``cancelled`` and will never run;
+        - ``"running"``: it runs to its end, then becomes ``cancelled`` with its
+          result dropped (``info(id)["cancel_requested"]`` is True meanwhile);
+        - ``"done"``, ``"dead"``, ``"expired"`` or ``"cancelled"``: it had ended;
+          nothing changed.
+        """
         qi = self.queue_index if queue_index is None else queue_index
         return self.call("cancel_task", task_id, qi)  # type: ignore[no-any-return]
 

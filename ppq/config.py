@@ -12,6 +12,7 @@ or a value out of range raises :class:`~ppq.errors.ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -21,6 +22,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ConfigError
+
+log = logging.getLogger("ppq.config")
 
 # Port of the master's Pyro5 daemon.
 DEFAULT_MASTER_PORT = 7600
@@ -97,7 +100,7 @@ class MasterConfig:
 class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_WORKER_PORT
-    master_hosts: list[str] = field(default_factory=lambda: [f"127.0.0.1:{DEFAULT_MASTER_PORT}"])
+    master_hosts: list[str] = field(default_factory=list)
     queue_index: int = 0
     concurrency: int = 0
     pool: str = "processes"
@@ -134,6 +137,42 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
 
+    def __post_init__(self) -> None:
+        # An empty worker.master_hosts means this config's own master; the derived
+        # list is marked, so that a copy with another master port derives it again.
+        worker = self.worker
+        derived = getattr(worker, "_derived_from", None)
+        if not worker.master_hosts or (derived is not None and derived != self.own_master()):
+            worker = dataclasses.replace(worker, master_hosts=[self.own_master()])
+            object.__setattr__(worker, "_derived_from", self.own_master())
+            object.__setattr__(self, "worker", worker)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+        """A config from the seed's dotted settings, checked like the YAML file.
+
+        ``Config.from_settings({"master.port": 7600, "master.redis_map": {0: ["127.0.0.1", 6379, 0]}})``.
+        Keys are dotted (``"worker.master_hosts"``) or nested (``{"worker": {...}}``);
+        a bad key or value raises :class:`ConfigError` naming it. ``PPQ_*``
+        variables are read only when ``environ`` is given (``os.environ``, say), and
+        then override the settings as they override the YAML file.
+        """
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"settings: expected a mapping of dotted keys, got {type(settings).__name__}")
+        for name in settings:
+            if not isinstance(name, str):
+                raise ConfigError(f"settings: key {name!r} is not a string")
+        data: dict[str, Any] = {}
+        _merge(data, {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in settings.items()})
+        if environ is not None:
+            _merge(data, env_overrides(environ))
+        return _build(cls, data, "")  # type: ignore[no-any-return]
+
+    def own_master(self) -> str:
+        """The address of this config's master, as a client reaches it: ``master.host:master.port``,
+        with a wildcard bind (``0.0.0.0``, ``::`` or empty) reached on loopback."""
+        return connect_address(self.master.host, self.master.port)
+
     @property
     def worker_secret(self) -> str | None:
         """The token a worker agent sends: ``worker_token``, else ``auth_token``."""
@@ -150,8 +189,21 @@ class Config:
         return bool(self.auth_token or self.worker_token or self.client_token)
 
     def client_masters(self) -> list[str]:
-        """The master addresses a client uses: ``client.masters``, else the worker's."""
+        """The master addresses a client uses: ``client.masters``, else ``worker.master_hosts``,
+        which itself defaults to this config's own master."""
         return list(self.client.masters or self.worker.master_hosts)
+
+
+def connect_address(host: str, port: int) -> str:
+    """``host:port`` to connect to a server bound to ``host``: a wildcard bind is reached on loopback."""
+    host = (host or "").strip()
+    if host in ("", "0.0.0.0", "*"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 _SECTIONS = {
@@ -229,7 +281,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def redis_url(key: str, value: Any) -> str:
-    """Normalise one ``redis_map`` entry (a URL or ``{host, port, db, password}``) to a URL."""
+    """Normalise one ``redis_map`` entry to a URL: a URL, ``{host, port, db, password}``, or the
+    seed's ``[host, port, db]`` list (or tuple)."""
     if isinstance(value, str):
         parsed = urlparse(value)
         if parsed.scheme not in ("redis", "rediss", "unix") or not (parsed.hostname or parsed.path):
@@ -239,6 +292,11 @@ def redis_url(key: str, value: Any) -> str:
         except ValueError:
             raise ConfigError(f"{key}: bad port in {value!r}") from None
         return value
+    if isinstance(value, (list, tuple)):
+        # The seed's form: (host, port, db), optionally with a password.
+        if not 2 <= len(value) <= 4:
+            raise ConfigError(f"{key}: expected [host, port, db] (or [host, port, db, password]), got {value!r}")
+        value = dict(zip(("host", "port", "db", "password"), value, strict=False))
     if isinstance(value, Mapping):
         unknown = set(value) - {"host", "port", "db", "password", "username"}
         if unknown:
@@ -252,7 +310,7 @@ def redis_url(key: str, value: Any) -> str:
         if value.get("password"):
             auth = f"{value.get('username', '')}:{value['password']}@"
         return f"redis://{auth}{host}:{port}/{db}"
-    raise ConfigError(f"{key}: expected a redis:// URL or a mapping, got {value!r}")
+    raise ConfigError(f"{key}: expected a redis:// URL, a mapping or [host, port, db], got {value!r}")
 
 
 def _redis_map(value: Mapping[Any, Any]) -> dict[int, str]:
@@ -275,7 +333,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ConfigError(f"unknown config key {key!r}")
+            import difflib
+
+            close = difflib.get_close_matches(str(name), sorted(names), 1, 0.75)
+            hint = f" (did you mean {prefix}{close[0]!s}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
         if name in _SECTIONS and not prefix:
             if value is None:
                 value = {}
@@ -314,11 +376,20 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
             if not isinstance(child, dict):
                 child = node[part] = {}
             node = child
-        node[parts[-1]] = value
+        last = parts[-1]
+        if len(parts) == 1 and last in _SECTIONS and isinstance(value, Mapping) and isinstance(node.get(last), dict):
+            node[last].update(value)  # a whole section after some of its dotted keys
+        else:
+            node[last] = value
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The dotted keys set by ``PPQ_*`` variables; unknown ``PPQ_*`` names are an error."""
+    """The dotted keys set by ``PPQ_*`` variables.
+
+    An unknown ``PPQ_*`` name close to a known one (``PPQ_MASTER_PROT``) is an
+    error that names the known one; any other unknown ``PPQ_*`` name is logged
+    once as a warning and ignored.
+    """
     known: dict[str, str] = {}
     for f in dataclasses.fields(Config):
         if f.name in _SECTIONS:
@@ -331,7 +402,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith("PPQ_") or name in _IGNORED_ENV:
             continue
         if name not in known:
-            raise ConfigError(f"unknown environment variable {name}")
+            _unknown_env(name, [*known, *_IGNORED_ENV])
+            continue
         key = known[name]
         if key in _TOKENS:
             result[key] = raw
@@ -347,6 +419,25 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 # PPQ_* variables that are not config keys.
 _IGNORED_ENV = {"PPQ_CONFIG"}
+# How alike (difflib ratio) an unknown PPQ_* name and a known one must be for the
+# unknown one to count as a typo of it, and so to stop the command.
+_TYPO_RATIO = 0.85
+# Unknown PPQ_* names already warned about in this process.
+_warned_env: set[str] = set()
+
+
+def _unknown_env(name: str, known: list[str]) -> None:
+    """A typo of a known variable is an error naming the right one; anything else is warned about once."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, 1, _TYPO_RATIO)
+    if close:
+        raise ConfigError(f"unknown environment variable {name}: did you mean {close[0]}?")
+    if name not in _warned_env:
+        _warned_env.add(name)
+        near = difflib.get_close_matches(name, known, 1, 0.7)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        log.warning("ignoring environment variable %s: not a ppq setting%s", name, hint)
 
 
 def read_yaml(path: str) -> dict[str, Any]:

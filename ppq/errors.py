@@ -43,16 +43,32 @@ class TaskTimeoutError(PPQError):
 
 
 class TaskFailedError(PPQError):
-    """A task ended in failure; carries the remote error type, message and traceback."""
+    """A task ended in failure.
+
+    ``error`` is the remote error as recorded ("ValueError: bad input"), split
+    into ``type`` ("ValueError"; "" when the task did not fail with an
+    exception, as a cancelled or expired one) and ``message`` ("bad input");
+    ``traceback`` is the remote traceback, if there was one.
+    """
 
     def __init__(self, task_id: str, error: str = "", traceback: str = "") -> None:
         super().__init__(task_id, error, traceback)
         self.task_id = task_id
         self.error = error
         self.traceback = traceback
+        self.type, self.message = _split_error(error)
 
     def __str__(self) -> str:
         return f"task {self.task_id} failed: {self.error}"
+
+
+def _split_error(error: str) -> tuple[str, str]:
+    """("ValueError", "bad input") from "ValueError: bad input"; ("", error) when it names no type."""
+    name, sep, message = error.partition(": ")
+    parts = name.split(".")
+    if sep and all(part.isidentifier() for part in parts) and parts[-1][:1].isupper():
+        return name, message
+    return "", error
 
 
 class ResultTimeoutError(PPQError, TimeoutError):

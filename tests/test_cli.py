@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import signal
+import subprocess
 
+import click
 import psutil
 import pytest
 import yaml
@@ -16,7 +20,7 @@ from ppq import Client, PyroFunc, decode_parameters
 from ppq.cli import main
 from ppq.embedded import free_port
 
-from .conftest import address_of, pid_gone, run_ppq, wait_for
+from .conftest import TESTS_DIR, address_of, pid_gone, ppq_command, ppq_env, run_ppq, wait_for
 
 W1 = {"id": "cli-test-worker", "host": "box", "pid": 77, "heartbeat_interval": 5}
 
@@ -214,7 +218,7 @@ def test_flag_beats_env_beats_yaml_through_the_cli(make_master, master, redis_a,
 def test_push_prints_an_id_and_task_shows_it(master, call):
     addr = address_of(master)
     out = run_ppq("push", "-m", addr, "tasks.echo", "1", "two", '{"x": [1]}', "-k", "k=v", "-k", "n=2",
-                  "--delay", "60", "--key", "cli-key", "--max-retry", "2", "--retry-delay", "--timeout", "9")
+                  "--delay", "60", "--key", "cli-key", "--max-retry", "2", "--retry-delay", "--task-timeout", "9")
     assert out.returncode == 0, out.stderr
     task_id = out.stdout.strip()
     assert len(out.stdout.splitlines()) == 1 and task_id
@@ -283,6 +287,7 @@ def test_status_with_no_master_is_one_line(tmp_path):
     assert out.returncode == 1
     lines = error_lines(out.stderr)
     assert lines[-1].startswith("ppq: error:") and "ConnectError" in lines[-1]
+    assert "is a master running there? `ppq up` starts one" in lines[-1]
     assert "Traceback" not in out.stderr
 
 
@@ -313,7 +318,7 @@ def test_dead_list_requeue_purge(master, call):
     assert out.returncode == 0 and "requeued 1 task(s)" in out.stdout
     assert call("get_task_info", first, 0)["state"] == "queued"
     assert [t["id"] for t in call("dead_tasks", 0)] == [second]
-    out = run_ppq("dead", "purge", "-m", addr, second)
+    out = run_ppq("dead", "purge", "-m", addr, second, "--yes")
     assert out.returncode == 0 and "purged 1 task(s)" in out.stdout
     assert call("get_task_info", second, 0) is None
     # --all / everything.
@@ -323,7 +328,7 @@ def test_dead_list_requeue_purge(master, call):
     assert "requeued 2 task(s)" in out.stdout
     assert {call("get_task_info", t, 0)["state"] for t in (first, third)} == {"queued"}
     fourth = _dead_task(call, "fourth")  # fails the requeued first and third again, too
-    out = run_ppq("dead", "purge", "-m", addr)
+    out = run_ppq("dead", "purge", "-m", addr, "--all", "--yes")
     assert out.returncode == 0 and "purged 3 task(s)" in out.stdout and call("dead_tasks", 0) == []
     assert all(call("get_task_info", t, 0) is None for t in (first, third, fourth))
 
@@ -412,3 +417,340 @@ def test_up_runs_a_local_stack_and_sigint_stops_everything(spawn, tmp_path):
         for pid in children:  # only if the test failed half-way: they were started by this test
             if not pid_gone(pid):
                 psutil.Process(pid).kill()
+
+
+# -- user paths: a stack started with `ppq up --config FILE` -------------------------------------------------
+
+
+class UpStack:
+    """A ``ppq up --config cfg.yaml`` subprocess on a free port, with its embedded Redis under tmp_path."""
+
+    def __init__(self, spawn, tmp_path, *args, config=None, env=None):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        data = {"master": {"port": self.port, "data_dir": str(tmp_path / "up-data")},
+                "worker": {"max_sleep": 1, "heartbeat_interval": 0.5}}
+        for section, values in (config or {}).items():
+            data.setdefault(section, {}).update(values)
+        self.config = tmp_path / "cfg.yaml"
+        self.config.write_text(yaml.safe_dump(data))
+        self.spawn = spawn
+        self.proc = spawn("up", "--config", str(self.config), *args, env=env, name="up")
+        self.call = PyroFunc(self.address, timeout=3, default_return=None)
+        wait_for(lambda: self.proc.poll() is not None or self.call("ping") == "pong", timeout=30,
+                 what="ppq up's master")
+        assert self.proc.poll() is None, spawn.log(self.proc)
+        self.children = {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+
+    def stop(self):
+        self.call.close()
+        if self.proc.poll() is None:
+            self.children |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except Exception:  # noqa: BLE001 - killed below
+                self.proc.kill()
+        for pid in self.children:  # started by this test; only left if it failed half-way
+            if not pid_gone(pid):
+                psutil.Process(pid).kill()
+
+
+@pytest.fixture
+def up_stack(spawn, tmp_path):
+    stacks = []
+
+    def start(*args, config=None, env=None):
+        stacks.append(UpStack(spawn, tmp_path, *args, config=config, env=env))
+        return stacks[-1]
+
+    yield start
+    for stack in stacks:
+        stack.stop()
+
+
+def test_client_commands_and_workers_reach_the_configs_own_master(up_stack, spawn, tmp_path):
+    """With master.port in the config and nothing else, every client command given that config (by
+    --config, PPQ_CONFIG or PPQ_MASTER_PORT) and a worker given it reach that master, not 7600."""
+    stack = up_stack("--workers", "1", "--allow", "tasks")
+    cfg = str(stack.config)
+    redis_url = stack.call("server_info")[0]["redis"]
+    out = run_ppq("push", "--config", cfg, "tasks.add", "2", "3", "--wait")
+    assert out.returncode == 0, out.stderr
+    task_id, result = out.stdout.split()
+    assert json.loads(result) == 5 and stack.call("get_task_info", task_id, 0)["state"] == "done"
+    for args, env in ((["status", "--config", cfg, "--json"], None),
+                      (["--config", cfg, "status", "--json"], None),
+                      (["status", "--json"], {"PPQ_CONFIG": cfg}),
+                      (["status", "--json"], {"PPQ_MASTER_PORT": str(stack.port)})):
+        out = run_ppq(*args, env=env)
+        assert out.returncode == 0, (args, env, out.stderr)
+        assert json.loads(out.stdout)["0"]["redis"] == redis_url, (args, env)
+    out = run_ppq("push", "tasks.add", "1", "1", env={"PPQ_CONFIG": cfg})
+    assert out.returncode == 0, out.stderr
+    assert stack.call("get_task_info", out.stdout.strip(), 0) is not None
+    # A worker given only the config pulls from the same master.
+    worker = spawn("worker", "--config", cfg, "--allow", "tasks", "--port", "0", "-c", "1")
+    wait_for(lambda: any(w.get("pid") == worker.pid for w in stack.call("server_info")[0]["workers"]),
+             what="the worker started with --config to register")
+    # -m beats the config.
+    out = run_ppq("status", "--config", cfg, "-m", f"127.0.0.1:{free_port()}",
+                  env={"PPQ_CLIENT_RETRY": "1", "PPQ_CLIENT_TIMEOUT": "2"})
+    assert out.returncode == 1 and "ConnectError" in out.stderr
+
+
+def test_unknown_ppq_variables_warn_and_typos_stop_with_the_right_name(master):
+    addr = address_of(master)
+    out = run_ppq("workers", "-m", addr, "--json", env={"PPQ_PROJECT": "/x"})
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("PPQ_PROJECT") == 1 and "not a ppq setting" in out.stderr
+    assert json.loads(out.stdout) == []
+    out = run_ppq("workers", "-m", addr)
+    assert out.returncode == 0 and out.stdout.strip() == "no live workers"
+    out = run_ppq("status", "-m", addr, env={"PPQ_MASTER_PROT": "7600"})
+    assert out.returncode == 2
+    assert error_lines(out.stderr) == ["ppq: error: unknown environment variable PPQ_MASTER_PROT: did you mean "
+                                       "PPQ_MASTER_PORT?"]
+
+
+def test_dead_commands_confirm_report_unknown_ids_and_say_when_empty(master, call, tmp_path):
+    addr = address_of(master)
+    out = run_ppq("dead", "list", "-m", addr)
+    assert out.returncode == 0 and out.stdout.strip() == "no dead tasks in queue_index 0"
+    first, second = _dead_task(call, "one"), _dead_task(call, "two")
+    unknown = "f" * 32
+    # Nothing named: a usage error, nothing deleted.
+    out = run_ppq("dead", "purge", "-m", addr)
+    assert out.returncode == 2 and "--all" in out.stderr
+    # --all without a terminal to ask at: refused without --yes.
+    out = run_ppq("dead", "purge", "-m", addr, "--all")
+    assert out.returncode == 2 and "--yes" in out.stderr
+    assert len(call("dead_tasks", 0)) == 2
+    # Unknown ids are named and make the exit code 1; the known ones are still handled.
+    out = run_ppq("dead", "purge", "-m", addr, first, unknown, "--yes")
+    assert out.returncode == 1 and "purged 1 task(s)" in out.stdout
+    assert f"{unknown}: unknown in queue_index 0" in out.stderr
+    assert call("get_task_info", first, 0) is None
+    queued = call("push_task", "add", module="tasks", args=[1, 1])
+    out = run_ppq("dead", "requeue", "-m", addr, unknown, queued)
+    assert out.returncode == 1 and "requeued 0 task(s)" in out.stdout
+    assert f"{unknown}: unknown" in out.stderr and f"{queued}: queued, not dead" in out.stderr
+    # The group takes --config too.
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"client": {"masters": [addr]}}))
+    out = run_ppq("dead", "--config", str(cfg), "list", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [t["id"] for t in json.loads(out.stdout)] == [second]
+
+
+def test_cancel_command(master, call):
+    addr = address_of(master)
+    gone = _dead_task(call, "gone")
+    waiting = call("push_task", "add", module="tasks", args=[1, 1])
+    later = call("push_task", "add", module="tasks", args=[1, 1], delay=60)
+    out = run_ppq("cancel", "-m", addr, waiting, later)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{waiting}: cancelled (was queued)", f"{later}: cancelled (was delayed)"]
+    assert {call("get_task_info", t, 0)["state"] for t in (waiting, later)} == {"cancelled"}
+    out = run_ppq("cancel", "-m", addr, waiting, gone, "0" * 32)
+    assert out.returncode == 1
+    assert out.stdout.strip() == f"{waiting}: already cancelled"
+    assert f"{gone}: already dead, not cancelled" in out.stderr and f"{'0' * 32}: unknown" in out.stderr
+    assert call("get_task_info", gone, 0)["state"] == "dead"
+    out = run_ppq("cancel", "-m", addr)
+    assert out.returncode == 2
+
+
+def test_push_file_streams_and_prints_ids_as_chunks_are_stored(master, call, tmp_path):
+    """The file is a FIFO still being written: ids of the first chunks come out before it ends."""
+    fifo = tmp_path / "tasks.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*ppq_command(), "push", "-m", address_of(master), "--file", str(fifo), "--chunk", "2",
+                             "-q", "1", "--max-retry", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=ppq_env(), cwd=str(TESTS_DIR), text=True)
+    try:
+        with open(fifo, "w") as writer:
+            for i in range(4):
+                writer.write(json.dumps({"task": "tasks.add", "args": [i, i]}) + "\n")
+            writer.write(json.dumps({"task": "tasks.add", "args": [9, 9], "queue_index": 0}) + "\n")
+            writer.flush()
+            first = [proc.stdout.readline() for _ in range(4)]  # before the writer has closed the file
+            assert [line.split("\t")[0] for line in first] == ["1", "2", "3", "4"]
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    ids = dict(line.split("\t") for line in [*first, *rest.splitlines()])
+    ids = {n: t.strip() for n, t in ids.items()}
+    info = call("get_task_info", ids["1"], 1)  # -q applies to lines that do not set queue_index
+    assert (info["args"], info["max_retry"]) == ([0, 0], 3)
+    assert call("get_task_info", ids["5"], 0)["args"] == [9, 9]
+    assert "5 pushed, 0 refused" in err
+
+
+def test_push_file_names_a_line_that_is_not_utf8(master, call, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"task": "tasks.echo", "args": ["ok"]}).encode() + b"\n"
+                     + '{"task": "tasks.echo", "args": ["caf\u00e9"]}\n'.encode("latin-1"))
+    out = run_ppq("push", "-m", address_of(master), "--file", str(path))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "line 2: refused: not UTF-8 text" in out.stderr and "1 pushed, 1 refused" in out.stderr
+    (n, task_id), = (line.split("\t") for line in out.stdout.splitlines())
+    assert n == "1" and call("get_task_info", task_id, 0)["args"] == ["ok"]
+
+
+def test_push_file_ctrl_c_keeps_every_printed_id_and_resumes_with_skip(master, ra, tmp_path):
+    """SIGINT to a real `ppq push --file big.jsonl > ids.txt` mid-file: every id in ids.txt is stored,
+    nothing else is, and --skip N from the message pushes exactly the rest."""
+    lines = 60_000
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        for i in range(lines):
+            f.write(f'{{"task": "tasks.add", "args": [{i}, 1]}}\n')
+    ids_path = tmp_path / "ids.txt"
+    args = [*ppq_command(), "push", "-m", address_of(master), "--file", str(big), "--chunk", "200"]
+    with open(ids_path, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, env=ppq_env(), cwd=str(TESTS_DIR),
+                                text=True)
+    try:
+        wait_for(lambda: ids_path.stat().st_size > 0, what="the first ids")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    found = re.search(r"interrupted after (\d+) pushed \(lines 1-(\d+) done\): resume with --skip (\d+)", err)
+    assert found, err
+    pushed, last, skip = map(int, found.groups())
+    assert pushed == last == skip and 0 < pushed < lines
+    printed = [line.split("\t") for line in ids_path.read_text().splitlines()]
+    assert [int(n) for n, _ in printed] == list(range(1, pushed + 1))
+    assert ra.llen("ppq:0:queue") == pushed
+    with open(ids_path, "a") as out:
+        rest = subprocess.run([*args, "--skip", str(skip)], stdout=out, stderr=subprocess.PIPE, env=ppq_env(),
+                              cwd=str(TESTS_DIR), text=True, timeout=120)
+    assert rest.returncode == 0, rest.stderr
+    printed = [line.split("\t") for line in ids_path.read_text().splitlines()]
+    assert [int(n) for n, _ in printed] == list(range(1, lines + 1))
+    assert len({t for _, t in printed}) == lines and ra.llen("ppq:0:queue") == lines
+
+
+def _commands(group, prefix=()):
+    for name, command in sorted(group.commands.items()):
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+
+
+def test_every_help_documents_each_option_shows_defaults_one_way_and_ends_with_an_example():
+    paths = [(), *(path for path, _ in _commands(main))]
+    assert ("cancel",) in paths and ("dead", "purge") in paths
+    for path in paths:
+        command = main
+        for name in path:
+            command = command.commands[name]
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert param.help, f"ppq {' '.join(path)} {param.opts[0]} has no help"
+                assert "default" not in param.help.lower(), f"{param.opts[0]}: a default written in its help"
+        out = run_ppq(*path, "--help")
+        assert out.returncode == 0, out.stderr
+        lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        start = max(i for i, line in enumerate(lines) if line == "Example:")
+        examples = lines[start + 1:]
+        assert examples and all(line.startswith("ppq ") for line in examples), (path, examples)
+        if path:
+            assert any(line.startswith(f"ppq {' '.join(path)}") for line in examples), (path, examples)
+        assert "[default:" in out.stdout, path
+    push_help = run_ppq("push", "--help").stdout
+    assert "--task-timeout" in push_help and "(worker.task_timeout: 300.0)" in push_help
+    assert "--wait-timeout" in run_ppq("task", "--help").stdout
+
+
+def test_log_level_is_a_case_insensitive_choice_and_ambiguous_timeouts_are_renamed(master):
+    addr = address_of(master)
+    for args in (["--log-level", "debug", "status", "-m", addr, "--json"],
+                 ["status", "--log-level", "Warning", "-m", addr, "--json", "--log-format", "JSON"]):
+        out = run_ppq(*args)
+        assert out.returncode == 0, out.stderr
+    out = run_ppq("status", "--log-level", "loud", "-m", addr)
+    assert out.returncode == 2 and "loud" in out.stderr
+    out = run_ppq("push", "-m", addr, "tasks.add", "1", "2", "--timeout", "5")
+    assert out.returncode == 2 and "--task-timeout" in out.stderr and out.stdout == ""
+    out = run_ppq("task", "-m", addr, "0" * 32, "--wait", "--timeout", "5")
+    assert out.returncode == 2 and "--wait-timeout" in out.stderr
+
+
+# -- ports -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port():
+    """A port this test holds open (listening), so that nothing else can bind it."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_an_explicit_port_that_is_taken_is_an_error_everywhere(taken_port, redis_a, tmp_path):
+    port = str(taken_port)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"worker": {"port": taken_port}}))
+    redis_map = f"0={redis_a.url}"
+    cases = [
+        (["worker", "--port", port, "--master-hosts", "127.0.0.1:1"], None, "worker.port"),
+        (["worker", "--master-hosts", "127.0.0.1:1"], {"PPQ_WORKER_PORT": port}, "worker.port"),
+        (["worker", "--config", str(cfg), "--master-hosts", "127.0.0.1:1"], None, "worker.port"),
+        (["worker", "--port", "0", "--metrics-port", port, "--master-hosts", "127.0.0.1:1"], None,
+         "worker.metrics_port"),
+        (["master", "--port", port, "--redis-map", redis_map], None, "master.port"),
+        (["master", "--port", "0", "--metrics-port", port, "--redis-map", redis_map], None, "master.metrics_port"),
+        (["up", "--port", port, "--data-dir", str(tmp_path / "d1"), "--workers", "0"], None, "master.port"),
+        (["up", "--port", "0", "--metrics-port", port, "--data-dir", str(tmp_path / "d2"), "--workers", "0"], None,
+         "master.metrics_port"),
+    ]
+    for args, env, key in cases:
+        out = run_ppq(*args, env=env, timeout=60)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        lines = error_lines(out.stderr)
+        assert lines[-1].startswith("ppq: error:") and key in lines[-1] and port in lines[-1], (args, out.stderr)
+        assert "Traceback" not in out.stderr
+
+
+def test_up_takes_host_queue_index_and_metrics_port_like_the_daemons(up_stack, redis_a, redis_b, ra, rb):
+    metrics = free_port()
+    stack = up_stack("--host", "127.0.0.1", "--queue-index", "1", "--metrics-port", str(metrics), "--allow", "tasks",
+                     config={"master": {"redis_map": {0: redis_a.url, 1: redis_b.url}}})
+    cfg = str(stack.config)
+    out = run_ppq("push", "--config", cfg, "-q", "1", "tasks.add", "20", "22", "--wait", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.split()[1]) == 42
+    workers = stack.call("server_info")[1]["workers"]
+    assert len(workers) == 1 and stack.call("server_info")[0]["workers"] == []
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as reply:
+        assert "queue_index=\"1\"" in reply.read().decode()
+    out = run_ppq("up", "--config", cfg, "--port", "0", "--queue-index", "5", "--workers", "0", timeout=60)
+    assert out.returncode == 2 and "worker.queue_index: 5 is not served" in out.stderr
+
+
+def test_up_stops_when_a_worker_fails_on_its_config_instead_of_restarting_it(spawn, tmp_path, taken_port):
+    """Two workers cannot share worker.metrics_port: the one that cannot listen exits with a config
+    error, and `ppq up` stops everything with exit code 2 rather than restarting it again and again."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"master": {"port": free_port(), "data_dir": str(tmp_path / "data")},
+                                   "worker": {"metrics_port": taken_port}}))
+    up = spawn("up", "--config", str(cfg), "--workers", "1", name="up")
+    assert up.wait(60) == 2, spawn.log(up)
+    log = spawn.log(up)
+    assert "starting another" not in log
+    assert f"worker.metrics_port: cannot listen on {taken_port}" in log
+    assert log.strip().splitlines()[-1] == ("ppq: error: a worker stopped on a configuration error (above); "
+                                            "everything is stopped")

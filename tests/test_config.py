@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
 
 from ppq.config import Config, env_overrides, load_config, redis_url, to_dict
 from ppq.errors import ConfigError
+from ppq.rpc import PyroFunc, master_uri
 
 from .conftest import REPO
 
@@ -185,3 +187,93 @@ def test_ppq_config_names_the_file_when_no_path_is_given(tmp_path):
     config = load_config(environ={"PPQ_CONFIG": str(path)})
     assert config.client_masters() == ["10.1.2.3:7600"] and config.worker.queue_index == 4
     assert load_config(environ={}).worker.queue_index == 0
+
+
+@pytest.mark.parametrize(("master", "expected"), [
+    ({"port": 7655}, "127.0.0.1:7655"),
+    ({"host": "0.0.0.0", "port": 7656}, "127.0.0.1:7656"),
+    ({"host": "", "port": 7657}, "127.0.0.1:7657"),
+    ({"host": "10.0.0.5"}, "10.0.0.5:7600"),
+    ({"host": "::", "port": 7658}, "[::1]:7658"),
+])
+def test_clients_and_workers_default_to_the_configs_own_master(tmp_path, master, expected):
+    config = load_config(write(tmp_path, {"master": master}), environ={})
+    assert config.worker.master_hosts == [expected] and config.client_masters() == [expected]
+    # The same when the port comes from the environment, and a copy with another port follows it.
+    assert load_config(environ={"PPQ_MASTER_PORT": "7699"}).client_masters() == ["127.0.0.1:7699"]
+    moved = dataclasses.replace(config, master=dataclasses.replace(config.master, port=7001, host="127.0.0.1"))
+    assert moved.worker.master_hosts == ["127.0.0.1:7001"]
+    # Given addresses are kept as they are.
+    given = load_config(write(tmp_path, {"master": master, "worker": {"master_hosts": ["h:1"]}}), environ={})
+    assert given.worker.master_hosts == ["h:1"]
+    given = load_config(write(tmp_path, {"master": master, "client": {"masters": ["c:2"]}}), environ={})
+    assert given.client_masters() == ["c:2"] and given.worker.master_hosts == [expected]
+
+
+def test_redis_map_takes_the_seeds_host_port_db_list(tmp_path):
+    path = write(tmp_path, "master:\n  redis_map: {0: ['127.0.0.1', 6379, 0], 2: [10.0.0.5, 6380, 3]}\n")
+    assert load_config(path, environ={}).master.redis_map == {0: "redis://127.0.0.1:6379/0",
+                                                               2: "redis://10.0.0.5:6380/3"}
+    config = Config.from_settings({"master.redis_map": {0: ("127.0.0.1", 6379, 0)}, "master.port": 7600})
+    assert config.master.redis_map == {0: "redis://127.0.0.1:6379/0"} and config.master.port == 7600
+    for bad in (["127.0.0.1"], ["127.0.0.1", "6379", 0], ["h", 1, 2, "pw", "extra"]):
+        with pytest.raises(ConfigError, match=r"master\.redis_map\[0\]"):
+            load_config(write(tmp_path, {"master": {"redis_map": {0: bad}}}), environ={})
+
+
+def test_from_settings_takes_dotted_keys_checked_like_the_yaml(tmp_path):
+    settings = {"master.port": 7601, "master.redis_map": {0: ["127.0.0.1", 6379, 0]}, "worker.queue_index": 2,
+                "worker.master_hosts": ["PYROLOC://127.0.0.1:7601/queue"], "worker.max_sleep": 2}
+    config = Config.from_settings(settings)
+    yaml_path = write(tmp_path, {"master": {"port": 7601, "redis_map": {0: ["127.0.0.1", 6379, 0]}},
+                                 "worker": {"queue_index": 2, "master_hosts": ["PYROLOC://127.0.0.1:7601/queue"],
+                                            "max_sleep": 2}})
+    assert config == load_config(yaml_path, environ={})
+    # Nested sections mix with dotted keys, in any order.
+    assert Config.from_settings({"master.port": 1, "master": {"result_ttl": 5}}).master.port == 1
+    # The environment is read only when asked for.
+    assert Config.from_settings({"master.port": 1}, environ={"PPQ_MASTER_PORT": "2"}).master.port == 2
+    assert Config.from_settings({"master.port": 1}).master.port == 1
+    for bad, key in (({"master.prot": 1}, "master.prot"), ({"master.port": "x"}, "master.port"),
+                     ({"master.redis_map": {0: "http://x"}}, "master.redis_map[0]"), ({"bogus": 1}, "bogus"),
+                     ({"worker.concurrency": -1}, "worker.concurrency")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            Config.from_settings(bad)
+
+
+@pytest.mark.parametrize(("address", "uri"), [
+    ("PYROLOC://127.0.0.1:7600/queue", "PYRO:queue@127.0.0.1:7600"),
+    ("PYROLOC://10.0.0.1:7601", "PYRO:queue@10.0.0.1:7601"),
+    ("pyroloc://h:1/other", "PYRO:other@h:1"),
+    ("127.0.0.1:7600", "PYRO:queue@127.0.0.1:7600"),
+    ("[::1]:7600", "PYRO:queue@[::1]:7600"),
+    ("PYRO:queue@h:2", "PYRO:queue@h:2"),
+])
+def test_master_addresses_in_every_form(address, uri):
+    assert master_uri(address) == uri
+    func = PyroFunc(address, retry=1, random_idx=True, threaded=True)
+    assert func.uris == [uri]
+
+
+@pytest.mark.parametrize("address", ["PYROLOC://127.0.0.1/queue", "PYROLOC://:7600/queue", "nohost", "h:port"])
+def test_bad_master_addresses_are_refused(address):
+    with pytest.raises(ConfigError, match="master address"):
+        master_uri(address)
+
+
+def test_env_typos_name_the_known_variable_and_other_ppq_names_warn_once(caplog):
+    for typo, known in (("PPQ_MASTER_PROT", "PPQ_MASTER_PORT"), ("PPQ_AUTHTOKEN", "PPQ_AUTH_TOKEN"),
+                        ("PPQ_WORKER_CONCURENCY", "PPQ_WORKER_CONCURRENCY"), ("PPQ_CONFG", "PPQ_CONFIG")):
+        with pytest.raises(ConfigError, match=f"unknown environment variable {typo}: did you mean {known}"):
+            load_config(environ={typo: "1"})
+    with caplog.at_level("WARNING", logger="ppq.config"):
+        for _ in range(3):
+            config = load_config(environ={"PPQ_PROJECT_ONCE": "/x", "PPQ_MASTER_PORT": "7612"})
+    assert config.master.port == 7612
+    warnings = [r.getMessage() for r in caplog.records if "PPQ_PROJECT_ONCE" in r.getMessage()]
+    assert len(warnings) == 1 and "not a ppq setting" in warnings[0]
+
+
+def test_unknown_yaml_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"'master.prot' \(did you mean master.port\?\)"):
+        load_config(write(tmp_path, {"master": {"prot": 1}}), environ={})

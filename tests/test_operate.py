@@ -15,6 +15,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -166,6 +167,25 @@ def test_result_raises_task_failed_error(master, client, spawn):
     assert "raise ValueError(message)" in exc.traceback and "tasks.py" in exc.traceback
     assert "the reactor melted" in str(exc)
     assert isinstance(exc, ppq.PPQError)
+    assert (exc.type, exc.message) == ("ValueError", "the reactor melted")
+    # The same from results(), which yields the error instead of raising it.
+    other = client.push("tasks.add", 1, max_retry=0)  # add() missing an argument: TypeError
+    ((tid, failed),) = list(client.results([other], timeout=20))
+    assert tid == other and isinstance(failed, TaskFailedError)
+    assert failed.type == "TypeError" and "missing 1 required positional argument" in failed.message
+    assert "Traceback" in failed.traceback
+
+
+@pytest.mark.parametrize(("error", "type_", "message"), [
+    ("ValueError: a: b", "ValueError", "a: b"),
+    ("app.errors.QuotaError: over quota", "app.errors.QuotaError", "over quota"),
+    ("cancelled", "", "cancelled"),
+    ("lease expired 3 times: workers lost", "", "lease expired 3 times: workers lost"),
+    ("", "", ""),
+])
+def test_task_failed_error_splits_type_and_message(error, type_, message):
+    exc = TaskFailedError("t1", error, "tb")
+    assert (exc.task_id, exc.error, exc.type, exc.message, exc.traceback) == ("t1", error, type_, message, "tb")
 
 
 def test_result_timeout(client):
@@ -289,7 +309,7 @@ def test_dead_list_requeue_and_purge(master, client, spawn, ra, tmp_path):
     fourth = client.push("tasks.boom", "purge me too", max_retry=0)
     final_info(client, third, "dead")
     final_info(client, fourth, "dead")
-    out = cli(spawn, "dead", "purge", "-m", address)
+    out = cli(spawn, "dead", "purge", "--all", "--yes", "-m", address)
     assert out.returncode == 0, out.stderr
     assert "purged 2" in out.stdout
     out = cli(spawn, "dead", "list", "--json", "-m", address)
@@ -338,25 +358,26 @@ def test_status_table_and_json(master, client, spawn):
     out = cli(spawn, "status", "-m", address)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    header = next(line for line in text.splitlines() if "queue_index" in line)
+    header = next(line for line in text.splitlines() if "queued" in line)
     cells = [c.strip() for c in re.split(r"[┃│]", header) if c.strip()]
-    for name in ("queue_index", "queued", "delayed", "running", "dead", "done/min", "failed/min", "workers"):
+    for name in ("queue", "queued", "delayed", "leased", "running", "dead", "done/min", "fail/min", "workers"):
         assert name in cells, f"column {name} missing from {cells}"
     rows = {}
     for line in text.splitlines():
         parts = [c.strip() for c in line.split("│")]
         if len(parts) > len(cells) and parts[1].isdigit():
             rows[parts[1]] = dict(zip(cells, parts[1:], strict=False))
-    assert rows["0"]["queued"] == "2" and rows["0"]["delayed"] == "1" and rows["0"]["running"] == "1"
-    assert rows["0"]["dead"] == "1" and rows["0"]["done/min"] == "2" and rows["0"]["failed/min"] == "1"
+    assert rows["0"]["queued"] == "2" and rows["0"]["delayed"] == "1" and rows["0"]["leased"] == "1"
+    assert rows["0"]["running"] == "1"  # as the worker reported at its last heartbeat
+    assert rows["0"]["dead"] == "1" and rows["0"]["done/min"] == "2" and rows["0"]["fail/min"] == "1"
     assert rows["0"]["workers"] == "1" and rows["1"]["queued"] == "1" and rows["1"]["workers"] == "0"
-    # The workers table: one row per live worker, with the task it runs and its counts.
+    # The workers table: one row per live worker, with its counts and the task it runs.
     worker_id = q0["workers"][0]["id"]
-    assert re.search(r"^\s*workers\s*$", text, re.MULTILINE), text
+    assert re.search(r"^\s*workers \(1\)\s*$", text, re.MULTILINE), text
     row = next((line for line in text.splitlines() if worker_id in line), None)
     assert row is not None, f"worker {worker_id} missing from the workers table:\n{text}"
     cells = [c.strip() for c in row.split("│")[1:-1]]
-    assert cells[:6] == [worker_id, "0", "1", long, "2", "1"], cells
+    assert cells[:6] == [worker_id, "0", "1", "1", "2", "1"] and cells[-1] == long, cells
 
     # done/min rises as tasks finish.
     more = [client.push("tasks.add", i, 1, queue_index=1) for i in range(3)]
@@ -441,7 +462,7 @@ def test_top_in_a_pty(master, client, spawn):
     try:
         wait_for(lambda: _latest_queued(term.frames()) == 3, timeout=20, what="top to show 3 queued")
         screen = next(f for f in reversed(term.frames()) if _queued_in(f) == 3)
-        for name in ("queue_index", "queued", "delayed", "running", "dead", "done/min", "failed/min", "workers"):
+        for name in ("queue", "queued", "delayed", "leased", "running", "dead", "done/min", "fail/min", "workers"):
             assert name in screen, name
         drawn = len(term.frames())
         for i in range(4):
@@ -515,7 +536,7 @@ def test_top_in_tmux(master, client, spawn, tmp_path):
     try:
         wait_for(lambda: _queued_in(term.screen()) == 2, timeout=20, what="top in tmux to show 2 queued")
         screen = term.screen()
-        assert "ppq top" in screen and "queue_index" in screen and "workers" in screen
+        assert "ppq top" in screen and "queued" in screen and "workers" in screen
         for i in range(3):
             client.push("tasks.add", i, i)
         wait_for(lambda: _queued_in(term.screen()) == 5, timeout=20, what="top in tmux to show 5 queued")
@@ -763,3 +784,218 @@ def test_log_format_is_taken_after_the_command_too(spawn, redis_a, tmp_path):
     assert proc.poll() is None, err_path.read_text()
     for line in lines:
         assert json.loads(line)["logger"].startswith("ppq"), line
+
+
+# -- the seed's documented usage, as scripts run in their own processes ----------------------------------
+
+SEED_MASTER = """
+import ppq
+
+settings = {{
+    "master.port": {port},
+    "master.redis_map": {{0: ["127.0.0.1", {redis_port}, 0]}},
+    "master.allow_pickle": {pickle},
+}}
+ppq.Master(ppq.Config.from_settings(settings)).serve()
+"""
+
+SEED_WORKER = """
+import ppq
+
+settings = {{
+    "worker.master_hosts": ["PYROLOC://127.0.0.1:{port}/queue"],
+    "worker.queue_index": 0,
+    "worker.port": 0,
+    "worker.max_sleep": 1,
+    "worker.allowed_modules": ["time"],
+    "worker.allow_pickle": {pickle},
+}}
+ppq.Worker(ppq.Config.from_settings(settings)).serve()
+"""
+
+SEED_CLIENT = """
+import pickle
+import sys
+
+from ppq import PyroFunc
+
+client = PyroFunc("PYROLOC://127.0.0.1:{port}/queue", retry=1, random_idx=True, threaded=True)
+print(client("push_task", "sleep", module="time", queue_index=0), flush=True)
+args, kw = (0.01,), {{}}
+print(client("push_task", "sleep", module="time", parameters=pickle.dumps((args, kw)), queue_index=0), flush=True)
+"""
+
+
+def run_script(spawn: Any, tmp_path: Path, name: str, text: str, wait: bool = False) -> Any:
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    log = tmp_path / f"{name}.log"
+    with open(log, "wb") as out:
+        if wait:
+            return subprocess.run([sys.executable, str(path)], env=spawn.env(), cwd=str(tmp_path),
+                                  stdout=subprocess.PIPE, stderr=out, text=True, timeout=60), log
+        proc = subprocess.Popen([sys.executable, str(path)], env=spawn.env(), cwd=str(tmp_path), stdout=out,
+                                stderr=subprocess.STDOUT)
+    spawn.procs.append(proc)  # killed at teardown if the test fails half-way
+    return proc, log
+
+
+@pytest.mark.parametrize("pickle_on", [("master", "worker"), ("master",), ()])
+def test_seed_master_worker_and_client_snippets(spawn, redis_a, ra, tmp_path, pickle_on):
+    """A master and a worker started from Python with the seed's dotted settings (a [host, port, db]
+    redis_map, a PYROLOC master address), and the seed's PyroFunc client pushing to them."""
+    port = free_port()
+    master, master_log = run_script(spawn, tmp_path, "seed_master", SEED_MASTER.format(
+        port=port, redis_port=redis_a.port, pickle="master" in pickle_on))
+    call = PyroFunc(f"127.0.0.1:{port}", timeout=3, default_return=None)
+    wait_for(lambda: master.poll() is not None or call("ping") == "pong", what="the seed master")
+    assert master.poll() is None, master_log.read_text()
+    worker, worker_log = run_script(spawn, tmp_path, "seed_worker", SEED_WORKER.format(
+        port=port, pickle="worker" in pickle_on))
+    wait_for(lambda: worker.poll() is not None or call("server_info")[0]["workers"], what="the seed worker")
+    assert worker.poll() is None, worker_log.read_text()
+    pushed, client_log = run_script(spawn, tmp_path, "seed_client", SEED_CLIENT.format(port=port), wait=True)
+    ids = pushed.stdout.split()
+    # time.sleep() with no argument fails in the worker, as it always did (TypeError), then goes dead.
+    info = wait_for(lambda: (i := call("get_task_info", ids[0], 0)) and i["state"] == "dead" and i, timeout=30)
+    assert info["error"].startswith("TypeError")
+    if "master" not in pickle_on:
+        assert pushed.returncode == 1 and len(ids) == 1
+        assert "master.allow_pickle" in client_log.read_text()
+    else:
+        assert pushed.returncode == 0, client_log.read_text()
+        state = "done" if "worker" in pickle_on else "dead"
+        info = wait_for(lambda: (i := call("get_task_info", ids[1], 0)) and i["state"] == state and i, timeout=30)
+        if state == "dead":
+            assert "worker.allow_pickle" in info["error"], info
+    call.close()
+    for proc in (worker, master):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_dead_purge_asks_at_a_terminal(master, client, call, spawn):
+    """At a terminal, purge shows what it will delete and asks; "n" keeps everything, "y" deletes."""
+    address = address_of(master)
+    ids = [client.push("tasks.boom", max_retry=0) for _ in range(2)]
+    worker = spawn.worker(address)
+    for task_id in ids:
+        final_info(client, task_id, "dead")
+    worker.terminate()
+    for answer, code, left in ((b"n\r", 1, 2), (b"y\r", 0, 0)):
+        term = PtyTerminal([sys.executable, "-m", "ppq", "dead", "purge", "--all", "-m", address], spawn.env(),
+                           cols=120)
+        try:
+            wait_for(lambda term=term: "for good? [y/N]" in "".join(term.frames()), what="the question")
+            assert "(2)" in "".join(term.frames())
+            term.press(answer)
+            assert term.proc.wait(20) == code, "".join(term.frames())
+        finally:
+            term.close()
+        assert len(call("dead_tasks", 0)) == left
+
+
+def _busy_info() -> dict[int, dict[str, Any]]:
+    worker = {"id": "a-rather-long-hostname.example.com:123456:abcdef", "concurrency": 16, "running": ["a" * 32],
+              "done": 1234567, "failed": 89012, "last_heartbeat": time.time()}
+    return {0: {"ok": True, "queued": 1234567, "delayed": 23456, "running": 34567, "dead": 4567,
+                "done_per_min": 567890, "failed_per_min": 6789, "pushed": 987654321, "done": 87654321,
+                "retried": 7654321, "expired": 65432, "cancelled": 5432, "redis": "redis://127.0.0.1:6379/0",
+                "workers": [worker, dict(worker, id="w2")]},
+            1: {"ok": False, "redis": "redis://10.0.0.1:6379/1", "error": "Connection refused", "workers": []}}
+
+
+def _numbers(info: dict[int, dict[str, Any]]) -> set[str]:
+    found = {"0", "1", "2", "16"}  # queue indexes, worker and running counts, executors
+    for entry in info.values():
+        found |= {str(v) for v in entry.values() if isinstance(v, int)}
+        for w in entry["workers"]:
+            found |= {str(v) for v in w.values() if isinstance(v, int)}
+    return found
+
+
+@pytest.mark.parametrize("width", [80, 100, 132, 200])
+def test_status_tables_fit_the_width_without_cutting_a_number(width):
+    import io
+
+    from rich.console import Console
+
+    from ppq.cli import status_tables
+
+    info = _busy_info()
+    out = Console(file=io.StringIO(), width=width)
+    out.print(status_tables(info, width))
+    text = out.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= width, text
+    assert "…" not in text
+    numbers = [c.strip() for line in text.splitlines() for c in line.split("│")[1:-1] if c.strip().isdigit()]
+    assert numbers and set(numbers) <= _numbers(info), text
+    header = next(line for line in text.splitlines() if "queued" in line)
+    for name in ("queue", "queued", "leased", "dead"):
+        assert f" {name} " in header, header  # the first columns are always there
+    if width >= 200:
+        assert "pushed" in header and "redis://127.0.0.1:6379/0" in text and "a" * 32 in text
+    assert "queue_index 1: Redis redis://10.0.0.1:6379/1 UNREACHABLE" in text.replace("\n", " ")
+
+
+@pytest.mark.parametrize("command", ["status", "top"])
+def test_status_and_top_in_an_80_column_terminal(master, client, spawn, command):
+    address = address_of(master)
+    for i in range(1234):
+        client.push("tasks.add", i, i)
+    argv = [sys.executable, "-m", "ppq", command, "-m", address]
+    if command == "top":
+        argv += ["--interval", "0.5"]
+    term = PtyTerminal(argv, spawn.env(), rows=40, cols=80)
+    try:
+        wait_for(lambda: _latest_queued(term.frames()) == 1234 if command == "top"
+                 else term.proc.poll() is not None, timeout=20, what=f"ppq {command} to draw")
+        frames = term.frames()
+        if command == "top":
+            term.press(b"\x03")
+        assert term.proc.wait(10) == 0
+    finally:
+        term.close()
+    screen = next(f for f in reversed(frames) if _queued_in(f)) if command == "top" else "\n".join(frames)
+    lines = screen.replace("\r", "").splitlines()
+    assert max(len(line) for line in lines) <= 80, screen
+    assert _queued_in(screen) == 1234, screen
+    assert "leased" in screen and "…" not in screen
+
+
+def test_push_file_at_a_terminal_with_ids_to_a_file(master, spawn, tmp_path):
+    """`ppq push --file tasks.jsonl > ids.txt` typed at a terminal: the progress bar is drawn on the
+    terminal, and every id still goes to ids.txt."""
+    lines = 3000
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(f'{{"task": "tasks.add", "args": [{i}, 0]}}\n' for i in range(lines)))
+    ids_path = tmp_path / "ids.txt"
+    master_fd, slave_fd = os.openpty()
+    fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    output = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master_fd, 65536)
+            except OSError:  # EIO: the terminal's last user is gone
+                return
+            if not chunk:
+                return
+            output.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    with open(ids_path, "w") as ids:
+        proc = subprocess.run([sys.executable, "-m", "ppq", "push", "-m", address_of(master), "--file", str(path),
+                               "--chunk", "100"], stdin=slave_fd, stdout=ids, stderr=slave_fd,
+                              env=dict(spawn.env(), TERM="xterm-256color"), cwd=str(TESTS_DIR), timeout=60)
+    os.close(slave_fd)
+    reader.join(10)
+    os.close(master_fd)
+    terminal = bytes(output)
+    assert proc.returncode == 0, terminal.decode(errors="replace")
+    printed = ids_path.read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in printed] == list(range(1, lines + 1))
+    assert f"{lines} pushed, 0 refused".encode() in terminal
+    assert b"\t" not in terminal.replace(b"\r", b"")  # no id went to the terminal

@@ -60,10 +60,20 @@ def register_errors() -> None:
 
 
 def master_uri(address: str, objid: str = MASTER_OBJECT) -> str:
-    """``host:port`` (or a full ``PYRO:`` URI) as a Pyro5 URI of ``objid``."""
+    """``host:port`` (or a full ``PYRO:`` URI) as a Pyro5 URI of ``objid``.
+
+    The Pyro4-era ``PYROLOC://host:port/objid`` form (objid optional) names the
+    same thing and becomes ``PYRO:objid@host:port``.
+    """
     address = address.strip()
     if address.startswith(("PYRO:", "PYROMETA:", "PYRONAME:")):
         return address
+    if address.upper().startswith("PYROLOC://"):
+        location, _, named = address[len("PYROLOC://"):].partition("/")
+        host, sep, port = location.rpartition(":")
+        if not sep or not port.isdigit() or not host or "/" in named:
+            raise ConfigError(f"master address {address!r} is not PYROLOC://host:port/objid")
+        return f"PYRO:{named or objid}@{host}:{port}"
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"master address {address!r} is not host:port or a PYRO: URI")

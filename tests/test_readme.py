@@ -1,0 +1,300 @@
+"""README.md, run: every console and python block, against a stack started the README's way.
+
+A temporary HOME and working directory stand for the user's; mytasks.py is written there from
+the README (the ``$ cat mytasks.py`` output, then the block that adds ``@task`` to it), and
+``ppq up --allow mytasks --workers 2`` is started there as "terminal 1". The README's port,
+7600, is the default; here every block runs against a free port instead, and how each block
+gets there is said in BLOCKS below: console commands get ``PPQ_MASTER_PORT`` (client commands
+and workers reach the config's own master, so the README's commands run unchanged), python
+blocks get their ``7600`` replaced by the port. A block the table does not know fails the
+test, so a new README example must say here how it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from ppq import PyroFunc
+from ppq.embedded import free_port
+
+from .conftest import REPO, pid_gone, ppq_command, wait_for
+
+README = REPO / "README.md"
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, text) of every console and python block of README.md, in order."""
+    return [(lang, text) for lang, text in re.findall(r"```(\w+)\n(.*?)```", README.read_text(), re.DOTALL)
+            if lang in ("console", "python")]
+
+
+def console_commands(text: str) -> list[tuple[str, list[str]]]:
+    """Each ``$ command`` of a console block, without its comment, with the output lines shown under it."""
+    out: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("$ "):
+            out.append((" ".join(shlex.split(line[2:], comments=True)), []))
+        elif out:
+            out[-1][1].append(line)
+    return out
+
+
+class Session:
+    """The user's machine: a HOME, a working directory, and the processes started in it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.home = tmp_path / "home"
+        self.cwd = tmp_path / "work"
+        self.home.mkdir()
+        self.cwd.mkdir()
+        self.port = free_port()  # the README's 7600
+        self.background: list[subprocess.Popen[bytes]] = []
+        self.count = 0
+
+    def env(self, port: int | None = None) -> dict[str, str]:
+        """The user's environment; PPQ_MASTER_PORT stands for the README's 7600 (none when ``port`` is 0)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PPQ_", "XDG_"))}
+        env.update(HOME=str(self.home), PYTHONPATH=str(REPO))
+        if port != 0:
+            env["PPQ_MASTER_PORT"] = str(port or self.port)
+        return env
+
+    def argv(self, command: str) -> list[str]:
+        words = shlex.split(command)
+        if words[0] == "ppq":
+            return [*ppq_command(), *words[1:]]
+        if words[0] == "python":
+            return [sys.executable, *words[1:]]
+        raise AssertionError(f"no way to run {command!r}")
+
+    def run(self, command: str, port: int | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(command), cwd=self.cwd, env=self.env(port), capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+
+    def start(self, argv: list[str], port: int | None = None) -> subprocess.Popen[bytes]:
+        self.count += 1
+        log = self.cwd.parent / f"background-{self.count}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env(port), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        proc.log = log  # type: ignore[attr-defined]
+        self.background.append(proc)
+        return proc
+
+    def python(self, text: str, port: int | None = None, background: bool = False, **swap: int) -> Any:
+        """Run a python block as a script in the working directory, its ports swapped as given."""
+        for old, new in {"7600": port or self.port, **{k.lstrip("_"): v for k, v in swap.items()}}.items():
+            text = text.replace(str(old), str(new))
+        self.count += 1
+        script = self.cwd / f"block_{self.count}.py"
+        script.write_text(text)
+        if background:
+            return self.start([sys.executable, script.name], port)
+        return subprocess.run([sys.executable, script.name], cwd=self.cwd, env=self.env(port), capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> int:
+        children = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)} if proc.poll() is None else set()
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        code = proc.wait(60)
+        wait_for(lambda: all(pid_gone(p) for p in children), timeout=30, what="the children to exit")
+        return code
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return Path(proc.log).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def cleanup(self) -> None:
+        for proc in self.background:
+            if proc.poll() is None:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[Session]:
+    s = Session(tmp_path)
+    yield s
+    s.cleanup()
+
+
+def answers(port: int) -> Callable[[], bool]:
+    ping = PyroFunc(f"127.0.0.1:{port}", timeout=2, default_return=None)
+    return lambda: ping("ping") == "pong"
+
+
+# -- how each block runs, keyed by a line it holds ---------------------------------------------------------
+
+
+def quickstart(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """`pip install .` is skipped (the test runs from the checkout); `ppq up --demo` runs on its own
+    free port, in the temporary HOME, until its demo has printed; then Ctrl-C."""
+    commands = dict(console_commands(text))
+    assert set(commands) == {"pip install .", "ppq up --demo"}
+    port = free_port()
+    up = s.start(s.argv("ppq up --demo"), port=port)
+    wait_for(lambda: up.poll() is not None or "went to the dead list as expected" in s.log(up), timeout=90,
+             what="the demo")
+    assert up.poll() is None, s.log(up)
+    assert f"master-{port}" in s.log(up)  # the data directory named in the README, under HOME
+    assert (s.home / ".local" / "share" / "ppq" / f"master-{port}").is_dir()
+    assert s.stop(up) == 0, s.log(up)
+
+
+def first_steps(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """mytasks.py was written from this block; "terminal 1" is a background `ppq up` in the working
+    directory, "terminal 2" runs the rest; each command as written, with PPQ_MASTER_PORT set."""
+    commands = console_commands(text)
+    assert [c for c, _ in commands] == ["cat mytasks.py", "ppq up --allow mytasks --workers 2",
+                                        "ppq push mytasks.add 2 3 --wait", "ppq status", "ppq dead list"]
+    assert (s.cwd / "mytasks.py").read_text().startswith("\n".join(commands[0][1]) + "\n")
+    out = s.run(commands[2][0])
+    assert out.returncode == 0, out.stderr
+    task_id, result = out.stdout.split()
+    assert re.fullmatch(r"[0-9a-f]{32}", task_id) and result == "5"
+    out = s.run(commands[3][0])
+    assert out.returncode == 0 and "queues" in out.stdout and "workers (2)" in out.stdout, out.stdout + out.stderr
+    out = s.run(commands[4][0])
+    assert out.returncode == 0 and out.stdout.strip() == "no dead tasks in queue_index 0", out.stderr
+
+
+def python_block(expected: list[str] | None = None, choices: set[str] | None = None) -> Callable[..., None]:
+    """A python block run as a script against the stack (7600 replaced by its port); each line it
+    prints is checked against the values in the README's comments."""
+
+    def run(s: Session, text: str, ctx: dict[str, Any]) -> None:
+        out = s.python(text)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.split()
+        if expected is not None:
+            assert lines == expected, (lines, out.stderr)
+        if choices is not None:
+            assert len(lines) == 1 and lines[0] in choices, lines
+
+    return run
+
+
+def mytasks_addition(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Added to mytasks.py before the stack starts (see test_readme); here it is checked as a module."""
+    assert "def mul" in (s.cwd / "mytasks.py").read_text()
+
+
+def seed_client(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """7600 is the stack's port; 7601 a free port where nothing listens, so PyroFunc fails over."""
+    out = s.python(text, _7601=free_port())
+    assert out.returncode == 0, out.stderr
+    call = PyroFunc(f"127.0.0.1:{s.port}")
+    counts = call("server_info")[0]
+    call.close()
+    assert counts["pushed"] >= 3
+
+
+def seed_master(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Run in the background on a port of its own, 6379 replaced by the tests' Redis; stopped with
+    SIGTERM after seed_worker.py has registered with it."""
+    port = free_port()
+    ctx["seed_port"] = port
+    ctx["seed_master"] = s.python(text, port=port, background=True, _6379=ctx["redis_port"])
+    wait_for(lambda: ctx["seed_master"].poll() is not None or answers(port)(), what="seed_master.py")
+    assert ctx["seed_master"].poll() is None, s.log(ctx["seed_master"])
+
+
+def seed_worker(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Run in the background against seed_master.py's port, until it is listed there; then both get SIGTERM."""
+    port = ctx["seed_port"]
+    worker = s.python(text, port=port, background=True)
+    call = PyroFunc(f"127.0.0.1:{port}", timeout=3)
+    wait_for(lambda: worker.poll() is not None or call("server_info")[0]["workers"], what="seed_worker.py")
+    assert worker.poll() is None, s.log(worker)
+    call.close()
+    assert s.stop(worker, signal.SIGTERM) == 0, s.log(worker)
+    assert s.stop(ctx["seed_master"], signal.SIGTERM) == 0, s.log(ctx["seed_master"])
+
+
+def for_real(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """A ppq.yaml of the test's (master port, data directory) in the working directory, and no
+    PPQ_MASTER_PORT: master, worker and status reach each other through the file alone. Master
+    and worker run in the background as written (--concurrency 8 becomes 2 on this shared
+    machine), then `ppq status --config ppq.yaml` must show the worker."""
+    commands = [c for c, _ in console_commands(text)]
+    assert commands == ["ppq master --config ppq.yaml", "ppq worker --config ppq.yaml --concurrency 8",
+                        "ppq status --config ppq.yaml"]
+    port = free_port()
+    (s.cwd / "ppq.yaml").write_text(yaml.safe_dump({
+        "master": {"port": port, "data_dir": str(s.cwd / "real-data")},
+        "worker": {"heartbeat_interval": 0.5, "max_sleep": 1}}))
+    master = s.start(s.argv(commands[0]), port=0)
+    wait_for(lambda: master.poll() is not None or answers(port)(), what="ppq master --config")
+    assert master.poll() is None, s.log(master)
+    worker = s.start(s.argv(commands[1].replace("--concurrency 8", "--concurrency 2")), port=0)
+    call = PyroFunc(f"127.0.0.1:{port}", timeout=3)
+    wait_for(lambda: call("server_info")[0]["workers"], what="the worker to register")
+    call.close()
+    out = s.run(commands[2], port=0)
+    assert out.returncode == 0 and "workers (1)" in out.stdout, out.stdout + out.stderr
+    assert s.stop(worker, signal.SIGTERM) == 0, s.log(worker)
+    assert s.stop(master, signal.SIGTERM) == 0, s.log(master)
+
+
+def development(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Not run: installing is what the test environment already did, and the test run is this one."""
+    assert [c for c, _ in console_commands(text)] == ["pip install -e .[dev]",
+                                                      "python -m pytest -q -p no:cacheprovider"]
+
+
+# A line of each block -> how it runs.
+BLOCKS: dict[str, Callable[..., None]] = {
+    "$ ppq up --demo": quickstart,
+    "$ cat mytasks.py": first_steps,
+    "client = Client([\"127.0.0.1:7600\"])\ntask_id": python_block(["5", "999000"]),
+    "except TaskFailedError as exc:": python_block(["TypeError"]),
+    "@task(max_retry=2)": mytasks_addition,
+    "task_id = mytasks.mul.push(3, 4)": python_block(["12", "12"]),
+    "client = PyroFunc(": seed_client,
+    "# seed_master.py": seed_master,
+    "# seed_worker.py": seed_worker,
+    "queue = Pyro5.api.Proxy(": python_block(choices={"queued", "running", "done"}),
+    "$ ppq master --config ppq.yaml": for_real,
+    "$ pip install -e": development,
+}
+
+
+def handler(lang: str, text: str) -> Callable[..., None]:
+    found = [run for key, run in BLOCKS.items() if key in text]
+    assert len(found) == 1, f"README {lang} block matched {len(found)} entries of BLOCKS:\n{text}"
+    return found[0]
+
+
+def test_readme(session, redis_a):
+    blocks = readme_blocks()
+    handlers = [handler(lang, text) for lang, text in blocks]
+    assert len(set(map(id, handlers))) == len(BLOCKS), "an entry of BLOCKS matches no README block"
+    # mytasks.py as the README shows it: the `cat` output, then the @task addition.
+    cat = dict(console_commands(next(t for _, t in blocks if "$ cat mytasks.py" in t)))["cat mytasks.py"]
+    addition = next(t for _, t in blocks if "@task(max_retry=2)" in t)
+    (session.cwd / "mytasks.py").write_text("\n".join(cat) + "\n\n\n" + addition)
+    # Terminal 1.
+    up = session.start(session.argv("ppq up --allow mytasks --workers 2"))
+    call = PyroFunc(f"127.0.0.1:{session.port}", timeout=3, default_return=None)
+    wait_for(lambda: up.poll() is not None or len((call("server_info") or {0: {}})[0].get("workers", [])) == 2,
+             timeout=60, what="ppq up and its two workers")
+    assert up.poll() is None, session.log(up)
+    call.close()
+    ctx: dict[str, Any] = {"redis_port": redis_a.port}
+    for (_, text), run in zip(blocks, handlers, strict=True):
+        run(session, text, ctx)
+    assert session.stop(up) == 0, session.log(up)
