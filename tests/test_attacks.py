@@ -1,0 +1,342 @@
+"""Attacks on real ppq processes from outside, black box.
+
+Every test starts its own ``ppq master`` (and ``ppq worker`` where needed) as a
+subprocess under an address-space cap (tests/attack_tools.py), attacks it the way
+an outside attacker would (raw sockets speaking Pyro5's wire format, plain Pyro5
+proxies, ppq's PyroFunc with a valid token), and asserts on behaviour only: the
+process's memory and CPU time read from /proc, how long the server takes to refuse
+or close, what ends up in Redis and in the log, and that a fresh authenticated
+client still gets in and is served within a couple of seconds.
+
+A refused attack may show as a closed connection or as an error reply; both pass.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import marshal
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import Pyro5.api
+import Pyro5.errors
+import pytest
+import redis
+
+from ppq import PyroFunc
+from ppq.embedded import RedisServer, free_port
+
+from .attack_tools import (
+    CLOSED,
+    CONNECT,
+    CONNECTFAIL,
+    CONNECTOK,
+    FLAG_COMPRESSED,
+    FLAG_EXCEPTION,
+    INVOKE,
+    TIMEOUT,
+    Master,
+    Target,
+    authed_socket,
+    chunks_of_push,
+    client_ok,
+    close_all,
+    connect_body,
+    expanding,
+    invoke_body,
+    m_dict,
+    m_int,
+    m_str,
+    message,
+    outcome,
+    raw_socket,
+    refused,
+    send_quietly,
+    wait_until,
+)
+
+TOKEN = "red-team-token"
+MiB = 1024 * 1024
+# Memory an attack may add to the master's high-water mark.
+SMALL_GROWTH = 50 * MiB
+# A declared element count whose array alone is 800 MB (8 bytes per slot).
+HUGE_COUNT = 100_000_000
+
+
+# -- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def targets() -> Iterator[list[Target]]:
+    started: list[Target] = []
+    yield started
+    for target in started:
+        target.stop()
+
+
+@pytest.fixture
+def start_master(tmp_path: Path, redis_a: RedisServer, ra: redis.Redis,
+                 targets: list[Target]) -> Callable[..., Master]:
+    """Start a capped ``ppq master`` on redis_a (flushed) with ``TOKEN``; wait until it serves."""
+
+    def start(config: dict[str, Any] | None = None, token: str | None = TOKEN, extra: tuple[str, ...] = (),
+              env: dict[str, str] | None = None, ready: bool = True, **kwargs: Any) -> Master:
+        master = Master(tmp_path, redis_a.url, token, config=config, extra=extra, env=env, **kwargs)
+        targets.append(master)
+        return master.wait_ready() if ready else master
+
+    return start
+
+
+@pytest.fixture
+def master(start_master: Callable[..., Master]) -> Master:
+    return start_master({"master": {"threadpool_size": 16}})
+
+
+def still_serving(master: Master, within: float = 3.0) -> None:
+    """The master is alive and a fresh authenticated client pings and pushes within ``within`` s."""
+    assert master.alive(), f"master died:\n{master.log()[-3000:]}"
+    client_ok(master.address, master.token, within=within)
+
+
+def assert_refused(result: Any, what: str) -> None:
+    assert result != TIMEOUT, f"{what}: the server neither answered nor closed the connection"
+    assert refused(result), f"{what}: not refused: {result!r:.300}"
+
+
+class Pinger:
+    """A client pinging the master in the background, recording each ping's latency."""
+
+    def __init__(self, address: str, token: str | None) -> None:
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._call = PyroFunc(address, token=token, timeout=20)
+        self._call("ping")  # connected before the attack starts
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.monotonic()
+            try:
+                self._call("ping")
+            except Exception as exc:  # noqa: BLE001 - recorded, the test asserts on it
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            self.latencies.append(time.monotonic() - start)
+            self._stop.wait(0.02)
+
+    def stop(self) -> float:
+        """Stop; return the worst latency seen."""
+        self._stop.set()
+        self._thread.join(25)
+        self._call.close()
+        return max(self.latencies, default=0.0)
+
+
+def attack_and_watch(master: Master, sock: socket.socket, data: bytes, deadline: float
+                     ) -> tuple[Any, float, int]:
+    """Send ``data``; wait up to ``deadline`` s for the server's answer.
+
+    Returns (outcome, CPU seconds the master spent meanwhile, growth of its memory: the larger
+    of its resident high-water mark's and its peak address space's).
+    """
+    cpu0, before = master.cpu(), master.status()
+    send_quietly(sock, data)
+    result = outcome(sock, deadline)
+    after = master.status()
+    growth = max(after["VmHWM"] - before["VmHWM"], after["VmPeak"] - before["VmPeak"])
+    return result, master.cpu() - cpu0, growth
+
+
+# -- 1. a declared container size allocates before anything is checked ----------------------
+
+
+@pytest.mark.parametrize("container", [b"(", b"["], ids=["tuple", "list"])
+def test_preauth_declared_container_allocates_nothing(master: Master, container: bytes) -> None:
+    """Five bytes of handshake body declaring 100 million items: no allocation, a refusal."""
+    sock = raw_socket(master.address)
+    try:
+        result, cpu, growth = attack_and_watch(master, sock, message(CONNECT, container + m_int(HUGE_COUNT)), 10)
+    finally:
+        sock.close()
+    assert_refused(result, "handshake declaring 100M items")
+    assert growth < SMALL_GROWTH, f"a 5-byte handshake grew the master's memory by {growth / MiB:.0f} MiB"
+    still_serving(master)
+
+
+def test_postauth_declared_list_allocates_nothing(master: Master) -> None:
+    """An authenticated call whose arguments declare a list of 100 million items."""
+    sock = authed_socket(master.address, TOKEN)
+    body = b"(" + m_int(4) + m_str("queue") + m_str("push_task") + b"[" + m_int(HUGE_COUNT)
+    try:
+        result, cpu, growth = attack_and_watch(master, sock, message(INVOKE, body, seq=1), 10)
+    finally:
+        sock.close()
+    assert_refused(result, "call declaring 100M items")
+    assert growth < SMALL_GROWTH, f"a short call grew the master's memory by {growth / MiB:.0f} MiB"
+    still_serving(master)
+
+
+# -- 2. marshal back-references expand when walked or re-encoded ------------------------------
+
+
+def test_preauth_backreferences_with_class_key_bounded(master: Master) -> None:
+    """A wrong-token handshake of about 1 KB whose body holds "__class__" (so it is walked for
+    class dicts) and lists that refer to the level below 4 times each, 40 levels deep."""
+    bomb = expanding(40, 4, m_str("__class__"))
+    body = m_dict([(m_str("handshake"), m_dict([(m_str("token"), m_str("wrong")), (m_str("x"), bomb)])),
+                   (m_str("object"), m_str("queue"))])
+    assert len(body) < 2048
+    pinger = Pinger(master.address, TOKEN)
+    sock = raw_socket(master.address)
+    try:
+        result, cpu, growth = attack_and_watch(master, sock, message(CONNECT, body), 6)
+    finally:
+        sock.close()
+        worst = pinger.stop()
+    assert result != TIMEOUT, f"no answer to a 1 KB handshake in 6 s ({cpu:.1f} s of master CPU)"
+    assert_refused(result, "expanding handshake")
+    assert cpu < 3, f"a 1 KB handshake cost {cpu:.1f} s of master CPU"
+    assert growth < SMALL_GROWTH, f"a 1 KB handshake grew the master's memory by {growth / MiB:.0f} MiB"
+    assert not pinger.errors, pinger.errors
+    assert worst < 1.0, f"a connected client's ping took {worst:.2f} s during the attack"
+    still_serving(master)
+
+
+def test_postauth_backreferences_in_push_args_bounded(master: Master, ra: redis.Redis) -> None:
+    """A push_task of about 1 KB whose args expand to 4**20 items when re-encoded."""
+    bomb = expanding(20, 4, b"i" + m_int(7))
+    kwargs = m_dict([(m_str("func"), m_str("ok")), (m_str("module"), m_str("redteam_tasks")),
+                     (m_str("args"), bomb)])
+    body = b"(" + m_int(4) + m_str("queue") + m_str("push_task") + b"[" + m_int(0) + kwargs
+    assert len(body) < 2048
+    pinger = Pinger(master.address, TOKEN)
+    sock = authed_socket(master.address, TOKEN)
+    try:
+        result, cpu, growth = attack_and_watch(master, sock, message(INVOKE, body, seq=1), 6)
+    finally:
+        sock.close()
+        worst = pinger.stop()
+    assert result != TIMEOUT, f"no answer to a 1 KB push in 6 s ({cpu:.1f} s of master CPU)"
+    assert_refused(result, "expanding push")
+    assert cpu < 3, f"a 1 KB push cost {cpu:.1f} s of master CPU"
+    assert growth < SMALL_GROWTH * 2, f"a 1 KB push grew the master's memory by {growth / MiB:.0f} MiB"
+    assert not pinger.errors, pinger.errors
+    assert worst < 1.0, f"a connected client's ping took {worst:.2f} s during the attack"
+    assert not ra.keys("ppq:0:t:*"), "the expanding push was stored"
+    still_serving(master)
+
+
+# -- 3. compressed messages inflate before auth -------------------------------------------
+
+
+_ZEROS: list[bytes] = []
+
+
+def compressed_zeros(size: int = 512 * MiB) -> bytes:
+    """zlib of ``size`` zero bytes (about 2 MB), made once."""
+    if not _ZEROS:
+        packer = zlib.compressobj(1)
+        block = bytes(16 * MiB)
+        _ZEROS.append(b"".join(packer.compress(block) for _ in range(size // len(block))) + packer.flush())
+    return _ZEROS[0]
+
+
+def test_preauth_compressed_handshake_not_inflated(master: Master) -> None:
+    """A 2 MB handshake flagged COMPRESSED that inflates to 512 MiB of zeros."""
+    data = compressed_zeros()
+    sock = raw_socket(master.address)
+    try:
+        result, cpu, growth = attack_and_watch(master, sock, message(CONNECT, data, flags=FLAG_COMPRESSED), 10)
+    finally:
+        sock.close()
+    assert_refused(result, "compressed handshake")
+    assert growth < SMALL_GROWTH, f"a compressed handshake grew the master's memory by {growth / MiB:.0f} MiB"
+    still_serving(master)
+
+
+# -- 4. declared sizes and connections without a deadline -----------------------------------
+
+
+def test_preauth_large_declared_size_refused_at_once(master: Master) -> None:
+    """A handshake header declaring 512 MiB (and a few bytes of it) is refused at once."""
+    sock = raw_socket(master.address)
+    hwm0 = master.hwm()
+    try:
+        start = time.monotonic()
+        send_quietly(sock, message(CONNECT, b"\x00" * 10, size=512 * MiB))
+        result = outcome(sock, 3)
+        took = time.monotonic() - start
+    finally:
+        sock.close()
+    assert_refused(result, "handshake declaring 512 MiB")
+    assert took < 3
+    assert master.hwm() - hwm0 < SMALL_GROWTH
+    still_serving(master)
+
+
+def test_unfinished_handshakes_closed_by_the_server(master: Master) -> None:
+    """Connections that never finish their handshake (silent, a partial header, a partial
+    body, a body trickled a byte at a time) are closed by the server within about 10 s."""
+    silent = raw_socket(master.address)
+    partial_header = raw_socket(master.address)
+    partial_header.sendall(message(CONNECT, connect_body(TOKEN))[:20])
+    body = connect_body(TOKEN)
+    partial_body = raw_socket(master.address)
+    partial_body.sendall(message(CONNECT, body)[:-5])
+    trickle = raw_socket(master.address)
+    trickled = message(CONNECT, body + b"\x00" * (1000 - len(body)), size=1000)
+    trickle.sendall(trickled[:50])
+    stop = threading.Event()
+
+    def drip() -> None:
+        for i in range(50, len(trickled)):
+            if stop.wait(0.25) or not send_quietly(trickle, trickled[i:i + 1]):
+                return
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    socks = {"silent": silent, "partial header": partial_header, "partial body": partial_body, "trickle": trickle}
+    start = time.monotonic()
+    results = {}
+    try:
+        for name, sock in socks.items():
+            results[name] = (outcome(sock, max(start + 13 - time.monotonic(), 0.01)), time.monotonic() - start)
+    finally:
+        stop.set()
+        close_all(socks.values())
+        dripper.join(5)
+    still_open = [name for name, (result, _) in results.items() if result == TIMEOUT]
+    assert not still_open, f"still open after 13 s: {still_open}"
+    for name, (result, _) in results.items():
+        assert refused(result), f"{name}: {result!r:.200}"
+    still_serving(master)
+
+
+def test_postauth_message_over_max_message_refused_unread(master: Master) -> None:
+    """After auth, a call declaring 64 MiB (over the default limits.max_message of 16 MiB)
+    is refused at once, without waiting for its bytes."""
+    sock = authed_socket(master.address, TOKEN)
+    try:
+        start = time.monotonic()
+        send_quietly(sock, message(INVOKE, invoke_body("ping")[:10], seq=1, size=64 * MiB))
+        result = outcome(sock, 3)
+        took = time.monotonic() - start
+    finally:
+        sock.close()
+    assert_refused(result, "call declaring 64 MiB")
+    assert took < 3
+    still_serving(master)
