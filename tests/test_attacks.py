@@ -60,6 +60,7 @@ from .attack_tools import (
     m_str,
     message,
     outcome,
+    port_open,
     raw_socket,
     refused,
     send_quietly,
@@ -340,3 +341,142 @@ def test_postauth_message_over_max_message_refused_unread(master: Master) -> Non
     assert_refused(result, "call declaring 64 MiB")
     assert took < 3
     still_serving(master)
+
+
+# -- 5. idle connections hold pool threads ---------------------------------------------------
+
+
+def open_idle(address: str, count: int) -> list[socket.socket]:
+    """``count`` TCP connections that send nothing (connect() returns once the kernel accepts them)."""
+    socks = []
+    for _ in range(count):
+        socks.append(raw_socket(address, timeout=5))
+    return socks
+
+
+def test_idle_connections_do_not_lock_out_clients(master: Master) -> None:
+    """master.threadpool_size is 16: 60 silent TCP connections and 40 authenticated idle
+    ones; a fresh client still connects and pings within 2 s."""
+    socks = open_idle(master.address, 60)
+    try:
+        for i in range(40):
+            try:
+                socks.append(authed_socket(master.address, TOKEN, timeout=3))
+            except (OSError, AssertionError) as exc:
+                pytest.fail(f"authenticated connection {i + 1} of 40 was not served within 3 s while 60 idle "
+                            f"connections were open: {type(exc).__name__}: {exc}")
+        assert master.alive()
+        client_ok(master.address, TOKEN, within=2.0)
+    finally:
+        close_all(socks)
+    still_serving(master)
+
+
+def start_worker(tmp_path: Path, targets: list[Target], master: Master, *extra: str, allow: str = "redteam_tasks",
+                 token: str | None = TOKEN, config: dict[str, Any] | None = None, cwd: str | None = None,
+                 name: str = "worker") -> Target:
+    """A real ``ppq worker`` (not capped) on ``master``, its control object on a free port."""
+    args: list[str] = []
+    if config:
+        path = tmp_path / f"{name}-{len(targets)}.yaml"
+        path.write_text(json.dumps(config))
+        args += ["--config", str(path)]
+    args += ["worker", "--master-hosts", master.address, "--port", "0", "--concurrency", "1",
+             "--allow", allow, "--max-sleep", "1", "--heartbeat-interval", "0.5", *extra]
+    env = {"PPQ_AUTH_TOKEN": token} if token else {}
+    worker = Target(args, tmp_path / f"{name}-{len(targets)}.log", env=env, cap=None, cwd=cwd)
+    targets.append(worker)
+    return worker
+
+
+def worker_entry(master: Master, worker: Target, timeout: float = 20.0) -> dict[str, Any]:
+    """The worker's entry in the master's server_info, once it is there."""
+    call = PyroFunc(master.address, token=master.token, timeout=5)
+    try:
+        entry = wait_until(lambda: not worker.alive() or next(
+            (w for w in call("server_info")[0]["workers"] if w.get("pid") == worker.pid), None), timeout, 0.05)
+    finally:
+        call.close()
+    assert worker.alive(), f"worker died:\n{worker.log()[-3000:]}"
+    assert entry, f"worker never registered:\n{worker.log()[-3000:]}"
+    return entry  # type: ignore[no-any-return]
+
+
+def test_idle_connections_do_not_lock_out_worker_control(master: Master, tmp_path: Path,
+                                                         targets: list[Target]) -> None:
+    """60 silent TCP connections to a worker's control port; get_worker_stats still answers in 2 s."""
+    worker = start_worker(tmp_path, targets, master)
+    control = worker_entry(master, worker)["control_uri"]
+    socks = open_idle(control, 60)
+    try:
+        start = time.monotonic()
+        call = PyroFunc(control, token=TOKEN, timeout=2, objid="worker")
+        try:
+            stats = call("get_worker_stats")
+        finally:
+            call.close()
+        took = time.monotonic() - start
+        assert isinstance(stats, dict)
+        assert took < 2
+    finally:
+        close_all(socks)
+    assert worker.alive()
+
+
+# -- 6. TLS handshakes inside accept() ----------------------------------------------------------
+
+
+def make_cert(tmp_path: Path) -> tuple[str, str]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+TLS_CLIENT = textwrap.dedent("""
+    import sys, time
+    from ppq.config import load_config
+    from ppq.rpc import PyroFunc, apply_tls
+    config = load_config(sys.argv[1], environ={})
+    apply_tls(config.tls, server=False)
+    call = PyroFunc(sys.argv[2], token=sys.argv[3], timeout=3)
+    start = time.monotonic()
+    print(call("ping"), round(time.monotonic() - start, 3))
+""")
+
+
+def tls_ping(config_path: Path, address: str) -> tuple[str, float]:
+    """Ping over TLS from a fresh process (Pyro5's SSL settings are process-wide); (reply, seconds)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPQ_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    try:
+        done = subprocess.run([sys.executable, "-c", TLS_CLIENT, str(config_path), address, TOKEN], env=env,
+                              capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "no answer in 20 s", 20.0
+    if done.returncode:
+        return f"failed: {done.stderr[-1500:]}", 20.0
+    reply, took = done.stdout.split()
+    return reply, float(took)
+
+
+def test_tls_idle_connection_does_not_block_accept(start_master: Callable[..., Master], tmp_path: Path) -> None:
+    """With TLS on, one TCP connection that never starts its TLS handshake does not keep a
+    fresh TLS client from pinging within 3 s."""
+    cert, key = make_cert(tmp_path)
+    tls = {"enabled": True, "certfile": cert, "keyfile": key, "cafile": cert}
+    master = start_master({"master": {"threadpool_size": 16}, "tls": tls}, ready=False)
+    assert wait_until(lambda: not master.alive() or port_open(master.port), 30, 0.05)
+    client_config = tmp_path / "client.yaml"
+    client_config.write_text(json.dumps({"tls": tls}))
+    reply, took = tls_ping(client_config, master.address)
+    assert reply == "pong", reply
+    idle = raw_socket(master.address)
+    try:
+        reply, took = tls_ping(client_config, master.address)
+    finally:
+        idle.close()
+    assert reply == "pong", f"a TLS client was not served while one TCP connection sat idle: {reply}"
+    assert took < 3
+    assert master.alive()
