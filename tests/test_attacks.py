@@ -480,3 +480,219 @@ def test_tls_idle_connection_does_not_block_accept(start_master: Callable[..., M
     assert reply == "pong", f"a TLS client was not served while one TCP connection sat idle: {reply}"
     assert took < 3
     assert master.alive()
+
+
+# -- 7. the allowlist is checked on the module name only -------------------------------------
+
+
+FINAL = ("done", "dead", "cancelled")
+
+
+def wait_final(call: PyroFunc, task_id: str, timeout: float = 20.0) -> dict[str, Any]:
+    info = wait_until(lambda: (i := call("get_task_info", task_id)) and i["state"] in FINAL and i, timeout, 0.05)
+    assert info, f"task {task_id} did not end in {timeout} s: {call('get_task_info', task_id)}"
+    return info  # type: ignore[no-any-return]
+
+
+def test_allowlist_reaches_only_the_modules_own_functions(master: Master, tmp_path: Path,
+                                                           targets: list[Target]) -> None:
+    """A worker allowing only redteam_tasks never runs what that module imported (os.system,
+    subprocess.run, pathlib.Path) nor its dunder attributes; its own function still runs."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    victim.chmod(0o755)
+    mode = stat.S_IMODE(victim.stat().st_mode)
+    marker_system, marker_run = tmp_path / "marker-system", tmp_path / "marker-run"
+    # The worker's working directory is ``victim``: Path() is that directory.
+    worker = start_worker(tmp_path, targets, master, cwd=str(victim))
+    worker_entry(master, worker)
+    call = PyroFunc(master.address, token=TOKEN, timeout=5)
+    attacks = {
+        "os.system": dict(func="system", args=[f"touch {marker_system}"]),
+        "subprocess.run": dict(func="run", args=[["touch", str(marker_run)]]),
+        "Path().chmod": dict(fclass="Path", func="chmod", args=[0o750]),
+        "module.__class__": dict(func="__class__", args=["x"]),
+        "module.__init_subclass__": dict(func="__init_subclass__", args=[]),
+        "module.__getattribute__": dict(func="__getattribute__", args=["ok"]),
+    }
+    pushed: dict[str, str] = {}
+    try:
+        for name, fields in attacks.items():
+            try:
+                pushed[name] = call("push_task", module="redteam_tasks", max_retry=0, **fields)
+            except Exception as exc:  # noqa: BLE001 - a refusal at push is fine for dunder names
+                assert fields["func"].startswith("_"), f"{name}: refused at push: {exc}"
+        normal = call("push_task", "ok", module="redteam_tasks", args=[42], max_retry=0)
+        assert wait_final(call, normal)["state"] == "done"
+        assert call("get_task_info", normal)["result"] == 42
+        ran = []
+        for name, task_id in pushed.items():
+            info = wait_final(call, task_id)
+            error = str(info.get("error") or "")
+            if info["state"] != "dead" or "notallowed" not in error.replace(" ", "").lower():
+                ran.append(f"{name}: {info['state']} {error[:120]!r}")
+        assert not marker_system.exists(), "os.system ran as a task"
+        assert not marker_run.exists(), "subprocess.run ran as a task"
+        assert stat.S_IMODE(victim.stat().st_mode) == mode, "Path().chmod ran as a task"
+        assert not ran, f"not refused as not allowed: {ran}"
+    finally:
+        victim.chmod(0o755)
+        call.close()
+
+
+# -- 8. results forged by any token holder; one token for every role --------------------------------
+
+
+def test_running_task_info_reveals_no_lease_and_forged_reports_are_refused(
+        master: Master, tmp_path: Path, targets: list[Target]) -> None:
+    """A running task's info carries no lease; task_finish / task_error / report with the
+    guessable lease ("<worker id>/1") or random strings are refused; the worker's own result
+    is the one Client.result returns."""
+    from ppq import Client
+    from ppq.config import load_config
+
+    worker = start_worker(tmp_path, targets, master)
+    wid = worker_entry(master, worker)["id"]
+    call = PyroFunc(master.address, token=TOKEN, timeout=5)
+    try:
+        task_id = call("push_task", "slow", module="redteam_tasks", args=[3, "real"], max_retry=0)
+        info = wait_until(lambda: (i := call("get_task_info", task_id)) and i["state"] == "running" and i, 10)
+        assert info, "the task never ran"
+        assert not info.get("lease"), f"a running task's info shows its lease: {info.get('lease')!r}"
+        worker_id = info.get("worker") or wid
+        forged = []
+        for lease in (f"{worker_id}/1", f"{wid}/1", os.urandom(8).hex(), "", "*"):
+            attempts: dict[str, Callable[[], Any]] = {
+                "task_finish": lambda lease=lease: call("task_finish", task_id, worker_id, 0, False,
+                                                        result="forged", lease=lease),
+                "task_error": lambda lease=lease: call("task_error", task_id, worker_id, 0, False,
+                                                       error="forged", lease=lease, retry=False),
+                "report": lambda lease=lease: call("report", worker_id, 0, [
+                    {"id": task_id, "lease": lease, "ok": True, "result": "forged"}], 0, 0)["accepted"] != [False],
+            }
+            for name, attempt in attempts.items():
+                try:
+                    accepted = attempt()
+                except Exception:  # noqa: BLE001 - refused
+                    continue
+                if accepted:
+                    forged.append(f"{name} with lease {lease!r}")
+        assert not forged, f"forged reports accepted: {forged}"
+        client = Client([master.address], token=TOKEN, config=load_config(environ={}), timeout=10)
+        try:
+            assert client.result(task_id, timeout=15) == "real"
+        finally:
+            client.close()
+    finally:
+        call.close()
+
+
+def test_forged_report_without_lease_impersonating_the_worker_is_refused(
+        master: Master, tmp_path: Path, targets: list[Target]) -> None:
+    """A client naming the running worker's id (listed by server_info) and no lease at all
+    cannot finish that worker's task."""
+    from ppq import Client
+    from ppq.config import load_config
+
+    worker = start_worker(tmp_path, targets, master)
+    entry = worker_entry(master, worker)
+    call = PyroFunc(master.address, token=TOKEN, timeout=5)
+    try:
+        task_id = call("push_task", "slow", module="redteam_tasks", args=[3, "real"], max_retry=0)
+        assert wait_until(lambda: call("get_task_info", task_id)["state"] == "running", 10)
+        accepted = []
+        for worker_info in (entry["id"], entry):
+            try:
+                accepted.append(call("task_finish", task_id, worker_info, 0, False, result="forged"))
+            except Exception:  # noqa: BLE001 - refused
+                pass
+        assert not any(accepted), "a finish without a lease, naming the worker, was accepted"
+        client = Client([master.address], token=TOKEN, config=load_config(environ={}), timeout=10)
+        try:
+            assert client.result(task_id, timeout=15) == "real"
+        finally:
+            client.close()
+    finally:
+        call.close()
+
+
+CLIENT_TOKEN = "client-side-token"
+WORKER_TOKEN = "worker-side-token"
+
+
+@pytest.fixture
+def role_master(start_master: Callable[..., Master]) -> Master:
+    """A master with one token for clients and another for workers (no shared auth_token)."""
+    master = start_master({"master": {"threadpool_size": 16}, "client_token": CLIENT_TOKEN,
+                           "worker_token": WORKER_TOKEN}, token=None, ready=False)
+    master.token = CLIENT_TOKEN
+    return master.wait_ready(timeout=15)
+
+
+def refusal_reason(call: Callable[[], Any]) -> str:
+    """'' if ``call`` was refused as not permitted; else what happened instead."""
+    try:
+        value = call()
+    except Exception as exc:  # noqa: BLE001 - classified below
+        text = f"{type(exc).__name__}: {exc}"
+        lowered = text.lower()
+        if any(word in lowered for word in ("auth", "permission", "not allowed", "forbidden", "role",
+                                            "not permitted", "security")):
+            return ""
+        return text[:200]
+    return f"returned {value!r:.100}"
+
+
+def test_client_token_is_refused_worker_methods(role_master: Master) -> None:
+    call = PyroFunc(role_master.address, token=CLIENT_TOKEN, timeout=5)
+    me = {"id": "impostor"}
+    task_id = call("push_task", "ok", module="redteam_tasks", args=[1])
+    try:
+        methods: dict[str, Callable[[], Any]] = {
+            "get_task": lambda: call("get_task", me, 0, 0),
+            "get_tasks": lambda: call("get_tasks", me, 0, 1, 0),
+            "report": lambda: call("report", me, 0, [], 1, 0),
+            "task_finish": lambda: call("task_finish", task_id, me, 0, False, result=1, lease="x"),
+            "task_error": lambda: call("task_error", task_id, me, 0, False, error="x", lease="x"),
+            "heartbeat": lambda: call("heartbeat", me, 0, []),
+        }
+        allowed = {name: reason for name, fn in methods.items() if (reason := refusal_reason(fn))}
+        assert not allowed, f"worker methods not refused to the client token: {allowed}"
+        assert call("get_task_info", task_id)["state"] == "queued"
+    finally:
+        call.close()
+
+
+def test_worker_token_is_refused_client_methods(role_master: Master, ra: redis.Redis) -> None:
+    call = PyroFunc(role_master.address, token=WORKER_TOKEN, timeout=5)
+    client = PyroFunc(role_master.address, token=CLIENT_TOKEN, timeout=5)
+    try:
+        queued = client("push_task", "ok", module="redteam_tasks", args=[1])
+        methods: dict[str, Callable[[], Any]] = {
+            "push_task": lambda: call("push_task", "ok", module="redteam_tasks", args=[1]),
+            "push_tasks": lambda: call("push_tasks", [{"func": "ok", "module": "redteam_tasks"}]),
+            "cancel_task": lambda: call("cancel_task", queued, 0),
+            "requeue_dead": lambda: call("requeue_dead", None, 0),
+            "purge_dead": lambda: call("purge_dead", None, 0),
+        }
+        allowed = {name: reason for name, fn in methods.items() if (reason := refusal_reason(fn))}
+        assert not allowed, f"client methods not refused to the worker token: {allowed}"
+        assert client("get_task_info", queued)["state"] == "queued"
+        assert len(ra.keys("ppq:0:t:*")) == 1
+    finally:
+        call.close()
+        client.close()
+
+
+def test_worker_token_worker_runs_client_token_tasks(role_master: Master, tmp_path: Path,
+                                                     targets: list[Target]) -> None:
+    worker = start_worker(tmp_path, targets, role_master, token=WORKER_TOKEN,
+                          config={"worker_token": WORKER_TOKEN})
+    client = PyroFunc(role_master.address, token=CLIENT_TOKEN, timeout=5)
+    try:
+        task_id = client("push_task", "ok", module="redteam_tasks", args=[7])
+        info = wait_final(client, task_id)
+        assert info["state"] == "done" and info["result"] == 7, info
+    finally:
+        client.close()
+    assert worker.alive()
