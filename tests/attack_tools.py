@@ -235,7 +235,7 @@ def recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytes | Non
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(min(size, 1 << 20))
-        except socket.timeout:
+        except TimeoutError:
             raise TimeoutError("no reply before the deadline") from None
         except OSError:
             return None

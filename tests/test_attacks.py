@@ -29,8 +29,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import Pyro5.api
-import Pyro5.errors
 import pytest
 import redis
 
@@ -38,12 +36,8 @@ from ppq import PyroFunc
 from ppq.embedded import RedisServer, free_port
 
 from .attack_tools import (
-    CLOSED,
     CONNECT,
-    CONNECTFAIL,
-    CONNECTOK,
     FLAG_COMPRESSED,
-    FLAG_EXCEPTION,
     INVOKE,
     TIMEOUT,
     Master,
@@ -696,3 +690,243 @@ def test_worker_token_worker_runs_client_token_tasks(role_master: Master, tmp_pa
     finally:
         client.close()
     assert worker.alive()
+
+
+# -- 9. one call is not bounded ---------------------------------------------------------------
+
+
+def test_huge_push_tasks_refused_quickly(master: Master, ra: redis.Redis) -> None:
+    """One push_tasks of 300 tasks of 1000 KiB each (each under max_payload; 300 MB in all)
+    is refused within 3 s, grows the master by less than 200 MB and stores nothing."""
+    memory_before = ra.info("memory")["used_memory"]
+    size, chunks = chunks_of_push(300, 1000 * 1024)
+    sock = authed_socket(master.address, TOKEN)
+    before = master.status()
+    cpu0 = master.cpu()
+
+    def send() -> None:
+        if send_quietly(sock, message(INVOKE, b"", seq=1, size=size)):
+            for chunk in chunks:
+                if not send_quietly(sock, chunk):
+                    return
+
+    sender = threading.Thread(target=send, daemon=True)
+    start = time.monotonic()
+    sender.start()
+    try:
+        result = outcome(sock, 10)
+        took = time.monotonic() - start
+    finally:
+        sock.close()
+        sender.join(10)
+    after = master.status()
+    growth = max(after["VmHWM"] - before["VmHWM"], after["VmPeak"] - before["VmPeak"])
+    assert result != TIMEOUT, f"no answer in 10 s ({master.cpu() - cpu0:.1f} s of master CPU)"
+    assert_refused(result, "300 MB push_tasks")
+    assert took < 3, f"refusing a 300 MB push_tasks took {took:.1f} s"
+    assert growth < 200 * MiB, f"a 300 MB push_tasks grew the master's memory by {growth / MiB:.0f} MiB"
+    assert not ra.keys("ppq:0:t:*"), "tasks of the refused batch were stored"
+    assert not ra.llen("ppq:0:queue")
+    assert ra.info("memory")["used_memory"] - memory_before < 10 * MiB
+    still_serving(master)
+
+
+# -- 10. unbounded growth from junk --------------------------------------------------------
+
+
+def http_get(port: int, path: str = "/metrics", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_worker_metrics_do_not_grow_with_refused_task_names(start_master: Callable[..., Master],
+                                                              tmp_path: Path, targets: list[Target]) -> None:
+    """1,000 refused tasks with distinct names leave a worker's /metrics under 1 MB.
+    (No token anywhere, so that /metrics is served on loopback without credentials.)"""
+    master = start_master({"master": {"threadpool_size": 16}}, token=None)
+    metrics_port = free_port()
+    worker = start_worker(tmp_path, targets, master, "--metrics-port", str(metrics_port), token=None)
+    worker_entry(master, worker)
+    call = PyroFunc(master.address, timeout=10)
+    try:
+        call("push_tasks", [{"func": f"refused_{i}", "module": f"not_allowed_{i}", "max_retry": 0}
+                            for i in range(1000)])
+        done = wait_until(lambda: call("server_info")[0]["dead"] >= 1000, 60, 0.2)
+        assert done, f"the worker did not get through the tasks: {call('server_info')[0]}"
+    finally:
+        call.close()
+    status, body = http_get(metrics_port)
+    assert status == 200
+    assert len(body) < 1_000_000, f"/metrics is {len(body) / MiB:.1f} MiB after 1,000 refused tasks"
+    assert worker.alive()
+
+
+def test_server_info_does_not_grow_with_fake_heartbeats(master: Master) -> None:
+    """2,000 heartbeats from made-up workers with 15 KiB of info each leave server_info under 2 MB."""
+    call = PyroFunc(master.address, token=TOKEN, timeout=10)
+    junk = "j" * (15 * 1024)
+    refusals = 0
+    try:
+        for i in range(2000):
+            try:
+                call("heartbeat", {"id": f"fake-{i}", "junk": junk, "heartbeat_interval": 3600}, 0, [])
+            except Exception:  # noqa: BLE001 - a refused registration is fine
+                refusals += 1
+        info = call("server_info")
+    finally:
+        call.close()
+    size = len(marshal.dumps(info))
+    assert size < 2 * MiB, f"server_info is {size / MiB:.1f} MiB after 2,000 fake heartbeats ({refusals} refused)"
+    still_serving(master)
+
+
+# -- 11. smaller holes ---------------------------------------------------------------------------
+
+
+def test_task_id_with_newline_refused(master: Master, ra: redis.Redis) -> None:
+    call = PyroFunc(master.address, token=TOKEN, timeout=5)
+    try:
+        with pytest.raises(Exception) as raised:
+            call("push_task", "ok", module="redteam_tasks", args=[1], task_id="abc\n")
+        assert "task_id" in str(raised.value)
+    finally:
+        call.close()
+    assert not [k for k in ra.keys("*") if b"\n" in k or b"abc" in k]
+
+
+def traceback_lines(master: Master) -> list[str]:
+    return [line for line in master.log().splitlines() if "Traceback" in line]
+
+
+def test_huge_numbers_and_deep_nesting_get_a_clear_error(master: Master) -> None:
+    """wait=10**5000, timeout=10**5000 and 1,900-deep nested args: an error naming the field,
+    no "internal error", no traceback in the master's log."""
+    call = PyroFunc(master.address, token=TOKEN, timeout=10)
+    nested: Any = 1
+    for _ in range(1900):
+        nested = [nested]
+    cases: dict[str, tuple[str, Callable[[], Any]]] = {
+        "get_task wait": ("wait", lambda: call("get_task", {"id": "w"}, 0, 10**5000)),
+        "get_tasks wait": ("wait", lambda: call("get_tasks", {"id": "w"}, 0, 1, 10**5000)),
+        "wait_task timeout": ("timeout", lambda: call("wait_task", "a" * 32, 0, 10**5000)),
+        "push_task delay": ("delay", lambda: call("push_task", "ok", module="redteam_tasks", delay=10**5000)),
+        "push_task args": ("args", lambda: call("push_task", "ok", module="redteam_tasks", args=[nested])),
+    }
+    unclear = {}
+    try:
+        for name, (field, fn) in cases.items():
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - the error is checked below
+                text = str(exc)
+                if field not in text or "internal error" in text:
+                    unclear[name] = f"{type(exc).__name__}: {text[:150]}"
+            else:
+                unclear[name] = "accepted"
+    finally:
+        call.close()
+    assert not unclear, "\n".join(f"{k}: {v}" for k, v in unclear.items())
+    assert not traceback_lines(master), master.log()[-3000:]
+    still_serving(master)
+
+
+def test_many_wait_tasks_of_unknown_ids_are_cheap(start_master: Callable[..., Master]) -> None:
+    """20 concurrent wait_tasks of 10,000 unknown ids each: refused or cheap (< 3 s of master CPU)."""
+    master = start_master({"master": {"threadpool_size": 64}})
+    call = PyroFunc(master.address, token=TOKEN, timeout=60)
+    cpu0 = master.cpu()
+    outcomes: list[str] = []
+
+    def wait_many() -> None:
+        try:
+            call("wait_tasks", [os.urandom(16).hex() for _ in range(10_000)], 0, 10)
+            outcomes.append("answered")
+        except Exception as exc:  # noqa: BLE001 - a refusal is fine
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=wait_many, daemon=True) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 8
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.01))
+    cpu = master.cpu() - cpu0
+    assert cpu < 3, f"20 wait_tasks of 10,000 unknown ids cost {cpu:.1f} s of master CPU ({len(outcomes)} ended)"
+    assert len(outcomes) == 20, "the calls did not end within 8 s"
+    still_serving(master)
+
+
+def listening_on_all_interfaces(port: int) -> bool:
+    """True if some socket listens on 0.0.0.0:port or [::]:port."""
+    for table, anywhere in (("/proc/net/tcp", "00000000"), ("/proc/net/tcp6", "0" * 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hexport = local.partition(":")
+            if state == "0A" and address == anywhere and int(hexport, 16) == port:
+                return True
+    return False
+
+
+def test_metrics_not_served_on_all_interfaces_without_token(start_master: Callable[..., Master]) -> None:
+    """``ppq master --host 0.0.0.0 --insecure --metrics-port P`` with no token: the metrics
+    endpoint is not opened on every interface (the master may refuse to start)."""
+    metrics_port = free_port()
+    master = start_master(token=None, extra=("--host", "0.0.0.0", "--insecure", "--metrics-port",
+                                             str(metrics_port)), ready=False)
+    started = wait_until(lambda: not master.alive() or "ready" in master.log(), 20, 0.05)
+    assert started
+    if not master.alive():
+        assert master.proc.returncode != 0 and "metrics" in master.log().lower(), master.log()
+        return
+    assert not listening_on_all_interfaces(metrics_port), "metrics served on 0.0.0.0 without a token"
+
+
+def test_metrics_require_the_token_when_one_is_set(start_master: Callable[..., Master]) -> None:
+    metrics_port = free_port()
+    master = start_master({"master": {"threadpool_size": 16}}, extra=("--metrics-port", str(metrics_port)))
+    assert wait_until(lambda: port_open(metrics_port), 10)
+    status, _ = http_get(metrics_port)
+    assert status == 401, f"/metrics answered {status} without credentials"
+    status, _ = http_get(metrics_port, headers={"Authorization": "Bearer wrong"})
+    assert status == 401, f"/metrics answered {status} to a wrong token"
+    assert master.alive()
+
+
+def warning_lines(master: Master) -> list[str]:
+    return [line for line in master.log().splitlines() if "WARNING" in line and "127.0.0.1" in line]
+
+
+def test_malformed_handshake_logs_a_warning_naming_the_peer(master: Master) -> None:
+    sock = raw_socket(master.address)
+    try:
+        send_quietly(sock, message(CONNECT, b"\xff\x00junk"))
+        assert_refused(outcome(sock, 5), "malformed handshake")
+    finally:
+        sock.close()
+    assert wait_until(lambda: warning_lines(master), 3), f"no WARNING naming 127.0.0.1:\n{master.log()[-2000:]}"
+    still_serving(master)
+
+
+def test_preauth_warnings_are_rate_limited(master: Master) -> None:
+    """300 wrong-token handshakes leave at least one WARNING naming the peer, and far fewer than 300."""
+    for _ in range(300):
+        sock = raw_socket(master.address)
+        try:
+            sock.sendall(message(CONNECT, connect_body("wrong")))
+            assert refused(outcome(sock, 5))
+        finally:
+            sock.close()
+    assert wait_until(lambda: warning_lines(master), 3), "no WARNING naming 127.0.0.1"
+    time.sleep(0.2)  # let the log catch up with the last refusals before counting
+    count = len(warning_lines(master))
+    assert count <= 60, f"{count} WARNING lines for 300 refused handshakes"
+    still_serving(master)
