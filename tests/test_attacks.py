@@ -63,8 +63,10 @@ from .attack_tools import (
 
 TOKEN = "red-team-token"
 MiB = 1024 * 1024
-# Memory an attack may add to the master's high-water mark.
+# Memory an attack may add to the master's resident high-water mark.
 SMALL_GROWTH = 50 * MiB
+# ... and to its peak address space (new threads' stacks and malloc heaps reserve some).
+SMALL_PEAK_GROWTH = 250 * MiB
 # A declared element count whose array alone is 800 MB (8 bytes per slot).
 HUGE_COUNT = 100_000_000
 
@@ -117,7 +119,7 @@ class Pinger:
         self.latencies: list[float] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
-        self._call = PyroFunc(address, token=token, timeout=20)
+        self._call = PyroFunc(address, token=token, timeout=5)
         self._call("ping")  # connected before the attack starts
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -136,7 +138,7 @@ class Pinger:
     def stop(self) -> float:
         """Stop; return the worst latency seen."""
         self._stop.set()
-        self._thread.join(25)
+        self._thread.join(7)
         self._call.close()
         return max(self.latencies, default=0.0)
 
@@ -145,15 +147,24 @@ def attack_and_watch(master: Master, sock: socket.socket, data: bytes, deadline:
                      ) -> tuple[Any, float, int]:
     """Send ``data``; wait up to ``deadline`` s for the server's answer.
 
-    Returns (outcome, CPU seconds the master spent meanwhile, growth of its memory: the larger
-    of its resident high-water mark's and its peak address space's).
+    Returns (outcome, CPU seconds the master spent meanwhile, growth of its memory: of its
+    resident high-water mark and of its peak address space).
     """
     cpu0, before = master.cpu(), master.status()
     send_quietly(sock, data)
     result = outcome(sock, deadline)
     after = master.status()
-    growth = max(after["VmHWM"] - before["VmHWM"], after["VmPeak"] - before["VmPeak"])
+    growth = (after["VmHWM"] - before["VmHWM"], after["VmPeak"] - before["VmPeak"])
     return result, master.cpu() - cpu0, growth
+
+
+def assert_small_growth(growth: tuple[int, int], what: str, resident: int = SMALL_GROWTH,
+                        peak: int = SMALL_PEAK_GROWTH) -> None:
+    """Neither the master's resident high-water mark nor its peak address space grew much
+    (an allocation that is never touched only shows in the second)."""
+    hwm, vm = growth
+    assert hwm < resident, f"{what} grew the master's resident memory by {hwm / MiB:.0f} MiB"
+    assert vm < peak, f"{what} grew the master's address space by {vm / MiB:.0f} MiB"
 
 
 # -- 1. a declared container size allocates before anything is checked ----------------------
@@ -168,7 +179,7 @@ def test_preauth_declared_container_allocates_nothing(master: Master, container:
     finally:
         sock.close()
     assert_refused(result, "handshake declaring 100M items")
-    assert growth < SMALL_GROWTH, f"a 5-byte handshake grew the master's memory by {growth / MiB:.0f} MiB"
+    assert_small_growth(growth, "a 5-byte handshake")
     still_serving(master)
 
 
@@ -181,7 +192,7 @@ def test_postauth_declared_list_allocates_nothing(master: Master) -> None:
     finally:
         sock.close()
     assert_refused(result, "call declaring 100M items")
-    assert growth < SMALL_GROWTH, f"a short call grew the master's memory by {growth / MiB:.0f} MiB"
+    assert_small_growth(growth, "a short call")
     still_serving(master)
 
 
@@ -205,7 +216,7 @@ def test_preauth_backreferences_with_class_key_bounded(master: Master) -> None:
     assert result != TIMEOUT, f"no answer to a 1 KB handshake in 6 s ({cpu:.1f} s of master CPU)"
     assert_refused(result, "expanding handshake")
     assert cpu < 3, f"a 1 KB handshake cost {cpu:.1f} s of master CPU"
-    assert growth < SMALL_GROWTH, f"a 1 KB handshake grew the master's memory by {growth / MiB:.0f} MiB"
+    assert_small_growth(growth, "a 1 KB handshake")
     assert not pinger.errors, pinger.errors
     assert worst < 1.0, f"a connected client's ping took {worst:.2f} s during the attack"
     still_serving(master)
@@ -228,7 +239,7 @@ def test_postauth_backreferences_in_push_args_bounded(master: Master, ra: redis.
     assert result != TIMEOUT, f"no answer to a 1 KB push in 6 s ({cpu:.1f} s of master CPU)"
     assert_refused(result, "expanding push")
     assert cpu < 3, f"a 1 KB push cost {cpu:.1f} s of master CPU"
-    assert growth < SMALL_GROWTH * 2, f"a 1 KB push grew the master's memory by {growth / MiB:.0f} MiB"
+    assert_small_growth(growth, "a 1 KB push", resident=2 * SMALL_GROWTH)
     assert not pinger.errors, pinger.errors
     assert worst < 1.0, f"a connected client's ping took {worst:.2f} s during the attack"
     assert not ra.keys("ppq:0:t:*"), "the expanding push was stored"
@@ -259,7 +270,7 @@ def test_preauth_compressed_handshake_not_inflated(master: Master) -> None:
     finally:
         sock.close()
     assert_refused(result, "compressed handshake")
-    assert growth < SMALL_GROWTH, f"a compressed handshake grew the master's memory by {growth / MiB:.0f} MiB"
+    assert_small_growth(growth, "a compressed handshake")
     still_serving(master)
 
 
@@ -269,7 +280,7 @@ def test_preauth_compressed_handshake_not_inflated(master: Master) -> None:
 def test_preauth_large_declared_size_refused_at_once(master: Master) -> None:
     """A handshake header declaring 512 MiB (and a few bytes of it) is refused at once."""
     sock = raw_socket(master.address)
-    hwm0 = master.hwm()
+    before = master.status()
     try:
         start = time.monotonic()
         send_quietly(sock, message(CONNECT, b"\x00" * 10, size=512 * MiB))
@@ -279,13 +290,16 @@ def test_preauth_large_declared_size_refused_at_once(master: Master) -> None:
         sock.close()
     assert_refused(result, "handshake declaring 512 MiB")
     assert took < 3
-    assert master.hwm() - hwm0 < SMALL_GROWTH
+    after = master.status()
+    assert_small_growth((after["VmHWM"] - before["VmHWM"], after["VmPeak"] - before["VmPeak"]),
+                        "a handshake declaring 512 MiB")
     still_serving(master)
 
 
 def test_unfinished_handshakes_closed_by_the_server(master: Master) -> None:
     """Connections that never finish their handshake (silent, a partial header, a partial
-    body, a body trickled a byte at a time) are closed by the server within about 10 s."""
+    body, a body trickled a byte at a time) are closed by the server within about 10 s
+    (14 s allowed here)."""
     silent = raw_socket(master.address)
     partial_header = raw_socket(master.address)
     partial_header.sendall(message(CONNECT, connect_body(TOKEN))[:20])
@@ -309,13 +323,13 @@ def test_unfinished_handshakes_closed_by_the_server(master: Master) -> None:
     results = {}
     try:
         for name, sock in socks.items():
-            results[name] = (outcome(sock, max(start + 13 - time.monotonic(), 0.01)), time.monotonic() - start)
+            results[name] = (outcome(sock, max(start + 14 - time.monotonic(), 0.01)), time.monotonic() - start)
     finally:
         stop.set()
         close_all(socks.values())
         dripper.join(5)
     still_open = [name for name, (result, _) in results.items() if result == TIMEOUT]
-    assert not still_open, f"still open after 13 s: {still_open}"
+    assert not still_open, f"still open after 14 s: {still_open}"
     for name, (result, _) in results.items():
         assert refused(result), f"{name}: {result!r:.200}"
     still_serving(master)
@@ -555,7 +569,7 @@ def test_running_task_info_reveals_no_lease_and_forged_reports_are_refused(
         assert not info.get("lease"), f"a running task's info shows its lease: {info.get('lease')!r}"
         worker_id = info.get("worker") or wid
         forged = []
-        for lease in (f"{worker_id}/1", f"{wid}/1", os.urandom(8).hex(), "", "*"):
+        for lease in (f"{worker_id}/1", f"{wid}/1", f"{worker_id}/2", os.urandom(8).hex(), "*"):
             attempts: dict[str, Callable[[], Any]] = {
                 "task_finish": lambda lease=lease: call("task_finish", task_id, worker_id, 0, False,
                                                         result="forged", lease=lease),
@@ -720,11 +734,11 @@ def test_huge_push_tasks_refused_quickly(master: Master, ra: redis.Redis) -> Non
         sock.close()
         sender.join(10)
     after = master.status()
-    growth = max(after["VmHWM"] - before["VmHWM"], after["VmPeak"] - before["VmPeak"])
     assert result != TIMEOUT, f"no answer in 10 s ({master.cpu() - cpu0:.1f} s of master CPU)"
     assert_refused(result, "300 MB push_tasks")
     assert took < 3, f"refusing a 300 MB push_tasks took {took:.1f} s"
-    assert growth < 200 * MiB, f"a 300 MB push_tasks grew the master's memory by {growth / MiB:.0f} MiB"
+    assert_small_growth((after["VmHWM"] - before["VmHWM"], after["VmPeak"] - before["VmPeak"]),
+                        "a 300 MB push_tasks", resident=200 * MiB, peak=400 * MiB)
     assert not ra.keys("ppq:0:t:*"), "tasks of the refused batch were stored"
     assert not ra.llen("ppq:0:queue")
     assert ra.info("memory")["used_memory"] - memory_before < 10 * MiB
@@ -803,6 +817,22 @@ def traceback_lines(master: Master) -> list[str]:
     return [line for line in master.log().splitlines() if "Traceback" in line]
 
 
+def clear_errors(cases: dict[str, tuple[tuple[str, ...], Callable[[], Any]]]) -> dict[str, str]:
+    """Run each case; those that were accepted or whose error names none of its field's names
+    (or is an "internal error"), with what happened."""
+    unclear = {}
+    for name, (fields, fn) in cases.items():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the error is checked below
+            text = str(exc)
+            if not any(field in text for field in fields) or "internal error" in text:
+                unclear[name] = f"{type(exc).__name__}: {text[:150]}"
+        else:
+            unclear[name] = "accepted"
+    return unclear
+
+
 def test_huge_numbers_and_deep_nesting_get_a_clear_error(master: Master) -> None:
     """wait=10**5000, timeout=10**5000 and 1,900-deep nested args: an error naming the field,
     no "internal error", no traceback in the master's log."""
@@ -810,27 +840,37 @@ def test_huge_numbers_and_deep_nesting_get_a_clear_error(master: Master) -> None
     nested: Any = 1
     for _ in range(1900):
         nested = [nested]
-    cases: dict[str, tuple[str, Callable[[], Any]]] = {
-        "get_task wait": ("wait", lambda: call("get_task", {"id": "w"}, 0, 10**5000)),
-        "get_tasks wait": ("wait", lambda: call("get_tasks", {"id": "w"}, 0, 1, 10**5000)),
-        "wait_task timeout": ("timeout", lambda: call("wait_task", "a" * 32, 0, 10**5000)),
-        "push_task delay": ("delay", lambda: call("push_task", "ok", module="redteam_tasks", delay=10**5000)),
-        "push_task args": ("args", lambda: call("push_task", "ok", module="redteam_tasks", args=[nested])),
+    cases: dict[str, tuple[tuple[str, ...], Callable[[], Any]]] = {
+        "get_task wait": (("wait",), lambda: call("get_task", {"id": "w"}, 0, 10**5000)),
+        "get_tasks wait": (("wait",), lambda: call("get_tasks", {"id": "w"}, 0, 1, 10**5000)),
+        "wait_task timeout": (("timeout",), lambda: call("wait_task", "a" * 32, 0, 10**5000)),
+        "push_task args": (("args", "argument"),
+                           lambda: call("push_task", "ok", module="redteam_tasks", args=[nested])),
     }
-    unclear = {}
     try:
-        for name, (field, fn) in cases.items():
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - the error is checked below
-                text = str(exc)
-                if field not in text or "internal error" in text:
-                    unclear[name] = f"{type(exc).__name__}: {text[:150]}"
-            else:
-                unclear[name] = "accepted"
+        unclear = clear_errors(cases)
     finally:
         call.close()
     assert not unclear, "\n".join(f"{k}: {v}" for k, v in unclear.items())
+    assert not traceback_lines(master), master.log()[-3000:]
+    still_serving(master)
+
+
+def test_huge_delay_gets_a_clear_error(master: Master, ra: redis.Redis) -> None:
+    """delay=10**5000 and timeout=10**5000 on push_task: an error naming the field, nothing stored,
+    no traceback in the master's log."""
+    call = PyroFunc(master.address, token=TOKEN, timeout=10)
+    cases: dict[str, tuple[tuple[str, ...], Callable[[], Any]]] = {
+        "push_task delay": (("delay",), lambda: call("push_task", "ok", module="redteam_tasks", delay=10**5000)),
+        "push_task timeout": (("timeout",),
+                              lambda: call("push_task", "ok", module="redteam_tasks", timeout=10**5000)),
+    }
+    try:
+        unclear = clear_errors(cases)
+    finally:
+        call.close()
+    assert not unclear, "\n".join(f"{k}: {v}" for k, v in unclear.items())
+    assert not ra.keys("ppq:0:t:*")
     assert not traceback_lines(master), master.log()[-3000:]
     still_serving(master)
 
@@ -928,5 +968,5 @@ def test_preauth_warnings_are_rate_limited(master: Master) -> None:
     assert wait_until(lambda: warning_lines(master), 3), "no WARNING naming 127.0.0.1"
     time.sleep(0.2)  # let the log catch up with the last refusals before counting
     count = len(warning_lines(master))
-    assert count <= 60, f"{count} WARNING lines for 300 refused handshakes"
+    assert count <= 100, f"{count} WARNING lines for 300 refused handshakes"
     still_serving(master)
