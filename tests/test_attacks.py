@@ -36,7 +36,10 @@ from ppq import PyroFunc
 from ppq.embedded import RedisServer, free_port
 
 from .attack_tools import (
+    CLOSED,
     CONNECT,
+    CONNECTFAIL,
+    CONNECTOK,
     FLAG_COMPRESSED,
     INVOKE,
     TIMEOUT,
@@ -970,3 +973,62 @@ def test_preauth_warnings_are_rate_limited(master: Master) -> None:
     count = len(warning_lines(master))
     assert count <= 100, f"{count} WARNING lines for 300 refused handshakes"
     still_serving(master)
+
+
+# -- controls: the attack tools speak valid Pyro5 -------------------------------------------------
+
+
+def test_control_attack_tools_speak_valid_pyro5(master: Master, ra: redis.Redis) -> None:
+    """Small, well-meant versions of the attacks' messages are served: a refusal above is the
+    server's defence, not a malformed message. Also the margins hold for an unattacked master."""
+    # A handshake with the right token, extra data holding "__class__" and back-references.
+    body = m_dict([(m_str("handshake"), m_dict([(m_str("token"), m_str(TOKEN)), (m_str("ppq"), b"i" + m_int(1)),
+                                                (m_str("x"), expanding(3, 2, m_str("__class__")))])),
+                   (m_str("object"), m_str("queue"))])
+    for flags, data in ((0, body), (FLAG_COMPRESSED, zlib.compress(body))):
+        pinger = Pinger(master.address, TOKEN)
+        sock = raw_socket(master.address)
+        try:
+            result, cpu, growth = attack_and_watch(master, sock, message(CONNECT, data, flags=flags), 5)
+            assert result not in (TIMEOUT, CLOSED) and result[0] == CONNECTOK, result
+            assert_small_growth(growth, "a valid handshake")
+            # A call with back-references in its arguments.
+            kwargs = m_dict([(m_str("func"), m_str("ok")), (m_str("module"), m_str("redteam_tasks")),
+                             (m_str("args"), expanding(3, 2, b"i" + m_int(7)))])
+            call = b"(" + m_int(4) + m_str("queue") + m_str("push_task") + b"[" + m_int(0) + kwargs
+            result, cpu, growth = attack_and_watch(master, sock, message(INVOKE, call, seq=1), 5)
+            assert result not in (TIMEOUT, CLOSED) and not refused(result), result
+            task_id = marshal.loads(result[2])
+        finally:
+            sock.close()
+            worst = pinger.stop()
+        assert worst < 1.0 and not pinger.errors
+        reader = PyroFunc(master.address, token=TOKEN, timeout=5)
+        try:
+            info = reader("get_task_info", task_id)
+        finally:
+            reader.close()
+        assert info["args"] == [[[[7], [7]], [[7], [7]]], [[[7], [7]], [[7], [7]]]], info
+    # A wrong token is refused with CONNECTFAIL.
+    sock = raw_socket(master.address)
+    try:
+        assert outcome_after(sock, message(CONNECT, connect_body("wrong")))[0] == CONNECTFAIL
+    finally:
+        sock.close()
+    # The streamed push_tasks, small.
+    size, chunks = chunks_of_push(3, 1000)
+    sock = authed_socket(master.address, TOKEN)
+    try:
+        result = outcome_after(sock, message(INVOKE, b"".join(chunks), seq=1, size=size))
+        assert not refused(result) and len(marshal.loads(result[2])) == 3, result
+    finally:
+        sock.close()
+    assert len(ra.keys("ppq:0:t:bulk-*")) == 3
+    still_serving(master)
+
+
+def outcome_after(sock: socket.socket, data: bytes, timeout: float = 5) -> Any:
+    sock.sendall(data)
+    result = outcome(sock, timeout)
+    assert result not in (TIMEOUT, CLOSED), result
+    return result
