@@ -64,7 +64,7 @@ from .attack_tools import (
     wait_until,
 )
 
-TOKEN = "red-team-token"
+TOKEN = "attack-test-token"
 MiB = 1024 * 1024
 # Memory an attack may add to the master's resident high-water mark.
 SMALL_GROWTH = 50 * MiB
