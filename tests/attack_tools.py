@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import marshal
 import os
 import socket
@@ -23,8 +24,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ppq.embedded import free_port
 from ppq.rpc import PyroFunc
@@ -157,7 +156,7 @@ class Master(Target):
         args = []
         if config:
             path = tmp_path / f"{name}-{self.port}.yaml"
-            path.write_text(yaml.safe_dump(config))
+            path.write_text(json.dumps(config))  # JSON is YAML
             args += ["--config", str(path)]
         args += ["master", "--port", str(self.port), "--redis-map", f"0={redis_url}", *extra]
         env = dict(env or {})

@@ -524,7 +524,7 @@ def test_allowlist_reaches_only_the_modules_own_functions(master: Master, tmp_pa
     worker = start_worker(tmp_path, targets, master, cwd=str(victim))
     worker_entry(master, worker)
     call = PyroFunc(master.address, token=TOKEN, timeout=5)
-    attacks = {
+    attacks: dict[str, dict[str, Any]] = {
         "os.system": dict(func="system", args=[f"touch {marker_system}"]),
         "subprocess.run": dict(func="run", args=[["touch", str(marker_run)]]),
         "Path().chmod": dict(fclass="Path", func="chmod", args=[0o750]),
@@ -579,17 +579,17 @@ def test_running_task_info_reveals_no_lease_and_forged_reports_are_refused(
         worker_id = info.get("worker") or wid
         forged = []
         for lease in (f"{worker_id}/1", f"{wid}/1", f"{worker_id}/2", os.urandom(8).hex(), "*"):
-            attempts: dict[str, Callable[[], Any]] = {
-                "task_finish": lambda lease=lease: call("task_finish", task_id, worker_id, 0, False,
-                                                        result="forged", lease=lease),
-                "task_error": lambda lease=lease: call("task_error", task_id, worker_id, 0, False,
-                                                       error="forged", lease=lease, retry=False),
-                "report": lambda lease=lease: call("report", worker_id, 0, [
+            attempts: dict[str, Callable[[str], Any]] = {
+                "task_finish": lambda lease: call("task_finish", task_id, worker_id, 0, False, result="forged",
+                                                  lease=lease),
+                "task_error": lambda lease: call("task_error", task_id, worker_id, 0, False, error="forged",
+                                                 lease=lease, retry=False),
+                "report": lambda lease: call("report", worker_id, 0, [
                     {"id": task_id, "lease": lease, "ok": True, "result": "forged"}], 0, 0)["accepted"] != [False],
             }
             for name, attempt in attempts.items():
                 try:
-                    accepted = attempt()
+                    accepted = attempt(lease)
                 except Exception:  # noqa: BLE001 - refused
                     continue
                 if accepted:
