@@ -93,6 +93,7 @@ class MasterConfig:
     allow_pickle: bool = False
     insecure: bool = False
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     worker_ttl: float = DEFAULT_WORKER_TTL
 
 
@@ -114,6 +115,7 @@ class WorkerConfig:
     allow_pickle: bool = False
     insecure: bool = False
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)

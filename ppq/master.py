@@ -801,9 +801,10 @@ class MasterServer:
             from .metrics import serve_master_metrics
 
             try:
-                self.metrics_server = serve_master_metrics(self.config.master.host, self.config.master.metrics_port,
+                self.metrics_server = serve_master_metrics(self.config.master.metrics_host,
+                                                           self.config.master.metrics_port,
                                                            lambda: self.master.queue_info(workers=False),
-                                                           self.config.client_secret, self.config.master.insecure)
+                                                           self.config.client_secret)
             except ConfigError:
                 self.stop()
                 raise

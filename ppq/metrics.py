@@ -8,10 +8,10 @@ and wait time (from push to start) of its tasks, per function: the agent gives
 the labels, a bounded set (tasks refused before they ran share one label, and
 functions past the first few hundred another; see ppq.worker.MAX_FUNC_LABELS).
 
-The endpoints follow the daemons' rule: on a loopback host they serve anyone on
-this machine; a non-loopback host needs a token (``client_token``, else
-``auth_token``; or ``insecure``), and then every request must carry
-``Authorization: Bearer <token>``.
+The endpoints bind ``metrics_host`` (127.0.0.1 unless set) and follow the
+daemons' rule: with a token configured (``client_token``, else ``auth_token``)
+every request must carry ``Authorization: Bearer <token>``; a non-loopback host
+without a token is refused at start.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from . import rpc
+from .errors import ConfigError
 
 log = logging.getLogger("ppq.metrics")
 
@@ -110,16 +111,19 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry, token: str 
     server = make_server(address[0], port, _bearer(app, token) if token else app, Server, handler_class=_Handler)
     threading.Thread(target=server.serve_forever, name="ppq-metrics", daemon=True).start()
     log.info("metrics on http://%s:%s/metrics%s", host, server.server_port,
-             " (Authorization: Bearer <auth_token> required)" if token else "")
+             " (Authorization: Bearer <token> required)" if token else "")
     return server
 
 
-def metrics_token(host: str, token: str | None, insecure: bool, key: str) -> str | None:
-    """The token a metrics endpoint on ``host`` requires: none on a loopback host, else
-    ``token``. A non-loopback host without one is refused (ConfigError naming ``key``)
-    unless ``insecure``."""
-    rpc.check_bind(host, token, insecure, key)
-    return None if rpc.is_loopback(host) else token or None
+def metrics_token(host: str, token: str | None, key: str) -> str | None:
+    """The token a metrics endpoint requires: the configured one, whatever the host (as the
+    daemons do). A non-loopback host without a token is refused (ConfigError naming ``key``):
+    metrics tell about every task and worker."""
+    if not rpc.is_loopback(host) and not token:
+        raise ConfigError(f"{key} is {host!r}, which is reachable from other machines, and no token is set: "
+                          f"set client_token or auth_token (scrapers then send Authorization: Bearer <token>), "
+                          f"or serve metrics on 127.0.0.1")
+    return token or None
 
 
 def stop_metrics(server: WSGIServer) -> None:
@@ -128,9 +132,9 @@ def stop_metrics(server: WSGIServer) -> None:
 
 
 def serve_master_metrics(host: str, port: int, counts: Callable[[], Mapping[int, Mapping[str, Any]]],
-                         token: str | None = None, insecure: bool = False) -> WSGIServer:
-    """A master's endpoint: ``host`` is ``master.host``, ``token`` the ``auth_token``."""
-    required = metrics_token(host, token, insecure, "master.host")
+                         token: str | None = None) -> WSGIServer:
+    """A master's endpoint: ``host`` is ``master.metrics_host``, ``token`` the client's token."""
+    required = metrics_token(host, token, "master.metrics_host")
     registry = CollectorRegistry()
     registry.register(QueueCollector(counts))
     return serve_metrics(host, port, registry, required)
@@ -155,9 +159,9 @@ class WorkerMetrics:
         if wait is not None and wait >= 0:
             self.wait.labels(func).observe(wait)
 
-    def serve(self, host: str, port: int, token: str | None = None, insecure: bool = False) -> None:
-        """Serve on ``worker.host`` (``host``); ``token`` is the ``auth_token``."""
-        self.server = serve_metrics(host, port, self.registry, metrics_token(host, token, insecure, "worker.host"))
+    def serve(self, host: str, port: int, token: str | None = None) -> None:
+        """Serve on ``worker.metrics_host`` (``host``); ``token`` is the client's token."""
+        self.server = serve_metrics(host, port, self.registry, metrics_token(host, token, "worker.metrics_host"))
 
     def stop(self) -> None:
         if self.server is not None:

@@ -908,8 +908,8 @@ class Agent:
 
             self.metrics = WorkerMetrics()
             try:
-                self.metrics.serve(self.config.worker.host, self.config.worker.metrics_port, self.config.client_secret,
-                                   self.config.worker.insecure)
+                self.metrics.serve(self.config.worker.metrics_host, self.config.worker.metrics_port,
+                                   self.config.client_secret)
             except OSError as exc:
                 raise ConfigError(f"worker.metrics_port: cannot listen on {self.config.worker.metrics_port}: "
                                   f"{exc.strerror or exc}") from None

@@ -456,7 +456,7 @@ TLS_CLIENT = textwrap.dedent("""
     from ppq.config import load_config
     from ppq.rpc import PyroFunc, apply_tls
     config = load_config(sys.argv[1], environ={})
-    apply_tls(config.tls, server=False)
+    apply_tls(config.tls)
     call = PyroFunc(sys.argv[2], token=sys.argv[3], timeout=3)
     start = time.monotonic()
     print(call("ping"), round(time.monotonic() - start, 3))
@@ -991,7 +991,8 @@ def test_control_attack_tools_speak_valid_pyro5(master: Master, ra: redis.Redis)
     body = m_dict([(m_str("handshake"), m_dict([(m_str("token"), m_str(TOKEN)), (m_str("ppq"), b"i" + m_int(1)),
                                                 (m_str("x"), expanding(3, 2, m_str("__class__")))])),
                    (m_str("object"), m_str("queue"))])
-    for flags, data in ((0, body), (FLAG_COMPRESSED, zlib.compress(body))):
+    # ppq refuses compressed messages outright (see the compression attack), so only the plain form here.
+    for flags, data in ((0, body),):
         pinger = Pinger(master.address, TOKEN)
         sock = raw_socket(master.address)
         try:

@@ -358,27 +358,41 @@ def test_metrics_with_a_token_require_the_bearer_header():
         stop_metrics(server)
 
 
-def test_metrics_on_loopback_serve_as_before_and_a_non_loopback_host_needs_a_token():
-    server = serve_master_metrics("127.0.0.1", 0, queue_counts, token="t0ken")
+def test_metrics_need_the_token_when_one_is_set_and_a_non_loopback_host_needs_one():
+    server = serve_master_metrics("127.0.0.1", 0, queue_counts)
     try:
         status, _, body = http_get(server.server_port)
         assert status == 200 and b"ppq_queue_depth" in body
     finally:
         stop_metrics(server)
-    with pytest.raises(ConfigError, match=r"master\.host is '0\.0\.0\.0'.*auth_token"):
+    server = serve_master_metrics("127.0.0.1", 0, queue_counts, token="t0ken")
+    try:
+        assert http_get(server.server_port)[0] == 401
+        assert http_get(server.server_port, {"Authorization": "Bearer t0ken"})[0] == 200
+    finally:
+        stop_metrics(server)
+    with pytest.raises(ConfigError, match=r"master\.metrics_host is '0\.0\.0\.0'.*auth_token"):
         serve_master_metrics("0.0.0.0", 0, queue_counts)
-    with pytest.raises(ConfigError, match=r"worker\.host is '0\.0\.0\.0'.*auth_token"):
+    with pytest.raises(ConfigError, match=r"worker\.metrics_host is '0\.0\.0\.0'.*auth_token"):
         WorkerMetrics().serve("0.0.0.0", 0)
-    assert metrics_token("0.0.0.0", "t0ken", False, "master.host") == "t0ken"
-    assert metrics_token("0.0.0.0", None, True, "master.host") is None
-    assert metrics_token("127.0.0.1", "t0ken", False, "master.host") is None
+    assert metrics_token("0.0.0.0", "t0ken", "master.metrics_host") == "t0ken"
+    assert metrics_token("127.0.0.1", "t0ken", "master.metrics_host") == "t0ken"
+    assert metrics_token("127.0.0.1", None, "master.metrics_host") is None
 
 
-def test_a_master_with_a_token_serves_metrics_on_loopback(make_master):
+def test_a_master_with_a_token_serves_metrics_to_scrapers_that_send_it(make_master):
     port = free_port()
     server = make_master(master__metrics_port=port, auth_token="s3cret")
     client = Client([address_of(server)], token="s3cret")
     client.push("tasks.add", 1, 2)
-    status, _, body = wait_for(lambda: (r := http_get(port)) and r[0] == 200 and r, what="the metrics endpoint")
+    def refused_without_token() -> bool:
+        try:
+            return http_get(port)[0] == 401
+        except OSError:
+            return False
+
+    wait_for(refused_without_token, what="the metrics endpoint")
+    status, _, body = http_get(port, {"Authorization": "Bearer s3cret"})
+    assert status == 200
     assert 'ppq_queue_depth{queue_index="0",state="queued"} 1.0' in body.decode()
     client.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import random
 import threading
@@ -137,6 +138,20 @@ def _pack(value: Any) -> bytes:
         raise
 
 
+def _encode_call(objid: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, bytes] | None:
+    """The request's serializer and bytes: msgpack, or marshal for what msgpack cannot carry
+    (integers past 64 bits, sets, deep nesting), which the master then checks before reading;
+    None when neither can (Pyro5's own path takes the call)."""
+    try:
+        return wire.MSGPACK, _pack((objid, method, args, kwargs))
+    except (TypeError, ValueError, OverflowError):
+        pass
+    try:
+        return wire.MARSHAL, marshal.dumps((objid, method, list(args), kwargs))
+    except (TypeError, ValueError):
+        return None
+
+
 def _direct_wire() -> bool:
     """The direct path is off while Pyro5 is set to log the wire or compress."""
     return not pyro_config.LOGWIRE and not pyro_config.COMPRESSION
@@ -153,18 +168,18 @@ def _direct_call(proxy: Any, method: str, args: tuple[Any, ...], kwargs: dict[st
     for value in (*args, *kwargs.values()):
         if type(value) not in _PLAIN:
             return _MISSING
-    try:
-        data = _pack((conn.objectId, method, args, kwargs))
-    except (TypeError, ValueError, OverflowError):
+    encoded = _encode_call(conn.objectId, method, args, kwargs)
+    if encoded is None:
         return _MISSING
+    serializer_id, data = encoded
     seq = proxy._pyroSeq = (proxy._pyroSeq + 1) & 0xFFFF
     try:
-        conn.send(wire.message(wire.MSG_INVOKE, wire.MSGPACK, seq, data))
+        conn.send(wire.message(wire.MSG_INVOKE, serializer_id, seq, data))
         try:
             header = wire.parse_header(conn.recv(wire.HEADER.size))
         except wire.WireError as exc:
             raise Pyro5.errors.ProtocolError(f"invalid reply message: {exc}") from None
-        if header.kind != wire.MSG_RESULT or header.seq != seq or header.serializer_id != wire.MSGPACK:
+        if header.kind != wire.MSG_RESULT or header.seq != seq or header.serializer_id != serializer_id:
             raise Pyro5.errors.ProtocolError(f"invoke: reply out of sync (seq {header.seq}, expected {seq})")
         total = header.size + header.annotations
         if total > pyro_config.MAX_MESSAGE_SIZE:
@@ -174,8 +189,8 @@ def _direct_call(proxy: Any, method: str, args: tuple[Any, ...], kwargs: dict[st
             body = body[header.annotations:]
         if header.flags & wire.FLAGS_ITEMSTREAMRESULT:
             raise Pyro5.errors.ProtocolError("result of call is an iterator, which ppq does not use")
-        if header.flags & wire.FLAGS_EXCEPTION:
-            result = pyro_serializers.serializers["msgpack"].loads(body)
+        if header.flags & wire.FLAGS_EXCEPTION or serializer_id != wire.MSGPACK:
+            result = pyro_serializers.serializers_by_id[serializer_id].loads(body)
         else:
             try:
                 result = wire.unpack(body)

@@ -25,6 +25,7 @@ import Pyro5.errors
 import Pyro5.server
 from Pyro5 import serializers as pyro_serializers
 
+from ..errors import InvalidTaskError
 from . import wire
 from .roles import ALL
 from .transport import IdleError, Transport
@@ -121,7 +122,7 @@ class Daemon(Pyro5.server.Daemon):
             self.max_message, MAX_TEXT_MESSAGE)
         total = header.size + header.annotations
         if total > limit:
-            self._refuse(conn, header, f"InvalidTaskError: a request of {total} bytes is larger than the "
+            self._refuse(conn, header, f"a request of {total} bytes is larger than the "
                                        f"limit of {limit} bytes (limits.max_message)")
             raise wire.WireError(f"a request of {total} bytes (limit {limit})")
         body = self._read(conn, total) if total else b""
@@ -146,17 +147,20 @@ class Daemon(Pyro5.server.Daemon):
             if b"__class__" in data:
                 found = wire.find_class_dict(wire.loads(header.serializer_id, data))
                 if found is not None:
-                    return (f"InvalidTaskError: arguments must be plain data; a dict with a '__class__' key "
+                    return (f"arguments must be plain data; a dict with a '__class__' key "
                             f"({found!r}) is not accepted")
         except wire.WireError as exc:
-            return f"InvalidTaskError: {exc}"
+            return str(exc)
         return ""
 
     def _refuse(self, conn: Any, header: wire.Header, reason: str) -> None:
-        """Answer a request with an error (a builtin type, readable by any client)."""
+        """Answer a request with InvalidTaskError: as itself to ppq's clients, as a ValueError
+        naming it to plain Pyro5 clients (which cannot read ppq's classes)."""
         serializer_id = header.serializer_id if header.serializer_id in wire.SERIALIZER_NAMES else wire.MSGPACK
+        error: Exception = (InvalidTaskError(reason) if getattr(conn, "ppq_client", False)
+                            else ValueError(f"InvalidTaskError: {reason}"))
         try:
-            self._sendExceptionResponse(conn, header.seq, serializer_id, ValueError(reason), None)
+            self._sendExceptionResponse(conn, header.seq, serializer_id, error, None)
         except Exception:  # noqa: BLE001 - the connection is closed next anyway
             pass
 

@@ -99,7 +99,7 @@ def unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except msgpack.StackError:
-        raise WireError("the message nests too deeply") from None
+        raise WireError("an argument nests too deeply") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
         raise WireError(f"bad msgpack data: {exc}") from None
 
@@ -155,7 +155,7 @@ def _check_text_depth(text: str) -> None:
         elif ch in "[{(":
             depth += 1
             if depth > MAX_DEPTH:
-                raise WireError(f"the message nests deeper than {MAX_DEPTH} levels")
+                raise WireError(f"an argument nests deeper than {MAX_DEPTH} levels")
         elif ch in "]})":
             depth -= 1
 
@@ -207,7 +207,7 @@ def check_marshal(data: bytes, max_depth: int = MAX_DEPTH) -> None:
         """Skip one object; return its weight (1 per object plus 1 per 8 bytes of text)."""
         nonlocal pos, expanded
         if depth > max_depth:
-            raise WireError(f"the message nests deeper than {max_depth} levels")
+            raise WireError(f"an argument nests deeper than {max_depth} levels")
         need(1)
         code = data[pos]
         pos += 1
