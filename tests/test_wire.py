@@ -65,10 +65,15 @@ def test_check_marshal_refuses_expanding_back_references():
         wire.check_marshal(data)
 
 
-def test_check_marshal_refuses_deep_nesting():
-    data = b")\x01" * 1900 + b"N"
+def test_check_marshal_takes_what_marshal_takes_and_refuses_deeper_nesting():
+    nested = None
+    for _ in range(1900):
+        nested = [nested]
+    wire.check_marshal(marshal.dumps(nested))
     with pytest.raises(wire.WireError, match="nests deeper"):
-        wire.check_marshal(data)
+        wire.check_marshal(b")\x01" * 2100 + b"N")
+    assert wire.loads(wire.MARSHAL, marshal.dumps({})) == {}
+    assert wire.loads(wire.MARSHAL, marshal.dumps([{}, {"a": {}}, []])) == [{}, {"a": {}}, []]
 
 
 def test_msgpack_lengths_are_bounded_by_the_input():

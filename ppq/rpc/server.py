@@ -13,6 +13,7 @@ Pyro5's own handler.
 from __future__ import annotations
 
 import hmac
+import marshal
 import ssl
 import threading
 import time
@@ -127,9 +128,15 @@ class Daemon(Pyro5.server.Daemon):
             raise wire.WireError(f"a request of {total} bytes (limit {limit})")
         body = self._read(conn, total) if total else b""
         if header.kind == wire.MSG_INVOKE:
-            if (header.serializer_id == wire.MSGPACK and not header.flags and not header.annotations
-                    and b"__class__" not in body and self._direct_request(conn, header, body)):
-                return
+            direct = (header.serializer_id in (wire.MSGPACK, wire.MARSHAL) and not header.flags
+                      and not header.annotations and b"__class__" not in body)
+            if direct:
+                try:
+                    if self._direct_request(conn, header, body):
+                        return
+                except wire.WireError as exc:
+                    self._refuse(conn, header, str(exc))
+                    return
             problem = self._check_request(header, body[header.annotations:])
             if problem:
                 self._refuse(conn, header, problem)
@@ -165,11 +172,18 @@ class Daemon(Pyro5.server.Daemon):
             pass
 
     def _direct_request(self, conn: Any, header: wire.Header, data: bytes) -> bool:
-        """Serve a plain msgpack call to ppq's own object; False sends it Pyro5's way."""
+        """Serve a plain msgpack or marshal call to ppq's own object; False sends it Pyro5's way
+        (WireError: marshal data that is not safe to read)."""
+        serializer_id = header.serializer_id
+        if serializer_id == wire.MARSHAL:
+            wire.check_marshal(data)
         try:
-            objid, method, vargs, kwargs = wire.unpack(data)
-        except (wire.WireError, ValueError, TypeError):
+            call = wire.unpack(data) if serializer_id == wire.MSGPACK else marshal.loads(data)
+            objid, method, vargs, kwargs = call
+        except (wire.WireError, ValueError, TypeError, EOFError):
             return False
+        if type(vargs) is tuple:
+            vargs = list(vargs)
         if type(method) is not str or type(vargs) is not list or type(kwargs) is not dict:
             return False
         cached = self._direct.get((objid, method)) if type(objid) is str else None
@@ -187,20 +201,23 @@ class Daemon(Pyro5.server.Daemon):
         ctx.seq = header.seq
         ctx.annotations = {}
         ctx.msg_flags = 0
-        ctx.serializer_id = wire.MSGPACK
+        ctx.serializer_id = serializer_id
         ctx.correlation_id = None
         ctx.response_annotations = {}
         try:
             result = target(*vargs, **kwargs)
-            reply = pack_reply(result)
+            if serializer_id == wire.MSGPACK:
+                reply = pack_reply(result)
+            else:
+                reply = pyro_serializers.serializers_by_id[serializer_id].dumps(result)
         except Exception as exc:
             self.methodcall_error_handler(self, ctx.client_sock_addr, target, vargs, kwargs, exc)
-            self._sendExceptionResponse(conn, header.seq, wire.MSGPACK, exc,
+            self._sendExceptionResponse(conn, header.seq, serializer_id, exc,
                                         Pyro5.errors.format_traceback(detailed=False))
             if isinstance(exc, (Pyro5.errors.CommunicationError, Pyro5.errors.SecurityError)):
                 raise
             return True
-        conn.send(wire.message(wire.MSG_RESULT, wire.MSGPACK, header.seq, reply))
+        conn.send(wire.message(wire.MSG_RESULT, serializer_id, header.seq, reply))
         return True
 
     def _direct_target(self, objid: Any, method: str) -> Callable[..., Any] | None:

@@ -59,8 +59,10 @@ SERIALIZER_NAMES = {SERPENT: "serpent", JSON: "json", MARSHAL: "marshal", MSGPAC
 
 # Largest handshake (annotations and data together) read before the token is checked, in bytes.
 MAX_HANDSHAKE = 4096
-# Deepest nesting accepted in a marshal, serpent or json message.
+# Deepest nesting accepted in a serpent or json message (their parsers recurse).
 MAX_DEPTH = 200
+# Deepest nesting accepted in a marshal message: marshal's own limit.
+MAX_MARSHAL_DEPTH = 2000
 
 
 class WireError(Exception):
@@ -177,7 +179,7 @@ _FLAG_REF = 0x80
 _INT32 = struct.Struct("<i")
 
 
-def check_marshal(data: bytes, max_depth: int = MAX_DEPTH) -> None:
+def check_marshal(data: bytes, max_depth: int = MAX_MARSHAL_DEPTH) -> None:
     """Walk marshal ``data`` without building anything; raise WireError unless it is safe
     for ``marshal.loads`` and for walking what that returns.
 
@@ -185,28 +187,52 @@ def check_marshal(data: bytes, max_depth: int = MAX_DEPTH) -> None:
     first, then reads), a back-reference to a container still being read (a cycle) or
     one that makes the data, expanded, larger than a small multiple of its size, code
     objects and unknown types, nesting deeper than ``max_depth``, trailing bytes.
+    Iterative, so that nesting costs no Python recursion.
     """
     end = len(data)
     budget = 4 * end + 4096
     refs: list[int | None] = []
-    pos = 0
     expanded = 0
+    pos = 0
+    # Open containers: [items left (-1: a dict, read until its NULL), weight so far, ref slot].
+    stack: list[list[int]] = []
 
     def need(n: int) -> None:
         if n < 0 or pos + n > end:
             raise WireError("marshal data declares more bytes than it holds")
 
-    def int32() -> int:
+    def close(weight: int) -> bool:
+        """An object of ``weight`` is complete: add it to its container, closing the containers
+        it completes; True when the outermost object is complete."""
         nonlocal pos
-        need(4)
-        (value,) = _INT32.unpack_from(data, pos)
-        pos += 4
-        return int(value)
+        while stack:
+            top = stack[-1]
+            top[1] += weight
+            if top[0] > 0:
+                top[0] -= 1
+                if top[0]:
+                    return False
+            elif pos < end and data[pos] == _NULL:
+                pos += 1
+            else:
+                return False
+            stack.pop()
+            weight = top[1]
+            if top[2] >= 0:
+                refs[top[2]] = weight
+        return True
 
-    def obj(depth: int) -> int:
-        """Skip one object; return its weight (1 per object plus 1 per 8 bytes of text)."""
-        nonlocal pos, expanded
-        if depth > max_depth:
+    while True:
+        if stack and stack[-1][0] == -1 and pos < end and data[pos] == _NULL:
+            # An empty dict.
+            pos += 1
+            top = stack.pop()
+            if top[2] >= 0:
+                refs[top[2]] = top[1]
+            if close(top[1]):
+                break
+            continue
+        if len(stack) > max_depth:
             raise WireError(f"an argument nests deeper than {max_depth} levels")
         need(1)
         code = data[pos]
@@ -217,53 +243,47 @@ def check_marshal(data: bytes, max_depth: int = MAX_DEPTH) -> None:
             refs.append(None)
         code &= ~_FLAG_REF
         weight = 1
+        items = 0
         if code in _FIXED:
             need(_FIXED[code])
             pos += _FIXED[code]
-        elif code in _LEN32:
-            n = int32()
+        elif code in _LEN32 or code == _LONG:
+            need(4)
+            (n,) = _INT32.unpack_from(data, pos)
+            pos += 4
+            n = 2 * abs(n) if code == _LONG else n
             need(n)
             pos += n
             weight += n // 8
         elif code in _LEN8:
             need(1)
             n = data[pos]
-            pos += 1
-            need(n)
-            pos += n
+            need(n + 1)
+            pos += n + 1
             weight += n // 8
-        elif code == _LONG:
-            n = abs(int32())
-            need(2 * n)
-            pos += 2 * n
-            weight += n // 4
         elif code in (_FLOAT, _COMPLEX):
             for _ in range(2 if code == _COMPLEX else 1):
                 need(1)
                 n = data[pos]
-                pos += 1
-                need(n)
-                pos += n
+                need(n + 1)
+                pos += n + 1
         elif code in _SEQ32 or code == _SMALL_TUPLE:
             if code == _SMALL_TUPLE:
                 need(1)
-                n = data[pos]
+                items = data[pos]
                 pos += 1
             else:
-                n = int32()
+                need(4)
+                (items,) = _INT32.unpack_from(data, pos)
+                pos += 4
             # Every item takes at least one byte: a count beyond the bytes left is a lie.
-            need(n)
-            for _ in range(n):
-                weight += obj(depth + 1)
+            need(items)
         elif code == _DICT:
-            while True:
-                need(1)
-                if data[pos] == _NULL:
-                    pos += 1
-                    break
-                weight += obj(depth + 1) + obj(depth + 1)
+            items = -1
         elif code == _REF:
-            index = int32()
+            need(4)
+            (index,) = _INT32.unpack_from(data, pos)
+            pos += 4
             if not 0 <= index < len(refs) or refs[index] is None:
                 raise WireError("marshal data refers to an object it has not finished")
             weight = refs[index]  # type: ignore[assignment]
@@ -272,11 +292,13 @@ def check_marshal(data: bytes, max_depth: int = MAX_DEPTH) -> None:
                 raise WireError("marshal data expands past its size through back-references")
         else:
             raise WireError(f"marshal type {chr(code)!r} is not accepted")
+        if items:
+            stack.append([items, weight, slot])
+            continue
         if slot >= 0:
             refs[slot] = weight
-        return weight
-
-    obj(0)
+        if close(weight):
+            break
     if pos != end:
         raise WireError("trailing bytes after the marshal data")
 
