@@ -10,7 +10,7 @@ from typing import Any
 
 from . import codec
 from .config import Config, load_config
-from .errors import InvalidTaskError, ResultTimeoutError, TaskFailedError
+from .errors import InvalidTaskError, MessageTooLargeError, ResultTimeoutError, TaskFailedError
 from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
 from .task import CANCELLED, DEAD, DONE, new_id
 
@@ -70,6 +70,7 @@ class Client:
             random_idx=True,
             token=token if token is not None else config.client_secret,
             timeout=timeout or config.client.timeout or DEFAULT_TIMEOUT,
+            max_message=config.limits.max_message,
         )
         # A wait held by the master must end before the proxy's own timeout.
         self._wait_step = max(0.5, min(_WAIT_STEP, (self.call.timeout or _WAIT_STEP + 2) - 2))
@@ -106,15 +107,25 @@ class Client:
         if first is None:
             return []
         if len(first) < chunk:
-            return list(self.call("push_tasks", first))
+            return self._push_batch(first)
         ids: list[str] = []
         with ThreadPoolExecutor(1, thread_name_prefix="ppq-push-many") as builder:
             batch: list[dict[str, Any]] | None = first
             while batch is not None:
                 following = builder.submit(next, chunks, None)
-                ids.extend(self.call("push_tasks", batch))
+                ids.extend(self._push_batch(batch))
                 batch = following.result()
         return ids
+
+    def _push_batch(self, batch: list[dict[str, Any]]) -> list[str]:
+        """One push_tasks call, or halves of it while it is larger than one call carries."""
+        try:
+            return list(self.call("push_tasks", batch))
+        except MessageTooLargeError:
+            if len(batch) == 1:
+                raise
+            half = len(batch) // 2
+            return self._push_batch(batch[:half]) + self._push_batch(batch[half:])
 
     def _chunks(self, tasks: Iterable[Any], chunk: int, options: dict[str, Any]) -> Iterator[list[dict[str, Any]]]:
         batch: list[dict[str, Any]] = []
@@ -204,7 +215,7 @@ class Client:
             still = []
             for start in range(0, len(pending), LOOKUP_CHUNK):
                 chunk = pending[start:start + LOOKUP_CHUNK]
-                infos = self.call("wait_tasks", chunk, qi, wait if start == 0 else 0)
+                infos = self._wait_infos(chunk, qi, wait if start == 0 else 0)
                 for tid, info in zip(chunk, infos, strict=True):
                     if info is None:
                         raise InvalidTaskError(f"task {tid} is unknown (never pushed, or its record expired)")
@@ -218,6 +229,17 @@ class Client:
             pending = still
             if pending and deadline is not None and time.monotonic() >= deadline:
                 raise ResultTimeoutError(f"{len(pending)} task(s) still unfinished after {timeout:g}s")
+
+    def _wait_infos(self, task_ids: list[str], queue_index: int, wait: float) -> list[dict[str, Any] | None]:
+        """wait_tasks, in halves while the records are more than one reply carries (large results)."""
+        try:
+            return list(self.call("wait_tasks", task_ids, queue_index, wait))
+        except MessageTooLargeError:
+            if len(task_ids) == 1:
+                raise
+            half = len(task_ids) // 2
+            return self._wait_infos(task_ids[:half], queue_index, wait) + self._wait_infos(task_ids[half:],
+                                                                                           queue_index, 0)
 
     def close(self) -> None:
         self.call.close()

@@ -18,6 +18,10 @@ class InvalidTaskError(PPQError, ValueError):
     """An argument of an RPC call (a task field, a queue_index...) is invalid."""
 
 
+class MessageTooLargeError(InvalidTaskError):
+    """A request is larger than ``limits.max_message``; sent in smaller parts, it may pass."""
+
+
 class CodecError(InvalidTaskError):
     """A payload cannot be encoded or decoded by the configured codec."""
 
@@ -83,6 +87,7 @@ ALL_ERRORS = (
     PPQError,
     ConfigError,
     InvalidTaskError,
+    MessageTooLargeError,
     CodecError,
     StorageError,
     AuthError,

@@ -50,7 +50,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import codec
-from .errors import CodecError, InvalidTaskError, StorageError
+from .errors import CodecError, MessageTooLargeError, StorageError
 from .task import BODY_FIELDS, TaskSpec, decode_body
 
 log = logging.getLogger("ppq.store")
@@ -739,7 +739,7 @@ class Store:
     def infos(self, task_ids: Sequence[str], max_bytes: int = 0) -> list[dict[str, Any] | None]:
         """The records of ``task_ids`` (None for an unknown one), read in one round trip.
 
-        With ``max_bytes``, InvalidTaskError (naming task_ids) if the stored records take more
+        With ``max_bytes``, MessageTooLargeError (naming task_ids) if the stored records take more
         than that together: the reply carrying them would not fit in a message.
         """
         if len(task_ids) == 1:
@@ -752,7 +752,7 @@ class Store:
         if max_bytes:
             size = sum(sum(map(len, raw.values())) for raw in raws if raw)
             if size > max_bytes:
-                raise InvalidTaskError(f"task_ids: their records take {size} bytes, more than the {max_bytes} one "
+                raise MessageTooLargeError(f"task_ids: their records take {size} bytes, more than the {max_bytes} one "
                                        f"reply may carry (limits.max_message); ask for fewer at a time")
         return [self._record(tid, raw) for tid, raw in zip(task_ids, raws, strict=True)]
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import codec, rpc
 from .config import Config
-from .errors import CodecError, ConfigError, InvalidTaskError, NotAllowedError, PPQError
+from .errors import CodecError, ConfigError, InvalidTaskError, MessageTooLargeError, NotAllowedError, PPQError
 from .task import resolve
 
 log = logging.getLogger("ppq.worker")
@@ -607,6 +607,12 @@ class Agent:
                 reply = self._call("report", self.light_info(), self.queue_index, batch, n, 0)
             except InvalidTaskError as exc:
                 self._accept(n, [])
+                if isinstance(exc, MessageTooLargeError) and len(batch) > 1:
+                    # Large results: the batch goes in halves, each as large as one call carries.
+                    half = len(batch) // 2
+                    self._send_reports(batch[:half])
+                    self._send_reports(batch[half:])
+                    return
                 if any(r.get("ok") or r.get("result_bytes") for r in batch):
                     # Refused for good: report plain failures instead, which carry nothing to refuse.
                     log.error("the master refused %d report(s) (%s); reporting them as failed", len(batch), exc)

@@ -18,7 +18,8 @@ from Pyro5 import serializers as pyro_serializers
 from Pyro5.serializers import SerializerBase
 
 from .. import errors
-from ..errors import AuthError, ConfigError, ConnectError
+from ..config import DEFAULT_MAX_MESSAGE
+from ..errors import AuthError, ConfigError, ConnectError, MessageTooLargeError
 from ..task import PUSH_FIELDS, new_id
 from . import wire
 
@@ -157,7 +158,8 @@ def _direct_wire() -> bool:
     return not pyro_config.LOGWIRE and not pyro_config.COMPRESSION
 
 
-def _direct_call(proxy: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _direct_call(proxy: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 max_message: int = DEFAULT_MAX_MESSAGE) -> Any:
     """Call ``method`` on a connected msgpack proxy over the direct path.
 
     Returns ``_MISSING`` (nothing sent) when the arguments need Pyro5's own conversion.
@@ -172,6 +174,10 @@ def _direct_call(proxy: Any, method: str, args: tuple[Any, ...], kwargs: dict[st
     if encoded is None:
         return _MISSING
     serializer_id, data = encoded
+    if len(data) > max_message:
+        # The master would refuse it unread and close the connection: say so here, before sending.
+        raise MessageTooLargeError(f"{method}: a request of {len(data)} bytes is larger than the limit of "
+                               f"{max_message} bytes (limits.max_message); send less per call")
     seq = proxy._pyroSeq = (proxy._pyroSeq + 1) & 0xFFFF
     try:
         conn.send(wire.message(wire.MSG_INVOKE, serializer_id, seq, data))
@@ -241,7 +247,9 @@ class PyroFunc:
 
     Proxies are kept per thread, so one PyroFunc can be shared by many threads
     (``threaded`` is accepted for compatibility; it is always so). With
-    ``set_one_way`` calls do not wait for a reply and return None.
+    ``set_one_way`` calls do not wait for a reply and return None. A request larger than
+    ``max_message`` (the master's ``limits.max_message``) is refused here with
+    MessageTooLargeError instead of being sent.
     """
 
     def __init__(
@@ -258,6 +266,7 @@ class PyroFunc:
         timeout: float | None = DEFAULT_TIMEOUT,
         serializer: str = DEFAULT_SERIALIZER,
         objid: str = MASTER_OBJECT,
+        max_message: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
         addresses = [uri_or_list] if isinstance(uri_or_list, str) else list(uri_or_list)
         if not addresses:
@@ -271,6 +280,7 @@ class PyroFunc:
         self.token = token if token is not None else os.environ.get("PPQ_AUTH_TOKEN") or None
         self.timeout = timeout
         self.serializer = serializer
+        self.max_message = max_message
         self._local = threading.local()
 
     def _proxies(self) -> dict[int, Any]:
@@ -317,7 +327,7 @@ class PyroFunc:
         elif self.serializer == "msgpack" and _direct_wire():
             if proxy._pyroConnection is None:
                 proxy._pyroBind()
-            result = _direct_call(proxy, method, args, kwargs)
+            result = _direct_call(proxy, method, args, kwargs, self.max_message)
             if result is not _MISSING:
                 return result
         return getattr(proxy, method)(*args, **kwargs)

@@ -123,8 +123,8 @@ class Daemon(Pyro5.server.Daemon):
             self.max_message, MAX_TEXT_MESSAGE)
         total = header.size + header.annotations
         if total > limit:
-            self._refuse(conn, header, f"a request of {total} bytes is larger than the "
-                                       f"limit of {limit} bytes (limits.max_message)")
+            self._refuse(conn, header, f"a request of {total} bytes is larger than the limit of {limit} bytes "
+                                       f"(limits.max_message)")
             raise wire.WireError(f"a request of {total} bytes (limit {limit})")
         body = self._read(conn, total) if total else b""
         if header.kind == wire.MSG_INVOKE:

@@ -8,7 +8,8 @@ stands in its place:
 - One *selector* thread (the one that runs ``requestLoop``) accepts connections,
   runs their TLS handshake and reads their Pyro5 handshake without blocking: at
   most ``wire.MAX_HANDSHAKE`` bytes, within :data:`HANDSHAKE_TIMEOUT` seconds of the
-  accept, at most :data:`MAX_PENDING` of them at once, decoded by bounded decoders,
+  accept, at most :data:`MAX_PENDING` of them at once (more wait in the listen backlog),
+  decoded by bounded decoders,
   the token compared before anything else is looked at. A connection that breaks a
   rule is closed and logged (WARNING, with the peer address, rate-limited).
 - An authenticated connection waits in the selector without a thread. When it sends
@@ -47,8 +48,9 @@ log = logging.getLogger("ppq.rpc")
 
 # Seconds a new connection has to finish its TLS and Pyro5 handshakes.
 HANDSHAKE_TIMEOUT = 5.0
-# Connections that may be in their handshake at once; more are closed at accept.
-MAX_PENDING = 256
+# Connections that may be in their handshake at once (a few KB each); more wait in the
+# kernel's listen backlog until some finish or expire.
+MAX_PENDING = 4096
 # Seconds an authenticated connection may stay idle before its thread lets go of it.
 IDLE_PARK = 1.0
 # Seconds a reply may wait for a client that does not read it before the connection is dropped.
@@ -197,7 +199,7 @@ class Transport:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            sock.listen(1024)
+            sock.listen(4096)
         except OSError:
             sock.close()
             raise
@@ -219,6 +221,7 @@ class Transport:
         self._to_park: collections.deque[Any] = collections.deque()
         self._parked: dict[int, Any] = {}
         self._shutting_down = False
+        self._accepting = True
 
     # -- the interface Pyro5's daemon uses --
 
@@ -273,6 +276,9 @@ class Transport:
                     self._unpark(key.data)
             self._park_waiting()
             self._expire()
+            if not self._accepting and len(self._pending) < MAX_PENDING and self.sock is not None:
+                self._selector.register(self.sock, selectors.EVENT_READ, None)
+                self._accepting = True
 
     def shutdown(self) -> None:
         self._shutting_down = True
@@ -307,6 +313,12 @@ class Transport:
 
     def _accept(self) -> None:
         while self.sock is not None:
+            if len(self._pending) >= MAX_PENDING:
+                # Full: leave the rest in the kernel's backlog until handshakes end or expire.
+                self._selector.unregister(self.sock)
+                self._accepting = False
+                log.warning("%d connections are in their handshake; accepting more as they finish", MAX_PENDING)
+                return
             try:
                 sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -315,8 +327,7 @@ class Transport:
                 log.warning("accept failed: %s", exc)
                 return
             address = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-            if len(self._pending) >= MAX_PENDING or self._shutting_down:
-                self.refusals.log(address, f"more than {MAX_PENDING} connections are in their handshake")
+            if self._shutting_down:
                 sock.close()
                 continue
             sock.setblocking(False)
