@@ -777,8 +777,7 @@ class MasterServer:
         if 0 <= limit < m.threadpool_size + 64:
             log.warning("open-files limit is %s: fewer than master.threadpool_size (%s) connections will fit",
                         limit, m.threadpool_size)
-        rpc.check_bind(m.host, config.auth_token or (config.worker_token and config.client_token), m.insecure,
-                       "master.host")
+        rpc.check_bind(m.host, config.any_token, m.insecure, "master.host")
         ssl_context = rpc.server_ssl_context(config.tls)
         self.config = config
         self.stores, self.embedded = open_stores(config)

@@ -887,8 +887,7 @@ class Agent:
     def _serve_control(self) -> None:
         w = self.config.worker
         config = self.config
-        rpc.check_bind(w.host, config.auth_token or (config.worker_token and config.client_token), w.insecure,
-                       "worker.host")
+        rpc.check_bind(w.host, config.any_token, w.insecure, "worker.host")
         tokens = rpc.token_roles(config.auth_token, config.worker_token, config.client_token)
         ssl_context = rpc.server_ssl_context(config.tls)
         try:

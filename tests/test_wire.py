@@ -154,3 +154,11 @@ print("same")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=60)
     assert out.stdout.strip() == "same", out.stderr
+
+
+def test_serpent_requests_are_bounded_by_their_values():
+    """serpent text is parsed through Python's AST, hundreds of bytes a value: a request of too
+    many values is refused before it is parsed; a modest one is read."""
+    with pytest.raises(wire.WireError, match="serpent request of more than"):
+        wire.check_text(wire.SERPENT, b"[" + b"0," * (wire.MAX_TEXT_ITEMS + 1) + b"]")
+    assert wire.loads(wire.SERPENT, b"[" + b"0," * 1000 + b"]") == [0] * 1000

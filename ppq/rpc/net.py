@@ -28,8 +28,8 @@ def is_loopback(host: str) -> bool:
             return False
 
 
-def check_bind(host: str, token: str | None, insecure: bool, key: str) -> None:
-    """Refuse a non-loopback bind without an auth token, unless forced."""
+def check_bind(host: str, token: str | bool | None, insecure: bool, key: str) -> None:
+    """Refuse a non-loopback bind when no token is configured (``token`` falsy), unless forced."""
     if not is_loopback(host) and not token and not insecure:
         raise ConfigError(
             f"{key} is {host!r}, which is reachable from other machines, and no auth_token is set: "

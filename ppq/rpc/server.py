@@ -34,7 +34,7 @@ from .transport import IdleError, Transport
 # Seconds a request may take to arrive once its first bytes have (no progress: closed).
 STALL_TIMEOUT = 30.0
 # Largest serpent or json request, in bytes: text parses into far more memory than binary.
-MAX_TEXT_MESSAGE = 4 * 1024 * 1024
+MAX_TEXT_MESSAGE = 2 * 1024 * 1024
 
 _DAEMON_OBJECT = Pyro5.core.DAEMON_NAME
 
@@ -150,7 +150,7 @@ class Daemon(Pyro5.server.Daemon):
             if header.serializer_id == wire.MARSHAL:
                 wire.check_marshal(data)
             elif header.serializer_id in (wire.SERPENT, wire.JSON):
-                wire._check_text_depth(data.decode("utf-8", "replace"))
+                wire.check_text(header.serializer_id, data)
             if b"__class__" in data:
                 found = wire.find_class_dict(wire.loads(header.serializer_id, data))
                 if found is not None:

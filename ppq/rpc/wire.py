@@ -61,6 +61,8 @@ SERIALIZER_NAMES = {SERPENT: "serpent", JSON: "json", MARSHAL: "marshal", MSGPAC
 MAX_HANDSHAKE = 4096
 # Deepest nesting accepted in a serpent or json message (their parsers recurse).
 MAX_DEPTH = 200
+# Most values (counted by their separators) in a serpent request.
+MAX_TEXT_ITEMS = 100_000
 # Deepest nesting accepted in a marshal message: marshal's own limit.
 MAX_MARSHAL_DEPTH = 2000
 
@@ -124,7 +126,7 @@ def loads(serializer_id: int, data: bytes) -> Any:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise WireError("text message is not UTF-8") from None
-        _check_text_depth(text)
+        check_text(serializer_id, data)
         try:
             if serializer_id == JSON:
                 return json.loads(text)
@@ -135,6 +137,16 @@ def loads(serializer_id: int, data: bytes) -> Any:
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
             raise WireError(f"bad {SERIALIZER_NAMES[serializer_id]} data: {type(exc).__name__}") from None
     raise WireError(f"unknown serializer id {serializer_id}")
+
+
+def check_text(serializer_id: int, data: bytes) -> None:
+    """Refuse serpent or json text that a parser would turn into far more memory than its size:
+    nesting deeper than MAX_DEPTH, or (serpent, parsed through Python's AST at some hundreds
+    of bytes a value) more than MAX_TEXT_ITEMS values."""
+    if serializer_id == SERPENT and data.count(b",") + data.count(b":") > MAX_TEXT_ITEMS:
+        raise WireError(f"a serpent request of more than {MAX_TEXT_ITEMS} values; send large data with "
+                        f"msgpack or marshal")
+    _check_text_depth(data.decode("utf-8", "replace"))
 
 
 def _check_text_depth(text: str) -> None:
