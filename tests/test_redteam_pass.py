@@ -1,0 +1,198 @@
+"""Attacks on the reworked security boundary, from outside, against real processes.
+
+Each test starts its own capped ``ppq master`` subprocess (tests/attack_tools.py) and
+asserts the safe behaviour the boundary promises.
+"""
+
+from __future__ import annotations
+
+import json
+import marshal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from ppq import PyroFunc
+
+from .attack_tools import (
+    CLOSED,
+    CONNECT,
+    INVOKE,
+    JSON,
+    MARSHAL,
+    SERPENT,
+    TIMEOUT,
+    Master,
+    authed_socket,
+    close_all,
+    connect_body,
+    invoke_body,
+    m_int,
+    message,
+    outcome,
+    raw_socket,
+    read_message,
+    send_quietly,
+    wait_until,
+)
+from .test_attacks import TOKEN, master, start_master, still_serving, targets  # noqa: F401 - fixtures
+
+MiB = 1024 * 1024
+FLAG_ONEWAY = 1 << 2
+FLAG_BATCH = 1 << 3
+FLAG_KEEPSERIALIZED = 1 << 5
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return -1
+
+
+def annotation(key: bytes, value: bytes) -> bytes:
+    return key + len(value).to_bytes(4, "big") + value
+
+
+def hwm_growth(master: Master, before: dict[str, int]) -> int:
+    return master.status()["VmHWM"] - before["VmHWM"]
+
+
+def pushed_delayed_task(master: Master) -> str:
+    """A task that stays delayed for the whole test: wait_task on it waits its full timeout."""
+    call = PyroFunc(master.address, token=TOKEN, timeout=5)
+    try:
+        return call("push_task", "ok", module="redteam_tasks", args=[1], delay=3000)
+    finally:
+        call.close()
+
+
+# -- before auth ------------------------------------------------------------------------------
+
+
+def test_silent_connections_filling_the_handshake_slots_do_not_lock_out_clients(master: Master) -> None:
+    """256 TCP connections that send nothing (no token, no bytes) take every handshake slot:
+    until they time out every new connection, a worker's or a client's, is closed at accept.
+    An attacker who reopens them every 5 s keeps the master unreachable for good."""
+    socks = [raw_socket(master.address) for _ in range(256)]
+    try:
+        wait_until(lambda: "more than 256" in master.log() or None, 1.0)
+        still_serving(master, within=3.0)
+    finally:
+        close_all(socks)
+
+
+# -- after auth: decoding ------------------------------------------------------------------------
+
+
+def test_serpent_request_memory_is_a_small_multiple_of_its_size(master: Master) -> None:
+    """A 4 MiB serpent request (the text limit) of a flat list of zeros: Pyro5's serpent
+    decoder (ast) takes about 2 GB and 9 s of CPU for it (uncapped); under the 1.5 GB cap
+    the master runs out of address space. Any token (a worker's too) can send it, on many
+    connections at once."""
+    sock = authed_socket(master.address, TOKEN)
+    text = "('queue','ping',[" + "0," * ((4 * MiB - 100) // 2) + "],{})"
+    before, cpu0 = master.status(), master.cpu()
+    try:
+        send_quietly(sock, message(INVOKE, text.encode(), serializer=SERPENT, seq=1))
+        result = outcome(sock, 30)
+    finally:
+        sock.close()
+    growth, cpu = hwm_growth(master, before), master.cpu() - cpu0
+    assert result != TIMEOUT
+    assert growth < 200 * MiB, f"a 4 MiB serpent request grew the master's resident memory by {growth / MiB:.0f} MiB"
+    assert cpu < 2.0, f"a 4 MiB serpent request cost {cpu:.1f} s of CPU"
+    still_serving(master)
+
+
+def test_keepserialized_blob_annotation_is_not_unmarshalled_unchecked(master: Master) -> None:
+    """FLAGS_KEEPSERIALIZED makes Pyro5's handler marshal.loads the "BLBI" annotation, which
+    wire.check_marshal never sees: 60 bytes declaring a tuple of 100 million items make the
+    master allocate and touch 800 MB before it finds the data missing."""
+    sock = authed_socket(master.address, TOKEN)
+    blob_info = b"(" + m_int(100_000_000) + b"N" * 8
+    before = master.status()
+    try:
+        send_quietly(sock, message(INVOKE, invoke_body("ping"), seq=1, flags=FLAG_KEEPSERIALIZED,
+                                   annotations=annotation(b"BLBI", blob_info)))
+        result = outcome(sock, 10)
+    finally:
+        sock.close()
+    growth = hwm_growth(master, before)
+    assert result != TIMEOUT
+    assert growth < 50 * MiB, f"a 60-byte annotation grew the master's resident memory by {growth / MiB:.0f} MiB"
+    still_serving(master)
+
+
+# -- after auth: threads ---------------------------------------------------------------------------
+
+
+def test_oneway_calls_do_not_start_a_thread_each(master: Master) -> None:
+    """Every call flagged ONEWAY goes to Pyro5's handler, which starts a new thread for it,
+    outside the pool and without a limit; wait_task(timeout=30) keeps each one alive for
+    30 s, after the connection is gone. Uncapped, 2000 such calls (200 KB sent in 12 ms)
+    gave the master 2000 threads and 11.5 GB of address space."""
+    task_id = pushed_delayed_task(master)
+    before = threads_of(master.pid)
+    sock = authed_socket(master.address, TOKEN)
+    body = invoke_body("wait_task", [task_id], {"timeout": 30})
+    try:
+        for seq in range(300):
+            if not send_quietly(sock, message(INVOKE, body, seq=seq, flags=FLAG_ONEWAY)):
+                break
+    finally:
+        sock.close()
+    grown = wait_until(lambda: threads_of(master.pid) - before > 100, 3.0)
+    assert not grown, (f"300 oneway calls on one connection took the master from {before} to "
+                       f"{threads_of(master.pid)} threads")
+    still_serving(master)
+
+
+def test_batched_calls_do_not_hold_the_pool_after_the_client_leaves(master: Master) -> None:
+    """A BATCH call runs its calls one after another in one pool thread: 20 wait_task(timeout=30)
+    hold the thread 10 minutes, whether or not the client is still there. 16 such calls
+    (master.threadpool_size is 16), their connections closed at once, leave the master
+    unable to answer anyone."""
+    task_id = pushed_delayed_task(master)
+    body = marshal.dumps(("queue", "batch", [("wait_task", [task_id], {"timeout": 30})] * 20, {}))
+    socks = []
+    try:
+        for _ in range(16):
+            sock = authed_socket(master.address, TOKEN)
+            socks.append(sock)
+            sock.sendall(message(INVOKE, body, seq=1, flags=FLAG_BATCH))
+    finally:
+        close_all(socks)
+    still_serving(master, within=3.0)
+
+
+# -- after auth: plain data only ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("serializer,text", [
+    (SERPENT, "('queue','push_task',[],{'func':'ok','module':'redteam_tasks','args':"
+              "[{'__cl' 'ass__':'Pyro5.client.Proxy','state':('PYRO:queue@127.0.0.1:9',(),(),(),None,'serpent')}]})"),
+    (SERPENT, "('queue','push_task',[],{'func':'ok','module':'redteam_tasks','args':"
+              "[{'\\x5f_class__':'Pyro5.client.Proxy','state':('PYRO:queue@127.0.0.1:9',(),(),(),None,'serpent')}]})"),
+    (JSON, '{"object":"queue","method":"push_task","params":[],"kwargs":{"func":"ok","module":"redteam_tasks",'
+           '"args":[{"\\u005f_class__":"Pyro5.client.Proxy","state":["PYRO:queue@127.0.0.1:9",[],[],[],null,"json"]}]}}'),
+], ids=["serpent-concatenated", "serpent-escaped", "json-escaped"])
+def test_class_dict_refused_however_its_key_is_spelled(master: Master, serializer: int, text: str) -> None:
+    """The "__class__" check looks for the bytes __class__ in the request; a serpent string
+    written in two parts or with an escape, or a json \\u escape, spells the same key without
+    them, and Pyro5's decoder makes a Proxy (or URI, Daemon, exception) of the dict."""
+    sock = authed_socket(master.address, TOKEN)
+    try:
+        send_quietly(sock, message(INVOKE, text.encode(), serializer=serializer, seq=1))
+        result = outcome(sock, 5)
+    finally:
+        sock.close()
+    assert result not in (TIMEOUT, CLOSED)
+    assert b"plain data" in result[2], f"not refused as a class dict: {result[2][:300]!r}"
