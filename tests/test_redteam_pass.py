@@ -6,42 +6,36 @@ asserts the safe behaviour the boundary promises.
 
 from __future__ import annotations
 
-import json
 import marshal
-import socket
-import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 
 from ppq import PyroFunc
 
+from . import test_attacks as _attacks
 from .attack_tools import (
     CLOSED,
-    CONNECT,
     INVOKE,
     JSON,
-    MARSHAL,
     SERPENT,
     TIMEOUT,
     Master,
     authed_socket,
     close_all,
-    connect_body,
     invoke_body,
     m_int,
     message,
     outcome,
     raw_socket,
-    read_message,
     send_quietly,
     wait_until,
 )
-from .test_attacks import TOKEN, master, start_master, still_serving, targets  # noqa: F401 - fixtures
+from .test_attacks import TOKEN, still_serving
+
+# The capped master of test_attacks.py (threadpool_size 16, TOKEN) and its fixtures.
+targets = _attacks.targets
+start_master = _attacks.start_master
+master = _attacks.master
 
 MiB = 1024 * 1024
 FLAG_ONEWAY = 1 << 2
