@@ -7,6 +7,9 @@ asserts the safe behaviour the boundary promises.
 from __future__ import annotations
 
 import marshal
+import socket
+import threading
+import time
 
 import pytest
 
@@ -30,12 +33,14 @@ from .attack_tools import (
     send_quietly,
     wait_until,
 )
-from .test_attacks import TOKEN, still_serving
+from .conftest import run_ppq
+from .test_attacks import CLIENT_TOKEN, TOKEN, WORKER_TOKEN, still_serving
 
 # The capped master of test_attacks.py (threadpool_size 16, TOKEN) and its fixtures.
 targets = _attacks.targets
 start_master = _attacks.start_master
 master = _attacks.master
+role_master = _attacks.role_master
 
 MiB = 1024 * 1024
 FLAG_ONEWAY = 1 << 2
@@ -190,3 +195,49 @@ def test_class_dict_refused_however_its_key_is_spelled(master: Master, serialize
         sock.close()
     assert result not in (TIMEOUT, CLOSED)
     assert b"plain data" in result[2], f"not refused as a class dict: {result[2][:300]!r}"
+
+
+# -- roles -------------------------------------------------------------------------------------------
+
+
+def test_worker_token_cannot_collect_the_client_token_through_ppq_workers(role_master: Master) -> None:
+    """A heartbeat (worker token) stores any control_uri; ``ppq workers`` then connects to every
+    listed control_uri with the client's secret (client_token, or auth_token). Whoever holds
+    only the worker token registers a fake worker pointing at their own listener and receives
+    the client token in the next ``ppq workers``' handshake, in clear without TLS."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(20)
+    received = bytearray()
+
+    def collect() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            deadline = time.monotonic() + 5
+            while len(received) < 4096 and time.monotonic() < deadline:
+                try:
+                    chunk = conn.recv(4096)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                received.extend(chunk)
+
+    thread = threading.Thread(target=collect, daemon=True)
+    thread.start()
+    worker = PyroFunc(role_master.address, token=WORKER_TOKEN, timeout=5)
+    try:
+        worker("heartbeat", {"id": "lure", "host": "lure", "pid": 1,
+                             "control_uri": f"PYRO:worker@127.0.0.1:{listener.getsockname()[1]}"}, 0, [])
+    finally:
+        worker.close()
+    try:
+        run_ppq("workers", "--master", role_master.address, env={"PPQ_CLIENT_TOKEN": CLIENT_TOKEN}, timeout=30)
+    finally:
+        listener.close()
+        thread.join(10)
+    assert CLIENT_TOKEN.encode() not in received, "ppq workers sent the client token to a control_uri that a " \
+                                                  "worker-token holder chose"
