@@ -11,10 +11,12 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from ppq import PyroFunc
+from ppq.embedded import free_port
 
 from . import test_attacks as _attacks
 from .attack_tools import (
@@ -30,6 +32,7 @@ from .attack_tools import (
     m_int,
     message,
     outcome,
+    port_open,
     raw_socket,
     send_quietly,
     wait_until,
@@ -87,6 +90,26 @@ def test_silent_connections_filling_the_handshake_slots_do_not_lock_out_clients(
         still_serving(master, within=3.0)
     finally:
         close_all(socks)
+
+
+def test_silent_metrics_connections_leave_no_traceback_in_the_log(start_master: Callable[..., Master]) -> None:
+    """A connection to the metrics port that sends half a request line and then nothing,
+    no token needed, makes the master print socketserver's "Exception occurred during
+    processing of request" and a 25-line TimeoutError traceback into its log 10 s later,
+    one per connection, with no rate limit."""
+    metrics_port = free_port()
+    master = start_master({"master": {"threadpool_size": 16, "metrics_port": metrics_port}})
+    wait_until(lambda: port_open(metrics_port), 10)
+    socks = []
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", metrics_port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+            socks.append(sock)
+        logged = wait_until(lambda: "Traceback" in master.log(), 14.0, interval=0.5)
+    finally:
+        close_all(socks)
+    assert not logged, f"unauthenticated metrics connections logged tracebacks:\n{master.log()[-1500:]}"
 
 
 # -- after auth: decoding ------------------------------------------------------------------------
