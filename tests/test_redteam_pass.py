@@ -196,6 +196,36 @@ def test_batched_calls_do_not_hold_the_pool_after_the_client_leaves(master: Mast
     still_serving(master, within=3.0)
 
 
+
+def test_requests_trickled_a_byte_at_a_time_do_not_hold_the_pool(master: Master) -> None:
+    """The 30 s stall limit counts from the last byte: a request sent one byte a second
+    never stalls, and holds its pool thread for as long as its declared size lasts (16 MiB:
+    half a year). 16 such connections (master.threadpool_size) starve every other client."""
+    body = invoke_body("ping")
+    data = message(INVOKE, body + b"\x00" * 1000, seq=1, size=len(body) + 1000)
+    socks = [authed_socket(master.address, TOKEN) for _ in range(16)]
+    stop = threading.Event()
+    rounds = [0]
+
+    def trickle() -> None:
+        for i in range(60):  # a byte a second on each connection, for at most a minute
+            for sock in socks:
+                send_quietly(sock, data[i:i + 1])
+            rounds[0] = i + 1
+            if stop.wait(1.0):
+                return
+
+    dripper = threading.Thread(target=trickle, daemon=True)
+    dripper.start()
+    try:
+        assert wait_until(lambda: rounds[0] >= 3, 10.0), "the trickle did not start"
+        still_serving(master, within=3.0)
+    finally:
+        stop.set()
+        dripper.join(5)
+        close_all(socks)
+
+
 # -- after auth: plain data only ---------------------------------------------------------------------
 
 
