@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import marshal
 import socket
+import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,8 @@ from ppq.embedded import free_port
 from . import test_attacks as _attacks
 from .attack_tools import (
     CLOSED,
+    CONNECT,
+    CONNECTOK,
     INVOKE,
     JSON,
     SERPENT,
@@ -28,17 +32,19 @@ from .attack_tools import (
     Master,
     authed_socket,
     close_all,
+    connect_body,
     invoke_body,
     m_int,
     message,
     outcome,
     port_open,
     raw_socket,
+    read_message,
     send_quietly,
     wait_until,
 )
 from .conftest import run_ppq
-from .test_attacks import CLIENT_TOKEN, TOKEN, WORKER_TOKEN, still_serving
+from .test_attacks import CLIENT_TOKEN, TOKEN, WORKER_TOKEN, make_cert, still_serving
 
 # The capped master of test_attacks.py (threadpool_size 16, TOKEN) and its fixtures.
 targets = _attacks.targets
@@ -224,6 +230,43 @@ def test_requests_trickled_a_byte_at_a_time_do_not_hold_the_pool(master: Master)
         stop.set()
         dripper.join(5)
         close_all(socks)
+
+
+
+def test_tls_reply_waits_for_a_slow_reader_as_long_as_plain_tcp(start_master: Callable[..., Master],
+                                                                  tmp_path: Path) -> None:
+    """With TLS an authenticated socket keeps Python's 1 s timeout (IDLE_PARK) for its writes,
+    not SEND_TIMEOUT: a reply that a client takes more than a second to read (6 MB of task
+    records to a client with a small receive buffer) is cut, and the connection closed."""
+    cert, key = make_cert(tmp_path)
+    tls = {"enabled": True, "certfile": cert, "keyfile": key, "cafile": cert}
+    master = start_master({"master": {"threadpool_size": 16}, "tls": tls}, ready=False)
+    assert wait_until(lambda: not master.alive() or port_open(master.port), 30, 0.05) and master.alive()
+    context = ssl.create_default_context(cafile=cert)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", master.port))
+    sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        sock.sendall(message(CONNECT, connect_body(TOKEN)))
+        reply = read_message(sock, time.monotonic() + 10)
+        assert reply is not None and reply[0] == CONNECTOK, reply
+        ids = []
+        for seq in range(7):
+            sock.sendall(message(INVOKE, invoke_body("push_task", ["ok"], {"module": "redteam_tasks",
+                                                                           "args": [b"x" * 900_000]}), seq=seq))
+            reply = read_message(sock, time.monotonic() + 10)
+            assert reply is not None and not reply[1] & 1, reply
+            ids.append(marshal.loads(reply[2]))
+        sock.sendall(message(INVOKE, invoke_body("get_tasks_info", [ids]), seq=100))
+        slow_start = time.monotonic() + 2.0
+        wait_until(lambda: time.monotonic() > slow_start, 3.0)  # a client busy for 2 s before it reads
+        reply = read_message(sock, time.monotonic() + 20)
+    finally:
+        sock.close()
+    assert reply is not None, "the master dropped a TLS client that took 2 s to read a 6 MB reply"
+    assert len(marshal.loads(reply[2])) == 7
 
 
 # -- after auth: plain data only ---------------------------------------------------------------------
