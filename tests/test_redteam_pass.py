@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -362,3 +363,35 @@ def test_worker_token_cannot_collect_the_client_token_through_ppq_workers(role_m
         thread.join(10)
     assert CLIENT_TOKEN.encode() not in received, "ppq workers sent the client token to a control_uri that a " \
                                                   "worker-token holder chose"
+
+
+# -- clear errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lang", [[], {}], ids=["list", "dict"])
+def test_empty_container_as_lang_gets_a_clear_error(master: Master, lang: Any) -> None:
+    """lang=[] passes the check (``lang or ""``) and then breaks the targets cache (a list is
+    not hashable): the caller gets "internal error in push_task: TypeError" and the master
+    logs an ERROR with a traceback."""
+    call = PyroFunc(master.address, token=TOKEN, timeout=5)
+    try:
+        with pytest.raises(Exception) as caught:
+            call("push_task", "ok", module="redteam_tasks", lang=lang)
+    finally:
+        call.close()
+    assert "lang" in str(caught.value) and "internal error" not in str(caught.value), str(caught.value)
+    assert "Traceback" not in master.log(), master.log()[-1500:]
+
+
+def test_error_replies_carry_no_server_traceback(master: Master) -> None:
+    """Every error reply (ppq's direct path and Pyro5's) carries the server's traceback in
+    _pyroTraceback: file paths of the installation and source lines, for anyone with a token."""
+    sock = authed_socket(master.address, TOKEN)
+    try:
+        send_quietly(sock, message(INVOKE, invoke_body("get_task_info", ["bad id!"]), seq=1))
+        result = outcome(sock, 5)
+    finally:
+        sock.close()
+    assert result not in (TIMEOUT, CLOSED) and result[1] & 1, result
+    reply = marshal.loads(result[2])
+    assert not reply.get("attributes", {}).get("_pyroTraceback"), reply["attributes"]["_pyroTraceback"][:3]
