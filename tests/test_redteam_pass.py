@@ -31,6 +31,7 @@ from .attack_tools import (
     SERPENT,
     TIMEOUT,
     Master,
+    Target,
     authed_socket,
     close_all,
     connect_body,
@@ -39,6 +40,7 @@ from .attack_tools import (
     message,
     outcome,
     port_open,
+    proc_status,
     raw_socket,
     read_message,
     send_quietly,
@@ -140,6 +142,27 @@ def test_serpent_request_memory_is_a_small_multiple_of_its_size(master: Master) 
     assert growth < 200 * MiB, f"a 4 MiB serpent request grew the master's resident memory by {growth / MiB:.0f} MiB"
     assert cpu < 2.0, f"a 4 MiB serpent request cost {cpu:.1f} s of CPU"
     still_serving(master)
+
+
+def test_serpent_request_to_a_worker_control_port_is_bounded(master: Master, tmp_path: Path,
+                                                             targets: list[Target]) -> None:
+    """The same serpent request, 2 MiB, to a worker's control port (any token the worker
+    knows, a worker token too): the agent process, not capped, grows by about 1 GB."""
+    worker = _attacks.start_worker(tmp_path, targets, master)
+    control = _attacks.worker_entry(master, worker)["control_uri"]
+    sock = authed_socket(control, TOKEN, obj="worker")
+    text = "('worker','ping',[" + "0," * (1024 * 1024) + "],{})"
+    before = proc_status(worker.pid)
+    try:
+        send_quietly(sock, message(INVOKE, text.encode(), serializer=SERPENT, seq=1))
+        result = outcome(sock, 30)
+    finally:
+        sock.close()
+    growth = proc_status(worker.pid)["VmHWM"] - before["VmHWM"]
+    assert result != TIMEOUT
+    assert growth < 100 * MiB, (f"a 2 MiB serpent request grew the worker agent's resident memory by "
+                                f"{growth / MiB:.0f} MiB")
+    assert worker.alive()
 
 
 def test_keepserialized_blob_annotation_is_not_unmarshalled_unchecked(master: Master) -> None:
