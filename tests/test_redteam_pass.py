@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from ppq import PyroFunc
@@ -28,6 +29,8 @@ from .attack_tools import (
     CONNECTOK,
     INVOKE,
     JSON,
+    MARSHAL,
+    MSGPACK,
     SERPENT,
     TIMEOUT,
     Master,
@@ -163,6 +166,54 @@ def test_serpent_request_to_a_worker_control_port_is_bounded(master: Master, tmp
     assert growth < 100 * MiB, (f"a 2 MiB serpent request grew the worker agent's resident memory by "
                                 f"{growth / MiB:.0f} MiB")
     assert worker.alive()
+
+
+def empty_containers(serializer: int, size: int, kind: str) -> bytes:
+    """A call of ping whose one argument is a list of empty dicts (or lists), ``size`` bytes:
+    one byte each in msgpack, two (dicts) or five (lists) in marshal."""
+    if serializer == MSGPACK:
+        empty: Any = {} if kind == "dict" else []
+        return msgpack.packb(["queue", "ping", [[empty] * (size - 64)], {}])
+    item = b"{0" if kind == "dict" else b"[" + m_int(0)
+    count = (size - 64) // len(item)
+    return b"(" + m_int(4) + b"z\x05queue" + b"z\x04ping" + b"[" + m_int(1) + b"[" + m_int(count) + item * count + b"{0"
+
+
+@pytest.mark.parametrize("serializer", [MSGPACK, MARSHAL], ids=["msgpack", "marshal"])
+def test_request_of_empty_dicts_memory_is_a_small_multiple_of_its_size(master: Master, serializer: int) -> None:
+    """An empty dict is one byte in msgpack, two in marshal, and 64 bytes plus a list slot
+    once decoded: 8 MiB of them grew the master by about 590 MiB (msgpack, ppq's own direct
+    path); 16 MiB of marshal ones by 1.2 GB and 17.6 s of CPU (check_marshal's walk, then
+    Pyro5's copy)."""
+    data = empty_containers(serializer, 8 * MiB, "dict")
+    sock = authed_socket(master.address, TOKEN)
+    before = master.status()
+    try:
+        send_quietly(sock, message(INVOKE, data, serializer=serializer, seq=1))
+        result = outcome(sock, 60)
+    finally:
+        sock.close()
+    growth = hwm_growth(master, before)
+    assert result != TIMEOUT
+    assert growth < 128 * MiB, f"an 8 MiB request of empty dicts grew the master by {growth / MiB:.0f} MiB"
+    still_serving(master)
+
+
+def test_msgpack_request_does_not_freeze_the_master(master: Master) -> None:
+    """msgpack decodes in C holding the GIL: 16 MiB of empty lists (16 million objects the
+    garbage collector keeps walking) take about 7.5 s, during which no other thread of the
+    master runs; an already connected client's ping times out (5 s)."""
+    data = empty_containers(MSGPACK, 16 * MiB - 1024, "list")
+    pinger = _attacks.Pinger(master.address, TOKEN)
+    sock = authed_socket(master.address, TOKEN)
+    try:
+        send_quietly(sock, message(INVOKE, data, serializer=MSGPACK, seq=1))
+        result = outcome(sock, 60)
+    finally:
+        sock.close()
+        worst = pinger.stop()
+    assert result != TIMEOUT
+    assert not pinger.errors and worst < 1.0, f"a connected client waited {worst:.1f} s: {pinger.errors}"
 
 
 def test_keepserialized_blob_annotation_is_not_unmarshalled_unchecked(master: Master) -> None:
