@@ -9,6 +9,7 @@ from __future__ import annotations
 import marshal
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -469,3 +470,52 @@ def test_error_replies_carry_no_server_traceback(master: Master) -> None:
     assert result not in (TIMEOUT, CLOSED) and result[1] & 1, result
     reply = marshal.loads(result[2])
     assert not reply.get("attributes", {}).get("_pyroTraceback"), reply["attributes"]["_pyroTraceback"][:3]
+
+
+def test_remembered_lease_is_not_handed_to_a_later_connection_from_the_same_port(master: Master) -> None:
+    """A finish without its lease (the seed's call shape) is filled in from the lease handed
+    to the same ip:port and worker id. Once the worker's connection is gone, anyone who binds
+    that source port (any local user; anyone behind the same NAT address) and names the worker
+    id (get_task_info shows it) finishes the task with a result of their choosing."""
+    call = PyroFunc(master.address, token=TOKEN, timeout=5)
+    try:
+        task_id = call("push_task", "ok", module="redteam_tasks", args=[1])
+    finally:
+        call.close()
+    victim = authed_socket(master.address, TOKEN)
+    port = victim.getsockname()[1]
+    victim.sendall(message(INVOKE, invoke_body("get_task", [{"id": "seed-worker"}, 0, 0]), seq=1))
+    reply = read_message(victim, time.monotonic() + 5)
+    assert reply is not None and marshal.loads(reply[2])["id"] == task_id
+    # The worker's connection ends (reset, so that its port is free at once rather than after TIME_WAIT).
+    victim.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    victim.close()
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    attacker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    attacker.settimeout(5)
+    bound = wait_until(lambda: _bind_quietly(attacker, port), 5.0)
+    assert bound, f"port {port} did not come free"
+    try:
+        attacker.connect(("127.0.0.1", master.port))
+        attacker.sendall(message(CONNECT, connect_body(TOKEN)))
+        reply = read_message(attacker, time.monotonic() + 5)
+        assert reply is not None and reply[0] == CONNECTOK
+        attacker.sendall(message(INVOKE, invoke_body("task_finish", [task_id, {"id": "seed-worker"}],
+                                                     {"result": "forged"}), seq=2))
+        reply = read_message(attacker, time.monotonic() + 5)
+    finally:
+        attacker.close()
+    call = PyroFunc(master.address, token=TOKEN, timeout=5)
+    try:
+        info = call("get_task_info", task_id)
+    finally:
+        call.close()
+    assert info["result"] != "forged", "a later connection from the worker's old port finished its task"
+
+
+def _bind_quietly(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
