@@ -546,3 +546,21 @@ def _bind_quietly(sock: socket.socket, port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("serializer_id", [0, 9, 255])
+def test_unknown_serializer_id_in_a_request_is_refused_without_a_traceback(master: Master,
+                                                                           serializer_id: int) -> None:
+    """A request (after auth) naming a serializer id Pyro5 does not know goes to Pyro5's handler,
+    which fails on it twice (reading it, then answering with an error in that serializer):
+    the master logs "ERROR ppq.rpc: error while serving" with two tracebacks, for every such
+    message, with no rate limit."""
+    sock = authed_socket(master.address, TOKEN)
+    try:
+        send_quietly(sock, message(INVOKE, invoke_body("ping"), serializer=serializer_id, seq=1))
+        result = outcome(sock, 5)
+    finally:
+        sock.close()
+    assert result != TIMEOUT
+    logged = wait_until(lambda: "Traceback" in master.log(), 1.0)
+    assert not logged, master.log()[-2000:]
