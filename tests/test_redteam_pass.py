@@ -564,3 +564,18 @@ def test_unknown_serializer_id_in_a_request_is_refused_without_a_traceback(maste
     assert result != TIMEOUT
     logged = wait_until(lambda: "Traceback" in master.log(), 1.0)
     assert not logged, master.log()[-2000:]
+
+
+def test_annotation_key_that_is_not_ascii_is_refused_without_a_traceback(master: Master) -> None:
+    """An annotation whose 4-byte key is not ASCII fails inside Pyro5's message parser, outside
+    its error handling: "ERROR ppq.rpc: error while serving" and a UnicodeDecodeError
+    traceback in the master's log, for every such message."""
+    sock = authed_socket(master.address, TOKEN)
+    try:
+        send_quietly(sock, message(INVOKE, invoke_body("ping"), seq=1, annotations=annotation(b"\xff\xff\xff\xff", b"")))
+        result = outcome(sock, 5)
+    finally:
+        sock.close()
+    assert result != TIMEOUT
+    logged = wait_until(lambda: "Traceback" in master.log(), 1.0)
+    assert not logged, master.log()[-2000:]
