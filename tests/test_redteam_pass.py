@@ -572,7 +572,8 @@ def test_annotation_key_that_is_not_ascii_is_refused_without_a_traceback(master:
     traceback in the master's log, for every such message."""
     sock = authed_socket(master.address, TOKEN)
     try:
-        send_quietly(sock, message(INVOKE, invoke_body("ping"), seq=1, annotations=annotation(b"\xff\xff\xff\xff", b"")))
+        bad_key = annotation(b"\xff\xff\xff\xff", b"")
+        send_quietly(sock, message(INVOKE, invoke_body("ping"), seq=1, annotations=bad_key))
         result = outcome(sock, 5)
     finally:
         sock.close()
