@@ -983,13 +983,17 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
     config = build_config(ctx, {})
     info = run_guarded(client.server_info)
     rows = []
+    # A control_uri is what the worker said: it gets a token it could have had anyway (the worker
+    # token; auth_token where roles are not split), never the client token, which a process
+    # with only the worker token could otherwise collect by listing a control_uri of its own.
+    control_token: str | None | bool = config.worker_token or (False if config.client_token else config.auth_token)
     for entry in info.values():
         for w in entry.get("workers", []):
             stats: dict[str, Any] = {}
             running: list[Any] = []
             uri = w.get("control_uri")
-            if uri:
-                control = PyroFunc(uri, token=config.client_secret, timeout=3, objid=WORKER_OBJECT, default_return=None)
+            if uri and control_token is not False:
+                control = PyroFunc(uri, token=control_token, timeout=3, objid=WORKER_OBJECT, default_return=None)
                 stats = control("get_worker_stats") or {}
                 running = (control("get_running_info") or {}).get("tasks", [])
                 control.close()

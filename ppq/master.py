@@ -209,7 +209,7 @@ class Master:
         self.wakers = {qi: Waker() for qi in self.stores}
         self._watchers: dict[tuple[int, str], list[threading.Event]] = {}
         self._watch_lock = threading.Lock()
-        # (queue_index, task id) -> (caller's address, worker id, lease): see _remember_leases.
+        # (queue_index, task id) -> (caller's connection, worker id, lease): see _remember_leases.
         self._handed: OrderedDict[tuple[int, str], tuple[str, str, str]] = OrderedDict()
         self._handed_lock = threading.Lock()
         self.limits = config.limits
@@ -423,7 +423,7 @@ class Master:
         if not tasks:
             return
         qi = self._store(queue_index).queue_index
-        entry = (rpc.client_address(), worker_id_of(worker_info))
+        entry = (rpc.client_session(), worker_id_of(worker_info))
         with self._handed_lock:
             for task in tasks:
                 self._handed[(qi, task["id"])] = (*entry, task["lease"])
@@ -435,7 +435,7 @@ class Master:
         if report["lease"]:
             return
         key = (self._store(queue_index).queue_index, report["id"])
-        caller = (rpc.client_address(), worker_id_of(worker_info))
+        caller = (rpc.client_session(), worker_id_of(worker_info))
         with self._handed_lock:
             entry = self._handed.get(key)
             if entry is not None and caller[0] and entry[:2] == caller:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -106,6 +107,10 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry, token: str 
 
     class Server(ThreadingWSGIServer):
         address_family = family
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A client that went silent or away: one DEBUG line, not a traceback on stderr.
+            log.debug("metrics request from %s failed: %s", client_address, sys.exc_info()[1])
 
     app = make_wsgi_app(registry)
     server = make_server(address[0], port, _bearer(app, token) if token else app, Server, handler_class=_Handler)

@@ -119,10 +119,13 @@ def _check_target(func: Any, module: Any, fclass: Any, path: Any, lang: Any,
         _public("fclass", fclass)
     if path is not None and path != "":
         path = _str("path", path, 4096)
-    lang = _str("lang", lang or "", 32)
+    lang = _str("lang", "" if lang is None else lang, 32)
     checked = (func, module, fclass or "", path or "", lang)
     if len(_checked_targets) < _MAX_CHECKED_TARGETS:
-        _checked_targets[key] = checked
+        try:
+            _checked_targets[key] = checked
+        except TypeError:  # an unhashable value given for an empty field (lang=[]): not cached
+            pass
     return checked
 
 

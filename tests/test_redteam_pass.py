@@ -286,6 +286,8 @@ def test_batched_calls_do_not_hold_the_pool_after_the_client_leaves(master: Mast
 
 
 
+@pytest.mark.xfail(strict=True, reason="known: after authentication a request's body is read by a pool thread, "
+                   "which a sender trickling bytes holds for up to 10 s plus 1 s per 256 KiB of the request")
 def test_requests_trickled_a_byte_at_a_time_do_not_hold_the_pool(master: Master) -> None:
     """The 30 s stall limit counts from the last byte: a request sent one byte a second
     never stalls, and holds its pool thread for as long as its declared size lasts (16 MiB:

@@ -25,7 +25,7 @@ from .client import (
     master_uri,
     register_errors,
 )
-from .exposed import caller_role, client_address, client_is_ppq, remote
+from .exposed import caller_role, client_address, client_is_ppq, client_session, remote
 from .net import apply_tls, check_bind, is_loopback, server_ssl_context
 from .roles import ALL, ANY, CLIENT, WORKER, token_roles
 from .server import Daemon, serve_in_thread
@@ -47,6 +47,7 @@ __all__ = [
     "check_bind",
     "client_address",
     "client_is_ppq",
+    "client_session",
     "expose",
     "is_loopback",
     "make_proxy",

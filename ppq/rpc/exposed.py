@@ -42,6 +42,11 @@ def client_address() -> str:
     return f"{addr[0]}:{addr[1]}" if addr else ""
 
 
+def client_session() -> str:
+    """An id of the current call's connection, unique for the life of the process ('' outside a call)."""
+    return str(getattr(_connection(), "ppq_session", "") or "")
+
+
 def caller_role() -> str:
     """The role the current call's connection authenticated as (every role outside a call)."""
     conn = _connection()

@@ -13,6 +13,7 @@ Pyro5's own handler.
 from __future__ import annotations
 
 import hmac
+import logging
 import marshal
 import ssl
 import threading
@@ -31,12 +32,17 @@ from . import wire
 from .roles import ALL
 from .transport import IdleError, Transport
 
-# Seconds a request may take to arrive once its first bytes have (no progress: closed).
-STALL_TIMEOUT = 30.0
+log = logging.getLogger("ppq.rpc")
+
+# Seconds a request may take to arrive once its first bytes have, plus one per MIN_RATE bytes.
+STALL_TIMEOUT = 10.0
+MIN_RATE = 256 * 1024
 # Largest serpent or json request, in bytes: text parses into far more memory than binary.
-MAX_TEXT_MESSAGE = 2 * 1024 * 1024
+MAX_TEXT_MESSAGE = 1024 * 1024
 
 _DAEMON_OBJECT = Pyro5.core.DAEMON_NAME
+# Request flags ppq reads: oneway, and a correlation id (in the header, ignored).
+_ACCEPTED_FLAGS = wire.FLAGS_ONEWAY | wire.FLAGS_CORR_ID
 
 
 class Daemon(Pyro5.server.Daemon):
@@ -90,21 +96,23 @@ class Daemon(Pyro5.server.Daemon):
     # -- requests --
 
     def _read(self, conn: Any, size: int) -> bytes:
-        """Read ``size`` bytes; a request that makes no progress for STALL_TIMEOUT seconds is dropped."""
+        """Read ``size`` bytes of a request that has begun. It must arrive within STALL_TIMEOUT
+        seconds plus one second per MIN_RATE bytes: a sender that trickles is dropped."""
         chunks = []
         left = size
-        last = time.monotonic()
+        deadline = time.monotonic() + STALL_TIMEOUT + size / MIN_RATE
         while left:
             chunk = _recv(conn, min(left, 1 << 20))
             if chunk is None:
-                if time.monotonic() - last > STALL_TIMEOUT:
+                if time.monotonic() > deadline:
                     raise Pyro5.errors.TimeoutError("request stalled")
                 continue
             if not chunk:
                 raise Pyro5.errors.ConnectionClosedError("connection closed mid-request")
             chunks.append(chunk)
             left -= len(chunk)
-            last = time.monotonic()
+            if left and time.monotonic() > deadline:
+                raise Pyro5.errors.TimeoutError("request trickled in too slowly")
         return b"".join(chunks)
 
     def handleRequest(self, conn: Any) -> None:  # noqa: N802 - Pyro5's name
@@ -119,6 +127,8 @@ class Daemon(Pyro5.server.Daemon):
         header = wire.parse_header(head)
         if header.kind not in (wire.MSG_INVOKE, wire.MSG_PING):
             raise wire.WireError(f"unexpected message type {header.kind}")
+        if header.serializer_id not in wire.SERIALIZER_NAMES:
+            raise wire.WireError(f"unknown serializer id {header.serializer_id}")
         limit = self.max_message if header.serializer_id in (wire.MSGPACK, wire.MARSHAL) else min(
             self.max_message, MAX_TEXT_MESSAGE)
         total = header.size + header.annotations
@@ -128,20 +138,40 @@ class Daemon(Pyro5.server.Daemon):
             raise wire.WireError(f"a request of {total} bytes (limit {limit})")
         body = self._read(conn, total) if total else b""
         if header.kind == wire.MSG_INVOKE:
-            direct = (header.serializer_id in (wire.MSGPACK, wire.MARSHAL) and not header.flags
-                      and not header.annotations and b"__class__" not in body)
-            if direct:
-                try:
-                    if self._direct_request(conn, header, body):
-                        return
-                except wire.WireError as exc:
-                    self._refuse(conn, header, str(exc))
+            if header.annotations or header.flags & ~_ACCEPTED_FLAGS:
+                # Batches (one request, many calls), kept-serialized blobs, streams and custom
+                # annotations are Pyro5 features ppq does not use; each would need limits of its own.
+                self._refuse(conn, header, "batched calls, annotations and flags other than oneway are not accepted")
+                return
+            oneway = bool(header.flags & wire.FLAGS_ONEWAY)
+            try:
+                if (header.serializer_id in (wire.MSGPACK, wire.MARSHAL) and b"__class__" not in body
+                        and self._direct_request(conn, header, body, reply=not oneway)):
                     return
-            problem = self._check_request(header, body[header.annotations:])
+            except wire.WireError as exc:
+                self._refuse(conn, header, str(exc))
+                return
+            problem = self._check_request(header, body)
             if problem:
                 self._refuse(conn, header, problem)
                 return
+            if oneway:
+                # Pyro5 would start a thread per oneway call: run it here, in this connection's turn.
+                self._oneway(conn, header, body)
+                return
         super().handleRequest(_Replay(conn, head + body))
+
+    def _oneway(self, conn: Any, header: wire.Header, body: bytes) -> None:
+        """A oneway call that is not on the direct path: run now, no reply, errors logged."""
+        try:
+            objid, method, vargs, kwargs = wire.loads(header.serializer_id, body)
+            target = self._direct_target(objid, method) if isinstance(method, str) else None
+            if target is None or not isinstance(vargs, (list, tuple)) or not isinstance(kwargs, dict):
+                return
+            self._set_context(conn, header)
+            target(*vargs, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - nobody waits for a oneway call's outcome
+            log.debug("oneway call from %s failed: %s", conn.__dict__.get("ppq_address"), exc)
 
     def _check_request(self, header: wire.Header, data: bytes) -> str:
         """Why a request for Pyro5's handler is refused ('' if it is not): bounded decoding,
@@ -149,9 +179,12 @@ class Daemon(Pyro5.server.Daemon):
         try:
             if header.serializer_id == wire.MARSHAL:
                 wire.check_marshal(data)
+            elif header.serializer_id == wire.MSGPACK and len(data) > wire.SMALL:
+                wire.unpack(data)
             elif header.serializer_id in (wire.SERPENT, wire.JSON):
                 wire.check_text(header.serializer_id, data)
-            if b"__class__" in data:
+            # Text can spell the key with escapes ("\\u005f_class__"): text is always looked through.
+            if b"__class__" in data or header.serializer_id in (wire.SERPENT, wire.JSON):
                 found = wire.find_class_dict(wire.loads(header.serializer_id, data))
                 if found is not None:
                     return (f"arguments must be plain data; a dict with a '__class__' key "
@@ -159,6 +192,11 @@ class Daemon(Pyro5.server.Daemon):
         except wire.WireError as exc:
             return str(exc)
         return ""
+
+    def _sendExceptionResponse(self, connection: Any, seq: int, serializer_id: int, exc_value: Any,  # noqa: N802
+                               tbinfo: Any, flags: int = 0, annotations: Any = None) -> None:
+        """Pyro5's error reply, without the server's traceback (paths and source lines stay here)."""
+        super()._sendExceptionResponse(connection, seq, serializer_id, exc_value, [], flags, annotations)
 
     def _refuse(self, conn: Any, header: wire.Header, reason: str) -> None:
         """Answer a request with InvalidTaskError: as itself to ppq's clients, as a ValueError
@@ -171,16 +209,33 @@ class Daemon(Pyro5.server.Daemon):
         except Exception:  # noqa: BLE001 - the connection is closed next anyway
             pass
 
-    def _direct_request(self, conn: Any, header: wire.Header, data: bytes) -> bool:
-        """Serve a plain msgpack or marshal call to ppq's own object; False sends it Pyro5's way
-        (WireError: marshal data that is not safe to read)."""
+    def _set_context(self, conn: Any, header: wire.Header) -> None:
+        ctx = Pyro5.callcontext.current_context
+        ctx.client = conn
+        ctx.client_sock_addr = conn.__dict__.get("ppq_address")
+        ctx.seq = header.seq
+        ctx.annotations = {}
+        ctx.msg_flags = header.flags
+        ctx.serializer_id = header.serializer_id
+        ctx.correlation_id = None
+        ctx.response_annotations = {}
+
+    def _direct_request(self, conn: Any, header: wire.Header, data: bytes, reply: bool = True) -> bool:
+        """Serve a plain msgpack or marshal call to ppq's own object (with ``reply`` False, a
+        oneway call: nothing is sent back); False sends it Pyro5's way (WireError: marshal
+        data that is not safe to read)."""
         serializer_id = header.serializer_id
         if serializer_id == wire.MARSHAL:
             wire.check_marshal(data)
+            try:
+                call = marshal.loads(data)
+            except (ValueError, TypeError, EOFError):
+                return False
+        else:
+            call = wire.unpack(data)
         try:
-            call = wire.unpack(data) if serializer_id == wire.MSGPACK else marshal.loads(data)
             objid, method, vargs, kwargs = call
-        except (wire.WireError, ValueError, TypeError, EOFError):
+        except (ValueError, TypeError):
             return False
         if type(vargs) is tuple:
             vargs = list(vargs)
@@ -195,15 +250,14 @@ class Daemon(Pyro5.server.Daemon):
                 return False
         if any(type(k) is not str for k in kwargs):
             return False
+        self._set_context(conn, header)
         ctx = Pyro5.callcontext.current_context
-        ctx.client = conn
-        ctx.client_sock_addr = conn.__dict__.get("ppq_address")
-        ctx.seq = header.seq
-        ctx.annotations = {}
-        ctx.msg_flags = 0
-        ctx.serializer_id = serializer_id
-        ctx.correlation_id = None
-        ctx.response_annotations = {}
+        if not reply:
+            try:
+                target(*vargs, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - nobody waits for a oneway call's outcome
+                log.debug("oneway %s from %s failed: %s", method, ctx.client_sock_addr, exc)
+            return True
         try:
             result = target(*vargs, **kwargs)
             if serializer_id == wire.MSGPACK:

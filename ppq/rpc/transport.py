@@ -55,6 +55,8 @@ MAX_PENDING = 4096
 IDLE_PARK = 1.0
 # Seconds a reply may wait for a client that does not read it before the connection is dropped.
 SEND_TIMEOUT = 30.0
+# Seconds accepting pauses after accept() fails (out of file descriptors...).
+ACCEPT_PAUSE = 1.0
 # Pool threads kept even when idle; others end after IDLE_THREAD seconds without work.
 MIN_THREADS = 8
 IDLE_THREAD = 60.0
@@ -165,6 +167,18 @@ def _set_idle_timeouts(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_TIMEOUT))
 
 
+class _TLSConnection(socketutil.SocketConnection):
+    """A TLS connection: Python's timeout stands for the kernel's, so a reply gets SEND_TIMEOUT,
+    not the IDLE_PARK that reads have."""
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(SEND_TIMEOUT)
+        try:
+            super().send(data)
+        finally:
+            self.sock.settimeout(IDLE_PARK)
+
+
 def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
 
@@ -222,6 +236,7 @@ class Transport:
         self._parked: dict[int, Any] = {}
         self._shutting_down = False
         self._accepting = True
+        self._resume_at = 0.0
 
     # -- the interface Pyro5's daemon uses --
 
@@ -247,7 +262,7 @@ class Transport:
 
     def loop(self, loopCondition: Callable[[], bool] = lambda: True) -> None:  # noqa: N803 - Pyro5's name
         while self.sock is not None and not self._shutting_down and loopCondition():
-            timeout = 1.0
+            timeout = 1.0 if self._accepting else min(1.0, max(0.01, self._resume_at - time.monotonic()))
             if self._pending:
                 first = next(iter(self._pending.values()))
                 timeout = max(0.0, min(timeout, first.deadline - time.monotonic()))
@@ -276,7 +291,8 @@ class Transport:
                     self._unpark(key.data)
             self._park_waiting()
             self._expire()
-            if not self._accepting and len(self._pending) < MAX_PENDING and self.sock is not None:
+            if (not self._accepting and len(self._pending) < MAX_PENDING and self.sock is not None
+                    and time.monotonic() >= self._resume_at):
                 self._selector.register(self.sock, selectors.EVENT_READ, None)
                 self._accepting = True
 
@@ -324,7 +340,11 @@ class Transport:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                # Out of file descriptors, say: stop accepting for a moment instead of spinning.
+                self._selector.unregister(self.sock)
+                self._accepting = False
+                self._resume_at = time.monotonic() + ACCEPT_PAUSE
+                self.refusals.log("accept", f"accept failed ({exc}); pausing {ACCEPT_PAUSE:g}s")
                 return
             address = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
             if self._shutting_down:
@@ -446,10 +466,13 @@ class Transport:
         if sent != len(reply):
             pending.sock.close()
             return
-        conn = socketutil.SocketConnection(pending.sock, objid)
+        tls = isinstance(pending.sock, ssl.SSLSocket)
+        conn = (_TLSConnection if tls else socketutil.SocketConnection)(pending.sock, objid)
         conn.ppq_client = isinstance(offered, dict) and bool(offered.get("ppq"))
         conn.ppq_role = role
         conn.ppq_address = pending.address
+        # Tells this connection from a later one that reuses its address and port.
+        conn.ppq_session = os.urandom(8).hex()
         try:
             _set_idle_timeouts(pending.sock)
         except OSError:
@@ -509,8 +532,8 @@ class Transport:
             except (OSError, Pyro5.errors.ConnectionClosedError, Pyro5.errors.SecurityError,
                     Pyro5.errors.TimeoutError, Pyro5.errors.ProtocolError):
                 break
-            except Exception:  # noqa: BLE001 - close this connection, keep serving the others
-                log.exception("error while serving %s", getattr(conn, "ppq_address", "?"))
+            except Exception as exc:  # noqa: BLE001 - malformed input Pyro5's handler choked on: drop it
+                self.refusals.log(getattr(conn, "ppq_address", "?"), f"{type(exc).__name__}: {exc}"[:200])
                 break
         self._close_conn(conn)
 

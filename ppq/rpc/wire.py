@@ -62,7 +62,11 @@ MAX_HANDSHAKE = 4096
 # Deepest nesting accepted in a serpent or json message (their parsers recurse).
 MAX_DEPTH = 200
 # Most values (counted by their separators) in a serpent request.
-MAX_TEXT_ITEMS = 100_000
+MAX_TEXT_ITEMS = 20_000
+# Requests up to this size are decoded without counting their containers.
+SMALL = 64 * 1024
+# At most one list or dict per this many bytes of a larger request.
+CONTAINER_BYTES = 8
 # Deepest nesting accepted in a marshal message: marshal's own limit.
 MAX_MARSHAL_DEPTH = 2000
 
@@ -99,13 +103,32 @@ def message(kind: int, serializer_id: int, seq: int, data: bytes, flags: int = 0
 
 def unpack(data: bytes) -> Any:
     """msgpack data as ppq sends it: bytes stay bytes, int map keys allowed. Every length
-    is bounded by the input's (msgpack's default), so nothing allocates far past it."""
+    is bounded by the input's (msgpack's default), so nothing allocates far past it, and
+    past SMALL bytes the containers are counted: at most one per CONTAINER_BYTES of input
+    (an empty list is one byte on the wire and some sixty in memory)."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        if len(data) <= SMALL:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        hook = _container_counter(len(data))
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, object_hook=hook, list_hook=hook)
     except msgpack.StackError:
         raise WireError("an argument nests too deeply") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
         raise WireError(f"bad msgpack data: {exc}") from None
+
+
+def _container_counter(size: int) -> Any:
+    limit = size // CONTAINER_BYTES + 1024
+    count = 0
+
+    def counted(value: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise WireError(f"a request of {size} bytes holds more than {limit} lists and dicts")
+        return value
+
+    return counted
 
 
 def loads(serializer_id: int, data: bytes) -> Any:
@@ -208,6 +231,8 @@ def check_marshal(data: bytes, max_depth: int = MAX_MARSHAL_DEPTH) -> None:
     pos = 0
     # Open containers: [items left (-1: a dict, read until its NULL), weight so far, ref slot].
     stack: list[list[int]] = []
+    containers = 0
+    max_containers = end // CONTAINER_BYTES + 1024
 
     def need(n: int) -> None:
         if n < 0 or pos + n > end:
@@ -305,6 +330,9 @@ def check_marshal(data: bytes, max_depth: int = MAX_MARSHAL_DEPTH) -> None:
         else:
             raise WireError(f"marshal type {chr(code)!r} is not accepted")
         if items:
+            containers += 1
+            if containers > max_containers:
+                raise WireError(f"a request of {end} bytes holds more than {max_containers} containers")
             stack.append([items, weight, slot])
             continue
         if slot >= 0:
