@@ -71,7 +71,7 @@ def test_check_marshal_takes_what_marshal_takes_and_refuses_deeper_nesting():
         nested = [nested]
     wire.check_marshal(marshal.dumps(nested))
     with pytest.raises(wire.WireError, match="nests deeper"):
-        wire.check_marshal(b")\x01" * 2100 + b"N")
+        wire.check_marshal(b"[" + struct.pack("<i", 1) + b")\x01" * 2100 + b"N" + b"N" * 20000)
     assert wire.loads(wire.MARSHAL, marshal.dumps({})) == {}
     assert wire.loads(wire.MARSHAL, marshal.dumps([{}, {"a": {}}, []])) == [{}, {"a": {}}, []]
 

@@ -138,26 +138,32 @@ class Daemon(Pyro5.server.Daemon):
             raise wire.WireError(f"a request of {total} bytes (limit {limit})")
         body = self._read(conn, total) if total else b""
         if header.kind == wire.MSG_INVOKE:
-            if header.annotations or header.flags & ~_ACCEPTED_FLAGS:
-                # Batches (one request, many calls), kept-serialized blobs, streams and custom
-                # annotations are Pyro5 features ppq does not use; each would need limits of its own.
-                self._refuse(conn, header, "batched calls, annotations and flags other than oneway are not accepted")
+            if header.flags & ~_ACCEPTED_FLAGS:
+                # Batches (one request, many calls), kept-serialized blobs and streams are Pyro5
+                # features ppq does not use; each would need limits of its own.
+                self._refuse(conn, header, "batched calls and flags other than oneway are not accepted")
                 return
+            if header.annotations:
+                try:
+                    wire.check_annotations(body[:header.annotations])
+                except wire.WireError as exc:
+                    self._refuse(conn, header, str(exc))
+                    return
             oneway = bool(header.flags & wire.FLAGS_ONEWAY)
             try:
-                if (header.serializer_id in (wire.MSGPACK, wire.MARSHAL) and b"__class__" not in body
-                        and self._direct_request(conn, header, body, reply=not oneway)):
+                if (header.serializer_id in (wire.MSGPACK, wire.MARSHAL) and not header.annotations
+                        and b"__class__" not in body and self._direct_request(conn, header, body, reply=not oneway)):
                     return
             except wire.WireError as exc:
                 self._refuse(conn, header, str(exc))
                 return
-            problem = self._check_request(header, body)
+            problem = self._check_request(header, body[header.annotations:])
             if problem:
                 self._refuse(conn, header, problem)
                 return
             if oneway:
                 # Pyro5 would start a thread per oneway call: run it here, in this connection's turn.
-                self._oneway(conn, header, body)
+                self._oneway(conn, header, body[header.annotations:])
                 return
         super().handleRequest(_Replay(conn, head + body))
 

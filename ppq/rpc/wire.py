@@ -64,7 +64,7 @@ MAX_DEPTH = 200
 # Most values (counted by their separators) in a serpent request.
 MAX_TEXT_ITEMS = 20_000
 # Requests up to this size are decoded without counting their containers.
-SMALL = 64 * 1024
+SMALL = 256 * 1024
 # At most one list or dict per this many bytes of a larger request.
 CONTAINER_BYTES = 8
 # Deepest nesting accepted in a marshal message: marshal's own limit.
@@ -99,6 +99,24 @@ def parse_header(data: bytes) -> Header:
 def message(kind: int, serializer_id: int, seq: int, data: bytes, flags: int = 0) -> bytes:
     return HEADER.pack(TAG, PROTOCOL, kind, serializer_id, flags, seq, len(data), 0, NO_CORRELATION, 0,
                        MAGIC) + data
+
+
+_CHUNK = struct.Struct("!4sI")
+
+
+def check_annotations(data: bytes) -> None:
+    """Pyro5's annotation chunks (4 ASCII letters, a length, the bytes): each must fit, and
+    none may be a blob (``BLBI``), which Pyro5 would unmarshal unchecked."""
+    pos = 0
+    while pos < len(data):
+        if pos + _CHUNK.size > len(data):
+            raise WireError("truncated annotation")
+        key, size = _CHUNK.unpack_from(data, pos)
+        pos += _CHUNK.size + size
+        if pos > len(data) or not key.isascii() or not key.isalnum():
+            raise WireError("malformed annotation")
+        if key == b"BLBI":
+            raise WireError("blob annotations are not accepted")
 
 
 def unpack(data: bytes) -> Any:
