@@ -464,7 +464,7 @@ class Master:
                   lang: Any = "", parameters: Any = None, max_retry: Any = 1, retry_delay: Any = False,
                   queue_index: Any = 0, delay: Any = None, args: Any = None, kwargs: Any = None,
                   timeout: Any = None, result_ttl: Any = None, task_id: Any = None) -> str:
-        """Push one task; return its id. See DESIGN.md for the fields."""
+        """Push one task; return its id. The fields are described in README.md and checked in task.check_push."""
         options = {
             "func": func, "key": key, "fclass": fclass, "module": module, "path": path, "lang": lang,
             "parameters": parameters, "max_retry": max_retry, "retry_delay": retry_delay,

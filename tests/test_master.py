@@ -152,7 +152,7 @@ def test_calls_outside_the_direct_wire_path_get_the_same_answers(master, call):
 
 
 def test_pyrofunc_one_way_push_lands(call, master, ra):
-    """``set_one_way``: calls do not wait for a reply and return None (DESIGN.md, rpc.PyroFunc)."""
+    """``set_one_way``: calls do not wait for a reply and return None (see rpc.PyroFunc)."""
     oneway = PyroFunc(address_of(master), set_one_way=True)
     try:
         replies = [oneway("push_task", "add", module="tasks", args=[i, i], task_id=f"oneway-task-{i}")

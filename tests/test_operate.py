@@ -1,4 +1,4 @@
-"""Operating ppq (issue 7): results, cancel, the dead list, status/top, bulk push,
+"""Operating ppq: results, cancel, the dead list, status/top, bulk push,
 metrics, logs and the ``@ppq.task`` decorator, against real processes.
 
 Every test runs a real redis-server, a real master (the in-process ``master``
@@ -660,7 +660,7 @@ def test_metrics_master_and_worker(spawn, redis_a, ra):
 
 
 def test_metrics_count_hand_outs(make_master, spawn):
-    """The issue lists hand-outs among the master's metrics: a counter of tasks leased to workers."""
+    """Hand-outs are among the master's metrics: a counter of tasks leased to workers."""
     port = free_port()
     server = make_master(master__metrics_port=port)
     c = Client([address_of(server)])

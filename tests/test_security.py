@@ -1,4 +1,4 @@
-"""The security model (DESIGN.md, issue 5), with real parts only.
+"""The security model (README.md, "Security"), with real parts only.
 
 Real redis-server processes, real Pyro5 connections, real ``python -m ppq``
 master and worker processes; certificates made with the ``openssl`` CLI.
