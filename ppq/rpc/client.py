@@ -17,7 +17,7 @@ from Pyro5 import config as pyro_config
 from Pyro5 import serializers as pyro_serializers
 from Pyro5.serializers import SerializerBase
 
-from .. import errors
+from .. import codec, errors
 from ..config import DEFAULT_MAX_MESSAGE
 from ..errors import AuthError, ConfigError, ConnectError, MessageTooLargeError
 from ..task import PUSH_FIELDS, new_id
@@ -124,28 +124,12 @@ def _auth_failure(exc: BaseException) -> bool:
 # arguments (an array.array to a list, a UUID to a str...) first: those calls go its way.
 _PLAIN = frozenset((str, int, float, bool, type(None), bytes, list, dict, tuple))
 _MISSING: Any = object()
-_packers = threading.local()
-
-
-def _pack(value: Any) -> bytes:
-    packer = getattr(_packers, "packer", None)
-    if packer is None:
-        import msgpack
-
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
-    try:
-        return packer.pack(value)  # type: ignore[no-any-return]
-    except BaseException:
-        packer.reset()
-        raise
-
-
 def _encode_call(objid: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, bytes] | None:
     """The request's serializer and bytes: msgpack, or marshal for what msgpack cannot carry
     (integers past 64 bits, sets, deep nesting), which the master then checks before reading;
     None when neither can (Pyro5's own path takes the call)."""
     try:
-        return wire.MSGPACK, _pack((objid, method, args, kwargs))
+        return wire.MSGPACK, codec.pack((objid, method, args, kwargs))
     except (TypeError, ValueError, OverflowError):
         pass
     try:
