@@ -56,13 +56,15 @@ MAX_REMEMBERED_LEASES = 100_000
 class Waiter:
     """One long-poll waiting on this master: woken, or handed tasks leased by a push."""
 
-    __slots__ = ("wid", "count", "seen", "event", "tasks")
+    __slots__ = ("wid", "count", "seen", "event", "tasks", "released")
 
     def __init__(self, wid: str, count: int, seen: float) -> None:
         self.wid = wid
         self.count = count
         self.seen = seen
         self.event = threading.Event()
+        # Set by release_worker: the worker is stopping, the long-poll returns empty at once.
+        self.released = False
         # Set, with the event, by a push that claimed this waiter: the tasks it leased to it.
         self.tasks: list[dict[str, Any]] | None = None
 
@@ -95,6 +97,16 @@ class Waker:
         """Take the longest-waiting idle waiter; the caller must ``hand()`` it its tasks."""
         with self.lock:
             return self._take() if self.idle else None
+
+    def release(self, wid: str) -> int:
+        """End the waits of worker ``wid`` (it is stopping); return how many there were."""
+        with self.lock:
+            mine = [w for w in self.idle if w.wid == wid]
+            for waiter in mine:
+                del self.idle[waiter]
+                waiter.released = True
+                waiter.event.set()
+        return len(mine)
 
     def _take(self) -> Waiter:
         """Remove and return the longest-waiting idle waiter (``self.lock`` held)."""
@@ -356,6 +368,8 @@ class Master:
                 handed = waker.wait(waiter, generation, remaining)
                 if handed:
                     tasks = handed
+                    break
+                if waiter.released:
                     break
                 generation = waker.generation
                 _, tasks = store.report(wid, [], count, seen)
@@ -627,6 +641,18 @@ class Master:
                                    f"{self.limits.max_workers} workers (limits.max_workers); a new worker id is "
                                    f"refused until listed ones go quiet for master.worker_ttl")
         return {"lost": lost}
+
+    @rpc.remote(role=rpc.WORKER)
+    def release_worker(self, worker_info: Any, queue_index: Any = 0, leaving: Any = False) -> int:
+        """A worker is stopping: end its long-polls waiting on this master at once (they return no
+        task); with ``leaving``, also take it off the list of live workers. Returns how many
+        long-polls were ended."""
+        wid = worker_id_of(worker_info)
+        store = self._store(queue_index)
+        ended = self.wakers[store.queue_index].release(wid)
+        if leaving:
+            store.forget_worker(wid)
+        return ended
 
     @rpc.remote
     def get_task_info(self, task_id: Any, queue_index: Any = 0) -> dict[str, Any] | None:

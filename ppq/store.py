@@ -701,6 +701,14 @@ class Store:
         self.redis.zadd(self.prefix + "waiters", {member: now + seconds + 2})
 
     @_storage_errors
+    def forget_worker(self, worker_id: str) -> None:
+        """Take a worker off the list of live workers (it said it is leaving)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.prefix + "workers", worker_id)
+        pipe.zrem(self.prefix + "workers:seen", worker_id)
+        pipe.execute()
+
+    @_storage_errors
     def remove_waiter(self, member: str) -> None:
         self.redis.zrem(self.prefix + "waiters", member)
 

@@ -947,7 +947,9 @@ class Agent:
         log.info("stopping (%s): no new tasks; %d running", mode, self._busy())
         with self._cond:
             self._cond.notify_all()
-        # A long-poll in flight may still bring tasks: wait for it, then hand them back.
+        # The long-poll in flight ends at once (the master answers it with no task)...
+        self._release(leaving=False)
+        # ...or may still bring tasks: wait for it, then hand them back.
         deadline = time.monotonic() + self.max_sleep + 2
         while self._fetching.is_set() and time.monotonic() < deadline and self._stop_mode != NOW:
             time.sleep(0.02)
@@ -974,7 +976,20 @@ class Agent:
             if t.name in ("ppq-reporter",):
                 t.join(15)
 
+    def _release(self, leaving: bool) -> None:
+        """Tell the master this agent is stopping: its long-poll ends; with ``leaving``, it is
+        taken off the list of live workers at once (the last heartbeat has been sent)."""
+        if leaving:
+            for t in self._threads:
+                if t.name == "ppq-heartbeat":
+                    t.join(5)
+        try:
+            self._call("release_worker", self.light_info(), self.queue_index, leaving)
+        except (PPQError, rpc.CommunicationError) as exc:
+            log.debug("could not tell the master this worker is stopping: %s", exc)
+
     def _close(self) -> None:
+        self._release(leaving=True)
         for slot in self.slots:
             slot.close()
         if self._daemon is not None:

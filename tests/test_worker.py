@@ -592,3 +592,22 @@ def test_distinct_functions_past_the_cap_count_as_other(master, call, spawn):
     body = _scrape(metrics_port)
     assert _func_labels(body) == set(stats)
     assert len(body.encode()) < 1_000_000, len(body.encode())
+
+
+def test_a_stopped_idle_worker_exits_at_once_and_leaves_the_list(master, spawn):
+    """SIGTERM to an idle worker whose long-poll waits up to 5 s: the master ends the long-poll,
+    the agent exits well within those 5 s, and server_info stops listing it as it exits."""
+    call = PyroFunc(address_of(master))
+    proc = spawn.worker(address_of(master), extra=("--max-sleep", "5", "--heartbeat-interval", "10"))
+    worker_entry(call, proc.pid)
+    waker = master.master.wakers[0]
+    wait_for(lambda: any(w.wid.split(":")[1] == str(proc.pid) for w in list(waker.idle)), timeout=10,
+             what="the worker's long-poll to wait on the master")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+    took = time.monotonic() - started
+    assert proc.returncode == 0, spawn.log(proc)
+    assert took < 3.0, f"the worker took {took:.1f}s to stop"
+    assert not [w for w in workers_of(call) if w.get("pid") == proc.pid], "a stopped worker is still listed"
+    call.close()
