@@ -98,8 +98,13 @@ class Daemon(Pyro5.server.Daemon):
     def _read(self, conn: Any, size: int) -> bytes:
         """Read ``size`` bytes of a request that has begun. It must arrive within STALL_TIMEOUT
         seconds plus one second per MIN_RATE bytes: a sender that trickles is dropped."""
-        chunks = []
-        left = size
+        chunk = _recv(conn, min(size, 1 << 20))
+        if chunk is not None and len(chunk) == size:
+            return chunk  # the usual case: the whole request was there
+        chunks = [chunk] if chunk else []
+        if chunk == b"":
+            raise Pyro5.errors.ConnectionClosedError("connection closed mid-request")
+        left = size - len(chunk or b"")
         deadline = time.monotonic() + STALL_TIMEOUT + size / MIN_RATE
         while left:
             chunk = _recv(conn, min(left, 1 << 20))
@@ -254,8 +259,6 @@ class Daemon(Pyro5.server.Daemon):
             target = self._direct_target(objid, method)
             if target is None:
                 return False
-        if any(type(k) is not str for k in kwargs):
-            return False
         self._set_context(conn, header)
         ctx = Pyro5.callcontext.current_context
         if not reply:
