@@ -753,7 +753,6 @@ def open_stores(config: Config) -> tuple[dict[int, Store], RedisServer | None]:
     if not redis_map:
         data_dir = m.data_dir or default_data_dir(m.port)
         embedded = RedisServer(data_dir, appendfsync=m.appendfsync).start()
-        log.info("embedded redis-server at %s, data in %s", embedded.url, embedded.data_dir)
         redis_map = {0: embedded.url}
     stores = {
         qi: Store(qi, url, timeout=m.redis_timeout, lease_timeout=m.lease_timeout,

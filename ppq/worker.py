@@ -927,9 +927,10 @@ class Agent:
             t = threading.Thread(target=target, name=f"ppq-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("worker %s: %d %s executor(s) on queue_index %s, masters %s, control %s", self.id,
-                 self.concurrency, self.config.worker.pool, self.queue_index, ", ".join(self.masters),
-                 self.control_uri)
+        kind = {"processes": "process", "threads": "thread"}[self.config.worker.pool]
+        log.info("worker %s: %d executor %s%s on queue_index %s, masters %s, control %s", self.id,
+                 self.concurrency, kind, "" if self.concurrency == 1 else ("es" if kind == "process" else "s"),
+                 self.queue_index, ", ".join(self.masters), self.control_uri)
 
     def run(self) -> str:
         """Run until asked to stop; return the stop mode (graceful, restart or now)."""
