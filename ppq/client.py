@@ -12,7 +12,7 @@ from . import codec
 from .config import Config, load_config
 from .errors import InvalidTaskError, MessageTooLargeError, ResultTimeoutError, TaskFailedError
 from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
-from .task import CANCELLED, DEAD, DONE, new_id
+from .task import DONE, FINAL_STATES, new_id
 
 # Tasks sent per push_tasks call by push_many.
 DEFAULT_CHUNK = 5000
@@ -20,7 +20,6 @@ DEFAULT_CHUNK = 5000
 LOOKUP_CHUNK = 1000
 # Longest single wait the master is asked to hold, in seconds.
 _WAIT_STEP = 20.0
-_FINAL = (DONE, DEAD, CANCELLED)
 
 
 def target_name(target: str | Callable[..., Any]) -> tuple[str, str, str | None]:
@@ -196,7 +195,7 @@ class Client:
             info = self.call("wait_task", task_id, qi, wait)
             if info is None:
                 raise InvalidTaskError(f"task {task_id} is unknown (never pushed, or its record expired)")
-            if info["state"] in _FINAL:
+            if info["state"] in FINAL_STATES:
                 return self._value(info)
             if deadline is not None and time.monotonic() >= deadline:
                 raise ResultTimeoutError(f"task {task_id} is still {info['state']} after {timeout:g}s")
@@ -219,7 +218,7 @@ class Client:
                 for tid, info in zip(chunk, infos, strict=True):
                     if info is None:
                         raise InvalidTaskError(f"task {tid} is unknown (never pushed, or its record expired)")
-                    if info["state"] in _FINAL:
+                    if info["state"] in FINAL_STATES:
                         try:
                             yield tid, self._value(info)
                         except TaskFailedError as exc:

@@ -31,7 +31,7 @@ from .errors import (
     StorageError,
 )
 from .store import Store
-from .task import FINAL_STATES, TaskSpec, check_push, check_pushes, check_queue_index, check_task_id, show
+from .task import FINAL_STATES, TaskSpec, check_number, check_push, check_pushes, check_queue_index, check_task_id
 
 log = logging.getLogger("ppq.master")
 
@@ -192,9 +192,8 @@ def worker_entry(worker_info: Any, limit: int, **extra: Any) -> dict[str, Any]:
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidTaskError(f"{name} must be a number between {low:g} and {high:g}, got {show(value)}")
-    return float(value)
+    """A required number within ``low``..``high`` (task.check_number without None)."""
+    return check_number(name, value, low, high, allow_none=False)  # type: ignore[return-value]
 
 
 def _encode_result(result: Any) -> bytes:
@@ -864,15 +863,3 @@ class MasterServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def run(config: Config, stop: threading.Event) -> None:
-    """Serve until ``stop`` is set."""
-    server = MasterServer(config).start()
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop()
-
-

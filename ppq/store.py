@@ -452,6 +452,8 @@ class _Link:
         path = parsed.path.strip("/")
         self.db = int(path) if path.isdigit() else int(parse_qs(parsed.query).get("db", ["0"])[0])
         self.timeout = timeout
+        # Shared by every thread without a lock: list.append and list.pop are each atomic
+        # in CPython, and a connection is in the list only while no thread uses it.
         self._idle: list[tuple[socket.socket, Any]] = []
         self._closed = False
 

@@ -26,7 +26,6 @@ DONE = "done"
 FAILED = "failed"  # the last attempt failed; the task waits for its retry
 DEAD = "dead"
 CANCELLED = "cancelled"
-STATES = (QUEUED, DELAYED, RUNNING, DONE, FAILED, DEAD, CANCELLED)
 # States a task does not leave by itself.
 FINAL_STATES = (DONE, DEAD, CANCELLED)
 
@@ -184,7 +183,9 @@ def _str(name: str, value: Any, limit: int, pattern: re.Pattern[str] | None = No
     return value
 
 
-def _number(name: str, value: Any, low: float, high: float, allow_none: bool = True) -> float | None:
+def check_number(name: str, value: Any, low: float, high: float, allow_none: bool = True) -> float | None:
+    """``value`` as a float within ``low``..``high`` (None stays None where allowed); else
+    InvalidTaskError naming ``name``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -241,10 +242,10 @@ def check_push(
             raise InvalidTaskError(f"retry_delay must be true or false, got {show(retry_delay)}")
         extra.append(("retry_delay", 1))
     delay = get("delay")
-    delay = (_number("delay", delay, 0, limits.max_delay) or 0.0) if delay is not None else 0.0
+    delay = (check_number("delay", delay, 0, limits.max_delay) or 0.0) if delay is not None else 0.0
     timeout = get("timeout")
     if timeout is not None:
-        timeout = _number("timeout", timeout, 0.001, limits.max_timeout)
+        timeout = check_number("timeout", timeout, 0.001, limits.max_timeout)
     result_ttl = get("result_ttl")
     if result_ttl is not None:
         if (isinstance(result_ttl, bool) or not isinstance(result_ttl, int)

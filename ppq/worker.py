@@ -74,11 +74,6 @@ def add_hook(name: str, fn: Callable[[dict[str, Any]], Any]) -> None:
     _HOOKS[name].append(fn)
 
 
-def remove_hooks() -> None:
-    for fns in _HOOKS.values():
-        fns.clear()
-
-
 def _call_hooks(name: str, context: dict[str, Any]) -> None:
     for fn in list(_HOOKS[name]):
         try:
