@@ -976,6 +976,10 @@ class Agent:
         """Tell the master this agent is stopping: its long-poll ends; with ``leaving``, it is
         taken off the list of live workers at once (the last heartbeat has been sent)."""
         if leaving:
+            # Reporting is over (or never began): the heartbeat thread ends at its next wait.
+            done = getattr(self, "_done_reporting", None)
+            if done is not None:
+                done.set()
             for t in self._threads:
                 if t.name == "ppq-heartbeat":
                     t.join(5)

@@ -565,8 +565,6 @@ def test_running_task_info_reveals_no_lease_and_forged_reports_are_refused(
     """A running task's info carries no lease; task_finish / task_error / report with the
     guessable lease ("<worker id>/1") or random strings are refused; the worker's own result
     is the one Client.result returns."""
-    from ppq import Client
-    from ppq.config import load_config
 
     worker = start_worker(tmp_path, targets, master)
     wid = worker_entry(master, worker)["id"]
@@ -595,21 +593,27 @@ def test_running_task_info_reveals_no_lease_and_forged_reports_are_refused(
                 if accepted:
                     forged.append(f"{name} with lease {lease!r}")
         assert not forged, f"forged reports accepted: {forged}"
-        client = Client([master.address], token=TOKEN, config=load_config(environ={}), timeout=10)
-        try:
-            assert client.result(task_id, timeout=15) == "real"
-        finally:
-            client.close()
+        assert_real_result(master, task_id)
     finally:
         call.close()
+
+
+def assert_real_result(master: Master, task_id: str) -> None:
+    """The task's result is the one its real worker returned."""
+    from ppq import Client
+    from ppq.config import load_config
+
+    client = Client([master.address], token=TOKEN, config=load_config(environ={}), timeout=10)
+    try:
+        assert client.result(task_id, timeout=15) == "real"
+    finally:
+        client.close()
 
 
 def test_forged_report_without_lease_impersonating_the_worker_is_refused(
         master: Master, tmp_path: Path, targets: list[Target]) -> None:
     """A client naming the running worker's id (listed by server_info) and no lease at all
     cannot finish that worker's task."""
-    from ppq import Client
-    from ppq.config import load_config
 
     worker = start_worker(tmp_path, targets, master)
     entry = worker_entry(master, worker)
@@ -624,11 +628,7 @@ def test_forged_report_without_lease_impersonating_the_worker_is_refused(
             except Exception:  # noqa: BLE001 - refused
                 pass
         assert not any(accepted), "a finish without a lease, naming the worker, was accepted"
-        client = Client([master.address], token=TOKEN, config=load_config(environ={}), timeout=10)
-        try:
-            assert client.result(task_id, timeout=15) == "real"
-        finally:
-            client.close()
+        assert_real_result(master, task_id)
     finally:
         call.close()
 

@@ -150,12 +150,18 @@ def junk_info(wid: str, stuffed: bool = False) -> dict[str, Any]:
             "running": ["r" * 60] * 5000, "control_uri": "u" * 5000, "pid": 10**30, "done": float("nan")}
 
 
-def test_a_flood_of_registrations_keeps_server_info_small(make_master, spawn, ra):
-    server = make_master()
+def client_and_listed_worker(server: MasterServer, spawn: Any) -> tuple[Client, Any]:
+    """A Client on ``server`` and a real worker process it lists."""
     client = Client([address_of(server)])
     proc = spawn.worker(address_of(server))
     wait_for(lambda: any(w.get("pid") == proc.pid for w in client.server_info()[0]["workers"]),
              what="the worker to be listed")
+    return client, proc
+
+
+def test_a_flood_of_registrations_keeps_server_info_small(make_master, spawn, ra):
+    server = make_master()
+    client, proc = client_and_listed_worker(server, spawn)
     flood = make_proxy(server.uri)
     try:
         for n in range(2000):
@@ -184,10 +190,7 @@ def test_a_flood_of_registrations_keeps_server_info_small(make_master, spawn, ra
 
 def test_new_worker_ids_beyond_max_workers_are_refused(make_master, spawn, ra):
     server = make_master(limits__max_workers=20)
-    client = Client([address_of(server)])
-    proc = spawn.worker(address_of(server))
-    wait_for(lambda: any(w.get("pid") == proc.pid for w in client.server_info()[0]["workers"]),
-             what="the worker to be listed")
+    client, proc = client_and_listed_worker(server, spawn)
     flood = make_proxy(server.uri)
     try:
         for n in range(19):

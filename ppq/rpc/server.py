@@ -286,7 +286,7 @@ class Daemon(Pyro5.server.Daemon):
     def _direct_target(self, objid: Any, method: str) -> Callable[..., Any] | None:
         """The bound method a direct call may run: an exposed public method of a registered
         instance; None sends the call Pyro5's way."""
-        if method.startswith("_") or objid == _DAEMON_OBJECT:
+        if type(objid) is not str or method.startswith("_") or objid == _DAEMON_OBJECT:
             return None
         obj = self.objectsById.get(objid)
         if obj is None or isinstance(obj, type):
