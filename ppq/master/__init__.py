@@ -1,0 +1,46 @@
+"""The master: a stateless Pyro5 object over the Redis stores, and ``serve()``.
+
+Any number of masters can serve the same queues; every background duty
+(delayed-task mover, lease reaper) is a Lua script that is safe to run on all of
+them at once.
+
+The package, in import order (each module imports only those above it):
+
+- ``checks.py``: the checks on what callers send that is not a task's fields
+  (``worker_info``, bounded numbers, results, a push_tasks batch as a whole);
+- ``waiting.py``: long-polls (:class:`Waiter`, :class:`Waker`), the hand-off of a
+  push to a waiting worker, wake-ups from other masters, ``wait_task(s)``;
+- ``duties.py``: the background duties of each queue_index (mover, reaper,
+  summary line), each at its own interval;
+- ``exposed.py``: :class:`Master`, the object exposed as ``queue``: every remote
+  method and its argument checks;
+- ``server.py``: :class:`MasterServer` (stores, Pyro5 daemon, metrics, shutdown)
+  and :func:`serve`, which runs one until it is told to stop.
+"""
+
+from .checks import MAX_RUNNING_LISTED, MAX_WAIT, WORKER_NUMBER_FIELDS, WORKER_TEXT_FIELDS, worker_entry, worker_id_of
+from .duties import SUMMARY_INTERVAL, run_duties
+from .exposed import Master
+from .server import MIN_REDIS, MasterServer, open_stores, raise_open_files_limit, serve
+from .waiting import MAX_REMEMBERED_LEASES, Waiter, Waiting, Waker
+
+__all__ = [
+    "MAX_REMEMBERED_LEASES",
+    "MAX_RUNNING_LISTED",
+    "MAX_WAIT",
+    "MIN_REDIS",
+    "SUMMARY_INTERVAL",
+    "WORKER_NUMBER_FIELDS",
+    "WORKER_TEXT_FIELDS",
+    "Master",
+    "MasterServer",
+    "Waiter",
+    "Waiting",
+    "Waker",
+    "open_stores",
+    "raise_open_files_limit",
+    "run_duties",
+    "serve",
+    "worker_entry",
+    "worker_id_of",
+]

@@ -1,0 +1,65 @@
+"""The background duties of a master, one thread per queue_index, each at its own interval:
+
+- the mover: due delayed tasks into the queue, every ``master.reaper_interval`` seconds
+  or sooner when the next delayed task is due sooner (at most every 5 ms);
+- the reaper: expired leases back to the queue (or to the dead list), every
+  ``master.reaper_interval`` seconds;
+- the summary: one INFO line of counts every ``SUMMARY_INTERVAL`` seconds, when it changed.
+
+Each duty is a Lua script safe to run on every master at once. A Redis outage is
+logged once, and its end once. The threads are started and stopped by
+:meth:`~ppq.master.exposed.Master.start_background` / ``stop_background``, with
+the wake-up listeners of :mod:`ppq.master.waiting`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..errors import StorageError
+from ..store import Store
+
+log = logging.getLogger("ppq.master")
+
+# Seconds between the INFO summary lines of each queue_index.
+SUMMARY_INTERVAL = 60.0
+
+
+def run_duties(qi: int, store: Store, interval: float, stop: threading.Event) -> None:
+    """Move due delayed tasks and reap expired leases, forever."""
+    next_reap = 0.0
+    next_summary = time.monotonic() + SUMMARY_INTERVAL
+    last_summary = ""
+    failing = False
+    while not stop.is_set():
+        pause = interval
+        try:
+            _, next_eta, now = store.move_due()
+            if next_eta is not None:
+                pause = min(pause, max(next_eta - now, 0.005))
+            if time.monotonic() >= next_reap:
+                reaped = store.reap()
+                if reaped:
+                    log.info("queue_index %s: %s expired lease(s) handled", qi, reaped)
+                next_reap = time.monotonic() + interval
+            if failing:
+                log.info("queue_index %s: redis is back", qi)
+                failing = False
+            if time.monotonic() >= next_summary:
+                next_summary = time.monotonic() + SUMMARY_INTERVAL
+                c = store.counts()
+                summary = (f"queued={c['queued']} delayed={c['delayed']} running={c['running']} "
+                           f"dead={c['dead']} done/min={c['done_per_min']} failed/min={c['failed_per_min']}")
+                if summary != last_summary:
+                    log.info("queue_index %s: %s", qi, summary)
+                    last_summary = summary
+        except StorageError as exc:
+            if not failing:
+                log.error("%s", exc)
+            failing = True
+            pause = interval
+        except Exception:  # noqa: BLE001 - keep the duty loop alive whatever happens
+            log.exception("queue_index %s: background duty failed", qi)
+        stop.wait(pause)
