@@ -12,7 +12,6 @@ imported only here, so ``import ppq`` stays light.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 from collections.abc import Mapping
@@ -54,17 +53,15 @@ class Master:
 
     def serve(self) -> None:
         """Serve until :meth:`stop`, SIGTERM or SIGINT (signals only in the main thread)."""
-        if threading.current_thread() is threading.main_thread():
-            for name in ("SIGTERM", "SIGINT"):
-                signal.signal(getattr(signal, name), lambda signum, frame: self._stop.set())
-        if self.server is None:
-            self.start()
+        from .master import serve
+
         try:
-            while not self._stop.wait(0.5):
-                pass
+            serve(self.config, self._stop, server=self.server, ready=self._serving)
         finally:
-            self.server.stop()
             self.server = None
+
+    def _serving(self, server: Any) -> None:
+        self.server = server
 
     def stop(self) -> None:
         """Make :meth:`serve` return (safe from a signal handler or another thread)."""

@@ -251,7 +251,7 @@ def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
     Example:
       ppq master --port 7600 --redis-map 0=redis://127.0.0.1:6379/0
     """
-    from .master import MasterServer
+    from .master import MasterServer, serve
 
     _apply_sub(ctx, sub_config, sub_log_level)
     config = build_config(ctx, {
@@ -259,18 +259,14 @@ def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
         "master.data_dir": data_dir, "master.lease_timeout": lease_timeout, "master.insecure": insecure,
         "master.metrics_port": metrics_port,
     })
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    server = run_guarded(lambda: MasterServer(config).start())
-    if server.embedded is not None:
-        console.print(f"embedded redis-server: {server.embedded.url}, data in {server.embedded.data_dir}",
-                      markup=False, highlight=False)
-    console.print(f"ppq master ready: {server.uri}", markup=False, highlight=False)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop()
+
+    def ready(server: MasterServer) -> None:
+        if server.embedded is not None:
+            console.print(f"embedded redis-server: {server.embedded.url}, data in {server.embedded.data_dir}",
+                          markup=False, highlight=False)
+        console.print(f"ppq master ready: {server.uri}", markup=False, highlight=False)
+
+    run_guarded(lambda: serve(config, ready=ready, signals=("SIGTERM", "SIGINT", "SIGUSR1")))
 
 
 def _worker_overrides(master_hosts: tuple[str, ...], queue_index: int | None, concurrency: int | None,
