@@ -91,19 +91,19 @@ def worker_entry(worker_info: Any, limit: int, **extra: Any) -> dict[str, Any]:
     return entry
 
 
-def _number(name: str, value: Any, low: float, high: float) -> float:
+def required_number(name: str, value: Any, low: float, high: float) -> float:
     """A required number within ``low``..``high`` (task.check_number without None)."""
     return check_number(name, value, low, high, allow_none=False)  # type: ignore[return-value]
 
 
-def _encode_result(result: Any) -> bytes:
+def encode_result(result: Any) -> bytes:
     try:
         return codec.encode(result)
     except CodecError as exc:
         raise CodecError(f"result: {exc}") from None
 
 
-def _text_field(name: str, value: Any, limit: int) -> str:
+def text_field(name: str, value: Any, limit: int) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):

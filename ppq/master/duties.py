@@ -28,7 +28,8 @@ SUMMARY_INTERVAL = 60.0
 
 
 def run_duties(qi: int, store: Store, interval: float, stop: threading.Event) -> None:
-    """Move due delayed tasks and reap expired leases, forever."""
+    """Move due delayed tasks, reap expired leases and log the summary of queue_index ``qi``, until
+    ``stop`` is set."""
     next_reap = 0.0
     next_summary = time.monotonic() + SUMMARY_INTERVAL
     last_summary = ""

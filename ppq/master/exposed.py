@@ -20,11 +20,11 @@ from ..store import Store
 from ..task import check_push, check_queue_index, check_task_id
 from .checks import (
     MAX_WAIT,
-    _encode_result,
-    _number,
-    _text_field,
     check_batch,
     check_ids,
+    encode_result,
+    required_number,
+    text_field,
     worker_entry,
     worker_id_of,
 )
@@ -65,7 +65,6 @@ class Master(Waiting):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-
     # -- lifecycle -------------------------------------------------------
 
     def start_background(self) -> None:
@@ -90,7 +89,6 @@ class Master(Waiting):
     def _store(self, queue_index: Any) -> Store:
         return self.stores[check_queue_index(queue_index, self.stores)]
 
-
     def _result_report(self, task_id: Any, lease: Any, ok: bool, result: Any = None, result_bytes: Any = None,
                        error: Any = "", traceback: Any = "", retry: bool = True) -> dict[str, Any]:
         check_task_id(task_id)
@@ -104,16 +102,15 @@ class Master(Waiting):
                     raise InvalidTaskError("result is pickled, and this master does not accept pickle "
                                            "(master.allow_pickle is false)")
             else:
-                encoded = _encode_result(result)
+                encoded = encode_result(result)
             if len(encoded) > self.limits.max_payload:
                 raise InvalidTaskError(f"result is {len(encoded)} bytes, more than the limit of "
                                        f"{self.limits.max_payload}")
         return {
             "id": task_id, "lease": lease or "", "ok": ok, "result": encoded,
-            "error": _text_field("error", error, 10_000), "traceback": _text_field("traceback", traceback, 100_000),
+            "error": text_field("error", error, 10_000), "traceback": text_field("traceback", traceback, 100_000),
             "retry": bool(retry), "release": False,
         }
-
 
     def _finish(self, report: dict[str, Any], worker_info: Any, queue_index: Any, piggyback: bool) -> Any:
         self._fill_lease(report, queue_index, worker_info)
@@ -125,7 +122,6 @@ class Master(Waiting):
             self._remember_leases(queue_index, worker_info, tasks)
             return _plain(tasks)[0] if tasks else None
         return True
-
 
     # -- the exposed methods ------------------------------------------------
 
@@ -172,11 +168,10 @@ class Master(Waiting):
                 log.debug("queue_index %s: task %s pushed", spec.queue_index, tid)
         return ids
 
-
     @rpc.remote(role=rpc.WORKER)
     def get_task(self, worker_info: Any, queue_index: Any = 0, wait: Any = 0) -> dict[str, Any] | None:
         """Lease the next task of ``queue_index`` (waiting up to ``wait`` seconds); None if there is none."""
-        wait = _number("wait", wait, 0, MAX_WAIT)
+        wait = required_number("wait", wait, 0, MAX_WAIT)
         _, tasks = self._lease(worker_info, queue_index, [], 1, wait)
         self._remember_leases(queue_index, worker_info, tasks)
         return _plain(tasks)[0] if tasks else None
@@ -184,8 +179,8 @@ class Master(Waiting):
     @rpc.remote(role=rpc.WORKER)
     def get_tasks(self, worker_info: Any, queue_index: Any = 0, count: Any = 1, wait: Any = 0) -> list[dict[str, Any]]:
         """Lease up to ``count`` tasks."""
-        count = int(_number("count", count, 1, self.limits.max_batch))
-        wait = _number("wait", wait, 0, MAX_WAIT)
+        count = int(required_number("count", count, 1, self.limits.max_batch))
+        wait = required_number("wait", wait, 0, MAX_WAIT)
         _, tasks = self._lease(worker_info, queue_index, [], count, wait)
         self._remember_leases(queue_index, worker_info, tasks)
         return _plain(tasks)
@@ -217,8 +212,8 @@ class Master(Waiting):
         """
         if not isinstance(reports, (list, tuple)) or len(reports) > self.limits.max_batch:
             raise InvalidTaskError(f"reports must be a list of at most {self.limits.max_batch} dicts")
-        want = int(_number("want", want, 0, self.limits.max_batch))
-        wait = _number("wait", wait, 0, MAX_WAIT)
+        want = int(required_number("want", want, 0, self.limits.max_batch))
+        wait = required_number("wait", wait, 0, MAX_WAIT)
         checked = []
         for i, r in enumerate(reports):
             if not isinstance(r, Mapping):
@@ -252,7 +247,7 @@ class Master(Waiting):
         for item in running:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 raise InvalidTaskError("running must be a list of [task_id, lease] pairs")
-            pairs.append((check_task_id(item[0]), _text_field("lease", item[1], 300)))
+            pairs.append((check_task_id(item[0]), text_field("lease", item[1], 300)))
         store = self._store(queue_index)
         lost = store.heartbeat(info["id"], info, pairs, self._seen(worker_info))
         if lost is None:
@@ -283,7 +278,7 @@ class Master(Waiting):
     def wait_task(self, task_id: Any, queue_index: Any = 0, timeout: Any = 10) -> dict[str, Any] | None:
         """Wait up to ``timeout`` seconds for the task to end; return its record (None if unknown)."""
         check_task_id(task_id)
-        timeout = _number("timeout", timeout, 0, MAX_WAIT)
+        timeout = required_number("timeout", timeout, 0, MAX_WAIT)
         return self._wait_final(self._store(queue_index), [task_id], timeout)[0]
 
     @rpc.remote
@@ -293,7 +288,7 @@ class Master(Waiting):
             raise InvalidTaskError(f"task_ids must be a non-empty list of at most {self.limits.max_lookup} ids "
                                    f"(limits.max_lookup)")
         ids = [check_task_id(t) for t in task_ids]
-        timeout = _number("timeout", timeout, 0, MAX_WAIT)
+        timeout = required_number("timeout", timeout, 0, MAX_WAIT)
         return self._wait_final(self._store(queue_index), ids, timeout)
 
     @rpc.remote
@@ -315,8 +310,8 @@ class Master(Waiting):
 
     @rpc.remote
     def dead_tasks(self, queue_index: Any = 0, limit: Any = 100, offset: Any = 0) -> list[dict[str, Any]]:
-        limit = int(_number("limit", limit, 1, self.limits.max_lookup))
-        offset = int(_number("offset", offset, 0, 1e12))
+        limit = int(required_number("limit", limit, 1, self.limits.max_lookup))
+        offset = int(required_number("offset", offset, 0, 1e12))
         return self._store(queue_index).dead(limit, offset, self._reply_bytes)
 
     @rpc.remote

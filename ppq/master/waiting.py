@@ -117,7 +117,6 @@ class Waker:
         return waiter.tasks
 
 
-
 class Waiting:
     """The long-poll, hand-off and wake-up half of :class:`~ppq.master.exposed.Master`."""
 
@@ -135,48 +134,6 @@ class Waiting:
 
     if TYPE_CHECKING:
         def _store(self, queue_index: Any) -> Store: ...
-
-    def _listen(self, qi: int, store: Store) -> None:
-        def finished(task_id: str) -> None:
-            with self._watch_lock:
-                events = self._watchers.get((qi, task_id), ())
-                for event in events:
-                    event.set()
-
-        store.listen(self.wakers[qi].wake, finished, self._stop)
-
-    def _wait_final(self, store: Store, task_ids: list[str], timeout: float) -> list[dict[str, Any] | None]:
-        """Infos of ``task_ids`` once one has ended (or ``timeout`` passed), without polling."""
-        event = threading.Event()
-        keys = [(store.queue_index, tid) for tid in task_ids]
-        with self._watch_lock:
-            for key in keys:
-                self._watchers.setdefault(key, []).append(event)
-        try:
-            if timeout > 0:
-                store.watch(task_ids, timeout + 5)
-            infos = store.infos(task_ids, self._reply_bytes)
-            if timeout <= 0 or any(i is None or i["state"] in FINAL_STATES for i in infos):
-                return infos
-            deadline = time.monotonic() + timeout
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return infos
-                # The finished channel can miss a message in a Redis outage: look again now and then.
-                event.wait(min(remaining, 5.0))
-                event.clear()
-                infos = store.infos(task_ids, self._reply_bytes)
-                if any(i is None or i["state"] in FINAL_STATES for i in infos):
-                    return infos
-        finally:
-            with self._watch_lock:
-                for key in keys:
-                    events = self._watchers.get(key)
-                    if events is not None:
-                        events.remove(event)
-                        if not events:
-                            del self._watchers[key]
 
     def _seen(self, worker_info: Any = None) -> float:
         """Seconds a worker counts as live after it was last heard from: three of its heartbeats,
@@ -253,6 +210,51 @@ class Waiting:
             waiter.hand(tasks)
         return ids
 
+    def _listen(self, qi: int, store: Store) -> None:
+        """The wake-up listener of one store (a background thread): wakes waiters when tasks are
+        made ready elsewhere, and the wait_task(s) calls of tasks that end."""
+
+        def finished(task_id: str) -> None:
+            with self._watch_lock:
+                events = self._watchers.get((qi, task_id), ())
+                for event in events:
+                    event.set()
+
+        store.listen(self.wakers[qi].wake, finished, self._stop)
+
+    def _wait_final(self, store: Store, task_ids: list[str], timeout: float) -> list[dict[str, Any] | None]:
+        """Infos of ``task_ids`` once one has ended (or ``timeout`` passed), without polling."""
+        event = threading.Event()
+        keys = [(store.queue_index, tid) for tid in task_ids]
+        with self._watch_lock:
+            for key in keys:
+                self._watchers.setdefault(key, []).append(event)
+        try:
+            if timeout > 0:
+                store.watch(task_ids, timeout + 5)
+            infos = store.infos(task_ids, self._reply_bytes)
+            if timeout <= 0 or any(i is None or i["state"] in FINAL_STATES for i in infos):
+                return infos
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return infos
+                # The finished channel can miss a message in a Redis outage: look again now and then.
+                event.wait(min(remaining, 5.0))
+                event.clear()
+                infos = store.infos(task_ids, self._reply_bytes)
+                if any(i is None or i["state"] in FINAL_STATES for i in infos):
+                    return infos
+        finally:
+            with self._watch_lock:
+                for key in keys:
+                    events = self._watchers.get(key)
+                    if events is not None:
+                        events.remove(event)
+                        if not events:
+                            del self._watchers[key]
+
     def _remember_leases(self, queue_index: Any, worker_info: Any, tasks: list[dict[str, Any]]) -> None:
         """Remember the leases of ``tasks``, just handed to the caller, for its reports without a lease.
 
@@ -281,4 +283,3 @@ class Waiting:
             if entry is not None and caller[0] and entry[:2] == caller:
                 del self._handed[key]
                 report["lease"] = entry[2]
-
