@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,8 @@ from ppq import (
     encode_parameters,
 )
 from ppq.codec import decode_parameters, encode
+from ppq.config import load_config
+from ppq.master import serve
 
 from . import tasks
 from .conftest import address_of, redis_snapshot, wait_for, wait_state
@@ -875,3 +878,24 @@ def test_client_fclass_from_a_method_object(master, call):
     assert (info["module"], info["fclass"], info["func"]) == ("tests.tasks", "Calculator", "triple")
     assert call("get_task_info", b, 0)["fclass"] == "Calculator"
     client.close()
+
+
+def test_serve_runs_a_master_until_its_stop_event_is_set(redis_a, ra):
+    """master.serve() (what `ppq master` and ppq.Master.serve run): the master answers once
+    ``ready`` has it, and stops, its port closed, when ``stop`` is set."""
+    config = load_config(overrides={"master.port": 0, "master.redis_map": {0: redis_a.url}}, environ={})
+    stop = threading.Event()
+    ready = []
+    thread = threading.Thread(target=serve, args=(config, stop), kwargs={"ready": ready.append}, daemon=True)
+    thread.start()
+    wait_for(lambda: ready, what="serve() calling ready")
+    call = PyroFunc(ready[0].uri)
+    try:
+        assert call("ping") == "pong"
+    finally:
+        call.close()
+    stop.set()
+    thread.join(20)
+    assert not thread.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(ready[0].port)), timeout=2).close()
