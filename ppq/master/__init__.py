@@ -7,7 +7,8 @@ them at once.
 The package, in import order (each module imports only those above it):
 
 - ``checks.py``: the checks on what callers send that is not a task's fields
-  (``worker_info``, bounded numbers, results, a push_tasks batch as a whole);
+  (``worker_info``, bounded numbers, results, dead-task ids, a push_tasks batch
+  as a whole);
 - ``waiting.py``: long-polls (:class:`Waiter`, :class:`Waker`), the hand-off of a
   push to a waiting worker, wake-ups from other masters, ``wait_task(s)``;
 - ``duties.py``: the background duties of each queue_index (mover, reaper,
