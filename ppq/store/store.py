@@ -49,9 +49,9 @@ import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import codec
-from .errors import CodecError, MessageTooLargeError, StorageError
-from .task import BODY_FIELDS, TaskSpec, decode_body
+from .. import codec
+from ..errors import CodecError, MessageTooLargeError, StorageError
+from ..task import BODY_FIELDS, TaskSpec, decode_body
 
 log = logging.getLogger("ppq.store")
 
