@@ -1,33 +1,8 @@
-"""One queue_index's storage in Redis, and the Lua scripts that change it.
+"""The Store: one queue_index's tasks in one Redis database, the API the master uses.
 
-This is the only module that imports redis. Every state change that touches
-several keys is one Lua script, so a master killed at any instant leaves each
-task in exactly one place. Scripts read the clock with Redis ``TIME``, so masters
-on different machines agree on leases and delays.
-
-Keys, all under ``ppq:{queue_index}:`` (built in :func:`keys_of` only):
-
-    t:<id>         hash   the task record (fields below)
-    queue          list   ids ready to run, FIFO (RPUSH in, LPOP out)
-    delayed        zset   ids waiting for their eta (score), incl. retry backoff
-    running        zset   ids handed out, score = lease deadline
-    dead           zset   ids that exhausted their retries, score = time of death
-    keys           hash   de-duplication key -> id, while that task waits
-    stats          hash   counters: pushed, leased, done, errors (failed attempts), retried, dead,
-                          expired, cancelled, released
-    rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
-    workers        hash   worker id -> msgpack of its last reported info
-    workers:seen   zset   worker id -> time after which it counts as gone
-    waiting        zset   ids someone waits on (Client.result) -> until when
-    waiters        zset   long-polls waiting for tasks -> until when; wake is
-                          published only while one is registered
-    wake           channel  published with the number of tasks made ready
-    finished       channel  published with the id of a waited-on task that ended
-
-Task record fields: body (msgpack of the target, parameters and timeout),
-state, created, eta, key, the options that differ from their defaults
-(max_retry, retry_delay, result_ttl), and as the task lives: started finished
-worker lease attempts retry expiries result error traceback cancel.
+Every state change that touches several keys is one Lua script (``lua/``), so a
+master killed at any instant leaves each task in exactly one place; the rest are
+single commands or pipelines. Redis errors come out as StorageError.
 """
 
 from __future__ import annotations
@@ -43,34 +18,22 @@ import msgpack
 import redis
 import redis.exceptions
 
-from .. import codec
-from ..errors import CodecError, MessageTooLargeError, StorageError
-from ..task import BODY_FIELDS, TaskSpec, decode_body
+from ..errors import MessageTooLargeError, StorageError
+from ..task import TaskSpec
+from .keys import keys_of
 from .link import Link, connect, redact
+from .records import counts_of, record_of, task_of, text, worker_of
 from .scripts import SOURCES, Script
 
 log = logging.getLogger("ppq.store")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Fields of a task record given out as text. The lease is not among them: only the
-# worker it was leased to ever learns it (in the reply that leased the task).
-_TEXT_FIELDS = ("key", "state", "worker", "error", "traceback")
-_FLOAT_FIELDS = ("created", "eta", "started", "finished")
-_INT_FIELDS = ("retry", "attempts", "expiries")
-def task_of(row: Sequence[Any], queue_index: int) -> dict[str, Any]:
-    """A leased task as the worker gets it, from a row of the lease script."""
-    tid, body, retry, lease, ready_at = row
-    return decode_body(body, "parameters", id=_text(tid), retry=int(retry), lease=_text(lease),
-                       queue_index=queue_index, ready_at=float(ready_at))
-
-
-def keys_of(queue_index: int) -> str:
-    """The prefix of every Redis key of one queue_index."""
-    return f"ppq:{queue_index}:"
-
 
 def _storage_errors(method: F) -> F:
+    """Turn redis-py's errors into StorageError naming the queue_index (and the URL, without
+    its password, when Redis cannot be reached)."""
+
     @functools.wraps(method)
     def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -83,12 +46,6 @@ def _storage_errors(method: F) -> F:
             raise StorageError(f"queue_index {self.queue_index}: redis error: {exc}") from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _text(value: Any) -> str:
-    if value is None or value is False:
-        return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class Store:
@@ -125,19 +82,23 @@ class Store:
         self._purge_dead = Script(SOURCES["purge_dead"], self.redis, self._link)
 
     def close(self) -> None:
+        """Close every connection; the Store is not used after."""
         if self._link is not None:
             self._link.close()
         self.redis.close()
 
     @_storage_errors
     def ping(self) -> bool:
+        """Whether Redis answers (StorageError if it cannot be reached)."""
         return bool(self.redis.ping())
 
     @_storage_errors
     def server_version(self) -> tuple[int, ...]:
         """The Redis server's version, as numbers."""
-        text = str(self.redis.info("server").get("redis_version", "0"))
-        return tuple(int(part) for part in text.split(".") if part.isdigit())
+        version = str(self.redis.info("server").get("redis_version", "0"))
+        return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+    # -- The scripts of a task's life (ppq/store/lua/)
 
     @_storage_errors
     def push(self, specs: Sequence[TaskSpec], lease_to: tuple[str, int, float] | None = None
@@ -159,7 +120,7 @@ class Store:
         ids = [spec.id for spec in specs]
         renamed, leased = self._push(args)
         for k in range(0, len(renamed), 2):
-            ids[int(renamed[k]) - 1] = _text(renamed[k + 1])
+            ids[int(renamed[k]) - 1] = text(renamed[k + 1])
         return ids, [task_of(row, self.queue_index) for row in leased]
 
     @_storage_errors
@@ -195,7 +156,7 @@ class Store:
         pairs = [x for pair in running for x in pair]
         lost = self._heartbeat([self.prefix, worker_id, self.lease_timeout, seen, self.max_workers,
                                 msgpack.packb(info), *pairs])
-        return None if lost is None else [_text(i) for i in lost]
+        return None if lost is None else [text(i) for i in lost]
 
     @_storage_errors
     def reap(self, limit: int = 1000) -> int:
@@ -209,53 +170,36 @@ class Store:
         return int(moved), (float(nxt) if nxt else None), float(now)
 
     @_storage_errors
-    def add_waiter(self, member: str, seconds: float) -> None:
-        """Register a long-poll, so that pushes publish a wake-up while it waits."""
-        now = float(self.redis.time()[0])
-        self.redis.zadd(self.prefix + "waiters", {member: now + seconds + 2})
-
-    @_storage_errors
-    def forget_worker(self, worker_id: str) -> None:
-        """Take a worker off the list of live workers (it said it is leaving)."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.prefix + "workers", worker_id)
-        pipe.zrem(self.prefix + "workers:seen", worker_id)
-        pipe.execute()
-
-    @_storage_errors
-    def remove_waiter(self, member: str) -> None:
-        self.redis.zrem(self.prefix + "waiters", member)
-
-    @_storage_errors
-    def watch(self, task_ids: Sequence[str], seconds: float) -> None:
-        """Ask for a message on the ``finished`` channel when any of ``task_ids`` ends."""
-        now = float(self.redis.time()[0])
-        self.redis.zadd(self.prefix + "waiting", {tid: now + seconds for tid in task_ids})
-
-    @_storage_errors
     def cancel(self, task_id: str) -> str | None:
+        """Cancel a task (see cancel.lua); return the state it had, None if it is unknown."""
         state = self._cancel([self.prefix, task_id, self.result_ttl])
-        return _text(state) or None
+        return text(state) or None
 
-    @_storage_errors
-    def requeue_dead(self, ids: Sequence[str] | None = None) -> list[str]:
-        return [_text(i) for i in self._requeue_dead([self.prefix, *(ids or [])])]
-
-    @_storage_errors
-    def purge_dead(self, ids: Sequence[str] | None = None) -> int:
-        return int(self._purge_dead([self.prefix, *(ids or [])]))
+    # -- The dead list
 
     @_storage_errors
     def dead(self, limit: int = 100, offset: int = 0, max_bytes: int = 0) -> list[dict[str, Any]]:
         """The dead tasks, newest first (``max_bytes``: as in :meth:`infos`)."""
         ids = self.redis.zrevrange(self.prefix + "dead", offset, offset + limit - 1)
-        infos = self.infos([_text(i) for i in ids], max_bytes)
+        infos = self.infos([text(i) for i in ids], max_bytes)
         return [i for i in infos if i is not None]
+
+    @_storage_errors
+    def requeue_dead(self, ids: Sequence[str] | None = None) -> list[str]:
+        """Put dead tasks (``ids``; None: all) back in the queue; return the ids requeued."""
+        return [text(i) for i in self._requeue_dead([self.prefix, *(ids or [])])]
+
+    @_storage_errors
+    def purge_dead(self, ids: Sequence[str] | None = None) -> int:
+        """Delete dead tasks (``ids``; None: all); return how many were deleted."""
+        return int(self._purge_dead([self.prefix, *(ids or [])]))
+
+    # -- Records and counts
 
     @_storage_errors
     def info(self, task_id: str) -> dict[str, Any] | None:
         """The record of one task (None if unknown), as :meth:`infos` gives it."""
-        return self._record(task_id, self.redis.hgetall(self.prefix + "t:" + task_id))
+        return record_of(task_id, self.redis.hgetall(self.prefix + "t:" + task_id), self.queue_index)
 
     @_storage_errors
     def infos(self, task_ids: Sequence[str], max_bytes: int = 0) -> list[dict[str, Any] | None]:
@@ -276,55 +220,11 @@ class Store:
             if size > max_bytes:
                 raise MessageTooLargeError(f"task_ids: their records take {size} bytes, more than the {max_bytes} one "
                                        f"reply may carry (limits.max_message); ask for fewer at a time")
-        return [self._record(tid, raw) for tid, raw in zip(task_ids, raws, strict=True)]
-
-    def _record(self, task_id: str, raw: dict[bytes, bytes]) -> dict[str, Any] | None:
-        """A task record as the master returns it, from its hash (empty: unknown)."""
-        if not raw:
-            return None
-        data = {_text(k): v for k, v in raw.items()}
-        out: dict[str, Any] = {"id": task_id, "queue_index": self.queue_index}
-        body = decode_body(data["body"]) if data.get("body") else dict.fromkeys(BODY_FIELDS)
-        for name in ("func", "module", "fclass", "path", "lang"):
-            out[name] = body[name] or ""
-        out["timeout"] = body["timeout"]
-        out["max_retry"] = int(_text(data.get("max_retry")) or 1)
-        value = _text(data.get("result_ttl"))
-        out["result_ttl"] = int(value) if value else None
-        for name in _TEXT_FIELDS:
-            if name in data:
-                out[name] = _text(data[name])
-        for name in _FLOAT_FIELDS:
-            value = _text(data.get(name))
-            out[name] = float(value) if value else None
-        for name in _INT_FIELDS:
-            value = _text(data.get(name))
-            out[name] = int(value) if value else 0
-        out["retry_delay"] = _text(data.get("retry_delay")) == "1"
-        out["cancel_requested"] = _text(data.get("cancel")) == "1"
-        params = body["params"] or b""
-        out["args"], out["kwargs"] = None, None
-        if params and not codec.is_pickle(params):
-            try:
-                out["args"], out["kwargs"] = codec.decode_parameters(params)
-            except CodecError:
-                pass
-        result = data.get("result")
-        out["result"] = None
-        out["result_pickled"] = None
-        if result is not None:
-            if codec.is_pickle(result):
-                out["result_pickled"] = result
-            else:
-                try:
-                    out["result"] = codec.decode(result)
-                except CodecError:
-                    out["result_pickled"] = result
-        out["has_result"] = result is not None
-        return out
+        return [record_of(tid, raw, self.queue_index) for tid, raw in zip(task_ids, raws, strict=True)]
 
     @_storage_errors
     def counts(self) -> dict[str, Any]:
+        """How many tasks wait, run and are dead, the counters, and the rate over about a minute."""
         p = self.prefix
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(p + "queue")
@@ -335,21 +235,10 @@ class Store:
         pipe.hgetall(p + "rate")
         pipe.time()
         queued, delayed, running, dead, stats, rate, now = pipe.execute()
-        out: dict[str, Any] = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
-        for name in ("pushed", "leased", "done", "errors", "retried", "expired", "cancelled", "released"):
-            out[name] = int(stats.get(name.encode(), 0))
-        # Tasks that ever went dead (the dead list's size is "dead").
-        out["failed"] = int(stats.get(b"dead", 0))
-        # The last six 10-second buckets, the current one included: about one minute.
-        current = int(now[0]) // 10
-        per_min = {"d": 0, "f": 0}
-        for field, value in rate.items():
-            kind, _, bucket = _text(field).partition(":")
-            if kind in per_min and bucket.lstrip("-").isdigit() and int(bucket) > current - 6:
-                per_min[kind] += int(value)
-        out["done_per_min"] = per_min["d"]
-        out["failed_per_min"] = per_min["f"]
-        return out
+        sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
+        return counts_of(sizes, stats, rate, int(now[0]))
+
+    # -- Workers
 
     @_storage_errors
     def workers(self, max_bytes: int = 8 * 1024 * 1024) -> list[dict[str, Any]]:
@@ -358,7 +247,7 @@ class Store:
         p = self.prefix
         now = float(self.redis.time()[0])
         live = self.redis.zrangebyscore(p + "workers:seen", now, "+inf")
-        out = []
+        out: list[dict[str, Any]] = []
         used = 0
         for start in range(0, len(live), 500):
             chunk = live[start:start + 500]
@@ -366,9 +255,7 @@ class Store:
                 used += len(wid) + len(blob or b"")
                 if used > max_bytes:
                     return out
-                info = msgpack.unpackb(blob, raw=False, strict_map_key=False) if blob else {}
-                info["id"] = _text(wid)
-                out.append(info)
+                out.append(worker_of(wid, blob))
         return out
 
     @_storage_errors
@@ -376,6 +263,33 @@ class Store:
         """How many workers were heard from recently."""
         now = float(self.redis.time()[0])
         return int(self.redis.zcount(self.prefix + "workers:seen", now, "+inf"))
+
+    @_storage_errors
+    def forget_worker(self, worker_id: str) -> None:
+        """Take a worker off the list of live workers (it said it is leaving)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.prefix + "workers", worker_id)
+        pipe.zrem(self.prefix + "workers:seen", worker_id)
+        pipe.execute()
+
+    # -- Waiting: long-polls, watched tasks, the wake-up channels
+
+    @_storage_errors
+    def add_waiter(self, member: str, seconds: float) -> None:
+        """Register a long-poll, so that pushes publish a wake-up while it waits."""
+        now = float(self.redis.time()[0])
+        self.redis.zadd(self.prefix + "waiters", {member: now + seconds + 2})
+
+    @_storage_errors
+    def remove_waiter(self, member: str) -> None:
+        """Take a long-poll off the list (it was answered or gave up)."""
+        self.redis.zrem(self.prefix + "waiters", member)
+
+    @_storage_errors
+    def watch(self, task_ids: Sequence[str], seconds: float) -> None:
+        """Ask for a message on the ``finished`` channel when any of ``task_ids`` ends."""
+        now = float(self.redis.time()[0])
+        self.redis.zadd(self.prefix + "waiting", {tid: now + seconds for tid in task_ids})
 
     def listen(self, on_wake: Callable[[int], None], on_finished: Callable[[str], None],
                stop: threading.Event) -> None:
@@ -404,7 +318,7 @@ class Store:
                         except ValueError:
                             on_wake(1)
                     else:
-                        on_finished(_text(msg["data"]))
+                        on_finished(text(msg["data"]))
             except redis.exceptions.RedisError as exc:
                 log.warning("queue_index %s: wake-up channel lost (%s); retrying", self.queue_index, exc)
                 stop.wait(delay)
