@@ -1,0 +1,21 @@
+"""One queue_index's storage in Redis: the only part of ppq that imports redis.
+
+    store.py    Store, the API the master calls: push, report, heartbeat, reap,
+                move_due, cancel, the dead list, records, counts, workers, waiting
+    lua/*.lua   one Lua script per state change, each opening with its contract
+                (KEYS, every ARGV[i], what it returns); fragments shared by several
+                scripts (now.lua, lease.lua, seen.lua) say which locals they expect
+                and set, and are pulled in by an explicit "-- include: name.lua" line
+    scripts.py  reads and assembles the scripts once, runs them with EVALSHA
+    link.py     the connections: redis-py's client, and the plain sockets the scripts use
+    records.py  decoding: Redis hashes and script rows into the dicts the master returns
+    keys.py     the key layout under ppq:<queue_index>:, built by keys_of only
+
+Each module imports only those below it in this list, plus ppq's errors, codec and task.
+"""
+
+from .keys import keys_of
+from .records import task_of
+from .store import Store
+
+__all__ = ["Store", "keys_of", "task_of"]

@@ -1,0 +1,34 @@
+"""The Redis keys of one queue_index, all under ``ppq:<queue_index>:``.
+
+Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1]``
+(``P`` in their text) and append the names below.
+
+    t:<id>         hash   the task record (fields below)
+    queue          list   ids ready to run, FIFO (RPUSH in, LPOP out)
+    delayed        zset   ids waiting for their eta (score), incl. retry backoff
+    running        zset   ids handed out, score = lease deadline
+    dead           zset   ids that exhausted their retries, score = time of death
+    keys           hash   de-duplication key -> id, while that task waits
+    stats          hash   counters: pushed, leased, done, errors (failed attempts), retried, dead,
+                          expired, cancelled, released
+    rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
+    workers        hash   worker id -> msgpack of its last reported info
+    workers:seen   zset   worker id -> time after which it counts as gone
+    waiting        zset   ids someone waits on (Client.result) -> until when
+    waiters        zset   long-polls waiting for tasks -> until when; wake is
+                          published only while one is registered
+    wake           channel  published with the number of tasks made ready
+    finished       channel  published with the id of a waited-on task that ended
+
+Task record fields: body (msgpack of the target, parameters and timeout),
+state, created, eta, key, the options that differ from their defaults
+(max_retry, retry_delay, result_ttl), and as the task lives: started finished
+worker lease attempts retry expiries result error traceback cancel.
+"""
+
+from __future__ import annotations
+
+
+def keys_of(queue_index: int) -> str:
+    """The prefix of every Redis key of one queue_index."""
+    return f"ppq:{queue_index}:"

@@ -1,0 +1,32 @@
+-- cancel.lua: cancels one task. Run by Store.cancel.
+--
+-- KEYS: none; every key is ARGV[1] .. a name (the layout: ppq/store/keys.py).
+-- ARGV[1]  P    the key prefix, ppq:<queue_index>:
+-- ARGV[2]  id   the task
+-- ARGV[3]  ttl  seconds the cancelled record is kept (at least 1)
+--
+-- Returns the state the task had, false (nil) if it is unknown. A waiting task (queued,
+-- delayed, failed) is cancelled at once. A running one gets its cancel flag: its worker
+-- learns at its next heartbeat, and the task ends cancelled when it is reported or its
+-- lease expires. A task that already ended is left as it is.
+
+-- include: now.lua
+local P, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local tk = P .. 't:' .. id
+local f = redis.call('HMGET', tk, 'state', 'key')
+local state = f[1]
+if not state then return false end
+if state == 'queued' or state == 'delayed' or state == 'failed' then
+  redis.call('LREM', P .. 'queue', 1, id)
+  redis.call('ZREM', P .. 'delayed', id)
+  if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
+    redis.call('HDEL', P .. 'keys', f[2])
+  end
+  redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
+  redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
+  redis.call('EXPIRE', tk, math.max(ttl, 1))
+  if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
+elseif state == 'running' then
+  redis.call('HSET', tk, 'cancel', '1')
+end
+return state

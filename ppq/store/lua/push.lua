@@ -1,0 +1,101 @@
+-- push.lua: stores tasks, or updates a waiting task that has the same key, then leases
+-- ready tasks to a waiting worker in the same step. Run by Store.push.
+--
+-- KEYS: none; every key is ARGV[1] .. a name (the layout: ppq/store/keys.py).
+-- ARGV[1]  P      the key prefix, ppq:<queue_index>:
+-- ARGV[2]  wid    the worker to lease to, '' for none
+-- ARGV[3]  count  how many ready tasks to lease to it
+-- ARGV[4]  lt     lease seconds
+-- ARGV[5]  seen   seconds until the worker counts as gone
+-- ARGV[6]  nonce  random lease nonce ('' when nothing is leased)
+-- ARGV[7]  maxw   most workers listed at once
+-- ARGV[8]...      per task, 5 + 2n values: id, key ('' for none), delay (seconds; 0: ready
+--                 now), body, n, then n field/value pairs (the options that differ from
+--                 their defaults)
+--
+-- Returns {renamed, leased}:
+--   renamed  flat {position, id} pairs (position from 1) for the tasks whose id is not the
+--            one given: a waiting task with the same key was updated instead
+--   leased   the rows leased to wid, as lease.lua's `out`
+-- Publishes on P..'wake' the number of tasks made ready and not leased, while a long-poll
+-- is registered in P..'waiters'.
+
+-- include: now.lua
+local P, wid, count, lt, seen, nonce, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local renamed = {}
+local position = 0
+-- New ready ids, appended to the queue in bulk (in push order).
+local fresh = {}
+local function flush()
+  if #fresh > 0 then redis.call('RPUSH', P .. 'queue', unpack(fresh)) end
+  fresh = {}
+end
+local ready, pushed = 0, 0
+local i = 8
+while i <= #ARGV do
+  local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
+  local first, last = i + 5, i + 4 + 2 * n
+  i = last + 1
+  local tk = P .. 't:' .. id
+  local settled = false
+  if redis.call('EXISTS', tk) == 1 then
+    settled = true
+  elseif key ~= '' then
+    local old = redis.call('HGET', P .. 'keys', key)
+    if old then
+      local ok = P .. 't:' .. old
+      local state = redis.call('HGET', ok, 'state')
+      if state == 'queued' or state == 'delayed' then
+        redis.call('HDEL', ok, 'max_retry', 'retry_delay', 'result_ttl')
+        redis.call('HSET', ok, 'body', body)
+        for j = first, last, 2 do redis.call('HSET', ok, ARGV[j], ARGV[j + 1]) end
+        if delay > 0 then
+          if state == 'queued' then redis.call('LREM', P .. 'queue', 1, old) end
+          redis.call('ZADD', P .. 'delayed', now + delay, old)
+          redis.call('HSET', ok, 'state', 'delayed', 'eta', now + delay)
+        elseif state == 'delayed' then
+          redis.call('ZREM', P .. 'delayed', old)
+          flush()
+          redis.call('RPUSH', P .. 'queue', old)
+          redis.call('HSET', ok, 'state', 'queued', 'eta', now)
+          ready = ready + 1
+        end
+        id = old
+        settled = true
+      end
+    end
+    if not settled then redis.call('HSET', P .. 'keys', key, id) end
+  end
+  if not settled then
+    if delay > 0 then
+      redis.call('HSET', tk, 'state', 'delayed', 'created', now, 'eta', now + delay, 'body', body)
+      redis.call('ZADD', P .. 'delayed', now + delay, id)
+    else
+      redis.call('HSET', tk, 'state', 'queued', 'created', now, 'body', body)
+      ready = ready + 1
+      fresh[#fresh + 1] = id
+      if #fresh == 1000 then flush() end
+    end
+    if key ~= '' then redis.call('HSET', tk, 'key', key) end
+    for j = first, last, 2 do redis.call('HSET', tk, ARGV[j], ARGV[j + 1]) end
+    pushed = pushed + 1
+  end
+  position = position + 1
+  if id ~= ARGV[first - 5] then
+    renamed[#renamed + 1] = position
+    renamed[#renamed + 1] = id
+  end
+end
+flush()
+if pushed > 0 then redis.call('HINCRBY', P .. 'stats', 'pushed', pushed) end
+if wid == '' then count = 0 end
+-- include: lease.lua
+-- include: seen.lua
+
+if #out > 0 then mark_seen() end
+ready = ready - #out
+if ready > 0 and redis.call('ZCOUNT', P .. 'waiters', now, '+inf') > 0 then
+  redis.call('PUBLISH', P .. 'wake', ready)
+end
+return {renamed, out}

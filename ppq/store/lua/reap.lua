@@ -1,0 +1,52 @@
+-- reap.lua: the background sweep of expired leases, run by every master each second.
+-- Run by Store.reap.
+--
+-- KEYS: none; every key is ARGV[1] .. a name (the layout: ppq/store/keys.py).
+-- ARGV[1]  P       the key prefix, ppq:<queue_index>:
+-- ARGV[2]  maxexp  how many times a task's lease may expire before it goes dead
+-- ARGV[3]  limit   most expired leases handled in one call
+--
+-- Returns how many expired leases it took (limit of them: there may be more).
+-- Each expired task goes back to the front of P..'queue', or cancelled (cancel asked), or
+-- dead after maxexp expiries. It also drops past entries of P..'waiting' and
+-- P..'waiters', rate buckets older than two minutes, and workers that went quiet.
+
+-- include: now.lua
+local P, maxexp, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)
+local ready = 0
+for _, id in ipairs(ids) do
+  redis.call('ZREM', P .. 'running', id)
+  local tk = P .. 't:' .. id
+  if redis.call('EXISTS', tk) == 1 then
+    local exp = redis.call('HINCRBY', tk, 'expiries', 1)
+    redis.call('HINCRBY', P .. 'stats', 'expired', 1)
+    if redis.call('HGET', tk, 'cancel') == '1' then
+      redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
+    elseif exp > maxexp then
+      redis.call('HSET', tk, 'state', 'dead', 'finished', now,
+        'error', 'LeaseExpired: the worker running it was lost ' .. exp .. ' times', 'traceback', '')
+      redis.call('ZADD', P .. 'dead', now, id)
+      redis.call('HINCRBY', P .. 'stats', 'dead', 1)
+      if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
+    else
+      redis.call('HSET', tk, 'state', 'queued', 'eta', now)
+      redis.call('HDEL', tk, 'lease')
+      redis.call('LPUSH', P .. 'queue', id)
+      ready = ready + 1
+    end
+  end
+end
+if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
+redis.call('ZREMRANGEBYSCORE', P .. 'waiting', '-inf', now)
+redis.call('ZREMRANGEBYSCORE', P .. 'waiters', '-inf', now)
+local oldest = math.floor(now / 10) - 12
+for _, field in ipairs(redis.call('HKEYS', P .. 'rate')) do
+  if tonumber(string.sub(field, 3)) < oldest then redis.call('HDEL', P .. 'rate', field) end
+end
+local gone = redis.call('ZRANGEBYSCORE', P .. 'workers:seen', '-inf', now)
+for _, wid in ipairs(gone) do
+  redis.call('ZREM', P .. 'workers:seen', wid)
+  redis.call('HDEL', P .. 'workers', wid)
+end
+return #ids
