@@ -283,12 +283,17 @@ def test_status_and_status_json(master, call):
 
 
 def test_status_with_no_master_is_one_line(tmp_path):
-    out = run_ppq("status", "-m", f"127.0.0.1:{free_port()}", env={"PPQ_CLIENT_RETRY": "1", "PPQ_CLIENT_TIMEOUT": "2"})
+    port = free_port()
+    out = run_ppq("status", "-m", f"127.0.0.1:{port}", env={"PPQ_CLIENT_RETRY": "1", "PPQ_CLIENT_TIMEOUT": "2"})
     assert out.returncode == 1
-    lines = error_lines(out.stderr)
-    assert lines[-1].startswith("ppq: error:") and "ConnectError" in lines[-1]
-    assert "is a master running there? `ppq up` starts one" in lines[-1]
-    assert "Traceback" not in out.stderr
+    assert out.stdout == ""
+    # The whole of stderr is one line: no log line, warning or traceback before or after it.
+    assert out.stderr.count("\n") == 1 and out.stderr.endswith("\n"), out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"ppq: error: ConnectError: server_info: no master answered "
+                           f"(PYRO:queue@127.0.0.1:{port}): cannot connect to "), line
+    assert line.endswith(" (is a master running there? `ppq up` starts one; -m HOST:PORT or --config names "
+                         "another)"), line
 
 
 def _dead_task(call, tag):
