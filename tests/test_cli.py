@@ -45,6 +45,25 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def table_rows(text: str) -> list[tuple[str, list[dict[str, str]]]]:
+    """The tables of ``ppq status``'s output: (title, rows), each row a dict by column header."""
+    tables: list[tuple[str, list[dict[str, str]]]] = []
+    header: list[str] = []
+    title = ""
+    for line in text.splitlines():
+        if "\u2502" not in line:
+            if line.strip() and not line.lstrip().startswith(("\u250c", "\u251c", "\u2514")):
+                title, header = line.strip(), []
+            continue
+        cells = [c.strip() for c in line.strip().strip("\u2502").split("\u2502")]
+        if not header:
+            header = cells
+            tables.append((title, []))
+        else:
+            tables[-1][1].append(dict(zip(header, cells, strict=True)))
+    return tables
+
+
 # A log line at INFO level of a ppq logger, in the default text format.
 INFO_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ppq\.[\w.]+: ")
 
@@ -274,9 +293,16 @@ def test_status_and_status_json(master, call):
     call("push_task", "add", module="tasks", args=[0, 0], queue_index=1)
     call("get_task", W1, 0)
     call("heartbeat", W1, 0, [])
-    out = run_ppq("status", "-m", address_of(master))
+    out = run_ppq("status", "-m", address_of(master), env={"COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
-    assert "queues" in out.stdout and "workers" in out.stdout and W1["id"] in out.stdout
+    tables = table_rows(out.stdout)
+    assert [title for title, _ in tables] == ["queues", "workers (1)"], out.stdout
+    queues = {row["queue"]: row for row in tables[0][1]}
+    assert set(queues) == {"0", "1"}, out.stdout
+    assert [queues["0"][k] for k in ("queued", "delayed", "leased", "dead", "workers")] == ["2", "1", "1", "0", "1"]
+    assert [queues["1"][k] for k in ("queued", "delayed", "leased", "dead", "workers")] == ["1", "0", "0", "0", "0"]
+    (worker,) = tables[1][1]
+    assert (worker["worker"], worker["queue"]) == (W1["id"], "0"), out.stdout
     out = run_ppq("status", "-m", address_of(master), "--json")
     assert out.returncode == 0
     data = json.loads(out.stdout)
