@@ -1,21 +1,31 @@
 """Light fake worker agents for the load test of tests/test_faults.py.
 
 Run as a script: ``python fake_agents.py URI COUNT [--queue-index 1] [--wait 2]
-[--heartbeat 5]``. It starts COUNT threads; each holds its own real Pyro5 proxy
-(``ppq.rpc.make_proxy``) to the master, registers with a heartbeat, then loops:
-long-poll ``get_task(wait=...)`` on ``queue_index`` and heartbeat every
-``--heartbeat`` seconds. Each proxy is one TCP connection held open for the whole
-run, so COUNT threads are COUNT connections the master must serve at once.
+[--heartbeat 5]``. It starts COUNT threads; each is one agent that talks to the master
+as ppq's worker agent (ppq/worker.py) does, through the same caller: a
+``ppq.rpc.PyroFunc`` (msgpack, the direct wire path, one connection per thread),
+with the same calls and arguments:
+
+- ``heartbeat(info, queue_index, [])`` at start and every ``--heartbeat`` seconds, with
+  the worker_info fields an agent sends;
+- the long-poll ``report(light_info, queue_index, [], want, wait)``, want 1;
+- at the stop, ``release_worker(light_info, queue_index, False)`` (sent for every agent
+  from the main thread, as an agent's own stop ends its long-poll in flight), then each
+  agent's ``release_worker(light_info, queue_index, True)`` as it leaves.
+
+Each thread holds its connection open for the whole run, so COUNT threads are COUNT
+connections the master must serve at once.
 
 Protocol with the parent (line based, on stdout/stdin):
 
 - prints ``READY <connected> <failed>`` once every thread has made its first
   heartbeat (or failed to);
-- stops when stdin reaches EOF (the parent closes it), lets every long-poll in
-  flight end, and prints ``SUMMARY <json>`` with per-call counts and errors.
+- stops when stdin reaches EOF (the parent closes it), ends every long-poll in flight,
+  and prints ``SUMMARY <json>`` with per-call counts and errors.
 
-Nothing is mocked: the calls are the ones a worker makes. A task leased here
-(there should be none: the queue_index is kept empty) is counted as ``stolen``.
+A task leased here (there should be none: the queue_index is kept empty) is counted as
+``stolen``. A long-poll that came back empty before its wait was over, while no stop
+was asked, is counted in ``short_polls``: the master did not hold it.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import json
 import os
 import random
 import resource
+import socket
 import sys
 import threading
 import time
@@ -32,7 +43,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppq.rpc import make_proxy  # noqa: E402
+from ppq.rpc import PyroFunc  # noqa: E402
+
+# A long-poll that comes back empty sooner than this share of its wait was not held.
+HELD = 0.9
 
 
 class Stats:
@@ -41,7 +55,9 @@ class Stats:
         self.connected = 0
         self.failed_connect = 0
         self.polls = 0
+        self.short_polls = 0
         self.heartbeats = 0
+        self.released = 0
         self.stolen = 0
         self.errors: list[str] = []
         self.slowest_heartbeat = 0.0
@@ -58,14 +74,32 @@ def raise_nofile(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def agent_id(index: int) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:fake{index}"
+
+
+def light_info(index: int, args: argparse.Namespace) -> dict[str, object]:
+    """What an agent's report and release_worker calls carry (Agent.light_info)."""
+    return {"id": agent_id(index), "heartbeat_interval": args.heartbeat}
+
+
+def full_info(index: int, args: argparse.Namespace, started: float) -> dict[str, object]:
+    """What an agent's heartbeat carries (Agent.info): one thread executor, nothing running."""
+    return {"id": agent_id(index), "host": socket.gethostname(), "pid": os.getpid(),
+            "queue_index": args.queue_index, "concurrency": 1, "pool": "threads", "started": started,
+            "running": [], "done": 0, "failed": 0, "control_uri": "", "heartbeat_interval": args.heartbeat}
+
+
 def agent(index: int, args: argparse.Namespace, stats: Stats, started: threading.Barrier,
           stop: threading.Event) -> None:
-    info = {"id": f"fake-{os.getpid()}-{index}", "heartbeat_interval": args.heartbeat, "fake": True}
-    proxy = make_proxy(args.uri, timeout=args.wait + 20)
+    light = light_info(index, args)
+    info = full_info(index, args, time.time())
+    # The worker's caller: retry=1, a timeout of the long-poll's wait plus 15 s.
+    call = PyroFunc(args.uri, retry=1, timeout=args.wait + 15)
     ok = False
     try:
         try:
-            proxy.heartbeat(info, args.queue_index, [])
+            call("heartbeat", info, args.queue_index, [])
             ok = True
             with stats.lock:
                 stats.connected += 1
@@ -81,18 +115,21 @@ def agent(index: int, args: argparse.Namespace, stats: Stats, started: threading
         next_beat = time.monotonic() + args.heartbeat * random.random()
         # The first long-poll is of a random length, so the agents do not all come
         # back in the same instant (a fleet started together drifts apart the same way).
-        wait = args.wait * random.uniform(0.05, 1.0)
+        wait = round(args.wait * random.uniform(0.05, 1.0), 3)
         while ok and not stop.is_set():
             try:
-                task = proxy.get_task(info, args.queue_index, round(wait, 3))
-                wait = args.wait
+                t0 = time.monotonic()
+                reply = call("report", light, args.queue_index, [], 1, wait)
+                took = time.monotonic() - t0
                 with stats.lock:
                     stats.polls += 1
-                    if task is not None:
-                        stats.stolen += 1
+                    stats.stolen += len(reply["tasks"])
+                    if not reply["tasks"] and took < HELD * wait and not stop.is_set():
+                        stats.short_polls += 1
+                wait = args.wait
                 if time.monotonic() >= next_beat:
                     t0 = time.monotonic()
-                    proxy.heartbeat(info, args.queue_index, [])
+                    call("heartbeat", info, args.queue_index, [])
                     took = time.monotonic() - t0
                     with stats.lock:
                         stats.heartbeats += 1
@@ -101,11 +138,27 @@ def agent(index: int, args: argparse.Namespace, stats: Stats, started: threading
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 stats.error(f"call: {type(exc).__name__}: {exc}")
                 break
+        if ok:
+            try:
+                call("release_worker", light, args.queue_index, True)
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                stats.error(f"release: {type(exc).__name__}: {exc}")
     finally:
-        try:
-            proxy._pyroRelease()
-        except Exception:  # noqa: BLE001
-            pass
+        call.close()
+
+
+def release_all(args: argparse.Namespace, stats: Stats) -> None:
+    """End every agent's long-poll in flight, as a stopping agent ends its own."""
+    call = PyroFunc(args.uri, retry=1, timeout=15)
+    try:
+        for index in range(args.count):
+            ended = call("release_worker", light_info(index, args), args.queue_index, False)
+            with stats.lock:
+                stats.released += ended
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        stats.error(f"release: {type(exc).__name__}: {exc}")
+    finally:
+        call.close()
 
 
 def main() -> int:
@@ -132,12 +185,14 @@ def main() -> int:
     print(f"READY {stats.connected} {stats.failed_connect}", flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     stop.set()
+    release_all(args, stats)
     deadline = time.monotonic() + args.wait + 25
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
     summary = {
         "connected": stats.connected, "failed_connect": stats.failed_connect, "polls": stats.polls,
-        "heartbeats": stats.heartbeats, "stolen": stats.stolen, "errors": len(stats.errors),
+        "short_polls": stats.short_polls, "released": stats.released, "heartbeats": stats.heartbeats,
+        "stolen": stats.stolen, "errors": len(stats.errors),
         "error_samples": stats.errors[:5], "still_running": sum(t.is_alive() for t in threads),
         "slowest_heartbeat": round(stats.slowest_heartbeat, 3),
     }

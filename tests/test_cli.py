@@ -45,6 +45,29 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def table_rows(text: str) -> list[tuple[str, list[dict[str, str]]]]:
+    """The tables of ``ppq status``'s output: (title, rows), each row a dict by column header."""
+    tables: list[tuple[str, list[dict[str, str]]]] = []
+    header: list[str] = []
+    title = ""
+    for line in text.splitlines():
+        if "\u2502" not in line:
+            if line.strip() and not line.lstrip().startswith(("\u250c", "\u251c", "\u2514")):
+                title, header = line.strip(), []
+            continue
+        cells = [c.strip() for c in line.strip().strip("\u2502").split("\u2502")]
+        if not header:
+            header = cells
+            tables.append((title, []))
+        else:
+            tables[-1][1].append(dict(zip(header, cells, strict=True)))
+    return tables
+
+
+# A log line at INFO level of a ppq logger, in the default text format.
+INFO_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ppq\.[\w.]+: ")
+
+
 # -- no server needed: CliRunner ----------------------------------------------------------------------
 
 
@@ -270,9 +293,16 @@ def test_status_and_status_json(master, call):
     call("push_task", "add", module="tasks", args=[0, 0], queue_index=1)
     call("get_task", W1, 0)
     call("heartbeat", W1, 0, [])
-    out = run_ppq("status", "-m", address_of(master))
+    out = run_ppq("status", "-m", address_of(master), env={"COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
-    assert "queues" in out.stdout and "workers" in out.stdout and W1["id"] in out.stdout
+    tables = table_rows(out.stdout)
+    assert [title for title, _ in tables] == ["queues", "workers (1)"], out.stdout
+    queues = {row["queue"]: row for row in tables[0][1]}
+    assert set(queues) == {"0", "1"}, out.stdout
+    assert [queues["0"][k] for k in ("queued", "delayed", "leased", "dead", "workers")] == ["2", "1", "1", "0", "1"]
+    assert [queues["1"][k] for k in ("queued", "delayed", "leased", "dead", "workers")] == ["1", "0", "0", "0", "0"]
+    (worker,) = tables[1][1]
+    assert (worker["worker"], worker["queue"]) == (W1["id"], "0"), out.stdout
     out = run_ppq("status", "-m", address_of(master), "--json")
     assert out.returncode == 0
     data = json.loads(out.stdout)
@@ -283,12 +313,17 @@ def test_status_and_status_json(master, call):
 
 
 def test_status_with_no_master_is_one_line(tmp_path):
-    out = run_ppq("status", "-m", f"127.0.0.1:{free_port()}", env={"PPQ_CLIENT_RETRY": "1", "PPQ_CLIENT_TIMEOUT": "2"})
+    port = free_port()
+    out = run_ppq("status", "-m", f"127.0.0.1:{port}", env={"PPQ_CLIENT_RETRY": "1", "PPQ_CLIENT_TIMEOUT": "2"})
     assert out.returncode == 1
-    lines = error_lines(out.stderr)
-    assert lines[-1].startswith("ppq: error:") and "ConnectError" in lines[-1]
-    assert "is a master running there? `ppq up` starts one" in lines[-1]
-    assert "Traceback" not in out.stderr
+    assert out.stdout == ""
+    # The whole of stderr is one line: no log line, warning or traceback before or after it.
+    assert out.stderr.count("\n") == 1 and out.stderr.endswith("\n"), out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"ppq: error: ConnectError: server_info: no master answered "
+                           f"(PYRO:queue@127.0.0.1:{port}): cannot connect to "), line
+    assert line.endswith(" (is a master running there? `ppq up` starts one; -m HOST:PORT or --config names "
+                         "another)"), line
 
 
 def _dead_task(call, tag):
@@ -718,9 +753,12 @@ def test_an_explicit_port_that_is_taken_is_an_error_everywhere(taken_port, redis
     for args, env, key in cases:
         out = run_ppq(*args, env=env, timeout=60)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
-        lines = error_lines(out.stderr)
-        assert lines[-1].startswith("ppq: error:") and key in lines[-1] and port in lines[-1], (args, out.stderr)
-        assert "Traceback" not in out.stderr
+        assert out.stdout == "", (args, out.stdout)
+        # The error is the last line and the only one; before it, at most INFO lines of what was
+        # started and stopped again (the embedded redis-server, the master): no warning, no traceback.
+        *before, last = error_lines(out.stderr)
+        assert last.startswith("ppq: error:") and key in last and port in last, (args, out.stderr)
+        assert all(INFO_LINE.match(line) for line in before), (args, out.stderr)
 
 
 def test_up_takes_host_queue_index_and_metrics_port_like_the_daemons(up_stack, redis_a, redis_b, ra, rb):

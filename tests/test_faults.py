@@ -551,10 +551,10 @@ FAKE_PER_PROCESS = 250
 def test_master_serves_1000_connected_agents_and_a_real_worker(spawn: Spawner, redis_a: RedisServer,
                                                                redis_b: RedisServer, ra: redis.Redis,
                                                                rb: redis.Redis) -> None:
-    """1,000 fake agents (4 processes x 250 threads, one real Pyro5 connection each)
-    heartbeat and long-poll an empty queue_index 1 on one master, while a real worker
-    started after them gets 20 tasks of queue_index 0 done promptly and the master
-    keeps answering server_info."""
+    """1,000 fake agents (4 processes x 250 threads, one real Pyro5 connection each, making a
+    worker agent's calls: tests/fake_agents.py) heartbeat and long-poll an empty queue_index 1
+    on one master, while a real worker started after them gets 20 tasks of queue_index 0 done
+    promptly and the master keeps answering server_info."""
     master, address = spawn.master(redis_a.url, "--redis-map", f"1={redis_b.url}", *MASTER_ARGS, env=MASTER_ENV)
     uri = f"PYRO:queue@{address}"
     helpers = [subprocess.Popen([sys.executable, str(TESTS_DIR / "fake_agents.py"), uri, str(FAKE_PER_PROCESS),
@@ -615,6 +615,11 @@ def test_master_serves_1000_connected_agents_and_a_real_worker(spawn: Spawner, r
     assert len(summaries) == FAKE_PROCESSES
     assert sum(s["polls"] for s in summaries) >= FAKE_PROCESSES * FAKE_PER_PROCESS
     assert sum(s["stolen"] for s in summaries) == 0
+    # Every long-poll was held by the master for its whole wait, and the agents' stop ended the
+    # ones in flight (release_worker), so that no agent was left waiting.
+    assert sum(s["short_polls"] for s in summaries) == 0, summaries
+    assert sum(s["released"] for s in summaries) > 0, summaries
+    assert sum(s["still_running"] for s in summaries) == 0, summaries
     errors = [e for s in summaries for e in s["error_samples"]]
     assert sum(s["errors"] for s in summaries) == 0, f"fake agents saw errors: {errors}"
     assert master.poll() is None

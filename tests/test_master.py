@@ -17,6 +17,7 @@ import time
 
 import Pyro5.api
 import pytest
+import redis
 
 import ppq
 from ppq import (
@@ -654,6 +655,8 @@ def _waiting(server):
 
 
 def test_push_hands_tasks_to_a_long_poll_on_the_same_master(master, call, ra):
+    """The long-poll gets the first tasks, leased to it, in order (how they reach it, in the push's
+    own script, is pinned by test_push_leases_to_a_waiting_long_poll_in_its_own_redis_step)."""
     out = {}
     thread = _long_poll(master, 3, 20, out)
     wait_for(lambda: _waiting(master), what="the long-poll to wait")
@@ -673,6 +676,44 @@ def test_push_hands_tasks_to_a_long_poll_on_the_same_master(master, call, ra):
     for task in got:
         call("task_finish", task["id"], W1, 0, result=1, lease=task["lease"])
     assert [call("get_task_info", t["id"])["state"] for t in got] == ["done"] * 3
+
+
+def _script_calls(r):
+    """How many scripts (EVALSHA/EVAL round trips) the Redis behind ``r`` has run since it started
+    (a call refused with NOSCRIPT, the first use of a script, runs nothing: it is not counted)."""
+    stats = r.info("commandstats")
+    return sum(stats.get(name, {}).get("calls", 0) - stats.get(name, {}).get("failed_calls", 0)
+               for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def test_push_leases_to_a_waiting_long_poll_in_its_own_redis_step(make_master, tmp_path):
+    """A push on the master where a long-poll waits leases the tasks to it in the push's own
+    script: from the push to the long-poll's reply Redis runs one script, not a push followed
+    by the woken long-poll's second look. The master has a Redis of its own, and background
+    duties far apart, so that every script run on that Redis is this test's."""
+    from ppq.embedded import RedisServer
+
+    own = RedisServer(str(tmp_path / "redis"), appendonly=False).start()
+    r = redis.Redis.from_url(own.url)
+    try:
+        server = make_master(master__redis_map={0: own.url}, master__reaper_interval=3600)
+        out = {}
+        thread = _long_poll(server, 2, 20, out)
+        wait_for(lambda: _waiting(server), what="the long-poll to wait")
+        before = _script_calls(r)
+        call = PyroFunc(server.uri)
+        try:
+            ids = call("push_tasks", [{"func": "add", "module": "tasks", "args": [i, i]} for i in range(3)])
+        finally:
+            call.close()
+        thread.join(15)
+        assert not thread.is_alive()
+        assert [t["id"] for t in out["tasks"]] == ids[:2]
+        assert _script_calls(r) - before == 1, "the push did not hand its tasks to the waiting long-poll"
+        assert [x.decode() for x in r.lrange("ppq:0:queue", 0, -1)] == ids[2:]
+    finally:
+        r.close()
+        own.stop()
 
 
 def test_push_on_one_master_wakes_a_long_poll_on_another(make_master, master, call, ra):

@@ -138,6 +138,10 @@ def test_result_ttl_from_config(make_master, spawn, ra):
 
 
 def test_result_waits_without_polling(master, client, spawn, ra):
+    """result() is one call the master holds until the task ends: it reads the task's record once
+    when the wait starts and once when the finish is published (and once more every 5 s of wait,
+    in case a message was lost). Every read of a record is an HGETALL; a client that polls reads it
+    again on every poll, however slowly it polls."""
     spawn.worker(address_of(master))
     wait_worker(client)
     task_id = client.push("tasks.sleep_then", 2, "slept")
@@ -152,7 +156,8 @@ def test_result_waits_without_polling(master, client, spawn, ra):
     info = client.info(task_id)
     assert waited > 1.0, f"result() returned after {waited:.2f}s while the task ran 2 s"
     assert 0 <= returned_at - info["finished"] < 1.0, "result() did not return within a second of the finish"
-    assert calls < 20, f"{calls} HGETALL calls during a {waited:.1f}s wait: that is a poll loop"
+    allowed = 2 + int(waited // 5)
+    assert calls <= allowed, f"{calls} HGETALL calls during a {waited:.1f}s wait (at most {allowed}): a poll loop"
 
 
 def test_result_raises_task_failed_error(master, client, spawn):
