@@ -624,3 +624,139 @@ def test_compose_stack_in_a_network_namespace(tmp_path: Path) -> None:
     # The control object answers the token only.
     assert result["wrong_token"].startswith("refused: authentication failed"), result["wrong_token"]
     assert result["right_token"] == rows[0]["stats"]
+
+
+# -- supervisord, run as written -----------------------------------------------------------------------------
+
+
+def _blocked(path: str) -> list[str]:
+    """The directories above ``path`` that other users cannot enter (no o+x)."""
+    return [str(p) for p in Path(path).resolve().parents if not os.stat(p).st_mode & 0o001]
+
+
+def _supervisord_binary() -> str | None:
+    return shutil.which("supervisord", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+
+
+def _supervisord_reason() -> str | None:
+    reason = _root_sandbox_reason()
+    if reason:
+        return reason
+    if _supervisord_binary() is None:
+        return "supervisord is not installed (pip install supervisor)"
+    # The driver shows the interpreter's tree under a private /root to its namespace; nothing else.
+    for path, allowed in ((sys.executable, ["/root"]), (sys.prefix, ["/root"]), (str(REPO), [])):
+        if [d for d in _blocked(path) if d not in allowed]:
+            return f"{path} is not reachable by other users, and supervisord runs ppq as user ppq"
+    return None
+
+
+def supervisord_stack_in_namespace(workdir: str) -> None:
+    """Run inside ``unshare --net --mount``: deploy/README.md's host setup, then supervisord with
+    deploy/supervisord/ppq.conf as written, a task pushed and run, and supervisord stopped; prints JSON."""
+    work = Path(workdir)
+    run = lambda *argv: subprocess.run(list(argv), check=True)  # noqa: E731
+    run("ip", "link", "set", "lo", "up")
+    # A throwaway root: /etc a copy, /var/lib empty, /usr/local/bin holding the `ppq` the README links there.
+    etc, var_lib, local_bin = work / "etc", work / "var-lib", work / "local-bin"
+    shutil.copytree("/etc", etc, symlinks=True, ignore_dangling_symlinks=True)
+    var_lib.mkdir()
+    local_bin.mkdir()
+    (local_bin / "ppq").write_text(f"#!/bin/sh\nPYTHONPATH={shlex.quote(str(REPO))} "
+                                   f"exec {shlex.quote(sys.executable)} -m ppq \"$@\"\n")
+    (local_bin / "ppq").chmod(0o755)
+    for source, target in ((etc, "/etc"), (var_lib, "/var/lib"), (local_bin, "/usr/local/bin")):
+        run("mount", "--bind", str(source), target)
+    python = os.path.realpath(sys.executable)
+    if "/root" in _blocked(python) or "/root" in _blocked(sys.prefix):
+        # /root is private (0700): show the interpreter's trees under it, and nothing else of it.
+        tops = sorted({"/root/" + Path(p).resolve().parts[2] for p in (python, sys.prefix)
+                       if Path(p).resolve().is_relative_to("/root")})
+        for i, top in enumerate(tops):
+            (work / f"top{i}").mkdir()
+            run("mount", "--bind", top, str(work / f"top{i}"))
+        run("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/root")
+        for i, top in enumerate(tops):
+            Path(top).mkdir()
+            run("mount", "--bind", str(work / f"top{i}"), top)
+    # The README's host setup, as written (the venv and its link are stood in for above).
+    setup = [line for line in _block("useradd").splitlines()
+             if line.startswith(("useradd ", "install ", "echo "))]
+    subprocess.run(["bash", "-e", "-c", "\n".join(setup)], cwd=REPO, check=True)
+    # Task code in the workers' directory, under the name deploy/ppq.yaml allows.
+    app = Path("/var/lib/ppq/myapp")
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "tasks.py").write_text(_TASKS)
+    # supervisord's own config, with the conf the README installs in /etc/supervisor/conf.d/.
+    conf_d = Path("/etc/supervisor/conf.d")
+    conf_d.mkdir(parents=True)
+    subprocess.run(["bash", "-e", "-c", _lines_of(_block("supervisorctl"), "install ")], cwd=REPO, check=True)
+    main_conf = work / "supervisord.conf"
+    main_conf.write_text(f"[supervisord]\nnodaemon=true\nuser=root\nlogfile={work}/supervisord.log\n"
+                         f"pidfile={work}/supervisord.pid\nchildlogdir={work}\n[include]\nfiles={conf_d}/*.conf\n")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(work)}
+    supervisord = _supervisord_binary()
+    result: dict[str, Any] = {}
+    proc = subprocess.Popen([str(supervisord), "-c", str(main_conf)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def ppq(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["/usr/local/bin/ppq", *args, "--config", "/etc/ppq/default.yaml"], env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+        def both_listed() -> bool:
+            done = ppq("workers", "--json")
+            return done.returncode == 0 and len(json.loads(done.stdout)) == 2
+
+        wait_for(both_listed, timeout=90, interval=0.2, what="both workers to register")
+        result["push"] = ppq("push", "myapp.tasks.add", "2", "3", "--wait").stdout.strip()
+        result["users"] = sorted({Path(f"/proc/{pid}").stat().st_uid for pid in _children(proc.pid)})
+        result["ppq_uid"] = int(subprocess.run(["id", "-u", "ppq"], capture_output=True, text=True).stdout)
+        result["redis_data"] = sorted(os.listdir("/var/lib/ppq/ppq/master-7600"))
+    finally:
+        proc.terminate()  # supervisord stops its programs with their stopsignal, and exits
+        try:
+            result["supervisord_exit"] = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            result["supervisord_exit"] = proc.wait(10)
+        logs = {p.name: p.read_text(errors="replace")[-2000:] for p in work.glob("*.log")}
+        result["logs"] = logs
+    print(json.dumps(result))
+
+
+def _lines_of(block: str, prefix: str) -> str:
+    return "\n".join(line for line in block.splitlines() if line.startswith(prefix))
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid``."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            kids = (task / "children").read_text().split() if (task / "children").exists() else []
+            out.extend(int(k) for k in kids)
+            todo.extend(int(k) for k in kids)
+    return out
+
+
+@pytest.mark.skipif(_supervisord_reason() is not None, reason=str(_supervisord_reason()))
+def test_supervisord_runs_the_readme_setup_as_written(tmp_path: Path) -> None:
+    """Host setup and supervisord conf as written: the programs start as ppq in their home, the
+    embedded Redis keeps its data there, a task runs, and a stop is clean."""
+    code = (f"from tests.test_deploy import supervisord_stack_in_namespace; "
+            f"supervisord_stack_in_namespace({str(tmp_path)!r})")
+    done = subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", sys.executable, "-c", code],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["push"].splitlines()[-1] == "5", result
+    assert result["users"] == [result["ppq_uid"]], "every program runs as ppq"
+    assert "appendonly.aof" in result["redis_data"] or "appendonlydir" in result["redis_data"], result["redis_data"]
+    assert result["supervisord_exit"] == 0, result["logs"]
+    log = result["logs"]["supervisord.log"]
+    stopped = dict(re.findall(r"stopped: (\S+) \((.*?)\)", log))
+    assert stopped == {name: "exit status 0" for name in ("ppq-master", "ppq-worker_00", "ppq-worker_01")}, log
