@@ -267,6 +267,31 @@ def test_compose_redis_command_runs(tmp_path: Path) -> None:
         proc.wait(10)
 
 
+def test_results_and_redis_growth_are_documented(tmp_path: Path) -> None:
+    """The README's paragraph names real keys, and the embedded redis-server does run with the
+    AOF rewrite settings it states (Redis's defaults)."""
+    import redis
+
+    from ppq.config import Config
+    from ppq.embedded import RedisServer
+
+    readme = (REPO / "README.md").read_text()
+    paragraph = readme[readme.index("### Results and Redis growth"):]
+    paragraph = paragraph[:paragraph.index("\n#")]
+    config = Config()
+    for key in re.findall(r"`((?:master|limits)\.\w+)`", paragraph):
+        section, name = key.split(".")
+        assert hasattr(getattr(config, section), name), key
+    assert "`master.result_ttl`" in paragraph and "auto-aof-rewrite-min-size" in paragraph
+    example = (REPO / "config.example.yaml").read_text()
+    assert "auto-aof-rewrite-percentage" in example and "auto-aof-rewrite-min-size" in example
+    with RedisServer(str(tmp_path / "embedded")) as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        settings = client.config_get("auto-aof-rewrite-*")
+        client.close()
+    assert settings == {"auto-aof-rewrite-percentage": "100", "auto-aof-rewrite-min-size": str(64 * 1024 * 1024)}
+
+
 def test_dockerfile() -> None:
     text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
     instructions: dict[str, list[str]] = {}
