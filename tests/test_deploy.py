@@ -15,8 +15,11 @@
 - deploy/README.md's host setup installs what the units and supervisord read; its
   account and home directory commands run as written in a throwaway root (a mount
   namespace over a copy of /etc and an empty /var/lib), where supervisor's own
-  parser then reads the supervisord config.
+  parser reads the supervisord config, and supervisord runs it: the programs run
+  as ppq in its home, a task runs, and they stop with status 0.
 - Every stop timeout gives running tasks more than ``worker.task_timeout``.
+- The README's "Results and Redis growth" names real keys, and the embedded
+  redis-server runs with the AOF rewrite settings it states.
 
 A check whose tool is missing (systemd-analyze, Compose v2, supervisor, unshare
 as root) is skipped, naming the tool.
