@@ -46,7 +46,8 @@ class TaskSpec(NamedTuple):
     """A checked push: everything the store needs to write one task.
 
     ``body`` is the static part of the record (see :func:`encode_body`);
-    ``options`` the retry options that differ from their defaults.
+    ``options`` the retry options that differ from their defaults; ``module`` the
+    module it runs (the store routes the task by it to workers that allow it).
     """
 
     id: str
@@ -55,6 +56,7 @@ class TaskSpec(NamedTuple):
     delay: float
     body: bytes
     options: tuple[tuple[str, Any], ...] = ()
+    module: str = ""
 
 
 # Short names of the task body's fields: the body is one msgpack map, stored as
@@ -256,7 +258,7 @@ def check_push(
     task_id = _task_id(get("task_id"))
     params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
     body = encode_body(func, module, fclass, path, lang, params, timeout, max_retry)
-    return TaskSpec(task_id, queue_index, key, delay, body, tuple(extra))
+    return TaskSpec(task_id, queue_index, key, delay, body, tuple(extra), module)
 
 
 def _nothing(options: Any) -> None:
@@ -318,7 +320,7 @@ def check_pushes(
             else:
                 params = _parameters(get("parameters"), args, kwargs, limits, allow_pickle)
             body = prefix + pack(params)
-            append(make(TaskSpec, (task_id, template[1], template[2], template[3], body, template[5])))
+            append(make(TaskSpec, (task_id, template[1], template[2], template[3], body, template[5], template[6])))
         except InvalidTaskError as exc:
             raise type(exc)(f"tasks[{i}]: {exc}") from None
     return specs

@@ -16,6 +16,6 @@ Each module imports only those below it in this list, plus ppq's errors, codec a
 
 from .keys import keys_of
 from .records import task_of
-from .store import Store
+from .store import ANY_MODULE, Store
 
-__all__ = ["Store", "keys_of", "task_of"]
+__all__ = ["ANY_MODULE", "Store", "keys_of", "task_of"]

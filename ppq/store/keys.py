@@ -5,6 +5,10 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
 
     t:<id>         hash   the task record (fields below)
     queue          list   ids ready to run, FIFO (RPUSH in, LPOP out)
+    queue:m:<module>  list  ready ids of <module> that a lease took off ``queue`` for a worker
+                          that may not run them (lease.lua), in queue order; leased before
+                          ``queue`` by workers that may
+    parked         set    the modules that may have a ``queue:m:<module>`` list
     delayed        zset   ids waiting for their eta (score), incl. retry backoff
     running        zset   ids handed out, score = lease deadline
     dead           zset   ids that exhausted their retries, score = time of death
@@ -21,7 +25,7 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
     finished       channel  published with the id of a waited-on task that ended
 
 Task record fields: body (msgpack of the target, parameters and timeout),
-state, created, eta, key, the options that differ from their defaults
+mod (the module it runs, for routing), state, created, eta, key, the options that differ from their defaults
 (max_retry, retry_delay, result_ttl), and as the task lives: started finished
 worker lease attempts retry expiries result error traceback cancel.
 """

@@ -27,6 +27,9 @@ from .scripts import SOURCES, Script
 
 log = logging.getLogger("ppq.store")
 
+# The allow spec of a worker that may run every module (lease.lua's `allow`).
+ANY_MODULE = "*"
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -101,20 +104,20 @@ class Store:
     # -- The scripts of a task's life (ppq/store/lua/)
 
     @_storage_errors
-    def push(self, specs: Sequence[TaskSpec], lease_to: tuple[str, int, float] | None = None
+    def push(self, specs: Sequence[TaskSpec], lease_to: tuple[str, int, float, str] | None = None
              ) -> tuple[list[str], list[dict[str, Any]]]:
         """Store tasks (or update waiting ones with the same key); return their ids in order.
 
-        With ``lease_to`` = (worker id, count, seen), up to ``count`` ready tasks are
-        then leased to that worker in the same step, as :meth:`report` would, and
+        With ``lease_to`` = (worker id, count, seen, allow), up to ``count`` ready tasks
+        are then leased to that worker in the same step, as :meth:`report` would, and
         returned second; a push that hands work straight to a waiting worker saves the
         wake-up round.
         """
-        wid, count, seen = lease_to or ("", 0, 0.0)
+        wid, count, seen, allow = lease_to or ("", 0, 0.0, ANY_MODULE)
         args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen, os.urandom(16).hex() if count else "",
-                           self.max_workers]
+                           self.max_workers, allow]
         for spec in specs:
-            args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
+            args += [spec.id, spec.key, spec.module, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:
                 args += [name, value]
         ids = [spec.id for spec in specs]
@@ -125,15 +128,19 @@ class Store:
 
     @_storage_errors
     def report(self, worker_id: str, reports: Iterable[dict[str, Any]], count: int, seen: float,
-               strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
+               strict: bool = False, allow: str = ANY_MODULE) -> tuple[list[bool], list[dict[str, Any]], bool]:
         """Record finishes, errors and hand-backs, then lease up to ``count`` tasks to ``worker_id``.
 
         Each report is ``{id, lease, ok, result, error, traceback, retry, release}``.
-        Returns one flag per report (False: the lease was lost, nothing changed) and
-        the leased tasks. With ``strict``, nothing is leased if a report is refused.
+        Only tasks of the modules ``allow`` names are leased (lease.lua: ``'*'`` any, else
+        names joined by ``','``); the others it comes across are moved aside for workers
+        that may run them. Returns one flag per report (False: the lease was lost, nothing
+        changed), the leased tasks, and whether to ask again at once (the call stopped
+        after moving its most ids aside). With ``strict``, nothing is leased if a report is
+        refused.
         """
         args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict),
-                           os.urandom(16).hex() if count > 0 else "", self.max_workers]
+                           os.urandom(16).hex() if count > 0 else "", self.max_workers, allow]
         for r in reports:
             if r.get("release"):
                 kind = "release"
@@ -142,8 +149,8 @@ class Store:
             else:
                 kind = "error" if r.get("retry", True) else "error-final"
             args += [r["id"], r["lease"], kind, r.get("result") or b"", r.get("error") or "", r.get("traceback") or ""]
-        accepted, leased = self._report(args)
-        return [bool(a) for a in accepted], [task_of(row, self.queue_index) for row in leased]
+        accepted, leased, more = self._report(args)
+        return [bool(a) for a in accepted], [task_of(row, self.queue_index) for row in leased], bool(more)
 
     @_storage_errors
     def heartbeat(self, worker_id: str, info: dict[str, Any], running: Iterable[tuple[str, str]],
@@ -224,7 +231,9 @@ class Store:
 
     @_storage_errors
     def counts(self) -> dict[str, Any]:
-        """How many tasks wait, run and are dead, the counters, and the rate over about a minute."""
+        """How many tasks wait, run and are dead, the counters, the rate over about a minute, and
+        ``parked``: module -> how many of the queued tasks wait in that module's list, moved
+        aside by leases for workers that may not run them (they count in ``queued`` too)."""
         p = self.prefix
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(p + "queue")
@@ -234,9 +243,25 @@ class Store:
         pipe.hgetall(p + "stats")
         pipe.hgetall(p + "rate")
         pipe.time()
-        queued, delayed, running, dead, stats, rate, now = pipe.execute()
+        pipe.smembers(p + "parked")
+        queued, delayed, running, dead, stats, rate, now, modules = pipe.execute()
+        parked = self.parked(sorted(text(m) for m in modules))
+        queued += sum(parked.values())
         sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
-        return counts_of(sizes, stats, rate, int(now[0]))
+        return {**counts_of(sizes, stats, rate, int(now[0])), "parked": parked}
+
+    @_storage_errors
+    def parked(self, modules: Sequence[str] | None = None) -> dict[str, int]:
+        """Module -> how many ids wait in its list of tasks moved aside (P..'queue:m:<module>'),
+        for ``modules`` (None: every module in P..'parked'); empty lists are left out."""
+        if modules is None:
+            modules = sorted(text(m) for m in self.redis.smembers(self.prefix + "parked"))
+        if not modules:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for module in modules:
+            pipe.llen(self.prefix + "queue:m:" + module)
+        return {module: n for module, n in zip(modules, pipe.execute(), strict=True) if n}
 
     # -- Workers
 

@@ -6,18 +6,25 @@
 -- ARGV[3]  ttl  seconds the cancelled record is kept (at least 1)
 --
 -- Returns the state the task had, false (nil) if it is unknown. A waiting task (queued,
--- delayed, failed) is cancelled at once. A running one gets its cancel flag: its worker
--- learns at its next heartbeat, and the task ends cancelled when it is reported or its
--- lease expires. A task that already ended is left as it is.
+-- delayed, failed) is cancelled at once, and taken out of P..'queue' or P..'delayed' (or
+-- out of P..'queue:m:<module>', where a lease moved it aside). A running one gets its
+-- cancel flag: its worker learns at its next heartbeat, and the task ends cancelled when
+-- it is reported or its lease expires. A task that already ended is left as it is.
 
 -- include: now.lua
 local P, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local tk = P .. 't:' .. id
-local f = redis.call('HMGET', tk, 'state', 'key')
+local f = redis.call('HMGET', tk, 'state', 'key', 'mod')
 local state = f[1]
 if not state then return false end
 if state == 'queued' or state == 'delayed' or state == 'failed' then
-  redis.call('LREM', P .. 'queue', 1, id)
+  -- A ready task is in P..'queue', or in its module's list if a lease moved it aside.
+  if redis.call('LREM', P .. 'queue', 1, id) == 0 and state ~= 'delayed' and f[3] and f[3] ~= '' then
+    local side = P .. 'queue:m:' .. f[3]
+    if redis.call('LREM', side, 1, id) > 0 and redis.call('EXISTS', side) == 0 then
+      redis.call('SREM', P .. 'parked', f[3])
+    end
+  end
   redis.call('ZREM', P .. 'delayed', id)
   if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
     redis.call('HDEL', P .. 'keys', f[2])

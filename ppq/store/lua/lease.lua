@@ -1,4 +1,4 @@
--- lease.lua: leases up to `count` ready tasks to worker `wid`.
+-- lease.lua: leases up to `count` ready tasks to worker `wid`, of the modules it may run.
 --
 -- Fragment: its text replaces a "-- include: lease.lua" line (ppq/store/scripts.py).
 -- Expects: P      the key prefix, ppq:<queue_index>:
@@ -6,43 +6,98 @@
 --          count  how many tasks to lease (0: none)
 --          lt     lease seconds
 --          nonce  random, made by the master for this call
+--          allow  the modules the worker may run: '*' any, else their names joined by ','
+--                 ('' none); a module is allowed if it or a package it is in (whole dotted
+--                 segments) is named. A record without 'mod' is allowed to every worker.
 --          now    from now.lua
 -- Sets:    out    the leased tasks, rows of {id, body, retry, lease, ready since}, in queue
 --                 order; each lease is nonce .. ':' .. the row's place in out, so it is
 --                 unguessable and distinct per task
---          expiries, add_running  its own helpers (running-set entries added in bulk)
--- Changes: ids come off the front of P..'queue'; a waiting task (queued or failed) becomes
---          running in its record t:<id> and in P..'running' (score: lease deadline), its
---          de-duplication key is freed in P..'keys'; stats 'leased' counts them. Ids of
---          tasks no longer waiting (cancelled, say) are dropped.
+--          more   true when the call stopped after moving 1000 ids aside: P..'queue' may
+--                 still hold tasks this worker may run
+--          expiries, add_running, allows, aside, moved, take  its own helpers
+-- Changes: a waiting task (queued or failed) becomes running in its record t:<id> and in
+--          P..'running' (score: lease deadline), its de-duplication key is freed in
+--          P..'keys'; stats 'leased' counts them. Ids are taken first from the lists of
+--          tasks moved aside, P..'queue:m:<module>' for each allowed module named in the
+--          set P..'parked' (a module leaves the set when its list is found empty), then
+--          off the front of P..'queue'. A waiting task of a module the worker may not run
+--          is appended to its module's list instead (at most 1000 ids per call), its
+--          module added to P..'parked'. Ids of tasks no longer waiting (cancelled, say)
+--          are dropped.
 
 local out = {}
+local more = false
 -- Running-set entries of the leased tasks, added in bulk.
 local expiries = {}
 local function add_running()
   if #expiries > 0 then redis.call('ZADD', P .. 'running', unpack(expiries)) end
   expiries = {}
 end
-while #out < count do
-  -- Ids of tasks no longer waiting (cancelled, say) are dropped as they come out.
-  local ids = redis.call('LPOP', P .. 'queue', math.min(count - #out, 1000))
-  if not ids then break end
-  for _, id in ipairs(ids) do
-    local tk = P .. 't:' .. id
-    local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts')
-    if f[1] == 'queued' or f[1] == 'failed' then
-      local attempts = (tonumber(f[7]) or 0) + 1
-      local lease = nonce .. ':' .. (#out + 1)
-      redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now, 'attempts', attempts)
-      expiries[#expiries + 1] = now + lt
-      expiries[#expiries + 1] = id
-      if #expiries == 2000 then add_running() end
-      if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
-        redis.call('HDEL', P .. 'keys', f[2])
+-- Whether the worker may run a module: worked out once per module per call.
+local verdicts = {}
+local function allows(mod)
+  if allow == '*' or not mod or mod == '' then return true end
+  local v = verdicts[mod]
+  if v == nil then
+    v = false
+    for name in string.gmatch(allow, '[^,]+') do
+      if mod == name or string.sub(mod, 1, #name + 1) == name .. '.' then
+        v = true
+        break
       end
-      out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
+    end
+    verdicts[mod] = v
+  end
+  return v
+end
+-- Ids moved aside by this call, by module, appended to their lists at the end.
+local aside, moved = {}, 0
+local function take(id)
+  local tk = P .. 't:' .. id
+  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts', 'mod')
+  if f[1] ~= 'queued' and f[1] ~= 'failed' then return end
+  if not allows(f[8]) then
+    local ids = aside[f[8]]
+    if not ids then
+      ids = {}
+      aside[f[8]] = ids
+    end
+    ids[#ids + 1] = id
+    moved = moved + 1
+    return
+  end
+  local attempts = (tonumber(f[7]) or 0) + 1
+  local lease = nonce .. ':' .. (#out + 1)
+  redis.call('HSET', tk, 'state', 'running', 'worker', wid, 'lease', lease, 'started', now, 'attempts', attempts)
+  expiries[#expiries + 1] = now + lt
+  expiries[#expiries + 1] = id
+  if #expiries == 2000 then add_running() end
+  if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
+    redis.call('HDEL', P .. 'keys', f[2])
+  end
+  out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
+end
+if count > 0 then
+  for _, mod in ipairs(redis.call('SMEMBERS', P .. 'parked')) do
+    if #out >= count or moved >= 1000 then break end
+    if allows(mod) then
+      local want = count - #out
+      local ids = redis.call('LPOP', P .. 'queue:m:' .. mod, want)
+      if not ids or #ids < want then redis.call('SREM', P .. 'parked', mod) end
+      for _, id in ipairs(ids or {}) do take(id) end
     end
   end
+end
+while #out < count and moved < 1000 do
+  local ids = redis.call('LPOP', P .. 'queue', math.min(count - #out, 1000 - moved))
+  if not ids then break end
+  for _, id in ipairs(ids) do take(id) end
+end
+more = moved >= 1000 and #out < count
+for mod, ids in pairs(aside) do
+  for i = 1, #ids, 1000 do redis.call('RPUSH', P .. 'queue:m:' .. mod, unpack(ids, i, math.min(i + 999, #ids))) end
+  redis.call('SADD', P .. 'parked', mod)
 end
 add_running()
 if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end

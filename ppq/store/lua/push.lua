@@ -9,9 +9,10 @@
 -- ARGV[5]  seen   seconds until the worker counts as gone
 -- ARGV[6]  nonce  random lease nonce ('' when nothing is leased)
 -- ARGV[7]  maxw   most workers listed at once
--- ARGV[8]...      per task, 5 + 2n values: id, key ('' for none), delay (seconds; 0: ready
---                 now), body, n, then n field/value pairs (the options that differ from
---                 their defaults)
+-- ARGV[8]  allow  the modules wid may run, as lease.lua takes them ('*': any)
+-- ARGV[9]...      per task, 6 + 2n values: id, key ('' for none), mod (the module it runs,
+--                 stored as field 'mod' to route it), delay (seconds; 0: ready now), body,
+--                 n, then n field/value pairs (the options that differ from their defaults)
 --
 -- Returns {renamed, leased}:
 --   renamed  flat {position, id} pairs (position from 1) for the tasks whose id is not the
@@ -21,8 +22,8 @@
 -- is registered in P..'waiters'.
 
 -- include: now.lua
-local P, wid, count, lt, seen, nonce, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local P, wid, count, lt, seen, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local renamed = {}
 local position = 0
 -- New ready ids, appended to the queue in bulk (in push order).
@@ -32,10 +33,11 @@ local function flush()
   fresh = {}
 end
 local ready, pushed = 0, 0
-local i = 8
+local i = 9
 while i <= #ARGV do
-  local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
-  local first, last = i + 5, i + 4 + 2 * n
+  local id, key, mod, delay, body, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4],
+    tonumber(ARGV[i + 5])
+  local first, last = i + 6, i + 5 + 2 * n
   i = last + 1
   local tk = P .. 't:' .. id
   local settled = false
@@ -45,13 +47,24 @@ while i <= #ARGV do
     local old = redis.call('HGET', P .. 'keys', key)
     if old then
       local ok = P .. 't:' .. old
-      local state = redis.call('HGET', ok, 'state')
+      local of = redis.call('HMGET', ok, 'state', 'mod')
+      local state = of[1]
       if state == 'queued' or state == 'delayed' then
         redis.call('HDEL', ok, 'max_retry', 'retry_delay', 'result_ttl')
-        redis.call('HSET', ok, 'body', body)
+        redis.call('HSET', ok, 'body', body, 'mod', mod)
         for j = first, last, 2 do redis.call('HSET', ok, ARGV[j], ARGV[j + 1]) end
+        -- A queued task moved aside under its old module goes back to the front of the queue
+        -- when it is delayed or runs another module now.
+        local was_aside = false
+        if state == 'queued' and of[2] and of[2] ~= '' and (delay > 0 or of[2] ~= mod) then
+          was_aside = redis.call('LREM', P .. 'queue:m:' .. of[2], 1, old) > 0
+          if was_aside and delay == 0 then
+            redis.call('LPUSH', P .. 'queue', old)
+            ready = ready + 1
+          end
+        end
         if delay > 0 then
-          if state == 'queued' then redis.call('LREM', P .. 'queue', 1, old) end
+          if state == 'queued' and not was_aside then redis.call('LREM', P .. 'queue', 1, old) end
           redis.call('ZADD', P .. 'delayed', now + delay, old)
           redis.call('HSET', ok, 'state', 'delayed', 'eta', now + delay)
         elseif state == 'delayed' then
@@ -69,10 +82,10 @@ while i <= #ARGV do
   end
   if not settled then
     if delay > 0 then
-      redis.call('HSET', tk, 'state', 'delayed', 'created', now, 'eta', now + delay, 'body', body)
+      redis.call('HSET', tk, 'state', 'delayed', 'created', now, 'eta', now + delay, 'body', body, 'mod', mod)
       redis.call('ZADD', P .. 'delayed', now + delay, id)
     else
-      redis.call('HSET', tk, 'state', 'queued', 'created', now, 'body', body)
+      redis.call('HSET', tk, 'state', 'queued', 'created', now, 'body', body, 'mod', mod)
       ready = ready + 1
       fresh[#fresh + 1] = id
       if #fresh == 1000 then flush() end
@@ -82,7 +95,7 @@ while i <= #ARGV do
     pushed = pushed + 1
   end
   position = position + 1
-  if id ~= ARGV[first - 5] then
+  if id ~= ARGV[first - 6] then
     renamed[#renamed + 1] = position
     renamed[#renamed + 1] = id
   end

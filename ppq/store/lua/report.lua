@@ -11,20 +11,23 @@
 -- ARGV[7]  strict  '1': lease nothing if any report is refused
 -- ARGV[8]  nonce   random lease nonce ('' when nothing is leased)
 -- ARGV[9]  maxw    most workers listed at once
--- ARGV[10]...      6 values per report: id, lease, kind, result, error, traceback; kind is
+-- ARGV[10] allow   the modules wid may run, as lease.lua takes them ('*': any)
+-- ARGV[11]...      6 values per report: id, lease, kind, result, error, traceback; kind is
 --                  'ok', 'error' (retried while retries are left), 'error-final' (never
 --                  retried) or 'release' (handed back unrun, to the front of the queue)
 --
--- Returns {accepted, leased}:
+-- Returns {accepted, leased, more}:
 --   accepted  1 or 0 per report, in order (0: the lease was lost, nothing changed)
 --   leased    the rows leased to wid, as lease.lua's `out`
+--   more      1 when lease.lua's `more` is true (P..'queue' may still hold tasks wid may
+--             run: ask again at once), else 0
 -- A task whose cancel flag is set ends cancelled whatever the report says. Publishes
 -- P..'finished' with the id of each watched task (P..'waiting') reported on, hand-backs
 -- aside, and P..'wake' with the number of tasks made ready.
 
 -- include: now.lua
-local P, wid, count, lt, seen, dttl, nonce, maxw = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9])
+local P, wid, count, lt, seen, dttl, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
 local accepted = {}
 local ready = 0
 local bucket = math.floor(now / 10)
@@ -32,7 +35,7 @@ local done_n, failed_n = 0, 0
 local refused = false
 -- Tasks someone waits on (wait_task): looked up one by one only when there are any.
 local watched = redis.call('EXISTS', P .. 'waiting') == 1
-for i = 10, #ARGV, 6 do
+for i = 11, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
@@ -99,4 +102,4 @@ end
 -- include: seen.lua
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 if wid ~= '' and not refused then mark_seen() end
-return {accepted, out}
+return {accepted, out, more and 1 or 0}
