@@ -16,8 +16,8 @@ import msgpack
 from .. import codec
 from ..config import LimitsConfig
 from ..errors import CodecError, InvalidTaskError
-from ..store import Store
-from ..task import TaskSpec, check_number, check_pushes, check_task_id
+from ..store import ANY_MODULE, Store
+from ..task import TaskSpec, check_number, check_pushes, check_task_id, module_allowed, show
 
 # Longest long-poll a worker may ask for, in seconds.
 MAX_WAIT = 30.0
@@ -27,6 +27,13 @@ WORKER_TEXT_FIELDS = {"host": 255, "pool": 32, "control_uri": 300}
 WORKER_NUMBER_FIELDS = ("pid", "queue_index", "concurrency", "started", "done", "failed", "heartbeat_interval")
 # Most running task ids kept from one worker_info.
 MAX_RUNNING_LISTED = 100
+# Most module names in a worker_info's "allow", and most characters in them together.
+MAX_ALLOW_NAMES = 64
+MAX_ALLOW_CHARS = 1000
+_ALLOW_NAME = re.compile(r"\*|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+# Allow lists already checked: tuple of names -> the spec lease.lua takes.
+_allow_specs: dict[tuple[Any, ...], str] = {}
+_MAX_ALLOW_SPECS = 1000
 # The body and the key of a TaskSpec; where a push_tasks error names a task's position.
 _BODY, _KEY = operator.itemgetter(4), operator.itemgetter(2)
 _POSITION = re.compile(r"^tasks\[(\d+)\]")
@@ -59,6 +66,35 @@ def _plain_part(value: Any) -> bool:
     return isinstance(value, (str, float)) or (isinstance(value, int) and value.bit_length() <= 64)
 
 
+def allow_of(worker_info: Any) -> str:
+    """The modules a worker runs, from ``worker_info["allow"]`` (a list of dotted module names or
+    ``'*'``), as lease.lua takes them: ``'*'`` for any (also when the worker does not say: a
+    plain client or an older worker), else the names, sorted, joined by ``','`` (``''``: none)."""
+    names = worker_info.get("allow") if isinstance(worker_info, Mapping) else None
+    if names is None:
+        return ANY_MODULE
+    if names.__class__ is list or names.__class__ is tuple:
+        try:
+            return _allow_specs[tuple(names)]
+        except (KeyError, TypeError):
+            pass
+    if (not isinstance(names, (list, tuple)) or len(names) > MAX_ALLOW_NAMES
+            or not all(isinstance(n, str) for n in names) or sum(map(len, names)) > MAX_ALLOW_CHARS
+            or not all(_ALLOW_NAME.fullmatch(n) for n in names)):
+        raise InvalidTaskError(f"worker_info: allow must be a list of at most {MAX_ALLOW_NAMES} dotted module names "
+                               f"(or '*'), {MAX_ALLOW_CHARS} characters in all, got {show(names)}")
+    spec = ANY_MODULE if ANY_MODULE in names else ",".join(sorted(set(names)))
+    if len(_allow_specs) < _MAX_ALLOW_SPECS:
+        _allow_specs[tuple(names)] = spec
+    return spec
+
+
+def spec_allows(spec: str, module: str) -> bool:
+    """Whether a worker with allow spec ``spec`` (see :func:`allow_of`) may run ``module``, as
+    lease.lua judges it: ppq.task.module_allowed; a task without a module goes to any worker."""
+    return spec == ANY_MODULE or not module or module_allowed(module, spec.split(",") if spec else ())
+
+
 def worker_entry(worker_info: Any, limit: int, **extra: Any) -> dict[str, Any]:
     """What a master stores of a worker's ``worker_info``: its id, the fields ppq reads, each
     bounded, and ``extra``; the list of running task ids is cut so that the whole, encoded,
@@ -74,6 +110,8 @@ def worker_entry(worker_info: Any, limit: int, **extra: Any) -> dict[str, Any]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
                 and abs(value) < 2**53:
             entry[name] = value
+    spec = allow_of(worker_info)
+    entry["allow"] = spec.split(",") if spec else []
     entry.update(extra)
     # The running ids fill what is left of the limit: each costs its length and at most 2 bytes
     # of msgpack header; the list and its key, 12 more.

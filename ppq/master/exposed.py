@@ -17,13 +17,14 @@ from .. import codec, rpc
 from ..config import Config
 from ..errors import CodecError, InvalidTaskError, LeaseLostError, StorageError
 from ..store import Store
-from ..task import check_push, check_queue_index, check_task_id
+from ..task import FAILED, QUEUED, check_push, check_queue_index, check_task_id
 from .checks import (
     MAX_WAIT,
     check_batch,
     check_ids,
     encode_result,
     required_number,
+    spec_allows,
     text_field,
     worker_entry,
     worker_id_of,
@@ -32,6 +33,24 @@ from .duties import run_duties
 from .waiting import Waiting, Waker
 
 log = logging.getLogger("ppq.master")
+
+# Seconds the allow lists of the live workers of a queue_index are reused for (get_task_info,
+# server_info): reading them reads every worker's info.
+ALLOWS_TTL = 2.0
+
+
+def _allow_spec(worker: Mapping[str, Any]) -> str:
+    """A listed worker's allow spec (checks.allow_of) from the list its info holds; any module
+    when it holds none (an older worker, a plain client)."""
+    names = worker.get("allow")
+    if not isinstance(names, list):
+        return "*"
+    return "*" if "*" in names else ",".join(n for n in names if isinstance(n, str))
+
+
+def unrouted(modules: Mapping[str, int], specs: list[str]) -> dict[str, int]:
+    """The entries of ``modules`` that no worker with one of the allow ``specs`` may run."""
+    return {m: n for m, n in modules.items() if not any(spec_allows(spec, m) for spec in specs)}
 
 
 def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -64,6 +83,8 @@ class Master(Waiting):
         self.id = uuid.uuid4().hex[:12]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # queue_index -> (when read, the allow specs of its live workers): see _live_allows.
+        self._allows: dict[int, tuple[float, list[str]]] = {}
 
     # -- lifecycle -------------------------------------------------------
 
@@ -88,6 +109,19 @@ class Master(Waiting):
 
     def _store(self, queue_index: Any) -> Store:
         return self.stores[check_queue_index(queue_index, self.stores)]
+
+    def _live_allows(self, store: Store, workers: list[dict[str, Any]] | None = None) -> list[str]:
+        """The allow specs of the live workers of ``store`` (from ``workers``, its workers just read,
+        or as read at most ALLOWS_TTL seconds ago)."""
+        now = time.monotonic()
+        if workers is None:
+            cached = self._allows.get(store.queue_index)
+            if cached is not None and now - cached[0] < ALLOWS_TTL:
+                return cached[1]
+            workers = store.workers()
+        specs = sorted({_allow_spec(w) for w in workers})
+        self._allows[store.queue_index] = (now, specs)
+        return specs
 
     def _result_report(self, task_id: Any, lease: Any, ok: bool, result: Any = None, result_bytes: Any = None,
                        error: Any = "", traceback: Any = "", retry: bool = True) -> dict[str, Any]:
@@ -270,9 +304,18 @@ class Master(Waiting):
 
     @rpc.remote
     def get_task_info(self, task_id: Any, queue_index: Any = 0) -> dict[str, Any] | None:
-        """The task's record (state, retry, timestamps, result or error); None if unknown."""
+        """The task's record (state, retry, timestamps, result or error); None if unknown.
+
+        A task that waits (queued, or failed and due for its retry) of a module no live
+        worker allows has ``waiting_for``: "a worker that allows <module>".
+        """
         check_task_id(task_id)
-        return self._store(queue_index).info(task_id)
+        store = self._store(queue_index)
+        record = store.info(task_id)
+        if record is not None and record["state"] in (QUEUED, FAILED) and record["module"]:
+            if unrouted({record["module"]: 1}, self._live_allows(store)):
+                record["waiting_for"] = f"a worker that allows {record['module']}"
+        return record
 
     @rpc.remote
     def wait_task(self, task_id: Any, queue_index: Any = 0, timeout: Any = 10) -> dict[str, Any] | None:
@@ -331,7 +374,12 @@ class Master(Waiting):
 
     def queue_info(self, workers: bool = True) -> dict[int, dict[str, Any]]:
         """Counts of each queue_index, ``workers_live`` (how many workers are listed) and, with
-        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``)."""
+        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``).
+
+        ``waiting_for``: module -> how many queued tasks of that module wait for a worker that
+        allows it, for the modules no live worker allows (of the tasks leases moved aside,
+        ``parked``).
+        """
         out: dict[int, dict[str, Any]] = {}
         for qi, store in sorted(self.stores.items()):
             entry: dict[str, Any] = {"queue_index": qi, "redis": store.safe_url}
@@ -339,6 +387,11 @@ class Master(Waiting):
                 entry.update(store.counts())
                 entry["workers_live"] = store.live_workers()
                 entry["workers"] = store.workers(self.limits.max_message // (2 * len(self.stores))) if workers else []
+                entry["waiting_for"] = {}
+                if entry["parked"]:
+                    listed = entry["workers"] if len(entry["workers"]) >= entry["workers_live"] else None
+                    specs = self._live_allows(store, listed)
+                    entry["waiting_for"] = unrouted(entry["parked"], specs)
                 entry["ok"] = True
             except StorageError as exc:
                 entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})

@@ -29,9 +29,13 @@ from ..config import Config
 from ..errors import StorageError
 from ..store import Store
 from ..task import FINAL_STATES, TaskSpec
-from .checks import worker_id_of
+from .checks import allow_of, spec_allows, worker_id_of
 
 log = logging.getLogger("ppq.master")
+
+# Most store calls one lease makes in a row while each stops after moving its most ids aside
+# (a queue long with tasks of modules the worker may not run); then it waits as usual.
+MAX_LOOKS = 100
 
 # Leases handed out by get_task / get_tasks / piggyback that this master remembers for
 # finishes and errors sent without their lease (the seed's call shape); the oldest go first.
@@ -41,12 +45,16 @@ MAX_REMEMBERED_LEASES = 100_000
 class Waiter:
     """One long-poll waiting on this master: woken, or handed tasks leased by a push."""
 
-    __slots__ = ("wid", "count", "seen", "event", "tasks", "released")
+    __slots__ = ("wid", "count", "seen", "allow", "order", "event", "tasks", "released")
 
-    def __init__(self, wid: str, count: int, seen: float) -> None:
+    def __init__(self, wid: str, count: int, seen: float, allow: str) -> None:
         self.wid = wid
         self.count = count
         self.seen = seen
+        # The modules the worker runs (checks.allow_of): a push hands tasks only to a waiter that may run them.
+        self.allow = allow
+        # When it became idle, in the Waker's count: the smallest has waited longest.
+        self.order = 0
         self.event = threading.Event()
         # Set by release_worker: the worker is stopping, the long-poll returns empty at once.
         self.released = False
@@ -61,34 +69,55 @@ class Waiter:
 class Waker:
     """The long-polls of one queue_index waiting on this master.
 
-    A push on this master claims the longest-waiting one and leases tasks to it in
-    the push's own script (:meth:`claim`); tasks made ready elsewhere arrive as a
-    published count and wake that many (:meth:`wake`).
+    A push on this master claims the longest-waiting one that may run its tasks and
+    leases tasks to it in the push's own script (:meth:`claim`); tasks made ready
+    elsewhere arrive as a published count and wake that many (:meth:`wake`), or every
+    idle waiter when they do not all run the same modules (a count does not say whose
+    tasks were made ready).
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.generation = 0
         self.idle: dict[Waiter, None] = {}
+        # The idle waiters by allow spec, each in the order they became idle.
+        self.by_allow: dict[str, dict[Waiter, None]] = {}
+        self._order = 0
 
     def wake(self, count: int) -> None:
-        """Wake ``count`` idle waiters (all when ``count`` <= 0) to look for tasks."""
+        """Wake ``count`` idle waiters (all when ``count`` <= 0, or when they run different modules)
+        to look for tasks."""
         with self.lock:
             self.generation += 1
-            for _ in range(len(self.idle) if count <= 0 else min(count, len(self.idle))):
+            if count <= 0 or len(self.by_allow) > 1:
+                count = len(self.idle)
+            for _ in range(min(count, len(self.idle))):
                 self._take().event.set()
 
-    def claim(self) -> Waiter | None:
-        """Take the longest-waiting idle waiter; the caller must ``hand()`` it its tasks."""
+    def claim(self, module: str = "") -> Waiter | None:
+        """Take the longest-waiting idle waiter that may run ``module``; the caller must ``hand()``
+        it its tasks."""
         with self.lock:
-            return self._take() if self.idle else None
+            if not self.idle:
+                return None
+            if len(self.by_allow) == 1:
+                waiter = next(iter(self.idle))
+                if not spec_allows(waiter.allow, module):
+                    return None
+            else:
+                firsts = [next(iter(group)) for spec, group in self.by_allow.items() if spec_allows(spec, module)]
+                if not firsts:
+                    return None
+                waiter = min(firsts, key=lambda w: w.order)
+            self._discard(waiter)
+            return waiter
 
     def release(self, wid: str) -> int:
         """End the waits of worker ``wid`` (it is stopping); return how many there were."""
         with self.lock:
             mine = [w for w in self.idle if w.wid == wid]
             for waiter in mine:
-                del self.idle[waiter]
+                self._discard(waiter)
                 waiter.released = True
                 waiter.event.set()
         return len(mine)
@@ -96,8 +125,25 @@ class Waker:
     def _take(self) -> Waiter:
         """Remove and return the longest-waiting idle waiter (``self.lock`` held)."""
         waiter = next(iter(self.idle))
-        del self.idle[waiter]
+        self._discard(waiter)
         return waiter
+
+    def _add(self, waiter: Waiter) -> None:
+        """List ``waiter`` as idle (``self.lock`` held)."""
+        self._order += 1
+        waiter.order = self._order
+        self.idle[waiter] = None
+        self.by_allow.setdefault(waiter.allow, {})[waiter] = None
+
+    def _discard(self, waiter: Waiter) -> bool:
+        """Take ``waiter`` off the idle lists; False if it was not on them (``self.lock`` held)."""
+        if self.idle.pop(waiter, True) is not None:
+            return False
+        group = self.by_allow[waiter.allow]
+        del group[waiter]
+        if not group:
+            del self.by_allow[waiter.allow]
+        return True
 
     def wait(self, waiter: Waiter, generation: int, timeout: float) -> list[dict[str, Any]] | None:
         """Wait until woken, handed tasks (returned) or ``timeout``; at once if a wake-up
@@ -107,10 +153,10 @@ class Waker:
                 return None
             waiter.event.clear()
             waiter.tasks = None
-            self.idle[waiter] = None
+            self._add(waiter)
         if not waiter.event.wait(timeout):
             with self.lock:
-                if self.idle.pop(waiter, True) is None:
+                if self._discard(waiter):
                     return None
             # Woken or claimed just now: a claim always ends in hand().
             waiter.event.wait()
@@ -147,9 +193,13 @@ class Waiting:
                wait: float, strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
         store = self._store(queue_index)
         wid = worker_id_of(worker_info)
+        allow = allow_of(worker_info)
         waker = self.wakers[store.queue_index]
         generation = waker.generation
-        accepted, tasks = store.report(wid, reports, count, self._seen(worker_info), strict)
+        seen = self._seen(worker_info)
+        accepted, tasks, more = store.report(wid, reports, count, seen, strict, allow)
+        if more and not tasks and not (strict and not all(accepted)):
+            tasks = self._look(store, wid, count, seen, allow)
         if log.isEnabledFor(logging.DEBUG):
             self._log_changes(store.queue_index, wid, reports, accepted, tasks)
         if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):
@@ -157,12 +207,11 @@ class Waiting:
         # Register as a waiter first, then look again: a push in between is not missed.
         member = f"{self.id}:{threading.get_ident()}"
         store.add_waiter(member, wait)
-        seen = self._seen(worker_info)
-        waiter = Waiter(wid, count, seen)
+        waiter = Waiter(wid, count, seen, allow)
         try:
             deadline = time.monotonic() + wait
             generation = waker.generation
-            _, tasks = store.report(wid, [], count, seen)
+            tasks = self._look(store, wid, count, seen, allow)
             while not tasks:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stop.is_set():
@@ -174,7 +223,7 @@ class Waiting:
                 if waiter.released:
                     break
                 generation = waker.generation
-                _, tasks = store.report(wid, [], count, seen)
+                tasks = self._look(store, wid, count, seen, allow)
             if tasks and log.isEnabledFor(logging.DEBUG):
                 self._log_changes(store.queue_index, wid, [], [], tasks)
         finally:
@@ -185,6 +234,16 @@ class Waiting:
                 except StorageError:
                     pass
         return accepted, tasks
+
+    def _look(self, store: Store, wid: str, count: int, seen: float, allow: str) -> list[dict[str, Any]]:
+        """Lease up to ``count`` tasks with nothing to report; ask again at once (MAX_LOOKS times at
+        most) while the store's lease stops after moving its most ids aside: the queue may
+        still hold tasks this worker may run behind those it may not."""
+        for _ in range(MAX_LOOKS):
+            _, tasks, more = store.report(wid, [], count, seen, False, allow)
+            if tasks or not more:
+                break
+        return tasks
 
     def _log_changes(self, qi: int, wid: str, reports: list[dict[str, Any]], accepted: list[bool],
                      tasks: list[dict[str, Any]]) -> None:
@@ -199,13 +258,14 @@ class Waiting:
         """Store tasks; when one is ready at once and a long-poll waits here, lease to it in the same step."""
         store = self.stores[queue_index]
         waiter = None
-        if any(not spec.delay for spec in specs):
-            waiter = self.wakers[queue_index].claim()
+        ready = next((spec for spec in specs if not spec.delay), None)
+        if ready is not None:
+            waiter = self.wakers[queue_index].claim(ready.module)
         if waiter is None:
             return store.push(specs)[0]
         tasks: list[dict[str, Any]] = []
         try:
-            ids, tasks = store.push(specs, (waiter.wid, waiter.count, waiter.seen))
+            ids, tasks = store.push(specs, (waiter.wid, waiter.count, waiter.seen, waiter.allow))
         finally:
             waiter.hand(tasks)
         return ids
