@@ -475,6 +475,51 @@ def test_hooks_from_an_autodiscovered_package(master, call, spawn, tmp_path):
     assert proc.poll() is None
 
 
+EXECUTING_HOOK_MODULE = '''
+import os
+import time
+
+import ppq.worker
+
+OUT = os.environ["HOOK_OUT"]
+
+
+def executing(context):
+    with open(OUT, "a", encoding="utf-8") as f:
+        f.write(f"{context['task_id']} {time.time()!r} {os.getpid()}\\n")
+
+
+ppq.worker.add_hook("on_task_executing", executing)
+'''
+
+
+@pytest.mark.parametrize("pool", ["processes", "threads"])
+def test_executing_hooks_fire_in_the_executor_as_each_prefetched_task_starts(master, call, spawn, tmp_path, pool):
+    """Tasks fetched together run as one batch in one executor: each one's on_task_executing hook
+    fires when that task starts, so at or after the end of the task before it."""
+    package = tmp_path / "hookpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tasks.py").write_text(textwrap.dedent(EXECUTING_HOOK_MODULE))
+    hooks_out, spans_out = tmp_path / "hooks.txt", tmp_path / "spans.txt"
+    ids = call("push_tasks", [{"func": "span", "module": "tasks", "args": [str(spans_out), i, 0.2]}
+                              for i in range(5)])
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR), str(REPO)]), "HOOK_OUT": str(hooks_out)}
+    proc = spawn.worker(address_of(master), extra=("--autodiscover", "hookpkg", "--prefetch", "10", "--pool", pool),
+                        env=env)
+    for task_id in ids:
+        wait_state(call, task_id, "done")
+    ends = {int(token): end for token, (_, end) in zip((line.split()[0] for line in spans_out.read_text().splitlines()),
+                                                       spans(spans_out), strict=True)}
+    hooks = {task_id: (float(at), int(pid)) for task_id, at, pid in
+             (line.split() for line in hooks_out.read_text().splitlines())}
+    assert sorted(hooks) == sorted(ids)
+    pids = {pid for _, pid in hooks.values()}
+    assert pids == ({proc.pid} if pool == "threads" else pids - {proc.pid}) and len(pids) == 1
+    for i in range(1, 5):
+        assert hooks[ids[i]][0] >= ends[i - 1], f"task {i}'s hook fired before task {i - 1} ended"
+
+
 @pytest.mark.parametrize("pool", ["processes", "threads"])
 def test_idle_agent_does_not_spin_after_running_tasks(master, spawn, pool):
     """After a burst of tasks the agent goes back to waiting: its CPU use while idle stays

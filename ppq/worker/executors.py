@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from .. import codec
 from ..errors import CodecError, NotAllowedError
 from ..task import resolve
+from .hooks import call_hooks, has_hooks, task_context
 
 log = logging.getLogger("ppq.worker")
 
@@ -66,7 +67,15 @@ def execute(task: dict[str, Any], allowed_modules: list[str], allowed_paths: lis
     return report
 
 
-def _import_allowed(allowed_modules: list[str]) -> None:
+def _start(task: dict[str, Any], allowed_modules: list[str], allowed_paths: list[str], allow_pickle: bool,
+           queue_index: int) -> dict[str, Any]:
+    """Run the ``on_task_executing`` hooks for ``task``, then the task itself; return its report."""
+    if has_hooks("on_task_executing"):
+        call_hooks("on_task_executing", task_context(task, queue_index, allow_pickle))
+    return execute(task, allowed_modules, allowed_paths, allow_pickle)
+
+
+def _import_allowed(allowed_modules: Sequence[str]) -> None:
     """Import the allowed modules while the agent connects, so the first task does not wait for it.
 
     Only names of modules (not ``*``); one that fails is left for its first task to report.
@@ -81,12 +90,15 @@ def _import_allowed(allowed_modules: list[str]) -> None:
 
 
 def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed_paths: list[str],
-                   allow_pickle: bool, inherited: Sequence[Any] = ()) -> None:
+                   allow_pickle: bool, queue_index: int, preload: Sequence[str],
+                   inherited: Sequence[Any] = ()) -> None:
     """An executor process: run the batches of tasks the agent sends until it sends None.
 
     ``progress`` is shared memory: [index in the batch of the task running now,
     its start on the monotonic clock]; the agent reads it to enforce timeouts.
     Results go back in small groups, at once for a task that took a while.
+    ``preload`` names the modules to import before the first task (the allowed
+    ones and the autodiscovered ``tasks`` modules, which may register hooks).
     """
     # A forked executor holds copies of the agent's ends of the pipes: closed, so that
     # the agent's exit reaches it as end of file.
@@ -96,7 +108,7 @@ def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for name in ("SIGUSR1", "SIGUSR2"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-    _import_allowed(allowed_modules)
+    _import_allowed(preload)
     while True:
         try:
             batch = conn.recv()
@@ -109,7 +121,7 @@ def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed
         for index, task in enumerate(batch):
             progress[1] = time.monotonic()
             progress[0] = index
-            done.append(execute(task, allowed_modules, allowed_paths, allow_pickle))
+            done.append(_start(task, allowed_modules, allowed_paths, allow_pickle, queue_index))
             now = time.monotonic()
             if now - flushed > _FLUSH_AFTER or now - progress[1] > _FLUSH_AFTER:
                 conn.send(done)
@@ -311,7 +323,7 @@ class ThreadSlot(_Batch):
             for index, task in enumerate(batch):
                 self.progress[1] = time.monotonic()
                 self.progress[0] = index
-                report = execute(task, *self.options)
+                report = _start(task, *self.options[:4])
                 if self._abandoned:
                     return
                 self._results.put(report)

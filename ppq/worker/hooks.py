@@ -1,8 +1,8 @@
 """Hooks: user functions called at points of every task's life.
 
-Hooks run in the agent process: ``on_task_executing`` when a task is handed to
-an executor, ``on_task_finished`` and ``on_task_error`` when its report comes
-back. A hook that raises is logged and does not
+``on_task_executing`` runs in the executor (process or thread) just before each
+task starts; ``on_task_finished`` and ``on_task_error`` run in the agent process
+when the task's report comes back. A hook that raises is logged and does not
 change the task's outcome.
 """
 
@@ -22,13 +22,16 @@ _HOOKS: dict[str, list[Callable[[dict[str, Any]], Any]]] = {name: [] for name in
 
 
 def add_hook(name: str, fn: Callable[[dict[str, Any]], Any]) -> None:
-    """Call ``fn(context)`` at a point of every task's life, in the agent process.
+    """Call ``fn(context)`` at a point of every task's life.
 
-    ``name`` is ``on_task_executing``, ``on_task_finished`` or ``on_task_error``;
-    ``context`` holds ``task_id``, ``func``, ``module``, ``fclass``,
+    ``name`` is ``on_task_executing`` (called in the executor, just before the
+    task starts), ``on_task_finished`` or ``on_task_error`` (called in the agent
+    process). ``context`` holds ``task_id``, ``func``, ``module``, ``fclass``,
     ``sub`` (the positional arguments), ``kw`` (the keyword arguments), ``lang``,
     and after the run ``return_value`` or ``exception``. A hook that raises is
-    logged and does not change the task's outcome.
+    logged and does not change the task's outcome. Register hooks when a module
+    the worker imports is imported (an autodiscovered ``tasks`` module or an
+    allowed one): executors import those before their first task.
     """
     if name not in _HOOKS:
         raise ValueError(f"unknown hook {name!r}; expected one of {', '.join(HOOK_NAMES)}")

@@ -40,7 +40,10 @@ class Pool:
         self.concurrency = concurrency
         self.prefetch = w.prefetch
         self.task_timeout = w.task_timeout
-        self.options = (allowed_modules, list(w.allowed_paths), w.allow_pickle)
+        # What an executor needs: the allowlists, the codec option, the queue_index for hooks, and the
+        # modules to import before its first task (autodiscovered ``tasks`` modules register hooks).
+        preload = [*allowed_modules, *(f"{package}.tasks" for package in w.autodiscover)]
+        self.options = (allowed_modules, list(w.allowed_paths), w.allow_pickle, w.queue_index, preload)
         self._stopping = stopping
         self._wake = wake
         self.cond = threading.Condition()
@@ -150,9 +153,6 @@ class Pool:
             share = max(1, min(MAX_EXECUTOR_BATCH, -(-len(self.inbox) // len(idle))))
             with self.cond:
                 tasks = [Running(self.inbox.popleft()) for _ in range(min(share, len(self.inbox)))]
-            if has_hooks("on_task_executing"):
-                for r in tasks:
-                    call_hooks("on_task_executing", self._context(r.task))
             try:
                 slot.assign(tasks)
             except (OSError, ValueError) as exc:
