@@ -364,30 +364,45 @@ def test_sigterm_with_a_short_task_timeout_hands_the_task_to_another_worker(mast
     assert second.poll() is None
 
 
-def test_sigusr2_restarts_the_agent_with_a_new_pid_that_keeps_working(master, call, spawn):
-    old = spawn.worker(address_of(master))
-    worker_entry(call, old.pid)
-    old.send_signal(signal.SIGUSR2)
-    assert old.wait(20) == 0, spawn.log(old)
-    new = wait_for(lambda: next((w for w in workers_of(call) if w.get("pid") not in (None, old.pid)), None),
-                   timeout=20, what="the restarted agent in server_info")
-    new_pid = new["pid"]
-    try:
-        cmdline = Path(f"/proc/{new_pid}/cmdline").read_bytes().split(b"\0")
-        assert b"ppq" in cmdline and b"worker" in cmdline
-        assert new_pid != old.pid
-        task_id = push(call, "tasks.add", 20, 22)
-        info = wait_state(call, task_id, "done")
-        assert (info["result"], info["worker"]) == (42, new["id"])
-    finally:
-        # The restarted agent is not a child of this process: stop it by its pid.
-        if not pid_gone(new_pid):
-            os.kill(new_pid, signal.SIGTERM)
-            try:
-                wait_for(lambda: pid_gone(new_pid), timeout=15)
-            except AssertionError:
-                os.kill(new_pid, signal.SIGKILL)
-                raise
+def _children(pid: int) -> dict[int, str]:
+    """The child processes of ``pid`` and their states (R, S, Z...), from /proc."""
+    out = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            out[int(child)] = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("pool", ["processes", "threads"])
+def test_sigusr2_drains_then_restarts_the_agent_in_place_with_the_same_pid(master, call, spawn, pool):
+    proc = spawn.worker(address_of(master), concurrency=2, extra=("--pool", pool, "--task-timeout", "20"))
+    old = worker_entry(call, proc.pid)
+    old_children = set(_children(proc.pid))
+    assert len(old_children) == (2 if pool == "processes" else 0)
+    running = push(call, "tasks.sleep_then", 1, "drained")
+    assert wait_state(call, running, "running")["worker"] == old["id"]
+    proc.send_signal(signal.SIGUSR2)
+    # The running task finishes first (a graceful drain), then the agent comes back under the same pid.
+    info = wait_state(call, running, "done", timeout=20)
+    assert (info["result"], info["worker"], info["attempts"]) == ("drained", old["id"], 1)
+    new = wait_for(lambda: next((w for w in workers_of(call) if w.get("pid") == proc.pid and w["id"] != old["id"]),
+                                None), timeout=20, what="the restarted agent in server_info")
+    assert proc.poll() is None, spawn.log(proc)
+    assert not any(w["id"] == old["id"] for w in workers_of(call))  # the old agent signed off
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"ppq" in cmdline and b"worker" in cmdline
+    task_id = push(call, "tasks.add", 20, 22)
+    info = wait_state(call, task_id, "done")
+    assert (info["result"], info["worker"]) == (42, new["id"])
+    # The old executors are gone (reaped, not zombies); the new ones are the agent's only children.
+    children = _children(proc.pid)
+    assert not old_children & set(children) and "Z" not in children.values()
+    assert len(children) == (2 if pool == "processes" else 0)
+    assert "restarting in place" in spawn.log(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, spawn.log(proc)
 
 
 def test_second_sigint_stops_at_once_and_hands_the_task_back(master, call, spawn):

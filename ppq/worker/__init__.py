@@ -28,7 +28,7 @@ Where things live:
 
 from __future__ import annotations
 
-from .agent import GRACEFUL, NOW, RESTART, Agent, install_signal_handlers, restart_command, run
+from .agent import GRACEFUL, NOW, RESTART, Agent, install_signal_handlers, restart, restart_command, run
 from .backoff import Backoff
 from .control import WorkerControl
 from .executors import MAX_EXECUTOR_BATCH, ProcessSlot, Running, Slot, ThreadSlot, execute, resolve
@@ -43,5 +43,5 @@ __all__ = [
     "GRACEFUL", "HOOK_NAMES", "MAX_EXECUTOR_BATCH", "MAX_FUNC_LABELS", "NOW", "OTHER", "REFUSED", "RESTART",
     "Agent", "Backoff", "Counters", "Fetcher", "FuncStats", "Heartbeat", "Pool", "ProcessSlot", "Reporter",
     "Running", "Slot", "ThreadSlot", "WorkerControl", "add_hook", "execute", "install_signal_handlers",
-    "resolve", "restart_command", "run",
+    "resolve", "restart", "restart_command", "run",
 ]

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import rpc
 from ..config import Config
@@ -294,5 +294,37 @@ def run(config: Config) -> str:
 
 
 def restart_command() -> list[str]:
-    """The command that starts this agent again."""
-    return [sys.executable, "-m", "ppq", *sys.argv[1:]]
+    """The command that started this agent, interpreter options included: what a restart runs."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def _stop_multiprocessing_helpers() -> None:
+    """Stop the fork server and resource tracker multiprocessing may have started for executors:
+    after an exec they would be children nobody waits for."""
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except (OSError, ChildProcessError):
+                pass
+
+
+def restart() -> NoReturn:
+    """Replace this process, once its agent has stopped, by a fresh agent with the same command line.
+
+    ``os.execv`` keeps the pid, so systemd, supervisord or ``ppq up`` keep
+    supervising it and nothing leaves the process group (huey restarts its
+    consumer the same way). The executors have exited by now; file descriptors
+    close on exec (Python opens them non-inheritable).
+    """
+    command = restart_command()
+    log.info("restarting in place (pid %d): %s", os.getpid(), " ".join(command))
+    _stop_multiprocessing_helpers()
+    for handler in [*logging.getLogger().handlers, *logging.getLogger("ppq").handlers]:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
