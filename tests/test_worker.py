@@ -671,3 +671,52 @@ def test_a_stopped_idle_worker_exits_at_once_and_leaves_the_list(master, spawn):
     assert took < 3.0, f"the worker took {took:.1f}s to stop"
     assert not [w for w in workers_of(call) if w.get("pid") == proc.pid], "a stopped worker is still listed"
     call.close()
+
+
+# -- no task waits behind a long one while an executor or a worker is idle ---------------------------------
+
+
+def _long_poll_waiting(master, pid: int) -> None:
+    waker = master.master.wakers[0]
+    wait_for(lambda: any(w.wid.split(":")[1] == str(pid) for w in list(waker.idle)), timeout=10,
+             what=f"the long-poll of worker pid {pid} to wait on the master")
+
+
+@pytest.mark.parametrize("pool", ["processes", "threads"])
+def test_short_tasks_prefetched_behind_a_long_one_go_to_the_idle_executor(master, call, spawn, pool):
+    """One 5 s task then 50 short ones, 2 executors, automatic prefetch: the short ones that were
+    handed to the long task's executor move to the other one, so all finish well under 5 s."""
+    proc = spawn.worker(address_of(master), concurrency=2, extra=("--pool", pool))
+    worker_entry(call, proc.pid)
+    _long_poll_waiting(master, proc.pid)
+    pushed = time.time()
+    ids = call("push_tasks", [{"func": "sleep_then", "module": "tasks", "args": [5, "long"]}]
+               + [{"func": "add", "module": "tasks", "args": [i, 1]} for i in range(50)])
+    long_id, short = ids[0], ids[1:]
+    finished = [wait_state(call, task_id, "done", timeout=10)["finished"] for task_id in short]
+    slowest = max(finished) - pushed
+    assert slowest < 3.0, f"a short task finished {slowest:.1f}s after the push, behind the long one"
+    assert call("get_task_info", long_id, 0)["state"] == "running"
+    assert wait_state(call, long_id, "done", timeout=15)["result"] == "long"
+    assert call("server_info")[0]["released"] == 0  # moved between executors, not handed back
+
+
+def test_a_task_prefetched_behind_a_long_one_goes_back_to_an_idle_worker(master, call, spawn):
+    """A one-executor worker leases a long task and a short one together (automatic prefetch): once
+    the long task has run a while, the short one goes back to the queue and an idle worker runs it."""
+    first = spawn.worker(address_of(master))
+    first_id = worker_entry(call, first.pid)["id"]
+    _long_poll_waiting(master, first.pid)
+    pushed = time.time()
+    long_id, short_id = call("push_tasks", [{"func": "sleep_then", "module": "tasks", "args": [6, "long"]},
+                                            {"func": "add", "module": "tasks", "args": [20, 22]}])
+    assert wait_state(call, long_id, "running")["worker"] == first_id
+    assert wait_state(call, short_id, "running")["worker"] == first_id  # leased to the busy worker
+    second = spawn.worker(address_of(master))
+    second_id = worker_entry(call, second.pid)["id"]
+    info = wait_state(call, short_id, "done", timeout=10)
+    assert (info["result"], info["worker"]) == (42, second_id)
+    assert info["finished"] - pushed < 5.0
+    assert call("get_task_info", long_id, 0)["state"] == "running"
+    assert call("server_info")[0]["released"] == 1
+    assert wait_state(call, long_id, "done", timeout=15)["worker"] == first_id

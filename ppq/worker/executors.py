@@ -89,14 +89,24 @@ def _import_allowed(allowed_modules: Sequence[str]) -> None:
             log.debug("executor: importing %s ahead of its tasks failed", name, exc_info=True)
 
 
-def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed_paths: list[str],
+def _claim(progress: Any, lock: Any, generation: float, index: int) -> bool:
+    """Start task ``index`` of batch ``generation`` if the agent has not taken it back (see ``Slot.steal``)."""
+    with lock:
+        if progress[3] != generation or index >= progress[2]:
+            return False
+        progress[1] = time.monotonic()
+        progress[0] = index
+        return True
+
+
+def _executor_main(conn: Any, progress: Any, lock: Any, allowed_modules: list[str], allowed_paths: list[str],
                    allow_pickle: bool, queue_index: int, preload: Sequence[str],
                    inherited: Sequence[Any] = ()) -> None:
     """An executor process: run the batches of tasks the agent sends until it sends None.
 
-    ``progress`` is shared memory: [index in the batch of the task running now,
-    its start on the monotonic clock]; the agent reads it to enforce timeouts.
-    Results go back in small groups, at once for a task that took a while.
+    ``progress`` is shared memory (see :class:`Slot`), guarded by ``lock``: the
+    agent reads it to enforce timeouts and writes ``end`` to take back tasks not
+    started yet. Results go back in small groups, at once for a task that took a while.
     ``preload`` names the modules to import before the first task (the allowed
     ones and the autodiscovered ``tasks`` modules, which may register hooks).
     """
@@ -116,12 +126,13 @@ def _executor_main(conn: Any, progress: Any, allowed_modules: list[str], allowed
             return
         if batch is None:
             return
+        generation, tasks = batch
         done: list[dict[str, Any]] = []
         flushed = time.monotonic()
-        for index, task in enumerate(batch):
-            progress[1] = time.monotonic()
-            progress[0] = index
-            done.append(_start(task, allowed_modules, allowed_paths, allow_pickle, queue_index))
+        index = 0
+        while _claim(progress, lock, generation, index):
+            done.append(_start(tasks[index], allowed_modules, allowed_paths, allow_pickle, queue_index))
+            index += 1
             now = time.monotonic()
             if now - flushed > _FLUSH_AFTER or now - progress[1] > _FLUSH_AFTER:
                 conn.send(done)
@@ -147,14 +158,19 @@ class Slot(Protocol):
 
     ``batch`` lists the tasks sent, in order; the first ``received`` of them have
     reported. ``progress`` is ``[index in the batch of the task running now, its
-    start on the monotonic clock]``, written by the executor. Every method is
-    called from the agent's main thread with the agent's lock held, except
-    ``current`` and ``pending``, which the heartbeat and control threads read.
+    start on the monotonic clock, end, generation]``: the executor writes the
+    first two as it starts each task, but only while the index is below ``end``
+    and the batch is the current ``generation``, checked under ``lock``; so the
+    agent can lower ``end`` to take back tasks not started yet (:meth:`steal`).
+    Every method is called from the agent's main thread with the pool's ``cond``
+    held, except ``current`` and ``pending``, which the heartbeat and control
+    threads read.
     """
 
     index: int
     pid: int | None
     progress: Any
+    lock: Any
     batch: list[Running]
     received: int
 
@@ -168,8 +184,14 @@ class Slot(Protocol):
     def current(self) -> tuple[Running, float] | None:
         """The task running now and its start (monotonic), if it can be told."""
 
+    def unstarted(self) -> int:
+        """How many tasks of the batch the executor has not started yet (a hint: it may start one now)."""
+
     def assign(self, tasks: list[Running]) -> None:
         """Hand an idle executor a batch of tasks."""
+
+    def steal(self, count: int) -> list[Running]:
+        """Take back up to ``count`` tasks from the end of the batch that the executor has not started."""
 
     def take(self, reports: list[dict[str, Any]]) -> list[tuple[Running, dict[str, Any]]]:
         """Match reports to the batch in order; the batch is cleared once all have reported."""
@@ -197,10 +219,12 @@ class _Batch:
     """The batch bookkeeping that both kinds of slot share."""
 
     progress: Any
+    lock: Any
 
     def __init__(self) -> None:
         self.batch: list[Running] = []
         self.received = 0
+        self.generation = 0
 
     @property
     def idle(self) -> bool:
@@ -217,12 +241,45 @@ class _Batch:
             return None
         return self.batch[index], float(self.progress[1])
 
+    def unstarted(self) -> int:
+        if not self.batch:
+            return 0
+        return len(self.batch) - max(int(self.progress[0]) + 1, self.received)
+
     def assign(self, tasks: list[Running]) -> None:
         self.batch = tasks
         self.received = 0
-        self.progress[0] = -1
-        self.progress[1] = 0.0
-        self.send([r.task for r in tasks])
+        self.generation += 1
+        if not self.lock.acquire(timeout=1.0):
+            raise OSError("the executor does not let go of its lock")
+        try:
+            self.progress[0] = -1
+            self.progress[1] = 0.0
+            self.progress[2] = len(tasks)
+            self.progress[3] = self.generation
+        finally:
+            self.lock.release()
+        self.send((self.generation, [r.task for r in tasks]))
+
+    def steal(self, count: int) -> list[Running]:
+        if count <= 0 or not self.batch:
+            return []
+        # The executor holds the lock for a few microseconds; one that does not let go has died.
+        if not self.lock.acquire(timeout=1.0):
+            return []
+        try:
+            keep = max(int(self.progress[0]) + 1, self.received, len(self.batch) - count)
+            if keep >= len(self.batch):
+                return []
+            self.progress[2] = keep
+        finally:
+            self.lock.release()
+        taken = self.batch[keep:]
+        del self.batch[keep:]
+        if self.received >= len(self.batch):
+            self.batch = []
+            self.received = 0
+        return taken
 
     def take(self, reports: list[dict[str, Any]]) -> list[tuple[Running, dict[str, Any]]]:
         pairs = []
@@ -235,7 +292,7 @@ class _Batch:
             self.received = 0
         return pairs
 
-    def send(self, tasks: list[dict[str, Any]]) -> None:
+    def send(self, batch: tuple[int, list[dict[str, Any]]]) -> None:
         raise NotImplementedError
 
 
@@ -246,11 +303,12 @@ class ProcessSlot(_Batch):
                  ) -> None:
         super().__init__()
         self.index = index
-        self.progress = ctx.Array("d", 2, lock=False)
+        self.progress = ctx.Array("d", 4, lock=False)
+        self.lock = ctx.Lock()
         self.conn, child = ctx.Pipe()
         # Forked (not from the fork server): the agent's ends of its pipes are inherited.
         inherited = [self.conn, *(s.conn for s in siblings)] if ctx.get_start_method() == "fork" else []
-        self.process = ctx.Process(target=_executor_main, args=(child, self.progress, *options, inherited),
+        self.process = ctx.Process(target=_executor_main, args=(child, self.progress, self.lock, *options, inherited),
                                    name=f"ppq-executor-{index}", daemon=True)
         self.process.start()
         child.close()
@@ -262,8 +320,8 @@ class ProcessSlot(_Batch):
     def waitables(self) -> list[Any]:
         return [self.conn, self.process.sentinel]
 
-    def send(self, tasks: list[dict[str, Any]]) -> None:
-        self.conn.send(tasks)
+    def send(self, batch: tuple[int, list[dict[str, Any]]]) -> None:
+        self.conn.send(batch)
 
     def poll(self) -> list[dict[str, Any]] | None:
         reports: list[dict[str, Any]] = []
@@ -307,9 +365,10 @@ class ThreadSlot(_Batch):
         super().__init__()
         self.index = index
         self.options = options
-        self.progress = [-1.0, 0.0]
+        self.progress = [-1.0, 0.0, 0.0, 0.0]
+        self.lock = threading.Lock()
         self._wake = wake
-        self._tasks: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[int, list[dict[str, Any]]] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._abandoned = False
         self.thread = threading.Thread(target=self._loop, name=f"ppq-executor-{index}", daemon=True)
@@ -320,10 +379,11 @@ class ThreadSlot(_Batch):
             batch = self._tasks.get()
             if batch is None or self._abandoned:
                 return
-            for index, task in enumerate(batch):
-                self.progress[1] = time.monotonic()
-                self.progress[0] = index
-                report = _start(task, *self.options[:4])
+            generation, tasks = batch
+            index = 0
+            while _claim(self.progress, self.lock, generation, index):
+                report = _start(tasks[index], *self.options[:4])
+                index += 1
                 if self._abandoned:
                     return
                 self._results.put(report)
@@ -332,8 +392,8 @@ class ThreadSlot(_Batch):
     def waitables(self) -> list[Any]:
         return []
 
-    def send(self, tasks: list[dict[str, Any]]) -> None:
-        self._tasks.put(tasks)
+    def send(self, batch: tuple[int, list[dict[str, Any]]]) -> None:
+        self._tasks.put(batch)
 
     def poll(self) -> list[dict[str, Any]] | None:
         reports = []

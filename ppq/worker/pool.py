@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ppq.worker")
 
+# Seconds after which a running task holds nothing behind it: its executor's tasks not started yet
+# go to other executors and, with automatic prefetch when every executor is so held, back to the
+# master, where an idle worker takes them.
+STALLED_AFTER = 1.0
+
 
 class Pool:
     """``concurrency`` executors, the inbox of leased tasks waiting for one, and the counters."""
@@ -52,6 +57,8 @@ class Pool:
         self.slots: list[Slot] = []
         self.counters = Counters()
         self.mean_duration: float | None = None
+        # Executors whose task has run STALLED_AFTER seconds or more (as of the last supervision).
+        self.stalled = 0
         # Where finished tasks' reports go (the reporter's outbox) and the metrics, set by the agent.
         self.report: Callable[[dict[str, Any]], None] = lambda report: None
         self.metrics: Any = None
@@ -68,17 +75,19 @@ class Pool:
 
         ``worker.prefetch`` when set (0 = none); by default it follows the mean
         task duration: many while tasks are short, none once they take a while, so
-        long tasks are not held back from other workers.
+        long tasks are not held back from other workers; and only for the
+        executors that are not held by a long task.
         """
         if self.prefetch >= 0:
             return self.prefetch
         mean = self.mean_duration
+        active = max(self.concurrency - self.stalled, 0)
         if mean is None:
-            return self.concurrency
+            return active
         if mean < 0.01:
-            return 64 * self.concurrency
+            return 64 * active
         if mean < 0.1:
-            return 4 * self.concurrency
+            return 4 * active
         return 0
 
     def free(self) -> int:
@@ -274,10 +283,47 @@ class Pool:
                     self._abort_slot(slot, f"TaskTimeoutError: timeout: the task ran longer than {limit:g}s "
                                            f"and was stopped")
                     freed = True
+        if not self._stopping():
+            freed = self._rebalance() or freed
+            self.dispatch()
         if freed:
             self.cond.notify_all()
-        if not self._stopping():
-            self.dispatch()
+
+    def _rebalance(self) -> bool:
+        """No task waits behind a running one while an executor is idle; ``self.cond`` is held.
+
+        An executor whose task has run STALLED_AFTER seconds gives back the tasks it
+        has not started (to the front of the inbox); an idle executor, when the inbox
+        is empty, takes a share of the tasks the others have not started. With
+        automatic prefetch, once every executor is held by a long task, the inbox
+        goes back to the master (to the front of the queue), for an idle worker.
+        Moving tasks changes neither what the agent holds nor any call to a master.
+        Returns whether room was made for more tasks.
+        """
+        now = time.monotonic()
+        taken: list[Running] = []
+        stalled = 0
+        for slot in self.slots:
+            current = slot.current()
+            if current is not None and current[1] and now - current[1] >= STALLED_AFTER:
+                stalled += 1
+                taken += slot.steal(len(slot.batch))
+        was, self.stalled = self.stalled, stalled
+        if not taken and not self.inbox:
+            idle = sum(1 for slot in self.slots if slot.idle)
+            if idle:
+                for slot in self.slots:
+                    waiting = slot.unstarted()
+                    if waiting > 0:
+                        taken += slot.steal(-(-waiting * idle // (idle + 1)))
+        if taken:
+            self.inbox.extendleft(reversed([r.task for r in taken]))
+        if self.prefetch < 0 and stalled and stalled == len(self.slots) and self.inbox:
+            waiting = list(self.inbox)
+            self.inbox.clear()
+            self.hand_back(waiting)
+            return True
+        return stalled < was
 
     def kill_unfinished(self) -> list[dict[str, Any]]:
         """Stop the executors that still run tasks; return those tasks (to hand back)."""
