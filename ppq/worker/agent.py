@@ -262,7 +262,7 @@ class Agent:
 
 def install_signal_handlers(agent: Agent) -> None:
     """SIGTERM/SIGINT/SIGUSR1: graceful stop; SIGUSR2: graceful restart; a second SIGINT: stop now."""
-    interrupted = []
+    interrupted: list[bool] = []
 
     def graceful(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:

@@ -168,11 +168,14 @@ class Slot(Protocol):
     """
 
     index: int
-    pid: int | None
     progress: Any
     lock: Any
     batch: list[Running]
     received: int
+
+    @property
+    def pid(self) -> int | None:
+        """The executor's process id; None for a thread."""
 
     @property
     def idle(self) -> bool:
@@ -359,7 +362,9 @@ class ProcessSlot(_Batch):
 class ThreadSlot(_Batch):
     """One executor thread. A thread cannot be killed: on timeout it is abandoned."""
 
-    pid = None
+    @property
+    def pid(self) -> int | None:
+        return None
 
     def __init__(self, index: int, wake: Callable[[], None], options: tuple[Any, ...]) -> None:
         super().__init__()

@@ -113,7 +113,7 @@ class Pool:
 
     def running_tasks(self) -> list[tuple[Slot, Running, float | None]]:
         """(slot, task, start) for each task an executor is running now."""
-        out = []
+        out: list[tuple[Slot, Running, float | None]] = []
         for slot in list(self.slots):
             current = slot.current()
             if current is not None:
@@ -142,7 +142,7 @@ class Pool:
         slots: list[ProcessSlot] = []
         for i in range(self.concurrency):
             slots.append(ProcessSlot(i, first, self.options, slots))
-        self.slots = list(slots)
+        self.slots = [*slots]
 
     def _replace(self, slot: Slot) -> None:
         slot.kill()
@@ -313,9 +313,9 @@ class Pool:
             idle = sum(1 for slot in self.slots if slot.idle)
             if idle:
                 for slot in self.slots:
-                    waiting = slot.unstarted()
-                    if waiting > 0:
-                        taken += slot.steal(-(-waiting * idle // (idle + 1)))
+                    unstarted = slot.unstarted()
+                    if unstarted > 0:
+                        taken += slot.steal(-(-unstarted * idle // (idle + 1)))
         if taken:
             self.inbox.extendleft(reversed([r.task for r in taken]))
         if self.prefetch < 0 and stalled and stalled == len(self.slots) and self.inbox:
