@@ -14,8 +14,9 @@ acts on them. The agent never talks to Redis.
 
 Where things live:
 
-- ``agent.py``: :class:`Agent`, its lifecycle (start, run, graceful stop,
-  restart), signal handling, :func:`run`;
+- ``agent.py``: :class:`Agent`, its lifecycle (start, run, graceful stop);
+- ``runner.py``: an agent as this process: signal handlers, :func:`run`, and
+  :func:`restart` in place (``os.execv``) after SIGUSR2;
 - ``pool.py``: :class:`Pool`, the executors and the tasks the agent holds:
   capacity, dispatch, timeouts, outcomes;
 - ``fetcher.py``, ``reporter.py``, ``heartbeat.py``: one class per helper
@@ -28,7 +29,7 @@ Where things live:
 
 from __future__ import annotations
 
-from .agent import GRACEFUL, NOW, RESTART, Agent, install_signal_handlers, restart, restart_command, run
+from .agent import GRACEFUL, NOW, RESTART, Agent
 from .backoff import Backoff
 from .control import WorkerControl
 from .executors import MAX_EXECUTOR_BATCH, ProcessSlot, Running, Slot, ThreadSlot, execute, resolve
@@ -37,6 +38,7 @@ from .heartbeat import Heartbeat
 from .hooks import HOOK_NAMES, add_hook
 from .pool import Pool
 from .reporter import Reporter
+from .runner import install_signal_handlers, restart, restart_command, run
 from .stats import MAX_FUNC_LABELS, OTHER, REFUSED, Counters, FuncStats
 
 __all__ = [
