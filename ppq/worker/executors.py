@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing
 import queue
 import signal
 import sys
@@ -91,12 +92,19 @@ def _import_allowed(allowed_modules: Sequence[str]) -> None:
 
 def _claim(progress: Any, lock: Any, generation: float, index: int) -> bool:
     """Start task ``index`` of batch ``generation`` if the agent has not taken it back (see ``Slot.steal``)."""
-    with lock:
+    while not lock.acquire(timeout=1.0):
+        # The agent holds the lock for microseconds: if it died holding it, this executor is an orphan.
+        parent = multiprocessing.parent_process()
+        if parent is not None and not parent.is_alive():
+            return False
+    try:
         if progress[3] != generation or index >= progress[2]:
             return False
         progress[1] = time.monotonic()
         progress[0] = index
         return True
+    finally:
+        lock.release()
 
 
 def _executor_main(conn: Any, progress: Any, lock: Any, allowed_modules: list[str], allowed_paths: list[str],
