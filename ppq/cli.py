@@ -348,10 +348,7 @@ def worker(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
         _check_port_free(w.host, w.port, "worker.port")
     mode = run_guarded(lambda: worker_mod.run(config))
     if mode == worker_mod.RESTART:
-        command = worker_mod.restart_command()
-        log.info("restarting: %s", " ".join(command))
-        subprocess.Popen(command, start_new_session=True)
-        sys.exit(RET_OK)
+        worker_mod.restart()  # in place: the same pid, under the same supervisor
     sys.exit(RET_ERROR if mode == worker_mod.NOW else RET_OK)
 
 
