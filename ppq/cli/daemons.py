@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from ..config import DEFAULT_WORKER_PORT, Config, connect_address
+from ..config import DEFAULT_WORKER_PORT, Config
 from ..errors import PPQError, TaskFailedError
 from .base import _apply_sub, _default, _redis_map, _split, _stop_on_signals, build_config, config_option, main
 from .output import RET_CONFIG, RET_ERROR, RET_OK, _table, console, fail, run_guarded
@@ -192,13 +190,22 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
        allow: tuple[str, ...], metrics_port: int | None, insecure: bool | None, demo: bool) -> None:
     """Run a whole local stack in the foreground: embedded Redis, a master and workers.
 
-    Ctrl-C stops everything cleanly.
+    Ctrl-C, SIGTERM or SIGHUP stops everything, in order, piped or not (and so
+    does closing the pipe its output goes to): the workers first, which finish
+    their running tasks (up to worker.task_timeout) and report them, then the
+    master, then the embedded Redis. A second Ctrl-C stops the workers at once:
+    their running tasks go back to the queue. The workers die with `ppq up`.
+
+    A worker that dies is named in one line and started again, unless it
+    exited on a configuration error or within 5 s of its start: then everything
+    stops, as it does if the embedded Redis dies (exit code 2 for a
+    configuration error, else 1).
 
     \b
     Example:
       ppq up --allow mytasks --workers 2
     """
-    from ..master import MasterServer
+    from .. import stack as stack_mod
 
     _apply_sub(ctx, sub_config, sub_log_level)
     if demo:
@@ -208,64 +215,38 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
                                 "worker.queue_index": queue_index, "worker.allowed_modules": _split(allow)})
     if workers < 0:
         fail("--workers must not be negative", RET_CONFIG)
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    server = run_guarded(lambda: MasterServer(config).start())
-    qi = config.worker.queue_index
-    if qi not in server.stores:
-        server.stop()
-        fail(f"worker.queue_index: {qi} is not served by this master (master.redis_map has "
-             f"{', '.join(map(str, sorted(server.stores)))})", RET_CONFIG)
-    address = connect_address(config.master.host, int(server.port))
+    stack = stack_mod.Stack(config, workers, config_path=ctx.obj.get("config"), concurrency=concurrency,
+                            allow=_split(allow))
+    stack.install_signal_handlers()
+    run_guarded(stack.start)
+    server = stack.server
+    assert server is not None
     if server.embedded is not None:
-        console.print(f"redis: {server.embedded.url} (data in {server.embedded.data_dir})", markup=False,
-                      highlight=False)
-    console.print(f"master: {server.uri}", markup=False, highlight=False)
-    command = [sys.executable, "-m", "ppq"]
-    if ctx.obj.get("config"):
-        command += ["--config", ctx.obj["config"]]
-    command += ["worker", "--master-hosts", address, "--port", "0", "--queue-index", str(qi)]
-    if concurrency is not None:
-        command += ["--concurrency", str(concurrency)]
-    for module in _split(allow) or []:
-        command += ["--allow", module]
-    env = dict(os.environ)
-    if config.log_level:
-        env["PPQ_LOG_LEVEL"] = config.log_level
-    env["PPQ_LOG_FORMAT"] = config.log_format
-    children = [subprocess.Popen(command, env=env) for _ in range(workers)]
+        _say(f"redis: {server.embedded.url} (data in {server.embedded.data_dir})")
+    _say(f"master: {server.uri}")
     allowed = ", ".join(config.worker.allowed_modules) or "none: pass --allow MODULE"
-    reach = f"--config {ctx.obj['config']}" if ctx.obj.get("config") else f"--master {address}"
-    console.print(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "
-                  f"ppq push {reach} module.func ARGS   (Ctrl-C stops)", markup=False, highlight=False)
+    reach = f"--config {ctx.obj['config']}" if ctx.obj.get("config") else f"--master {stack.address}"
+    _say(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "
+         f"ppq push {reach} module.func ARGS   (Ctrl-C stops)")
     if demo:
-        threading.Thread(target=_run_demo, args=(config, address, stop), daemon=True).start()
-    config_error = False
-    try:
-        while not config_error and not stop.wait(0.5):
-            for i, child in enumerate(children):
-                if child.poll() is None or stop.is_set():
-                    continue
-                if child.returncode == RET_CONFIG:
-                    # Its one-line error is above; another worker would only fail the same way.
-                    config_error = True
-                    break
-                log.warning("worker pid %s exited with %s; starting another", child.pid, child.returncode)
-                children[i] = subprocess.Popen(command, env=env)
-    finally:
-        console.print("stopping...", markup=False)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + config.worker.task_timeout + 10
-        for child in children:
-            try:
-                child.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.kill()
-        server.stop()
-    if config_error:
+        threading.Thread(target=_run_demo, args=(config, stack.address, stack.stopping), daemon=True).start()
+    outcome = stack.run(on_stopping=lambda: _say("stopping..."))
+    if outcome == stack_mod.WORKER_CONFIG:
         fail("a worker stopped on a configuration error (above); everything is stopped", RET_CONFIG)
+    if outcome == stack_mod.DIED:
+        fail(f"{stack.reason}; everything is stopped")
+
+
+def _say(text: str) -> None:
+    """Print a line for people; if the reader of a pipe is gone, carry on without output.
+
+    rich answers a broken pipe by pointing stdout at /dev/null and raising SystemExit:
+    the stack sees its output gone and stops in order, which an exit here would skip.
+    """
+    try:
+        console.print(text, markup=False, highlight=False)
+    except SystemExit:
+        pass
 
 
 def _run_demo(config: Config, address: str, stop: threading.Event) -> None:
@@ -287,10 +268,8 @@ def _run_demo(config: Config, address: str, stop: threading.Event) -> None:
         try:
             client.result(failing, timeout=60)
         except TaskFailedError as exc:
-            console.print(f"ppq.demo.fail went to the dead list as expected: {exc.error}", markup=False,
-                          highlight=False)
-        console.print(f"try: ppq status -m {address}   |   ppq dead list -m {address}", markup=False,
-                      highlight=False)
+            _say(f"ppq.demo.fail went to the dead list as expected: {exc.error}")
+        _say(f"try: ppq status -m {address}   |   ppq dead list -m {address}")
     except PPQError as exc:
         if not stop.is_set():
             log.error("demo failed: %s", exc)
