@@ -446,11 +446,13 @@ def kill_left(pids: set[int]) -> None:
             psutil.Process(pid).kill()
 
 
-def task_after(data, task_id: str) -> dict:
-    """The task's record once `ppq up` is gone, read through a master on the same embedded Redis data."""
-    config = load_config(overrides={"master.port": 0, "master.data_dir": str(data)}, environ={})
+def task_after(data, task_id: str, states: tuple[str, ...] = ("done", "queued")) -> dict:
+    """The task's record once `ppq up` is gone, read through a master on the same embedded Redis data, as
+    soon as it is in one of ``states`` (that master's reaper puts a task whose lease expired back in the queue)."""
+    config = load_config(overrides={"master.port": 0, "master.data_dir": str(data), "master.reaper_interval": 0.2},
+                         environ={})
     with MasterServer(config) as server, closing(PyroFunc(server.uri)) as call:
-        return call("get_task_info", task_id, 0)
+        return wait_state(call, task_id, states)
 
 
 def running_sleeper(addr: str, seconds: float = 2.0) -> str:
@@ -504,23 +506,28 @@ def test_up_with_its_output_piped_stops_workers_master_and_redis_on_a_signal(tmp
         assert "stopping...\n" in lines, lines
         log = (tmp_path / "up.err").read_text()
         assert log.index("stopped: 1 done") < log.index("master stopped"), log
-        assert_reported(data, task_id)
-        assert task_after(data, task_id)["state"] == "done"
+        assert task_after(data, task_id, ("done",))["result"] == "slept"
     finally:
         errors.close()
         if up.poll() is None:
             up.kill()
             up.wait(10)
+        reader.join(10)
+        up.stdout.close()
         kill_left(family)
 
 
 def test_up_a_second_ctrl_c_stops_the_worker_at_once_and_its_task_goes_back_to_the_queue(tmp_path):
+    """The worker hands its running task back; if its long-poll still in flight takes it again, the
+    lease (master.lease_timeout, 3 s here) expires and the task is back in the queue all the same."""
     port, data = free_port(), tmp_path / "up-data"
     errors = open(tmp_path / "up.err", "wb")  # noqa: SIM115 - closed below
-    up = subprocess.Popen(up_argv(port, data), stdout=subprocess.PIPE, stderr=errors, env=ppq_env(UP_ENV),
+    up = subprocess.Popen(up_argv(port, data), stdout=subprocess.PIPE, stderr=errors,
+                          env=ppq_env({**UP_ENV, "PPQ_MASTER_LEASE_TIMEOUT": "3"}),
                           cwd=str(TESTS_DIR), start_new_session=True)
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(line.decode() for line in up.stdout), daemon=True).start()
+    reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in up.stdout), daemon=True)
+    reader.start()
     family: set[int] = set()
     try:
         wait_ready(up, f"127.0.0.1:{port}")
@@ -532,12 +539,14 @@ def test_up_a_second_ctrl_c_stops_the_worker_at_once_and_its_task_goes_back_to_t
         assert up.wait(30) == 0, (tmp_path / "up.err").read_text()
         wait_for(lambda: all(pid_gone(p) for p in family), timeout=15, what="every child of ppq up to exit")
         assert "stopping the workers at once" in (tmp_path / "up.err").read_text()
-        assert task_after(data, task_id)["state"] == "queued"
+        assert task_after(data, task_id, ("queued",))["state"] == "queued"
     finally:
         errors.close()
         if up.poll() is None:
             up.kill()
             up.wait(10)
+        reader.join(10)
+        up.stdout.close()
         kill_left(family)
 
 
@@ -591,12 +600,13 @@ def test_up_stops_everything_when_the_reader_of_its_output_goes_away(tmp_path):
         wait_for(lambda: all(pid_gone(p) for p in family), timeout=15, what="every child of ppq up to exit")
         log = (tmp_path / "up.err").read_text()
         assert "standard output was closed: stopping" in log and "stopped: 1 done" in log, log
-        assert task_after(data, task_id)["state"] == "done"
+        assert task_after(data, task_id, ("done",))["result"] == "slept"
     finally:
         errors.close()
         if up.poll() is None:
             up.kill()
             up.wait(10)
+        up.stdout.close()
         kill_left(family)
 
 
