@@ -71,7 +71,7 @@ def _own_session_dying_with_parent() -> None:  # pragma: no cover - runs in the 
 
 
 class _Relay:
-    """Copies the workers' stdout and stderr to this process's, line-agnostic, in one thread.
+    """Copies the workers' stdout and stderr to this process's, byte for byte, in one thread.
 
     A write that fails (the reader of this process's output is gone) is dropped, and the
     workers' pipes keep being drained, so that they never block or break on output.
@@ -80,7 +80,7 @@ class _Relay:
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
-        self._pending: list[tuple[int, int]] = []
+        self._pending: list[tuple[Any, int]] = []
         self._open = 0
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="ppq-stack-relay", daemon=True)
@@ -90,21 +90,20 @@ class _Relay:
         with self._lock:
             for pipe, target in ((proc.stdout, 1), (proc.stderr, 2)):
                 if pipe is not None:
-                    self._pending.append((pipe.fileno(), target))
+                    self._pending.append((pipe, target))
                     self._open += 1
 
-    def close(self, timeout: float = 5.0) -> bool:
+    def close(self, timeout: float = 5.0) -> None:
         """Stop once every pipe added has reached its end (the workers and whatever they started have
-        exited); False if some pipe is still open after ``timeout`` (the thread then goes on with it)."""
+        exited), each closed then; after ``timeout``, the thread goes on with those still open."""
         self._closing = True
         self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                for fd, target in self._pending:
-                    self._selector.register(fd, selectors.EVENT_READ, target)
+                for pipe, target in self._pending:
+                    self._selector.register(pipe, selectors.EVENT_READ, target)
                 self._pending.clear()
                 if self._closing and self._open == 0:
                     break
@@ -113,13 +112,16 @@ class _Relay:
                     data = os.read(key.fd, 65536)
                 except OSError:
                     data = b""
-                if not data:
-                    self._selector.unregister(key.fd)
+                if not data:  # the worker (and all it started) has exited
+                    self._selector.unregister(key.fileobj)
+                    key.fileobj.close()  # type: ignore[union-attr]
                     with self._lock:
                         self._open -= 1
                     continue
                 with contextlib.suppress(OSError):
-                    os.write(key.data, data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(key.data, view):]
         self._selector.close()
 
 
@@ -162,7 +164,12 @@ class Stack:
         self.server = server
         self.address = connect_address(self.config.master.host, int(server.port))
         self._relay = _Relay()
-        self.workers = [self._start_worker() for _ in range(self.worker_count)]
+        try:
+            for _ in range(self.worker_count):
+                self.workers.append(self._start_worker())
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def worker_command(self) -> list[str]:
@@ -278,11 +285,8 @@ class Stack:
                 child.kill()
                 child.wait(10)
         relay, self._relay = self._relay, None
-        if relay is not None and relay.close():
-            for child in self.workers:
-                for pipe in (child.stdout, child.stderr):
-                    if pipe is not None:
-                        pipe.close()
+        if relay is not None:
+            relay.close()
         server, self.server = self.server, None
         if server is not None:
             server.stop()  # the master, then its embedded redis-server
