@@ -360,6 +360,23 @@ def _parameters(parameters: Any, args: Any, kwargs: Any, limits: LimitsConfig, a
     return data
 
 
+# Most module names a worker's allow list, as sent to masters for routing, holds, and most
+# characters in them together.
+MAX_ALLOW_NAMES = 64
+MAX_ALLOW_CHARS = 1000
+ALLOW_NAME = re.compile(r"\*|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def allow_list(allowed_modules: Iterable[str]) -> list[str]:
+    """What a worker with ``allowed_modules`` tells masters it runs, so that they lease it only
+    tasks of those modules: the names a task's module can match, or ``['*']`` (any: the worker
+    then refuses what it may not run itself) when there are more than the bounds allow."""
+    names = sorted({n for n in allowed_modules if isinstance(n, str) and ALLOW_NAME.fullmatch(n)})
+    if "*" in names or len(names) > MAX_ALLOW_NAMES or sum(map(len, names)) > MAX_ALLOW_CHARS:
+        return ["*"]
+    return names
+
+
 def module_allowed(module: str, allowed: Iterable[str]) -> bool:
     """True if ``module`` is one of ``allowed`` or inside one of them, by whole segments."""
     for prefix in allowed:

@@ -18,7 +18,7 @@ import pytest
 
 from ppq.errors import InvalidTaskError
 
-from .conftest import address_of, redis_snapshot, run_ppq, wait_for, wait_state
+from .conftest import REPO, TESTS_DIR, address_of, redis_snapshot, run_ppq, wait_for, wait_state
 
 
 def worker(name: str, *allow: str) -> dict[str, Any]:
@@ -210,7 +210,7 @@ def write_module(directory: Path, name: str) -> None:
 
 def start_worker(spawn, master, allow: str, modules: Path):
     return spawn.worker(address_of(master), allow=allow,
-                        env={"PYTHONPATH": os.pathsep.join([str(modules), str(Path(__file__).parent)])})
+                        env={"PYTHONPATH": os.pathsep.join([str(modules), str(TESTS_DIR), str(REPO)])})
 
 
 def test_two_workers_with_different_allow_lists_each_run_only_their_tasks(master, call, spawn, tmp_path):
@@ -244,7 +244,7 @@ def test_a_task_no_worker_allows_waits_visibly_then_runs_when_one_does(master, c
     address = address_of(master)
     status = run_ppq("status", "-m", address)
     assert status.returncode == 0, status.stderr
-    assert "waiting for a worker that allows routed_c: 3" in status.stdout, status.stdout
+    assert "waiting for a worker that allows routed_c: 3 task(s)" in status.stdout, status.stdout
     shown = run_ppq("task", waiting[0], "-m", address)
     assert shown.returncode == 0, shown.stderr
     assert "waiting for a worker that allows routed_c" in shown.stdout, shown.stdout

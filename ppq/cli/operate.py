@@ -28,8 +28,11 @@ def status(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
     """Queue counts per queue_index and the live workers.
 
     "leased" counts tasks handed to workers (prefetched ones too), "running"
-    those the workers said they ran at their last heartbeat. Columns that do not
-    fit the terminal are left out; --json has everything.
+    those the workers said they ran at their last heartbeat. Queued tasks of a
+    module no live worker allows are listed under their queue ("waiting for a
+    worker that allows mytasks: 3 task(s)"); the workers table shows what each
+    allows. Columns that do not fit the terminal are left out; --json has
+    everything.
 
     \b
     Example:
@@ -55,7 +58,8 @@ QUEUE_COLUMNS = (
 )
 WORKER_COLUMNS = (
     ("id", "worker", 0), ("queue_index", "queue", 3), ("concurrency", "exec", 2), ("running", "running", 0),
-    ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "heartbeat", 2), ("tasks", "running tasks", 9),
+    ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "heartbeat", 2), ("allow", "allows", 4),
+    ("tasks", "running tasks", 9),
 )
 
 
@@ -76,7 +80,7 @@ def _fit_table(title: str, columns: tuple[tuple[str, str, int], ...], rows: list
         table = _table(title=title, box=box.SQUARE, title_justify="left")
         for key, header, _ in columns:
             if key in keys:
-                text = key in ("id", "redis", "tasks", "heartbeat")
+                text = key in ("id", "redis", "tasks", "heartbeat", "allow")
                 table.add_column(header, justify="left" if text else "right", no_wrap=key not in foldable,
                                  overflow="fold" if key in foldable else "ellipsis",
                                  max_width=max(20, width // 3) if key in foldable else None)
@@ -118,6 +122,8 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
         row.update(queue_index=str(qi), leased=str(entry.get("running", 0)), workers=str(len(workers)),
                    running=str(sum(len(w.get("running") or []) for w in workers)), redis=str(entry.get("redis", "")))
         queue_rows.append(row)
+        for module, count in sorted((entry.get("waiting_for") or {}).items()):
+            notes.append(f"queue_index {qi}: waiting for a worker that allows {module}: {count} task(s)")
         for w in workers:
             running = w.get("running") or []
             beat = w.get("last_heartbeat")
@@ -125,9 +131,10 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
                 "id": str(w.get("id")), "queue_index": str(qi), "concurrency": str(w.get("concurrency", "")),
                 "running": str(len(running)), "done": str(w.get("done", "")), "failed": str(w.get("failed", "")),
                 "heartbeat": time.strftime("%H:%M:%S", time.localtime(float(beat))) if beat else "",
+                "allow": "*" if w.get("allow") is None else ", ".join(map(str, w["allow"])) or "(none)",
                 "tasks": ", ".join(running) or "-"})
     parts: list[Any] = [_fit_table("queues", QUEUE_COLUMNS, queue_rows, width, foldable=("redis",))]
-    parts += [Text(note, style="red") for note in notes]
+    parts += [Text(note, style="yellow" if "waiting for a worker" in note else "red") for note in notes]
     if worker_rows:
         parts.append(_fit_table(f"workers ({len(worker_rows)})", WORKER_COLUMNS, worker_rows, width,
                                 foldable=("id", "tasks")))

@@ -280,6 +280,9 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
          task_id: str, queue_index: int, as_json: bool, wait: bool, timeout: float | None) -> None:
     """Show one task: state, retries, timestamps, result or error.
 
+    A queued task of a module no live worker allows says so: "queued (waiting
+    for a worker that allows mytasks)".
+
     \b
     Example:
       ppq task 3f2a9c... --wait --wait-timeout 30
@@ -304,6 +307,8 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
         value = info.get(name)
         if name in ("created", "eta", "started", "finished"):
             value = _when(value)
+        elif name == "state" and info.get("waiting_for"):
+            value = f"{value} (waiting for {info['waiting_for']})"
         elif name in ("args", "kwargs", "result"):
             value = json.dumps(value, default=_json_default) if value is not None else ""
         table.add_row(name, "" if value is None else str(value))

@@ -17,7 +17,17 @@ from .. import codec
 from ..config import LimitsConfig
 from ..errors import CodecError, InvalidTaskError
 from ..store import ANY_MODULE, Store
-from ..task import TaskSpec, check_number, check_pushes, check_task_id, module_allowed, show
+from ..task import (
+    ALLOW_NAME,
+    MAX_ALLOW_CHARS,
+    MAX_ALLOW_NAMES,
+    TaskSpec,
+    check_number,
+    check_pushes,
+    check_task_id,
+    module_allowed,
+    show,
+)
 
 # Longest long-poll a worker may ask for, in seconds.
 MAX_WAIT = 30.0
@@ -27,10 +37,6 @@ WORKER_TEXT_FIELDS = {"host": 255, "pool": 32, "control_uri": 300}
 WORKER_NUMBER_FIELDS = ("pid", "queue_index", "concurrency", "started", "done", "failed", "heartbeat_interval")
 # Most running task ids kept from one worker_info.
 MAX_RUNNING_LISTED = 100
-# Most module names in a worker_info's "allow", and most characters in them together.
-MAX_ALLOW_NAMES = 64
-MAX_ALLOW_CHARS = 1000
-_ALLOW_NAME = re.compile(r"\*|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 # Allow lists already checked: tuple of names -> the spec lease.lua takes.
 _allow_specs: dict[tuple[Any, ...], str] = {}
 _MAX_ALLOW_SPECS = 1000
@@ -80,7 +86,7 @@ def allow_of(worker_info: Any) -> str:
             pass
     if (not isinstance(names, (list, tuple)) or len(names) > MAX_ALLOW_NAMES
             or not all(isinstance(n, str) for n in names) or sum(map(len, names)) > MAX_ALLOW_CHARS
-            or not all(_ALLOW_NAME.fullmatch(n) for n in names)):
+            or not all(ALLOW_NAME.fullmatch(n) for n in names)):
         raise InvalidTaskError(f"worker_info: allow must be a list of at most {MAX_ALLOW_NAMES} dotted module names "
                                f"(or '*'), {MAX_ALLOW_CHARS} characters in all, got {show(names)}")
     spec = ANY_MODULE if ANY_MODULE in names else ",".join(sorted(set(names)))

@@ -15,6 +15,7 @@ from typing import Any
 from .. import rpc
 from ..config import Config
 from ..errors import ConfigError, PPQError
+from ..task import MAX_ALLOW_CHARS, MAX_ALLOW_NAMES, allow_list
 from .control import WorkerControl
 from .fetcher import Fetcher
 from .heartbeat import Heartbeat
@@ -43,6 +44,12 @@ class Agent:
         for package in w.autodiscover:
             if package not in self.allowed_modules:
                 self.allowed_modules.append(package)
+        # What masters are told this worker runs (task.allow_list): they lease it nothing else.
+        self.allow = allow_list(self.allowed_modules)
+        if self.allow == ["*"] and "*" not in self.allowed_modules:
+            log.warning("worker.allowed_modules holds more names than masters route by (%d, %d characters in all): "
+                        "masters lease this worker any task, and it refuses those it may not run",
+                        MAX_ALLOW_NAMES, MAX_ALLOW_CHARS)
         self.host = socket.gethostname()
         self.id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.started = time.time()
@@ -89,8 +96,9 @@ class Agent:
     # -- info --
 
     def light_info(self) -> dict[str, Any]:
-        """What every report call carries: enough to know the worker and how long it stays listed."""
-        return {"id": self.id, "heartbeat_interval": self.config.worker.heartbeat_interval}
+        """What every report call carries: enough to know the worker, how long it stays listed and
+        which modules it runs (masters lease it only tasks of those)."""
+        return {"id": self.id, "heartbeat_interval": self.config.worker.heartbeat_interval, "allow": self.allow}
 
     def info(self) -> dict[str, Any]:
         running = [r.task["id"] for _, r, _ in self.pool.running_tasks()]
@@ -100,6 +108,7 @@ class Agent:
             "concurrency": self.concurrency, "pool": self.config.worker.pool, "started": self.started,
             "running": running, "done": counters.done, "failed": counters.failed,
             "control_uri": self.control_uri, "heartbeat_interval": self.config.worker.heartbeat_interval,
+            "allow": self.allow,
         }
 
     def running_info(self) -> dict[str, Any]:
