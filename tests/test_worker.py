@@ -143,18 +143,26 @@ def test_failing_imports_give_dead_tasks_with_a_readable_reason(master, call, sp
     assert "AttributeError" in info["error"] and "no_such_function" in info["error"]
 
 
-def test_module_not_allowed_is_refused_and_never_imported(master, call, spawn, tmp_path):
+def test_module_not_allowed_is_refused_and_never_imported(master, call, spawn, tmp_path, ra):
     marker = tmp_path / "imported.txt"
     (tmp_path / "ppq_marker_mod.py").write_text(
         f"open({str(marker)!r}, 'w').write('imported')\n\ndef run():\n    return 'ran'\n")
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR), str(REPO)])}
-    spawn.worker(address_of(master), allow="tasks", env=env)
+    routed = call("push_task", "run", module="ppq_marker_mod", max_retry=3)
+    # A task without the module field masters route by (pushed by an older master) goes to any
+    # worker: the worker refuses it itself.
     task_id = call("push_task", "run", module="ppq_marker_mod", max_retry=3)
+    ra.hdel(f"ppq:0:t:{task_id}", "mod")
+    spawn.worker(address_of(master), allow="tasks", env=env)
     info = wait_state(call, task_id, "dead")
     assert "NotAllowedError" in info["error"] and "ppq_marker_mod" in info["error"]
     assert info["attempts"] == 1  # not retried: it can never succeed on this worker
     ok = push(call, "tasks.add", 1, 2)
     assert wait_state(call, ok, "done")["result"] == 3
+    # The routed one is never leased to this worker: it waits for one that allows its module.
+    info = call("get_task_info", routed)
+    assert info["state"] == "queued" and info["attempts"] == 0, info
+    assert info["waiting_for"] == "a worker that allows ppq_marker_mod"
     assert not marker.exists()
     # The control: importing that module does write the marker.
     subprocess.run([sys.executable, "-c", "import ppq_marker_mod"], env={**os.environ, **env}, check=True,
