@@ -49,7 +49,7 @@ def test_each_worker_leases_only_the_modules_it_allows_in_push_order(call, ra):
     assert [t["id"] for t in got_a] == pushed["tasks"]
     assert {t["module"] for t in got_a} == {"tasks"}
     # a moved the others aside, in queue order; b takes them from there.
-    assert ra.smembers("ppq:0:parked") == {b"other.jobs"}
+    assert ra.zrange("ppq:0:parked", 0, -1) == [b"other.jobs"]
     assert call("server_info")[0]["queued"] == len(pushed["other.jobs"])
     got_b = lease(call, b)
     assert [t["id"] for t in got_b] == pushed["other.jobs"]
@@ -105,7 +105,7 @@ def test_a_task_no_live_worker_allows_waits_and_says_so(call, ra):
     wait_for(lambda: "waiting_for" not in call("get_task_info", waiting[0]), timeout=5, what="allow lists re-read")
     assert call("server_info")[0]["waiting_for"] == {}
     assert [t["id"] for t in lease(call, b)] == waiting
-    assert call("server_info")[0]["parked"] == {} and ra.smembers("ppq:0:parked") == set()
+    assert call("server_info")[0]["parked"] == {} and ra.zcard("ppq:0:parked") == 0
 
 
 def test_cancel_takes_a_task_out_of_its_side_list(call, ra):
@@ -117,7 +117,7 @@ def test_cancel_takes_a_task_out_of_its_side_list(call, ra):
     assert call("server_info")[0]["queued"] == 2
     for tid in (ids[0], ids[2]):
         assert call("cancel_task", tid) == "queued"
-    assert not ra.exists("ppq:0:queue:m:other") and ra.smembers("ppq:0:parked") == set()
+    assert not ra.exists("ppq:0:queue:m:other") and ra.zcard("ppq:0:parked") == 0
     assert call("server_info")[0]["queued"] == 0 and lease(call, worker("b", "other")) == []
 
 
@@ -256,3 +256,19 @@ def test_a_task_no_worker_allows_waits_visibly_then_runs_when_one_does(master, c
         assert info["state"] == "done" and info["result"] == i + 1, info
     assert call("get_task_info", cancelled)["state"] == "cancelled"
     assert call("server_info")[0]["waiting_for"] == {}
+
+
+def test_tasks_of_many_modules_moved_aside_cost_a_lease_only_the_modules_it_allows(call, ra):
+    modules = [f"m{i}" for i in range(3000)]
+    foreign = call("push_tasks", [{"func": "add", "module": m, "args": [1, 2]} for m in modules])
+    own = push(call, "tasks", 1, 2)
+    assert [t["id"] for t in lease(call, worker("a", "tasks"), 5)] == [own]
+    assert ra.zcard("ppq:0:parked") == 3000 and int(ra.hget("ppq:0:stats", "parked")) == 3000
+    info = call("server_info")[0]
+    assert info["queued"] == 3000 and len(info["parked"]) == 1000  # the first 1000 modules by name are listed
+    # m5 allows m5 only (not m50...): whole dotted segments.
+    assert [t["id"] for t in lease(call, worker("b", "m5"), 10)] == [foreign[5]]
+    got = lease(call, worker("any", "*"), 5000)
+    assert sorted(t["id"] for t in got) == sorted(foreign[:5] + foreign[6:])
+    assert ra.zcard("ppq:0:parked") == 0 and int(ra.hget("ppq:0:stats", "parked")) == 0
+    assert call("server_info")[0]["queued"] == 0

@@ -105,7 +105,7 @@ def test_a_fragment_documents_what_it_expects_and_sets_and_its_scripts_provide_i
 def test_the_fragment_headers_are_read_as_documented():
     assert entries(split(read("lease.lua"))[0], "Expects") == ["P", "wid", "count", "lt", "nonce", "allow", "now"]
     assert entries(split(read("lease.lua"))[0], "Sets") == ["out", "more", "expiries", "add_running", "allows",
-                                                            "aside", "moved", "take"]
+                                                            "aside", "moved", "popped", "take"]
     assert entries(split(read("now.lua"))[0], "Expects") == []
     assert entries(split(read("seen.lua"))[0], "Sets") == ["mark_seen"]
 

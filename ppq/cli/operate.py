@@ -56,6 +56,8 @@ QUEUE_COLUMNS = (
     ("failed_per_min", "fail/min", 4), ("workers", "workers", 5), ("pushed", "pushed", 6), ("done", "done", 6),
     ("retried", "retried", 7), ("expired", "expired", 8), ("cancelled", "cancelled", 8), ("redis", "redis", 9),
 )
+# Most modules `ppq status` lists as waiting for a worker that allows them, per queue_index.
+WAITING_LISTED = 10
 WORKER_COLUMNS = (
     ("id", "worker", 0), ("queue_index", "queue", 3), ("concurrency", "exec", 2), ("running", "running", 0),
     ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "heartbeat", 2), ("allow", "allows", 4),
@@ -122,8 +124,12 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
         row.update(queue_index=str(qi), leased=str(entry.get("running", 0)), workers=str(len(workers)),
                    running=str(sum(len(w.get("running") or []) for w in workers)), redis=str(entry.get("redis", "")))
         queue_rows.append(row)
-        for module, count in sorted((entry.get("waiting_for") or {}).items()):
+        waiting = sorted((entry.get("waiting_for") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        for module, count in waiting[:WAITING_LISTED]:
             notes.append(f"queue_index {qi}: waiting for a worker that allows {module}: {count} task(s)")
+        if len(waiting) > WAITING_LISTED:
+            notes.append(f"queue_index {qi}: waiting for a worker that allows them: "
+                         f"{len(waiting) - WAITING_LISTED} more module(s) (--json lists them)")
         for w in workers:
             running = w.get("running") or []
             beat = w.get("last_heartbeat")

@@ -8,13 +8,15 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
     queue:m:<module>  list  ready ids of <module> that a lease took off ``queue`` for a worker
                           that may not run them (lease.lua), in queue order; leased before
                           ``queue`` by workers that may
-    parked         set    the modules that may have a ``queue:m:<module>`` list
+    parked         zset   the modules that may have a ``queue:m:<module>`` list, every score 0
+                          (read by name: ZRANGEBYLEX)
     delayed        zset   ids waiting for their eta (score), incl. retry backoff
     running        zset   ids handed out, score = lease deadline
     dead           zset   ids that exhausted their retries, score = time of death
     keys           hash   de-duplication key -> id, while that task waits
     stats          hash   counters: pushed, leased, done, errors (failed attempts), retried, dead,
-                          expired, cancelled, released
+                          expired, cancelled, released; and parked, the ids in all the
+                          ``queue:m:<module>`` lists
     rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone

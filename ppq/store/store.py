@@ -29,6 +29,8 @@ log = logging.getLogger("ppq.store")
 
 # The allow spec of a worker that may run every module (lease.lua's `allow`).
 ANY_MODULE = "*"
+# Most modules whose lists of tasks moved aside counts() and parked() read.
+PARKED_LISTED = 1000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -233,7 +235,8 @@ class Store:
     def counts(self) -> dict[str, Any]:
         """How many tasks wait, run and are dead, the counters, the rate over about a minute, and
         ``parked``: module -> how many of the queued tasks wait in that module's list, moved
-        aside by leases for workers that may not run them (they count in ``queued`` too)."""
+        aside by leases for workers that may not run them (they count in ``queued`` too), for
+        the first ``PARKED_LISTED`` modules by name."""
         p = self.prefix
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(p + "queue")
@@ -243,19 +246,20 @@ class Store:
         pipe.hgetall(p + "stats")
         pipe.hgetall(p + "rate")
         pipe.time()
-        pipe.smembers(p + "parked")
+        pipe.zrange(p + "parked", 0, PARKED_LISTED - 1)
         queued, delayed, running, dead, stats, rate, now, modules = pipe.execute()
-        parked = self.parked(sorted(text(m) for m in modules))
-        queued += sum(parked.values())
+        parked = self.parked([text(m) for m in modules])
+        queued += max(0, int(stats.get(b"parked", 0)))
         sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
         return {**counts_of(sizes, stats, rate, int(now[0])), "parked": parked}
 
     @_storage_errors
     def parked(self, modules: Sequence[str] | None = None) -> dict[str, int]:
         """Module -> how many ids wait in its list of tasks moved aside (P..'queue:m:<module>'),
-        for ``modules`` (None: every module in P..'parked'); empty lists are left out."""
+        for ``modules`` (None: the first ``PARKED_LISTED`` in P..'parked', by name); empty
+        lists are left out."""
         if modules is None:
-            modules = sorted(text(m) for m in self.redis.smembers(self.prefix + "parked"))
+            modules = [text(m) for m in self.redis.zrange(self.prefix + "parked", 0, PARKED_LISTED - 1)]
         if not modules:
             return {}
         pipe = self.redis.pipeline(transaction=False)

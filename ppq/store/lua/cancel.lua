@@ -21,8 +21,9 @@ if state == 'queued' or state == 'delayed' or state == 'failed' then
   -- A ready task is in P..'queue', or in its module's list if a lease moved it aside.
   if redis.call('LREM', P .. 'queue', 1, id) == 0 and state ~= 'delayed' and f[3] and f[3] ~= '' then
     local side = P .. 'queue:m:' .. f[3]
-    if redis.call('LREM', side, 1, id) > 0 and redis.call('EXISTS', side) == 0 then
-      redis.call('SREM', P .. 'parked', f[3])
+    if redis.call('LREM', side, 1, id) > 0 then
+      redis.call('HINCRBY', P .. 'stats', 'parked', -1)
+      if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', f[3]) end
     end
   end
   redis.call('ZREM', P .. 'delayed', id)

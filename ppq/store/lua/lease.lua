@@ -15,16 +15,18 @@
 --                 unguessable and distinct per task
 --          more   true when the call stopped after moving 1000 ids aside: P..'queue' may
 --                 still hold tasks this worker may run
---          expiries, add_running, allows, aside, moved, take  its own helpers
+--          expiries, add_running, allows, aside, moved, popped, take  its own helpers
 -- Changes: a waiting task (queued or failed) becomes running in its record t:<id> and in
 --          P..'running' (score: lease deadline), its de-duplication key is freed in
 --          P..'keys'; stats 'leased' counts them. Ids are taken first from the lists of
---          tasks moved aside, P..'queue:m:<module>' for each allowed module named in the
---          set P..'parked' (a module leaves the set when its list is found empty), then
---          off the front of P..'queue'. A waiting task of a module the worker may not run
---          is appended to its module's list instead (at most 1000 ids per call), its
---          module added to P..'parked'. Ids of tasks no longer waiting (cancelled, say)
---          are dropped.
+--          tasks moved aside, P..'queue:m:<module>', of the allowed modules named in
+--          P..'parked' (a zset, every score 0: found by name with ZRANGEBYLEX, so a lease
+--          never reads the modules it may not run; a module leaves it when its list is
+--          found empty), then off the front of P..'queue'. A waiting task of a module the
+--          worker may not run is appended to its module's list instead (at most 1000 ids
+--          per call), its module added to P..'parked'. Stats 'parked' is kept to the
+--          number of ids in all those lists. Ids of tasks no longer waiting (cancelled,
+--          say) are dropped.
 
 local out = {}
 local more = false
@@ -51,8 +53,9 @@ local function allows(mod)
   end
   return v
 end
--- Ids moved aside by this call, by module, appended to their lists at the end.
-local aside, moved = {}, 0
+-- Ids moved aside by this call, by module, appended to their lists at the end; ids taken
+-- off those lists.
+local aside, moved, popped = {}, 0, 0
 local function take(id)
   local tk = P .. 't:' .. id
   local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts', 'mod')
@@ -78,14 +81,25 @@ local function take(id)
   end
   out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
 end
-if count > 0 then
-  for _, mod in ipairs(redis.call('SMEMBERS', P .. 'parked')) do
+if count > 0 and redis.call('ZCARD', P .. 'parked') > 0 then
+  local found = {}
+  if allow == '*' then
+    found = redis.call('ZRANGE', P .. 'parked', 0, count - 1)
+  else
+    -- A name and the modules inside it: '.' is the only character of a module name below '/'.
+    for name in string.gmatch(allow, '[^,]+') do
+      local mods = redis.call('ZRANGEBYLEX', P .. 'parked', '[' .. name, '(' .. name .. '/', 'LIMIT', 0, count)
+      for _, mod in ipairs(mods) do found[#found + 1] = mod end
+    end
+  end
+  for _, mod in ipairs(found) do
     if #out >= count or moved >= 1000 then break end
-    if allows(mod) then
-      local want = count - #out
-      local ids = redis.call('LPOP', P .. 'queue:m:' .. mod, want)
-      if not ids or #ids < want then redis.call('SREM', P .. 'parked', mod) end
-      for _, id in ipairs(ids or {}) do take(id) end
+    local side = P .. 'queue:m:' .. mod
+    local ids = redis.call('LPOP', side, count - #out)
+    if not ids or redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', mod) end
+    if ids then
+      popped = popped + #ids
+      for _, id in ipairs(ids) do take(id) end
     end
   end
 end
@@ -97,7 +111,8 @@ end
 more = moved >= 1000 and #out < count
 for mod, ids in pairs(aside) do
   for i = 1, #ids, 1000 do redis.call('RPUSH', P .. 'queue:m:' .. mod, unpack(ids, i, math.min(i + 999, #ids))) end
-  redis.call('SADD', P .. 'parked', mod)
+  redis.call('ZADD', P .. 'parked', 0, mod)
 end
+if moved ~= popped then redis.call('HINCRBY', P .. 'stats', 'parked', moved - popped) end
 add_running()
 if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end

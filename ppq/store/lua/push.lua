@@ -57,10 +57,15 @@ while i <= #ARGV do
         -- when it is delayed or runs another module now.
         local was_aside = false
         if state == 'queued' and of[2] and of[2] ~= '' and (delay > 0 or of[2] ~= mod) then
-          was_aside = redis.call('LREM', P .. 'queue:m:' .. of[2], 1, old) > 0
-          if was_aside and delay == 0 then
-            redis.call('LPUSH', P .. 'queue', old)
-            ready = ready + 1
+          local side = P .. 'queue:m:' .. of[2]
+          was_aside = redis.call('LREM', side, 1, old) > 0
+          if was_aside then
+            redis.call('HINCRBY', P .. 'stats', 'parked', -1)
+            if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', of[2]) end
+            if delay == 0 then
+              redis.call('LPUSH', P .. 'queue', old)
+              ready = ready + 1
+            end
           end
         end
         if delay > 0 then
