@@ -14,9 +14,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from ppq.errors import InvalidTaskError
+from ppq.store.scripts import read
+from ppq.task import encode_body
 
 from .conftest import REPO, TESTS_DIR, address_of, redis_snapshot, run_ppq, wait_for, wait_state
 
@@ -80,11 +83,28 @@ def test_a_worker_allowing_everything_takes_tasks_moved_aside_first(call):
     assert [t["id"] for t in call("get_tasks", {"id": "plain"}, 0, 10)] == ids[:1]
 
 
-def test_records_without_a_module_go_to_any_worker(call, ra):
-    ids = [push(call, "other", i) for i in range(2)]
-    for tid in ids:
-        ra.hdel(f"ppq:0:t:{tid}", "mod")  # as pushed by an older master
-    assert [t["id"] for t in lease(call, worker("a", "tasks"))] == ids
+@pytest.mark.parametrize(("func", "module"), [
+    ("add", "tasks"), ("f" * 40, "m" * 40), ("g", "a." * 99 + "b"), ("h" * 200, "pkg.mod"),
+])
+def test_the_store_reads_a_tasks_module_from_its_body(ra, func, module):
+    script = read("module.lua") + "\nreturn module_of(ARGV[1])"
+    body = encode_body(func, module, "", "", "", b"\x92\x90\x80", None, 1)
+    assert ra.eval(script, 0, body) == module.encode()
+
+
+@pytest.mark.parametrize("body", [b"", b"\x88", b"\x88\xa1f\xa3add", b"\x88\xa1f\xa3add\xa1x\xa1y", b"\x81\xa1m\xa1y",
+                                  b"\x88\xa1f\xffadd", b"\x88\xa1f\xd9"])
+def test_a_body_laid_out_otherwise_has_no_module(ra, body):
+    assert ra.eval(read("module.lua") + "\nreturn module_of(ARGV[1])", 0, body) is None
+
+
+def test_a_task_whose_body_names_no_module_the_store_can_read_goes_to_any_worker(call, ra):
+    tid = push(call, "other", 1)
+    # The same fields in another order: module_of does not read it.
+    body = msgpack.packb({"m": "other", "f": "add", "a": msgpack.packb([[1], {}])})
+    ra.hset(f"ppq:0:t:{tid}", "body", body)
+    got = lease(call, worker("a", "tasks"))
+    assert [(t["id"], t["module"]) for t in got] == [(tid, "other")]
 
 
 def test_a_task_no_live_worker_allows_waits_and_says_so(call, ra):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ppq import Client, PyroFunc, encode_parameters
+from ppq.task import MAX_ALLOW_NAMES
 
 from .conftest import (
     REPO,
@@ -143,26 +144,30 @@ def test_failing_imports_give_dead_tasks_with_a_readable_reason(master, call, sp
     assert "AttributeError" in info["error"] and "no_such_function" in info["error"]
 
 
-def test_module_not_allowed_is_refused_and_never_imported(master, call, spawn, tmp_path, ra):
+# An allow list of more names than masters route by (ppq.task.MAX_ALLOW_NAMES), "tasks" among them:
+# the worker tells masters it runs anything, and refuses what it may not run itself.
+UNROUTED_TASKS = ",".join(["tasks", *(f"ppq_spare_{i}" for i in range(MAX_ALLOW_NAMES))])
+
+
+def test_module_not_allowed_is_refused_and_never_imported(master, call, spawn, tmp_path):
     marker = tmp_path / "imported.txt"
     (tmp_path / "ppq_marker_mod.py").write_text(
         f"open({str(marker)!r}, 'w').write('imported')\n\ndef run():\n    return 'ran'\n")
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR), str(REPO)])}
+    # Masters lease a worker only tasks of the modules it allows: this one waits for another worker.
     routed = call("push_task", "run", module="ppq_marker_mod", max_retry=3)
-    # A task without the module field masters route by (pushed by an older master) goes to any
-    # worker: the worker refuses it itself.
-    task_id = call("push_task", "run", module="ppq_marker_mod", max_retry=3)
-    ra.hdel(f"ppq:0:t:{task_id}", "mod")
     spawn.worker(address_of(master), allow="tasks", env=env)
-    info = wait_state(call, task_id, "dead")
-    assert "NotAllowedError" in info["error"] and "ppq_marker_mod" in info["error"]
-    assert info["attempts"] == 1  # not retried: it can never succeed on this worker
     ok = push(call, "tasks.add", 1, 2)
     assert wait_state(call, ok, "done")["result"] == 3
-    # The routed one is never leased to this worker: it waits for one that allows its module.
     info = call("get_task_info", routed)
     assert info["state"] == "queued" and info["attempts"] == 0, info
     assert info["waiting_for"] == "a worker that allows ppq_marker_mod"
+    # A worker allowing more modules than masters route by is leased any task: it refuses those
+    # it may not run itself, without importing them.
+    spawn.worker(address_of(master), allow=UNROUTED_TASKS, env=env)
+    info = wait_state(call, routed, "dead")
+    assert "NotAllowedError" in info["error"] and "ppq_marker_mod" in info["error"]
+    assert info["attempts"] == 1  # not retried: it can never succeed on this worker
     assert not marker.exists()
     # The control: importing that module does write the marker.
     subprocess.run([sys.executable, "-c", "import ppq_marker_mod"], env={**os.environ, **env}, check=True,
@@ -616,10 +621,11 @@ def _dead_count(call) -> int:
     return call("server_info")[0]["dead"]
 
 
-def test_refused_tasks_with_distinct_names_share_one_label(master, call, spawn, ra):
+def test_refused_tasks_with_distinct_names_share_one_label(master, call, spawn):
     from ppq.embedded import free_port
 
     metrics_port = free_port()
+    proc = spawn.worker(address_of(master), allow=UNROUTED_TASKS, extra=("--metrics-port", str(metrics_port)))
     total = 5000
     for start in range(0, total, 1000):
         batch = []
@@ -628,14 +634,7 @@ def test_refused_tasks_with_distinct_names_share_one_label(master, call, spawn, 
                 batch.append({"func": f"run_{i}", "module": f"not_allowed_{i}", "max_retry": 0})
             else:
                 batch.append({"func": f"missing_{i}", "module": "tasks", "max_retry": 0})
-        ids = call("push_tasks", batch)
-        # Without the module field masters route by (pushed by an older master), the tasks of
-        # modules this worker does not allow reach it, and it refuses them itself.
-        pipe = ra.pipeline()
-        for tid in ids[1::2]:
-            pipe.hdel(f"ppq:0:t:{tid}", "mod")
-        pipe.execute()
-    proc = spawn.worker(address_of(master), allow="tasks", extra=("--metrics-port", str(metrics_port)))
+        call("push_tasks", batch)
     wait_for(lambda: _dead_count(call) == total, timeout=120, interval=0.2, what=f"{total} dead tasks")
     body = _scrape(metrics_port)
     assert _func_labels(body) == {"(refused)"}

@@ -4,7 +4,7 @@
                 move_due, cancel, the dead list, records, counts, workers, waiting
     lua/*.lua   one Lua script per state change, each opening with its contract
                 (KEYS, every ARGV[i], what it returns); fragments shared by several
-                scripts (now.lua, lease.lua, seen.lua) say which locals they expect
+                scripts (now.lua, module.lua, lease.lua, seen.lua) say which locals they expect
                 and set, and are pulled in by an explicit "-- include: name.lua" line
     scripts.py  reads and assembles the scripts once, runs them with EVALSHA
     link.py     the connections: redis-py's client, and the plain sockets the scripts use

@@ -27,7 +27,7 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
     finished       channel  published with the id of a waited-on task that ended
 
 Task record fields: body (msgpack of the target, parameters and timeout),
-mod (the module it runs, for routing), state, created, eta, key, the options that differ from their defaults
+state, created, eta, key, the options that differ from their defaults
 (max_retry, retry_delay, result_ttl), and as the task lives: started finished
 worker lease attempts retry expiries result error traceback cancel.
 """

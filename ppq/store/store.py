@@ -119,7 +119,7 @@ class Store:
         args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen, os.urandom(16).hex() if count else "",
                            self.max_workers, allow]
         for spec in specs:
-            args += [spec.id, spec.key, spec.module, spec.delay, spec.body, len(spec.options)]
+            args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:
                 args += [name, value]
         ids = [spec.id for spec in specs]

@@ -12,18 +12,20 @@
 -- it is reported or its lease expires. A task that already ended is left as it is.
 
 -- include: now.lua
+-- include: module.lua
 local P, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local tk = P .. 't:' .. id
-local f = redis.call('HMGET', tk, 'state', 'key', 'mod')
+local f = redis.call('HMGET', tk, 'state', 'key', 'body')
 local state = f[1]
 if not state then return false end
 if state == 'queued' or state == 'delayed' or state == 'failed' then
   -- A ready task is in P..'queue', or in its module's list if a lease moved it aside.
-  if redis.call('LREM', P .. 'queue', 1, id) == 0 and state ~= 'delayed' and f[3] and f[3] ~= '' then
-    local side = P .. 'queue:m:' .. f[3]
+  local mod = state ~= 'delayed' and redis.call('LREM', P .. 'queue', 1, id) == 0 and module_of(f[3])
+  if mod then
+    local side = P .. 'queue:m:' .. mod
     if redis.call('LREM', side, 1, id) > 0 then
       redis.call('HINCRBY', P .. 'stats', 'parked', -1)
-      if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', f[3]) end
+      if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', mod) end
     end
   end
   redis.call('ZREM', P .. 'delayed', id)

@@ -8,8 +8,9 @@
 --          nonce  random, made by the master for this call
 --          allow  the modules the worker may run: '*' any, else their names joined by ','
 --                 ('' none); a module is allowed if it or a package it is in (whole dotted
---                 segments) is named. A record without 'mod' is allowed to every worker.
+--                 segments) is named. A body module_of cannot read goes to every worker.
 --          now    from now.lua
+--          module_of  from module.lua
 -- Sets:    out    the leased tasks, rows of {id, body, retry, lease, ready since}, in queue
 --                 order; each lease is nonce .. ':' .. the row's place in out, so it is
 --                 unguessable and distinct per task
@@ -58,13 +59,14 @@ end
 local aside, moved, popped = {}, 0, 0
 local function take(id)
   local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts', 'mod')
+  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts')
   if f[1] ~= 'queued' and f[1] ~= 'failed' then return end
-  if not allows(f[8]) then
-    local ids = aside[f[8]]
+  local mod = allow ~= '*' and module_of(f[3])
+  if not allows(mod) then
+    local ids = aside[mod]
     if not ids then
       ids = {}
-      aside[f[8]] = ids
+      aside[mod] = ids
     end
     ids[#ids + 1] = id
     moved = moved + 1

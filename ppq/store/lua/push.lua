@@ -10,9 +10,9 @@
 -- ARGV[6]  nonce  random lease nonce ('' when nothing is leased)
 -- ARGV[7]  maxw   most workers listed at once
 -- ARGV[8]  allow  the modules wid may run, as lease.lua takes them ('*': any)
--- ARGV[9]...      per task, 6 + 2n values: id, key ('' for none), mod (the module it runs,
---                 stored as field 'mod' to route it), delay (seconds; 0: ready now), body,
---                 n, then n field/value pairs (the options that differ from their defaults)
+-- ARGV[9]...      per task, 5 + 2n values: id, key ('' for none), delay (seconds; 0: ready
+--                 now), body, n, then n field/value pairs (the options that differ from
+--                 their defaults)
 --
 -- Returns {renamed, leased}:
 --   renamed  flat {position, id} pairs (position from 1) for the tasks whose id is not the
@@ -22,6 +22,7 @@
 -- is registered in P..'waiters'.
 
 -- include: now.lua
+-- include: module.lua
 local P, wid, count, lt, seen, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local renamed = {}
@@ -35,9 +36,8 @@ end
 local ready, pushed = 0, 0
 local i = 9
 while i <= #ARGV do
-  local id, key, mod, delay, body, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4],
-    tonumber(ARGV[i + 5])
-  local first, last = i + 6, i + 5 + 2 * n
+  local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
+  local first, last = i + 5, i + 4 + 2 * n
   i = last + 1
   local tk = P .. 't:' .. id
   local settled = false
@@ -47,21 +47,21 @@ while i <= #ARGV do
     local old = redis.call('HGET', P .. 'keys', key)
     if old then
       local ok = P .. 't:' .. old
-      local of = redis.call('HMGET', ok, 'state', 'mod')
+      local of = redis.call('HMGET', ok, 'state', 'body')
       local state = of[1]
       if state == 'queued' or state == 'delayed' then
         redis.call('HDEL', ok, 'max_retry', 'retry_delay', 'result_ttl')
-        redis.call('HSET', ok, 'body', body, 'mod', mod)
+        redis.call('HSET', ok, 'body', body)
         for j = first, last, 2 do redis.call('HSET', ok, ARGV[j], ARGV[j + 1]) end
-        -- A queued task moved aside under its old module goes back to the front of the queue
-        -- when it is delayed or runs another module now.
-        local was_aside = false
-        if state == 'queued' and of[2] and of[2] ~= '' and (delay > 0 or of[2] ~= mod) then
-          local side = P .. 'queue:m:' .. of[2]
+        -- A queued task that a lease moved aside under its module goes back to the front of
+        -- the queue when it is delayed or runs another module now.
+        local was_aside, mod = false, state == 'queued' and module_of(of[2])
+        if mod and (delay > 0 or mod ~= module_of(body)) then
+          local side = P .. 'queue:m:' .. mod
           was_aside = redis.call('LREM', side, 1, old) > 0
           if was_aside then
             redis.call('HINCRBY', P .. 'stats', 'parked', -1)
-            if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', of[2]) end
+            if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', mod) end
             if delay == 0 then
               redis.call('LPUSH', P .. 'queue', old)
               ready = ready + 1
@@ -87,10 +87,10 @@ while i <= #ARGV do
   end
   if not settled then
     if delay > 0 then
-      redis.call('HSET', tk, 'state', 'delayed', 'created', now, 'eta', now + delay, 'body', body, 'mod', mod)
+      redis.call('HSET', tk, 'state', 'delayed', 'created', now, 'eta', now + delay, 'body', body)
       redis.call('ZADD', P .. 'delayed', now + delay, id)
     else
-      redis.call('HSET', tk, 'state', 'queued', 'created', now, 'body', body, 'mod', mod)
+      redis.call('HSET', tk, 'state', 'queued', 'created', now, 'body', body)
       ready = ready + 1
       fresh[#fresh + 1] = id
       if #fresh == 1000 then flush() end
@@ -100,7 +100,7 @@ while i <= #ARGV do
     pushed = pushed + 1
   end
   position = position + 1
-  if id ~= ARGV[first - 6] then
+  if id ~= ARGV[first - 5] then
     renamed[#renamed + 1] = position
     renamed[#renamed + 1] = id
   end

@@ -26,6 +26,7 @@
 -- aside, and P..'wake' with the number of tasks made ready.
 
 -- include: now.lua
+-- include: module.lua
 local P, wid, count, lt, seen, dttl, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
 local accepted = {}
