@@ -47,7 +47,7 @@ class TaskSpec(NamedTuple):
 
     ``body`` is the static part of the record (see :func:`encode_body`);
     ``options`` the retry options that differ from their defaults; ``module`` the
-    module it runs (the store routes the task by it to workers that allow it).
+    module it runs (a push hands the task only to a waiting worker that allows it).
     """
 
     id: str

@@ -109,7 +109,7 @@ def test_the_fragment_headers_are_read_as_documented():
                                                             "aside", "moved", "popped", "take"]
     assert entries(split(read("now.lua"))[0], "Expects") == []
     assert entries(split(read("seen.lua"))[0], "Sets") == ["mark_seen"]
-    assert entries(split(read("module.lua"))[0], "Sets") == ["module_of"]
+    assert entries(split(read("module.lua"))[0], "Sets") == ["module_of", "msgpack_str", "byte", "sub"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,25 +7,30 @@
 --                     "m", the module, each a msgpack string), or nil for a body laid out
 --                     otherwise. Tasks are routed by it (lease.lua) without a field of
 --                     their own.
+--          msgpack_str, byte, sub  its own helpers
+
+local byte, sub = string.byte, string.sub
+-- The length of the msgpack string whose header starts at byte p of s, and where its text
+-- starts; nil if no string header is there.
+local function msgpack_str(s, p)
+  local b, n1, n2 = byte(s, p, p + 2)
+  if not b then return nil end
+  if b >= 160 and b <= 191 then return b - 160, p + 1 end
+  if b == 217 and n1 then return n1, p + 2 end
+  if b == 218 and n2 then return n1 * 256 + n2, p + 3 end
+  return nil
+end
 
 local function module_of(body)
-  if not body or string.sub(body, 1, 3) ~= '\136\161f' then return nil end
-  -- The msgpack string at byte p: its text and the byte after it.
-  local function str_at(p)
-    local b = string.byte(body, p)
-    if not b then return nil end
-    if b >= 160 and b <= 191 then return string.sub(body, p + 1, p + b - 160), p + 1 + b - 160 end
-    if b == 217 then
-      local n = string.byte(body, p + 1) or 0
-      return string.sub(body, p + 2, p + 1 + n), p + 2 + n
-    end
-    if b == 218 then
-      local n = (string.byte(body, p + 1) or 0) * 256 + (string.byte(body, p + 2) or 0)
-      return string.sub(body, p + 3, p + 2 + n), p + 3 + n
-    end
-    return nil
-  end
-  local _, after = str_at(4)
-  if not after or string.sub(body, after, after + 1) ~= '\161m' then return nil end
-  return (str_at(after + 2))
+  if not body then return nil end
+  local map, key, f = byte(body, 1, 3)
+  -- A map of 8 entries (0x88) whose first key is "f" (0xa1 'f').
+  if map ~= 136 or key ~= 161 or f ~= 102 then return nil end
+  local n, at = msgpack_str(body, 4)
+  if not n then return nil end
+  key, f = byte(body, at + n, at + n + 1)
+  if key ~= 161 or f ~= 109 then return nil end
+  n, at = msgpack_str(body, at + n + 2)
+  if not n or at + n - 1 > #body then return nil end
+  return sub(body, at, at + n - 1)
 end
