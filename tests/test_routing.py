@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,41 @@ def test_a_push_hands_its_task_only_to_a_long_poll_that_allows_it(call, master):
     assert got["a"] == []
 
 
+def test_a_wake_up_from_another_master_reaches_a_long_poll_that_allows_the_task(make_master):
+    from ppq import PyroFunc
+
+    first, second = make_master(), make_master()
+    got: dict[str, tuple[list[dict[str, Any]], float]] = {}
+
+    def poll(who: dict[str, Any]) -> None:
+        own = PyroFunc(first.uri, timeout=30)
+        started = time.monotonic()
+        try:
+            got[who["id"]] = (lease(own, who, 1, 10), time.monotonic() - started)
+        finally:
+            own.close()
+
+    # Several long-polls that may not run the task wait longer than the one that may.
+    who = [worker(f"a{i}", "tasks") for i in range(3)] + [worker("b", "other")]
+    threads = [threading.Thread(target=poll, args=(w,)) for w in who]
+    waker = first.master.wakers[0]
+    for t in threads:
+        t.start()
+        wait_for(lambda n=len(waker.idle) + 1: len(waker.idle) >= n, timeout=10, what="the long-poll waiting")
+    pusher = PyroFunc(second.uri)
+    try:
+        tid = push(pusher, "other", 1)  # pushed elsewhere: this master hears a published count of 1
+    finally:
+        pusher.close()
+    threads[-1].join(15)
+    tasks, took = got["b"]
+    assert [t["id"] for t in tasks] == [tid]
+    assert took < 8, took  # woken, not answered by its 10 s timeout
+    for t in threads[:-1]:
+        t.join(15)
+    assert all(got[w["id"]][0] == [] for w in who[:-1])
+
+
 # -- real workers and the real CLI ------------------------------------------------------------------
 
 
@@ -256,24 +292,25 @@ def test_a_task_no_worker_allows_waits_visibly_then_runs_when_one_does(master, c
     modules = tmp_path / "modules"
     write_module(modules, "routed_c")
     start_worker(spawn, master, "tasks", modules)
-    waiting = [call("push_task", "add", module="routed_c", args=[i, 1]) for i in range(3)]
+    waiting = call("push_tasks", [{"func": "add", "module": "routed_c", "args": [i, 1]} for i in range(6)])
     ran = call("push_task", "add", module="tasks", args=[1, 1])
     assert wait_state(call, ran, "done")["result"] == 2
-    wait_for(lambda: call("server_info")[0]["waiting_for"] == {"routed_c": 3}, what="routed_c shown as waiting")
-    cancelled = waiting.pop()
+    wait_for(lambda: call("server_info")[0]["waiting_for"] == {"routed_c": 6}, what="routed_c shown as waiting")
+    cancelled = waiting.pop(2)
     address = address_of(master)
     status = run_ppq("status", "-m", address)
     assert status.returncode == 0, status.stderr
-    assert "waiting for a worker that allows routed_c: 3 task(s)" in status.stdout, status.stdout
+    assert "waiting for a worker that allows routed_c: 6 task(s)" in status.stdout, status.stdout
     shown = run_ppq("task", waiting[0], "-m", address)
     assert shown.returncode == 0, shown.stderr
     assert "waiting for a worker that allows routed_c" in shown.stdout, shown.stdout
     assert call("cancel_task", cancelled) == "queued"
     assert call("get_task_info", cancelled)["state"] == "cancelled"
     start_worker(spawn, master, "routed_c", modules)
-    for i, tid in enumerate(waiting):
-        info = wait_state(call, tid, ("done", "dead"))
-        assert info["state"] == "done" and info["result"] == i + 1, info
+    infos = [wait_state(call, tid, ("done", "dead")) for tid in waiting]
+    assert [(i["state"], i["result"]) for i in infos] == [("done", n + 1) for n in (0, 1, 3, 4, 5)]
+    # One executor: they ran in the order they were pushed.
+    assert [i["started"] for i in infos] == sorted(i["started"] for i in infos)
     assert call("get_task_info", cancelled)["state"] == "cancelled"
     assert call("server_info")[0]["waiting_for"] == {}
 

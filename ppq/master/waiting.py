@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -71,9 +72,8 @@ class Waker:
 
     A push on this master claims the longest-waiting one that may run its tasks and
     leases tasks to it in the push's own script (:meth:`claim`); tasks made ready
-    elsewhere arrive as a published count and wake that many (:meth:`wake`), or every
-    idle waiter when they do not all run the same modules (a count does not say whose
-    tasks were made ready).
+    elsewhere arrive as a published count and wake that many (:meth:`wake`), that many
+    of each allow spec when the waiters do not all run the same modules.
     """
 
     def __init__(self) -> None:
@@ -85,12 +85,19 @@ class Waker:
         self._order = 0
 
     def wake(self, count: int) -> None:
-        """Wake ``count`` idle waiters (all when ``count`` <= 0, or when they run different modules)
-        to look for tasks."""
+        """Wake ``count`` idle waiters (all when ``count`` <= 0) to look for tasks: ``count`` of each
+        allow spec when they do not all run the same modules (a count does not say whose
+        tasks were made ready)."""
         with self.lock:
             self.generation += 1
-            if count <= 0 or len(self.by_allow) > 1:
+            if count <= 0:
                 count = len(self.idle)
+            if len(self.by_allow) > 1:
+                for group in list(self.by_allow.values()):
+                    for waiter in list(itertools.islice(group, count)):
+                        self._discard(waiter)
+                        waiter.event.set()
+                return
             for _ in range(min(count, len(self.idle))):
                 self._take().event.set()
 
