@@ -157,7 +157,7 @@ class Client:
     def info(self, task_id: str, queue_index: int | None = None) -> dict[str, Any] | None:
         """The task's record, or None if it is unknown."""
         qi = self.queue_index if queue_index is None else queue_index
-        return self.call("get_task_info", task_id, qi)  # type: ignore[no-any-return]
+        return self.call("get_task_info", task_id, qi)
 
     def cancel(self, task_id: str, queue_index: int | None = None) -> str | None:
         """Cancel a task; return the state it was in, or None if it is unknown.
@@ -170,10 +170,10 @@ class Client:
           nothing changed.
         """
         qi = self.queue_index if queue_index is None else queue_index
-        return self.call("cancel_task", task_id, qi)  # type: ignore[no-any-return]
+        return self.call("cancel_task", task_id, qi)
 
     def server_info(self) -> dict[int, dict[str, Any]]:
-        return self.call("server_info")  # type: ignore[no-any-return]
+        return self.call("server_info")
 
     def _value(self, info: dict[str, Any]) -> Any:
         if info["state"] == DONE:

@@ -201,13 +201,14 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
     # A control_uri is what the worker said: it gets a token it could have had anyway (the worker
     # token; auth_token where roles are not split), never the client token, which a process
     # with only the worker token could otherwise collect by listing a control_uri of its own.
-    control_token: str | None | bool = config.worker_token or (False if config.client_token else config.auth_token)
+    ask_control = bool(config.worker_token) or not config.client_token
+    control_token = config.worker_token or config.auth_token
     for entry in info.values():
         for w in entry.get("workers", []):
             stats: dict[str, Any] = {}
             running: list[Any] = []
             uri = w.get("control_uri")
-            if uri and control_token is not False:
+            if uri and ask_control:
                 control = PyroFunc(uri, token=control_token, timeout=3, objid=WORKER_OBJECT, default_return=None)
                 stats = control("get_worker_stats") or {}
                 running = (control("get_running_info") or {}).get("tasks", [])

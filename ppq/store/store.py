@@ -246,7 +246,7 @@ class Store:
         first; no more than ``max_bytes`` of stored infos are read."""
         p = self.prefix
         now = float(self.redis.time()[0])
-        live = self.redis.zrangebyscore(p + "workers:seen", now, "+inf")
+        live: list[Any] = list(self.redis.zrangebyscore(p + "workers:seen", now, "+inf"))
         out: list[dict[str, Any]] = []
         used = 0
         for start in range(0, len(live), 500):
