@@ -1,0 +1,256 @@
+"""Operator commands on a whole queue_index or one worker: purging the waiting tasks,
+pausing and resuming a queue_index, pausing and resuming one worker.
+
+Master-level tests use an in-process master (``master`` / ``call``); the ones that
+show a paused queue or worker is really left alone run real worker agents
+(``spawn.worker``) and the ``ppq`` command (``run_ppq``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ppq import Client
+from ppq.errors import InvalidTaskError
+from ppq.store import PURGE_BATCH
+
+from .conftest import address_of, redis_snapshot, run_ppq, wait_for, wait_state, worker_entry
+
+WORKER = {"id": "w-test", "heartbeat_interval": 1}
+# How long a check that nothing happens watches for it, in seconds.
+QUIET = 1.5
+
+
+@pytest.fixture
+def client(master):
+    c = Client([address_of(master)])
+    yield c
+    c.close()
+
+
+def counts(call, queue_index=0):
+    return call("server_info")[queue_index]
+
+
+def watch_nothing_happens(check, seconds=QUIET):
+    """Assert ``check()`` stays true for ``seconds`` (a deadline, checked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert check()
+        time.sleep(0.05)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+# -- purge ----------------------------------------------------------------------------------
+
+
+def test_purge_deletes_ready_and_delayed_tasks_with_their_records_and_keys_and_leaves_running_and_dead_ones(
+        client, call, ra):
+    running = call("push_tasks", [{"func": "add", "module": "tasks", "args": [i, i]} for i in range(2)])
+    dead = call("push_task", "boom", module="tasks")
+    leased = {t["id"]: t for t in call("get_tasks", WORKER, 0, 3)}
+    assert set(leased) == {*running, dead}
+    call("task_error", dead, WORKER, lease=leased[dead]["lease"], retry=False)
+    retrying = call("push_task", "boom", module="tasks", max_retry=3, retry_delay=True)
+    task = call("get_task", WORKER)
+    assert task["id"] == retrying
+    call("task_error", retrying, WORKER, lease=task["lease"])
+    assert call("get_task_info", retrying)["state"] == "failed"
+    ready = [call("push_task", "add", module="tasks", args=[i, 1], key=f"k{i}") for i in range(5)]
+    delayed = [call("push_task", "add", module="tasks", args=[i, 2], delay=600) for i in range(3)]
+    before = counts(call)
+    assert (before["queued"], before["delayed"], before["running"], before["dead"]) == (5, 4, 2, 1)
+
+    progress = []
+    assert client.purge_queue(progress=lambda done, left: progress.append((done, left))) == 9
+    assert progress == [(9, 0)]
+
+    after = counts(call)
+    assert (after["queued"], after["delayed"], after["running"], after["dead"]) == (0, 0, 2, 1)
+    assert after["purged"] == 9
+    for tid in [*ready, *delayed, retrying]:
+        assert call("get_task_info", tid) is None
+    assert ra.hlen("ppq:0:keys") == 0
+    # A key freed by the purge starts a new task.
+    again = call("push_task", "add", module="tasks", args=[0, 1], key="k0")
+    assert again != ready[0] and counts(call)["queued"] == 1
+    # The running tasks are untouched: their leases stand and they finish.
+    for tid in running:
+        assert call("task_finish", tid, WORKER, lease=leased[tid]["lease"], result=1) is True
+    assert call("get_task_info", dead)["state"] == "dead"
+    # Nothing waiting: purging again deletes nothing and says so.
+    client.purge_queue()
+    assert client.purge_queue() == 0
+
+
+def test_purge_runs_in_bounded_batches_and_says_how_many_are_left(call):
+    ids = call("push_tasks", [{"func": "add", "module": "tasks", "args": [i, 0], "delay": i % 2 * 600}
+                              for i in range(2 * PURGE_BATCH + 500)])
+    reply = call("purge_queue", 0, PURGE_BATCH + 10)
+    assert reply == {"purged": PURGE_BATCH + 10, "left": PURGE_BATCH + 490}
+    # Ready ones go first.
+    info = counts(call)
+    assert (info["queued"], info["delayed"]) == (240, PURGE_BATCH + 250)
+    assert call("purge_queue", 0) == {"purged": PURGE_BATCH + 490, "left": 0}
+    assert call("get_tasks_info", ids[:5]) == [None] * 5
+
+
+def test_a_wait_on_a_purged_task_ends_at_once(client, call, ra):
+    tid = client.push("tasks.add", 1, 2)
+    errors = []
+
+    def wait():
+        try:
+            client.result(tid, timeout=30)
+        except InvalidTaskError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    wait_for(lambda: ra.zscore("ppq:0:waiting", tid), timeout=10, what="the wait to reach the master")
+    started = time.monotonic()
+    assert client.purge_queue() == 1
+    waiter.join(10)
+    assert not waiter.is_alive() and time.monotonic() - started < 5
+    assert errors and "unknown" in str(errors[0])
+
+
+def test_purge_arguments_are_checked_and_change_nothing(call, ra, rb):
+    call("push_task", "add", module="tasks", args=[1, 2])
+    before = redis_snapshot(ra, rb)
+    for args, field in (((99,), "queue_index 99"), (("0",), "queue_index"), ((0, 0), "limit"),
+                        ((0, 10**9), "limit"), ((0, "all"), "limit")):
+        with pytest.raises(InvalidTaskError, match=field):
+            call("purge_queue", *args)
+    assert redis_snapshot(ra, rb) == before
+
+
+# -- pausing a queue_index ----------------------------------------------------------------------
+
+
+def test_a_paused_queue_index_leases_nothing_on_any_master_but_takes_pushes(make_master, master, client, call):
+    other = Client([address_of(make_master())])
+    try:
+        first = client.push("tasks.add", 1, 1)
+        assert client.pause_queue() is True
+        assert client.pause_queue() is False
+        info = counts(call)
+        assert info["paused"] is True and counts(call, 1)["paused"] is False
+        second = other.push("tasks.add", 2, 2)
+        assert counts(call)["queued"] == 2
+        for c in (client, other):
+            assert c.call("get_task", WORKER, 0) is None
+            assert c.call("get_tasks", WORKER, 0, 5) == []
+            assert c.call("report", WORKER, 0, [], 5)["tasks"] == []
+        # queue_index 1 is not paused.
+        one = client.push("tasks.add", 3, 3, queue_index=1)
+        assert call("get_task", WORKER, 1)["id"] == one
+
+        assert other.resume_queue() is True
+        assert other.resume_queue() is False
+        assert counts(call)["paused"] is False
+        assert [t["id"] for t in client.call("get_tasks", WORKER, 0, 5)] == [first, second]
+    finally:
+        other.close()
+
+
+def test_resuming_wakes_a_long_poll_waiting_on_a_paused_queue_index(client, call, ra):
+    client.pause_queue()
+    tid = client.push("tasks.add", 1, 1)
+    got = []
+    poll = threading.Thread(target=lambda: got.append(call("get_task", WORKER, 0, 20)))
+    poll.start()
+    wait_for(lambda: ra.zcard("ppq:0:waiters"), timeout=10, what="the long-poll to wait")
+    assert not got
+    started = time.monotonic()
+    client.resume_queue()
+    poll.join(10)
+    assert got and got[0]["id"] == tid
+    assert time.monotonic() - started < 5
+
+
+def test_pause_arguments_are_checked_and_change_nothing(call, ra, rb):
+    before = redis_snapshot(ra, rb)
+    for method in ("pause_queue", "resume_queue"):
+        for value, field in ((99, "queue_index 99"), ("0", "queue_index"), (None, "queue_index")):
+            with pytest.raises(InvalidTaskError, match=field):
+                call(method, value)
+    for method in ("pause_worker", "resume_worker"):
+        for args, field in ((("",), "worker_id"), ((7,), "worker_id"), (("x" * 201,), "worker_id"),
+                            (("nobody",), "worker_id: no worker 'nobody'"), (("w", 99), "queue_index 99")):
+            with pytest.raises(InvalidTaskError, match=field):
+                call(method, *args)
+    assert redis_snapshot(ra, rb) == before
+
+
+def test_paused_tasks_do_not_run_and_run_after_resume(master, client, call, spawn, tmp_path):
+    out = tmp_path / "ran.txt"
+    proc = spawn.worker(address_of(master))
+    worker_entry(call, proc.pid)
+    assert client.pause_queue()
+    ids = [client.push("tasks.record", str(out), f"t{i}") for i in range(3)]
+    status = run_ppq("status", "--json", "-m", address_of(master))
+    assert status.returncode == 0, status.stderr
+    assert '"paused": true' in status.stdout
+    watch_nothing_happens(lambda: not lines(out) and counts(call)["queued"] == 3)
+    client.resume_queue()
+    for tid in ids:
+        wait_state(call, tid, "done")
+    assert sorted(lines(out)) == ["t0", "t1", "t2"]
+
+
+# -- pausing one worker ---------------------------------------------------------------------------
+
+
+def test_a_paused_worker_gets_nothing_while_the_other_runs_everything_and_gets_tasks_after_resume(
+        master, client, call, spawn):
+    one, two = spawn.worker(address_of(master)), spawn.worker(address_of(master))
+    paused_id = worker_entry(call, one.pid)["id"]
+    other_id = worker_entry(call, two.pid)["id"]
+    assert client.pause_worker(paused_id) == [0]
+    assert client.pause_worker(paused_id) == [0]
+    assert {w["id"]: w["paused"] for w in counts(call)["workers"]}[paused_id] is True
+    ids = [client.push("tasks.add", i, 1) for i in range(20)]
+    assert sorted(value for _, value in client.results(ids, timeout=30)) == list(range(1, 21))
+    assert {info["worker"] for info in call("get_tasks_info", ids)} == {other_id}
+    # Still listed, still paused.
+    assert worker_entry(call, one.pid)["paused"] is True
+
+    assert client.resume_worker(paused_id) == [0]
+    assert worker_entry(call, one.pid)["paused"] is False
+
+    def one_runs_some():
+        batch = [client.push("tasks.sleep_then", 0.05, None) for _ in range(4)]
+        list(client.results(batch, timeout=30))
+        return paused_id in {info["worker"] for info in call("get_tasks_info", batch)}
+
+    wait_for(one_runs_some, timeout=30, what="the resumed worker to run a task")
+
+
+def test_a_worker_paused_while_it_runs_a_task_finishes_it_and_stays_listed(master, client, call, spawn):
+    proc = spawn.worker(address_of(master))
+    wid = worker_entry(call, proc.pid)["id"]
+    tid = client.push("tasks.sleep_then", 1.0, "finished")
+    wait_state(call, tid, "running")
+    client.pause_worker(wid)
+    assert client.result(tid, timeout=20) == "finished"
+    later = client.push("tasks.add", 1, 1)
+    watch_nothing_happens(lambda: call("get_task_info", later)["state"] == "queued")
+    assert worker_entry(call, proc.pid)["paused"] is True and proc.poll() is None
+    client.resume_worker(wid)
+    assert client.result(later, timeout=20) == 2
+
+
+def test_pausing_an_unknown_worker_is_an_error_and_changes_nothing(client, ra, rb):
+    before = redis_snapshot(ra, rb)
+    for method in (client.pause_worker, client.resume_worker):
+        with pytest.raises(InvalidTaskError, match="worker_id: no worker 'nobody' is listed in any queue_index"):
+            method("nobody")
+    assert redis_snapshot(ra, rb) == before
