@@ -7,8 +7,12 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
+import threading
+import time
+from contextlib import closing
 
 import click
 import psutil
@@ -18,9 +22,11 @@ from click.testing import CliRunner
 
 from ppq import Client, PyroFunc, decode_parameters
 from ppq.cli import main
+from ppq.config import load_config
 from ppq.embedded import free_port
+from ppq.master import MasterServer
 
-from .conftest import TESTS_DIR, address_of, pid_gone, ppq_command, ppq_env, run_ppq, wait_for
+from .conftest import TESTS_DIR, address_of, pid_gone, ppq_command, ppq_env, run_ppq, wait_for, wait_state
 
 W1 = {"id": "cli-test-worker", "host": "box", "pid": 77, "heartbeat_interval": 5}
 
@@ -452,6 +458,224 @@ def test_up_runs_a_local_stack_and_sigint_stops_everything(spawn, tmp_path):
         for pid in children:  # only if the test failed half-way: they were started by this test
             if not pid_gone(pid):
                 psutil.Process(pid).kill()
+
+
+# -- ppq up supervises its children, piped or not ----------------------------------------------------------------
+
+UP_ENV = {"PPQ_WORKER_MAX_SLEEP": "1", "PPQ_WORKER_HEARTBEAT_INTERVAL": "0.5", "PPQ_WORKER_CONCURRENCY": "1"}
+
+
+def up_argv(port: int, data, *extra: str) -> list[str]:
+    return [*ppq_command(), "up", "--workers", "1", "--allow", "tasks", "--port", str(port), "--data-dir", str(data),
+            *extra]
+
+
+def descendants(pid: int) -> set[int]:
+    return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+
+
+def kill_left(pids: set[int]) -> None:
+    """Only if a test failed half-way: these were started by the test."""
+    for pid in pids:
+        if not pid_gone(pid):
+            psutil.Process(pid).kill()
+
+
+def task_after(data, task_id: str, states: tuple[str, ...] = ("done", "queued")) -> dict:
+    """The task's record once `ppq up` is gone, read through a master on the same embedded Redis data, as
+    soon as it is in one of ``states`` (that master's reaper puts a task whose lease expired back in the queue)."""
+    config = load_config(overrides={"master.port": 0, "master.data_dir": str(data), "master.reaper_interval": 0.2},
+                         environ={})
+    with MasterServer(config) as server, closing(PyroFunc(server.uri)) as call:
+        return wait_state(call, task_id, states)
+
+
+def running_sleeper(addr: str, seconds: float = 2.0) -> str:
+    """Push tasks.sleep_then to the stack at ``addr``; return its id once a worker runs it."""
+    with closing(PyroFunc(addr, timeout=3)) as call:
+        wait_for(lambda: call("server_info")[0]["workers"], what="the stack's worker to register")
+        client = Client([addr])
+        task_id = client.push("tasks.sleep_then", seconds, "slept")
+        client.close()
+        wait_state(call, task_id, "running")
+    return task_id
+
+
+def wait_ready(proc: subprocess.Popen, addr: str) -> None:
+    with closing(PyroFunc(addr, timeout=3, default_return=None)) as ping:
+        wait_for(lambda: proc.poll() is not None or ping("ping") == "pong", timeout=30, what="ppq up's master")
+    assert proc.poll() is None
+
+
+def assert_reported(data, task_id: str) -> None:
+    """Done with its result, or back in the queue: never lost, never left running."""
+    info = task_after(data, task_id)
+    assert info is not None and info["state"] in ("done", "queued"), info
+    if info["state"] == "done":
+        assert info["result"] == "slept"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_up_with_its_output_piped_stops_workers_master_and_redis_on_a_signal(tmp_path, signum):
+    """`ppq up` whose stdout is a pipe read by another process; the signal goes to its process group, as a
+    terminal sends it. The worker finishes the running task and reports it before the master stops."""
+    port, data = free_port(), tmp_path / "up-data"
+    errors = open(tmp_path / "up.err", "wb")  # noqa: SIM115 - closed below
+    up = subprocess.Popen(up_argv(port, data), stdout=subprocess.PIPE, stderr=errors, env=ppq_env(UP_ENV),
+                          cwd=str(TESTS_DIR), start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in up.stdout), daemon=True)
+    reader.start()
+    family: set[int] = set()
+    try:
+        wait_ready(up, f"127.0.0.1:{port}")
+        task_id = running_sleeper(f"127.0.0.1:{port}")
+        family = descendants(up.pid)
+        redis_pid = int((data / "redis.pid").read_text())
+        assert redis_pid in family and len(family) >= 3  # redis-server, the worker agent, its executor
+        os.killpg(up.pid, signum)
+        assert up.wait(60) == 0, (tmp_path / "up.err").read_text()
+        wait_for(lambda: all(pid_gone(p) for p in family), timeout=15,
+                 what=f"every child of ppq up to exit: {[p for p in family if not pid_gone(p)]}")
+        reader.join(10)
+        assert "stopping...\n" in lines, lines
+        log = (tmp_path / "up.err").read_text()
+        assert log.index("stopped: 1 done") < log.index("master stopped"), log
+        assert task_after(data, task_id, ("done",))["result"] == "slept"
+    finally:
+        errors.close()
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        reader.join(10)
+        up.stdout.close()
+        kill_left(family)
+
+
+def test_up_a_second_ctrl_c_stops_the_worker_at_once_and_its_task_goes_back_to_the_queue(tmp_path):
+    """The worker hands its running task back; if its long-poll still in flight takes it again, the
+    lease (master.lease_timeout, 3 s here) expires and the task is back in the queue all the same."""
+    port, data = free_port(), tmp_path / "up-data"
+    errors = open(tmp_path / "up.err", "wb")  # noqa: SIM115 - closed below
+    up = subprocess.Popen(up_argv(port, data), stdout=subprocess.PIPE, stderr=errors,
+                          env=ppq_env({**UP_ENV, "PPQ_MASTER_LEASE_TIMEOUT": "3"}),
+                          cwd=str(TESTS_DIR), start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.decode() for line in up.stdout), daemon=True)
+    reader.start()
+    family: set[int] = set()
+    try:
+        wait_ready(up, f"127.0.0.1:{port}")
+        task_id = running_sleeper(f"127.0.0.1:{port}", seconds=60)
+        family = descendants(up.pid)
+        os.killpg(up.pid, signal.SIGINT)
+        wait_for(lambda: "stopping...\n" in lines, what="ppq up to start stopping")
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(30) == 0, (tmp_path / "up.err").read_text()
+        wait_for(lambda: all(pid_gone(p) for p in family), timeout=15, what="every child of ppq up to exit")
+        assert "stopping the workers at once" in (tmp_path / "up.err").read_text()
+        assert task_after(data, task_id, ("queued",))["state"] == "queued"
+    finally:
+        errors.close()
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        reader.join(10)
+        up.stdout.close()
+        kill_left(family)
+
+
+def test_up_piped_into_tee_stops_everything_on_ctrl_c_and_the_task_is_reported(tmp_path):
+    """`ppq up ... | tee log`, then Ctrl-C: tee dies with the signal, so `ppq up` writes into a pipe with no
+    reader; it still stops the worker (which reports its task), the master and Redis, and nothing outlives it."""
+    port, data = free_port(), tmp_path / "up-data"
+    argv = " ".join(shlex.quote(a) for a in up_argv(port, data))
+    err, out = shlex.quote(str(tmp_path / "up.err")), shlex.quote(str(tmp_path / "tee.out"))
+    shell = subprocess.Popen(["sh", "-c", f"{argv} 2>{err} | tee {out}"], stdout=subprocess.DEVNULL,
+                             env=ppq_env(UP_ENV), cwd=str(TESTS_DIR), start_new_session=True)
+    family: set[int] = set()
+    try:
+        up_pid = wait_for(lambda: next((p.pid for p in psutil.Process(shell.pid).children()
+                                        if "up" in p.cmdline()), None), what="ppq up under sh")
+        tee = next(p for p in psutil.Process(shell.pid).children() if p.name() == "tee")
+        wait_ready(shell, f"127.0.0.1:{port}")
+        task_id = running_sleeper(f"127.0.0.1:{port}")
+        family = descendants(up_pid) | {up_pid}
+        assert len(family) >= 4
+        os.killpg(shell.pid, signal.SIGINT)
+        wait_for(lambda: not tee.is_running() or tee.status() == psutil.STATUS_ZOMBIE, timeout=10,
+                 what="tee to die of the Ctrl-C")
+        wait_for(lambda: all(pid_gone(p) for p in family), timeout=60,
+                 what=f"ppq up and its children to exit: {[p for p in family if not pid_gone(p)]}")
+        log = (tmp_path / "up.err").read_text()
+        assert "stopped: 1 done" in log and "Traceback" not in log, log
+        assert "master: PYRO:queue@" in (tmp_path / "tee.out").read_text()
+        assert_reported(data, task_id)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        shell.wait(10)
+        kill_left(family)
+
+
+def test_up_stops_everything_when_the_reader_of_its_output_goes_away(tmp_path):
+    """No signal at all: the process reading `ppq up`'s stdout closes it (as `| head` does)."""
+    port, data = free_port(), tmp_path / "up-data"
+    errors = open(tmp_path / "up.err", "wb")  # noqa: SIM115 - closed below
+    up = subprocess.Popen(up_argv(port, data), stdout=subprocess.PIPE, stderr=errors, env=ppq_env(UP_ENV),
+                          cwd=str(TESTS_DIR), start_new_session=True)
+    family: set[int] = set()
+    try:
+        assert up.stdout.readline().startswith(b"redis: ")
+        wait_ready(up, f"127.0.0.1:{port}")
+        task_id = running_sleeper(f"127.0.0.1:{port}")
+        family = descendants(up.pid)
+        up.stdout.close()
+        assert up.wait(60) == 0, (tmp_path / "up.err").read_text()
+        wait_for(lambda: all(pid_gone(p) for p in family), timeout=15, what="every child of ppq up to exit")
+        log = (tmp_path / "up.err").read_text()
+        assert "standard output was closed: stopping" in log and "stopped: 1 done" in log, log
+        assert task_after(data, task_id, ("done",))["result"] == "slept"
+    finally:
+        errors.close()
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        up.stdout.close()
+        kill_left(family)
+
+
+def test_up_restarts_a_worker_that_dies_and_stops_everything_when_redis_dies(spawn, tmp_path):
+    port, data = free_port(), tmp_path / "up-data"
+    up = spawn(*up_argv(port, data)[len(ppq_command()):], env=UP_ENV, name="up")
+    addr = f"127.0.0.1:{port}"
+    family: set[int] = set()
+    try:
+        wait_ready(up, addr)
+        with closing(PyroFunc(addr, timeout=3)) as call:
+            first = wait_for(lambda: call("server_info")[0]["workers"], what="the first worker")[0]["pid"]
+            agent = psutil.Process(first)
+            # One that dies within 5 s of its start stops the stack instead: let it live longer.
+            wait_for(lambda: time.time() - agent.create_time() > 5.5, timeout=15, interval=0.2,
+                     what="the worker to be older than 5 s")
+            family = descendants(up.pid)
+            agent.kill()
+            wait_for(lambda: f"worker pid {first} exited with -9; starting another" in spawn.log(up),
+                     what="ppq up to name the dead worker")
+            second = wait_for(lambda: [w["pid"] for w in call("server_info")[0]["workers"] if w["pid"] != first],
+                              what="the new worker to register")[0]
+        assert second in descendants(up.pid)
+        family |= descendants(up.pid)
+        redis_pid = int((data / "redis.pid").read_text())
+        psutil.Process(redis_pid).kill()
+        assert up.wait(60) == 1, spawn.log(up)
+        last = spawn.log(up).strip().splitlines()[-1]
+        assert last == (f"ppq: error: the embedded redis-server (pid {redis_pid}) exited with -9; "
+                        f"everything is stopped"), spawn.log(up)
+        wait_for(lambda: all(pid_gone(p) for p in family), timeout=15,
+                 what=f"every child of ppq up to exit: {[p for p in family if not pid_gone(p)]}")
+    finally:
+        kill_left(family)
 
 
 # -- user paths: a stack started with `ppq up --config FILE` -------------------------------------------------

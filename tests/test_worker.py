@@ -364,30 +364,45 @@ def test_sigterm_with_a_short_task_timeout_hands_the_task_to_another_worker(mast
     assert second.poll() is None
 
 
-def test_sigusr2_restarts_the_agent_with_a_new_pid_that_keeps_working(master, call, spawn):
-    old = spawn.worker(address_of(master))
-    worker_entry(call, old.pid)
-    old.send_signal(signal.SIGUSR2)
-    assert old.wait(20) == 0, spawn.log(old)
-    new = wait_for(lambda: next((w for w in workers_of(call) if w.get("pid") not in (None, old.pid)), None),
-                   timeout=20, what="the restarted agent in server_info")
-    new_pid = new["pid"]
-    try:
-        cmdline = Path(f"/proc/{new_pid}/cmdline").read_bytes().split(b"\0")
-        assert b"ppq" in cmdline and b"worker" in cmdline
-        assert new_pid != old.pid
-        task_id = push(call, "tasks.add", 20, 22)
-        info = wait_state(call, task_id, "done")
-        assert (info["result"], info["worker"]) == (42, new["id"])
-    finally:
-        # The restarted agent is not a child of this process: stop it by its pid.
-        if not pid_gone(new_pid):
-            os.kill(new_pid, signal.SIGTERM)
-            try:
-                wait_for(lambda: pid_gone(new_pid), timeout=15)
-            except AssertionError:
-                os.kill(new_pid, signal.SIGKILL)
-                raise
+def _children(pid: int) -> dict[int, str]:
+    """The child processes of ``pid`` and their states (R, S, Z...), from /proc."""
+    out = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            out[int(child)] = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("pool", ["processes", "threads"])
+def test_sigusr2_drains_then_restarts_the_agent_in_place_with_the_same_pid(master, call, spawn, pool):
+    proc = spawn.worker(address_of(master), concurrency=2, extra=("--pool", pool, "--task-timeout", "20"))
+    old = worker_entry(call, proc.pid)
+    old_children = set(_children(proc.pid))
+    assert len(old_children) == (2 if pool == "processes" else 0)
+    running = push(call, "tasks.sleep_then", 1, "drained")
+    assert wait_state(call, running, "running")["worker"] == old["id"]
+    proc.send_signal(signal.SIGUSR2)
+    # The running task finishes first (a graceful drain), then the agent comes back under the same pid.
+    info = wait_state(call, running, "done", timeout=20)
+    assert (info["result"], info["worker"], info["attempts"]) == ("drained", old["id"], 1)
+    new = wait_for(lambda: next((w for w in workers_of(call) if w.get("pid") == proc.pid and w["id"] != old["id"]),
+                                None), timeout=20, what="the restarted agent in server_info")
+    assert proc.poll() is None, spawn.log(proc)
+    assert not any(w["id"] == old["id"] for w in workers_of(call))  # the old agent signed off
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"ppq" in cmdline and b"worker" in cmdline
+    task_id = push(call, "tasks.add", 20, 22)
+    info = wait_state(call, task_id, "done")
+    assert (info["result"], info["worker"]) == (42, new["id"])
+    # The old executors are gone (reaped, not zombies); the new ones are the agent's only children.
+    children = _children(proc.pid)
+    assert not old_children & set(children) and "Z" not in children.values()
+    assert len(children) == (2 if pool == "processes" else 0)
+    assert "restarting in place" in spawn.log(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, spawn.log(proc)
 
 
 def test_second_sigint_stops_at_once_and_hands_the_task_back(master, call, spawn):
@@ -473,6 +488,51 @@ def test_hooks_from_an_autodiscovered_package(master, call, spawn, tmp_path):
     assert ("on_task_finished", bad) not in by_hook and ("on_task_error", ok) not in by_hook
     assert "broken on purpose" in spawn.log(proc)
     assert proc.poll() is None
+
+
+EXECUTING_HOOK_MODULE = '''
+import os
+import time
+
+import ppq.worker
+
+OUT = os.environ["HOOK_OUT"]
+
+
+def executing(context):
+    with open(OUT, "a", encoding="utf-8") as f:
+        f.write(f"{context['task_id']} {time.time()!r} {os.getpid()}\\n")
+
+
+ppq.worker.add_hook("on_task_executing", executing)
+'''
+
+
+@pytest.mark.parametrize("pool", ["processes", "threads"])
+def test_executing_hooks_fire_in_the_executor_as_each_prefetched_task_starts(master, call, spawn, tmp_path, pool):
+    """Tasks fetched together run as one batch in one executor: each one's on_task_executing hook
+    fires when that task starts, so at or after the end of the task before it."""
+    package = tmp_path / "hookpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "tasks.py").write_text(textwrap.dedent(EXECUTING_HOOK_MODULE))
+    hooks_out, spans_out = tmp_path / "hooks.txt", tmp_path / "spans.txt"
+    ids = call("push_tasks", [{"func": "span", "module": "tasks", "args": [str(spans_out), i, 0.2]}
+                              for i in range(5)])
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR), str(REPO)]), "HOOK_OUT": str(hooks_out)}
+    proc = spawn.worker(address_of(master), extra=("--autodiscover", "hookpkg", "--prefetch", "10", "--pool", pool),
+                        env=env)
+    for task_id in ids:
+        wait_state(call, task_id, "done")
+    ends = {int(token): end for token, (_, end) in zip((line.split()[0] for line in spans_out.read_text().splitlines()),
+                                                       spans(spans_out), strict=True)}
+    hooks = {task_id: (float(at), int(pid)) for task_id, at, pid in
+             (line.split() for line in hooks_out.read_text().splitlines())}
+    assert sorted(hooks) == sorted(ids)
+    pids = {pid for _, pid in hooks.values()}
+    assert pids == ({proc.pid} if pool == "threads" else pids - {proc.pid}) and len(pids) == 1
+    for i in range(1, 5):
+        assert hooks[ids[i]][0] >= ends[i - 1], f"task {i}'s hook fired before task {i - 1} ended"
 
 
 @pytest.mark.parametrize("pool", ["processes", "threads"])
@@ -611,3 +671,52 @@ def test_a_stopped_idle_worker_exits_at_once_and_leaves_the_list(master, spawn):
     assert took < 3.0, f"the worker took {took:.1f}s to stop"
     assert not [w for w in workers_of(call) if w.get("pid") == proc.pid], "a stopped worker is still listed"
     call.close()
+
+
+# -- no task waits behind a long one while an executor or a worker is idle ---------------------------------
+
+
+def _long_poll_waiting(master, pid: int) -> None:
+    waker = master.master.wakers[0]
+    wait_for(lambda: any(w.wid.split(":")[1] == str(pid) for w in list(waker.idle)), timeout=10,
+             what=f"the long-poll of worker pid {pid} to wait on the master")
+
+
+@pytest.mark.parametrize("pool", ["processes", "threads"])
+def test_short_tasks_prefetched_behind_a_long_one_go_to_the_idle_executor(master, call, spawn, pool):
+    """One 5 s task then 50 short ones, 2 executors, automatic prefetch: the short ones that were
+    handed to the long task's executor move to the other one, so all finish well under 5 s."""
+    proc = spawn.worker(address_of(master), concurrency=2, extra=("--pool", pool))
+    worker_entry(call, proc.pid)
+    _long_poll_waiting(master, proc.pid)
+    pushed = time.time()
+    ids = call("push_tasks", [{"func": "sleep_then", "module": "tasks", "args": [5, "long"]}]
+               + [{"func": "add", "module": "tasks", "args": [i, 1]} for i in range(50)])
+    long_id, short = ids[0], ids[1:]
+    finished = [wait_state(call, task_id, "done", timeout=10)["finished"] for task_id in short]
+    slowest = max(finished) - pushed
+    assert slowest < 3.0, f"a short task finished {slowest:.1f}s after the push, behind the long one"
+    assert call("get_task_info", long_id, 0)["state"] == "running"
+    assert wait_state(call, long_id, "done", timeout=15)["result"] == "long"
+    assert call("server_info")[0]["released"] == 0  # moved between executors, not handed back
+
+
+def test_a_task_prefetched_behind_a_long_one_goes_back_to_an_idle_worker(master, call, spawn):
+    """A one-executor worker leases a long task and a short one together (automatic prefetch): once
+    the long task has run a while, the short one goes back to the queue and an idle worker runs it."""
+    first = spawn.worker(address_of(master))
+    first_id = worker_entry(call, first.pid)["id"]
+    _long_poll_waiting(master, first.pid)
+    pushed = time.time()
+    long_id, short_id = call("push_tasks", [{"func": "sleep_then", "module": "tasks", "args": [6, "long"]},
+                                            {"func": "add", "module": "tasks", "args": [20, 22]}])
+    assert wait_state(call, long_id, "running")["worker"] == first_id
+    assert wait_state(call, short_id, "running")["worker"] == first_id  # leased to the busy worker
+    second = spawn.worker(address_of(master))
+    second_id = worker_entry(call, second.pid)["id"]
+    info = wait_state(call, short_id, "done", timeout=10)
+    assert (info["result"], info["worker"]) == (42, second_id)
+    assert info["finished"] - pushed < 5.0
+    assert call("get_task_info", long_id, 0)["state"] == "running"
+    assert call("server_info")[0]["released"] == 1
+    assert wait_state(call, long_id, "done", timeout=15)["worker"] == first_id

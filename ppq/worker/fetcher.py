@@ -1,0 +1,46 @@
+"""The fetcher thread: long-polls a master for tasks whenever the agent has room for some."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+from .. import rpc
+from ..errors import PPQError
+from .backoff import Backoff
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger("ppq.worker")
+
+
+class Fetcher:
+    """Asks for as many tasks as the pool has room for, waiting up to ``max_sleep`` for them."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.backoff = Backoff(agent.max_sleep)
+        # Set while a long-poll is in flight: a stopping agent waits for it to come back.
+        self.fetching = threading.Event()
+
+    def run(self) -> None:
+        agent, pool = self.agent, self.agent.pool
+        while not agent.stopping:
+            n = pool.reserve(block=True)
+            if n <= 0:
+                continue
+            self.fetching.set()
+            try:
+                reply = agent.call("report", agent.light_info(), agent.queue_index, [], n, agent.max_sleep)
+                tasks = reply["tasks"]
+                self.backoff.reset()
+            except (PPQError, rpc.CommunicationError) as exc:
+                tasks = []
+                log.warning("cannot get tasks (%s); retrying in %.1fs", exc, self.backoff.pause)
+                agent.stop_event.wait(self.backoff.pause)
+                self.backoff.failed()
+            finally:
+                self.fetching.clear()
+            pool.accept(n, tasks)

@@ -1,0 +1,95 @@
+"""The reporter thread: sends finishes and errors in batches, and takes the next tasks in the reply."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import rpc
+from ..errors import InvalidTaskError, MessageTooLargeError, PPQError
+from .backoff import Backoff
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger("ppq.worker")
+
+# Most reports sent in one call.
+MAX_REPORT_BATCH = 500
+
+
+class Reporter:
+    """Drains ``outbox`` (reports queued by the pool) to a master until the agent is done reporting."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.outbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        # Set by the agent once nothing more will be queued: the thread ends when the outbox is empty.
+        self.done = threading.Event()
+        self.backoff = Backoff(agent.max_sleep)
+
+    def run(self) -> None:
+        while True:
+            try:
+                first = self.outbox.get(timeout=0.5)
+            except queue.Empty:
+                if self.agent.stopping and self.done.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < MAX_REPORT_BATCH:
+                try:
+                    batch.append(self.outbox.get_nowait())
+                except queue.Empty:
+                    break
+            self.send(batch)
+
+    def send(self, batch: list[dict[str, Any]]) -> None:
+        """Send ``batch``, asking in the same call for as many tasks as the pool has room for."""
+        agent, pool = self.agent, self.agent.pool
+        self.backoff.reset()
+        deadline = None
+        while True:
+            n = 0 if agent.stopping else pool.reserve(block=False)
+            try:
+                reply = agent.call("report", agent.light_info(), agent.queue_index, batch, n, 0)
+            except InvalidTaskError as exc:
+                pool.accept(n, [])
+                if isinstance(exc, MessageTooLargeError) and len(batch) > 1:
+                    # Large results: the batch goes in halves, each as large as one call carries.
+                    half = len(batch) // 2
+                    self.send(batch[:half])
+                    self.send(batch[half:])
+                    return
+                if any(r.get("ok") or r.get("result_bytes") for r in batch):
+                    # Refused for good: report plain failures instead, which carry nothing to refuse.
+                    log.error("the master refused %d report(s) (%s); reporting them as failed", len(batch), exc)
+                    batch = [{"id": r["id"], "lease": r["lease"], "ok": False, "retry": False,
+                              "error": f"ReportRefusedError: {exc}"} if not r.get("release") else r
+                             for r in batch]
+                    continue
+                log.error("the master refused %d report(s) (%s); their leases will expire and the tasks run "
+                          "again", len(batch), exc)
+                return
+            except (PPQError, rpc.CommunicationError) as exc:
+                pool.accept(n, [])
+                if agent.stopping:
+                    deadline = deadline or time.monotonic() + 10
+                    if time.monotonic() > deadline:
+                        log.error("could not report %d task(s) before stopping: %s; their leases will expire "
+                                  "and they will run again", len(batch), exc)
+                        return
+                log.warning("cannot report %d result(s) (%s); retrying in %.1fs", len(batch), exc,
+                            self.backoff.pause)
+                time.sleep(self.backoff.pause)
+                self.backoff.failed()
+                continue
+            pool.accept(n, reply["tasks"])
+            for report, ok in zip(batch, reply["accepted"], strict=True):
+                if not ok:
+                    log.warning("task %s: report refused, the lease was lost (the task was requeued)",
+                                report["id"])
+            return
