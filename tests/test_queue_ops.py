@@ -132,6 +132,29 @@ def test_purge_arguments_are_checked_and_change_nothing(call, ra, rb):
     assert redis_snapshot(ra, rb) == before
 
 
+def test_queue_purge_command_refuses_without_yes_off_a_terminal_then_purges_and_prints_how_many(master, call, ra, rb):
+    addr = address_of(master)
+    running = call("push_task", "add", module="tasks", args=[0, 0])
+    lease = call("get_task", WORKER)["lease"]
+    for i in range(4):
+        call("push_task", "add", module="tasks", args=[i, 1], delay=i % 2 * 600)
+    before = redis_snapshot(ra, rb)
+    out = run_ppq("queue", "purge", "-m", addr)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "--yes" in out.stderr and "4 task(s) waiting in queue_index 0" in out.stderr, out.stderr
+    assert redis_snapshot(ra, rb) == before
+    out = run_ppq("queue", "purge", "-m", addr, "-q", "0", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "purged 4 task(s) from queue_index 0"
+    info = counts(call)
+    assert (info["queued"], info["delayed"], info["running"]) == (0, 0, 1)
+    assert call("task_finish", running, WORKER, lease=lease, result=0) is True
+    out = run_ppq("queue", "purge", "-m", addr, "-q", "1")
+    assert out.returncode == 0 and out.stdout.strip() == "purged 0 task(s) from queue_index 1", out.stderr
+    out = run_ppq("queue", "purge", "-m", addr, "-q", "7", "--yes")
+    assert out.returncode == 1 and "queue_index 7" in out.stderr
+
+
 # -- pausing a queue_index ----------------------------------------------------------------------
 
 
@@ -176,6 +199,25 @@ def test_resuming_wakes_a_long_poll_waiting_on_a_paused_queue_index(client, call
     assert time.monotonic() - started < 5
 
 
+def test_queue_pause_and_resume_commands_and_status(master, call):
+    addr = address_of(master)
+    out = run_ppq("queue", "pause", "-m", addr, "-q", "1")
+    assert out.returncode == 0 and out.stdout.startswith("queue_index 1 paused"), out.stderr
+    assert run_ppq("queue", "pause", "-m", addr, "-q", "1").stdout.strip() == "queue_index 1 was paused already"
+    assert [counts(call, qi)["paused"] for qi in (0, 1)] == [False, True]
+    table = run_ppq("status", "-m", addr, env={"COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    assert "1 paused" in table.stdout and "queue_index 1 is paused" in table.stdout
+    assert "0 paused" not in table.stdout
+    out = run_ppq("queue", "resume", "-m", addr, "-q", "1")
+    assert out.returncode == 0 and out.stdout.strip() == "queue_index 1 resumed"
+    assert run_ppq("queue", "resume", "-m", addr, "-q", "1").stdout.strip() == "queue_index 1 was not paused"
+    assert counts(call, 1)["paused"] is False
+    assert "paused" not in run_ppq("status", "-m", addr, env={"COLUMNS": "200"}).stdout
+    out = run_ppq("queue", "pause", "-m", addr, "-q", "9")
+    assert out.returncode == 1 and "queue_index 9 is not configured" in out.stderr
+
+
 def test_pause_arguments_are_checked_and_change_nothing(call, ra, rb):
     before = redis_snapshot(ra, rb)
     for method in ("pause_queue", "resume_queue"):
@@ -214,16 +256,22 @@ def test_a_paused_worker_gets_nothing_while_the_other_runs_everything_and_gets_t
     one, two = spawn.worker(address_of(master)), spawn.worker(address_of(master))
     paused_id = worker_entry(call, one.pid)["id"]
     other_id = worker_entry(call, two.pid)["id"]
+    addr = address_of(master)
+    out = run_ppq("workers", "pause", paused_id, "-m", addr)
+    assert out.returncode == 0 and out.stdout.startswith(f"worker {paused_id} paused (queue_index 0)"), out.stderr
     assert client.pause_worker(paused_id) == [0]
-    assert client.pause_worker(paused_id) == [0]
-    assert {w["id"]: w["paused"] for w in counts(call)["workers"]}[paused_id] is True
+    assert {w["id"]: w["paused"] for w in counts(call)["workers"]} == {paused_id: True, other_id: False}
+    listed = run_ppq("workers", "-m", addr, env={"COLUMNS": "200"})
+    assert listed.returncode == 0 and f"{paused_id} (paused)" in listed.stdout, listed.stderr
+    assert f"{other_id} (paused)" not in listed.stdout
     ids = [client.push("tasks.add", i, 1) for i in range(20)]
     assert sorted(value for _, value in client.results(ids, timeout=30)) == list(range(1, 21))
     assert {info["worker"] for info in call("get_tasks_info", ids)} == {other_id}
     # Still listed, still paused.
     assert worker_entry(call, one.pid)["paused"] is True
 
-    assert client.resume_worker(paused_id) == [0]
+    out = run_ppq("workers", "resume", paused_id, "-m", addr)
+    assert out.returncode == 0 and out.stdout.strip() == f"worker {paused_id} resumed (queue_index 0)", out.stderr
     assert worker_entry(call, one.pid)["paused"] is False
 
     def one_runs_some():
@@ -248,9 +296,15 @@ def test_a_worker_paused_while_it_runs_a_task_finishes_it_and_stays_listed(maste
     assert client.result(later, timeout=20) == 2
 
 
-def test_pausing_an_unknown_worker_is_an_error_and_changes_nothing(client, ra, rb):
+def test_pausing_an_unknown_worker_is_an_error_and_changes_nothing(master, client, ra, rb):
     before = redis_snapshot(ra, rb)
     for method in (client.pause_worker, client.resume_worker):
         with pytest.raises(InvalidTaskError, match="worker_id: no worker 'nobody' is listed in any queue_index"):
             method("nobody")
+    for action in ("pause", "resume"):
+        out = run_ppq("workers", action, "nobody", "-m", address_of(master))
+        assert out.returncode == 1 and out.stdout == ""
+        assert "no worker 'nobody' is listed in any queue_index" in out.stderr
+    out = run_ppq("workers", "pause", "nobody", "-q", "1", "-m", address_of(master))
+    assert out.returncode == 1 and "no worker 'nobody' is listed in queue_index 1" in out.stderr
     assert redis_snapshot(ra, rb) == before
