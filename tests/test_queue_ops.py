@@ -102,6 +102,22 @@ def test_purge_runs_in_bounded_batches_and_says_how_many_are_left(call):
     assert call("get_tasks_info", ids[:5]) == [None] * 5
 
 
+def test_purge_takes_the_ready_tasks_a_lease_moved_aside_to_their_modules_lists(call, ra):
+    """Where leases route tasks by the worker's allowed modules, a lease moves a task no worker
+    asking may run to P..'queue:m:<module>' and names the module in P..'parked' (lease.lua)."""
+    ids = call("push_tasks", [{"func": "add", "module": "tasks", "args": [i, 0]} for i in range(5)])
+    for tid in ids[:3]:
+        ra.lrem("ppq:0:queue", 1, tid)
+        ra.rpush("ppq:0:queue:m:tasks", tid)
+    ra.sadd("ppq:0:parked", "tasks", "gone")
+    assert call("purge_queue", 0, 4) == {"purged": 4, "left": 1}
+    assert ra.llen("ppq:0:queue") == 0 and ra.lrange("ppq:0:queue:m:tasks", 0, -1) == [ids[2].encode()]
+    assert ra.smembers("ppq:0:parked") == {b"tasks"}
+    assert call("purge_queue", 0) == {"purged": 1, "left": 0}
+    assert not ra.exists("ppq:0:queue:m:tasks", "ppq:0:parked")
+    assert call("get_tasks_info", ids) == [None] * 5
+
+
 def test_a_wait_on_a_purged_task_ends_at_once(client, call, ra):
     tid = client.push("tasks.add", 1, 2)
     errors = []

@@ -1,15 +1,17 @@
--- purge.lua: deletes one batch of the tasks waiting in a queue_index, ready ones (P..'queue')
--- first, then delayed ones and those waiting out a retry backoff (P..'delayed'). Running and
--- dead tasks are left alone. Run by Store.purge_queue, a batch at a time, so that Redis is
--- never held for long.
+-- purge.lua: deletes one batch of the tasks waiting in a queue_index: ready ones first
+-- (P..'queue', then the lists P..'queue:m:<module>' of the modules in the set P..'parked',
+-- where a lease moves ready tasks aside for workers allowed to run them), then delayed ones
+-- and those waiting out a retry backoff (P..'delayed'). Running and dead tasks are left
+-- alone. Run by Store.purge_queue, a batch at a time, so that Redis is never held for long.
 --
 -- KEYS: none; every key is ARGV[1] .. a name (the layout: ppq/store/keys.py).
 -- ARGV[1]  P      the key prefix, ppq:<queue_index>:
--- ARGV[2]  limit  most ids taken off P..'queue' and P..'delayed' in this batch (at most 1000)
+-- ARGV[2]  limit  most ids taken off those lists and P..'delayed' in this batch (at most 1000)
 --
 -- Returns {purged, left}: how many tasks were deleted (their records t:<id> and their
 -- de-duplication keys in P..'keys' with them; ids whose task was no longer waiting are only
--- dropped from the list), and how many ids are still in P..'queue' and P..'delayed'.
+-- dropped from the list), and how many ids are still in those lists and P..'delayed'. A
+-- module whose list is empty leaves P..'parked'.
 -- Counts them in stats 'purged'; publishes P..'finished' for each one someone waits on
 -- (P..'waiting'), so that its wait ends.
 
@@ -31,14 +33,28 @@ local function drop(ids)
   end
   taken = taken + #ids
 end
-local ids = redis.call('LPOP', P .. 'queue', limit)
-if ids then drop(ids) end
+local function pop(list)
+  if taken >= limit then return end
+  local ids = redis.call('LPOP', list, limit - taken)
+  if ids then drop(ids) end
+end
+pop(P .. 'queue')
+local parked = redis.call('SMEMBERS', P .. 'parked')
+for _, mod in ipairs(parked) do
+  pop(P .. 'queue:m:' .. mod)
+end
 if taken < limit then
-  ids = redis.call('ZRANGE', P .. 'delayed', 0, limit - taken - 1)
+  local ids = redis.call('ZRANGE', P .. 'delayed', 0, limit - taken - 1)
   if #ids > 0 then
     redis.call('ZREM', P .. 'delayed', unpack(ids))
     drop(ids)
   end
 end
 if purged > 0 then redis.call('HINCRBY', P .. 'stats', 'purged', purged) end
-return {purged, redis.call('LLEN', P .. 'queue') + redis.call('ZCARD', P .. 'delayed')}
+local left = redis.call('LLEN', P .. 'queue') + redis.call('ZCARD', P .. 'delayed')
+for _, mod in ipairs(parked) do
+  local n = redis.call('LLEN', P .. 'queue:m:' .. mod)
+  if n == 0 then redis.call('SREM', P .. 'parked', mod) end
+  left = left + n
+end
+return {purged, left}
