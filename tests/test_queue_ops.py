@@ -324,3 +324,14 @@ def test_pausing_an_unknown_worker_is_an_error_and_changes_nothing(master, clien
     out = run_ppq("workers", "pause", "nobody", "-q", "1", "-m", address_of(master))
     assert out.returncode == 1 and "no worker 'nobody' is listed in queue_index 1" in out.stderr
     assert redis_snapshot(ra, rb) == before
+
+
+def test_a_paused_worker_that_goes_quiet_is_forgotten_with_its_pause(call, ra):
+    quiet = {"id": "w-quiet", "heartbeat_interval": 0.01}
+    call("heartbeat", quiet, 0, [])
+    assert call("pause_worker", "w-quiet") == [0]
+    assert ra.hexists("ppq:0:paused", "worker:w-quiet")
+    wait_for(lambda: not ra.hexists("ppq:0:paused", "worker:w-quiet"), timeout=10,
+             what="the reaper to forget the quiet worker and its pause")
+    with pytest.raises(InvalidTaskError, match="no worker 'w-quiet'"):
+        call("resume_worker", "w-quiet")
