@@ -8,6 +8,10 @@ show a paused queue or worker is really left alone run real worker agents
 
 from __future__ import annotations
 
+import os
+import pty
+import select
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,7 +22,7 @@ from ppq import Client
 from ppq.errors import InvalidTaskError
 from ppq.store import PURGE_BATCH
 
-from .conftest import address_of, redis_snapshot, run_ppq, wait_for, wait_state, worker_entry
+from .conftest import address_of, ppq_command, ppq_env, redis_snapshot, run_ppq, wait_for, wait_state, worker_entry
 
 WORKER = {"id": "w-test", "heartbeat_interval": 1}
 # How long a check that nothing happens watches for it, in seconds.
@@ -169,6 +173,47 @@ def test_queue_purge_command_refuses_without_yes_off_a_terminal_then_purges_and_
     assert out.returncode == 0 and out.stdout.strip() == "purged 0 task(s) from queue_index 1", out.stderr
     out = run_ppq("queue", "purge", "-m", addr, "-q", "7", "--yes")
     assert out.returncode == 1 and "queue_index 7" in out.stderr
+
+
+def purge_at_a_terminal(addr: str, answer: str) -> tuple[int, str, str]:
+    """Run ``ppq queue purge`` with a terminal for stdin and stderr, answer its question; return
+    (exit code, stdout, what the terminal showed)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([*ppq_command(), "queue", "purge", "-m", addr], stdin=follower, stderr=follower,
+                            stdout=subprocess.PIPE, env=ppq_env(), text=True)
+    os.close(follower)
+    shown = b""
+    try:
+        while b"[y/N]" not in shown:
+            ready, _, _ = select.select([leader], [], [], 20)
+            assert ready, f"no question asked; the terminal shows {shown!r}"
+            shown += os.read(leader, 4096)
+        os.write(leader, answer.encode() + b"\n")
+        stdout, _ = proc.communicate(timeout=30)
+        while select.select([leader], [], [], 0.2)[0]:
+            try:
+                shown += os.read(leader, 4096)
+            except OSError:
+                break
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, shown.decode(errors="replace")
+
+
+def test_queue_purge_asks_at_a_terminal_showing_how_many_will_go(master, call, ra, rb):
+    addr = address_of(master)
+    call("push_tasks", [{"func": "add", "module": "tasks", "args": [i, 0]} for i in range(3)])
+    before = redis_snapshot(ra, rb)
+    code, stdout, shown = purge_at_a_terminal(addr, "n")
+    assert "Delete the 3 task(s) waiting in queue_index 0 for good?" in shown
+    assert code == 1 and "nothing done" in shown and stdout == ""
+    assert redis_snapshot(ra, rb) == before
+    code, stdout, shown = purge_at_a_terminal(addr, "y")
+    assert code == 0 and stdout.strip() == "purged 3 task(s) from queue_index 0", shown
+    assert counts(call)["queued"] == 0
 
 
 # -- pausing a queue_index ----------------------------------------------------------------------
