@@ -14,8 +14,15 @@
 -- Changes: ids come off the front of P..'queue'; a waiting task (queued or failed) becomes
 --          running in its record t:<id> and in P..'running' (score: lease deadline), its
 --          de-duplication key is freed in P..'keys'; stats 'leased' counts them. Ids of
---          tasks no longer waiting (cancelled, say) are dropped.
+--          tasks no longer waiting (cancelled, say) are dropped. Nothing is leased while
+--          the queue_index (field 'queue' of P..'paused') or the worker (field
+--          'worker:' .. wid) is paused.
 
+-- Paused: one HMGET, and only when something is to be leased.
+if count > 0 then
+  local paused = redis.call('HMGET', P .. 'paused', 'queue', 'worker:' .. wid)
+  if paused[1] or paused[2] then count = 0 end
+end
 local out = {}
 -- Running-set entries of the leased tasks, added in bulk.
 local expiries = {}
