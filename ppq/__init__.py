@@ -1,4 +1,21 @@
-"""ppq: a distributed task queue over Pyro5 and Redis."""
+"""ppq: a distributed task queue over Pyro5 and Redis.
+
+What users import is here: :class:`Client` and :func:`task` to push and wait,
+:class:`Master` and :class:`Worker` to run the daemons from Python, :class:`Config`,
+the errors, and :class:`PyroFunc` for the seed's calling style. Inside, each
+layer imports only those below it:
+
+- :mod:`ppq.cli` and :mod:`ppq.stack`: the ``ppq`` command and what ``ppq up`` supervises;
+- :mod:`ppq.master` and :mod:`ppq.worker`: the two daemons;
+- :mod:`ppq.client`: the retrying client;
+- :mod:`ppq.store`: Redis and its Lua scripts (the only importer of redis);
+- :mod:`ppq.rpc`: Pyro5 (the only importer of Pyro5);
+- :mod:`ppq.task`, :mod:`ppq.codec`, :mod:`ppq.config`, :mod:`ppq.errors`: the
+  task record and its checks, payloads, settings, errors.
+
+``docs/architecture.md`` describes the processes, the task life in Redis and where
+each change belongs.
+"""
 
 from .api import Master, Worker
 from .client import Client, task

@@ -18,6 +18,8 @@ from .task import DONE, FINAL_STATES, new_id
 DEFAULT_CHUNK = 5000
 # Task ids sent per wait_tasks call by results (a master takes up to limits.max_lookup, 1000 by default).
 LOOKUP_CHUNK = 1000
+# Most waiting tasks one purge_queue call deletes (the master takes up to 100,000).
+PURGE_CHUNK = 20_000
 # Longest single wait the master is asked to hold, in seconds.
 _WAIT_STEP = 20.0
 
@@ -157,7 +159,7 @@ class Client:
     def info(self, task_id: str, queue_index: int | None = None) -> dict[str, Any] | None:
         """The task's record, or None if it is unknown."""
         qi = self.queue_index if queue_index is None else queue_index
-        return self.call("get_task_info", task_id, qi)  # type: ignore[no-any-return]
+        return self.call("get_task_info", task_id, qi)
 
     def cancel(self, task_id: str, queue_index: int | None = None) -> str | None:
         """Cancel a task; return the state it was in, or None if it is unknown.
@@ -170,10 +172,50 @@ class Client:
           nothing changed.
         """
         qi = self.queue_index if queue_index is None else queue_index
-        return self.call("cancel_task", task_id, qi)  # type: ignore[no-any-return]
+        return self.call("cancel_task", task_id, qi)
 
     def server_info(self) -> dict[int, dict[str, Any]]:
-        return self.call("server_info")  # type: ignore[no-any-return]
+        return self.call("server_info")
+
+    def purge_queue(self, queue_index: int | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> int:
+        """Delete every task waiting in the queue_index (ready and delayed; running and dead ones
+        stay), with their records and de-duplication keys; return how many were deleted.
+
+        The master deletes them a batch at a time, so Redis keeps serving meanwhile;
+        ``progress(purged so far, left)`` is called after each call to it. Tasks pushed
+        while it runs may go too.
+        """
+        qi = self.queue_index if queue_index is None else queue_index
+        total = 0
+        while True:
+            reply = self.call("purge_queue", qi, PURGE_CHUNK)
+            total += reply["purged"]
+            if progress is not None:
+                progress(total, reply["left"])
+            if not reply["left"] or not reply["purged"]:
+                return total
+
+    def pause_queue(self, queue_index: int | None = None) -> bool:
+        """Stop every master leasing tasks of the queue_index (pushes are still stored, running
+        tasks go on); False if it was paused already."""
+        qi = self.queue_index if queue_index is None else queue_index
+        return bool(self.call("pause_queue", qi))
+
+    def resume_queue(self, queue_index: int | None = None) -> bool:
+        """Lease the tasks of the queue_index again; False if it was not paused."""
+        qi = self.queue_index if queue_index is None else queue_index
+        return bool(self.call("resume_queue", qi))
+
+    def pause_worker(self, worker_id: str, queue_index: int | None = None) -> list[int]:
+        """Lease nothing more to worker ``worker_id`` (an id ``server_info`` lists); it finishes
+        what it runs and stays listed. Returns the queue_indexes where it is paused
+        (``queue_index`` None: wherever it is listed); InvalidTaskError for an unknown id."""
+        return list(self.call("pause_worker", worker_id, queue_index))
+
+    def resume_worker(self, worker_id: str, queue_index: int | None = None) -> list[int]:
+        """Lease to worker ``worker_id`` again; returns as :meth:`pause_worker` does."""
+        return list(self.call("resume_worker", worker_id, queue_index))
 
     def _value(self, info: dict[str, Any]) -> Any:
         if info["state"] == DONE:

@@ -55,7 +55,7 @@ def pack(obj: Any) -> bytes:
     if packer is None:
         packer = _packers.packer = msgpack.Packer(use_bin_type=True)
     try:
-        return packer.pack(obj)  # type: ignore[no-any-return]
+        return packer.pack(obj)
     except (TypeError, ValueError, OverflowError) as exc:
         packer.reset()
         raise CodecError(_why_not(obj, exc)) from None

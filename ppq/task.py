@@ -204,7 +204,7 @@ def _task_id(value: Any) -> str:
         return new_id()
     if value.__class__ is not str or not _TASK_ID.fullmatch(value):
         check_task_id(value)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def check_push(

@@ -691,11 +691,15 @@ def test_worker_token_is_refused_client_methods(role_master: Master, ra: redis.R
             "cancel_task": lambda: call("cancel_task", queued, 0),
             "requeue_dead": lambda: call("requeue_dead", None, 0),
             "purge_dead": lambda: call("purge_dead", None, 0),
+            "purge_queue": lambda: call("purge_queue", 0),
+            "pause_queue": lambda: call("pause_queue", 0),
+            "pause_worker": lambda: call("pause_worker", "w1"),
         }
         allowed = {name: reason for name, fn in methods.items() if (reason := refusal_reason(fn))}
         assert not allowed, f"client methods not refused to the worker token: {allowed}"
         assert client("get_task_info", queued)["state"] == "queued"
         assert len(ra.keys("ppq:0:t:*")) == 1
+        assert not ra.exists("ppq:0:paused")
     finally:
         call.close()
         client.close()

@@ -252,7 +252,7 @@ def for_real(s: Session, text: str, ctx: dict[str, Any]) -> None:
 
 def development(s: Session, text: str, ctx: dict[str, Any]) -> None:
     """Not run: installing is what the test environment already did, and the test run is this one."""
-    assert [c for c, _ in console_commands(text)] == ["pip install -e .[dev]",
+    assert [c for c, _ in console_commands(text)] == ["pip install -e .[dev]", "ruff check ppq tests", "mypy",
                                                       "python -m pytest -q -p no:cacheprovider"]
 
 

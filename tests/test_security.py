@@ -837,10 +837,15 @@ METHODS: dict[str, tuple[str, ...]] = {
     "dead_tasks": ("queue_index", "limit", "offset"),
     "requeue_dead": ("task_ids", "queue_index"),
     "purge_dead": ("task_ids", "queue_index"),
+    "purge_queue": ("queue_index", "limit"),
+    "pause_queue": ("queue_index",),
+    "resume_queue": ("queue_index",),
+    "pause_worker": ("worker_id", "queue_index"),
+    "resume_worker": ("worker_id", "queue_index"),
     "server_info": (),
 }
 # Methods that may change Redis when (and only when) they succeed.
-CHANGING = {"push_task", "push_tasks", "report", "heartbeat", "get_task", "get_tasks"}
+CHANGING = {"push_task", "push_tasks", "report", "heartbeat", "get_task", "get_tasks", "purge_queue", "pause_queue"}
 
 SCALARS = st.one_of(
     st.none(),
@@ -890,7 +895,7 @@ VALID: dict[str, list[Any]] = {
                 [{"id": "abc", "lease": "w1/1", "ok": False, "error": "e", "retry": False}],
                 [{"id": "abc", "lease": "w1/1", "release": True}]],
     "running": [[], [["abc", "w1/1"]]], "task_ids": [None, ["abc"], "abc", ["abc", "t-1"]],
-    "limit": [1, 100], "offset": [0, 5],
+    "limit": [1, 100], "offset": [0, 5], "worker_id": ["w1", "h:1:abc", ""],
 }
 
 

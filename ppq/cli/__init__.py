@@ -11,14 +11,16 @@ Each command parses its options, builds the config and calls into the library:
   and time formatting, logging set-up;
 - ``daemons.py``: ``master``, ``worker`` and ``up`` (which runs ``ppq.stack``);
 - ``tasks.py``: ``push``, ``task`` and ``cancel``;
-- ``operate.py``: ``status``, ``top``, ``workers`` and the ``dead`` group.
+- ``operate.py``: ``status``, ``top``, ``workers`` and the ``dead`` group;
+- ``queues.py``: the ``queue`` group (``purge``, ``pause``, ``resume``) and
+  ``workers pause`` / ``workers resume``.
 
 ``main`` is the entry point of the ``ppq`` console script and of ``python -m ppq``.
 """
 
 from __future__ import annotations
 
-from . import daemons, operate, tasks  # noqa: F401 - importing them adds their commands to main
+from . import daemons, operate, queues, tasks  # noqa: F401 - importing them adds their commands to main
 from .base import _examples_last, main
 from .operate import status_tables
 from .output import RET_CONFIG, RET_ERROR, RET_OK

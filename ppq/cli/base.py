@@ -25,7 +25,7 @@ def build_config(ctx: click.Context, overrides: dict[str, Any]) -> Config:
         setup_logging(Config())  # so that a warning while loading the config is printed like the others
     config = run_guarded(lambda: load_config(path, base))
     setup_logging(config)
-    return config  # type: ignore[no-any-return]
+    return config
 
 
 def _split(values: tuple[str, ...]) -> list[str] | None:

@@ -1,5 +1,5 @@
 """The commands that watch and tend a running system: ``ppq status``, ``ppq top``,
-``ppq workers`` and the ``ppq dead`` group."""
+``ppq workers`` (a group: ``pause`` and ``resume`` are in queues.py) and the ``ppq dead`` group."""
 
 from __future__ import annotations
 
@@ -123,6 +123,9 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
         row = {key: str(entry.get(key, 0)) for key, _, _ in QUEUE_COLUMNS}
         row.update(queue_index=str(qi), leased=str(entry.get("running", 0)), workers=str(len(workers)),
                    running=str(sum(len(w.get("running") or []) for w in workers)), redis=str(entry.get("redis", "")))
+        if entry.get("paused"):
+            row["queue_index"] = f"{qi} paused"
+            notes.append(f"queue_index {qi} is paused: no task of it is handed out until `ppq queue resume -q {qi}`")
         queue_rows.append(row)
         waiting = sorted((entry.get("waiting_for") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
         for module, count in waiting[:WAITING_LISTED]:
@@ -134,7 +137,8 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
             running = w.get("running") or []
             beat = w.get("last_heartbeat")
             worker_rows.append({
-                "id": str(w.get("id")), "queue_index": str(qi), "concurrency": str(w.get("concurrency", "")),
+                "id": str(w.get("id")) + (" (paused)" if w.get("paused") else ""),
+                "queue_index": str(qi), "concurrency": str(w.get("concurrency", "")),
                 "running": str(len(running)), "done": str(w.get("done", "")), "failed": str(w.get("failed", "")),
                 "heartbeat": time.strftime("%H:%M:%S", time.localtime(float(beat))) if beat else "",
                 "allow": "*" if w.get("allow") is None else ", ".join(map(str, w["allow"])) or "(none)",
@@ -191,22 +195,26 @@ def top(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, m
                 break
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @config_option
 @master_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
             as_json: bool) -> None:
-    """Live workers with their per-function stats, read from their control objects.
+    """Live workers with their per-function stats, read from their control objects; a
+    paused one is shown as such (`ppq workers pause` / `resume`, in ppq.cli.queues).
 
     \b
     Example:
       ppq workers --json
+      ppq workers pause host1:4242:9f3c
     """
     from ..rpc import WORKER_OBJECT, PyroFunc
 
     _apply_sub(ctx, sub_config, sub_log_level)
+    if ctx.invoked_subcommand is not None:
+        return
     client = _client(ctx, masters)
     config = build_config(ctx, {})
     info = run_guarded(client.server_info)
@@ -214,13 +222,14 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
     # A control_uri is what the worker said: it gets a token it could have had anyway (the worker
     # token; auth_token where roles are not split), never the client token, which a process
     # with only the worker token could otherwise collect by listing a control_uri of its own.
-    control_token: str | None | bool = config.worker_token or (False if config.client_token else config.auth_token)
+    ask_control = bool(config.worker_token) or not config.client_token
+    control_token = config.worker_token or config.auth_token
     for entry in info.values():
         for w in entry.get("workers", []):
             stats: dict[str, Any] = {}
             running: list[Any] = []
             uri = w.get("control_uri")
-            if uri and control_token is not False:
+            if uri and ask_control:
                 control = PyroFunc(uri, token=control_token, timeout=3, objid=WORKER_OBJECT, default_return=None)
                 stats = control("get_worker_stats") or {}
                 running = (control("get_running_info") or {}).get("tasks", [])
@@ -236,7 +245,7 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
     for name in ("worker", "function", "count", "ok", "failed", "mean time (s)"):
         table.add_column(name)
     for row in rows:
-        wid = str(row["worker"].get("id"))
+        wid = str(row["worker"].get("id")) + (" (paused)" if row["worker"].get("paused") else "")
         if not row["stats"]:
             table.add_row(wid, "-", "0", "0", "0", "-")
         for name, s in sorted(row["stats"].items()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -338,7 +339,7 @@ def cancel(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
     client = _client(ctx, masters)
     bad = 0
     for task_id in dict.fromkeys(task_ids):
-        state = run_guarded(lambda task_id=task_id: client.cancel(task_id, queue_index))
+        state = run_guarded(functools.partial(client.cancel, task_id, queue_index))
         if state is None:
             bad += 1
             err_console.print(f"{task_id}: unknown in queue_index {queue_index}", markup=False, highlight=False)

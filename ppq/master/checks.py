@@ -1,6 +1,6 @@
 """The checks on what callers send a master that are not a task's fields (those are in
 ppq.task): the worker_info a worker sends with every call, bounded numbers, results, and
-a push_tasks batch as a whole. Each raises InvalidTaskError (or CodecError) naming the field.
+a push_tasks batch as a whole, worker ids. Each raises InvalidTaskError (or CodecError) naming the field.
 """
 
 from __future__ import annotations
@@ -153,6 +153,14 @@ def text_field(name: str, value: Any, limit: int) -> str:
     if not isinstance(value, str):
         raise InvalidTaskError(f"{name} must be a string, got {type(value).__name__}")
     return value[:limit]
+
+
+def check_worker_id(worker_id: Any) -> str:
+    """A worker id as ``ppq workers`` lists it (what :func:`worker_id_of` made of its worker_info)."""
+    if not isinstance(worker_id, str) or not worker_id or len(worker_id) > 200 or "\x00" in worker_id:
+        raise InvalidTaskError(f"worker_id must be a non-empty string of at most 200 characters, "
+                               f"got {type(worker_id).__name__}")
+    return worker_id
 
 
 def check_ids(task_ids: Any, limit: int) -> list[str] | None:

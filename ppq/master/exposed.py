@@ -16,12 +16,13 @@ from typing import Any
 from .. import codec, rpc
 from ..config import Config
 from ..errors import CodecError, InvalidTaskError, LeaseLostError, StorageError
-from ..store import Store
+from ..store import PURGE_BATCH, Store
 from ..task import FAILED, QUEUED, check_push, check_queue_index, check_task_id
 from .checks import (
     MAX_WAIT,
     check_batch,
     check_ids,
+    check_worker_id,
     encode_result,
     required_number,
     spec_allows,
@@ -51,6 +52,10 @@ def _allow_spec(worker: Mapping[str, Any]) -> str:
 def unrouted(modules: Mapping[str, int], specs: list[str]) -> dict[str, int]:
     """The entries of ``modules`` that no worker with one of the allow ``specs`` may run."""
     return {m: n for m, n in modules.items() if not any(spec_allows(spec, m) for spec in specs)}
+
+
+# Most waiting tasks one purge_queue call deletes (PURGE_BATCH per script, Redis free in between).
+MAX_PURGE = 100_000
 
 
 def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -367,9 +372,72 @@ class Master(Waiting):
         """Delete dead tasks (the given ids, or all when None)."""
         return self._store(queue_index).purge_dead(check_ids(task_ids, self.limits.max_batch))
 
+    @rpc.remote
+    def purge_queue(self, queue_index: Any = 0, limit: Any = MAX_PURGE) -> dict[str, int]:
+        """Delete up to ``limit`` tasks waiting in ``queue_index`` (ready and delayed, never running
+        or dead ones) with their records and de-duplication keys, a script per batch of
+        PURGE_BATCH. Returns ``{"purged": n, "left": ids still waiting}``: call again while
+        ``left`` is not 0."""
+        store = self._store(queue_index)
+        limit = int(required_number("limit", limit, 1, MAX_PURGE))
+        purged, left = 0, 0
+        for _ in range(-(-limit // PURGE_BATCH)):
+            n, left = store.purge_queue(min(PURGE_BATCH, limit - purged))
+            purged += n
+            if not left or purged >= limit:
+                break
+        log.info("queue_index %s: %d waiting task(s) purged, %d left", store.queue_index, purged, left)
+        return {"purged": purged, "left": left}
+
+    @rpc.remote
+    def pause_queue(self, queue_index: Any = 0) -> bool:
+        """Lease no task of ``queue_index`` until resume_queue, on every master (pushes are still
+        stored; running tasks go on). Returns False if it was paused already."""
+        store = self._store(queue_index)
+        changed = bool(store.pause())
+        if changed:
+            log.info("queue_index %s paused", store.queue_index)
+        return changed
+
+    @rpc.remote
+    def resume_queue(self, queue_index: Any = 0) -> bool:
+        """Lease the tasks of ``queue_index`` again. Returns False if it was not paused."""
+        store = self._store(queue_index)
+        changed = bool(store.resume())
+        if changed:
+            log.info("queue_index %s resumed", store.queue_index)
+        return changed
+
+    @rpc.remote
+    def pause_worker(self, worker_id: Any, queue_index: Any = None) -> list[int]:
+        """Lease nothing to worker ``worker_id`` (as ``ppq workers`` lists it) until resume_worker;
+        it finishes what it runs and stays listed. ``queue_index`` None: wherever it is listed.
+        Returns the queue_indexes where it is now paused; InvalidTaskError if it is listed in none."""
+        return self._pause_worker(worker_id, queue_index, True)
+
+    @rpc.remote
+    def resume_worker(self, worker_id: Any, queue_index: Any = None) -> list[int]:
+        """Lease to worker ``worker_id`` again; returns as pause_worker does."""
+        return self._pause_worker(worker_id, queue_index, False)
+
+    def _pause_worker(self, worker_id: Any, queue_index: Any, on: bool) -> list[int]:
+        wid = check_worker_id(worker_id)
+        stores = list(self.stores.values()) if queue_index is None else [self._store(queue_index)]
+        found = []
+        for store in stores:
+            if (store.pause(wid) if on else store.resume(wid)) is not None:
+                found.append(store.queue_index)
+        if not found:
+            where = "any queue_index" if queue_index is None else f"queue_index {queue_index}"
+            raise InvalidTaskError(f"worker_id: no worker {wid!r} is listed in {where} "
+                                   f"(ppq workers lists them)")
+        log.info("worker %s %s (queue_index %s)", wid, "paused" if on else "resumed", ", ".join(map(str, found)))
+        return found
+
     @rpc.remote(role=rpc.ANY)
     def server_info(self) -> dict[int, dict[str, Any]]:
-        """One dict per queue_index: queued/delayed/running/dead counts, counters and live workers."""
+        """One dict per queue_index: queued/delayed/running/dead counts, counters, whether it is
+        ``paused``, and live workers (each with ``paused``)."""
         return self.queue_info()
 
     def queue_info(self, workers: bool = True) -> dict[int, dict[str, Any]]:

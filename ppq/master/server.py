@@ -128,10 +128,11 @@ class MasterServer:
             self.embedded.stop()
 
     def stop(self) -> None:
-        if getattr(self, "metrics_server", None) is not None:
+        metrics_server = getattr(self, "metrics_server", None)
+        if metrics_server is not None:
             from ..metrics import stop_metrics
 
-            stop_metrics(self.metrics_server)
+            stop_metrics(metrics_server)
             self.metrics_server = None
         self.master.stop_background()
         self.daemon.shutdown()

@@ -1,8 +1,10 @@
 """All of ppq's Pyro5 glue; no other ppq module imports Pyro5.
 
 - :mod:`.wire`: Pyro5's message format, read with limits and bounded decoders;
-- :mod:`.server`: the daemon of masters and workers' control objects, with its own
-  connection handling (handshakes without blocking, idle connections without threads);
+- :mod:`.server`: the daemon of masters and workers' control objects;
+- :mod:`.transport`: its connection handling: idle connections parked without a
+  thread, requests served by :mod:`.pool`'s threads, new connections taken through
+  :mod:`.handshake` (accept, TLS, token) without blocking;
 - :mod:`.client`: proxies, the direct call path, and :class:`PyroFunc`;
 - :mod:`.exposed`: ``@remote``, the wrapper of every exposed method (roles, errors);
 - :mod:`.roles`: which token grants which role;

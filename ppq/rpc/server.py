@@ -66,8 +66,8 @@ class Daemon(Pyro5.server.Daemon):
         interface = Pyro5.server.DaemonObject(self)
         interface._pyroId = _DAEMON_OBJECT
         self.objectsById = {_DAEMON_OBJECT: interface}
-        self._pyroInstances = {}
-        self.streaming_responses = {}
+        self._pyroInstances: dict[Any, Any] = {}
+        self.streaming_responses: dict[Any, Any] = {}
         self.housekeeper_lock = threading.Lock()
         self._disconnect_lock = threading.Lock()
         self.create_single_instance_lock = threading.Lock()
@@ -256,9 +256,10 @@ class Daemon(Pyro5.server.Daemon):
         if cached is not None and self.objectsById.get(objid) is cached[0]:
             target = cached[1]
         else:
-            target = self._direct_target(objid, method)
-            if target is None:
+            found = self._direct_target(objid, method)
+            if found is None:
                 return False
+            target = found
         self._set_context(conn, header)
         ctx = Pyro5.callcontext.current_context
         if not reply:
@@ -270,9 +271,9 @@ class Daemon(Pyro5.server.Daemon):
         try:
             result = target(*vargs, **kwargs)
             if serializer_id == wire.MSGPACK:
-                reply = pack_reply(result)
+                body = pack_reply(result)
             else:
-                reply = pyro_serializers.serializers_by_id[serializer_id].dumps(result)
+                body = pyro_serializers.serializers_by_id[serializer_id].dumps(result)
         except Exception as exc:
             self.methodcall_error_handler(self, ctx.client_sock_addr, target, vargs, kwargs, exc)
             self._sendExceptionResponse(conn, header.seq, serializer_id, exc,
@@ -280,7 +281,7 @@ class Daemon(Pyro5.server.Daemon):
             if isinstance(exc, (Pyro5.errors.CommunicationError, Pyro5.errors.SecurityError)):
                 raise
             return True
-        conn.send(wire.message(wire.MSG_RESULT, serializer_id, header.seq, reply))
+        conn.send(wire.message(wire.MSG_RESULT, serializer_id, header.seq, body))
         return True
 
     def _direct_target(self, objid: Any, method: str) -> Callable[..., Any] | None:
@@ -306,7 +307,7 @@ def _recv(conn: Any, size: int) -> bytes | None:
     Python's timeout instead.
     """
     try:
-        return conn.sock.recv(size)  # type: ignore[no-any-return]
+        return conn.sock.recv(size)
     except (BlockingIOError, TimeoutError):
         return None
 
@@ -339,7 +340,7 @@ def pack_reply(value: Any) -> bytes:
 
         packer = _packer.packer = msgpack.Packer(use_bin_type=True, default=serializer.default)
     try:
-        return packer.pack(value)  # type: ignore[no-any-return]
+        return packer.pack(value)
     except BaseException:
         packer.reset()
         raise
@@ -354,7 +355,7 @@ class _Replay:
 
     def recv(self, size: int) -> bytes:
         if not self._data:
-            return self._conn.recv(size)  # type: ignore[no-any-return]
+            return self._conn.recv(size)
         head, self._data = self._data[:size], self._data[size:]
         if len(head) < size:
             head += self._conn.recv(size - len(head))

@@ -17,6 +17,9 @@ stands in its place:
   coming; after :data:`IDLE_PARK` seconds without one it goes back to the selector.
   So idle connections cost no thread, and a full pool delays requests instead of
   refusing connections or blocking ``accept``.
+
+The handshake side lives in :mod:`ppq.rpc.handshake` (a base class of
+:class:`Transport`), the serving threads in :mod:`ppq.rpc.pool`.
 """
 
 from __future__ import annotations
@@ -24,180 +27,35 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import queue
 import selectors
 import socket
 import ssl
-import struct
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import Pyro5.core
 import Pyro5.errors
-from Pyro5 import serializers as pyro_serializers
-from Pyro5 import socketutil
 
 from . import wire
+from .handshake import (
+    MAX_PENDING,
+    Handshakes,
+    Pending,
+    Refusals,
+)
+from .pool import Pool
 
 if TYPE_CHECKING:
     from .server import Daemon
 
 log = logging.getLogger("ppq.rpc")
 
-# Seconds a new connection has to finish its TLS and Pyro5 handshakes.
-HANDSHAKE_TIMEOUT = 5.0
-# Connections that may be in their handshake at once (a few KB each); more wait in the
-# kernel's listen backlog until some finish or expire.
-MAX_PENDING = 4096
-# Seconds an authenticated connection may stay idle before its thread lets go of it.
-IDLE_PARK = 1.0
-# Seconds a reply may wait for a client that does not read it before the connection is dropped.
-SEND_TIMEOUT = 30.0
-# Seconds accepting pauses after accept() fails (out of file descriptors...).
-ACCEPT_PAUSE = 1.0
-# Pool threads kept even when idle; others end after IDLE_THREAD seconds without work.
-MIN_THREADS = 8
-IDLE_THREAD = 60.0
-# Seconds between two WARNING lines about refused connections from the same address.
-REFUSAL_LOG_INTERVAL = 10.0
-
-_DAEMON_OBJECT = Pyro5.core.DAEMON_NAME
-
-
 class IdleError(Exception):
     """The connection sent nothing for IDLE_PARK seconds: park it."""
 
 
-class _Refusals:
-    """Rate-limited WARNING lines about refused connections, one per address per interval."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def log(self, address: str, reason: str) -> None:
-        host = address.rsplit(":", 1)[0]
-        now = time.monotonic()
-        with self._lock:
-            last, suppressed = self._last.get(host, (0.0, 0))
-            if now - last < REFUSAL_LOG_INTERVAL:
-                self._last[host] = (last, suppressed + 1)
-                return
-            if len(self._last) > 10_000:
-                self._last.clear()
-            self._last[host] = (now, 0)
-        more = f" ({suppressed} more refused since the last line)" if suppressed else ""
-        log.warning("refused a connection from %s: %s%s", address, reason, more)
-
-
-class _Pool:
-    """Threads that serve connections; grows up to ``size`` while work waits, shrinks when idle."""
-
-    def __init__(self, size: int, name: str) -> None:
-        self.size = max(size, MIN_THREADS)
-        self.name = name
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads = 0
-        self._idle = 0
-        self._queued = 0
-        self._closed = False
-
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._lock:
-            self._queued += 1
-            grow = self._queued > self._idle and self._threads < self.size and not self._closed
-            if grow:
-                self._threads += 1
-        self._jobs.put((fn, args))
-        if grow:
-            try:
-                threading.Thread(target=self._run, name=f"{self.name}-{self._threads}", daemon=True).start()
-            except RuntimeError as exc:  # out of threads or memory: the queued work waits for a free thread
-                with self._lock:
-                    self._threads -= 1
-                log.warning("cannot start a server thread (%s); %d serving", exc, self._threads)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            try:
-                job = self._jobs.get(timeout=IDLE_THREAD)
-            except queue.Empty:
-                with self._lock:
-                    self._idle -= 1
-                    if self._threads > MIN_THREADS or self._closed:
-                        self._threads -= 1
-                        return
-                continue
-            with self._lock:
-                self._idle -= 1
-                self._queued -= 1
-            if job is None:
-                with self._lock:
-                    self._threads -= 1
-                return
-            fn, args = job
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - a job's failure must not end the thread
-                log.exception("server thread: unexpected error")
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            count = self._threads
-        for _ in range(count):
-            self._jobs.put(None)
-
-
-def _set_idle_timeouts(sock: socket.socket) -> None:
-    """An authenticated connection's reads give up after IDLE_PARK seconds without data, its
-    writes after SEND_TIMEOUT seconds without progress: in the kernel (SO_RCVTIMEO,
-    SO_SNDTIMEO) for a plain socket, which stays blocking so that a read or write is one
-    system call; with Python's timeout for TLS."""
-    if isinstance(sock, ssl.SSLSocket):
-        sock.settimeout(IDLE_PARK)
-        return
-    sock.setblocking(True)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IDLE_PARK))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_TIMEOUT))
-
-
-class _TLSConnection(socketutil.SocketConnection):
-    """A TLS connection: Python's timeout stands for the kernel's, so a reply gets SEND_TIMEOUT,
-    not the IDLE_PARK that reads have."""
-
-    def send(self, data: bytes) -> None:
-        self.sock.settimeout(SEND_TIMEOUT)
-        try:
-            super().send(data)
-        finally:
-            self.sock.settimeout(IDLE_PARK)
-
-
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
-
-
-class _Pending:
-    """A connection in its handshake: its bytes so far and its deadline."""
-
-    __slots__ = ("sock", "address", "deadline", "buffer", "header", "tls_done")
-
-    def __init__(self, sock: socket.socket, address: str, deadline: float, tls: bool) -> None:
-        self.sock = sock
-        self.address = address
-        self.deadline = deadline
-        self.buffer = b""
-        self.header: wire.Header | None = None
-        self.tls_done = not tls
-
-
-class Transport:
+class Transport(Handshakes):
     """Accepts, authenticates and dispatches connections for a :class:`Daemon` (see the module docstring).
 
     It stands where Pyro5's daemon expects its transport server: ``loop``, ``shutdown``,
@@ -223,15 +81,15 @@ class Transport:
         bound = sock.getsockname()
         shown = host or bound[0]
         self.locationStr = f"[{shown}]:{bound[1]}" if ":" in shown else f"{shown}:{bound[1]}"
-        self.pool = _Pool(threads, "ppq-serve")
-        self.refusals = _Refusals()
+        self.pool = Pool(threads, "ppq-serve")
+        self.refusals = Refusals()
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
+        self._pending: collections.OrderedDict[int, Pending] = collections.OrderedDict()
         self._to_park: collections.deque[Any] = collections.deque()
         self._parked: dict[int, Any] = {}
         self._shutting_down = False
@@ -281,7 +139,7 @@ class Transport:
                             pass
                     except BlockingIOError:
                         pass
-                elif isinstance(key.data, _Pending):
+                elif isinstance(key.data, Pending):
                     try:
                         self._advance(key.data)
                     except Exception:  # noqa: BLE001 - one bad connection must not stop the server
@@ -324,169 +182,6 @@ class Transport:
             self._selector.close()
         except (OSError, ValueError):
             pass
-
-    # -- new connections: TLS and Pyro5 handshakes, without blocking --
-
-    def _accept(self) -> None:
-        while self.sock is not None:
-            if len(self._pending) >= MAX_PENDING:
-                # Full: leave the rest in the kernel's backlog until handshakes end or expire.
-                self._selector.unregister(self.sock)
-                self._accepting = False
-                log.warning("%d connections are in their handshake; accepting more as they finish", MAX_PENDING)
-                return
-            try:
-                sock, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # Out of file descriptors, say: stop accepting for a moment instead of spinning.
-                self._selector.unregister(self.sock)
-                self._accepting = False
-                self._resume_at = time.monotonic() + ACCEPT_PAUSE
-                self.refusals.log("accept", f"accept failed ({exc}); pausing {ACCEPT_PAUSE:g}s")
-                return
-            address = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-            if self._shutting_down:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            if self.ssl_context is not None:
-                try:
-                    sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                except (OSError, ValueError) as exc:
-                    self.refusals.log(address, f"TLS: {exc}")
-                    sock.close()
-                    continue
-            pending = _Pending(sock, address, time.monotonic() + HANDSHAKE_TIMEOUT, self.ssl_context is not None)
-            self._pending[sock.fileno()] = pending
-            self._selector.register(sock, selectors.EVENT_READ, pending)
-
-    def _drop(self, pending: _Pending, reason: str = "") -> None:
-        self._pending.pop(pending.sock.fileno(), None)
-        try:
-            self._selector.unregister(pending.sock)
-        except (KeyError, ValueError):
-            pass
-        if reason:
-            self.refusals.log(pending.address, reason)
-        try:
-            pending.sock.close()
-        except OSError:
-            pass
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._pending:
-            first = next(iter(self._pending.values()))
-            if first.deadline > now:
-                return
-            self._drop(first, f"no complete handshake within {HANDSHAKE_TIMEOUT:g}s")
-
-    def _advance(self, pending: _Pending) -> None:
-        """Read what the handshake has sent so far; finish it when complete."""
-        sock = pending.sock
-        try:
-            if not pending.tls_done:
-                try:
-                    sock.do_handshake()  # type: ignore[attr-defined]
-                except ssl.SSLWantReadError:
-                    self._selector.modify(sock, selectors.EVENT_READ, pending)
-                    return
-                except ssl.SSLWantWriteError:
-                    self._selector.modify(sock, selectors.EVENT_WRITE, pending)
-                    return
-                pending.tls_done = True
-                self._selector.modify(sock, selectors.EVENT_READ, pending)
-            wanted = wire.HEADER.size if pending.header is None else (
-                wire.HEADER.size + pending.header.size + pending.header.annotations)
-            while len(pending.buffer) < wanted:
-                try:
-                    chunk = sock.recv(wanted - len(pending.buffer))
-                except (ssl.SSLWantReadError, BlockingIOError):
-                    return
-                if not chunk:
-                    self._drop(pending)
-                    return
-                pending.buffer += chunk
-                if pending.header is None and len(pending.buffer) == wire.HEADER.size:
-                    header = wire.parse_header(pending.buffer)
-                    if header.kind != wire.MSG_CONNECT:
-                        raise wire.WireError("the first message is not a handshake")
-                    if header.size + header.annotations > wire.MAX_HANDSHAKE:
-                        raise wire.WireError(f"a handshake of {header.size + header.annotations} bytes "
-                                             f"(at most {wire.MAX_HANDSHAKE})")
-                    pending.header = header
-                    wanted = wire.HEADER.size + header.size + header.annotations
-        except wire.WireError as exc:
-            self._drop(pending, str(exc))
-            return
-        except (OSError, ValueError) as exc:
-            self._drop(pending, f"{type(exc).__name__}: {exc}")
-            return
-        self._finish_handshake(pending)
-
-    def _finish_handshake(self, pending: _Pending) -> None:
-        header = pending.header
-        assert header is not None
-        self._pending.pop(pending.sock.fileno(), None)
-        self._selector.unregister(pending.sock)
-        data = pending.buffer[wire.HEADER.size + header.annotations:]
-        serializer = pyro_serializers.serializers_by_id.get(header.serializer_id)
-        try:
-            if serializer is None:
-                raise wire.WireError(f"unknown serializer id {header.serializer_id}")
-            request = wire.loads(header.serializer_id, data)
-            offered, objid = (request.get("handshake"), request.get("object")) if isinstance(request, dict) else (
-                None, None)
-            role = self.daemon.role_of(offered)
-        except wire.WireError as exc:
-            self.refusals.log(pending.address, str(exc))
-            pending.sock.close()
-            return
-        if role is None:
-            self.refusals.log(pending.address, "authentication failed")
-            self._reply_and_close(pending, header, serializer, "authentication failed")
-            return
-        try:
-            meta = self.daemon.objectsById[_DAEMON_OBJECT].get_metadata(objid)
-        except Exception as exc:  # noqa: BLE001 - Pyro5's error for an unknown object
-            self._reply_and_close(pending, header, serializer, str(exc))
-            return
-        reply = wire.message(wire.MSG_CONNECTOK, header.serializer_id, header.seq,
-                             serializer.dumps({"handshake": "ok", "meta": meta}))
-        try:
-            sent = pending.sock.send(reply)
-        except (OSError, ssl.SSLError):
-            sent = -1
-        if sent != len(reply):
-            pending.sock.close()
-            return
-        tls = isinstance(pending.sock, ssl.SSLSocket)
-        conn = (_TLSConnection if tls else socketutil.SocketConnection)(pending.sock, objid)
-        conn.ppq_client = isinstance(offered, dict) and bool(offered.get("ppq"))
-        conn.ppq_role = role
-        conn.ppq_address = pending.address
-        # Tells this connection from a later one that reuses its address and port.
-        conn.ppq_session = os.urandom(8).hex()
-        try:
-            _set_idle_timeouts(pending.sock)
-        except OSError:
-            conn.close()
-            return
-        self._register_parked(conn)
-
-    def _reply_and_close(self, pending: _Pending, header: wire.Header, serializer: Any, reason: str) -> None:
-        try:
-            pending.sock.send(wire.message(wire.MSG_CONNECTFAIL, header.serializer_id, header.seq,
-                                           serializer.dumps(reason)))
-        except (OSError, ssl.SSLError):
-            pass
-        pending.sock.close()
 
     # -- authenticated connections: parked in the selector, served by the pool --
 

@@ -341,7 +341,7 @@ def check_marshal(data: bytes, max_depth: int = MAX_MARSHAL_DEPTH) -> None:
             pos += 4
             if not 0 <= index < len(refs) or refs[index] is None:
                 raise WireError("marshal data refers to an object it has not finished")
-            weight = refs[index]  # type: ignore[assignment]
+            weight = refs[index]
             expanded += weight
             if expanded > budget:
                 raise WireError("marshal data expands past its size through back-references")

@@ -1,7 +1,8 @@
 """One queue_index's storage in Redis: the only part of ppq that imports redis.
 
     store.py    Store, the API the master calls: push, report, heartbeat, reap,
-                move_due, cancel, the dead list, records, counts, workers, waiting
+                move_due, cancel, the dead list, purge and pause, records, counts,
+                workers, waiting
     lua/*.lua   one Lua script per state change, each opening with its contract
                 (KEYS, every ARGV[i], what it returns); fragments shared by several
                 scripts (now.lua, module.lua, lease.lua, seen.lua) say which locals they expect
@@ -16,6 +17,6 @@ Each module imports only those below it in this list, plus ppq's errors, codec a
 
 from .keys import keys_of
 from .records import task_of
-from .store import ANY_MODULE, Store
+from .store import ANY_MODULE, PURGE_BATCH, Store
 
-__all__ = ["ANY_MODULE", "Store", "keys_of", "task_of"]
+__all__ = ["ANY_MODULE", "PURGE_BATCH", "Store", "keys_of", "task_of"]

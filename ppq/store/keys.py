@@ -15,12 +15,14 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
     dead           zset   ids that exhausted their retries, score = time of death
     keys           hash   de-duplication key -> id, while that task waits
     stats          hash   counters: pushed, leased, done, errors (failed attempts), retried, dead,
-                          expired, cancelled, released; and parked, the ids in all the
-                          ``queue:m:<module>`` lists
+                          expired, cancelled, released, purged; and parked, the ids in all
+                          the ``queue:m:<module>`` lists
     rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone
     waiting        zset   ids someone waits on (Client.result) -> until when
+    paused         hash   'queue' -> when the whole queue_index was paused; 'worker:<id>' -> when
+                          that worker was: nothing is leased to what is paused
     waiters        zset   long-polls waiting for tasks -> until when; wake is
                           published only while one is registered
     wake           channel  published with the number of tasks made ready

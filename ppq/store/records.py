@@ -24,7 +24,8 @@ FLOAT_FIELDS = ("created", "eta", "started", "finished")
 INT_FIELDS = ("retry", "attempts", "expiries")
 
 # The counters of the stats hash that counts_of gives out under their own name.
-STAT_FIELDS = ("pushed", "leased", "done", "errors", "retried", "expired", "cancelled", "released")
+STAT_FIELDS = ("pushed", "leased", "done", "errors", "retried", "expired", "cancelled", "released",
+               "purged")
 
 
 def text(value: Any) -> str:

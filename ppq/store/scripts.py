@@ -28,7 +28,7 @@ import redis.exceptions
 from .link import Link
 
 # The scripts a Store runs, by file name without ".lua".
-NAMES = ("push", "report", "heartbeat", "reap", "move", "cancel", "requeue_dead", "purge_dead")
+NAMES = ("push", "report", "heartbeat", "reap", "move", "cancel", "requeue_dead", "purge_dead", "purge", "pause")
 
 INCLUDE = re.compile(r"^-- include: (\w+\.lua)$", re.MULTILINE)
 

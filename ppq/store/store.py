@@ -31,6 +31,8 @@ log = logging.getLogger("ppq.store")
 ANY_MODULE = "*"
 # Most modules whose lists of tasks moved aside counts() and parked() read.
 PARKED_LISTED = 1000
+# Most waiting tasks one purge script deletes: one batch holds Redis for a few milliseconds.
+PURGE_BATCH = 1000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,6 +87,8 @@ class Store:
         self._cancel = Script(SOURCES["cancel"], self.redis, self._link)
         self._requeue_dead = Script(SOURCES["requeue_dead"], self.redis, self._link)
         self._purge_dead = Script(SOURCES["purge_dead"], self.redis, self._link)
+        self._purge = Script(SOURCES["purge"], self.redis, self._link)
+        self._pause = Script(SOURCES["pause"], self.redis, self._link)
 
     def close(self) -> None:
         """Close every connection; the Store is not used after."""
@@ -203,6 +207,41 @@ class Store:
         """Delete dead tasks (``ids``; None: all); return how many were deleted."""
         return int(self._purge_dead([self.prefix, *(ids or [])]))
 
+    # -- The queue as a whole: purge, pause
+
+    @_storage_errors
+    def purge_queue(self, limit: int = PURGE_BATCH) -> tuple[int, int]:
+        """Delete one batch of at most ``limit`` (<= PURGE_BATCH) waiting tasks, ready then delayed,
+        with their records and de-duplication keys; return (deleted, ids still waiting).
+
+        Running and dead tasks are left alone. One batch is one script: call again while
+        tasks are left, so that Redis is never held for long.
+        """
+        purged, left = self._purge([self.prefix, max(1, min(limit, PURGE_BATCH))])
+        return int(purged), int(left)
+
+    @_storage_errors
+    def pause(self, worker_id: str = "") -> int | None:
+        """Lease nothing more from this queue_index (``worker_id`` ''), or nothing to that worker.
+
+        Returns 1 if it was not paused, 0 if it was already, None (nothing changed) for a
+        worker that is not listed here.
+        """
+        changed = int(self._pause([self.prefix, 1, worker_id]))
+        return None if changed < 0 else changed
+
+    @_storage_errors
+    def resume(self, worker_id: str = "") -> int | None:
+        """Undo :meth:`pause` and wake the long-polls; returns as :meth:`pause` does (a worker that
+        is paused here but no longer listed may be resumed)."""
+        changed = int(self._pause([self.prefix, 0, worker_id]))
+        return None if changed < 0 else changed
+
+    @_storage_errors
+    def paused(self) -> dict[str, float]:
+        """What is paused: ``"queue"`` and ``"worker:<id>"`` -> when the pause began."""
+        return {text(k): float(v) for k, v in self.redis.hgetall(self.prefix + "paused").items()}
+
     # -- Records and counts
 
     @_storage_errors
@@ -236,7 +275,8 @@ class Store:
         """How many tasks wait, run and are dead, the counters, the rate over about a minute, and
         ``parked``: module -> how many of the queued tasks wait in that module's list, moved
         aside by leases for workers that may not run them (they count in ``queued`` too), for
-        the first ``PARKED_LISTED`` modules by name."""
+        the first ``PARKED_LISTED`` modules by name; and ``paused``: whether the queue_index
+        is paused."""
         p = self.prefix
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(p + "queue")
@@ -246,12 +286,13 @@ class Store:
         pipe.hgetall(p + "stats")
         pipe.hgetall(p + "rate")
         pipe.time()
+        pipe.hexists(p + "paused", "queue")
         pipe.zrange(p + "parked", 0, PARKED_LISTED - 1)
-        queued, delayed, running, dead, stats, rate, now, modules = pipe.execute()
+        queued, delayed, running, dead, stats, rate, now, paused, modules = pipe.execute()
         parked = self.parked([text(m) for m in modules])
         queued += max(0, int(stats.get(b"parked", 0)))
         sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
-        return {**counts_of(sizes, stats, rate, int(now[0])), "parked": parked}
+        return {**counts_of(sizes, stats, rate, int(now[0])), "paused": bool(paused), "parked": parked}
 
     @_storage_errors
     def parked(self, modules: Sequence[str] | None = None) -> dict[str, int]:
@@ -271,11 +312,13 @@ class Store:
 
     @_storage_errors
     def workers(self, max_bytes: int = 8 * 1024 * 1024) -> list[dict[str, Any]]:
-        """The workers heard from recently, with their last reported info, soonest to go quiet
-        first; no more than ``max_bytes`` of stored infos are read."""
+        """The workers heard from recently, with their last reported info and ``paused`` (whether
+        nothing is leased to them), soonest to go quiet first; no more than ``max_bytes`` of
+        stored infos are read."""
         p = self.prefix
         now = float(self.redis.time()[0])
-        live = self.redis.zrangebyscore(p + "workers:seen", now, "+inf")
+        paused = set(self.redis.hkeys(p + "paused"))
+        live: list[Any] = list(self.redis.zrangebyscore(p + "workers:seen", now, "+inf"))
         out: list[dict[str, Any]] = []
         used = 0
         for start in range(0, len(live), 500):
@@ -284,7 +327,9 @@ class Store:
                 used += len(wid) + len(blob or b"")
                 if used > max_bytes:
                     return out
-                out.append(worker_of(wid, blob))
+                info = worker_of(wid, blob)
+                info["paused"] = b"worker:" + wid in paused
+                out.append(info)
         return out
 
     @_storage_errors

@@ -27,8 +27,14 @@
 --          worker may not run is appended to its module's list instead (at most 1000 ids
 --          per call), its module added to P..'parked'. Stats 'parked' is kept to the
 --          number of ids in all those lists. Ids of tasks no longer waiting (cancelled,
---          say) are dropped.
+--          say) are dropped. Nothing is leased while the queue_index (field 'queue' of
+--          P..'paused') or the worker (field 'worker:' .. wid) is paused.
 
+-- Paused: one HMGET, and only when something is to be leased.
+if count > 0 then
+  local paused = redis.call('HMGET', P .. 'paused', 'queue', 'worker:' .. wid)
+  if paused[1] or paused[2] then count = 0 end
+end
 local out = {}
 local more = false
 -- Running-set entries of the leased tasks, added in bulk.

@@ -9,7 +9,8 @@
 -- Returns how many expired leases it took (limit of them: there may be more).
 -- Each expired task goes back to the front of P..'queue', or cancelled (cancel asked), or
 -- dead after maxexp expiries. It also drops past entries of P..'waiting' and
--- P..'waiters', rate buckets older than two minutes, and workers that went quiet.
+-- P..'waiters', rate buckets older than two minutes, and workers that went quiet (with their
+-- pause in P..'paused').
 
 -- include: now.lua
 local P, maxexp, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -48,5 +49,6 @@ local gone = redis.call('ZRANGEBYSCORE', P .. 'workers:seen', '-inf', now)
 for _, wid in ipairs(gone) do
   redis.call('ZREM', P .. 'workers:seen', wid)
   redis.call('HDEL', P .. 'workers', wid)
+  redis.call('HDEL', P .. 'paused', 'worker:' .. wid)
 end
 return #ids
