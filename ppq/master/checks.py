@@ -79,7 +79,7 @@ def allow_of(worker_info: Any) -> str:
     names = worker_info.get("allow") if isinstance(worker_info, Mapping) else None
     if names is None:
         return ANY_MODULE
-    if names.__class__ is list or names.__class__ is tuple:
+    if (names.__class__ is list or names.__class__ is tuple) and len(names) <= MAX_ALLOW_NAMES:
         try:
             return _allow_specs[tuple(names)]
         except (KeyError, TypeError):
