@@ -208,7 +208,9 @@ class Master(Waiting):
         """The worker's fast path: many finishes/errors/hand-backs and the next tasks in one call.
 
         Each report: ``{id, lease, ok, result_bytes | result, error, traceback, retry, release}``.
-        Returns ``{"accepted": [bool, ...], "tasks": [...]}``.
+        Returns ``{"accepted": [bool, ...], "tasks": [...]}``, and ``"failed"`` when error reports
+        were accepted: ``{id: [attempts failed, max_retry, seconds to the next run (0: at once)
+        or -1: dead-listed]}`` (a cancelled task is not in it).
         """
         if not isinstance(reports, (list, tuple)) or len(reports) > self.limits.max_batch:
             raise InvalidTaskError(f"reports must be a list of at most {self.limits.max_batch} dicts")
@@ -230,8 +232,12 @@ class Master(Waiting):
                                            error=f"InvalidResultError: {exc}", retry=False)
             item["release"] = bool(r.get("release"))
             checked.append(item)
-        accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait)
-        return {"accepted": accepted, "tasks": _plain(tasks)}
+        failed: dict[str, list[int]] = {}
+        accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait, failed=failed)
+        reply: dict[str, Any] = {"accepted": accepted, "tasks": _plain(tasks)}
+        if failed:
+            reply["failed"] = failed
+        return reply
 
     @rpc.remote(role=rpc.WORKER)
     def heartbeat(self, worker_info: Any, queue_index: Any = 0, running: Any = ()) -> dict[str, Any]:

@@ -144,12 +144,13 @@ class Waiting:
         return min(3 * float(interval) + 1, self.config.master.worker_ttl)
 
     def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
-               wait: float, strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
+               wait: float, strict: bool = False, failed: dict[str, list[int]] | None = None
+               ) -> tuple[list[bool], list[dict[str, Any]]]:
         store = self._store(queue_index)
         wid = worker_id_of(worker_info)
         waker = self.wakers[store.queue_index]
         generation = waker.generation
-        accepted, tasks = store.report(wid, reports, count, self._seen(worker_info), strict)
+        accepted, tasks = store.report(wid, reports, count, self._seen(worker_info), strict, failed)
         if log.isEnabledFor(logging.DEBUG):
             self._log_changes(store.queue_index, wid, reports, accepted, tasks)
         if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):

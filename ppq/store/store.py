@@ -125,12 +125,16 @@ class Store:
 
     @_storage_errors
     def report(self, worker_id: str, reports: Iterable[dict[str, Any]], count: int, seen: float,
-               strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
+               strict: bool = False, failed: dict[str, list[int]] | None = None
+               ) -> tuple[list[bool], list[dict[str, Any]]]:
         """Record finishes, errors and hand-backs, then lease up to ``count`` tasks to ``worker_id``.
 
         Each report is ``{id, lease, ok, result, error, traceback, retry, release}``.
         Returns one flag per report (False: the lease was lost, nothing changed) and
         the leased tasks. With ``strict``, nothing is leased if a report is refused.
+        ``failed``, if given, gets what became of each error report accepted (cancelled
+        tasks aside): ``{id: [attempts failed, max_retry, seconds to its next run (0: at
+        once) or -1: dead-listed]}``.
         """
         args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict),
                            os.urandom(16).hex() if count > 0 else "", self.max_workers]
@@ -142,7 +146,10 @@ class Store:
             else:
                 kind = "error" if r.get("retry", True) else "error-final"
             args += [r["id"], r["lease"], kind, r.get("result") or b"", r.get("error") or "", r.get("traceback") or ""]
-        accepted, leased = self._report(args)
+        accepted, leased, outcomes = self._report(args)
+        if failed is not None:
+            for k in range(0, len(outcomes), 4):
+                failed[text(outcomes[k])] = [int(outcomes[k + 1]), int(outcomes[k + 2]), int(outcomes[k + 3])]
         return [bool(a) for a in accepted], [task_of(row, self.queue_index) for row in leased]
 
     @_storage_errors
