@@ -273,11 +273,13 @@ def dead_list(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
         click.echo(f"no dead tasks in queue_index {queue_index}")
         return
     table = _table(title=f"dead tasks, queue_index {queue_index}")
-    for name in ("id", "task", "retry", "died", "reason"):
-        table.add_column(name)
+    # An id is never cut (it is what `ppq dead requeue` takes); the reason folds instead.
+    table.add_column("id", no_wrap=True, min_width=max(len(str(t["id"])) for t in tasks))
+    for name in ("task", "failed runs", "died", "reason"):
+        table.add_column(name, overflow="fold")
     for t in tasks:
-        table.add_row(t["id"], f"{t['module']}.{t['func']}", str(t.get("retry")), _when(t.get("finished")),
-                      t.get("error", ""))
+        runs = f"{t.get('retry') or 0} of {(t.get('max_retry') or 0) + 1}"
+        table.add_row(t["id"], f"{t['module']}.{t['func']}", runs, _when(t.get("finished")), t.get("error", ""))
     console.print(table)
 
 
