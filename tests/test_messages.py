@@ -289,3 +289,53 @@ def test_worker_with_json_logs_writes_json_lines_only(daemons, redis_a, ra):
     assert worker.out() == []
     messages = json_messages(worker.err())
     assert f"task {tid} tasks.boom failed (attempt 1 of 1): ValueError: j; no retries left: dead-listed" in messages
+
+
+# -- 6. what each Redis holds, in `ppq status` ----------------------------------------------------------
+
+
+def info_calls(client: Any) -> int:
+    return int(client.info("commandstats").get("cmdstat_info", {}).get("calls", 0))
+
+
+def test_status_shows_memory_aof_and_result_ttl_of_each_redis_in_80_columns(daemons, master, ra, tmp_path):
+    # An embedded redis-server (AOF on) with a result_ttl of its own, beside the master over redis_a
+    # and redis_b (AOF off).
+    port = free_port()
+    embedded = daemons("embedded", "master", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+                       env={"PPQ_MASTER_RESULT_TTL": "600"})
+    wait_for(lambda: any("master ready" in line for line in embedded.err()), what="the embedded master")
+    pusher = Client([f"127.0.0.1:{port}"])
+    try:
+        pusher.push_many([("tasks.add", (i, i)) for i in range(50)])
+    finally:
+        pusher.close()
+
+    out = run_ppq("status", "-m", f"127.0.0.1:{port}", env={"COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 80, out.stdout
+    row = next(line for line in out.stdout.splitlines() if "redis://127.0.0.1:" in line)
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    assert cells[0] == "0" and re.fullmatch(r"\d+\.\d (KiB|MiB)", cells[1]), cells
+    assert re.fullmatch(r"\d+(\.\d)? (B|KiB|MiB)", cells[2]) and cells[3] == "10m", cells
+    header = next(line for line in out.stdout.splitlines() if "result_ttl" in line)
+    assert [c.strip() for c in header.split("│")[1:-1]][:4] == ["queue", "memory", "AOF", "result_ttl"], header
+    data = json.loads(run_ppq("status", "--json", "-m", f"127.0.0.1:{port}").stdout)["0"]
+    assert data["aof_enabled"] is True and data["aof_size"] > 0 and data["used_memory"] > 0, data
+    assert data["result_ttl"] == 600
+
+    # The test Redis runs without AOF: "off", null in JSON; one INFO per Redis per status call.
+    address = f"127.0.0.1:{master.port}"
+    pusher = Client([address])
+    try:
+        pusher.push_many([("tasks.add", (i, i)) for i in range(50)])
+    finally:
+        pusher.close()
+    before = info_calls(ra)
+    data = json.loads(run_ppq("status", "--json", "-m", address).stdout)
+    assert info_calls(ra) - before == 2  # the status call's, and the one reading it above
+    assert data["0"]["aof_enabled"] is False and data["0"]["aof_size"] is None
+    assert data["0"]["result_ttl"] == 86400 and data["0"]["used_memory"] > 0
+    out = run_ppq("status", "-m", address, env={"COLUMNS": "80"})
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.stdout.splitlines() if "redis://" in line]
+    assert [r[2:4] for r in rows] == [["off", "1d"], ["off", "1d"]], out.stdout

@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 @click.pass_context
 def status(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
            as_json: bool) -> None:
-    """Queue counts per queue_index and the live workers.
+    """Queue counts per queue_index, what each Redis holds, and the live workers.
 
     "leased" counts tasks handed to workers (prefetched ones too), "running"
-    those the workers said they ran at their last heartbeat. Columns that do not
+    those the workers said they ran at their last heartbeat. The redis table
+    shows each Redis's used memory, its append-only file ("off" without AOF)
+    and how long finished tasks are kept (result_ttl). Columns that do not
     fit the terminal are left out; --json has everything.
 
     \b
@@ -51,12 +53,36 @@ QUEUE_COLUMNS = (
     ("queue_index", "queue", 0), ("queued", "queued", 0), ("delayed", "delayed", 1), ("leased", "leased", 0),
     ("running", "running", 2), ("dead", "dead", 1), ("done_per_min", "done/min", 3),
     ("failed_per_min", "fail/min", 4), ("workers", "workers", 5), ("pushed", "pushed", 6), ("done", "done", 6),
-    ("retried", "retried", 7), ("expired", "expired", 8), ("cancelled", "cancelled", 8), ("redis", "redis", 9),
+    ("retried", "retried", 7), ("expired", "expired", 8), ("cancelled", "cancelled", 8),
+)
+REDIS_COLUMNS = (
+    ("queue_index", "queue", 0), ("used_memory", "memory", 0), ("aof_size", "AOF", 0),
+    ("result_ttl", "result_ttl", 0), ("redis", "redis", 1),
 )
 WORKER_COLUMNS = (
-    ("id", "worker", 0), ("queue_index", "queue", 3), ("concurrency", "exec", 2), ("running", "running", 0),
-    ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "heartbeat", 2), ("tasks", "running tasks", 9),
+    ("id", "worker", 0), ("queue_index", "queue", 3), ("concurrency", "executors", 2), ("running", "running", 0),
+    ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "last heartbeat", 2),
+    ("tasks", "running tasks", 9),
 )
+
+
+def _size(value: Any) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 221.0 MiB."""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""  # pragma: no cover - the loop returns
+
+
+def _duration(seconds: Any) -> str:
+    """Whole seconds for people: 1d, 12h, 30m, 90s."""
+    s = int(seconds)
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s and s % length == 0:
+            return f"{s // length}{unit}"
+    return f"{s}s"
 
 
 def _fit_table(title: str, columns: tuple[tuple[str, str, int], ...], rows: list[dict[str, str]], width: int,
@@ -106,17 +132,26 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
     width = width or console.width
     queue_rows: list[dict[str, str]] = []
     worker_rows: list[dict[str, str]] = []
+    redis_rows: list[dict[str, str]] = []
     notes: list[str] = []
     for qi, entry in sorted(info.items(), key=lambda kv: int(kv[0])):
         if not entry.get("ok", True):
-            queue_rows.append({"queue_index": str(qi), **dict.fromkeys(("queued", "leased", "running"), "?"),
-                               "redis": str(entry.get("redis", ""))})
+            queue_rows.append({"queue_index": str(qi), **dict.fromkeys(("queued", "leased", "running"), "?")})
             notes.append(f"queue_index {qi}: Redis {entry.get('redis')} UNREACHABLE: {entry.get('error', '')}")
+            redis_rows.append({"queue_index": str(qi), "used_memory": "?", "aof_size": "?", "result_ttl": "?",
+                               "redis": str(entry.get("redis", ""))})
             continue
+        if "used_memory" in entry:
+            redis_rows.append({
+                "queue_index": str(qi), "used_memory": _size(entry["used_memory"]),
+                "aof_size": _size(entry["aof_size"]) if entry.get("aof_enabled") and entry.get("aof_size") is not None
+                else "off",
+                "result_ttl": _duration(entry["result_ttl"]) if entry.get("result_ttl") is not None else "?",
+                "redis": str(entry.get("redis", ""))})
         workers = entry.get("workers", [])
         row = {key: str(entry.get(key, 0)) for key, _, _ in QUEUE_COLUMNS}
         row.update(queue_index=str(qi), leased=str(entry.get("running", 0)), workers=str(len(workers)),
-                   running=str(sum(len(w.get("running") or []) for w in workers)), redis=str(entry.get("redis", "")))
+                   running=str(sum(len(w.get("running") or []) for w in workers)))
         queue_rows.append(row)
         for w in workers:
             running = w.get("running") or []
@@ -126,8 +161,10 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
                 "running": str(len(running)), "done": str(w.get("done", "")), "failed": str(w.get("failed", "")),
                 "heartbeat": time.strftime("%H:%M:%S", time.localtime(float(beat))) if beat else "",
                 "tasks": ", ".join(running) or "-"})
-    parts: list[Any] = [_fit_table("queues", QUEUE_COLUMNS, queue_rows, width, foldable=("redis",))]
+    parts: list[Any] = [_fit_table("queues", QUEUE_COLUMNS, queue_rows, width)]
     parts += [Text(note, style="red") for note in notes]
+    if redis_rows:
+        parts.append(_fit_table("redis", REDIS_COLUMNS, redis_rows, width, foldable=("redis",)))
     if worker_rows:
         parts.append(_fit_table(f"workers ({len(worker_rows)})", WORKER_COLUMNS, worker_rows, width,
                                 foldable=("id", "tasks")))

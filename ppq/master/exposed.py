@@ -337,7 +337,8 @@ class Master(Waiting):
 
     def queue_info(self, workers: bool = True) -> dict[int, dict[str, Any]]:
         """Counts of each queue_index, ``workers_live`` (how many workers are listed) and, with
-        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``)."""
+        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``)
+        and what its Redis holds (``Store.memory``: used_memory, aof_enabled, aof_size, result_ttl)."""
         out: dict[int, dict[str, Any]] = {}
         for qi, store in sorted(self.stores.items()):
             entry: dict[str, Any] = {"queue_index": qi, "redis": store.safe_url}
@@ -345,6 +346,8 @@ class Master(Waiting):
                 entry.update(store.counts())
                 entry["workers_live"] = store.live_workers()
                 entry["workers"] = store.workers(self.limits.max_message // (2 * len(self.stores))) if workers else []
+                if workers:
+                    entry.update(store.memory())
                 entry["ok"] = True
             except StorageError as exc:
                 entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})

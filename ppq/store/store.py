@@ -98,6 +98,17 @@ class Store:
         version = str(self.redis.info("server").get("redis_version", "0"))
         return tuple(int(part) for part in version.split(".") if part.isdigit())
 
+    @_storage_errors
+    def memory(self) -> dict[str, Any]:
+        """What this Redis holds, from one INFO call: ``used_memory`` (bytes), ``aof_enabled`` and
+        ``aof_size`` (the append-only file's bytes, None when AOF is off), and the ``result_ttl``
+        (seconds) this store keeps finished tasks by default."""
+        info = self.redis.info()
+        aof = bool(int(info.get("aof_enabled", 0) or 0))
+        size = info.get("aof_current_size") if aof else None
+        return {"used_memory": int(info.get("used_memory", 0) or 0), "aof_enabled": aof,
+                "aof_size": int(size) if size is not None else None, "result_ttl": self.result_ttl}
+
     # -- The scripts of a task's life (ppq/store/lua/)
 
     @_storage_errors
