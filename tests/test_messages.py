@@ -339,3 +339,36 @@ def test_status_shows_memory_aof_and_result_ttl_of_each_redis_in_80_columns(daem
     out = run_ppq("status", "-m", address, env={"COLUMNS": "80"})
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.stdout.splitlines() if "redis://" in line]
     assert [r[2:4] for r in rows] == [["off", "1d"], ["off", "1d"]], out.stdout
+
+
+# -- 5. `ppq workers`: each worker complete from its start, and why one shows no figures ----------------
+
+
+def test_workers_lists_a_new_worker_in_full_and_says_why_figures_are_missing(daemons, redis_a, ra):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    ready_master(daemons, port, redis_a.url)
+    worker = daemons("worker", "worker", "--master-hosts", address, "--port", "0", "--concurrency", "1",
+                     "--allow", "tasks")
+    wait_for(lambda: any("executor process on queue_index 0" in line for line in worker.err()),
+             what="the worker to start")
+    call = PyroFunc(address)
+    try:
+        # Listed with its full info by the time it says it started: no waiting for a heartbeat.
+        (entry,) = call("server_info")[0]["workers"]
+        assert entry["pid"] == worker.proc.pid and entry["control_uri"].startswith("PYRO:worker@")
+        # A worker id that only ever asked for tasks (no heartbeat) is listed without its info.
+        call("report", {"id": "quiet-worker"}, 0, [], 0, 0)
+    finally:
+        call.close()
+    out = run_ppq("workers", "-m", address, env={"COLUMNS": "120"})
+    assert out.returncode == 0, out.stderr
+    rows = {cells[0]: cells[1:] for line in out.stdout.splitlines()
+            if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 6}
+    assert rows[entry["id"]] == ["(no task run yet)", "-", "-", "-", "-"], out.stdout
+    assert rows["quiet-worker"] == ["(not heard from yet)", "-", "-", "-", "-"], out.stdout
+    out = run_ppq("status", "-m", address, env={"COLUMNS": "200"})
+    header = next(line for line in out.stdout.splitlines() if "last heartbeat" in line)
+    assert [c.strip() for c in header.split("│")[1:-1]] == ["worker", "queue", "executors", "running", "done",
+                                                           "failed", "last heartbeat", "running tasks"], header
+    assert worker.stop() == 0

@@ -244,14 +244,21 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
             stats: dict[str, Any] = {}
             running: list[Any] = []
             uri = w.get("control_uri")
+            # Why a worker shows no figures, in place of its functions.
+            why = "(not heard from yet)" if not uri else "(no task run yet)"
             if uri and control_token is not False:
                 control = PyroFunc(uri, token=control_token, timeout=3, objid=WORKER_OBJECT, default_return=None)
-                stats = control("get_worker_stats") or {}
+                answer = control("get_worker_stats")
+                if answer is None:
+                    why = "(its control object does not answer)"
+                stats = answer or {}
                 running = (control("get_running_info") or {}).get("tasks", [])
                 control.close()
-            rows.append({"worker": w, "stats": stats, "running": running})
+            elif uri:
+                why = "(figures need the worker token)"
+            rows.append({"worker": w, "stats": stats, "running": running, "why": why})
     if as_json:
-        _print_json(rows)
+        _print_json([{k: v for k, v in row.items() if k != "why"} for row in rows])
         return
     if not rows:
         click.echo("no live workers")
@@ -262,7 +269,7 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
     for row in rows:
         wid = str(row["worker"].get("id"))
         if not row["stats"]:
-            table.add_row(wid, "-", "0", "0", "0", "-")
+            table.add_row(wid, row["why"], "-", "-", "-", "-")
         for name, s in sorted(row["stats"].items()):
             table.add_row(wid, name, str(s["count"]), str(s["ok"]), str(s["failed"]), f"{s['mean_time']:.4f}")
     console.print(table)
