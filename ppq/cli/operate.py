@@ -141,13 +141,13 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
             redis_rows.append({"queue_index": str(qi), "used_memory": "?", "aof_size": "?", "result_ttl": "?",
                                "redis": str(entry.get("redis", ""))})
             continue
-        if "used_memory" in entry:
-            redis_rows.append({
-                "queue_index": str(qi), "used_memory": _size(entry["used_memory"]),
-                "aof_size": _size(entry["aof_size"]) if entry.get("aof_enabled") and entry.get("aof_size") is not None
-                else "off",
-                "result_ttl": _duration(entry["result_ttl"]) if entry.get("result_ttl") is not None else "?",
-                "redis": str(entry.get("redis", ""))})
+        held = "used_memory" in entry  # (a master of an earlier version does not say)
+        redis_rows.append({
+            "queue_index": str(qi), "used_memory": _size(entry["used_memory"]) if held else "?",
+            "aof_size": "?" if not held else _size(entry["aof_size"]) if entry.get("aof_enabled") and
+            entry.get("aof_size") is not None else "off",
+            "result_ttl": _duration(entry["result_ttl"]) if entry.get("result_ttl") is not None else "?",
+            "redis": str(entry.get("redis", ""))})
         workers = entry.get("workers", [])
         row = {key: str(entry.get(key, 0)) for key, _, _ in QUEUE_COLUMNS}
         row.update(queue_index=str(qi), leased=str(entry.get("running", 0)), workers=str(len(workers)),
