@@ -372,3 +372,29 @@ def test_workers_lists_a_new_worker_in_full_and_says_why_figures_are_missing(dae
     assert [c.strip() for c in header.split("│")[1:-1]] == ["worker", "queue", "executors", "running", "done",
                                                            "failed", "last heartbeat", "running tasks"], header
     assert worker.stop() == 0
+
+
+def test_master_says_when_lost_workers_dead_list_a_task(daemons, redis_a, ra):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    master = daemons("master", "master", "--port", str(port), "--redis-map", f"0={redis_a.url}",
+                     "--lease-timeout", "1", env={"PPQ_MASTER_MAX_LEASE_EXPIRIES": "1",
+                                                  "PPQ_MASTER_REAPER_INTERVAL": "0.2"})
+    wait_for(lambda: any("master ready" in line for line in master.err()), what="the master to start")
+    call = PyroFunc(address)
+    try:
+        tid = call("push_task", "add", module="tasks", args=[1, 2])
+        for state in ("queued", "dead"):
+            # A worker that leases the task and is never heard from again.
+            (task,) = call("report", {"id": "lost-worker"}, 0, [], 1, 0)["tasks"]
+            assert task["id"] == tid
+            wait_for(lambda state=state: call("get_task_info", tid, 0)["state"] == state, timeout=10,
+                     what=f"the lease to expire ({state})")
+    finally:
+        call.close()
+    assert master.stop() == 0
+    matching([line for line in master.err() if "expired" in line or tid in line], [
+        rf"{STAMP} INFO ppq\.master: queue_index 0: 1 expired lease\(s\): back to the queue",
+        rf"{STAMP} WARNING ppq\.master: queue_index 0: task {tid} dead-listed: its worker was lost 2 times "
+        r"\(master\.max_lease_expiries 1\)",
+    ])

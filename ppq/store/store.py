@@ -177,9 +177,11 @@ class Store:
         return None if lost is None else [text(i) for i in lost]
 
     @_storage_errors
-    def reap(self, limit: int = 1000) -> int:
-        """Requeue tasks whose lease ran out, and forget workers that went quiet."""
-        return int(self._reap([self.prefix, self.max_lease_expiries, limit]))
+    def reap(self, limit: int = 1000) -> tuple[int, list[tuple[str, int]]]:
+        """Requeue tasks whose lease ran out, and forget workers that went quiet; return how many
+        expired leases were taken and, of those, the tasks dead-listed with their expiries."""
+        taken, dead = self._reap([self.prefix, self.max_lease_expiries, limit])
+        return int(taken), [(text(dead[k]), int(dead[k + 1])) for k in range(0, len(dead), 2)]
 
     @_storage_errors
     def move_due(self, limit: int = 1000) -> tuple[int, float | None, float]:
