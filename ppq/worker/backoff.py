@@ -8,6 +8,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..errors import ConnectError, StorageError
+from ..rpc import CommunicationError
+
 log = logging.getLogger("ppq.worker")
 
 # The first pause after a failed call, in seconds.
@@ -33,9 +36,11 @@ class Outage:
     """The masters not answering, said once per outage: the first failed call of any of the agent's
     threads is a WARNING, the next ones (the same error) DEBUG, the first success after them one INFO line.
 
-    A different kind of error (a master answering with a storage error after a refused
-    connection) is a new WARNING. :meth:`ok` costs one attribute read while all is well;
-    the first one after an outage also calls ``on_back``.
+    An outage is masters that cannot be reached or whose Redis cannot (ConnectError,
+    StorageError, Pyro5's communication errors); a different kind of those (a storage error
+    after refused connections) is a new WARNING. Any other error (a refusal) is no outage: it
+    is a WARNING each time. :meth:`ok` costs one attribute read while all is well; the first
+    one after an outage also calls ``on_back``.
     """
 
     def __init__(self, on_back: Callable[[], object] = lambda: None) -> None:
@@ -46,6 +51,9 @@ class Outage:
 
     def failed(self, what: str, exc: BaseException) -> None:
         kind = type(exc).__name__
+        if not isinstance(exc, (ConnectError, StorageError, CommunicationError)):
+            log.warning("%s: %s: %s", what, kind, exc)
+            return
         with self._lock:
             new = self._since is None or kind != self._kind
             if self._since is None:
