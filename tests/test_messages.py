@@ -398,3 +398,20 @@ def test_master_says_when_lost_workers_dead_list_a_task(daemons, redis_a, ra):
         rf"{STAMP} WARNING ppq\.master: queue_index 0: task {tid} dead-listed: its worker was lost 2 times "
         r"\(master\.max_lease_expiries 1\)",
     ])
+
+
+# -- 7. the deploy files say what SIGUSR2 does ---------------------------------------------------------------
+
+
+def test_deploy_files_say_sigusr2_restarts_in_place():
+    from .conftest import REPO
+
+    unit = (REPO / "deploy/systemd/ppq-worker@.service").read_text()
+    assert "RestartForceExitStatus" not in unit
+    assert "ExecReload=/bin/kill -USR2 $MAINPID" in unit and "os.execv: the same pid" in unit
+    for path in ("deploy/README.md", "deploy/supervisord/ppq.conf", "deploy/docker-compose.yml", "README.md",
+                 "deploy/systemd/ppq-worker@.service"):
+        text = (REPO / path).read_text()
+        assert "successor" not in text and "new pid" not in text and "fresh agent" not in text, path
+    assert "| SIGUSR2 | graceful restart: the same stop, then it replaces itself in place (`os.execv`: same pid" \
+        in (REPO / "deploy/README.md").read_text()
