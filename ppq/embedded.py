@@ -174,7 +174,7 @@ class RedisServer:
                 raise StorageError(f"redis-server exited at start (code {self.process.returncode}): "
                                    f"{err.strip() or 'see ' + os.path.join(self.data_dir, 'redis.log')}")
             if self._answers():
-                log.info("redis-server pid %s on %s, data in %s", self.process.pid, self.url, self.data_dir)
+                log.debug("redis-server pid %s on %s, data in %s", self.process.pid, self.url, self.data_dir)
                 return self
             time.sleep(0.02)
         self.stop()

@@ -130,12 +130,15 @@ class Stack:
 
     ``config_path`` is handed to the workers (``--config``), with ``concurrency`` and
     ``allow`` (their allowed modules) when given. :meth:`start`, then :meth:`run`, which
-    supervises until asked to stop and then stops everything.
+    supervises until asked to stop and then stops everything. The master's start is
+    logged at ``announce`` (DEBUG when the caller prints it).
     """
 
     def __init__(self, config: Config, workers: int = 1, config_path: str | None = None,
-                 concurrency: int | None = None, allow: list[str] | None = None) -> None:
+                 concurrency: int | None = None, allow: list[str] | None = None,
+                 announce: int = logging.INFO) -> None:
         self.config = config
+        self.announce = announce
         self.worker_count = workers
         self.config_path = config_path
         self.concurrency = concurrency
@@ -155,7 +158,7 @@ class Stack:
     def start(self) -> Stack:
         """Start the master (and its embedded redis-server), then the workers."""
         self._output = _Output(sys.stdout)
-        server = MasterServer(self.config).start()
+        server = MasterServer(self.config, self.announce).start()
         qi = self.config.worker.queue_index
         if qi not in server.stores:
             server.stop()

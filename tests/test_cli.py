@@ -302,12 +302,14 @@ def test_status_and_status_json(master, call):
     out = run_ppq("status", "-m", address_of(master), env={"COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
     tables = table_rows(out.stdout)
-    assert [title for title, _ in tables] == ["queues", "workers (1)"], out.stdout
+    assert [title for title, _ in tables] == ["queues", "redis", "workers (1)"], out.stdout
     queues = {row["queue"]: row for row in tables[0][1]}
     assert set(queues) == {"0", "1"}, out.stdout
     assert [queues["0"][k] for k in ("queued", "delayed", "leased", "dead", "workers")] == ["2", "1", "1", "0", "1"]
     assert [queues["1"][k] for k in ("queued", "delayed", "leased", "dead", "workers")] == ["1", "0", "0", "0", "0"]
-    (worker,) = tables[1][1]
+    redis_rows = {row["queue"]: row for row in tables[1][1]}
+    assert [(redis_rows[q]["AOF"], redis_rows[q]["result_ttl"]) for q in ("0", "1")] == [("off", "1d")] * 2
+    (worker,) = tables[2][1]
     assert (worker["worker"], worker["queue"]) == (W1["id"], "0"), out.stdout
     out = run_ppq("status", "-m", address_of(master), "--json")
     assert out.returncode == 0

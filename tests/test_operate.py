@@ -906,6 +906,7 @@ def _busy_info() -> dict[int, dict[str, Any]]:
     return {0: {"ok": True, "queued": 1234567, "delayed": 23456, "running": 34567, "dead": 4567,
                 "done_per_min": 567890, "failed_per_min": 6789, "pushed": 987654321, "done": 87654321,
                 "retried": 7654321, "expired": 65432, "cancelled": 5432, "redis": "redis://127.0.0.1:6379/0",
+                "used_memory": 1234567890, "aof_enabled": True, "aof_size": 987654321098, "result_ttl": 86399,
                 "workers": [worker, dict(worker, id="w2")]},
             1: {"ok": False, "redis": "redis://10.0.0.1:6379/1", "error": "Connection refused", "workers": []}}
 
@@ -941,6 +942,7 @@ def test_status_tables_fit_the_width_without_cutting_a_number(width):
     if width >= 200:
         assert "pushed" in header and "redis://127.0.0.1:6379/0" in text and "a" * 32 in text
     assert "queue_index 1: Redis redis://10.0.0.1:6379/1 UNREACHABLE" in text.replace("\n", " ")
+    assert "1.1 GiB" in text and "919.8 GiB" in text and "86399s" in text, text  # memory, AOF, result_ttl
 
 
 @pytest.mark.parametrize("command", ["status", "top"])

@@ -370,7 +370,7 @@ def _tls_master(spawn: Any, tmp_path: Path, redis_url: str, tls: dict[str, Any])
         "master": {"port": port, "redis_map": {0: redis_url}},
     })
     proc = spawn("--config", config, "master", name="tls-master")
-    wait_for(lambda: proc.poll() is not None or "ppq master ready" in spawn.log(proc), what="the TLS master")
+    wait_for(lambda: proc.poll() is not None or "master ready: " in spawn.log(proc), what="the TLS master")
     assert proc.poll() is None, spawn.log(proc)
     return proc, f"127.0.0.1:{port}"
 

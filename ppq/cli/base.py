@@ -22,7 +22,9 @@ def build_config(ctx: click.Context, overrides: dict[str, Any]) -> Config:
     base = dict(ctx.obj.get("overrides", {}))
     base.update(overrides)
     if not logging.getLogger("ppq").handlers:
-        setup_logging(Config())  # so that a warning while loading the config is printed like the others
+        # So that a warning or error while loading the config is printed like the others.
+        fmt = base.get("log_format") or os.environ.get("PPQ_LOG_FORMAT", "").lower()
+        setup_logging(Config(log_format="json" if fmt == "json" else "text"))
     config = run_guarded(lambda: load_config(path, base))
     setup_logging(config)
     return config

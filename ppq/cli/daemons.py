@@ -15,7 +15,7 @@ import click
 from ..config import DEFAULT_WORKER_PORT, Config
 from ..errors import PPQError, TaskFailedError
 from .base import _apply_sub, _default, _redis_map, _split, build_config, config_option, main
-from .output import RET_CONFIG, RET_ERROR, RET_OK, _table, console, fail, run_guarded
+from .output import RET_CONFIG, RET_ERROR, RET_OK, _table, console, fail, json_logs, run_guarded
 
 log = logging.getLogger("ppq.cli")
 
@@ -53,11 +53,14 @@ def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
            insecure: bool | None, metrics_port: int | None) -> None:
     """Run a master: the Pyro5 object `queue` over the Redis stores.
 
+    It prints nothing on stdout; its log (stderr) says where it serves, in a
+    "master ready: URI" line, and where its embedded redis-server runs.
+
     \b
     Example:
       ppq master --port 7600 --redis-map 0=redis://127.0.0.1:6379/0
     """
-    from ..master import MasterServer, serve
+    from ..master import serve
 
     _apply_sub(ctx, sub_config, sub_log_level)
     config = build_config(ctx, {
@@ -65,14 +68,7 @@ def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
         "master.data_dir": data_dir, "master.lease_timeout": lease_timeout, "master.insecure": insecure,
         "master.metrics_port": metrics_port,
     })
-
-    def ready(server: MasterServer) -> None:
-        if server.embedded is not None:
-            console.print(f"embedded redis-server: {server.embedded.url}, data in {server.embedded.data_dir}",
-                          markup=False, highlight=False)
-        console.print(f"ppq master ready: {server.uri}", markup=False, highlight=False)
-
-    run_guarded(lambda: serve(config, ready=ready, signals=("SIGTERM", "SIGINT", "SIGUSR1")))
+    run_guarded(lambda: serve(config, signals=("SIGTERM", "SIGINT", "SIGUSR1")))
 
 
 def _worker_overrides(master_hosts: tuple[str, ...], queue_index: int | None, concurrency: int | None,
@@ -193,6 +189,9 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     stops, as it does if the embedded Redis dies (exit code 2 for a
     configuration error, else 1).
 
+    Its stdout says where Redis and the master run and how to push; with
+    --log-format json it prints nothing there, and the log says it instead.
+
     \b
     Example:
       ppq up --allow mytasks --workers 2
@@ -207,19 +206,21 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
                                 "worker.queue_index": queue_index, "worker.allowed_modules": _split(allow)})
     if workers < 0:
         fail("--workers must not be negative", RET_CONFIG)
+    # The banner says where Redis and the master run; the log says it only when there is no banner.
     stack = stack_mod.Stack(config, workers, config_path=ctx.obj.get("config"), concurrency=concurrency,
-                            allow=_split(allow))
+                            allow=_split(allow), announce=logging.INFO if json_logs() else logging.DEBUG)
     stack.install_signal_handlers()
     run_guarded(stack.start)
     server = stack.server
     assert server is not None
-    if server.embedded is not None:
-        _say(f"redis: {server.embedded.url} (data in {server.embedded.data_dir})")
-    _say(f"master: {server.uri}")
-    allowed = ", ".join(config.worker.allowed_modules) or "none: pass --allow MODULE"
-    reach = f"--config {ctx.obj['config']}" if ctx.obj.get("config") else f"--master {stack.address}"
-    _say(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "
-         f"ppq push {reach} module.func ARGS   (Ctrl-C stops)")
+    if not json_logs():
+        if server.embedded is not None:
+            _say(f"redis: {server.embedded.url} (data in {server.embedded.data_dir})")
+        _say(f"master: {server.uri}")
+        allowed = ", ".join(config.worker.allowed_modules) or "none: pass --allow MODULE"
+        reach = f"--config {ctx.obj['config']}" if ctx.obj.get("config") else f"--master {stack.address}"
+        _say(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "
+             f"ppq push {reach} module.func ARGS   (Ctrl-C stops)")
     if demo:
         threading.Thread(target=_run_demo, args=(config, stack.address, stack.stopping), daemon=True).start()
     outcome = stack.run(on_stopping=lambda: _say("stopping..."))
@@ -230,11 +231,15 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
 
 
 def _say(text: str) -> None:
-    """Print a line for people; if the reader of a pipe is gone, carry on without output.
+    """Print a line for people; if the reader of a pipe is gone, carry on without output. With
+    --log-format json, log it instead: nothing plain goes out then.
 
     rich answers a broken pipe by pointing stdout at /dev/null and raising SystemExit:
     the stack sees its output gone and stops in order, which an exit here would skip.
     """
+    if json_logs():
+        log.info("%s", text)
+        return
     try:
         console.print(text, markup=False, highlight=False)
     except SystemExit:
@@ -255,8 +260,11 @@ def _run_demo(config: Config, address: str, stop: threading.Event) -> None:
         for name in ("task id", "call", "result"):
             table.add_column(name)
         for task_id, value in client.results(list(calls), timeout=60):
+            if json_logs():
+                _say(f"demo task {task_id}: {calls[task_id]} = {json.dumps(value)}")
             table.add_row(task_id, calls[task_id], json.dumps(value))
-        console.print(table)
+        if not json_logs():
+            console.print(table)
         try:
             client.result(failing, timeout=60)
         except TaskFailedError as exc:

@@ -25,14 +25,15 @@ if TYPE_CHECKING:
 @click.pass_context
 def status(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
            as_json: bool) -> None:
-    """Queue counts per queue_index and the live workers.
+    """Queue counts per queue_index, what each Redis holds, and the live workers.
 
     "leased" counts tasks handed to workers (prefetched ones too), "running"
     those the workers said they ran at their last heartbeat. Queued tasks of a
     module no live worker allows are listed under their queue ("waiting for a
     worker that allows mytasks: 3 task(s)"); the workers table shows what each
-    allows. Columns that do not fit the terminal are left out; --json has
-    everything.
+    allows. The redis table shows each Redis's used memory, its append-only file
+    ("off" without AOF) and how long finished tasks are kept (result_ttl).
+    Columns that do not fit the terminal are left out; --json has everything.
 
     \b
     Example:
@@ -54,15 +55,38 @@ QUEUE_COLUMNS = (
     ("queue_index", "queue", 0), ("queued", "queued", 0), ("delayed", "delayed", 1), ("leased", "leased", 0),
     ("running", "running", 2), ("dead", "dead", 1), ("done_per_min", "done/min", 3),
     ("failed_per_min", "fail/min", 4), ("workers", "workers", 5), ("pushed", "pushed", 6), ("done", "done", 6),
-    ("retried", "retried", 7), ("expired", "expired", 8), ("cancelled", "cancelled", 8), ("redis", "redis", 9),
+    ("retried", "retried", 7), ("expired", "expired", 8), ("cancelled", "cancelled", 8),
+)
+REDIS_COLUMNS = (
+    ("queue_index", "queue", 0), ("used_memory", "memory", 0), ("aof_size", "AOF", 0),
+    ("result_ttl", "result_ttl", 0), ("redis", "redis", 1),
 )
 # Most modules `ppq status` lists as waiting for a worker that allows them, per queue_index.
 WAITING_LISTED = 10
 WORKER_COLUMNS = (
-    ("id", "worker", 0), ("queue_index", "queue", 3), ("concurrency", "exec", 2), ("running", "running", 0),
-    ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "heartbeat", 2), ("allow", "allows", 4),
+    ("id", "worker", 0), ("queue_index", "queue", 3), ("concurrency", "executors", 2), ("running", "running", 0),
+    ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "last heartbeat", 2), ("allow", "allows", 4),
     ("tasks", "running tasks", 9),
 )
+
+
+def _size(value: Any) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 221.0 MiB."""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""  # pragma: no cover - the loop returns
+
+
+def _duration(seconds: Any) -> str:
+    """Whole seconds for people: 1d, 12h, 30m, 90s."""
+    s = int(seconds)
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s and s % length == 0:
+            return f"{s // length}{unit}"
+    return f"{s}s"
 
 
 def _fit_table(title: str, columns: tuple[tuple[str, str, int], ...], rows: list[dict[str, str]], width: int,
@@ -112,17 +136,26 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
     width = width or console.width
     queue_rows: list[dict[str, str]] = []
     worker_rows: list[dict[str, str]] = []
+    redis_rows: list[dict[str, str]] = []
     notes: list[str] = []
     for qi, entry in sorted(info.items(), key=lambda kv: int(kv[0])):
         if not entry.get("ok", True):
-            queue_rows.append({"queue_index": str(qi), **dict.fromkeys(("queued", "leased", "running"), "?"),
-                               "redis": str(entry.get("redis", ""))})
+            queue_rows.append({"queue_index": str(qi), **dict.fromkeys(("queued", "leased", "running"), "?")})
             notes.append(f"queue_index {qi}: Redis {entry.get('redis')} UNREACHABLE: {entry.get('error', '')}")
+            redis_rows.append({"queue_index": str(qi), "used_memory": "?", "aof_size": "?", "result_ttl": "?",
+                               "redis": str(entry.get("redis", ""))})
             continue
+        held = "used_memory" in entry  # (a master of an earlier version does not say)
+        redis_rows.append({
+            "queue_index": str(qi), "used_memory": _size(entry["used_memory"]) if held else "?",
+            "aof_size": "?" if not held else _size(entry["aof_size"]) if entry.get("aof_enabled") and
+            entry.get("aof_size") is not None else "off",
+            "result_ttl": _duration(entry["result_ttl"]) if entry.get("result_ttl") is not None else "?",
+            "redis": str(entry.get("redis", ""))})
         workers = entry.get("workers", [])
         row = {key: str(entry.get(key, 0)) for key, _, _ in QUEUE_COLUMNS}
         row.update(queue_index=str(qi), leased=str(entry.get("running", 0)), workers=str(len(workers)),
-                   running=str(sum(len(w.get("running") or []) for w in workers)), redis=str(entry.get("redis", "")))
+                   running=str(sum(len(w.get("running") or []) for w in workers)))
         if entry.get("paused"):
             row["queue_index"] = f"{qi} paused"
             notes.append(f"queue_index {qi} is paused: no task of it is handed out until `ppq queue resume -q {qi}`")
@@ -143,8 +176,10 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
                 "heartbeat": time.strftime("%H:%M:%S", time.localtime(float(beat))) if beat else "",
                 "allow": "*" if w.get("allow") is None else ", ".join(map(str, w["allow"])) or "(none)",
                 "tasks": ", ".join(running) or "-"})
-    parts: list[Any] = [_fit_table("queues", QUEUE_COLUMNS, queue_rows, width, foldable=("redis",))]
+    parts: list[Any] = [_fit_table("queues", QUEUE_COLUMNS, queue_rows, width)]
     parts += [Text(note, style="yellow" if "waiting for a worker" in note else "red") for note in notes]
+    if redis_rows:
+        parts.append(_fit_table("redis", REDIS_COLUMNS, redis_rows, width, foldable=("redis",)))
     if worker_rows:
         parts.append(_fit_table(f"workers ({len(worker_rows)})", WORKER_COLUMNS, worker_rows, width,
                                 foldable=("id", "tasks")))
@@ -229,14 +264,21 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
             stats: dict[str, Any] = {}
             running: list[Any] = []
             uri = w.get("control_uri")
+            # Why a worker shows no figures, in place of its functions.
+            why = "(not heard from yet)" if not uri else "(no task run yet)"
             if uri and ask_control:
                 control = PyroFunc(uri, token=control_token, timeout=3, objid=WORKER_OBJECT, default_return=None)
-                stats = control("get_worker_stats") or {}
+                answer = control("get_worker_stats")
+                if answer is None:
+                    why = "(its control object does not answer)"
+                stats = answer or {}
                 running = (control("get_running_info") or {}).get("tasks", [])
                 control.close()
-            rows.append({"worker": w, "stats": stats, "running": running})
+            elif uri:
+                why = "(figures need the worker token)"
+            rows.append({"worker": w, "stats": stats, "running": running, "why": why})
     if as_json:
-        _print_json(rows)
+        _print_json([{k: v for k, v in row.items() if k != "why"} for row in rows])
         return
     if not rows:
         click.echo("no live workers")
@@ -247,7 +289,7 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
     for row in rows:
         wid = str(row["worker"].get("id")) + (" (paused)" if row["worker"].get("paused") else "")
         if not row["stats"]:
-            table.add_row(wid, "-", "0", "0", "0", "-")
+            table.add_row(wid, row["why"], "-", "-", "-", "-")
         for name, s in sorted(row["stats"].items()):
             table.add_row(wid, name, str(s["count"]), str(s["ok"]), str(s["failed"]), f"{s['mean_time']:.4f}")
     console.print(table)
@@ -295,11 +337,13 @@ def dead_list(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
         click.echo(f"no dead tasks in queue_index {queue_index}")
         return
     table = _table(title=f"dead tasks, queue_index {queue_index}")
-    for name in ("id", "task", "retry", "died", "reason"):
-        table.add_column(name)
+    # An id is never cut (it is what `ppq dead requeue` takes); the reason folds instead.
+    table.add_column("id", no_wrap=True, min_width=max(len(str(t["id"])) for t in tasks))
+    for name in ("task", "failed runs", "died", "reason"):
+        table.add_column(name, overflow="fold")
     for t in tasks:
-        table.add_row(t["id"], f"{t['module']}.{t['func']}", str(t.get("retry")), _when(t.get("finished")),
-                      t.get("error", ""))
+        runs = f"{t.get('retry') or 0} of {(t.get('max_retry') or 0) + 1}"
+        table.add_row(t["id"], f"{t['module']}.{t['func']}", runs, _when(t.get("finished")), t.get("error", ""))
     console.print(table)
 
 

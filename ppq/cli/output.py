@@ -62,9 +62,20 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+# Whether the logs are JSON lines (``--log-format json``): then an error is one too.
+_json_logs = False
+
+
+def json_logs() -> bool:
+    """True when logging is set up for JSON lines: commands print nothing plain for people then."""
+    return _json_logs
+
+
 def setup_logging(config: Config) -> None:
+    global _json_logs
     handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
+    _json_logs = config.log_format == "json"
+    if _json_logs:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -75,7 +86,12 @@ def setup_logging(config: Config) -> None:
 
 
 def fail(message: str, code: int = RET_ERROR) -> None:
-    err_console.print(f"ppq: error: {message}", markup=False, highlight=False)
+    """The command's one-line error (a JSON line with ``--log-format json``), then its exit code."""
+    if _json_logs:
+        print(json.dumps({"time": time.time(), "level": "ERROR", "logger": "ppq.cli", "message": message}),
+              file=sys.stderr, flush=True)
+    else:
+        err_console.print(f"ppq: error: {message}", markup=False, highlight=False)
     sys.exit(code)
 
 

@@ -302,11 +302,14 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     table = _table(title=f"task {task_id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    for name in ("state", "queue_index", "module", "fclass", "func", "args", "kwargs", "key", "retry", "max_retry",
-                 "attempts", "expiries", "worker", "created", "eta", "started", "finished", "result", "error",
-                 "traceback"):
+    for name in ("state", "queue_index", "module", "fclass", "func", "args", "kwargs", "key", "attempts", "leased",
+                 "worker", "created", "eta", "started", "finished", "result", "error", "traceback"):
         value = info.get(name)
-        if name in ("created", "eta", "started", "finished"):
+        if name == "attempts":
+            value = _attempts(info)
+        elif name == "leased":
+            value = _leased(info)
+        elif name in ("created", "eta", "started", "finished"):
             value = _when(value)
         elif name == "state" and info.get("waiting_for"):
             value = f"{value} (waiting for {info['waiting_for']})"
@@ -316,6 +319,24 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     console.print(table)
     if info["state"] in ("dead", "failed") and wait:
         sys.exit(RET_ERROR)
+
+
+def _attempts(info: dict[str, Any]) -> str:
+    """Runs of the task so far against the runs it may have: "2 of 2 (max_retry 1), 2 failed"."""
+    failed = int(info.get("retry") or 0)
+    max_retry = int(info.get("max_retry") or 0)
+    runs = failed + (1 if info.get("state") in ("running", "done") else 0)
+    text = f"{runs} of {max_retry + 1} (max_retry {max_retry})"
+    return f"{text}, {failed} failed" if failed else text
+
+
+def _leased(info: dict[str, Any]) -> str:
+    """How often the task was handed to a worker (prefetches and hand-backs included) and how
+    many of those leases ran out."""
+    times = int(info.get("attempts") or 0)
+    expiries = int(info.get("expiries") or 0)
+    text = f"{times} time{'' if times == 1 else 's'}"
+    return f"{text}, {expiries} lease{'' if expiries == 1 else 's'} expired" if expiries else text
 
 
 @main.command()

@@ -41,9 +41,12 @@ def run_duties(qi: int, store: Store, interval: float, stop: threading.Event) ->
             if next_eta is not None:
                 pause = min(pause, max(next_eta - now, 0.005))
             if time.monotonic() >= next_reap:
-                reaped = store.reap()
-                if reaped:
-                    log.info("queue_index %s: %s expired lease(s) handled", qi, reaped)
+                reaped, dead = store.reap()
+                if reaped > len(dead):
+                    log.info("queue_index %s: %s expired lease(s): back to the queue", qi, reaped - len(dead))
+                for task_id, expiries in dead:
+                    log.warning("queue_index %s: task %s dead-listed: its worker was lost %s times "
+                                "(master.max_lease_expiries %s)", qi, task_id, expiries, store.max_lease_expiries)
                 next_reap = time.monotonic() + interval
             if failing:
                 log.info("queue_index %s: redis is back", qi)

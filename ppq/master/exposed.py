@@ -247,7 +247,9 @@ class Master(Waiting):
         """The worker's fast path: many finishes/errors/hand-backs and the next tasks in one call.
 
         Each report: ``{id, lease, ok, result_bytes | result, error, traceback, retry, release}``.
-        Returns ``{"accepted": [bool, ...], "tasks": [...]}``.
+        Returns ``{"accepted": [bool, ...], "tasks": [...]}``, and ``"failed"`` when error reports
+        were accepted: ``{id: [attempts failed, max_retry, seconds to the next run (0: at once)
+        or -1: dead-listed]}`` (a cancelled task is not in it).
         """
         if not isinstance(reports, (list, tuple)) or len(reports) > self.limits.max_batch:
             raise InvalidTaskError(f"reports must be a list of at most {self.limits.max_batch} dicts")
@@ -269,8 +271,12 @@ class Master(Waiting):
                                            error=f"InvalidResultError: {exc}", retry=False)
             item["release"] = bool(r.get("release"))
             checked.append(item)
-        accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait)
-        return {"accepted": accepted, "tasks": _plain(tasks)}
+        failed: dict[str, list[int]] = {}
+        accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait, failed=failed)
+        reply: dict[str, Any] = {"accepted": accepted, "tasks": _plain(tasks)}
+        if failed:
+            reply["failed"] = failed
+        return reply
 
     @rpc.remote(role=rpc.WORKER)
     def heartbeat(self, worker_info: Any, queue_index: Any = 0, running: Any = ()) -> dict[str, Any]:
@@ -442,7 +448,8 @@ class Master(Waiting):
 
     def queue_info(self, workers: bool = True) -> dict[int, dict[str, Any]]:
         """Counts of each queue_index, ``workers_live`` (how many workers are listed) and, with
-        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``).
+        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``)
+        and what its Redis holds (``Store.memory``: used_memory, aof_enabled, aof_size, result_ttl).
 
         ``waiting_for``: module -> how many queued tasks of that module wait for a worker that
         allows it, for the modules no live worker allows (of the tasks leases moved aside,
@@ -460,6 +467,8 @@ class Master(Waiting):
                     listed = entry["workers"] if len(entry["workers"]) >= entry["workers_live"] else None
                     specs = self._live_allows(store, listed)
                     entry["waiting_for"] = unrouted(entry["parked"], specs)
+                if workers:
+                    entry.update(store.memory())
                 entry["ok"] = True
             except StorageError as exc:
                 entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})

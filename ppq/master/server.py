@@ -26,14 +26,16 @@ log = logging.getLogger("ppq.master")
 MIN_REDIS = (6, 2)
 
 
-def open_stores(config: Config) -> tuple[dict[int, Store], RedisServer | None]:
-    """Connect to each Redis of ``master.redis_map``, or start an embedded one."""
+def open_stores(config: Config, announce: int = logging.INFO) -> tuple[dict[int, Store], RedisServer | None]:
+    """Connect to each Redis of ``master.redis_map``, or start an embedded one (logged at ``announce``)."""
     m = config.master
     embedded = None
     redis_map = dict(m.redis_map)
     if not redis_map:
         data_dir = m.data_dir or default_data_dir(m.port)
         embedded = RedisServer(data_dir, appendfsync=m.appendfsync).start()
+        log.log(announce, "embedded redis-server pid %s on %s, data in %s", embedded.process.pid if embedded.process
+                else "?", embedded.url, embedded.data_dir)
         redis_map = {0: embedded.url}
     stores = {
         qi: Store(qi, url, timeout=m.redis_timeout, lease_timeout=m.lease_timeout,
@@ -75,10 +77,15 @@ def raise_open_files_limit() -> int:
 
 
 class MasterServer:
-    """A running master: stores, the exposed object and its Pyro5 daemon."""
+    """A running master: stores, the exposed object and its Pyro5 daemon.
 
-    def __init__(self, config: Config) -> None:
+    Its start (the embedded redis-server, then ``master ready: URI``) is logged at
+    ``announce``: INFO, or DEBUG where something else says it (``ppq up``'s banner).
+    """
+
+    def __init__(self, config: Config, announce: int = logging.INFO) -> None:
         m = config.master
+        self.announce = announce
         limit = raise_open_files_limit()
         if 0 <= limit < m.threadpool_size + 64:
             log.warning("open-files limit is %s: fewer than master.threadpool_size (%s) connections will fit",
@@ -86,7 +93,7 @@ class MasterServer:
         rpc.check_bind(m.host, config.any_token, m.insecure, "master.host")
         ssl_context = rpc.server_ssl_context(config.tls)
         self.config = config
-        self.stores, self.embedded = open_stores(config)
+        self.stores, self.embedded = open_stores(config, announce)
         self.master = Master(config, self.stores)
         try:
             self.daemon = rpc.Daemon(m.host, m.port, rpc.token_roles(config.auth_token, config.worker_token,
@@ -118,7 +125,7 @@ class MasterServer:
                 raise ConfigError(f"master.metrics_port: cannot listen on {self.config.master.metrics_port}: "
                                   f"{exc.strerror or exc}") from None
         self._thread = rpc.serve_in_thread(self.daemon, "ppq-master-daemon")
-        log.info("master serving %s, queue_index %s", self.uri, ", ".join(map(str, sorted(self.stores))))
+        log.log(self.announce, "master ready: %s, queue_index %s", self.uri, ", ".join(map(str, sorted(self.stores))))
         return self
 
     def close_stores(self) -> None:

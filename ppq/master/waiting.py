@@ -197,14 +197,15 @@ class Waiting:
         return min(3 * float(interval) + 1, self.config.master.worker_ttl)
 
     def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
-               wait: float, strict: bool = False) -> tuple[list[bool], list[dict[str, Any]]]:
+               wait: float, strict: bool = False, failed: dict[str, list[int]] | None = None
+               ) -> tuple[list[bool], list[dict[str, Any]]]:
         store = self._store(queue_index)
         wid = worker_id_of(worker_info)
         allow = allow_of(worker_info)
         waker = self.wakers[store.queue_index]
         generation = waker.generation
         seen = self._seen(worker_info)
-        accepted, tasks, more = store.report(wid, reports, count, seen, strict, allow)
+        accepted, tasks, more = store.report(wid, reports, count, seen, strict, allow, failed)
         if more and not tasks and not (strict and not all(accepted)):
             tasks = self._look(store, wid, count, seen, allow)
         if log.isEnabledFor(logging.DEBUG):

@@ -267,6 +267,9 @@ class PyroFunc:
         self.serializer = serializer
         self.max_message = max_message
         self._local = threading.local()
+        # Indexes of the masters whose last call failed (shared by the threads): each is
+        # named in one warning until it answers again.
+        self._down: set[int] = set()
 
     def _proxies(self) -> dict[int, Any]:
         proxies = getattr(self._local, "proxies", None)
@@ -317,6 +320,23 @@ class PyroFunc:
                 return result
         return getattr(proxy, method)(*args, **kwargs)
 
+    def _failed(self, index: int, method: str, exc: BaseException, more: bool) -> None:
+        """Say that a master did not answer, once until it answers again, and only when another
+        master is tried next: with one master, or past the last, the caller's error says it all."""
+        first = index not in self._down
+        self._down.add(index)
+        if first and more and len(self.uris) > 1:
+            log.warning("%s on %s failed (%s: %s); trying the next master", method, self.uris[index],
+                        type(exc).__name__, exc)
+        else:
+            log.debug("%s on %s failed (%s: %s)", method, self.uris[index], type(exc).__name__, exc)
+
+    def _answered(self, index: int) -> None:
+        if index in self._down:
+            self._down.discard(index)
+            if len(self.uris) > 1:
+                log.info("%s answers again", self.uris[index])
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.func:
             method = self.func
@@ -333,16 +353,18 @@ class PyroFunc:
             for index in self.order():
                 tried += 1
                 try:
-                    return self._call_one(index, method, args, kwargs)
+                    result = self._call_one(index, method, args, kwargs)
                 except CommunicationError as exc:
                     self._drop(index)
                     if _auth_failure(exc):
                         raise AuthError(f"authentication failed at {self.uris[index]}: "
                                         f"check auth_token / PPQ_AUTH_TOKEN") from None
                     last = exc
-                    if tried < self.retry * len(self.uris):
-                        log.warning("%s on %s failed (%s: %s); trying again%s", method, self.uris[index],
-                                    type(exc).__name__, exc, "" if len(self.uris) == 1 else " with the next master")
+                    self._failed(index, method, exc, tried < self.retry * len(self.uris))
+                    continue
+                if self._down:
+                    self._answered(index)
+                return result
         if self.default_return is not _MISSING:
             return self.default_return
         raise ConnectError(f"{method}: no master answered ({', '.join(self.uris)}): {last}")

@@ -107,6 +107,17 @@ class Store:
         version = str(self.redis.info("server").get("redis_version", "0"))
         return tuple(int(part) for part in version.split(".") if part.isdigit())
 
+    @_storage_errors
+    def memory(self) -> dict[str, Any]:
+        """What this Redis holds, from one INFO call: ``used_memory`` (bytes), ``aof_enabled`` and
+        ``aof_size`` (the append-only file's bytes, None when AOF is off), and the ``result_ttl``
+        (seconds) this store keeps finished tasks by default."""
+        info = self.redis.info()
+        aof = bool(int(info.get("aof_enabled", 0) or 0))
+        size = info.get("aof_current_size") if aof else None
+        return {"used_memory": int(info.get("used_memory", 0) or 0), "aof_enabled": aof,
+                "aof_size": int(size) if size is not None else None, "result_ttl": self.result_ttl}
+
     # -- The scripts of a task's life (ppq/store/lua/)
 
     @_storage_errors
@@ -134,7 +145,8 @@ class Store:
 
     @_storage_errors
     def report(self, worker_id: str, reports: Iterable[dict[str, Any]], count: int, seen: float,
-               strict: bool = False, allow: str = ANY_MODULE) -> tuple[list[bool], list[dict[str, Any]], bool]:
+               strict: bool = False, allow: str = ANY_MODULE, failed: dict[str, list[int]] | None = None
+               ) -> tuple[list[bool], list[dict[str, Any]], bool]:
         """Record finishes, errors and hand-backs, then lease up to ``count`` tasks to ``worker_id``.
 
         Each report is ``{id, lease, ok, result, error, traceback, retry, release}``.
@@ -143,7 +155,9 @@ class Store:
         that may run them. Returns one flag per report (False: the lease was lost, nothing
         changed), the leased tasks, and whether to ask again at once (the call stopped
         after moving its most ids aside). With ``strict``, nothing is leased if a report is
-        refused.
+        refused. ``failed``, if given, gets what became of each error report accepted
+        (cancelled tasks aside): ``{id: [attempts failed, max_retry, seconds to its next run
+        (0: at once) or -1: dead-listed]}``.
         """
         args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict),
                            os.urandom(16).hex() if count > 0 else "", self.max_workers, allow]
@@ -155,7 +169,10 @@ class Store:
             else:
                 kind = "error" if r.get("retry", True) else "error-final"
             args += [r["id"], r["lease"], kind, r.get("result") or b"", r.get("error") or "", r.get("traceback") or ""]
-        accepted, leased, more = self._report(args)
+        accepted, leased, more, outcomes = self._report(args)
+        if failed is not None:
+            for k in range(0, len(outcomes), 4):
+                failed[text(outcomes[k])] = [int(outcomes[k + 1]), int(outcomes[k + 2]), int(outcomes[k + 3])]
         return [bool(a) for a in accepted], [task_of(row, self.queue_index) for row in leased], bool(more)
 
     @_storage_errors
@@ -172,9 +189,11 @@ class Store:
         return None if lost is None else [text(i) for i in lost]
 
     @_storage_errors
-    def reap(self, limit: int = 1000) -> int:
-        """Requeue tasks whose lease ran out, and forget workers that went quiet."""
-        return int(self._reap([self.prefix, self.max_lease_expiries, limit]))
+    def reap(self, limit: int = 1000) -> tuple[int, list[tuple[str, int]]]:
+        """Requeue tasks whose lease ran out, and forget workers that went quiet; return how many
+        expired leases were taken and, of those, the tasks dead-listed with their expiries."""
+        taken, dead = self._reap([self.prefix, self.max_lease_expiries, limit])
+        return int(taken), [(text(dead[k]), int(dead[k + 1])) for k in range(0, len(dead), 2)]
 
     @_storage_errors
     def move_due(self, limit: int = 1000) -> tuple[int, float | None, float]:

@@ -16,6 +16,7 @@ from .. import rpc
 from ..config import Config
 from ..errors import ConfigError, PPQError
 from ..task import MAX_ALLOW_CHARS, MAX_ALLOW_NAMES, allow_list
+from .backoff import Outage
 from .control import WorkerControl
 from .fetcher import Fetcher
 from .heartbeat import Heartbeat
@@ -68,6 +69,8 @@ class Agent:
         self.fetcher = Fetcher(self)
         self.reporter = Reporter(self)
         self.heartbeat = Heartbeat(self)
+        # After an outage, a heartbeat at once: leases extended, and the worker listed with its full info.
+        self.outage = Outage(on_back=self.heartbeat.wake.set)
         self.pool.report = self.reporter.outbox.put
         self.control_uri = ""
         self._daemon: rpc.Daemon | None = None
@@ -178,10 +181,8 @@ class Agent:
             except OSError as exc:
                 raise ConfigError(f"worker.metrics_port: cannot listen on {self.config.worker.metrics_port}: "
                                   f"{exc.strerror or exc}") from None
-        try:
-            self.call("heartbeat", self.info(), self.queue_index, [])
-        except (PPQError, rpc.CommunicationError) as exc:
-            log.warning("no master answered at start (%s); will keep trying", exc)
+        # Listed with its full info (control_uri included) before it asks for a task.
+        self.heartbeat.beat()
         for target, name in ((self.fetcher.run, "fetcher"), (self.reporter.run, "reporter"),
                              (self.heartbeat.run, "heartbeat")):
             t = threading.Thread(target=target, name=f"ppq-{name}", daemon=True)
@@ -242,6 +243,7 @@ class Agent:
         if leaving:
             # Reporting is over (or never began): the heartbeat thread ends at its next wait.
             self.reporter.done.set()
+            self.heartbeat.wake.set()
             for t in self._threads:
                 if t.name == "ppq-heartbeat":
                     t.join(5)

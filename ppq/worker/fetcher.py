@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import TYPE_CHECKING
 
@@ -12,8 +11,6 @@ from .backoff import Backoff
 
 if TYPE_CHECKING:
     from .agent import Agent
-
-log = logging.getLogger("ppq.worker")
 
 
 class Fetcher:
@@ -36,9 +33,10 @@ class Fetcher:
                 reply = agent.call("report", agent.light_info(), agent.queue_index, [], n, agent.max_sleep)
                 tasks = reply["tasks"]
                 self.backoff.reset()
+                agent.outage.ok()
             except (PPQError, rpc.CommunicationError) as exc:
                 tasks = []
-                log.warning("cannot get tasks (%s); retrying in %.1fs", exc, self.backoff.pause)
+                agent.outage.failed("cannot get tasks", exc)
                 agent.stop_event.wait(self.backoff.pause)
                 self.backoff.failed()
             finally:

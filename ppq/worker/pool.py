@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .executors import MAX_EXECUTOR_BATCH, ProcessSlot, Running, Slot, ThreadSlot
 from .hooks import call_hooks, has_hooks, task_context
-from .stats import Counters
+from .stats import Counters, task_name
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -56,6 +56,8 @@ class Pool:
         self.reserved = 0
         self.slots: list[Slot] = []
         self.counters = Counters()
+        # The names of failed tasks whose report is on its way, for the reporter's log line.
+        self.failing: dict[str, str] = {}
         self.mean_duration: float | None = None
         # Executors whose task has run STALLED_AFTER seconds or more (as of the last supervision).
         self.stalled = 0
@@ -191,6 +193,8 @@ class Pool:
             call_hooks(hook, self._context(task, report))
         if running.lost:
             self.counters.lost += 1
+        if not report.get("ok"):
+            self.failing[task["id"]] = task_name(task)
         report["id"] = task["id"]
         report["lease"] = task["lease"]
         report.pop("started", None)

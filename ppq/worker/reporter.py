@@ -73,6 +73,7 @@ class Reporter:
                     continue
                 log.error("the master refused %d report(s) (%s); their leases will expire and the tasks run "
                           "again", len(batch), exc)
+                self.forget(batch)
                 return
             except (PPQError, rpc.CommunicationError) as exc:
                 pool.accept(n, [])
@@ -81,15 +82,55 @@ class Reporter:
                     if time.monotonic() > deadline:
                         log.error("could not report %d task(s) before stopping: %s; their leases will expire "
                                   "and they will run again", len(batch), exc)
+                        self.forget(batch)
                         return
-                log.warning("cannot report %d result(s) (%s); retrying in %.1fs", len(batch), exc,
-                            self.backoff.pause)
+                agent.outage.failed(f"cannot report {len(batch)} result(s)", exc)
                 time.sleep(self.backoff.pause)
                 self.backoff.failed()
                 continue
+            agent.outage.ok()
             pool.accept(n, reply["tasks"])
+            failed = reply.get("failed") or {}
             for report, ok in zip(batch, reply["accepted"], strict=True):
+                if report.get("ok") or report.get("release"):
+                    if not ok:
+                        log.warning("task %s: report refused, the lease was lost (the task was requeued)",
+                                    report["id"])
+                    continue
+                name = pool.failing.pop(report["id"], "")
                 if not ok:
-                    log.warning("task %s: report refused, the lease was lost (the task was requeued)",
-                                report["id"])
+                    log.warning("task %s %s failed: %s; the report was refused, the lease was lost (the task "
+                                "was requeued)", report["id"], name, one_line(report.get("error")))
+                else:
+                    log_failure(report["id"], name, report.get("error"), failed.get(report["id"]))
             return
+
+    def forget(self, batch: list[dict[str, Any]]) -> None:
+        for report in batch:
+            self.agent.pool.failing.pop(report["id"], None)
+
+
+def one_line(error: Any, longest: int = 300) -> str:
+    """An error message as one line of the log (its first line, at most ``longest`` characters)."""
+    lines = str(error or "").strip().splitlines() or [""]
+    text = lines[0]
+    if len(lines) > 1 or len(text) > longest:
+        text = text[:longest] + "…"
+    return text
+
+
+def log_failure(task_id: str, name: str, error: Any, outcome: list[int] | None) -> None:
+    """One line for a failed run: which attempt it was and what comes next (from the master's reply:
+    ``[attempts failed, max_retry, seconds to the next run or -1]``, None for a cancelled task)."""
+    if not isinstance(outcome, (list, tuple)) or len(outcome) != 3:
+        log.info("task %s %s failed: %s; it was cancelled", task_id, name, one_line(error))
+        return
+    attempt, max_retry, next_in = outcome
+    head = f"task {task_id} {name} failed (attempt {attempt} of {max_retry + 1}): {one_line(error)}"
+    if next_in < 0:
+        why = "no retries left" if attempt > max_retry else "not retried"
+        log.warning("%s; %s: dead-listed", head, why)
+    elif next_in == 0:
+        log.info("%s; retrying now", head)
+    else:
+        log.info("%s; retrying in %ss", head, next_in)

@@ -18,6 +18,11 @@ OTHER = "(other)"
 MAX_FUNC_LABELS = 200
 
 
+def task_name(task: dict[str, Any]) -> str:
+    """``module.func`` (``module.Class.func``) of a leased task."""
+    return f"{task['module']}.{task['fclass'] + '.' if task.get('fclass') else ''}{task['func']}"
+
+
 @dataclass
 class FuncStats:
     count: int = 0
@@ -39,7 +44,7 @@ class Counters:
 
     def count(self, task: dict[str, Any], report: dict[str, Any], metrics: Any) -> None:
         """Count one task's outcome under its label (and in ``metrics``, if the agent serves them)."""
-        name = f"{task['module']}.{task['fclass'] + '.' if task.get('fclass') else ''}{task['func']}"
+        name = task_name(task)
         per_func = self.per_func
         if report.pop("refused", False):
             label = REFUSED
@@ -61,6 +66,6 @@ class Counters:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("task %s %s done in %.3fs", task["id"], name, duration)
         else:
+            # Its log line comes with the master's reply: which attempt it was, and what comes next.
             stats.failed += 1
             self.failed += 1
-            log.info("task %s %s failed: %s", task["id"], name, report.get("error"))

@@ -6,7 +6,8 @@
 -- ARGV[2]  maxexp  how many times a task's lease may expire before it goes dead
 -- ARGV[3]  limit   most expired leases handled in one call
 --
--- Returns how many expired leases it took (limit of them: there may be more).
+-- Returns {taken, dead}: how many expired leases it took (limit of them: there may be more),
+-- and the ids among them that went dead, each followed by its expiries.
 -- Each expired task goes back to the front of P..'queue', or cancelled (cancel asked), or
 -- dead after maxexp expiries. It also drops past entries of P..'waiting' and
 -- P..'waiters', rate buckets older than two minutes, and workers that went quiet (with their
@@ -16,6 +17,7 @@
 local P, maxexp, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)
 local ready = 0
+local dead = {}
 for _, id in ipairs(ids) do
   redis.call('ZREM', P .. 'running', id)
   local tk = P .. 't:' .. id
@@ -30,6 +32,8 @@ for _, id in ipairs(ids) do
       redis.call('ZADD', P .. 'dead', now, id)
       redis.call('HINCRBY', P .. 'stats', 'dead', 1)
       if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
+      dead[#dead + 1] = id
+      dead[#dead + 1] = exp
     else
       redis.call('HSET', tk, 'state', 'queued', 'eta', now)
       redis.call('HDEL', tk, 'lease')
@@ -51,4 +55,4 @@ for _, wid in ipairs(gone) do
   redis.call('HDEL', P .. 'workers', wid)
   redis.call('HDEL', P .. 'paused', 'worker:' .. wid)
 end
-return #ids
+return {#ids, dead}

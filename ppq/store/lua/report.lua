@@ -16,11 +16,14 @@
 --                  'ok', 'error' (retried while retries are left), 'error-final' (never
 --                  retried) or 'release' (handed back unrun, to the front of the queue)
 --
--- Returns {accepted, leased, more}:
+-- Returns {accepted, leased, more, failed}:
 --   accepted  1 or 0 per report, in order (0: the lease was lost, nothing changed)
 --   leased    the rows leased to wid, as lease.lua's `out`
 --   more      1 when lease.lua's `more` is true (P..'queue' may still hold tasks wid may
 --             run: ask again at once), else 0
+--   failed    4 values per accepted error report (cancelled tasks aside): id, the attempts
+--             failed so far (retry), max_retry, and the seconds until its next run (0: queued
+--             at once) or -1: dead-listed
 -- A task whose cancel flag is set ends cancelled whatever the report says. Publishes
 -- P..'finished' with the id of each watched task (P..'waiting') reported on, hand-backs
 -- aside, and P..'wake' with the number of tasks made ready.
@@ -33,6 +36,7 @@ local accepted = {}
 local ready = 0
 local bucket = math.floor(now / 10)
 local done_n, failed_n = 0, 0
+local failed = {}
 local refused = false
 -- Tasks someone waits on (wait_task): looked up one by one only when there are any.
 local watched = redis.call('EXISTS', P .. 'waiting') == 1
@@ -66,11 +70,15 @@ for i = 11, #ARGV, 6 do
     else
       failed_n = failed_n + 1
       local retry = (tonumber(f[3]) or 0) + 1
+      local max_retry = tonumber(f[4]) or 1
+      local next_in = -1
       redis.call('HSET', tk, 'retry', retry, 'error', r.error, 'traceback', r.traceback, 'finished', now)
-      if r.kind == 'error' and retry <= (tonumber(f[4]) or 1) then
+      if r.kind == 'error' and retry <= max_retry then
         redis.call('HSET', tk, 'state', 'failed')
+        next_in = 0
         if f[5] == '1' then
-          local eta = now + 1 + 2 ^ retry
+          next_in = 1 + 2 ^ retry
+          local eta = now + next_in
           redis.call('HSET', tk, 'eta', eta)
           redis.call('ZADD', P .. 'delayed', eta, r.id)
         else
@@ -84,6 +92,10 @@ for i = 11, #ARGV, 6 do
         redis.call('ZADD', P .. 'dead', now, r.id)
         redis.call('HINCRBY', P .. 'stats', 'dead', 1)
       end
+      failed[#failed + 1] = r.id
+      failed[#failed + 1] = retry
+      failed[#failed + 1] = max_retry
+      failed[#failed + 1] = next_in
     end
     accepted[#accepted + 1] = 1
     if watched and r.kind ~= 'release' and redis.call('ZSCORE', P .. 'waiting', r.id) then
@@ -103,4 +115,4 @@ end
 -- include: seen.lua
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 if wid ~= '' and not refused then mark_seen() end
-return {accepted, out, more and 1 or 0}
+return {accepted, out, more and 1 or 0, failed}
