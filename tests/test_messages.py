@@ -369,8 +369,9 @@ def test_workers_lists_a_new_worker_in_full_and_says_why_figures_are_missing(dae
     assert rows["quiet-worker"] == ["(not heard from yet)", "-", "-", "-", "-"], out.stdout
     out = run_ppq("status", "-m", address, env={"COLUMNS": "200"})
     header = next(line for line in out.stdout.splitlines() if "last heartbeat" in line)
-    assert [c.strip() for c in header.split("│")[1:-1]] == ["worker", "queue", "executors", "running", "done",
-                                                           "failed", "last heartbeat", "allows", "running tasks"], header
+    assert [c.strip() for c in header.split("│")[1:-1]] == [
+        "worker", "queue", "executors", "running", "done", "failed", "last heartbeat", "allows",
+        "running tasks"], header
     assert worker.stop() == 0
 
 

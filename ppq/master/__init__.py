@@ -13,8 +13,11 @@ The package, in import order (each module imports only those above it):
   push to a waiting worker, wake-ups from other masters, ``wait_task(s)``;
 - ``duties.py``: the background duties of each queue_index (mover, reaper,
   summary line), each at its own interval;
-- ``exposed.py``: :class:`Master`, the object exposed as ``queue``: every remote
-  method and its argument checks;
+- ``operate.py``: :class:`Operations`, the operator's methods of the ``queue``
+  object: cancel, the dead list, purge and pause, ``server_info``;
+- ``exposed.py``: :class:`Master`, the object exposed as ``queue`` (with
+  :class:`Operations` and :class:`Waiting` as its bases): pushes, the worker's
+  calls, task lookups and waits, and their argument checks;
 - ``server.py``: :class:`MasterServer` (stores, Pyro5 daemon, metrics, shutdown)
   and :func:`serve`, which runs one until it is told to stop.
 """
@@ -22,6 +25,7 @@ The package, in import order (each module imports only those above it):
 from .checks import MAX_RUNNING_LISTED, MAX_WAIT, WORKER_NUMBER_FIELDS, WORKER_TEXT_FIELDS, worker_entry, worker_id_of
 from .duties import SUMMARY_INTERVAL, run_duties
 from .exposed import Master
+from .operate import Operations
 from .server import MIN_REDIS, MasterServer, open_stores, raise_open_files_limit, serve
 from .waiting import MAX_REMEMBERED_LEASES, Waiter, Waiting, Waker
 
@@ -34,6 +38,7 @@ __all__ = [
     "WORKER_NUMBER_FIELDS",
     "WORKER_TEXT_FIELDS",
     "Master",
+    "Operations",
     "MasterServer",
     "Waiter",
     "Waiting",

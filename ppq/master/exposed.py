@@ -15,48 +15,23 @@ from typing import Any
 
 from .. import codec, rpc
 from ..config import Config
-from ..errors import CodecError, InvalidTaskError, LeaseLostError, StorageError
-from ..store import PURGE_BATCH, Store
+from ..errors import CodecError, InvalidTaskError, LeaseLostError
+from ..store import Store
 from ..task import FAILED, QUEUED, check_push, check_queue_index, check_task_id
 from .checks import (
     MAX_WAIT,
     check_batch,
-    check_ids,
-    check_worker_id,
     encode_result,
     required_number,
-    spec_allows,
     text_field,
     worker_entry,
     worker_id_of,
 )
 from .duties import run_duties
+from .operate import Operations, unrouted
 from .waiting import Waiting, Waker
 
 log = logging.getLogger("ppq.master")
-
-# Seconds the allow lists of the live workers of a queue_index are reused for (get_task_info,
-# server_info): reading them reads every worker's info.
-ALLOWS_TTL = 2.0
-
-
-def _allow_spec(worker: Mapping[str, Any]) -> str:
-    """A listed worker's allow spec (checks.allow_of) from the list its info holds; any module
-    when it holds none (an older worker, a plain client)."""
-    names = worker.get("allow")
-    if not isinstance(names, list):
-        return "*"
-    return "*" if "*" in names else ",".join(n for n in names if isinstance(n, str))
-
-
-def unrouted(modules: Mapping[str, int], specs: list[str]) -> dict[str, int]:
-    """The entries of ``modules`` that no worker with one of the allow ``specs`` may run."""
-    return {m: n for m, n in modules.items() if not any(spec_allows(spec, m) for spec in specs)}
-
-
-# Most waiting tasks one purge_queue call deletes (PURGE_BATCH per script, Redis free in between).
-MAX_PURGE = 100_000
-
 
 def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add decoded args/kwargs for clients that are not ppq's own worker."""
@@ -70,7 +45,7 @@ def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return tasks
 
 
-class Master(Waiting):
+class Master(Operations, Waiting):
     """The object a master daemon exposes as ``queue``."""
 
     def __init__(self, config: Config, stores: Mapping[int, Store]) -> None:
@@ -114,19 +89,6 @@ class Master(Waiting):
 
     def _store(self, queue_index: Any) -> Store:
         return self.stores[check_queue_index(queue_index, self.stores)]
-
-    def _live_allows(self, store: Store, workers: list[dict[str, Any]] | None = None) -> list[str]:
-        """The allow specs of the live workers of ``store`` (from ``workers``, its workers just read,
-        or as read at most ALLOWS_TTL seconds ago)."""
-        now = time.monotonic()
-        if workers is None:
-            cached = self._allows.get(store.queue_index)
-            if cached is not None and now - cached[0] < ALLOWS_TTL:
-                return cached[1]
-            workers = store.workers()
-        specs = sorted({_allow_spec(w) for w in workers})
-        self._allows[store.queue_index] = (now, specs)
-        return specs
 
     def _result_report(self, task_id: Any, lease: Any, ok: bool, result: Any = None, result_bytes: Any = None,
                        error: Any = "", traceback: Any = "", retry: bool = True) -> dict[str, Any]:
@@ -352,126 +314,3 @@ class Master(Waiting):
                                    f"(limits.max_lookup)")
         ids = [check_task_id(t) for t in task_ids]
         return self._store(queue_index).infos(ids, self._reply_bytes)
-
-    @rpc.remote
-    def cancel_task(self, task_id: Any, queue_index: Any = 0) -> str | None:
-        """Cancel a waiting task; a running one is marked so its result is dropped.
-
-        Returns the state the task was in, or None if it is unknown.
-        """
-        check_task_id(task_id)
-        return self._store(queue_index).cancel(task_id)
-
-    @rpc.remote
-    def dead_tasks(self, queue_index: Any = 0, limit: Any = 100, offset: Any = 0) -> list[dict[str, Any]]:
-        limit = int(required_number("limit", limit, 1, self.limits.max_lookup))
-        offset = int(required_number("offset", offset, 0, 1e12))
-        return self._store(queue_index).dead(limit, offset, self._reply_bytes)
-
-    @rpc.remote
-    def requeue_dead(self, task_ids: Any = None, queue_index: Any = 0) -> list[str]:
-        """Put dead tasks (the given ids, or all when None) back in the queue."""
-        return self._store(queue_index).requeue_dead(check_ids(task_ids, self.limits.max_batch))
-
-    @rpc.remote
-    def purge_dead(self, task_ids: Any = None, queue_index: Any = 0) -> int:
-        """Delete dead tasks (the given ids, or all when None)."""
-        return self._store(queue_index).purge_dead(check_ids(task_ids, self.limits.max_batch))
-
-    @rpc.remote
-    def purge_queue(self, queue_index: Any = 0, limit: Any = MAX_PURGE) -> dict[str, int]:
-        """Delete up to ``limit`` tasks waiting in ``queue_index`` (ready and delayed, never running
-        or dead ones) with their records and de-duplication keys, a script per batch of
-        PURGE_BATCH. Returns ``{"purged": n, "left": ids still waiting}``: call again while
-        ``left`` is not 0."""
-        store = self._store(queue_index)
-        limit = int(required_number("limit", limit, 1, MAX_PURGE))
-        purged, left = 0, 0
-        for _ in range(-(-limit // PURGE_BATCH)):
-            n, left = store.purge_queue(min(PURGE_BATCH, limit - purged))
-            purged += n
-            if not left or purged >= limit:
-                break
-        log.info("queue_index %s: %d waiting task(s) purged, %d left", store.queue_index, purged, left)
-        return {"purged": purged, "left": left}
-
-    @rpc.remote
-    def pause_queue(self, queue_index: Any = 0) -> bool:
-        """Lease no task of ``queue_index`` until resume_queue, on every master (pushes are still
-        stored; running tasks go on). Returns False if it was paused already."""
-        store = self._store(queue_index)
-        changed = bool(store.pause())
-        if changed:
-            log.info("queue_index %s paused", store.queue_index)
-        return changed
-
-    @rpc.remote
-    def resume_queue(self, queue_index: Any = 0) -> bool:
-        """Lease the tasks of ``queue_index`` again. Returns False if it was not paused."""
-        store = self._store(queue_index)
-        changed = bool(store.resume())
-        if changed:
-            log.info("queue_index %s resumed", store.queue_index)
-        return changed
-
-    @rpc.remote
-    def pause_worker(self, worker_id: Any, queue_index: Any = None) -> list[int]:
-        """Lease nothing to worker ``worker_id`` (as ``ppq workers`` lists it) until resume_worker;
-        it finishes what it runs and stays listed. ``queue_index`` None: wherever it is listed.
-        Returns the queue_indexes where it is now paused; InvalidTaskError if it is listed in none."""
-        return self._pause_worker(worker_id, queue_index, True)
-
-    @rpc.remote
-    def resume_worker(self, worker_id: Any, queue_index: Any = None) -> list[int]:
-        """Lease to worker ``worker_id`` again; returns as pause_worker does."""
-        return self._pause_worker(worker_id, queue_index, False)
-
-    def _pause_worker(self, worker_id: Any, queue_index: Any, on: bool) -> list[int]:
-        wid = check_worker_id(worker_id)
-        stores = list(self.stores.values()) if queue_index is None else [self._store(queue_index)]
-        found = []
-        for store in stores:
-            if (store.pause(wid) if on else store.resume(wid)) is not None:
-                found.append(store.queue_index)
-        if not found:
-            where = "any queue_index" if queue_index is None else f"queue_index {queue_index}"
-            raise InvalidTaskError(f"worker_id: no worker {wid!r} is listed in {where} "
-                                   f"(ppq workers lists them)")
-        log.info("worker %s %s (queue_index %s)", wid, "paused" if on else "resumed", ", ".join(map(str, found)))
-        return found
-
-    @rpc.remote(role=rpc.ANY)
-    def server_info(self) -> dict[int, dict[str, Any]]:
-        """One dict per queue_index: queued/delayed/running/dead counts, counters, whether it is
-        ``paused``, and live workers (each with ``paused``)."""
-        return self.queue_info()
-
-    def queue_info(self, workers: bool = True) -> dict[int, dict[str, Any]]:
-        """Counts of each queue_index, ``workers_live`` (how many workers are listed) and, with
-        ``workers``, their infos (all together as many as fit in half of ``limits.max_message``)
-        and what its Redis holds (``Store.memory``: used_memory, aof_enabled, aof_size, result_ttl).
-
-        ``waiting_for``: module -> how many queued tasks of that module wait for a worker that
-        allows it, for the modules no live worker allows (of the tasks leases moved aside,
-        ``parked``).
-        """
-        out: dict[int, dict[str, Any]] = {}
-        for qi, store in sorted(self.stores.items()):
-            entry: dict[str, Any] = {"queue_index": qi, "redis": store.safe_url}
-            try:
-                entry.update(store.counts())
-                entry["workers_live"] = store.live_workers()
-                entry["workers"] = store.workers(self.limits.max_message // (2 * len(self.stores))) if workers else []
-                entry["waiting_for"] = {}
-                if entry["parked"]:
-                    listed = entry["workers"] if len(entry["workers"]) >= entry["workers_live"] else None
-                    specs = self._live_allows(store, listed)
-                    entry["waiting_for"] = unrouted(entry["parked"], specs)
-                if workers:
-                    entry.update(store.memory())
-                entry["ok"] = True
-            except StorageError as exc:
-                entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})
-            out[qi] = entry
-        return out
-
