@@ -1,22 +1,24 @@
 """One queue_index's storage in Redis: the only part of ppq that imports redis.
 
     store.py    Store, the API the master calls: push, report, heartbeat, reap,
-                move_due, cancel, the dead list, purge and pause, records, counts,
-                workers, waiting
+                move_due, cancel, records, counts, workers, waiting
+    admin.py    Admin, a base class of Store: the dead list, purge and pause
     lua/*.lua   one Lua script per state change, each opening with its contract
                 (KEYS, every ARGV[i], what it returns); fragments shared by several
                 scripts (now.lua, module.lua, lease.lua, seen.lua) say which locals they expect
                 and set, and are pulled in by an explicit "-- include: name.lua" line
     scripts.py  reads and assembles the scripts once, runs them with EVALSHA
-    link.py     the connections: redis-py's client, and the plain sockets the scripts use
+    link.py     the connections: redis-py's client, the plain sockets the scripts use,
+                and redis errors turned into StorageError
     records.py  decoding: Redis hashes and script rows into the dicts the master returns
     keys.py     the key layout under ppq:<queue_index>:, built by keys_of only
 
 Each module imports only those below it in this list, plus ppq's errors, codec and task.
 """
 
+from .admin import PURGE_BATCH
 from .keys import keys_of
 from .records import task_of
-from .store import ANY_MODULE, PURGE_BATCH, Store
+from .store import ANY_MODULE, Store
 
 __all__ = ["ANY_MODULE", "PURGE_BATCH", "Store", "keys_of", "task_of"]

@@ -7,9 +7,10 @@ URLs; other URLs (``rediss://``, ``unix://``, query options) go through redis-py
 
 from __future__ import annotations
 
+import functools
 import socket
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
@@ -17,6 +18,8 @@ import redis
 import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from ..errors import StorageError
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -128,3 +131,24 @@ def redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def storage_errors(method: F) -> F:
+    """Turn redis-py's errors into StorageError naming the queue_index (and the URL, without
+    its password, when Redis cannot be reached)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise StorageError(
+                f"queue_index {self.queue_index}: redis at {self.safe_url} is unreachable ({exc})"
+            ) from None
+        except redis.exceptions.RedisError as exc:
+            raise StorageError(f"queue_index {self.queue_index}: redis error: {exc}") from None
+
+    return wrapper  # type: ignore[return-value]

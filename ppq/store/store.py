@@ -7,21 +7,21 @@ single commands or pipelines. Redis errors come out as StorageError.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import msgpack
 import redis
 import redis.exceptions
 
-from ..errors import MessageTooLargeError, StorageError
+from ..errors import MessageTooLargeError
 from ..task import TaskSpec
+from .admin import Admin
 from .keys import keys_of
-from .link import Link, connect, redact
+from .link import Link, connect, redact, storage_errors
 from .records import counts_of, record_of, task_of, text, worker_of
 from .scripts import SOURCES, Script
 
@@ -31,31 +31,8 @@ log = logging.getLogger("ppq.store")
 ANY_MODULE = "*"
 # Most modules whose lists of tasks moved aside counts() and parked() read.
 PARKED_LISTED = 1000
-# Most waiting tasks one purge script deletes: one batch holds Redis for a few milliseconds.
-PURGE_BATCH = 1000
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _storage_errors(method: F) -> F:
-    """Turn redis-py's errors into StorageError naming the queue_index (and the URL, without
-    its password, when Redis cannot be reached)."""
-
-    @functools.wraps(method)
-    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise StorageError(
-                f"queue_index {self.queue_index}: redis at {self.safe_url} is unreachable ({exc})"
-            ) from None
-        except redis.exceptions.RedisError as exc:
-            raise StorageError(f"queue_index {self.queue_index}: redis error: {exc}") from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-class Store:
+class Store(Admin):
     """The tasks of one queue_index, in one Redis database."""
 
     def __init__(
@@ -96,18 +73,18 @@ class Store:
             self._link.close()
         self.redis.close()
 
-    @_storage_errors
+    @storage_errors
     def ping(self) -> bool:
         """Whether Redis answers (StorageError if it cannot be reached)."""
         return bool(self.redis.ping())
 
-    @_storage_errors
+    @storage_errors
     def server_version(self) -> tuple[int, ...]:
         """The Redis server's version, as numbers."""
         version = str(self.redis.info("server").get("redis_version", "0"))
         return tuple(int(part) for part in version.split(".") if part.isdigit())
 
-    @_storage_errors
+    @storage_errors
     def memory(self) -> dict[str, Any]:
         """What this Redis holds, from one INFO call: ``used_memory`` (bytes), ``aof_enabled`` and
         ``aof_size`` (the append-only file's bytes, None when AOF is off), and the ``result_ttl``
@@ -120,7 +97,7 @@ class Store:
 
     # -- The scripts of a task's life (ppq/store/lua/)
 
-    @_storage_errors
+    @storage_errors
     def push(self, specs: Sequence[TaskSpec], lease_to: tuple[str, int, float, str] | None = None
              ) -> tuple[list[str], list[dict[str, Any]]]:
         """Store tasks (or update waiting ones with the same key); return their ids in order.
@@ -143,7 +120,7 @@ class Store:
             ids[int(renamed[k]) - 1] = text(renamed[k + 1])
         return ids, [task_of(row, self.queue_index) for row in leased]
 
-    @_storage_errors
+    @storage_errors
     def report(self, worker_id: str, reports: Iterable[dict[str, Any]], count: int, seen: float,
                strict: bool = False, allow: str = ANY_MODULE, failed: dict[str, list[int]] | None = None
                ) -> tuple[list[bool], list[dict[str, Any]], bool]:
@@ -175,7 +152,7 @@ class Store:
                 failed[text(outcomes[k])] = [int(outcomes[k + 1]), int(outcomes[k + 2]), int(outcomes[k + 3])]
         return [bool(a) for a in accepted], [task_of(row, self.queue_index) for row in leased], bool(more)
 
-    @_storage_errors
+    @storage_errors
     def heartbeat(self, worker_id: str, info: dict[str, Any], running: Iterable[tuple[str, str]],
                   seen: float) -> list[str] | None:
         """Extend the leases ``worker_id`` holds and list it with ``info`` for ``seen`` seconds;
@@ -188,87 +165,33 @@ class Store:
                                 msgpack.packb(info), *pairs])
         return None if lost is None else [text(i) for i in lost]
 
-    @_storage_errors
+    @storage_errors
     def reap(self, limit: int = 1000) -> tuple[int, list[tuple[str, int]]]:
         """Requeue tasks whose lease ran out, and forget workers that went quiet; return how many
         expired leases were taken and, of those, the tasks dead-listed with their expiries."""
         taken, dead = self._reap([self.prefix, self.max_lease_expiries, limit])
         return int(taken), [(text(dead[k]), int(dead[k + 1])) for k in range(0, len(dead), 2)]
 
-    @_storage_errors
+    @storage_errors
     def move_due(self, limit: int = 1000) -> tuple[int, float | None, float]:
         """Move delayed tasks whose time has come to the queue; return (moved, next eta, now)."""
         moved, nxt, now = self._move([self.prefix, limit])
         return int(moved), (float(nxt) if nxt else None), float(now)
 
-    @_storage_errors
+    @storage_errors
     def cancel(self, task_id: str) -> str | None:
         """Cancel a task (see cancel.lua); return the state it had, None if it is unknown."""
         state = self._cancel([self.prefix, task_id, self.result_ttl])
         return text(state) or None
 
-    # -- The dead list
-
-    @_storage_errors
-    def dead(self, limit: int = 100, offset: int = 0, max_bytes: int = 0) -> list[dict[str, Any]]:
-        """The dead tasks, newest first (``max_bytes``: as in :meth:`infos`)."""
-        ids = self.redis.zrevrange(self.prefix + "dead", offset, offset + limit - 1)
-        infos = self.infos([text(i) for i in ids], max_bytes)
-        return [i for i in infos if i is not None]
-
-    @_storage_errors
-    def requeue_dead(self, ids: Sequence[str] | None = None) -> list[str]:
-        """Put dead tasks (``ids``; None: all) back in the queue; return the ids requeued."""
-        return [text(i) for i in self._requeue_dead([self.prefix, *(ids or [])])]
-
-    @_storage_errors
-    def purge_dead(self, ids: Sequence[str] | None = None) -> int:
-        """Delete dead tasks (``ids``; None: all); return how many were deleted."""
-        return int(self._purge_dead([self.prefix, *(ids or [])]))
-
-    # -- The queue as a whole: purge, pause
-
-    @_storage_errors
-    def purge_queue(self, limit: int = PURGE_BATCH) -> tuple[int, int]:
-        """Delete one batch of at most ``limit`` (<= PURGE_BATCH) waiting tasks, ready then delayed,
-        with their records and de-duplication keys; return (deleted, ids still waiting).
-
-        Running and dead tasks are left alone. One batch is one script: call again while
-        tasks are left, so that Redis is never held for long.
-        """
-        purged, left = self._purge([self.prefix, max(1, min(limit, PURGE_BATCH))])
-        return int(purged), int(left)
-
-    @_storage_errors
-    def pause(self, worker_id: str = "") -> int | None:
-        """Lease nothing more from this queue_index (``worker_id`` ''), or nothing to that worker.
-
-        Returns 1 if it was not paused, 0 if it was already, None (nothing changed) for a
-        worker that is not listed here.
-        """
-        changed = int(self._pause([self.prefix, 1, worker_id]))
-        return None if changed < 0 else changed
-
-    @_storage_errors
-    def resume(self, worker_id: str = "") -> int | None:
-        """Undo :meth:`pause` and wake the long-polls; returns as :meth:`pause` does (a worker that
-        is paused here but no longer listed may be resumed)."""
-        changed = int(self._pause([self.prefix, 0, worker_id]))
-        return None if changed < 0 else changed
-
-    @_storage_errors
-    def paused(self) -> dict[str, float]:
-        """What is paused: ``"queue"`` and ``"worker:<id>"`` -> when the pause began."""
-        return {text(k): float(v) for k, v in self.redis.hgetall(self.prefix + "paused").items()}
-
     # -- Records and counts
 
-    @_storage_errors
+    @storage_errors
     def info(self, task_id: str) -> dict[str, Any] | None:
         """The record of one task (None if unknown), as :meth:`infos` gives it."""
         return record_of(task_id, self.redis.hgetall(self.prefix + "t:" + task_id), self.queue_index)
 
-    @_storage_errors
+    @storage_errors
     def infos(self, task_ids: Sequence[str], max_bytes: int = 0) -> list[dict[str, Any] | None]:
         """The records of ``task_ids`` (None for an unknown one), read in one round trip.
 
@@ -289,7 +212,7 @@ class Store:
                                        f"reply may carry (limits.max_message); ask for fewer at a time")
         return [record_of(tid, raw, self.queue_index) for tid, raw in zip(task_ids, raws, strict=True)]
 
-    @_storage_errors
+    @storage_errors
     def counts(self) -> dict[str, Any]:
         """How many tasks wait, run and are dead, the counters, the rate over about a minute, and
         ``parked``: module -> how many of the queued tasks wait in that module's list, moved
@@ -313,7 +236,7 @@ class Store:
         sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
         return {**counts_of(sizes, stats, rate, int(now[0])), "paused": bool(paused), "parked": parked}
 
-    @_storage_errors
+    @storage_errors
     def parked(self, modules: Sequence[str] | None = None) -> dict[str, int]:
         """Module -> how many ids wait in its list of tasks moved aside (P..'queue:m:<module>'),
         for ``modules`` (None: the first ``PARKED_LISTED`` in P..'parked', by name); empty
@@ -329,7 +252,7 @@ class Store:
 
     # -- Workers
 
-    @_storage_errors
+    @storage_errors
     def workers(self, max_bytes: int = 8 * 1024 * 1024) -> list[dict[str, Any]]:
         """The workers heard from recently, with their last reported info and ``paused`` (whether
         nothing is leased to them), soonest to go quiet first; no more than ``max_bytes`` of
@@ -351,13 +274,13 @@ class Store:
                 out.append(info)
         return out
 
-    @_storage_errors
+    @storage_errors
     def live_workers(self) -> int:
         """How many workers were heard from recently."""
         now = float(self.redis.time()[0])
         return int(self.redis.zcount(self.prefix + "workers:seen", now, "+inf"))
 
-    @_storage_errors
+    @storage_errors
     def forget_worker(self, worker_id: str) -> None:
         """Take a worker off the list of live workers (it said it is leaving)."""
         pipe = self.redis.pipeline(transaction=True)
@@ -367,18 +290,18 @@ class Store:
 
     # -- Waiting: long-polls, watched tasks, the wake-up channels
 
-    @_storage_errors
+    @storage_errors
     def add_waiter(self, member: str, seconds: float) -> None:
         """Register a long-poll, so that pushes publish a wake-up while it waits."""
         now = float(self.redis.time()[0])
         self.redis.zadd(self.prefix + "waiters", {member: now + seconds + 2})
 
-    @_storage_errors
+    @storage_errors
     def remove_waiter(self, member: str) -> None:
         """Take a long-poll off the list (it was answered or gave up)."""
         self.redis.zrem(self.prefix + "waiters", member)
 
-    @_storage_errors
+    @storage_errors
     def watch(self, task_ids: Sequence[str], seconds: float) -> None:
         """Ask for a message on the ``finished`` channel when any of ``task_ids`` ends."""
         now = float(self.redis.time()[0])
