@@ -23,6 +23,7 @@ from ..task import TaskSpec
 from .keys import keys_of
 from .link import Link, connect, redact
 from .records import counts_of, record_of, task_of, text, worker_of
+from .schedules import ScheduleStore
 from .scripts import SOURCES, Script
 
 log = logging.getLogger("ppq.store")
@@ -51,8 +52,8 @@ def _storage_errors(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class Store:
-    """The tasks of one queue_index, in one Redis database."""
+class Store(ScheduleStore):
+    """The tasks of one queue_index, in one Redis database (and its periodic schedules: ScheduleStore)."""
 
     def __init__(
         self,
