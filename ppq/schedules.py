@@ -51,6 +51,8 @@ _KEYS = ("name", "cron", "every", "timezone", "missed", "task", "args", "kwargs"
 # field except those the schedule sets itself.
 OPTIONS = frozenset(PUSH_FIELDS) - {"func", "module", "fclass", "path", "lang", "parameters", "args", "kwargs",
                                     "queue_index", "task_id", "delay", "key"}
+# The keys of a schedule's plain form (the rest of what the store returns is its state).
+DEFINITION_KEYS = frozenset(_KEYS) | OPTIONS
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ The package, in import order (each module imports only those above it):
   push to a waiting worker, wake-ups from other masters, ``wait_task(s)``;
 - ``duties.py``: the background duties of each queue_index (mover, reaper,
   summary line), each at its own interval;
+- ``schedules.py``: :class:`Scheduling`, a base class of ``Master``: the due-check
+  that fires periodic schedules exactly once across masters, and the remote
+  methods that manage them;
 - ``exposed.py``: :class:`Master`, the object exposed as ``queue``: every remote
   method and its argument checks;
 - ``server.py``: :class:`MasterServer` (stores, Pyro5 daemon, metrics, shutdown)

@@ -30,6 +30,7 @@ from .checks import (
     worker_id_of,
 )
 from .duties import run_duties
+from .schedules import Scheduling
 from .waiting import Waiting, Waker
 
 log = logging.getLogger("ppq.master")
@@ -50,7 +51,7 @@ def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return tasks
 
 
-class Master(Waiting):
+class Master(Scheduling, Waiting):
     """The object a master daemon exposes as ``queue``."""
 
     def __init__(self, config: Config, stores: Mapping[int, Store]) -> None:
@@ -80,6 +81,7 @@ class Master(Waiting):
                 t = threading.Thread(target=target, args=args, name=f"ppq-{name}-{qi}", daemon=True)
                 t.start()
                 self._threads.append(t)
+        self.start_schedules()
 
     def stop_background(self) -> None:
         self._stop.set()
