@@ -37,6 +37,7 @@ from .errors import (
     TaskTimeoutError,
 )
 from .rpc import PyroFunc
+from .schedules import periodic
 
 __version__ = "0.1.0"
 
@@ -62,5 +63,6 @@ __all__ = [
     "decode_parameters",
     "encode_parameters",
     "load_config",
+    "periodic",
     "task",
 ]

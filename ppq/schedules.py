@@ -303,3 +303,48 @@ def periodic(cron: str | None = None, *, every: float | None = None, name: str |
         return fn
 
     return decorate
+
+
+class ScheduleClient:
+    """The schedule methods of :class:`~ppq.client.Client` (a base class of it), over its ``call``."""
+
+    call: Any
+
+    def schedules(self, queue_index: int | None = None) -> list[dict[str, Any]]:
+        """Every schedule (of ``queue_index``; None: of all) with its state: ``spec``, ``next_run``,
+        ``last_run`` (unix seconds), ``last_id`` and its ``last_state``, ``paused``, ``source``."""
+        return list(self.call("schedule_list", queue_index))
+
+    def add_schedule(self, name: str, task: str | Callable[..., Any], *, cron: str | None = None,
+                     every: float | None = None, args: Any = (), kwargs: dict[str, Any] | None = None,
+                     queue_index: int = 0, timezone: str = DEFAULT_TIMEZONE, missed: str = "run_once",
+                     **options: Any) -> dict[str, Any]:
+        """Store a new schedule on the masters; it fires from its first tick after now. ``task`` is
+        ``"module.func"`` or a module-level function; ``options`` are push options (max_retry,
+        retry_delay, timeout, result_ttl). Returns it as :meth:`schedules` lists it."""
+        if callable(task) and not isinstance(task, str):
+            target = inspect.unwrap(task)
+            task = f"{target.__module__}.{target.__qualname__}"
+        data: dict[str, Any] = {"name": name, "task": task, "args": list(args), "kwargs": dict(kwargs or {}),
+                                "queue_index": queue_index, "timezone": timezone, "missed": missed, **options}
+        if cron is not None:
+            data["cron"] = cron
+        if every is not None:
+            data["every"] = every
+        return dict(self.call("schedule_add", data))
+
+    def remove_schedule(self, name: str, queue_index: int | None = None) -> list[int]:
+        """Delete schedule ``name``; returns the queue_indexes it was in (InvalidTaskError if none)."""
+        return list(self.call("schedule_remove", name, queue_index))
+
+    def pause_schedule(self, name: str, queue_index: int | None = None) -> list[int]:
+        """Fire nothing of ``name`` until :meth:`resume_schedule`; returns where it changed."""
+        return list(self.call("schedule_pause", name, queue_index))
+
+    def resume_schedule(self, name: str, queue_index: int | None = None) -> list[int]:
+        """Fire ``name`` again from its next tick; returns where it changed."""
+        return list(self.call("schedule_resume", name, queue_index))
+
+    def run_schedule_now(self, name: str, queue_index: int | None = None) -> str:
+        """Push ``name``'s task now, besides its ticks; return the task id."""
+        return str(self.call("schedule_run_now", name, queue_index))
