@@ -73,7 +73,7 @@ def _name_command(op: str, summary: str) -> Callable[[Callable[..., Any]], Any]:
         fn = master_option(fn)
         fn = config_option(fn)
         fn = click.pass_context(fn)
-        return schedule.command(op, help=summary)(fn)
+        return schedule.command(op, help=f"{summary}\n\n\b\nExample:\n  ppq schedule {op} nightly")(fn)
 
     return decorate
 
