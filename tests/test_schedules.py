@@ -306,3 +306,14 @@ def test_periodic_registers_a_checked_schedule_on_import():
         periodic("61 * * * *")(periodic_tasks.add)
     with pytest.raises(InvalidTaskError, match="every"):
         periodic(every=0)(periodic_tasks.add)
+
+
+def test_an_in_process_master_refuses_a_schedule_for_a_queue_index_it_does_not_serve(redis_a, ra):
+    from ppq.master import MasterServer
+
+    config = load_config(overrides={"master.port": 0, "master.redis_map": {0: redis_a.url},
+                                    "schedules": [{"name": "q", "every": 1, "task": "tasks.add", "queue_index": 1}]},
+                         environ={})
+    with pytest.raises(ConfigError, match=r"^schedules\[0\]\.queue_index: 1 is not configured"):
+        MasterServer(config).start()
+    assert ra.keys("ppq:*") == []

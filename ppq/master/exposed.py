@@ -73,7 +73,9 @@ class Master(Scheduling, Waiting):
     # -- lifecycle -------------------------------------------------------
 
     def start_background(self) -> None:
-        """Start the wake-up listener (ppq.master.waiting) and the duties (ppq.master.duties) of each store."""
+        """Start the wake-up listener (ppq.master.waiting), the duties (ppq.master.duties) and the schedules'
+        due-check (ppq.master.schedules) of each store."""
+        self.start_schedules()  # first: it checks the declared schedules (ConfigError)
         interval = self.config.master.reaper_interval
         for qi, store in self.stores.items():
             for target, args, name in ((self._listen, (qi, store), "wake"),
@@ -81,7 +83,6 @@ class Master(Scheduling, Waiting):
                 t = threading.Thread(target=target, args=args, name=f"ppq-{name}-{qi}", daemon=True)
                 t.start()
                 self._threads.append(t)
-        self.start_schedules()
 
     def stop_background(self) -> None:
         self._stop.set()

@@ -98,11 +98,9 @@ class ScheduleStore:
                       ) -> tuple[int, list[str], list[str], int | None]:
         """(now in ms by the server's clock, the names due, the pending task ids older than
         ``pending_after`` seconds, the next tick of all, None if there is none)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.zrange(self.prefix + "schedules", 0, 0, withscores=True)
-        seconds, micros = pipe.execute()[0]
+        seconds, micros = self.redis.time()
         now = int(seconds) * 1000 + int(micros) // 1000
+        pipe = self.redis.pipeline(transaction=False)
         pipe.zrangebyscore(self.prefix + "schedules", "-inf", now, start=0, num=limit)
         pipe.zrangebyscore(self.prefix + "schedules:pending", "-inf", now / 1000 - pending_after, start=0, num=limit)
         pipe.zrangebyscore(self.prefix + "schedules", f"({now}", "+inf", start=0, num=1, withscores=True)
