@@ -63,18 +63,18 @@ def test_three_masters_push_every_tick_exactly_once_while_one_is_killed(spawn, r
              what="8 ticks after the kill")
     client.pause_schedule("tick")
     stopped = time.time()
-    time.sleep(PENDING_AFTER + 0.5)  # a tick claimed before the pause is pushed by now, whoever claimed it
+    # A tick claimed as the pause came is pushed (and its pending mark cleared) right after.
+    wait_for(lambda: ra.zcard("ppq:0:schedules:pending") == 0, timeout=PENDING_AFTER + 5, what="the last push")
     ticks = ticks_of(ra, "tick")
     # Every tick from the first to the last, each once: contiguous seconds, and one record and one
     # queue entry per tick.
     assert ticks == list(range(ticks[0], ticks[-1] + 1000, 1000)), ticks
-    assert ticks[0] <= (added + 1.5) * 1000 and ticks[-1] >= (stopped - 1.5) * 1000, (added, ticks, stopped)
+    assert ticks[0] <= (added + 1) * 1000 and ticks[-1] >= (stopped - MISSED_AFTER - 1) * 1000, (added, ticks, stopped)
     queued = [i.decode() for i in ra.lrange("ppq:0:queue", 0, -1)]
     assert sorted(queued) == sorted(task_id_of("tick", t) for t in ticks)
     assert int(ra.hget("ppq:0:stats", "pushed")) == len(ticks)
-    assert ra.zcard("ppq:0:schedules:pending") == 0
-    # Each tick was pushed on time (none fired late as a catch-up, though a master died).
-    assert all(created(ra, "tick", t) - t / 1000 < 1.5 for t in ticks)
+    # Each tick was pushed before it counted as missed (none fired as a catch-up, though a master died).
+    assert all(created(ra, "tick", t) - t / 1000 < MISSED_AFTER for t in ticks)
     client.close()
 
 
@@ -123,11 +123,11 @@ def test_when_every_master_was_down_run_once_fires_once_on_return_and_skip_fires
     assert created(ra, "once", once[0]) * 1000 - first_missed > MISSED_AFTER * 1000
     # ... then every tick as usual, each on time.
     assert once[1:] == list(range(once[0] + 2000, once[-1] + 2000, 2000)), once
-    assert all(created(ra, "once", t) - t / 1000 < 1.5 for t in once[1:])
+    assert all(created(ra, "once", t) - t / 1000 < MISSED_AFTER for t in once[1:])
     skip = [t for t in ticks_of(ra, "skip") if t >= first_missed]
     # skip: none of the ticks due while down, then every tick from the return on, on time.
     assert skip[0] >= restart * 1000, (restart, skip)
-    assert all(created(ra, "skip", t) - t / 1000 < 1.5 for t in skip)
+    assert all(created(ra, "skip", t) - t / 1000 < MISSED_AFTER for t in skip)
     assert skip == list(range(skip[0], skip[-1] + 2000, 2000))
     listed = {s["name"]: s for s in client.schedules()}
     assert listed["skip"]["skipped"] == first_missed / 1000

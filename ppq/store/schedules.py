@@ -109,8 +109,8 @@ class ScheduleStore:
 
     @_storage_errors
     def schedule(self, name: str) -> dict[str, Any] | None:
-        """One stored schedule: its plain form with its state (next_tick in ms; next_run, last_run,
-        skipped, created in seconds; last_id, paused, source), None if there is none."""
+        """One stored schedule: its plain form with its state (next_tick in ms; next_run (None while
+        paused), last_run, skipped, created in seconds; last_id, paused, source), None if there is none."""
         return _decoded(self.redis.hgetall(self.prefix + "s:" + name))
 
     @_storage_errors
@@ -134,7 +134,8 @@ def _decoded(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
         return int(value) / 1000 if value else None
 
     out["next_tick"] = int(fields[b"next"]) if fields.get(b"next") else None
-    out.update(next_run=seconds(b"next"), last_run=seconds(b"last_run"), skipped=seconds(b"skipped"),
-               last_id=text(fields.get(b"last_id", b"")) or None, paused=fields.get(b"paused") == b"1",
+    paused = fields.get(b"paused") == b"1"
+    out.update(next_run=None if paused else seconds(b"next"), last_run=seconds(b"last_run"),
+               skipped=seconds(b"skipped"), last_id=text(fields.get(b"last_id", b"")) or None, paused=paused,
                source=text(fields.get(b"source", b"")), created=float(fields.get(b"created", 0) or 0))
     return out
