@@ -22,7 +22,8 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
+from datetime import timezone as dt_timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -101,7 +102,7 @@ class Schedule:
             return (ms // step + 1) * step
         from cronsim import CronSim
 
-        start = datetime.fromtimestamp(ms / 1000, ZoneInfo(self.timezone))
+        start = datetime.fromtimestamp(ms / 1000, zone(self.timezone))
         return int(next(CronSim(self.cron, start)).timestamp() * 1000)
 
     def last_at_or_before(self, tick: int, ms: int) -> int:
@@ -122,6 +123,11 @@ class Schedule:
             return tick, self.next_after(tick)
         fire = self.last_at_or_before(tick, now) if self.missed == "run_once" else None
         return fire, self.next_after(now)
+
+
+def zone(name: str) -> tzinfo:
+    """The timezone ``name``: UTC without the tz database (slim systems may lack it), else zoneinfo's."""
+    return dt_timezone.utc if name == DEFAULT_TIMEZONE else ZoneInfo(name)
 
 
 def task_id_of(name: str, tick: int) -> str:
@@ -185,9 +191,10 @@ def check_schedule(data: Any, where: str = "", error: type[PPQError] = InvalidTa
     if not isinstance(timezone, str) or not timezone:
         raise error(f"{where}timezone: expected a timezone name such as 'Europe/Paris', got {_show(timezone)}")
     try:
-        ZoneInfo(timezone)
+        zone(timezone)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise error(f"{where}timezone: unknown timezone {_show(timezone)}") from None
+        raise error(f"{where}timezone: unknown timezone {_show(timezone)} (names come from the tz database: "
+                    f"the system's, else the tzdata package)") from None
     if cron is not None:
         cron = _check_cron(cron, where, error)
         every = 0.0
@@ -246,7 +253,7 @@ def _check_cron(cron: Any, where: str, error: type[PPQError]) -> str:
                     f"got {_show(cron)}")
     cron = " ".join(cron.split())
     try:
-        CronSim(cron, datetime.now(ZoneInfo(DEFAULT_TIMEZONE)))
+        CronSim(cron, datetime.now(dt_timezone.utc))
     except CronSimError as exc:
         raise error(f"{where}cron: {exc} in {cron!r}") from None
     return cron
