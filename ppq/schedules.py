@@ -110,8 +110,11 @@ class Schedule:
         if not self.cron:
             step = round(self.every * 1000)
             return max(tick, ms // step * step)
+        from cronsim import CronSim
+
+        ticks = CronSim(self.cron, datetime.fromtimestamp(tick / 1000, zone(self.timezone)))
         for _ in range(MAX_WALK):
-            following = self.next_after(tick)
+            following = int(next(ticks).timestamp() * 1000)
             if following > ms:
                 break
             tick = following

@@ -48,6 +48,8 @@ def test_cron_ticks_follow_the_timezone_and_every_ticks_the_epoch():
     skip = check_schedule({"name": "n", "every": 5, "task": "tasks.add", "missed": "skip"})
     assert skip.plan(100_000, late) == (None, late // 5000 * 5000 + 5000)
     assert skip.plan(100_000, 100_500) == (100_000, 105_000)
+    minutely = check_schedule({"name": "n", "cron": "* * * * *", "task": "tasks.add"})
+    assert minutely.plan(winter, winter + 86_400_000 + 30_000) == (winter + 86_400_000, winter + 86_460_000)
 
 
 def test_three_masters_push_every_tick_exactly_once_while_one_is_killed(spawn, redis_a, ra):
