@@ -1,6 +1,7 @@
 """ppq: a distributed task queue over Pyro5 and Redis.
 
 What users import is here: :class:`Client` and :func:`task` to push and wait,
+:func:`periodic` to declare a schedule on a task function,
 :class:`Master` and :class:`Worker` to run the daemons from Python, :class:`Config`,
 the errors, and :class:`PyroFunc` for the seed's calling style. Inside, each
 layer imports only those below it:
@@ -37,6 +38,7 @@ from .errors import (
     TaskTimeoutError,
 )
 from .rpc import PyroFunc
+from .schedules import periodic
 
 __version__ = "0.1.0"
 
@@ -62,5 +64,6 @@ __all__ = [
     "decode_parameters",
     "encode_parameters",
     "load_config",
+    "periodic",
     "task",
 ]

@@ -12,6 +12,7 @@ from . import codec
 from .config import Config, load_config
 from .errors import InvalidTaskError, MessageTooLargeError, ResultTimeoutError, TaskFailedError
 from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
+from .schedules import ScheduleClient
 from .task import DONE, FINAL_STATES, new_id
 
 # Tasks sent per push_tasks call by push_many.
@@ -41,8 +42,8 @@ def target_name(target: str | Callable[..., Any]) -> tuple[str, str, str | None]
     return module, func, None
 
 
-class Client:
-    """Push tasks and read their state and results.
+class Client(ScheduleClient):
+    """Push tasks and read their state and results (and manage periodic schedules: ScheduleClient).
 
     ``masters`` is a list of ``host:port`` or ``PYRO:`` URIs (default: from the
     config: ``client.masters``, else ``worker.master_hosts``). Each push carries a

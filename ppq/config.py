@@ -95,6 +95,7 @@ class MasterConfig:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     worker_ttl: float = DEFAULT_WORKER_TTL
+    schedule_modules: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    schedules: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # An empty worker.master_hosts means this config's own master; the derived
@@ -350,6 +352,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         value = _coerce(key, value, hints[name])
         if key == "master.redis_map":
             value = _redis_map(value)
+        if key == "schedules":
+            from .schedules import check_config_schedules
+
+            value = check_config_schedules(value)
         if key in _CHOICES:
             value = value.upper() if key == "log_level" else value
             if value not in _CHOICES[key]:

@@ -694,12 +694,14 @@ def test_worker_token_is_refused_client_methods(role_master: Master, ra: redis.R
             "purge_queue": lambda: call("purge_queue", 0),
             "pause_queue": lambda: call("pause_queue", 0),
             "pause_worker": lambda: call("pause_worker", "w1"),
+            "schedule_add": lambda: call("schedule_add", {"name": "s1", "every": 1, "task": "redteam_tasks.ok"}),
+            "schedule_list": lambda: call("schedule_list"),
         }
         allowed = {name: reason for name, fn in methods.items() if (reason := refusal_reason(fn))}
         assert not allowed, f"client methods not refused to the worker token: {allowed}"
         assert client("get_task_info", queued)["state"] == "queued"
         assert len(ra.keys("ppq:0:t:*")) == 1
-        assert not ra.exists("ppq:0:paused")
+        assert not ra.exists("ppq:0:paused") and not ra.exists("ppq:0:schedules:names")
     finally:
         call.close()
         client.close()

@@ -12,6 +12,7 @@ test, so a new README example must say here how it runs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -250,6 +251,60 @@ def for_real(s: Session, text: str, ctx: dict[str, Any]) -> None:
     assert s.stop(master, signal.SIGTERM) == 0, s.log(master)
 
 
+def periodic_commands(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Each command as written, against the stack: the schedule fires (its tasks run to done on the
+    stack's workers), the table has the columns shown, run-now prints the id of a task that runs,
+    and after remove nothing is listed."""
+    commands = [c for c, _ in console_commands(text)]
+    assert commands == ["ppq schedule add adder mytasks.add 2 3 --every 2", "ppq schedule list",
+                        "ppq schedule run-now adder", "ppq schedule pause adder", "ppq schedule remove adder"]
+    shown = dict(console_commands(text))["ppq schedule list"][0].split()
+    out = s.run(commands[0])
+    assert out.returncode == 0 and out.stdout.startswith("schedule adder added (every 2s"), out.stdout + out.stderr
+
+    def last_done() -> bool:
+        listed = json.loads(s.run("ppq schedule list --json").stdout)
+        return bool(listed) and listed[0]["last_state"] == "done"
+
+    wait_for(last_done, timeout=20, what="a tick of the schedule to run")
+    out = s.run(commands[1])
+    assert out.returncode == 0 and out.stdout.split("\n")[0].split() == shown, out.stdout + out.stderr
+    assert "adder" in out.stdout and "done" in out.stdout
+    out = s.run(commands[2])
+    task_id = out.stdout.strip()
+    assert out.returncode == 0 and task_id.startswith("s:adder:r"), out.stdout + out.stderr
+    call = PyroFunc(f"127.0.0.1:{s.port}", timeout=3)
+    assert call("wait_task", task_id, 0, 10)["result"] == 5
+    call.close()
+    for command in commands[3:]:
+        out = s.run(command)
+        assert out.returncode == 0, out.stderr
+    assert s.run("ppq schedule list").stdout.strip() == "no schedules"
+
+
+def declared_schedules(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """periodic_jobs.py written from the block, schedules.yaml from the README's yaml block (plus a
+    free master port and a data directory); a `ppq master --config schedules.yaml` started there
+    lists both schedules."""
+    (s.cwd / "periodic_jobs.py").write_text(text)
+    found = re.search(r"```yaml\n(# schedules.yaml\n.*?)```", README.read_text(), re.DOTALL)
+    assert found
+    config = yaml.safe_load(found.group(1))
+    port = free_port()
+    config["master"].update(port=port, data_dir=str(s.cwd / "schedules-data"))
+    (s.cwd / "schedules.yaml").write_text(yaml.safe_dump(config))
+    master = s.start(s.argv("ppq master --config schedules.yaml"), port=0)
+    wait_for(lambda: master.poll() is not None or answers(port)(), what="ppq master --config schedules.yaml")
+    assert master.poll() is None, s.log(master)
+    out = s.run(f"ppq schedule list --json -m 127.0.0.1:{port}", port=0)
+    listed = {e["name"]: e for e in json.loads(out.stdout)}
+    assert set(listed) == {"nightly-report", "cleanup"}, out.stdout + out.stderr
+    nightly = listed["nightly-report"]
+    assert nightly["spec"] == "30 2 * * * Europe/Paris" and nightly["missed"] == "skip" and nightly["args"] == [2, 3]
+    assert listed["cleanup"]["task"] == "periodic_jobs.cleanup" and listed["cleanup"]["max_retry"] == 2
+    assert s.stop(master, signal.SIGTERM) == 0, s.log(master)
+
+
 def development(s: Session, text: str, ctx: dict[str, Any]) -> None:
     """Not run: installing is what the test environment already did, and the test run is this one."""
     assert [c for c, _ in console_commands(text)] == ["pip install -e .[dev]", "ruff check ppq tests", "mypy",
@@ -270,6 +325,8 @@ BLOCKS: dict[str, Callable[..., None]] = {
     "queue = Pyro5.api.Proxy(": python_block(choices={"queued", "running", "done"}),
     "$ ppq master --config ppq.yaml": for_real,
     "$ pip install -e": development,
+    "$ ppq schedule add adder": periodic_commands,
+    "# periodic_jobs.py": declared_schedules,
 }
 
 

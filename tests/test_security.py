@@ -843,9 +843,16 @@ METHODS: dict[str, tuple[str, ...]] = {
     "pause_worker": ("worker_id", "queue_index"),
     "resume_worker": ("worker_id", "queue_index"),
     "server_info": (),
+    "schedule_list": ("queue_index",),
+    "schedule_add": ("schedule",),
+    "schedule_remove": ("name", "queue_index"),
+    "schedule_pause": ("name", "queue_index"),
+    "schedule_resume": ("name", "queue_index"),
+    "schedule_run_now": ("name", "queue_index"),
 }
 # Methods that may change Redis when (and only when) they succeed.
-CHANGING = {"push_task", "push_tasks", "report", "heartbeat", "get_task", "get_tasks", "purge_queue", "pause_queue"}
+CHANGING = {"push_task", "push_tasks", "report", "heartbeat", "get_task", "get_tasks", "purge_queue", "pause_queue",
+            "schedule_add", "schedule_remove", "schedule_pause", "schedule_resume", "schedule_run_now"}
 
 SCALARS = st.one_of(
     st.none(),
@@ -896,6 +903,11 @@ VALID: dict[str, list[Any]] = {
                 [{"id": "abc", "lease": "w1/1", "release": True}]],
     "running": [[], [["abc", "w1/1"]]], "task_ids": [None, ["abc"], "abc", ["abc", "t-1"]],
     "limit": [1, 100], "offset": [0, 5], "worker_id": ["w1", "h:1:abc", ""],
+    # Ticks on January 1st only: nothing fires while a call is checked.
+    "schedule": [{"name": "s1", "cron": "0 0 1 1 *", "task": "tasks.add"},
+                 {"name": "s1", "cron": "0 0 1 1 *", "task": "tasks.add", "queue_index": 1, "max_retry": 2},
+                 {"name": "s1", "every": 0, "task": "tasks.add"}, {"name": "s1", "cron": "61 * * * *"}],
+    "name": ["s1", "nope", "", "a:b"],
 }
 
 
@@ -938,11 +950,12 @@ class Fuzzer:
         self.seeder = make_proxy(master.uri, timeout=10)
 
     def reset(self) -> None:
-        """Fresh Redis holding a ready task in each queue (so no valid get_task waits)."""
+        """Fresh Redis holding a ready task in each queue (so no valid get_task waits) and a schedule."""
         self.ra.flushall()
         self.rb.flushall()
         self.seeder.push_tasks([dict(GOOD, args=[1, 2], queue_index=0), dict(GOOD, args=[3, 4], queue_index=1),
                                 dict(GOOD, delay=3600, key="seed-key", queue_index=0)])
+        self.seeder.schedule_add({"name": "s1", "cron": "0 0 1 1 *", "task": "tasks.add"})
 
     def check(self, flavour: str, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
         self.reset()

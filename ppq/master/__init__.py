@@ -13,10 +13,13 @@ The package, in import order (each module imports only those above it):
   push to a waiting worker, wake-ups from other masters, ``wait_task(s)``;
 - ``duties.py``: the background duties of each queue_index (mover, reaper,
   summary line), each at its own interval;
+- ``schedules.py``: :class:`Scheduling`, a base class of ``Master``: the due-check
+  that fires periodic schedules exactly once across masters, and the remote
+  methods that manage them;
 - ``operate.py``: :class:`Operations`, the operator's methods of the ``queue``
   object: cancel, the dead list, purge and pause, ``server_info``;
 - ``exposed.py``: :class:`Master`, the object exposed as ``queue`` (with
-  :class:`Operations` and :class:`Waiting` as its bases): pushes, the worker's
+  :class:`Operations`, :class:`Scheduling` and :class:`Waiting` as its bases): pushes, the worker's
   calls, task lookups and waits, and their argument checks;
 - ``server.py``: :class:`MasterServer` (stores, Pyro5 daemon, metrics, shutdown)
   and :func:`serve`, which runs one until it is told to stop.

@@ -29,6 +29,7 @@ from .checks import (
 )
 from .duties import run_duties
 from .operate import Operations, unrouted
+from .schedules import Scheduling
 from .waiting import Waiting, Waker
 
 log = logging.getLogger("ppq.master")
@@ -45,7 +46,7 @@ def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return tasks
 
 
-class Master(Operations, Waiting):
+class Master(Operations, Scheduling, Waiting):
     """The object a master daemon exposes as ``queue``."""
 
     def __init__(self, config: Config, stores: Mapping[int, Store]) -> None:
@@ -69,7 +70,9 @@ class Master(Operations, Waiting):
     # -- lifecycle -------------------------------------------------------
 
     def start_background(self) -> None:
-        """Start the wake-up listener (ppq.master.waiting) and the duties (ppq.master.duties) of each store."""
+        """Start the wake-up listener (ppq.master.waiting), the duties (ppq.master.duties) and the schedules'
+        due-check (ppq.master.schedules) of each store."""
+        self.start_schedules()  # first: it checks the declared schedules (ConfigError)
         interval = self.config.master.reaper_interval
         for qi, store in self.stores.items():
             for target, args, name in ((self._listen, (qi, store), "wake"),

@@ -107,7 +107,11 @@ class MasterServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> MasterServer:
-        self.master.start_background()
+        try:
+            self.master.start_background()
+        except ConfigError:  # a declared schedule that this master cannot serve
+            self.stop()
+            raise
         self.metrics_server = None
         if self.config.master.metrics_port:
             from ..metrics import serve_master_metrics

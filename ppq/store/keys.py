@@ -25,6 +25,8 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
                           that worker was: nothing is leased to what is paused
     waiters        zset   long-polls waiting for tasks -> until when; wake is
                           published only while one is registered
+    s:<name>       hash   a periodic schedule; schedules, schedules:names, schedules:pending
+                          rank, list and track them (ppq/store/schedules.py)
     wake           channel  published with the number of tasks made ready
     finished       channel  published with the id of a waited-on task that ended
 

@@ -23,6 +23,7 @@ from .admin import Admin
 from .keys import keys_of
 from .link import Link, connect, redact, storage_errors
 from .records import counts_of, record_of, task_of, text, worker_of
+from .schedules import ScheduleStore
 from .scripts import SOURCES, Script
 
 log = logging.getLogger("ppq.store")
@@ -32,8 +33,9 @@ ANY_MODULE = "*"
 # Most modules whose lists of tasks moved aside counts() and parked() read.
 PARKED_LISTED = 1000
 
-class Store(Admin):
-    """The tasks of one queue_index, in one Redis database."""
+class Store(Admin, ScheduleStore):
+    """The tasks of one queue_index, in one Redis database (the dead list, purge and pause:
+    Admin; periodic schedules: ScheduleStore)."""
 
     def __init__(
         self,
