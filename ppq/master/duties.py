@@ -1,7 +1,8 @@
 """The background duties of a master, one thread per queue_index, each at its own interval:
 
 - the mover: due delayed tasks into the queue, every ``master.reaper_interval`` seconds
-  or sooner when the next delayed task is due sooner (at most every 5 ms);
+  or sooner when the next delayed task is due sooner (at most every 5 ms); it also wakes
+  long-polls when a function held back by its rate limit gets its next token;
 - the reaper: expired leases back to the queue (or to the dead list), every
   ``master.reaper_interval`` seconds;
 - the summary: one INFO line of counts every ``SUMMARY_INTERVAL`` seconds, when it changed.
@@ -34,10 +35,14 @@ def run_duties(qi: int, store: Store, interval: float, stop: threading.Event) ->
     next_summary = time.monotonic() + SUMMARY_INTERVAL
     last_summary = ""
     failing = False
+    # The Redis time of the previous move: functions held back by their rate limit whose time
+    # came since then wake long-polls.
+    since = 0.0
     while not stop.is_set():
         pause = interval
         try:
-            _, next_eta, now = store.move_due()
+            _, next_eta, now = store.move_due(since=since)
+            since = now
             if next_eta is not None:
                 pause = min(pause, max(next_eta - now, 0.005))
             if time.monotonic() >= next_reap:

@@ -23,6 +23,7 @@ from .admin import Admin
 from .keys import keys_of
 from .link import Link, connect, redact, storage_errors
 from .records import counts_of, record_of, task_of, text, worker_of
+from .limits import LimitStore
 from .schedules import ScheduleStore
 from .scripts import SOURCES, Script
 
@@ -33,9 +34,9 @@ ANY_MODULE = "*"
 # Most modules whose lists of tasks moved aside counts() and parked() read.
 PARKED_LISTED = 1000
 
-class Store(Admin, ScheduleStore):
+class Store(Admin, ScheduleStore, LimitStore):
     """The tasks of one queue_index, in one Redis database (the dead list, purge and pause:
-    Admin; periodic schedules: ScheduleStore)."""
+    Admin; periodic schedules: ScheduleStore; rate and concurrency limits: LimitStore)."""
 
     def __init__(
         self,
@@ -175,9 +176,13 @@ class Store(Admin, ScheduleStore):
         return int(taken), [(text(dead[k]), int(dead[k + 1])) for k in range(0, len(dead), 2)]
 
     @storage_errors
-    def move_due(self, limit: int = 1000) -> tuple[int, float | None, float]:
-        """Move delayed tasks whose time has come to the queue; return (moved, next eta, now)."""
-        moved, nxt, now = self._move([self.prefix, limit])
+    def move_due(self, limit: int = 1000, since: float = 0.0) -> tuple[int, float | None, float]:
+        """Move delayed tasks whose time has come to the queue; return (moved, next due, now).
+
+        The next due time is the next eta, or the next time a function held back by its rate
+        limit may start a task, whichever is sooner; the functions whose time came after
+        ``since`` (the ``now`` of the previous call) wake long-polls (move.lua)."""
+        moved, nxt, now = self._move([self.prefix, limit, since])
         return int(moved), (float(nxt) if nxt else None), float(now)
 
     @storage_errors
@@ -235,6 +240,7 @@ class Store(Admin, ScheduleStore):
         queued, delayed, running, dead, stats, rate, now, paused, modules = pipe.execute()
         parked = self.parked([text(m) for m in modules])
         queued += max(0, int(stats.get(b"parked", 0)))
+        queued += max(0, int(stats.get(b"throttled", 0)))
         sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
         return {**counts_of(sizes, stats, rate, int(now[0])), "paused": bool(paused), "parked": parked}
 

@@ -7,7 +7,8 @@
 --
 -- Returns the state the task had, false (nil) if it is unknown. A waiting task (queued,
 -- delayed, failed) is cancelled at once, and taken out of P..'queue' or P..'delayed' (or
--- out of P..'queue:m:<module>', where a lease moved it aside). A running one gets its
+-- out of P..'queue:m:<module>', where a lease moved it aside, or P..'queue:f:<func>', where
+-- its function's limit held it). A running one gets its
 -- cancel flag: its worker learns at its next heartbeat, and the task ends cancelled when
 -- it is reported or its lease expires. A task that already ended is left as it is.
 
@@ -20,12 +21,20 @@ local state = f[1]
 if not state then return false end
 if state == 'queued' or state == 'delayed' or state == 'failed' then
   -- A ready task is in P..'queue', or in its module's list if a lease moved it aside.
+  -- or in its function's list if its rate or concurrency limit held it back.
   local mod = state ~= 'delayed' and redis.call('LREM', P .. 'queue', 1, id) == 0 and module_of(f[3])
   if mod then
     local side = P .. 'queue:m:' .. mod
     if redis.call('LREM', side, 1, id) > 0 then
       redis.call('HINCRBY', P .. 'stats', 'parked', -1)
       if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', mod) end
+    else
+      local fn = target_of(f[3])
+      side = P .. 'queue:f:' .. fn
+      if redis.call('LREM', side, 1, id) > 0 then
+        redis.call('HINCRBY', P .. 'stats', 'throttled', -1)
+        if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'throttled', fn) end
+      end
     end
   end
   redis.call('ZREM', P .. 'delayed', id)

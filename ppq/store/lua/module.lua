@@ -7,6 +7,8 @@
 --                     "m", the module, each a msgpack string), or nil for a body laid out
 --                     otherwise. Tasks are routed by it (lease.lua) without a field of
 --                     their own.
+--          target_of  a function: 'module.func', the function a body names (nil as for
+--                     module_of); rate and concurrency limits are kept by it (limits.lua)
 --          msgpack_str, byte, sub  its own helpers
 
 local byte, sub = string.byte, string.sub
@@ -33,4 +35,11 @@ local function module_of(body)
   n, at = msgpack_str(body, at + n + 2)
   if not n or at + n - 1 > #body then return nil end
   return sub(body, at, at + n - 1)
+end
+
+local function target_of(body)
+  local mod = module_of(body)
+  if not mod then return nil end
+  local n, at = msgpack_str(body, 4)
+  return mod .. '.' .. sub(body, at, at + n - 1)
 end

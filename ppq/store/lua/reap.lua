@@ -9,12 +9,14 @@
 -- Returns {taken, dead}: how many expired leases it took (limit of them: there may be more),
 -- and the ids among them that went dead, each followed by its expiries.
 -- Each expired task goes back to the front of P..'queue', or cancelled (cancel asked), or
--- dead after maxexp expiries. It also drops past entries of P..'waiting' and
+-- dead after maxexp expiries, and gives back the slot it held of its function's concurrency
+-- limit (limits.lua). It also drops past entries of P..'waiting' and
 -- P..'waiters', rate buckets older than two minutes, and workers that went quiet (with their
 -- pause in P..'paused').
 
 -- include: now.lua
 local P, maxexp, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+-- include: limits.lua
 local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)
 local ready = 0
 local dead = {}
@@ -23,6 +25,11 @@ for _, id in ipairs(ids) do
   local tk = P .. 't:' .. id
   if redis.call('EXISTS', tk) == 1 then
     local exp = redis.call('HINCRBY', tk, 'expiries', 1)
+    local slot = redis.call('HGET', tk, 'slot')
+    if slot then
+      ready = ready + free_slot(slot)
+      redis.call('HDEL', tk, 'slot')
+    end
     redis.call('HINCRBY', P .. 'stats', 'expired', 1)
     if redis.call('HGET', tk, 'cancel') == '1' then
       redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)

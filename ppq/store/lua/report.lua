@@ -26,12 +26,14 @@
 --             at once) or -1: dead-listed
 -- A task whose cancel flag is set ends cancelled whatever the report says. Publishes
 -- P..'finished' with the id of each watched task (P..'waiting') reported on, hand-backs
--- aside, and P..'wake' with the number of tasks made ready.
+-- aside, and P..'wake' with the number of tasks made ready (a task that gives back a slot
+-- of its function's concurrency limit while others wait for one counts as one).
 
 -- include: now.lua
 -- include: module.lua
 local P, wid, count, lt, seen, dttl, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
+-- include: limits.lua
 local accepted = {}
 local ready = 0
 local bucket = math.floor(now / 10)
@@ -44,13 +46,19 @@ for i = 11, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
-  local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel')
+  local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel',
+    'slot')
   -- Taking it out of the running set is the last check: a task not in it has no live lease.
   if f[1] ~= 'running' or f[2] ~= r.lease or redis.call('ZREM', P .. 'running', r.id) == 0 then
     accepted[#accepted + 1] = 0
     refused = true
     if ARGV[7] == '1' then count = 0 end
   else
+    -- A slot of its function's concurrency limit is given back, whatever the outcome.
+    if f[8] then
+      ready = ready + free_slot(f[8])
+      redis.call('HDEL', tk, 'slot')
+    end
     local ttl = dttl
     if f[6] and f[6] ~= '' then ttl = tonumber(f[6]) end
     if f[7] == '1' then
