@@ -11,6 +11,7 @@ from typing import Any
 from . import codec
 from .config import Config, load_config
 from .errors import InvalidTaskError, MessageTooLargeError, ResultTimeoutError, TaskFailedError
+from .limits import LimitClient, declare
 from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
 from .schedules import ScheduleClient
 from .task import DONE, FINAL_STATES, new_id
@@ -42,7 +43,7 @@ def target_name(target: str | Callable[..., Any]) -> tuple[str, str, str | None]
     return module, func, None
 
 
-class Client(ScheduleClient):
+class Client(ScheduleClient, LimitClient):
     """Push tasks and read their state and results (and manage periodic schedules: ScheduleClient).
 
     ``masters`` is a list of ``host:port`` or ``PYRO:`` URIs (default: from the
@@ -298,15 +299,21 @@ def default_client() -> Client:
     return _default_client
 
 
-def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, **push_options: Any) -> Any:
+def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, rate_limit: str | None = None,
+         concurrency_limit: int | None = None, **push_options: Any) -> Any:
     """Decorate a module-level function so that ``fn.push(*args, **kwargs)`` enqueues it.
 
     ``fn(*args, **kwargs)`` still runs it here. ``push_options`` (queue_index,
-    delay, max_retry, key...) apply to every push.
+    delay, max_retry, key...) apply to every push. ``rate_limit`` ("10/s") and
+    ``concurrency_limit`` (N) declare its limits: a master stores them at start when
+    its module is in ``master.schedule_modules`` (``ppq limit set`` sets them live).
     """
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         target_name(func)
+        if rate_limit is not None or concurrency_limit is not None:
+            target = inspect.unwrap(func)
+            declare(f"{target.__module__}.{target.__qualname__}", rate_limit, concurrency_limit)
 
         def push(*args: Any, **kwargs: Any) -> str:
             return (client or default_client()).push(func, *args, kwargs=kwargs, **push_options)

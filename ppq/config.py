@@ -140,6 +140,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     schedules: list[dict[str, Any]] = field(default_factory=list)
+    rate_limits: dict[str, str] = field(default_factory=dict)
+    concurrency_limits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # An empty worker.master_hosts means this config's own master; the derived
@@ -348,6 +350,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key}: expected a mapping, got {value!r}")
             kwargs[name] = _build(_SECTIONS[name], value, f"{key}.")
+            continue
+        if key in ("rate_limits", "concurrency_limits"):
+            from .limits import check_config_limits
+
+            kwargs[name] = check_config_limits(key, value)
             continue
         value = _coerce(key, value, hints[name])
         if key == "master.redis_map":

@@ -28,6 +28,10 @@ MAX_LIMIT = 1_000_000
 # Limit kinds as the CLI and the master methods name them.
 KINDS = ("rate", "concurrency")
 
+# Limits declared by @task(rate_limit=..., concurrency_limit=...): function -> {kind: limit}.
+# A master stores those of the modules of master.schedule_modules at start.
+DECLARED: dict[str, dict[str, Any]] = {}
+
 _FUNCTION = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _RATE = re.compile(r"\s*(\d+)\s*/\s*([a-z]+)\s*")
 
@@ -84,6 +88,18 @@ def check_config_limits(key: str, value: Any) -> dict[str, Any]:
         except InvalidTaskError as exc:
             raise ConfigError(str(exc)) from None
     return out
+
+
+def declare(function: str, rate: Any = None, concurrency: Any = None) -> None:
+    """Record the limits ``@task`` declares for ``function`` (checked: InvalidTaskError naming
+    rate_limit or concurrency_limit)."""
+    limits: dict[str, Any] = {}
+    if rate is not None:
+        limits["rate"] = check_rate(rate, "rate_limit")
+    if concurrency is not None:
+        limits["concurrency"] = check_concurrency(concurrency, "concurrency_limit")
+    if limits:
+        DECLARED[function] = limits
 
 
 class LimitClient:

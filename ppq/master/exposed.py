@@ -28,6 +28,7 @@ from .checks import (
     worker_id_of,
 )
 from .duties import run_duties
+from .limits import Limiting
 from .operate import Operations, unrouted
 from .schedules import Scheduling
 from .waiting import Waiting, Waker
@@ -46,7 +47,7 @@ def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return tasks
 
 
-class Master(Operations, Scheduling, Waiting):
+class Master(Operations, Scheduling, Limiting, Waiting):
     """The object a master daemon exposes as ``queue``."""
 
     def __init__(self, config: Config, stores: Mapping[int, Store]) -> None:
@@ -73,6 +74,7 @@ class Master(Operations, Scheduling, Waiting):
         """Start the wake-up listener (ppq.master.waiting), the duties (ppq.master.duties) and the schedules'
         due-check (ppq.master.schedules) of each store."""
         self.start_schedules()  # first: it checks the declared schedules (ConfigError)
+        self.store_declared_limits()
         interval = self.config.master.reaper_interval
         for qi, store in self.stores.items():
             for target, args, name in ((self._listen, (qi, store), "wake"),
@@ -283,7 +285,8 @@ class Master(Operations, Scheduling, Waiting):
         """The task's record (state, retry, timestamps, result or error); None if unknown.
 
         A task that waits (queued, or failed and due for its retry) of a module no live
-        worker allows has ``waiting_for``: "a worker that allows <module>".
+        worker allows has ``waiting_for``: "a worker that allows <module>"; one its function's
+        limits hold back, "its rate limit 10/s" or "a slot of its concurrency limit 2 (2 running)".
         """
         check_task_id(task_id)
         store = self._store(queue_index)
@@ -291,6 +294,10 @@ class Master(Operations, Scheduling, Waiting):
         if record is not None and record["state"] in (QUEUED, FAILED) and record["module"]:
             if unrouted({record["module"]: 1}, self._live_allows(store)):
                 record["waiting_for"] = f"a worker that allows {record['module']}"
+            else:
+                held = self.held_for(store, record)
+                if held:
+                    record["waiting_for"] = held
         return record
 
     @rpc.remote

@@ -98,3 +98,10 @@ class LimitStore:
     def held_back(self, task_id: str, function: str) -> bool:
         """Whether ``task_id`` waits in ``function``'s list of tasks held back by its limits."""
         return self.redis.lpos(self.prefix + "queue:f:" + function, task_id) is not None
+
+    @storage_errors
+    def limit_of(self, function: str) -> tuple[str | None, int | None, int]:
+        """``function``'s rate spec and concurrency limit (None where unset) and its running count."""
+        rate, conc = self.redis.hmget(self.prefix + "limits", "rate:" + function, "conc:" + function)
+        running = self.redis.hget(self.prefix + "slots", function)
+        return (text(rate) if rate else None), (int(conc) if conc else None), int(running or 0)

@@ -21,9 +21,9 @@ from ..errors import MessageTooLargeError
 from ..task import TaskSpec
 from .admin import Admin
 from .keys import keys_of
+from .limits import LimitStore
 from .link import Link, connect, redact, storage_errors
 from .records import counts_of, record_of, task_of, text, worker_of
-from .limits import LimitStore
 from .schedules import ScheduleStore
 from .scripts import SOURCES, Script
 
