@@ -309,6 +309,8 @@ def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, 
     its module is in ``master.schedule_modules`` (``ppq limit set`` sets them live).
     """
 
+    declare("", rate_limit, concurrency_limit)  # checked before anything else
+
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         target_name(func)
         if rate_limit is not None or concurrency_limit is not None:

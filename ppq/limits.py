@@ -92,13 +92,13 @@ def check_config_limits(key: str, value: Any) -> dict[str, Any]:
 
 def declare(function: str, rate: Any = None, concurrency: Any = None) -> None:
     """Record the limits ``@task`` declares for ``function`` (checked: InvalidTaskError naming
-    rate_limit or concurrency_limit)."""
+    rate_limit or concurrency_limit; ``function`` '': only checked)."""
     limits: dict[str, Any] = {}
     if rate is not None:
         limits["rate"] = check_rate(rate, "rate_limit")
     if concurrency is not None:
         limits["concurrency"] = check_concurrency(concurrency, "concurrency_limit")
-    if limits:
+    if limits and function:
         DECLARED[function] = limits
 
 

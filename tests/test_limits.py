@@ -51,14 +51,15 @@ def test_a_rate_limit_holds_tasks_back_across_two_masters_and_three_workers(make
     try:
         assert ca.set_limit("tasks.add", rate="10/s") == [0, 1]
         assert cb.set_limit("tasks.add", rate="10/s") == []  # the same limit, shared
-        ids = cb.push_many([("tasks.add", (i, 1)) for i in range(300)])
-        held = wait_for(lambda: next((e for e in cb.limits()[0] if e["waiting"] > 250), None),
-                        what="the held tasks listed")
-        assert held["rate"] == "10/s" and held["concurrency"] is None
-        assert cb.info(ids[-1])["waiting_for"] == "its rate limit 10/s"
         masters = f"{address_of(a)},{address_of(b)}"
         for _ in range(3):
             spawn.worker(masters)
+        wait_for(lambda: cb.server_info()[0]["workers_live"] == 3, what="three workers listed")
+        ids = cb.push_many([("tasks.add", (i, 1)) for i in range(300)])
+        held = wait_for(lambda: next((e for e in cb.limits()[0] if e["waiting"] > 200), None),
+                        what="the held tasks listed")
+        assert held["rate"] == "10/s" and held["concurrency"] is None
+        assert cb.info(ids[-1])["waiting_for"] == "its rate limit 10/s"
         results = dict(ca.results(ids, timeout=60))
         assert results == {tid: i + 1 for i, tid in enumerate(ids)}
         starts = [info["started"] for info in (ca.info(tid) for tid in ids)]
@@ -143,7 +144,7 @@ def test_config_limits_are_stored_at_start_and_a_removed_limit_lets_its_tasks_go
         ids = client.push_many([("tasks.add", (i, i)) for i in range(5)])
         assert client.result(ids[0], timeout=20) == 0
         wait_for(lambda: client.info(ids[1]).get("waiting_for") == "its rate limit 1/h", what="the rest held")
-        assert client.remove_limit("tasks.add") == [0]
+        assert client.remove_limit("tasks.add") == [0, 1]
         assert dict(client.results(ids, timeout=20)) == {tid: 2 * i for i, tid in enumerate(ids)}
         assert [e["function"] for e in client.limits()[0]] == ["tasks.mul"]
     finally:
@@ -170,10 +171,10 @@ def test_the_limit_commands_set_list_and_remove(master, ra):
 
 
 def test_task_declares_its_limits_and_a_master_importing_its_module_stores_them(make_master):
-    master = make_master(master__schedule_modules=["limited_tasks"])
+    master = make_master(master__schedule_modules=["tests.limited_tasks"])
     call = PyroFunc(address_of(master))
     try:
-        assert call("limit_list")[0] == [{"function": "limited_tasks.send", "rate": "3/m", "concurrency": 2,
+        assert call("limit_list")[0] == [{"function": "tests.limited_tasks.send", "rate": "3/m", "concurrency": 2,
                                           "tokens": 1.0, "running": 0, "waiting": 0}]
     finally:
         call.close()
