@@ -63,6 +63,10 @@ REDIS_COLUMNS = (
 )
 # Most modules `ppq status` lists as waiting for a worker that allows them, per queue_index.
 WAITING_LISTED = 10
+LIMIT_COLUMNS = (
+    ("function", "function", 0), ("queue_index", "queue", 1), ("rate", "rate", 0), ("tokens", "tokens", 2),
+    ("concurrency", "concurrency", 0), ("running", "running", 2), ("waiting", "waiting", 0),
+)
 WORKER_COLUMNS = (
     ("id", "worker", 0), ("queue_index", "queue", 3), ("concurrency", "executors", 2), ("running", "running", 0),
     ("done", "done", 1), ("failed", "failed", 1), ("heartbeat", "last heartbeat", 2), ("allow", "allows", 4),
@@ -137,6 +141,7 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
     queue_rows: list[dict[str, str]] = []
     worker_rows: list[dict[str, str]] = []
     redis_rows: list[dict[str, str]] = []
+    limit_rows: list[dict[str, str]] = []
     notes: list[str] = []
     for qi, entry in sorted(info.items(), key=lambda kv: int(kv[0])):
         if not entry.get("ok", True):
@@ -166,6 +171,12 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
         if len(waiting) > WAITING_LISTED:
             notes.append(f"queue_index {qi}: waiting for a worker that allows them: "
                          f"{len(waiting) - WAITING_LISTED} more module(s) (--json lists them)")
+        for e in entry.get("limits") or []:
+            limit_rows.append({
+                "function": str(e["function"]), "queue_index": str(qi), "rate": e.get("rate") or "-",
+                "tokens": "-" if e.get("tokens") is None else f"{e['tokens']:g}",
+                "concurrency": "-" if e.get("concurrency") is None else str(e["concurrency"]),
+                "running": str(e.get("running", 0)), "waiting": str(e.get("waiting", 0))})
         for w in workers:
             running = w.get("running") or []
             beat = w.get("last_heartbeat")
@@ -178,6 +189,8 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
                 "tasks": ", ".join(running) or "-"})
     parts: list[Any] = [_fit_table("queues", QUEUE_COLUMNS, queue_rows, width)]
     parts += [Text(note, style="yellow" if "waiting for a worker" in note else "red") for note in notes]
+    if limit_rows:
+        parts.append(_fit_table("limits", LIMIT_COLUMNS, limit_rows, width, foldable=("function",)))
     if redis_rows:
         parts.append(_fit_table("redis", REDIS_COLUMNS, redis_rows, width, foldable=("redis",)))
     if worker_rows:

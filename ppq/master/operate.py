@@ -173,7 +173,7 @@ class Operations:
 
         ``waiting_for``: module -> how many queued tasks of that module wait for a worker that
         allows it, for the modules no live worker allows (of the tasks leases moved aside,
-        ``parked``).
+        ``parked``). With ``workers``, ``limits``: each limited function as ``limit_list`` gives it.
         """
         out: dict[int, dict[str, Any]] = {}
         for qi, store in sorted(self.stores.items()):
@@ -189,6 +189,7 @@ class Operations:
                     entry["waiting_for"] = unrouted(entry["parked"], specs)
                 if workers:
                     entry.update(store.memory())
+                    entry["limits"] = store.limits()
                 entry["ok"] = True
             except StorageError as exc:
                 entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})
