@@ -35,16 +35,18 @@ def run_duties(qi: int, store: Store, interval: float, stop: threading.Event) ->
     next_summary = time.monotonic() + SUMMARY_INTERVAL
     last_summary = ""
     failing = False
-    # The Redis time of the previous move: functions held back by their rate limit whose time
-    # came since then wake long-polls.
+    # The Redis time of the previous wake_held: functions held back by their rate limit whose
+    # next token came due since then wake long-polls.
     since = 0.0
     while not stop.is_set():
         pause = interval
         try:
-            _, next_eta, now = store.move_due(since=since)
-            since = now
+            _, next_eta, now = store.move_due()
             if next_eta is not None:
                 pause = min(pause, max(next_eta - now, 0.005))
+            _, next_eta, since = store.wake_held(since)
+            if next_eta is not None:
+                pause = min(pause, max(next_eta - since, 0.005))
             if time.monotonic() >= next_reap:
                 reaped, dead = store.reap()
                 if reaped > len(dead):

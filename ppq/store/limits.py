@@ -34,6 +34,18 @@ class LimitStore:
     def _limit(self) -> Script:
         return Script(SOURCES["limit"], self.redis, self._link)
 
+    @functools.cached_property
+    def _held(self) -> Script:
+        return Script(SOURCES["held"], self.redis, self._link)
+
+    @storage_errors
+    def wake_held(self, since: float = 0.0) -> tuple[int, float | None, float]:
+        """Wake long-polls for the functions held back by their rate limit whose next token came
+        due after ``since`` (the ``now`` of the previous call); return (how many, when the next
+        is due or None, now)."""
+        due, nxt, now = self._held([self.prefix, since])
+        return int(due), (float(nxt) if nxt else None), float(now)
+
     @storage_errors
     def set_limit(self, function: str, kind: str, value: str | int) -> bool:
         """Set ``function``'s rate (``kind`` 'rate', a checked spec) or concurrency (``kind``

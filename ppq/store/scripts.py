@@ -29,7 +29,7 @@ from .link import Link
 
 # The scripts a Store runs, by file name without ".lua".
 NAMES = ("push", "report", "heartbeat", "reap", "move", "cancel", "requeue_dead", "purge_dead", "purge", "pause",
-         "schedule_save", "schedule_claim", "schedule_change", "limit")
+         "schedule_save", "schedule_claim", "schedule_change", "limit", "held")
 
 INCLUDE = re.compile(r"^-- include: (\w+\.lua)$", re.MULTILINE)
 

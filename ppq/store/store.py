@@ -176,13 +176,9 @@ class Store(Admin, ScheduleStore, LimitStore):
         return int(taken), [(text(dead[k]), int(dead[k + 1])) for k in range(0, len(dead), 2)]
 
     @storage_errors
-    def move_due(self, limit: int = 1000, since: float = 0.0) -> tuple[int, float | None, float]:
-        """Move delayed tasks whose time has come to the queue; return (moved, next due, now).
-
-        The next due time is the next eta, or the next time a function held back by its rate
-        limit may start a task, whichever is sooner; the functions whose time came after
-        ``since`` (the ``now`` of the previous call) wake long-polls (move.lua)."""
-        moved, nxt, now = self._move([self.prefix, limit, since])
+    def move_due(self, limit: int = 1000) -> tuple[int, float | None, float]:
+        """Move delayed tasks whose time has come to the queue; return (moved, next eta, now)."""
+        moved, nxt, now = self._move([self.prefix, limit])
         return int(moved), (float(nxt) if nxt else None), float(now)
 
     @storage_errors
@@ -240,7 +236,6 @@ class Store(Admin, ScheduleStore, LimitStore):
         queued, delayed, running, dead, stats, rate, now, paused, modules = pipe.execute()
         parked = self.parked([text(m) for m in modules])
         queued += max(0, int(stats.get(b"parked", 0)))
-        queued += max(0, int(stats.get(b"throttled", 0)))
         sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
         return {**counts_of(sizes, stats, rate, int(now[0])), "paused": bool(paused), "parked": parked}
 

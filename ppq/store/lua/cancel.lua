@@ -7,10 +7,10 @@
 --
 -- Returns the state the task had, false (nil) if it is unknown. A waiting task (queued,
 -- delayed, failed) is cancelled at once, and taken out of P..'queue' or P..'delayed' (or
--- out of P..'queue:m:<module>', where a lease moved it aside, or P..'queue:f:<func>', where
--- its function's limit held it). A running one gets its
+-- out of P..'queue:m:<module>', where a lease moved it aside). A running one gets its
 -- cancel flag: its worker learns at its next heartbeat, and the task ends cancelled when
--- it is reported or its lease expires. A task that already ended is left as it is.
+-- it is reported or its lease expires. A task that already ended is left as it is. A waiting
+-- task held back by its function's limits is taken out of P..'queue:f:<func>' (limits.lua).
 
 -- include: now.lua
 -- include: module.lua
@@ -21,21 +21,19 @@ local state = f[1]
 if not state then return false end
 if state == 'queued' or state == 'delayed' or state == 'failed' then
   -- A ready task is in P..'queue', or in its module's list if a lease moved it aside.
-  -- or in its function's list if its rate or concurrency limit held it back.
   local mod = state ~= 'delayed' and redis.call('LREM', P .. 'queue', 1, id) == 0 and module_of(f[3])
   if mod then
     local side = P .. 'queue:m:' .. mod
     if redis.call('LREM', side, 1, id) > 0 then
       redis.call('HINCRBY', P .. 'stats', 'parked', -1)
       if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', mod) end
-    else
-      local fn = target_of(f[3])
-      side = P .. 'queue:f:' .. fn
-      if redis.call('LREM', side, 1, id) > 0 then
-        redis.call('HINCRBY', P .. 'stats', 'throttled', -1)
-        if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'throttled', fn) end
-      end
     end
+  end
+  -- Or in its function's list, where its rate or concurrency limit held it (limits.lua).
+  local fn = state ~= 'delayed' and target_of(f[3])
+  if fn and redis.call('LREM', P .. 'queue:f:' .. fn, 1, id) > 0 then
+    redis.call('HINCRBY', P .. 'stats', 'parked', -1)
+    if redis.call('EXISTS', P .. 'queue:f:' .. fn) == 0 then redis.call('ZREM', P .. 'throttled', fn) end
   end
   redis.call('ZREM', P .. 'delayed', id)
   if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then

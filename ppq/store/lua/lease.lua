@@ -9,16 +9,16 @@
 --          allow  the modules the worker may run: '*' any, else their names joined by ','
 --                 ('' none); a module is allowed if it or a package it is in (whole dotted
 --                 segments) is named. A body module_of cannot read goes to every worker.
---          now    from now.lua
---          module_of, target_of  from module.lua
+--          target_of  from module.lua
 --          load_limits, room, admit, hold, hold_flush  from limits.lua
+--          now    from now.lua
+--          module_of  from module.lua
 -- Sets:    out    the leased tasks, rows of {id, body, retry, lease, ready since}, in queue
 --                 order; each lease is nonce .. ':' .. the row's place in out, so it is
 --                 unguessable and distinct per task
 --          more   true when the call stopped after moving 1000 ids aside: P..'queue' may
 --                 still hold tasks this worker may run
 --          lim    the limits read this call (limits.lua's load_limits), false for none
---          held_n  how many ids this call set aside for their function's limit
 --          expiries, add_running, allows, aside, moved, popped, take  its own helpers
 -- Changes: a waiting task (queued or failed) becomes running in its record t:<id> and in
 --          P..'running' (score: lease deadline), its de-duplication key is freed in
@@ -34,9 +34,10 @@
 --          P..'paused') or the worker (field 'worker:' .. wid) is paused.
 --          Limits (limits.lua), read once per call that has something to lease: a task whose
 --          function is over its rate or concurrency limit is appended to P..'queue:f:<func>'
---          instead (counted in `moved` like those moved aside by module), its function
---          scored in P..'throttled' by when the next may start; the lists of the functions
---          whose time has come are leased from first, as many ids as they may start.
+--          instead (counted in `moved` and in stats 'parked' like those moved aside by
+--          module), its function scored in P..'throttled' by when the next may start; before
+--          P..'queue', the lists of the functions whose time has come give as many ids as
+--          they may start.
 
 -- Paused: one HMGET, and only when something is to be leased.
 if count > 0 then
@@ -106,21 +107,6 @@ local function take(id)
   end
   out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
 end
-if lim then
-  for _, fn in ipairs(redis.call('ZRANGEBYSCORE', P .. 'throttled', '-inf', now, 'LIMIT', 0, count)) do
-    if #out >= count or moved >= 1000 then break end
-    local side = P .. 'queue:f:' .. fn
-    local n, due = room(lim, fn)
-    local ids = n >= 1 and redis.call('LPOP', side, math.min(n, count - #out))
-    if ids then
-      redis.call('HINCRBY', P .. 'stats', 'throttled', -#ids)
-      for _, id in ipairs(ids) do take(id) end
-      n, due = room(lim, fn)
-    end
-    if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'throttled', fn)
-    else redis.call('ZADD', P .. 'throttled', due, fn) end
-  end
-end
 if count > 0 and redis.call('ZCARD', P .. 'parked') > 0 then
   local found = {}
   if allow == '*' then
@@ -143,18 +129,32 @@ if count > 0 and redis.call('ZCARD', P .. 'parked') > 0 then
     end
   end
 end
+if lim then
+  for _, fn in ipairs(redis.call('ZRANGEBYSCORE', P .. 'throttled', '-inf', now, 'LIMIT', 0, count)) do
+    if #out >= count or moved >= 1000 then break end
+    local side = P .. 'queue:f:' .. fn
+    local n, due = room(lim, fn)
+    local ids = n >= 1 and redis.call('LPOP', side, math.min(n, count - #out))
+    if ids then
+      popped = popped + #ids
+      for _, id in ipairs(ids) do take(id) end
+      n, due = room(lim, fn)
+    end
+    if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'throttled', fn)
+    else redis.call('ZADD', P .. 'throttled', due, fn) end
+  end
+end
 while #out < count and moved < 1000 do
   local ids = redis.call('LPOP', P .. 'queue', math.min(count - #out, 1000 - moved))
   if not ids then break end
   for _, id in ipairs(ids) do take(id) end
 end
 more = moved >= 1000 and #out < count
+if lim then hold_flush(lim) end
 for mod, ids in pairs(aside) do
   for i = 1, #ids, 1000 do redis.call('RPUSH', P .. 'queue:m:' .. mod, unpack(ids, i, math.min(i + 999, #ids))) end
   redis.call('ZADD', P .. 'parked', 0, mod)
 end
-local held_n = lim and hold_flush(lim) or 0
-if held_n > 0 then redis.call('HINCRBY', P .. 'stats', 'throttled', held_n) end
-if moved - held_n ~= popped then redis.call('HINCRBY', P .. 'stats', 'parked', moved - held_n - popped) end
+if moved ~= popped then redis.call('HINCRBY', P .. 'stats', 'parked', moved - popped) end
 add_running()
 if #out > 0 then redis.call('HINCRBY', P .. 'stats', 'leased', #out) end

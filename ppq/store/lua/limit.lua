@@ -27,7 +27,7 @@ if redis.call('HEXISTS', P .. 'limits', 'rate:' .. fn) == 0 and redis.call('HEXI
     redis.call('LPUSH', P .. 'queue', unpack(ids))
   end
   redis.call('ZREM', P .. 'throttled', fn)
-  if waiting > 0 then redis.call('HINCRBY', P .. 'stats', 'throttled', -waiting) end
+  if waiting > 0 then redis.call('HINCRBY', P .. 'stats', 'parked', -waiting) end
 elseif waiting > 0 then
   redis.call('ZADD', P .. 'throttled', 0, fn)
 end

@@ -13,16 +13,18 @@
 --                       slot for the task of record tk (field 'slot' of tk names fn)
 --          hold         hold(fn, id): sets id aside in P..'queue:f:' .. fn (at hold_flush)
 --          hold_flush   hold_flush(lim): appends the held ids to their lists, each function
---                       in P..'throttled' scored by room's time; returns how many it held
+--                       in P..'throttled' scored by room's time (the caller counts them in
+--                       stats 'parked')
 --          free_slot    free_slot(fn): gives back a slot of fn; returns 1 when tasks of fn
 --                       wait for it (their function made due now in P..'throttled'), else 0
---          buckets, held  its own state: token buckets read this call, ids held by function
+--          PER, bucket, buckets, held  its own helpers and state: a unit's seconds, the
+--                       token buckets read this call, the ids held by function
 -- Keys:    P..'limits'     hash 'rate:<fn>' -> 'N/s' | 'N/m' | 'N/h', 'conc:<fn>' -> N
 --          P..'buckets'    hash fn -> 'tokens:time' (a full bucket holds a second's worth of
 --                          tokens, at least 1)
 --          P..'slots'      hash fn -> tasks of fn running under its concurrency limit
 --          P..'throttled'  zset fn -> when a task of fn may start next
---          stats 'throttled'  the ids in all the P..'queue:f:<fn>' lists
+--          stats 'parked'  counts the ids in all the P..'queue:f:<fn>' lists too
 
 local PER = {s = 1, m = 60, h = 3600}
 local function load_limits()
@@ -107,15 +109,12 @@ local function hold(fn, id)
 end
 
 local function hold_flush(lim)
-  local n = 0
   for fn, ids in pairs(held) do
     for i = 1, #ids, 1000 do redis.call('RPUSH', P .. 'queue:f:' .. fn, unpack(ids, i, math.min(i + 999, #ids))) end
     local _, due = room(lim, fn)
     redis.call('ZADD', P .. 'throttled', due, fn)
-    n = n + #ids
   end
   held = {}
-  return n
 end
 
 local function free_slot(fn)

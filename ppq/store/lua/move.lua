@@ -4,17 +4,12 @@
 -- KEYS: none; every key is ARGV[1] .. a name (the layout: ppq/store/keys.py).
 -- ARGV[1]  P      the key prefix, ppq:<queue_index>:
 -- ARGV[2]  limit  most tasks moved in one call
--- ARGV[3]  since  the server's time this master's previous call returned (0: none)
 --
--- Returns {moved, next, now}: how many were moved, the next time something is due (a
--- string) or false: the next eta in P..'delayed', or the next time a function held back
--- by its rate limit may start a task (P..'throttled', limits.lua), whichever is sooner;
--- and the server's time (a string).
--- Publishes P..'wake' with the tasks moved plus the functions held back whose time came
--- after `since`, so that a waiting long-poll leases them when their tokens are due.
+-- Returns {moved, next, now}: how many were moved, the next eta in P..'delayed' (a string)
+-- or false, and the server's time (a string).
 
 -- include: now.lua
-local P, limit, since = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]) or 0
+local P, limit = ARGV[1], tonumber(ARGV[2])
 local ids = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now, 'LIMIT', 0, limit)
 local moved = 0
 for _, id in ipairs(ids) do
@@ -27,9 +22,6 @@ for _, id in ipairs(ids) do
     moved = moved + 1
   end
 end
-local due = redis.call('ZCOUNT', P .. 'throttled', '(' .. since, now)
-if moved + due > 0 then redis.call('PUBLISH', P .. 'wake', moved + due) end
-local nxt = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')[2]
-local held = redis.call('ZRANGEBYSCORE', P .. 'throttled', '(' .. now, '(inf', 'WITHSCORES', 'LIMIT', 0, 1)[2]
-if held and (not nxt or tonumber(held) < tonumber(nxt)) then nxt = held end
-return {moved, nxt or false, tostring(now)}
+if moved > 0 then redis.call('PUBLISH', P .. 'wake', moved) end
+local nxt = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')
+return {moved, nxt[2] or false, tostring(now)}

@@ -1,7 +1,6 @@
 -- purge.lua: deletes one batch of the tasks waiting in a queue_index: ready ones first
 -- (P..'queue', then the lists P..'queue:m:<module>' of the modules in the zset P..'parked',
--- where a lease moves ready tasks aside for workers allowed to run them, and the lists
--- P..'queue:f:<func>' of the functions in P..'throttled', held back by their limits), then delayed ones
+-- where a lease moves ready tasks aside for workers allowed to run them), then delayed ones
 -- and those waiting out a retry backoff (P..'delayed'). Running and dead tasks are left
 -- alone. Run by Store.purge_queue, a batch at a time, so that Redis is never held for long.
 --
@@ -13,7 +12,9 @@
 -- de-duplication keys in P..'keys' with them; ids whose task was no longer waiting are only
 -- dropped from the list), and how many ids are still in those lists and P..'delayed'. A
 -- module whose list is empty leaves P..'parked'; stats 'parked' (the ids in those lists) is
--- kept to what is left, and so are P..'throttled' and stats 'throttled'.
+-- kept to what is left. The lists P..'queue:f:<func>' of tasks held back by their
+-- function's limits (limits.lua, the functions in P..'throttled') are emptied after the
+-- modules' lists, and counted in stats 'parked' too.
 -- Counts them in stats 'purged'; publishes P..'finished' for each one someone waits on
 -- (P..'waiting'), so that its wait ends.
 
@@ -53,17 +54,16 @@ if taken < limit then
     if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'parked', mod) end
   end
 end
-if aside > 0 then redis.call('HINCRBY', P .. 'stats', 'parked', -aside) end
-local held = 0
+-- The lists of tasks held back by their function's limits (limits.lua), counted in 'parked'.
 if taken < limit then
   for _, fn in ipairs(redis.call('ZRANGE', P .. 'throttled', 0, limit - taken - 1)) do
     if taken >= limit then break end
     local side = P .. 'queue:f:' .. fn
-    held = held + pop(side)
+    aside = aside + pop(side)
     if redis.call('EXISTS', side) == 0 then redis.call('ZREM', P .. 'throttled', fn) end
   end
 end
-if held > 0 then redis.call('HINCRBY', P .. 'stats', 'throttled', -held) end
+if aside > 0 then redis.call('HINCRBY', P .. 'stats', 'parked', -aside) end
 if taken < limit then
   local ids = redis.call('ZRANGE', P .. 'delayed', 0, limit - taken - 1)
   if #ids > 0 then
@@ -74,5 +74,4 @@ end
 if purged > 0 then redis.call('HINCRBY', P .. 'stats', 'purged', purged) end
 local left = redis.call('LLEN', P .. 'queue') + redis.call('ZCARD', P .. 'delayed')
   + math.max(0, tonumber(redis.call('HGET', P .. 'stats', 'parked')) or 0)
-  + math.max(0, tonumber(redis.call('HGET', P .. 'stats', 'throttled')) or 0)
 return {purged, left}

@@ -25,7 +25,6 @@
 -- include: module.lua
 local P, wid, count, lt, seen, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8]
--- include: limits.lua
 local renamed = {}
 local position = 0
 -- New ready ids, appended to the queue in bulk (in push order).
@@ -70,15 +69,14 @@ while i <= #ARGV do
           end
         end
         if delay > 0 then
-          -- Queued: in P..'queue', or set aside for its function's limit (lease.lua).
-          if state == 'queued' and not was_aside and redis.call('LREM', P .. 'queue', 1, old) == 0 then
-            local fn = target_of(of[2])
-            if fn and redis.call('LREM', P .. 'queue:f:' .. fn, 1, old) > 0 then
-              redis.call('HINCRBY', P .. 'stats', 'throttled', -1)
-            end
-          end
+          if state == 'queued' and not was_aside then redis.call('LREM', P .. 'queue', 1, old) end
           redis.call('ZADD', P .. 'delayed', now + delay, old)
           redis.call('HSET', ok, 'state', 'delayed', 'eta', now + delay)
+          -- Held back by its function's limits (limits.lua): out of that list too.
+          local fn = state == 'queued' and not was_aside and target_of(of[2])
+          if fn and redis.call('LREM', P .. 'queue:f:' .. fn, 1, old) > 0 then
+            redis.call('HINCRBY', P .. 'stats', 'parked', -1)
+          end
         elseif state == 'delayed' then
           redis.call('ZREM', P .. 'delayed', old)
           flush()
@@ -115,6 +113,7 @@ end
 flush()
 if pushed > 0 then redis.call('HINCRBY', P .. 'stats', 'pushed', pushed) end
 if wid == '' then count = 0 end
+-- include: limits.lua
 -- include: lease.lua
 -- include: seen.lua
 

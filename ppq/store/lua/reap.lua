@@ -9,17 +9,17 @@
 -- Returns {taken, dead}: how many expired leases it took (limit of them: there may be more),
 -- and the ids among them that went dead, each followed by its expiries.
 -- Each expired task goes back to the front of P..'queue', or cancelled (cancel asked), or
--- dead after maxexp expiries, and gives back the slot it held of its function's concurrency
--- limit (limits.lua). It also drops past entries of P..'waiting' and
+-- dead after maxexp expiries. It also drops past entries of P..'waiting' and
 -- P..'waiters', rate buckets older than two minutes, and workers that went quiet (with their
--- pause in P..'paused').
+-- pause in P..'paused'). A task that held a slot of its function's concurrency limit gives
+-- it back (limits.lua).
 
 -- include: now.lua
 local P, maxexp, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
--- include: limits.lua
 local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)
 local ready = 0
 local dead = {}
+-- include: limits.lua
 for _, id in ipairs(ids) do
   redis.call('ZREM', P .. 'running', id)
   local tk = P .. 't:' .. id

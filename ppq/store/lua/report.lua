@@ -33,9 +33,11 @@
 -- include: module.lua
 local P, wid, count, lt, seen, dttl, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
--- include: limits.lua
 local accepted = {}
 local ready = 0
+-- include: limits.lua
+-- Slots of concurrency limits held by running tasks: looked up one by one only when there are any.
+local slotted = redis.call('EXISTS', P .. 'slots') == 1
 local bucket = math.floor(now / 10)
 local done_n, failed_n = 0, 0
 local failed = {}
@@ -46,8 +48,7 @@ for i = 11, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
-  local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel',
-    'slot')
+  local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel')
   -- Taking it out of the running set is the last check: a task not in it has no live lease.
   if f[1] ~= 'running' or f[2] ~= r.lease or redis.call('ZREM', P .. 'running', r.id) == 0 then
     accepted[#accepted + 1] = 0
@@ -55,8 +56,9 @@ for i = 11, #ARGV, 6 do
     if ARGV[7] == '1' then count = 0 end
   else
     -- A slot of its function's concurrency limit is given back, whatever the outcome.
-    if f[8] then
-      ready = ready + free_slot(f[8])
+    local slot = slotted and redis.call('HGET', tk, 'slot')
+    if slot then
+      ready = ready + free_slot(slot)
       redis.call('HDEL', tk, 'slot')
     end
     local ttl = dttl
