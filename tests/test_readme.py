@@ -305,6 +305,34 @@ def declared_schedules(s: Session, text: str, ctx: dict[str, Any]) -> None:
     assert s.stop(master, signal.SIGTERM) == 0, s.log(master)
 
 
+def limit_commands(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Each command as written, against the stack: with mytasks.add at 5/s, 15 of its tasks start over
+    about 2 s (5 at once, then 5 a second), the table has the columns and rows shown, and after
+    the removals nothing is listed."""
+    commands = [c for c, _ in console_commands(text)]
+    assert commands == ["ppq limit set mytasks.add 5/s", "ppq limit set mytasks.mul --concurrency 1",
+                        "ppq limit list", "ppq limit remove mytasks.add",
+                        "ppq limit remove mytasks.mul --kind concurrency"]
+    shown = dict(console_commands(text))["ppq limit list"]
+    for command in commands[:2]:
+        out = s.run(command)
+        assert out.returncode == 0, out.stdout + out.stderr
+    out = s.run(commands[2])
+    assert out.returncode == 0 and [line.split() for line in out.stdout.strip().split("\n")] == \
+        [line.split() for line in shown], out.stdout + out.stderr
+    call = PyroFunc(f"127.0.0.1:{s.port}", timeout=10)
+    ids = [call("push_task", "add", module="mytasks", args=[i, i]) for i in range(15)]
+    infos = [call("wait_task", tid, 0, 10) for tid in ids]
+    assert [i["result"] for i in infos] == [2 * i for i in range(15)]
+    starts = sorted(i["started"] for i in infos)
+    assert 1.6 <= starts[-1] - starts[0] <= 3.0, starts
+    call.close()
+    for command in commands[3:]:
+        out = s.run(command)
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert s.run("ppq limit list").stdout.strip() == "no limits"
+
+
 def development(s: Session, text: str, ctx: dict[str, Any]) -> None:
     """Not run: installing is what the test environment already did, and the test run is this one."""
     assert [c for c, _ in console_commands(text)] == ["pip install -e .[dev]", "ruff check ppq tests", "mypy",
@@ -327,6 +355,7 @@ BLOCKS: dict[str, Callable[..., None]] = {
     "$ pip install -e": development,
     "$ ppq schedule add adder": periodic_commands,
     "# periodic_jobs.py": declared_schedules,
+    "$ ppq limit set mytasks.add": limit_commands,
 }
 
 

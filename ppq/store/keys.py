@@ -10,13 +10,22 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
                           ``queue`` by workers that may
     parked         zset   the modules that may have a ``queue:m:<module>`` list, every score 0
                           (read by name: ZRANGEBYLEX)
+    queue:f:<func> list   ready ids of function <func> (module.func) held back by its rate or
+                          concurrency limit (lease.lua, limits.lua), in queue order; leased
+                          before ``queue`` once the function is due in ``throttled``
+    throttled      zset   functions with a ``queue:f:<func>`` list -> when the next may start
+                          ('+inf': when a slot frees)
+    limits         hash   'rate:<func>' -> '10/s' | '20/m' | '1000/h'; 'conc:<func>' -> N
+    buckets        hash   func -> '<tokens>:<time>', its token bucket when last used
+    slots          hash   func -> its tasks running under its concurrency limit (the record's
+                          field ``slot`` names the function of a task holding one)
     delayed        zset   ids waiting for their eta (score), incl. retry backoff
     running        zset   ids handed out, score = lease deadline
     dead           zset   ids that exhausted their retries, score = time of death
     keys           hash   de-duplication key -> id, while that task waits
     stats          hash   counters: pushed, leased, done, errors (failed attempts), retried, dead,
                           expired, cancelled, released, purged; and parked, the ids in all
-                          the ``queue:m:<module>`` lists
+                          the ``queue:m:<module>`` and ``queue:f:<func>`` lists
     rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone
@@ -33,7 +42,7 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
 Task record fields: body (msgpack of the target, parameters and timeout),
 state, created, eta, key, the options that differ from their defaults
 (max_retry, retry_delay, result_ttl), and as the task lives: started finished
-worker lease attempts retry expiries result error traceback cancel.
+worker lease attempts retry expiries result error traceback cancel slot.
 """
 
 from __future__ import annotations
