@@ -87,7 +87,7 @@ class Limiting:
         fn = check_function(function)
         if rate is None and concurrency is None:
             raise InvalidTaskError("rate: give a rate (like '10/s') or a concurrency, or both")
-        changes = []
+        changes: list[tuple[str, Any]] = []
         if rate is not None:
             changes.append(("rate", check_rate(rate)))
         if concurrency is not None:
