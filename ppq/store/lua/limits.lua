@@ -4,7 +4,8 @@
 -- Fragment: its text replaces a "-- include: limits.lua" line (ppq/store/scripts.py).
 -- Expects: P      the key prefix, ppq:<queue_index>:
 --          now    from now.lua
--- Sets:    load_limits  load_limits(): the limits of P..'limits' (one HGETALL), as a table
+-- Sets:    load_limits  load_limits(): the limits of P..'limits' (one HLEN; with some, one
+--                       HGETALL), as a table
 --                       function -> {rate = tokens per second, cap = bucket size, conc = most
 --                       running}, or false when there are none
 --          room         room(lim, fn): how many tasks of fn may start now, and when the next
@@ -28,8 +29,8 @@
 
 local PER = {s = 1, m = 60, h = 3600}
 local function load_limits()
+  if redis.call('HLEN', P .. 'limits') == 0 then return false end
   local raw = redis.call('HGETALL', P .. 'limits')
-  if #raw == 0 then return false end
   local lim = {}
   for i = 1, #raw, 2 do
     local kind, fn = string.match(raw[i], '^(%a+):(.+)$')
