@@ -62,7 +62,9 @@ def test_a_rate_limit_holds_tasks_back_across_two_masters_and_three_workers(make
         assert cb.info(ids[-1])["waiting_for"] == "its rate limit 10/s"
         results = dict(ca.results(ids, timeout=60))
         assert results == {tid: i + 1 for i, tid in enumerate(ids)}
-        starts = [info["started"] for info in (ca.info(tid) for tid in ids)]
+        infos = [ca.info(tid) for tid in ids]
+        assert {info["attempts"] for info in infos} == {1}  # held tasks burn no attempt
+        starts = [info["started"] for info in infos]
         took = max(starts) - min(starts)
         assert 29 * 0.85 <= took <= 29 * 1.15, took
         assert windows(starts) <= 20, windows(starts)
