@@ -696,12 +696,16 @@ def test_worker_token_is_refused_client_methods(role_master: Master, ra: redis.R
             "pause_worker": lambda: call("pause_worker", "w1"),
             "schedule_add": lambda: call("schedule_add", {"name": "s1", "every": 1, "task": "redteam_tasks.ok"}),
             "schedule_list": lambda: call("schedule_list"),
+            "limit_set": lambda: call("limit_set", "redteam_tasks.ok", "1/s"),
+            "limit_remove": lambda: call("limit_remove", "redteam_tasks.ok"),
+            "limit_list": lambda: call("limit_list"),
         }
         allowed = {name: reason for name, fn in methods.items() if (reason := refusal_reason(fn))}
         assert not allowed, f"client methods not refused to the worker token: {allowed}"
         assert client("get_task_info", queued)["state"] == "queued"
         assert len(ra.keys("ppq:0:t:*")) == 1
         assert not ra.exists("ppq:0:paused") and not ra.exists("ppq:0:schedules:names")
+        assert not ra.exists("ppq:0:limits")
     finally:
         call.close()
         client.close()

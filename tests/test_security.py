@@ -849,10 +849,14 @@ METHODS: dict[str, tuple[str, ...]] = {
     "schedule_pause": ("name", "queue_index"),
     "schedule_resume": ("name", "queue_index"),
     "schedule_run_now": ("name", "queue_index"),
+    "limit_set": ("function", "rate", "concurrency", "queue_index"),
+    "limit_remove": ("function", "kind", "queue_index"),
+    "limit_list": (),
 }
 # Methods that may change Redis when (and only when) they succeed.
 CHANGING = {"push_task", "push_tasks", "report", "heartbeat", "get_task", "get_tasks", "purge_queue", "pause_queue",
-            "schedule_add", "schedule_remove", "schedule_pause", "schedule_resume", "schedule_run_now"}
+            "schedule_add", "schedule_remove", "schedule_pause", "schedule_resume", "schedule_run_now", "limit_set",
+            "limit_remove"}
 
 SCALARS = st.one_of(
     st.none(),
@@ -908,6 +912,8 @@ VALID: dict[str, list[Any]] = {
                  {"name": "s1", "cron": "0 0 1 1 *", "task": "tasks.add", "queue_index": 1, "max_retry": 2},
                  {"name": "s1", "every": 0, "task": "tasks.add"}, {"name": "s1", "cron": "61 * * * *"}],
     "name": ["s1", "nope", "", "a:b"],
+    "function": ["tasks.add", "add", "tasks.sleep_then"], "rate": [None, "10/s", "0/s", "5/d", "20/m"],
+    "concurrency": [None, 1, 0, -1], "kind": [None, "rate", "concurrency", "speed"],
 }
 
 

@@ -118,7 +118,7 @@ class Limiting:
             log.info("%s: %s limit removed (queue_index %s)", fn, kind or "every", ", ".join(map(str, changed)))
         return changed
 
-    @rpc.remote(role=rpc.ANY)
+    @rpc.remote
     def limit_list(self) -> dict[int, list[dict[str, Any]]]:
         """Per queue_index, each limited function: ``function``, ``rate``, ``concurrency``, ``tokens``
         (in its bucket now), ``running`` and ``waiting`` (tasks its limits hold back)."""
