@@ -10,10 +10,10 @@ from typing import Any
 
 from . import codec
 from .config import Config, load_config
-from .errors import InvalidTaskError, MessageTooLargeError, ResultTimeoutError, TaskFailedError
+from .errors import InvalidTaskError, MessageTooLargeError, ResultTimeoutError, TaskExpiredError, TaskFailedError
 from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
 from .schedules import ScheduleClient
-from .task import DONE, FINAL_STATES, new_id
+from .task import DONE, EXPIRED, FINAL_STATES, new_id
 
 # Tasks sent per push_tasks call by push_many.
 DEFAULT_CHUNK = 5000
@@ -223,10 +223,15 @@ class Client(ScheduleClient):
             if info.get("result_pickled") is not None:
                 return codec.decode(codec.from_wire(info["result_pickled"]), allow_pickle=self.allow_pickle)
             return info.get("result")
+        if info["state"] == EXPIRED:
+            expires = info.get("expires")
+            when = f" (expires {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(expires))} UTC)" if expires else ""
+            raise TaskExpiredError(info["id"], f"not started before its expiry{when}, never run", "", expires)
         raise TaskFailedError(info["id"], info.get("error") or info["state"], info.get("traceback") or "")
 
     def result(self, task_id: str, timeout: float | None = None, queue_index: int | None = None) -> Any:
-        """Wait for the task to end and return its result; raise TaskFailedError if it failed.
+        """Wait for the task to end and return its result; raise TaskFailedError if it failed
+        (TaskExpiredError, a TaskFailedError, if it expired before it started).
 
         The master holds the call until the task ends (no polling); ``timeout``
         None waits for ever, else ResultTimeoutError is raised.
