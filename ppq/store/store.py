@@ -239,7 +239,7 @@ class Store(Admin, ScheduleStore):
             pipe.llen(p + "queue:p:" + str(priority))
         queued, delayed, running, dead, stats, rate, now, paused, modules, *lengths = pipe.execute()
         parked = self.parked([text(m) for m in modules])
-        by_priority = {priority: n for priority, n in zip(PRIORITIES, lengths, strict=True) if n}
+        by_priority = {str(priority): n for priority, n in zip(PRIORITIES, lengths, strict=True) if n}
         queued += max(0, int(stats.get(b"parked", 0))) + sum(by_priority.values())
         sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
         return {**counts_of(sizes, stats, rate, int(now[0])), "paused": bool(paused), "parked": parked,
