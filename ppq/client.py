@@ -94,7 +94,9 @@ class Client(ScheduleClient):
 
     def push(self, target: str | Callable[..., Any], *args: Any, kwargs: dict[str, Any] | None = None,
              **options: Any) -> str:
-        """Push ``target(*args, **kwargs)``; ``options`` are push_task's (queue_index, delay, key...)."""
+        """Push ``target(*args, **kwargs)``; ``options`` are push_task's (queue_index, delay, key,
+        priority: 0-9, higher first; expires: seconds from now or a unix time by which it must
+        have started...)."""
         return str(self.call("push_task", **self._task(target, args, kwargs, options)))
 
     def push_many(self, tasks: Iterable[Any], chunk: int = DEFAULT_CHUNK, **options: Any) -> list[str]:
@@ -307,7 +309,7 @@ def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, 
     """Decorate a module-level function so that ``fn.push(*args, **kwargs)`` enqueues it.
 
     ``fn(*args, **kwargs)`` still runs it here. ``push_options`` (queue_index,
-    delay, max_retry, key...) apply to every push.
+    delay, max_retry, key, priority, expires...) apply to every push.
     """
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
