@@ -83,6 +83,15 @@ def test_a_bulk_push_keeps_push_order_within_each_priority(call):
     assert got == by[5] + by[1] + by[0]
 
 
+def test_client_push_many_and_task_options_carry_the_priority(client, call):
+    low = client.push_many([("tasks.add", (i, 0)) for i in range(3)])
+    high = client.push_many([("tasks.add", (i, 1)) for i in range(3)], priority=4)
+    mixed = client.push_many([{"func": "tasks.add", "args": [1, 2], "priority": 8},
+                              {"func": "tasks.add", "args": [3, 4], "expires": 3600}])
+    assert call("get_task_info", mixed[1])["priority"] == 0 and call("get_task_info", mixed[1])["expires"]
+    assert ids(lease(call, 100)) == mixed[:1] + high + low + mixed[1:]
+
+
 def test_retries_hand_backs_and_lease_expiries_keep_the_priority(make_master, ra):
     from ppq.rpc import PyroFunc
 
