@@ -63,7 +63,7 @@ def test_every_file_is_a_script_the_store_runs_or_a_fragment_one_includes():
     included = {name for script in NAMES for name in INCLUDE.findall(read(script + ".lua"))}
     assert {name + ".lua" for name in NAMES} <= set(FILES)
     assert set(FRAGMENTS) == included, "a .lua file that is neither run nor included"
-    assert FRAGMENTS == ["lease.lua", "module.lua", "now.lua", "seen.lua"]
+    assert FRAGMENTS == ["expire.lua", "lease.lua", "module.lua", "now.lua", "ready.lua", "seen.lua"]
 
 
 @pytest.mark.parametrize("filename", FILES)
@@ -104,7 +104,7 @@ def test_a_fragment_documents_what_it_expects_and_sets_and_its_scripts_provide_i
 
 def test_the_fragment_headers_are_read_as_documented():
     assert entries(split(read("lease.lua"))[0], "Expects") == ["P", "wid", "count", "lt", "nonce", "allow", "now",
-                                                               "module_of"]
+                                                               "module_of", "expire"]
     assert entries(split(read("lease.lua"))[0], "Sets") == ["out", "more", "expiries", "add_running", "allows",
                                                             "aside", "moved", "popped", "take"]
     assert entries(split(read("now.lua"))[0], "Expects") == []
