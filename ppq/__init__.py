@@ -34,6 +34,7 @@ from .errors import (
     PPQError,
     ResultTimeoutError,
     StorageError,
+    TaskExpiredError,
     TaskFailedError,
     TaskTimeoutError,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "PyroFunc",
     "ResultTimeoutError",
     "StorageError",
+    "TaskExpiredError",
     "TaskFailedError",
     "TaskTimeoutError",
     "Worker",

@@ -10,11 +10,11 @@ from typing import Any
 
 from . import codec
 from .config import Config, load_config
-from .errors import InvalidTaskError, MessageTooLargeError, ResultTimeoutError, TaskFailedError
+from .errors import InvalidTaskError, MessageTooLargeError, ResultTimeoutError, TaskExpiredError, TaskFailedError
 from .limits import LimitClient, declare
 from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
 from .schedules import ScheduleClient
-from .task import DONE, FINAL_STATES, new_id
+from .task import DONE, EXPIRED, FINAL_STATES, new_id
 
 # Tasks sent per push_tasks call by push_many.
 DEFAULT_CHUNK = 5000
@@ -95,7 +95,9 @@ class Client(ScheduleClient, LimitClient):
 
     def push(self, target: str | Callable[..., Any], *args: Any, kwargs: dict[str, Any] | None = None,
              **options: Any) -> str:
-        """Push ``target(*args, **kwargs)``; ``options`` are push_task's (queue_index, delay, key...)."""
+        """Push ``target(*args, **kwargs)``; ``options`` are push_task's (queue_index, delay, key,
+        priority: 0-9, higher first; expires: seconds from now or a unix time by which it must
+        have started...)."""
         return str(self.call("push_task", **self._task(target, args, kwargs, options)))
 
     def push_many(self, tasks: Iterable[Any], chunk: int = DEFAULT_CHUNK, **options: Any) -> list[str]:
@@ -224,10 +226,15 @@ class Client(ScheduleClient, LimitClient):
             if info.get("result_pickled") is not None:
                 return codec.decode(codec.from_wire(info["result_pickled"]), allow_pickle=self.allow_pickle)
             return info.get("result")
+        if info["state"] == EXPIRED:
+            expires = info.get("expires")
+            when = f" (expires {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(expires))} UTC)" if expires else ""
+            raise TaskExpiredError(info["id"], f"not started before its expiry{when}, never run", "", expires)
         raise TaskFailedError(info["id"], info.get("error") or info["state"], info.get("traceback") or "")
 
     def result(self, task_id: str, timeout: float | None = None, queue_index: int | None = None) -> Any:
-        """Wait for the task to end and return its result; raise TaskFailedError if it failed.
+        """Wait for the task to end and return its result; raise TaskFailedError if it failed
+        (TaskExpiredError, a TaskFailedError, if it expired before it started).
 
         The master holds the call until the task ends (no polling); ``timeout``
         None waits for ever, else ResultTimeoutError is raised.
@@ -304,9 +311,9 @@ def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, 
     """Decorate a module-level function so that ``fn.push(*args, **kwargs)`` enqueues it.
 
     ``fn(*args, **kwargs)`` still runs it here. ``push_options`` (queue_index,
-    delay, max_retry, key...) apply to every push. ``rate_limit`` ("10/s") and
-    ``concurrency_limit`` (N) declare its limits: a master stores them at start when
-    its module is in ``master.schedule_modules`` (``ppq limit set`` sets them live).
+    delay, max_retry, key, priority, expires...) apply to every push. ``rate_limit``
+    ("10/s") and ``concurrency_limit`` (N) declare its limits: a master stores them at
+    start when its module is in ``master.schedule_modules`` (``ppq limit set`` sets them live).
     """
 
     declare("", rate_limit, concurrency_limit)  # checked before anything else

@@ -75,6 +75,21 @@ def _split_error(error: str) -> tuple[str, str]:
     return "", error
 
 
+class TaskExpiredError(TaskFailedError):
+    """A task ended ``expired``: its ``expires`` time passed before it started, so it never ran.
+
+    A :class:`TaskFailedError` whose ``type`` is "" and ``error`` says when it expired;
+    ``expires`` is that unix time (None if unknown).
+    """
+
+    def __init__(self, task_id: str, error: str = "", traceback: str = "", expires: float | None = None) -> None:
+        super().__init__(task_id, error, traceback)
+        self.expires = expires
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} expired: {self.error}"
+
+
 class ResultTimeoutError(PPQError, TimeoutError):
     """A wait for a task's result ran out of time."""
 
@@ -95,6 +110,7 @@ ALL_ERRORS = (
     LeaseLostError,
     TaskTimeoutError,
     TaskFailedError,
+    TaskExpiredError,
     ResultTimeoutError,
     ConnectError,
 )

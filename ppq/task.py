@@ -9,6 +9,7 @@ import operator
 import os
 import re
 import sys
+import time
 import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -26,8 +27,19 @@ DONE = "done"
 FAILED = "failed"  # the last attempt failed; the task waits for its retry
 DEAD = "dead"
 CANCELLED = "cancelled"
+EXPIRED = "expired"  # its expiry passed before it started: it never runs
 # States a task does not leave by itself.
-FINAL_STATES = (DONE, DEAD, CANCELLED)
+FINAL_STATES = (DONE, DEAD, CANCELLED, EXPIRED)
+
+# Priorities: 0 (the default) to MAX_PRIORITY, higher leased first.
+MAX_PRIORITY = 9
+# An expiry above this is a unix time; at most this, seconds from the push.
+EXPIRES_ABSOLUTE_ABOVE = 10**9
+# An expiry given as a unix time may lie this many seconds in the past (clocks differ); the
+# task then expires when a lease or the mover first meets it. Further back it is refused.
+EXPIRES_PAST_SLACK = 60.0
+# The latest unix time an expiry may name (the year 2286).
+EXPIRES_LATEST = 10**10
 
 # Matched whole (fullmatch): "$" would also match before a final newline.
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -38,7 +50,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Options of push_task beyond the task's target, with nothing special to check.
 PUSH_FIELDS = (
     "func", "key", "fclass", "module", "path", "lang", "parameters", "max_retry", "retry_delay",
-    "queue_index", "delay", "args", "kwargs", "timeout", "result_ttl", "task_id",
+    "queue_index", "delay", "args", "kwargs", "timeout", "result_ttl", "task_id", "priority", "expires",
 )
 
 
@@ -255,10 +267,40 @@ def check_push(
             raise InvalidTaskError(f"result_ttl must be an integer of seconds from 0 to {limits.max_result_ttl}, "
                                    f"got {show(result_ttl)}")
         extra.append(("result_ttl", result_ttl))
+    priority = get("priority")
+    if priority is not None and (priority.__class__ is not int or priority != 0):
+        extra.append(("priority", check_priority(priority)))
+    expires = get("expires")
+    if expires is not None:
+        extra.append(("expires", check_expires(expires)))
     task_id = _task_id(get("task_id"))
     params = _parameters(get("parameters"), get("args"), get("kwargs"), limits, allow_pickle)
     body = encode_body(func, module, fclass, path, lang, params, timeout, max_retry)
     return TaskSpec(task_id, queue_index, key, delay, body, tuple(extra), module)
+
+
+def check_priority(value: Any) -> int:
+    """A push's ``priority``: an integer from 0 to MAX_PRIORITY; else InvalidTaskError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY:
+        raise InvalidTaskError(f"priority must be an integer from 0 to {MAX_PRIORITY} (higher runs first), "
+                               f"got {show(value)}")
+    return value
+
+
+def check_expires(value: Any, now: float | None = None) -> float:
+    """A push's ``expires``: seconds from the push (above 0, at most 10**9) or a unix time
+    (above 10**9, not more than EXPIRES_PAST_SLACK seconds past ``now``); else
+    InvalidTaskError naming it. Returned as given: the store makes seconds a time by its clock."""
+    what = "expires must be seconds from the push (above 0) or a unix time above 10**9"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTaskError(f"{what}, got {show(value)}")
+    if not 0 < value <= EXPIRES_LATEST:  # NaN fails too
+        raise InvalidTaskError(f"{what} (and before {EXPIRES_LATEST}), got {show(value)}")
+    if value > EXPIRES_ABSOLUTE_ABOVE:
+        now = time.time() if now is None else now
+        if value < now - EXPIRES_PAST_SLACK:
+            raise InvalidTaskError(f"expires {value:.0f} is a unix time {now - value:.0f}s in the past")
+    return value
 
 
 def _nothing(options: Any) -> None:

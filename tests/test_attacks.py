@@ -779,15 +779,17 @@ def http_get(port: int, path: str = "/metrics", headers: dict[str, str] | None =
 
 def test_worker_metrics_do_not_grow_with_refused_task_names(start_master: Callable[..., Master],
                                                               tmp_path: Path, targets: list[Target]) -> None:
-    """1,000 refused tasks with distinct names leave a worker's /metrics under 1 MB.
-    (No token anywhere, so that /metrics is served on loopback without credentials.)"""
+    """1,000 failing tasks with distinct names leave a worker's /metrics under 1 MB: functions
+    missing from the allowed module (the master routes tasks of other modules elsewhere).
+    (No token anywhere, so that /metrics is served on loopback
+    without credentials.)"""
     master = start_master({"master": {"threadpool_size": 16}}, token=None)
     metrics_port = free_port()
     worker = start_worker(tmp_path, targets, master, "--metrics-port", str(metrics_port), token=None)
     worker_entry(master, worker)
     call = PyroFunc(master.address, timeout=10)
     try:
-        call("push_tasks", [{"func": f"refused_{i}", "module": f"not_allowed_{i}", "max_retry": 0}
+        call("push_tasks", [{"func": f"missing_{i}", "module": "redteam_tasks", "max_retry": 0}
                             for i in range(1000)])
         done = wait_until(lambda: call("server_info")[0]["dead"] >= 1000, 60, 0.2)
         assert done, f"the worker did not get through the tasks: {call('server_info')[0]}"

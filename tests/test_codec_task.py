@@ -370,6 +370,8 @@ def test_deep_json_parameters_are_a_codec_error():
     ({"result_ttl": 10 ** 5000}, "result_ttl"), ({"retry_delay": _nested(1900)}, "retry_delay"),
     ({"task_id": _nested(1900)}, "task_id"), ({"task_id": 10 ** 5000}, "task_id"), ({10 ** 5000: 1}, "option"),
     ({"args": [_nested(1900)]}, "args"), ({"kwargs": {"k": 10 ** 5000}}, "args"),
+    ({"priority": 10 ** 5000}, "priority"), ({"priority": _nested(1900)}, "priority"),
+    ({"expires": 10 ** 5000}, "expires"), ({"expires": -(10 ** 5000)}, "expires"), ({"expires": math.nan}, "expires"),
 ])
 def test_check_push_names_the_field_of_a_huge_or_deep_value(options, field):
     with pytest.raises(InvalidTaskError) as excinfo:

@@ -184,3 +184,24 @@ def test_task_declares_its_limits_and_a_master_importing_its_module_stores_them(
         import ppq
 
         ppq.task(rate_limit="3/d")(lambda: None)
+
+
+def test_held_tasks_keep_their_priority_and_order_and_cancel_finds_them(master, call, ra):
+    """A lease holds back what is over the limit (no worker: leases through get_tasks); a cancelled
+    held task leaves its list; removing the limit puts the rest back on their priority's list, in
+    order, and the next lease takes them."""
+    call("limit_set", "tasks.add", "1/h")
+    ids = [call("push_task", "add", module="tasks", args=[i, i], priority=9) for i in range(4)]
+    leased = call("get_tasks", {"id": "w1"}, 0, 4)
+    assert [t["id"] for t in leased] == ids[:1]
+    assert ra.lrange("ppq:0:queue:f:tasks.add", 0, -1) == [i.encode() for i in ids[1:]]
+    assert call("get_task_info", ids[2])["waiting_for"] == "its rate limit 1/h"
+    assert call("get_tasks", {"id": "w1"}, 0, 4) == []  # no token: nothing leased, nothing burnt
+    assert call("cancel_task", ids[2]) == "queued"
+    assert ra.lrange("ppq:0:queue:f:tasks.add", 0, -1) == [ids[1].encode(), ids[3].encode()]
+    assert call("server_info")[0]["queued"] == 2
+    assert call("limit_remove", "tasks.add", "rate") == [0, 1]
+    assert ra.lrange("ppq:0:queue:p:9", 0, -1) == [ids[1].encode(), ids[3].encode()]
+    assert not ra.exists("ppq:0:queue:f:tasks.add") and not ra.exists("ppq:0:throttled")
+    assert [t["id"] for t in call("get_tasks", {"id": "w1"}, 0, 4)] == [ids[1], ids[3]]
+    assert {call("get_task_info", i)["attempts"] for i in (ids[1], ids[3])} == {1}

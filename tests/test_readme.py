@@ -347,6 +347,7 @@ BLOCKS: dict[str, Callable[..., None]] = {
     "except TaskFailedError as exc:": python_block(["TypeError"]),
     "@task(max_retry=2)": mytasks_addition,
     "task_id = mytasks.mul.push(3, 4)": python_block(["12", "12"]),
+    "except TaskExpiredError:": python_block(["2", "expired"]),
     "client = PyroFunc(": seed_client,
     "# seed_master.py": seed_master,
     "# seed_worker.py": seed_worker,

@@ -823,7 +823,8 @@ def test_class_dicts_in_arguments(limited, ra, rb, flavour):
 
 METHODS: dict[str, tuple[str, ...]] = {
     "push_task": ("func", "key", "fclass", "module", "path", "lang", "parameters", "max_retry", "retry_delay",
-                  "queue_index", "delay", "args", "kwargs", "timeout", "result_ttl", "task_id"),
+                  "queue_index", "delay", "args", "kwargs", "timeout", "result_ttl", "task_id", "priority",
+                  "expires"),
     "push_tasks": ("tasks",),
     "get_task": ("worker_info", "queue_index", "wait"),
     "get_tasks": ("worker_info", "queue_index", "count", "wait"),
@@ -895,6 +896,7 @@ VALID: dict[str, list[Any]] = {
     "parameters": [None, b"\x92\x90\x80", b"[[1], {}]", {"data": "kpCA", "encoding": "base64"}],
     "max_retry": [0, 1, 100], "retry_delay": [False, True], "queue_index": [0, 1], "delay": [None, 0, 0.5, 3600],
     "args": [None, [], [1, 2]], "kwargs": [None, {}, {"a": 1}], "timeout": [None, 1.0], "result_ttl": [None, 0, 60],
+    "priority": [0, 3, 9], "expires": [None, 60, 2.5],
     "task_id": [None, "abc", "t-1", "a" * 64],
     "tasks": [[], [{"func": "add", "module": "tasks"}], [{"func": "add", "module": "tasks", "queue_index": 1},
                                                            {"func": "echo", "module": "tasks", "key": "k1"}]],

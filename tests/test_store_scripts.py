@@ -63,7 +63,7 @@ def test_every_file_is_a_script_the_store_runs_or_a_fragment_one_includes():
     included = {name for script in NAMES for name in INCLUDE.findall(read(script + ".lua"))}
     assert {name + ".lua" for name in NAMES} <= set(FILES)
     assert set(FRAGMENTS) == included, "a .lua file that is neither run nor included"
-    assert FRAGMENTS == ["lease.lua", "limits.lua", "module.lua", "now.lua", "seen.lua"]
+    assert FRAGMENTS == ["expire.lua", "lease.lua", "limits.lua", "module.lua", "now.lua", "ready.lua", "seen.lua"]
 
 
 @pytest.mark.parametrize("filename", FILES)
@@ -105,7 +105,7 @@ def test_a_fragment_documents_what_it_expects_and_sets_and_its_scripts_provide_i
 def test_the_fragment_headers_are_read_as_documented():
     assert entries(split(read("lease.lua"))[0], "Expects") == ["P", "wid", "count", "lt", "nonce", "allow",
                                                                "target_of", "load_limits", "room", "admit", "hold",
-                                                               "hold_flush", "now", "module_of"]
+                                                               "hold_flush", "now", "module_of", "expire"]
     assert entries(split(read("lease.lua"))[0], "Sets") == ["out", "more", "lim", "expiries", "add_running",
                                                             "allows", "aside", "moved", "popped", "take"]
     assert entries(split(read("limits.lua"))[0], "Sets") == ["load_limits", "room", "admit", "hold", "hold_flush",

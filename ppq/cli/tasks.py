@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import PPQError, TaskFailedError
+from ..errors import PPQError, TaskExpiredError, TaskFailedError
 from .base import _apply_sub, _client, _default, _renamed, config_option, main, master_option
 from .output import (
     RET_CONFIG,
@@ -181,6 +181,11 @@ class _PushFile:
               help="De-duplication key: a push with the key of a task still waiting updates that task.")
 @click.option("--max-retry", type=int, default=1, help="Retries after a failure before the task is dead.")
 @click.option("--retry-delay/--no-retry-delay", default=False, help="Back off exponentially between retries.")
+@click.option("--priority", "-p", type=int, default=0,
+              help="0-9: a worker takes the highest priority waiting first (FIFO within one).")
+@click.option("--expires", type=float, default=None, show_default="never",
+              help="Seconds from now (or a unix time above 10**9) by which the task must have started; "
+                   "else it ends expired, never run.")
 @click.option("--task-timeout", "timeout", type=float, default=None, show_default=_default("worker.task_timeout"),
               help="Seconds the task may run once started (not a wait: see --wait).")
 @click.option("--timeout", "old_timeout", type=float, default=None, hidden=True, expose_value=False,
@@ -194,23 +199,25 @@ class _PushFile:
 @click.pass_context
 def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, masters: tuple[str, ...],
          target: str | None, args: tuple[str, ...], kwarg: tuple[str, ...], queue_index: int, delay: float | None,
-         key: str, max_retry: int, retry_delay: bool, timeout: float | None, wait: bool, file_: str | None,
-         chunk: int, skip: int) -> None:
+         key: str, max_retry: int, retry_delay: bool, priority: int, expires: float | None, timeout: float | None,
+         wait: bool, file_: str | None, chunk: int, skip: int) -> None:
     """Push TARGET (module.func) with ARGS (each read as JSON if it parses, else a string).
 
     With --file, push every line of a JSON-lines file instead; each line holds
     push_task fields ("task": "module.func" or "func" and "module", "args",
-    "kwargs", "queue_index", "delay", "key", "max_retry"...); -q, --delay,
-    --max-retry, --retry-delay and --task-timeout given here apply to lines that
-    do not set them. The file is read as it is pushed, --chunk lines per round
-    trip, and "LINE<TAB>ID" is printed for each line as soon as it is stored;
-    refused lines are named on stderr with their reason. Ctrl-C stops after the
-    chunk in flight and prints the --skip that resumes.
+    "kwargs", "queue_index", "delay", "key", "max_retry", "priority"...); -q,
+    --delay, --max-retry, --retry-delay, --priority, --expires and --task-timeout
+    given here apply to lines that do not set them. The file is read as it is
+    pushed, --chunk lines per round trip, and "LINE<TAB>ID" is printed for each
+    line as soon as it is stored; refused lines are named on stderr with their
+    reason. Ctrl-C stops after the chunk in flight and prints the --skip that
+    resumes.
 
     \b
     Example:
       ppq push mytasks.add 2 3 --wait
       ppq push mytasks.report -k day='"2024-01-31"' --delay 60 --task-timeout 600
+      ppq push mytasks.alert 42 --priority 9 --expires 300
       ppq push --file tasks.jsonl > ids.txt
     """
     _apply_sub(ctx, sub_config, sub_log_level)
@@ -227,7 +234,7 @@ def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
         # Options given on the command line apply to every line that does not set them itself.
         given = {name: value for name, value in (("queue_index", queue_index), ("delay", delay),
                                                  ("max_retry", max_retry), ("retry_delay", retry_delay),
-                                                 ("timeout", timeout))
+                                                 ("priority", priority), ("expires", expires), ("timeout", timeout))
                  if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
         run_guarded(lambda: _PushFile(client, file_, chunk, skip, given).run())
         return
@@ -243,11 +250,13 @@ def push(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
         kwargs[name] = _parse_value(value)
     task_id = run_guarded(lambda: client.push(
         target, *[_parse_value(a) for a in args], kwargs=kwargs, queue_index=queue_index, delay=delay, key=key,
-        max_retry=max_retry, retry_delay=retry_delay, timeout=timeout))
+        max_retry=max_retry, retry_delay=retry_delay, priority=priority, expires=expires, timeout=timeout))
     click.echo(task_id)
     if wait:
         try:
             value = client.result(task_id, queue_index=queue_index)
+        except TaskExpiredError as exc:
+            fail(str(exc))
         except TaskFailedError as exc:
             fail(f"task {task_id} failed: {exc.error}")
         except PPQError as exc:
@@ -302,8 +311,9 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     table = _table(title=f"task {task_id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    for name in ("state", "queue_index", "module", "fclass", "func", "args", "kwargs", "key", "attempts", "leased",
-                 "worker", "created", "eta", "started", "finished", "result", "error", "traceback"):
+    for name in ("state", "queue_index", "module", "fclass", "func", "args", "kwargs", "key", "priority", "expires",
+                 "attempts", "leased", "worker", "created", "eta", "started", "finished", "result", "error",
+                 "traceback"):
         value = info.get(name)
         if name == "attempts":
             value = _attempts(info)
@@ -311,6 +321,8 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
             value = _leased(info)
         elif name in ("created", "eta", "started", "finished"):
             value = _when(value)
+        elif name == "expires":
+            value = _expires(info)
         elif name == "state" and info.get("waiting_for"):
             value = f"{value} (waiting for {info['waiting_for']})"
         elif name in ("args", "kwargs", "result"):
@@ -319,6 +331,15 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     console.print(table)
     if info["state"] in ("dead", "failed") and wait:
         sys.exit(RET_ERROR)
+
+
+def _expires(info: dict[str, Any]) -> str:
+    """When the task must have started by ("" for never), and whether it missed it."""
+    expires = info.get("expires")
+    if not expires:
+        return ""
+    text = _when(expires)
+    return f"{text} (expired: never run)" if info.get("state") == "expired" else text
 
 
 def _attempts(info: dict[str, Any]) -> str:

@@ -139,13 +139,15 @@ class Master(Operations, Scheduling, Limiting, Waiting):
     def push_task(self, func: Any, key: Any = "", fclass: Any = None, module: Any = None, path: Any = None,
                   lang: Any = "", parameters: Any = None, max_retry: Any = 1, retry_delay: Any = False,
                   queue_index: Any = 0, delay: Any = None, args: Any = None, kwargs: Any = None,
-                  timeout: Any = None, result_ttl: Any = None, task_id: Any = None) -> str:
+                  timeout: Any = None, result_ttl: Any = None, task_id: Any = None, priority: Any = 0,
+                  expires: Any = None) -> str:
         """Push one task; return its id. The fields are described in README.md and checked in task.check_push."""
         options = {
             "func": func, "key": key, "fclass": fclass, "module": module, "path": path, "lang": lang,
             "parameters": parameters, "max_retry": max_retry, "retry_delay": retry_delay,
             "queue_index": queue_index, "delay": delay, "args": args, "kwargs": kwargs,
-            "timeout": timeout, "result_ttl": result_ttl, "task_id": task_id,
+            "timeout": timeout, "result_ttl": result_ttl, "task_id": task_id, "priority": priority,
+            "expires": expires,
         }
         spec = check_push(options, self.stores, self.limits, self.config.master.allow_pickle)
         task_id = self._push(spec.queue_index, [spec])[0]

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -84,6 +86,9 @@ class Scheduling:
         checked against this master's queue_indexes, by queue_index (ConfigError naming the field)."""
         declared: list[tuple[str, Mapping[str, Any]]] = [
             (f"schedules[{i}].", item) for i, item in enumerate(self.config.schedules)]
+        if self.config.master.schedule_modules and os.getcwd() not in sys.path:
+            # As `ppq worker` does: the project's modules import from where the master runs.
+            sys.path.insert(0, os.getcwd())
         for module in self.config.master.schedule_modules:
             try:
                 importlib.import_module(module)

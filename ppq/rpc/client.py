@@ -50,7 +50,7 @@ def register_errors() -> None:
             return
         for cls in errors.ALL_ERRORS:
             def to_class(classname: str, data: dict[str, Any], cls: type = cls) -> Any:
-                if cls is errors.TaskFailedError:
+                if issubclass(cls, errors.TaskFailedError):
                     ex = cls(*data.get("args", ())[:3])
                     for attr, value in (data.get("attributes") or {}).items():
                         setattr(ex, attr, value)

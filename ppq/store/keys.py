@@ -4,7 +4,10 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
 (``P`` in their text) and append the names below.
 
     t:<id>         hash   the task record (fields below)
-    queue          list   ids ready to run, FIFO (RPUSH in, LPOP out)
+    queue          list   ids ready to run, FIFO (RPUSH in, LPOP out), of priority 0
+    queue:p:<n>    list   ready ids of priority n (1-9), FIFO; leased before ``queue``, highest n first
+    priorities     zset   the priorities n that may have a ``queue:p:<n>`` list (score n); a lease reads
+                          it with one ZREVRANGE and drops a priority whose list it finds empty
     queue:m:<module>  list  ready ids of <module> that a lease took off ``queue`` for a worker
                           that may not run them (lease.lua), in queue order; leased before
                           ``queue`` by workers that may
@@ -24,7 +27,8 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
     dead           zset   ids that exhausted their retries, score = time of death
     keys           hash   de-duplication key -> id, while that task waits
     stats          hash   counters: pushed, leased, done, errors (failed attempts), retried, dead,
-                          expired, cancelled, released, purged; and parked, the ids in all
+                          expired (leases that ran out), expired_tasks (tasks not started before
+                          their expiry), cancelled, released, purged; and parked, the ids in all
                           the ``queue:m:<module>`` and ``queue:f:<func>`` lists
     rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
     workers        hash   worker id -> msgpack of its last reported info
@@ -41,7 +45,7 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
 
 Task record fields: body (msgpack of the target, parameters and timeout),
 state, created, eta, key, the options that differ from their defaults
-(max_retry, retry_delay, result_ttl), and as the task lives: started finished
+(max_retry, retry_delay, result_ttl, priority, expires: a unix time), and as the task lives: started finished
 worker lease attempts retry expiries result error traceback cancel slot.
 """
 

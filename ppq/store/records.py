@@ -20,12 +20,14 @@ from ..task import BODY_FIELDS, decode_body
 # Fields of a task record given out as text. The lease is not among them: only the
 # worker it was leased to ever learns it (in the reply that leased the task).
 TEXT_FIELDS = ("key", "state", "worker", "error", "traceback")
-FLOAT_FIELDS = ("created", "eta", "started", "finished")
-INT_FIELDS = ("retry", "attempts", "expiries")
+FLOAT_FIELDS = ("created", "eta", "started", "finished", "expires")
+INT_FIELDS = ("retry", "attempts", "expiries", "priority")
 
 # The counters of the stats hash that counts_of gives out under their own name.
+# "expired" counts expired leases; "expired_tasks" the tasks that ended expired (not started
+# before their expiry).
 STAT_FIELDS = ("pushed", "leased", "done", "errors", "retried", "expired", "cancelled", "released",
-               "purged")
+               "purged", "expired_tasks")
 
 
 def text(value: Any) -> str:

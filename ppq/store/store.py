@@ -18,7 +18,7 @@ import redis
 import redis.exceptions
 
 from ..errors import MessageTooLargeError
-from ..task import TaskSpec
+from ..task import MAX_PRIORITY, TaskSpec
 from .admin import Admin
 from .keys import keys_of
 from .limits import LimitStore
@@ -33,6 +33,8 @@ log = logging.getLogger("ppq.store")
 ANY_MODULE = "*"
 # Most modules whose lists of tasks moved aside counts() and parked() read.
 PARKED_LISTED = 1000
+# The priorities above 0, each with its own list of ready ids (P..'queue:p:<n>').
+PRIORITIES = tuple(range(1, MAX_PRIORITY + 1))
 
 class Store(Admin, ScheduleStore, LimitStore):
     """The tasks of one queue_index, in one Redis database (the dead list, purge and pause:
@@ -112,7 +114,7 @@ class Store(Admin, ScheduleStore, LimitStore):
         """
         wid, count, seen, allow = lease_to or ("", 0, 0.0, ANY_MODULE)
         args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen, os.urandom(16).hex() if count else "",
-                           self.max_workers, allow]
+                           self.max_workers, allow, self.result_ttl]
         for spec in specs:
             args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:
@@ -178,7 +180,7 @@ class Store(Admin, ScheduleStore, LimitStore):
     @storage_errors
     def move_due(self, limit: int = 1000) -> tuple[int, float | None, float]:
         """Move delayed tasks whose time has come to the queue; return (moved, next eta, now)."""
-        moved, nxt, now = self._move([self.prefix, limit])
+        moved, nxt, now = self._move([self.prefix, limit, self.result_ttl])
         return int(moved), (float(nxt) if nxt else None), float(now)
 
     @storage_errors
@@ -220,8 +222,9 @@ class Store(Admin, ScheduleStore, LimitStore):
         """How many tasks wait, run and are dead, the counters, the rate over about a minute, and
         ``parked``: module -> how many of the queued tasks wait in that module's list, moved
         aside by leases for workers that may not run them (they count in ``queued`` too), for
-        the first ``PARKED_LISTED`` modules by name; and ``paused``: whether the queue_index
-        is paused."""
+        the first ``PARKED_LISTED`` modules by name; ``priorities``: priority (1-9) -> how
+        many ready tasks wait in its list (they count in ``queued`` too; priority 0 and the
+        tasks moved aside are the rest); and ``paused``: whether the queue_index is paused."""
         p = self.prefix
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(p + "queue")
@@ -233,11 +236,15 @@ class Store(Admin, ScheduleStore, LimitStore):
         pipe.time()
         pipe.hexists(p + "paused", "queue")
         pipe.zrange(p + "parked", 0, PARKED_LISTED - 1)
-        queued, delayed, running, dead, stats, rate, now, paused, modules = pipe.execute()
+        for priority in PRIORITIES:
+            pipe.llen(p + "queue:p:" + str(priority))
+        queued, delayed, running, dead, stats, rate, now, paused, modules, *lengths = pipe.execute()
         parked = self.parked([text(m) for m in modules])
-        queued += max(0, int(stats.get(b"parked", 0)))
+        by_priority = {str(priority): n for priority, n in zip(PRIORITIES, lengths, strict=True) if n}
+        queued += max(0, int(stats.get(b"parked", 0))) + sum(by_priority.values())
         sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
-        return {**counts_of(sizes, stats, rate, int(now[0])), "paused": bool(paused), "parked": parked}
+        return {**counts_of(sizes, stats, rate, int(now[0])), "paused": bool(paused), "parked": parked,
+                "priorities": by_priority}
 
     @storage_errors
     def parked(self, modules: Sequence[str] | None = None) -> dict[str, int]:

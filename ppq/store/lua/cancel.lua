@@ -6,7 +6,8 @@
 -- ARGV[3]  ttl  seconds the cancelled record is kept (at least 1)
 --
 -- Returns the state the task had, false (nil) if it is unknown. A waiting task (queued,
--- delayed, failed) is cancelled at once, and taken out of P..'queue' or P..'delayed' (or
+-- delayed, failed) is cancelled at once, and taken out of its priority's ready list
+-- (P..'queue' or P..'queue:p:<n>', ready.lua) or P..'delayed' (or
 -- out of P..'queue:m:<module>', where a lease moved it aside). A running one gets its
 -- cancel flag: its worker learns at its next heartbeat, and the task ends cancelled when
 -- it is reported or its lease expires. A task that already ended is left as it is. A waiting
@@ -15,13 +16,14 @@
 -- include: now.lua
 -- include: module.lua
 local P, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- include: ready.lua
 local tk = P .. 't:' .. id
-local f = redis.call('HMGET', tk, 'state', 'key', 'body')
+local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'priority')
 local state = f[1]
 if not state then return false end
 if state == 'queued' or state == 'delayed' or state == 'failed' then
-  -- A ready task is in P..'queue', or in its module's list if a lease moved it aside.
-  local mod = state ~= 'delayed' and redis.call('LREM', P .. 'queue', 1, id) == 0 and module_of(f[3])
+  -- A ready task is in its priority's ready list, or in its module's list if a lease moved it aside.
+  local mod = state ~= 'delayed' and redis.call('LREM', ready_list(f[4]), 1, id) == 0 and module_of(f[3])
   if mod then
     local side = P .. 'queue:m:' .. mod
     if redis.call('LREM', side, 1, id) > 0 then

@@ -13,6 +13,7 @@
 --          load_limits, room, admit, hold, hold_flush  from limits.lua
 --          now    from now.lua
 --          module_of  from module.lua
+--          expire     from expire.lua
 -- Sets:    out    the leased tasks, rows of {id, body, retry, lease, ready since}, in queue
 --                 order; each lease is nonce .. ':' .. the row's place in out, so it is
 --                 unguessable and distinct per task
@@ -20,15 +21,20 @@
 --                 still hold tasks this worker may run
 --          lim    the limits read this call (limits.lua's load_limits), false for none
 --          expiries, add_running, allows, aside, moved, popped, take  its own helpers
--- Changes: a waiting task (queued or failed) becomes running in its record t:<id> and in
+-- Changes: a waiting task (queued or failed) whose expiry (field 'expires', a unix time) has
+--          passed is not leased: expire.lua's expire ends it. Another becomes running in its record t:<id> and in
 --          P..'running' (score: lease deadline), its de-duplication key is freed in
---          P..'keys'; stats 'leased' counts them. Ids are taken first from the lists of
+--          P..'keys'; stats 'leased' counts them. Ids are taken first off the ready lists of
+--          the priorities above 0, P..'queue:p:<n>' for each n in P..'priorities', highest
+--          first (read with one ZREVRANGE when something is to be leased; a priority leaves
+--          it when its list is found empty), then from the lists of
 --          tasks moved aside, P..'queue:m:<module>', of the allowed modules named in
 --          P..'parked' (a zset, every score 0: found by name with ZRANGEBYLEX, so a lease
 --          never reads the modules it may not run; a module leaves it when its list is
 --          found empty), then off the front of P..'queue'. A waiting task of a module the
 --          worker may not run is appended to its module's list instead (at most 1000 ids
---          per call), its module added to P..'parked'. Stats 'parked' is kept to the
+--          per call), its module added to P..'parked'; there it keeps its place among the
+--          tasks moved aside, not its priority. Stats 'parked' is kept to the
 --          number of ids in all those lists. Ids of tasks no longer waiting (cancelled,
 --          say) are dropped. Nothing is leased while the queue_index (field 'queue' of
 --          P..'paused') or the worker (field 'worker:' .. wid) is paused.
@@ -75,8 +81,12 @@ end
 local aside, moved, popped = {}, 0, 0
 local function take(id)
   local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts')
+  local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'retry', 'eta', 'created', 'attempts', 'expires')
   if f[1] ~= 'queued' and f[1] ~= 'failed' then return end
+  if f[8] and tonumber(f[8]) <= now then
+    expire(id, f[2])
+    return
+  end
   local mod = allow ~= '*' and module_of(f[3])
   if not allows(mod) then
     local ids = aside[mod]
@@ -106,6 +116,22 @@ local function take(id)
     redis.call('HDEL', P .. 'keys', f[2])
   end
   out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
+end
+-- The priorities above 0, highest first, each list FIFO; with none in use this is the one
+-- command a lease adds.
+if count > 0 then
+  for _, pri in ipairs(redis.call('ZREVRANGE', P .. 'priorities', 0, -1)) do
+    local list = P .. 'queue:p:' .. pri
+    while #out < count and moved < 1000 do
+      local want = math.min(count - #out, 1000 - moved)
+      local ids = redis.call('LPOP', list, want)
+      if not ids or #ids < want then redis.call('ZREM', P .. 'priorities', pri) end
+      if not ids then break end
+      for _, id in ipairs(ids) do take(id) end
+      if #ids < want then break end
+    end
+    if #out >= count or moved >= 1000 then break end
+  end
 end
 if count > 0 and redis.call('ZCARD', P .. 'parked') > 0 then
   local found = {}

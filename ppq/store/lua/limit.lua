@@ -11,9 +11,11 @@
 -- Returns 1 if the limit changed, 0 if it already was as asked. Field kind .. ':' .. fn of
 -- P..'limits' (limits.lua). A change makes fn's held tasks due now (P..'throttled') and
 -- publishes P..'wake' when there are any; once fn has no limit left, its held tasks go back
--- to the front of P..'queue' in their order and its token bucket is forgotten.
+-- to the front of their priority's ready list (ready.lua) in their order. A changed rate
+-- starts from a full bucket.
 
 local P, fn, kind, value = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- include: ready.lua
 local field = kind .. ':' .. fn
 if (redis.call('HGET', P .. 'limits', field) or '') == value then return 0 end
 if value == '' then redis.call('HDEL', P .. 'limits', field) else redis.call('HSET', P .. 'limits', field, value) end
@@ -24,7 +26,7 @@ if redis.call('HEXISTS', P .. 'limits', 'rate:' .. fn) == 0 and redis.call('HEXI
   while true do
     local ids = redis.call('RPOP', side, 1000)
     if not ids then break end
-    redis.call('LPUSH', P .. 'queue', unpack(ids))
+    for _, id in ipairs(ids) do requeue(id, redis.call('HGET', P .. 't:' .. id, 'priority'), true) end
   end
   redis.call('ZREM', P .. 'throttled', fn)
   if waiting > 0 then redis.call('HINCRBY', P .. 'stats', 'parked', -waiting) end

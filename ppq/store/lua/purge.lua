@@ -1,5 +1,6 @@
 -- purge.lua: deletes one batch of the tasks waiting in a queue_index: ready ones first
--- (P..'queue', then the lists P..'queue:m:<module>' of the modules in the zset P..'parked',
+-- (P..'queue', the ready lists of the priorities above 0, P..'queue:p:<n>' for each n in the
+-- zset P..'priorities' (a priority leaves it when its list is empty), then the lists P..'queue:m:<module>' of the modules in the zset P..'parked',
 -- where a lease moves ready tasks aside for workers allowed to run them), then delayed ones
 -- and those waiting out a retry backoff (P..'delayed'). Running and dead tasks are left
 -- alone. Run by Store.purge_queue, a batch at a time, so that Redis is never held for long.
@@ -45,6 +46,14 @@ local function pop(list)
   return #ids
 end
 pop(P .. 'queue')
+if taken < limit then
+  for _, pri in ipairs(redis.call('ZRANGE', P .. 'priorities', 0, -1)) do
+    if taken >= limit then break end
+    local list = P .. 'queue:p:' .. pri
+    pop(list)
+    if redis.call('EXISTS', list) == 0 then redis.call('ZREM', P .. 'priorities', pri) end
+  end
+end
 local aside = 0
 if taken < limit then
   for _, mod in ipairs(redis.call('ZRANGE', P .. 'parked', 0, limit - taken - 1)) do
@@ -74,4 +83,7 @@ end
 if purged > 0 then redis.call('HINCRBY', P .. 'stats', 'purged', purged) end
 local left = redis.call('LLEN', P .. 'queue') + redis.call('ZCARD', P .. 'delayed')
   + math.max(0, tonumber(redis.call('HGET', P .. 'stats', 'parked')) or 0)
+for _, pri in ipairs(redis.call('ZRANGE', P .. 'priorities', 0, -1)) do
+  left = left + redis.call('LLEN', P .. 'queue:p:' .. pri)
+end
 return {purged, left}

@@ -8,7 +8,8 @@
 --
 -- Returns {taken, dead}: how many expired leases it took (limit of them: there may be more),
 -- and the ids among them that went dead, each followed by its expiries.
--- Each expired task goes back to the front of P..'queue', or cancelled (cancel asked), or
+-- Each expired task goes back to the front of its priority's ready list (ready.lua), or
+-- cancelled (cancel asked), or
 -- dead after maxexp expiries. It also drops past entries of P..'waiting' and
 -- P..'waiters', rate buckets older than two minutes, and workers that went quiet (with their
 -- pause in P..'paused'). A task that held a slot of its function's concurrency limit gives
@@ -16,6 +17,7 @@
 
 -- include: now.lua
 local P, maxexp, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+-- include: ready.lua
 local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)
 local ready = 0
 local dead = {}
@@ -44,7 +46,7 @@ for _, id in ipairs(ids) do
     else
       redis.call('HSET', tk, 'state', 'queued', 'eta', now)
       redis.call('HDEL', tk, 'lease')
-      redis.call('LPUSH', P .. 'queue', id)
+      requeue(id, redis.call('HGET', tk, 'priority'), true)
       ready = ready + 1
     end
   end

@@ -15,6 +15,7 @@
 -- ARGV[11]...      6 values per report: id, lease, kind, result, error, traceback; kind is
 --                  'ok', 'error' (retried while retries are left), 'error-final' (never
 --                  retried) or 'release' (handed back unrun, to the front of the queue)
+--                  A task retried or handed back goes to its priority's ready list (ready.lua).
 --
 -- Returns {accepted, leased, more, failed}:
 --   accepted  1 or 0 per report, in order (0: the lease was lost, nothing changed)
@@ -33,6 +34,8 @@
 -- include: module.lua
 local P, wid, count, lt, seen, dttl, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
+-- include: ready.lua
+-- include: expire.lua
 local accepted = {}
 local ready = 0
 -- include: limits.lua
@@ -48,7 +51,8 @@ for i = 11, #ARGV, 6 do
   local r = {id = ARGV[i], lease = ARGV[i + 1], kind = ARGV[i + 2], result = ARGV[i + 3], error = ARGV[i + 4],
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
-  local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel')
+  local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel',
+    'priority')
   -- Taking it out of the running set is the last check: a task not in it has no live lease.
   if f[1] ~= 'running' or f[2] ~= r.lease or redis.call('ZREM', P .. 'running', r.id) == 0 then
     accepted[#accepted + 1] = 0
@@ -70,7 +74,7 @@ for i = 11, #ARGV, 6 do
     elseif r.kind == 'release' then
       redis.call('HSET', tk, 'state', 'queued', 'eta', now)
       redis.call('HDEL', tk, 'lease')
-      redis.call('LPUSH', P .. 'queue', r.id)
+      requeue(r.id, f[8], true)
       redis.call('HINCRBY', P .. 'stats', 'released', 1)
       ready = ready + 1
     elseif r.kind == 'ok' then
@@ -93,7 +97,7 @@ for i = 11, #ARGV, 6 do
           redis.call('ZADD', P .. 'delayed', eta, r.id)
         else
           redis.call('HSET', tk, 'eta', now)
-          redis.call('RPUSH', P .. 'queue', r.id)
+          requeue(r.id, f[8])
           ready = ready + 1
         end
         redis.call('HINCRBY', P .. 'stats', 'retried', 1)

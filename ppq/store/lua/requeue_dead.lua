@@ -1,5 +1,6 @@
--- requeue_dead.lua: puts dead tasks back at the end of the queue, their retries and
--- lease expiries counted from zero again. Run by Store.requeue_dead.
+-- requeue_dead.lua: puts dead tasks back at the end of the queue (their priority's ready
+-- list, ready.lua), their retries and lease expiries counted from zero again and their
+-- expiry (field 'expires') dropped: asked for by hand, they run. Run by Store.requeue_dead.
 --
 -- KEYS: none; every key is ARGV[1] .. a name (the layout: ppq/store/keys.py).
 -- ARGV[1]  P  the key prefix, ppq:<queue_index>:
@@ -9,6 +10,7 @@
 
 -- include: now.lua
 local P = ARGV[1]
+-- include: ready.lua
 local ids = {}
 if #ARGV == 1 then ids = redis.call('ZRANGE', P .. 'dead', 0, -1) else
   for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end end
@@ -18,7 +20,8 @@ for _, id in ipairs(ids) do
     local tk = P .. 't:' .. id
     if redis.call('EXISTS', tk) == 1 then
       redis.call('HSET', tk, 'state', 'queued', 'retry', 0, 'expiries', 0, 'eta', now)
-      redis.call('RPUSH', P .. 'queue', id)
+      redis.call('HDEL', tk, 'expires')
+      requeue(id, redis.call('HGET', tk, 'priority'))
       done[#done + 1] = id
     end
   end
