@@ -11,8 +11,8 @@ layer imports only those below it:
 - :mod:`ppq.client`: the retrying client;
 - :mod:`ppq.store`: Redis and its Lua scripts (the only importer of redis);
 - :mod:`ppq.rpc`: Pyro5 (the only importer of Pyro5);
-- :mod:`ppq.task`, :mod:`ppq.codec`, :mod:`ppq.config`, :mod:`ppq.errors`: the
-  task record and its checks, payloads, settings, errors.
+- :mod:`ppq.task`, :mod:`ppq.allow`, :mod:`ppq.codec`, :mod:`ppq.config`, :mod:`ppq.errors`: the
+  task record and its checks, the allowlist, payloads, settings, errors.
 
 ``docs/architecture.md`` describes the processes, the task life in Redis and where
 each change belongs.

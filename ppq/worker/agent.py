@@ -13,9 +13,9 @@ import uuid
 from typing import Any
 
 from .. import rpc
+from ..allow import MAX_ALLOW_CHARS, MAX_ALLOW_NAMES, allow_list
 from ..config import Config
 from ..errors import ConfigError, PPQError
-from ..task import MAX_ALLOW_CHARS, MAX_ALLOW_NAMES, allow_list
 from .backoff import Outage
 from .control import WorkerControl
 from .fetcher import Fetcher

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import codec
+from ..allow import resolve
 from ..errors import CodecError, NotAllowedError
-from ..task import resolve
 from .hooks import call_hooks, has_hooks, task_context
 
 log = logging.getLogger("ppq.worker")
