@@ -41,7 +41,8 @@ REQUEST_TIMEOUT = 10.0
 # Event name -> its counter in the queue's figures ("failed" counts tasks that went dead; "dead" is the
 # dead list's current size, a depth).
 _EVENTS = {"pushed": "pushed", "leased": "leased", "done": "done", "errors": "errors", "retried": "retried",
-           "dead": "failed", "expired": "expired", "cancelled": "cancelled", "released": "released"}
+           "dead": "failed", "expired": "expired", "cancelled": "cancelled", "released": "released",
+           "purged": "purged", "task_expired": "expired_tasks"}
 _DEPTHS = ("queued", "delayed", "running", "dead")
 # Buckets of the duration and wait histograms, in seconds.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
@@ -58,6 +59,10 @@ class QueueCollector(Collector):
         depth = GaugeMetricFamily("ppq_queue_depth", "Tasks per state", labels=["queue_index", "state"])
         workers = GaugeMetricFamily("ppq_workers", "Live worker agents", labels=["queue_index"])
         up = GaugeMetricFamily("ppq_redis_up", "1 if the queue's Redis answered", labels=["queue_index"])
+        paused = GaugeMetricFamily("ppq_queue_paused", "1 while the queue_index is paused", labels=["queue_index"])
+        schedules = GaugeMetricFamily("ppq_schedules", "Periodic schedules", labels=["queue_index", "state"])
+        limited = GaugeMetricFamily("ppq_limit_tasks", "Tasks of a rate- or concurrency-limited function",
+                                    labels=["queue_index", "function", "state"])
         for qi, entry in sorted(self._counts().items()):
             label = str(qi)
             ok = bool(entry.get("ok", True))
@@ -70,7 +75,14 @@ class QueueCollector(Collector):
                 depth.add_metric([label, state], float(entry.get(state, 0)))
             live = entry.get("workers_live")
             workers.add_metric([label], float(len(entry.get("workers", [])) if live is None else live))
-        yield from (events, depth, workers, up)
+            paused.add_metric([label], 1.0 if entry.get("paused") else 0.0)
+            sched = entry.get("schedules") or {}
+            schedules.add_metric([label, "active"], float(sched.get("active", 0)))
+            schedules.add_metric([label, "paused"], float(sched.get("count", 0) - sched.get("active", 0)))
+            for limit in entry.get("limits") or []:
+                for state in ("running", "waiting"):
+                    limited.add_metric([label, str(limit["function"]), state], float(limit.get(state, 0)))
+        yield from (events, depth, workers, up, paused, schedules, limited)
 
 
 class _Handler(WSGIRequestHandler):

@@ -1006,3 +1006,32 @@ def test_push_file_at_a_terminal_with_ids_to_a_file(master, spawn, tmp_path):
     assert [int(line.split("\t")[0]) for line in printed] == list(range(1, lines + 1))
     assert f"{lines} pushed, 0 refused".encode() in terminal
     assert b"\t" not in terminal.replace(b"\r", b"")  # no id went to the terminal
+
+
+def test_metrics_show_pauses_schedules_limits_expiry_and_purges(spawn, redis_a):
+    """The master's /metrics follow the operator's features: a paused queue, schedules (active
+    and paused), the tasks a limit holds back, expired and purged tasks."""
+    master_port = free_port()
+    _, address = spawn.master(redis_a.url, "--metrics-port", str(master_port))
+    c = Client([address])
+    m = wait_for(lambda: scrape(master_port), what="the master's metrics endpoint")
+    assert sample(m, "ppq_queue_paused", queue_index="0") == 0
+    assert sample(m, "ppq_schedules", queue_index="0", state="active") == 0
+
+    c.pause_queue(0)
+    c.add_schedule("nightly", "tasks.add", cron="0 3 * * *", args=[1, 2])
+    c.add_schedule("hourly", "tasks.add", every=3600, args=[1, 2])
+    c.pause_schedule("hourly")
+    c.set_limit("tasks.add", rate="5/s")
+    c.push("tasks.add", 1, 1, expires=1)
+    c.push("tasks.add", 2, 2)
+    m = scrape(master_port)
+    assert sample(m, "ppq_queue_paused", queue_index="0") == 1
+    assert sample(m, "ppq_schedules", queue_index="0", state="active") == 1
+    assert sample(m, "ppq_schedules", queue_index="0", state="paused") == 1
+    assert sample(m, "ppq_limit_tasks", queue_index="0", function="tasks.add", state="waiting") == 0
+
+    assert c.purge_queue(0) >= 1
+    m = scrape(master_port)
+    assert sample(m, "ppq_tasks_total", queue_index="0", event="purged") == 2
+    assert sample(m, "ppq_tasks_total", queue_index="0", event="task_expired") == 0

@@ -171,6 +171,13 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
         if len(waiting) > WAITING_LISTED:
             notes.append(f"queue_index {qi}: waiting for a worker that allows them: "
                          f"{len(waiting) - WAITING_LISTED} more module(s) (--json lists them)")
+        sched = entry.get("schedules") or {}
+        if sched.get("count"):
+            paused = sched["count"] - sched.get("active", 0)
+            nxt = sched.get("next_run")
+            notes.append(f"queue_index {qi}: {sched['count']} schedule(s)" + (f", {paused} paused" if paused else "")
+                         + (f"; next at {time.strftime('%H:%M:%S', time.localtime(nxt))}" if nxt else "")
+                         + " (ppq schedule list)")
         for e in entry.get("limits") or []:
             limit_rows.append({
                 "function": str(e["function"]), "queue_index": str(qi), "rate": e.get("rate") or "-",
@@ -188,7 +195,8 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
                 "allow": "*" if w.get("allow") is None else ", ".join(map(str, w["allow"])) or "(none)",
                 "tasks": ", ".join(running) or "-"})
     parts: list[Any] = [_fit_table("queues", QUEUE_COLUMNS, queue_rows, width)]
-    parts += [Text(note, style="yellow" if "waiting for a worker" in note else "red") for note in notes]
+    parts += [Text(note, style="yellow" if "waiting for a worker" in note else
+                   "" if "schedule(s)" in note else "red") for note in notes]
     if limit_rows:
         parts.append(_fit_table("limits", LIMIT_COLUMNS, limit_rows, width, foldable=("function",)))
     if redis_rows:

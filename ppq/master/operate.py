@@ -187,9 +187,10 @@ class Operations:
                     listed = entry["workers"] if len(entry["workers"]) >= entry["workers_live"] else None
                     specs = self._live_allows(store, listed)
                     entry["waiting_for"] = unrouted(entry["parked"], specs)
+                entry["limits"] = store.limits()
+                entry["schedules"] = store.schedule_summary()
                 if workers:
                     entry.update(store.memory())
-                    entry["limits"] = store.limits()
                 entry["ok"] = True
             except StorageError as exc:
                 entry.update({"ok": False, "error": str(exc), "workers": [], "workers_live": 0})

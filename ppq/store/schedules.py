@@ -93,6 +93,17 @@ class ScheduleStore:
         return _decoded(self.redis.hgetall(self.prefix + "s:" + name))
 
     @storage_errors
+    def schedule_summary(self) -> dict[str, Any]:
+        """``{"count", "active", "next_run"}``: how many schedules this queue_index has, how many
+        are not paused, and when the soonest of those fires (unix seconds; None without one)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.scard(self.prefix + "schedules:names")
+        pipe.zcard(self.prefix + "schedules")
+        pipe.zrange(self.prefix + "schedules", 0, 0, withscores=True)
+        count, active, first = pipe.execute()
+        return {"count": int(count), "active": int(active), "next_run": first[0][1] / 1000 if first else None}
+
+    @storage_errors
     def schedules(self) -> list[dict[str, Any]]:
         """Every stored schedule of this queue_index, as :meth:`schedule` gives them, by name."""
         names = sorted(text(n) for n in self.redis.smembers(self.prefix + "schedules:names"))
