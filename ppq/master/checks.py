@@ -5,17 +5,20 @@ a push_tasks batch as a whole, worker ids. Each raises InvalidTaskError (or Code
 
 from __future__ import annotations
 
+import importlib
 import math
 import operator
+import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgpack
 
 from .. import codec
 from ..config import LimitsConfig
-from ..errors import CodecError, InvalidTaskError
+from ..errors import CodecError, ConfigError, InvalidTaskError
 from ..store import ANY_MODULE, Store
 from ..task import (
     ALLOW_NAME,
@@ -201,3 +204,18 @@ def check_batch(tasks: list[Any] | tuple[Any, ...], stores: Mapping[int, Store],
                                    f"(limits.max_message); push them in smaller batches")
         specs += chunk
     return specs
+
+
+def import_declaring_modules(modules: Iterable[str]) -> None:
+    """Import ``master.schedule_modules``, whose ``@periodic`` and ``@task(rate_limit=...)``
+    declarations a master stores, from where the master runs (as ``ppq worker`` imports
+    tasks); ConfigError naming the module that does not import."""
+    modules = list(modules)
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
+            raise ConfigError(f"master.schedule_modules: cannot import {module!r}: "
+                              f"{type(exc).__name__}: {exc}") from None

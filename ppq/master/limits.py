@@ -10,15 +10,15 @@ them for ``@periodic`` too); ``limit_set``/``limit_remove`` change them live.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import rpc
 from ..config import Config
-from ..errors import ConfigError, InvalidTaskError
+from ..errors import InvalidTaskError
 from ..limits import DECLARED, KINDS, check_concurrency, check_function, check_rate
 from ..store import Store
+from .checks import import_declaring_modules
 
 log = logging.getLogger("ppq.master")
 
@@ -47,12 +47,8 @@ class Limiting:
             out.setdefault(fn, {})["rate"] = rate
         for fn, n in self.config.concurrency_limits.items():
             out.setdefault(fn, {})["concurrency"] = n
+        import_declaring_modules(self.config.master.schedule_modules)
         for module in self.config.master.schedule_modules:
-            try:
-                importlib.import_module(module)
-            except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
-                raise ConfigError(f"master.schedule_modules: cannot import {module!r}: "
-                                  f"{type(exc).__name__}: {exc}") from None
             for fn, limits in DECLARED.items():
                 if fn.startswith(module + "."):
                     for kind, value in limits.items():

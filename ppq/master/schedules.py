@@ -25,10 +25,7 @@ Declared schedules (the config's ``schedules`` and the ``@periodic`` functions o
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +47,7 @@ from ..schedules import (
 )
 from ..store import Store
 from ..task import TaskSpec, check_push, check_queue_index
+from .checks import import_declaring_modules
 
 log = logging.getLogger("ppq.master.schedules")
 
@@ -86,15 +84,8 @@ class Scheduling:
         checked against this master's queue_indexes, by queue_index (ConfigError naming the field)."""
         declared: list[tuple[str, Mapping[str, Any]]] = [
             (f"schedules[{i}].", item) for i, item in enumerate(self.config.schedules)]
-        if self.config.master.schedule_modules and os.getcwd() not in sys.path:
-            # As `ppq worker` does: the project's modules import from where the master runs.
-            sys.path.insert(0, os.getcwd())
+        import_declaring_modules(self.config.master.schedule_modules)
         for module in self.config.master.schedule_modules:
-            try:
-                importlib.import_module(module)
-            except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
-                raise ConfigError(f"master.schedule_modules: cannot import {module!r}: "
-                                  f"{type(exc).__name__}: {exc}") from None
             declared += [(f"@periodic {name} (in {module}): ", item) for name, item in PERIODIC.items()
                          if item["task"].startswith(module + ".")]
         out: dict[int, list[Schedule]] = {}
