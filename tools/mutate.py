@@ -57,9 +57,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Fast test selections: the store and master tests run in-process masters on real
 # redis-servers in about 15 s; the worker ones start real worker processes.
 # tests/test_task_states.py holds the tests written to kill survivors (run when present).
-STORE_TESTS = ["tests/test_store_scripts.py", "tests/test_master.py", "tests/test_task_states.py"]
+STORE_TESTS = ["tests/test_task_states.py", "tests/test_store_scripts.py", "tests/test_master.py"]
 _W = "tests/test_worker.py::test_"
-WORKER_TESTS = [_W + "seed_call_runs_and_records_result_state_and_worker",
+WORKER_TESTS = ["tests/test_task_states.py", _W + "seed_call_runs_and_records_result_state_and_worker",
                 _W + "retry_then_dead_list_with_error_and_traceback",
                 _W + "executor_killed_with_sigkill_is_replaced_and_its_task_reported",
                 _W + "second_sigint_stops_at_once_and_hands_the_task_back",
@@ -67,8 +67,7 @@ WORKER_TESTS = [_W + "seed_call_runs_and_records_result_state_and_worker",
                 _W + "four_executors_run_four_sleeping_tasks_at_once",
                 _W + "sigterm_with_a_short_task_timeout_hands_the_task_to_another_worker",
                 _W + "task_past_its_timeout_is_killed_retried_and_the_pool_is_whole_again",
-                _W + "short_tasks_prefetched_behind_a_long_one_go_to_the_idle_executor",
-                "tests/test_task_states.py"]
+                _W + "short_tasks_prefetched_behind_a_long_one_go_to_the_idle_executor"]
 
 # File -> the pytest arguments that judge its mutants.
 TARGETS: dict[str, list[str]] = {
