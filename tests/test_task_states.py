@@ -9,6 +9,7 @@ the rest of the suite let through (docs/mutation.md).
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,9 +22,10 @@ from ppq import InvalidTaskError, codec
 from ppq.config import LimitsConfig
 from ppq.embedded import RedisServer
 from ppq.master.checks import worker_entry, worker_id_of
-from ppq.rpc import make_proxy
+from ppq.rpc import PyroFunc, make_proxy
 from ppq.store import Store
-from ppq.task import check_push
+from ppq.store.records import counts_of
+from ppq.task import check_push, decode_body
 
 from .conftest import wait_for
 
@@ -474,3 +476,121 @@ def test_requeue_and_purge_dead_take_one_id_as_a_list_of_one(call, ra):
     with pytest.raises(InvalidTaskError, match="task_ids"):
         call("requeue_dead", [], 0)
     assert call("purge_dead", "nothing-dead", 0) == 0
+
+
+def test_a_master_that_allows_pickle_takes_it_in_a_batch_and_bounds_dead_ids_at_max_batch(make_master, ra):
+    server = make_master(master__allow_pickle=True, limits__max_batch=3)
+    call = PyroFunc(server.uri)
+    try:
+        (tid,) = call("push_tasks", [{"func": "add", "module": "tasks", "parameters": pickle.dumps(([2, 3], {}))}])
+        assert codec.is_pickle(store_params(ra, tid))
+        assert call("purge_dead", ["a", "b", "c"], 0) == 0
+        with pytest.raises(InvalidTaskError, match="task_ids"):
+            call("purge_dead", ["a", "b", "c", "d"], 0)
+    finally:
+        call.close()
+
+
+def store_params(ra: redis.Redis, task_id: str) -> bytes:
+    return decode_body(ra.hget(P + "t:" + task_id, "body"))["params"]
+
+
+def test_a_report_without_error_text_stores_none_and_a_non_string_is_refused_naming_its_field(call, ra):
+    tid = call("push_task", "boom", module="tasks", max_retry=0)
+    task = call("get_task", {"id": WID}, 0)
+    with pytest.raises(InvalidTaskError, match=r"^error must be a string, got int"):
+        call("task_error", tid, {"id": WID}, 0, error=5, lease=task["lease"])
+    with pytest.raises(InvalidTaskError, match=r"^traceback must be a string, got list"):
+        call("task_error", tid, {"id": WID}, 0, error="E", traceback=[1], lease=task["lease"])
+    assert field(ra, tid, "state") == "running"
+    call("task_error", tid, {"id": WID}, 0, error="E", traceback=None, lease=task["lease"])
+    assert (field(ra, tid, "state"), field(ra, tid, "error"), field(ra, tid, "traceback")) == ("dead", "E", "")
+
+
+# -- long-polls and waits (ppq/master/waiting.py) ---------------------------------------------------------
+
+
+def in_thread(target: Any, *args: Any) -> tuple[Any, list[Any]]:
+    import threading
+
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(target(*args)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_release_worker_ends_its_long_poll_at_once(master, ra):
+    poller, control = PyroFunc(master.uri), PyroFunc(master.uri)
+    try:
+        started = time.monotonic()
+        thread, out = in_thread(poller, "get_tasks", {"id": WID}, 0, 1, 20)
+        wait_for(lambda: ra.zcard(P + "waiters") == 1, timeout=10, what="the long-poll registered")
+        wait_for(lambda: control("release_worker", {"id": WID}, 0) == 1, timeout=10, what="the long-poll released")
+        thread.join(5)
+        assert out == [[]] and time.monotonic() - started < 10
+        # Leaving: off the list of live workers at once.
+        control("heartbeat", {"id": WID, "host": "h"}, 0, [])
+        assert [w["id"] for w in control("server_info")[0]["workers"]] == [WID]
+        assert control("release_worker", {"id": WID}, 0, True) == 0
+        assert control("server_info")[0]["workers"] == [] and ra.hlen(P + "workers") == 0
+        assert ra.zscore(P + "workers:seen", WID) is None
+    finally:
+        poller.close()
+        control.close()
+
+
+def test_a_refused_report_does_not_stop_the_same_call_leasing(call, ra):
+    done, waiting = (call("push_task", "add", module="tasks", args=[i, i]) for i in range(2))
+    task = call("get_task", {"id": WID}, 0)
+    call("task_finish", done, {"id": WID}, 0, result=1, lease=task["lease"])
+    reply = call("report", {"id": WID}, 0, [{"id": done, "lease": task["lease"], "ok": True, "result": 2}], 1, 0)
+    assert reply["accepted"] == [False] and [t["id"] for t in reply["tasks"]] == [waiting]
+
+
+def test_wait_task_returns_as_soon_as_its_task_ends(master, call, ra):
+    tid = call("push_task", "add", module="tasks", args=[1, 2])
+    task = call("get_task", {"id": WID}, 0)
+    waiter = PyroFunc(master.uri)
+    try:
+        started = time.monotonic()
+        thread, out = in_thread(waiter, "wait_task", tid, 0, 20)
+        wait_for(lambda: ra.zcard(P + "waiting") == 1, timeout=10, what="wait_task watching")
+        # Let its first look find the task running, so that the end arrives while it waits (the test
+        # passes either way; only this order checks the wait itself).
+        time.sleep(0.3)
+        call("task_finish", tid, {"id": WID}, 0, result=3, lease=task["lease"])
+        thread.join(10)
+        assert out and out[0]["state"] == "done" and out[0]["result"] == 3
+        assert time.monotonic() - started < 4  # woken by the finished message, not the 5 s re-check
+    finally:
+        waiter.close()
+
+
+def test_dead_tasks_pages_through_the_dead_list_newest_first(store, ra):
+    ids = push(store, *(spec(args=[i], max_retry=0) for i in range(3)))
+    for task in lease(store, 3):
+        store.report(WID, [error(task)], 0, 60)
+    ra.zadd(P + "dead", {tid: n for n, tid in enumerate(ids)})  # distinct times of death
+    assert [d["id"] for d in store.dead(limit=2, offset=0)] == [ids[2], ids[1]]
+    assert [d["id"] for d in store.dead(limit=2, offset=2)] == [ids[0]]
+    assert [d["id"] for d in store.dead(limit=1, offset=1)] == [ids[1]]
+
+
+# -- records.py: what the master reads back ----------------------------------------------------------------
+
+
+def test_counts_read_absent_counters_as_zero_and_the_rate_over_the_last_six_buckets():
+    counts = counts_of({"queued": 0}, {}, {b"d:94": b"5", b"d:95": b"1", b"f:100": b"2", b"x:100": b"9"}, 1000)
+    assert [counts[name] for name in ("pushed", "leased", "done", "errors", "failed")] == [0] * 5
+    assert (counts["done_per_min"], counts["failed_per_min"]) == (1, 2)
+
+
+def test_a_record_says_whether_it_has_a_result_and_keeps_one_it_cannot_decode(store, ra):
+    done, bad, waiting = push(store, spec(args=[1]), spec(args=[2]), spec(args=[3]))
+    tasks = {t["id"]: t for t in lease(store, 2)}
+    store.report(WID, [ok(tasks[done])], 0, 60)
+    ra.hset(P + "t:" + bad, "result", b"\xc1")  # not msgpack
+    assert (store.info(done)["has_result"], store.info(done)["result"]) == (True, 3)
+    assert store.info(waiting)["has_result"] is False
+    record = store.info(bad)
+    assert (record["has_result"], record["result"], record["result_pickled"]) == (True, None, b"\xc1")

@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 # tests/test_task_states.py holds the tests written to kill survivors (run when present).
 STORE_TESTS = ["tests/test_task_states.py", "tests/test_store_scripts.py", "tests/test_master.py"]
 _W = "tests/test_worker.py::test_"
-WORKER_TESTS = ["tests/test_task_states.py", _W + "seed_call_runs_and_records_result_state_and_worker",
+WORKER_TESTS = [_W + "seed_call_runs_and_records_result_state_and_worker",
                 _W + "retry_then_dead_list_with_error_and_traceback",
                 _W + "executor_killed_with_sigkill_is_replaced_and_its_task_reported",
                 _W + "second_sigint_stops_at_once_and_hands_the_task_back",
