@@ -10,6 +10,7 @@ the rest of the suite let through (docs/mutation.md).
 from __future__ import annotations
 
 import pickle
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -594,3 +595,24 @@ def test_a_record_says_whether_it_has_a_result_and_keeps_one_it_cannot_decode(st
     assert store.info(waiting)["has_result"] is False
     record = store.info(bad)
     assert (record["has_result"], record["result"], record["result_pickled"]) == (True, None, b"\xc1")
+
+
+# -- the worker's reporter (ppq/worker/reporter.py) ---------------------------------------------------------
+
+
+def test_a_stopping_worker_whose_master_is_gone_gives_up_its_reports_and_exits(spawn, redis_a, ra):
+    master, address = spawn.master(redis_a.url)
+    call = PyroFunc(address)
+    try:
+        tid = call("push_task", "sleep_then", module="tasks", args=[1.5, "x"])
+        worker = spawn.worker(address)
+        wait_for(lambda: field(ra, tid, "state") == "running", what="the task running")
+    finally:
+        call.close()
+    master.kill()
+    master.wait(10)
+    worker.send_signal(signal.SIGTERM)
+    # It finishes the task, cannot report it, and stops trying 10 s later (the lease expires; it reruns).
+    assert worker.wait(40) is not None
+    assert "could not report 1 task(s) before stopping" in spawn.log(worker)
+    assert field(ra, tid, "state") == "running"
