@@ -106,8 +106,8 @@ def test_the_fragment_headers_are_read_as_documented():
     assert entries(split(read("lease.lua"))[0], "Expects") == ["P", "wid", "count", "lt", "nonce", "allow",
                                                                "target_of", "load_limits", "room", "admit", "hold",
                                                                "hold_flush", "now", "module_of", "expire"]
-    assert entries(split(read("lease.lua"))[0], "Sets") == ["out", "more", "lim", "expiries", "add_running",
-                                                            "allows", "aside", "moved", "popped", "take"]
+    assert entries(split(read("lease.lua"))[0], "Sets") == ["out", "more", "lim", "extras", "expiries",
+                                                            "add_running", "allows", "aside", "moved", "popped", "take"]
     assert entries(split(read("limits.lua"))[0], "Sets") == ["load_limits", "room", "admit", "hold", "hold_flush",
                                                              "free_slot", "PER", "bucket", "buckets", "held"]
     assert entries(split(read("now.lua"))[0], "Expects") == []

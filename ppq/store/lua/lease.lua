@@ -20,6 +20,8 @@
 --          more   true when the call stopped after moving 1000 ids aside: P..'queue' may
 --                 still hold tasks this worker may run
 --          lim    the limits read this call (limits.lua's load_limits), false for none
+--          extras  true when P..'paused' or P..'limits' or P..'priorities' or P..'parked'
+--                  exists (one EXISTS); when none does the lease is the plain queue's
 --          expiries, add_running, allows, aside, moved, popped, take  its own helpers
 -- Changes: a waiting task (queued or failed) whose expiry (field 'expires', a unix time) has
 --          passed is not leased: expire.lua's expire ends it. Another becomes running in its record t:<id> and in
@@ -45,12 +47,17 @@
 --          P..'queue', the lists of the functions whose time has come give as many ids as
 --          they may start.
 
--- Paused: one HMGET, and only when something is to be leased.
-if count > 0 then
+-- What is in use beyond the plain queue (pauses, limits, priorities above 0, modules moved
+-- aside): one EXISTS over their keys, so a queue_index using none of them pays that one
+-- command per call that has something to lease, and nothing per task.
+local extras = count > 0 and redis.call('EXISTS', P .. 'paused', P .. 'limits', P .. 'priorities',
+  P .. 'parked') > 0
+-- Paused: one HMGET.
+if extras then
   local paused = redis.call('HMGET', P .. 'paused', 'queue', 'worker:' .. wid)
   if paused[1] or paused[2] then count = 0 end
 end
-local lim = count > 0 and load_limits()
+local lim = extras and count > 0 and load_limits()
 local out = {}
 local more = false
 -- Running-set entries of the leased tasks, added in bulk.
@@ -117,9 +124,8 @@ local function take(id)
   end
   out[#out + 1] = {id, f[3], f[4] or '0', lease, f[5] or f[6] or '0'}
 end
--- The priorities above 0, highest first, each list FIFO; with none in use this is the one
--- command a lease adds.
-if count > 0 then
+-- The priorities above 0, highest first, each list FIFO.
+if extras and count > 0 then
   for _, pri in ipairs(redis.call('ZREVRANGE', P .. 'priorities', 0, -1)) do
     local list = P .. 'queue:p:' .. pri
     while #out < count and moved < 1000 do
@@ -133,7 +139,7 @@ if count > 0 then
     if #out >= count or moved >= 1000 then break end
   end
 end
-if count > 0 and redis.call('ZCARD', P .. 'parked') > 0 then
+if extras and count > 0 and redis.call('ZCARD', P .. 'parked') > 0 then
   local found = {}
   if allow == '*' then
     found = redis.call('ZRANGE', P .. 'parked', 0, count - 1)
