@@ -119,7 +119,7 @@ def test_a_running_task_asked_to_cancel_ends_cancelled_whatever_its_report_says(
     tasks = lease(store, 3)
     for tid in ids:
         assert store.cancel(tid) == "running"
-    accepted, _ = store.report(WID, [ok(tasks[0]), error(tasks[1]), release(tasks[2])], 0, 60)
+    accepted, _, _ = store.report(WID, [ok(tasks[0]), error(tasks[1]), release(tasks[2])], 0, 60)
     assert accepted == [True, True, True]
     for tid in ids:
         assert field(ra, tid, "state") == "cancelled"
@@ -208,10 +208,10 @@ def test_a_strict_report_with_a_lost_lease_leases_nothing_and_marks_no_one_seen(
     push(store, spec(args=[1]), spec(args=[2]))
     (task,) = lease(store, 1, wid="")
     forged = {**ok(task), "lease": task["lease"] + "x"}
-    accepted, leased = store.report(WID, [forged], 1, 60, strict=True)
+    accepted, leased, _ = store.report(WID, [forged], 1, 60, strict=True)
     assert (accepted, leased) == ([False], [])
     assert ra.zscore(P + "workers:seen", WID) is None
-    accepted, leased = store.report(WID, [forged], 1, 60)
+    accepted, leased, _ = store.report(WID, [forged], 1, 60)
     assert accepted == [False] and len(leased) == 1
     assert field(ra, task["id"], "state") == "running" and field(ra, task["id"], "lease") == task["lease"]
 
@@ -311,7 +311,7 @@ def test_a_push_wakes_registered_long_polls_with_the_count_it_did_not_lease(stor
     push(store, spec(args=[5], delay=30))
     assert wake.messages() == []  # nothing ready: no wake-up (0 would wake every long-poll)
     wake = Channel(ra, "wake")
-    ids, leased = store.push([spec(args=[6]), spec(args=[7])], lease_to=(WID, 4, 60))
+    ids, leased = store.push([spec(args=[6]), spec(args=[7])], lease_to=(WID, 4, 60, "*"))
     assert len(leased) == 4 and queue(ra) == ids  # the four that waited longest
     assert ra.zscore(P + "workers:seen", WID) is not None
     assert wake.messages() == []
@@ -322,8 +322,8 @@ def test_a_push_wakes_registered_long_polls_with_the_count_it_did_not_lease(stor
 
 def expire_all(store: Store, ra: redis.Redis) -> int:
     """Run the reaper: with lease_timeout=0 every lease has run out by then (the server's clock
-    counts microseconds)."""
-    return store.reap()
+    counts microseconds). Returns how many leases it handled."""
+    return store.reap()[0]
 
 
 def test_an_expired_lease_puts_its_task_back_at_the_front_of_the_queue(make_store, ra):
@@ -372,9 +372,9 @@ def test_the_reaper_takes_at_most_its_limit_and_skips_records_that_are_gone(make
     ids = push(store, *(spec(args=[i]) for i in range(3)))
     lease(store, 3)
     ra.delete(P + "t:" + ids[0])
-    assert store.reap(limit=2) == 2
+    assert store.reap(limit=2)[0] == 2
     assert ra.zcard(P + "running") == 1
-    assert store.reap(limit=2) == 1
+    assert store.reap(limit=2)[0] == 1
     assert sorted(queue(ra)) == sorted(ids[1:])
     assert not ra.exists(P + "t:" + ids[0]) and stats(ra)["expired"] == 2
 
@@ -420,8 +420,9 @@ def test_a_worker_entry_keeps_the_fields_ppq_reads_each_bounded():
     info = {"id": "w", "host": "h" * 300, "pool": 5, "pid": 2**53 - 1, "concurrency": 2**53, "done": True,
             "failed": float("inf"), "started": -1.5, "other": "dropped"}
     entry = worker_entry(info, 4096, address="a")
-    assert entry == {"id": "w", "host": "h" * 255, "pid": 2**53 - 1, "started": -1.5, "address": "a", "running": []}
-    assert worker_entry(["h", 1], 4096) == {"id": "h:1", "running": []}
+    assert entry == {"id": "w", "host": "h" * 255, "pid": 2**53 - 1, "started": -1.5, "address": "a", "running": [],
+                     "allow": ["*"]}
+    assert worker_entry(["h", 1], 4096) == {"id": "h:1", "running": [], "allow": ["*"]}
 
 
 def test_a_worker_entry_lists_running_ids_within_its_size_limit():
