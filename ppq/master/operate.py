@@ -119,19 +119,18 @@ class Operations:
     def pause_queue(self, queue_index: Any = 0) -> bool:
         """Lease no task of ``queue_index`` until resume_queue, on every master (pushes are still
         stored; running tasks go on). Returns False if it was paused already."""
-        store = self._store(queue_index)
-        changed = bool(store.pause())
-        if changed:
-            log.info("queue_index %s paused", store.queue_index)
-        return changed
+        return self._pause_queue(queue_index, True)
 
     @rpc.remote
     def resume_queue(self, queue_index: Any = 0) -> bool:
         """Lease the tasks of ``queue_index`` again. Returns False if it was not paused."""
+        return self._pause_queue(queue_index, False)
+
+    def _pause_queue(self, queue_index: Any, on: bool) -> bool:
         store = self._store(queue_index)
-        changed = bool(store.resume())
+        changed = bool(store.pause() if on else store.resume())
         if changed:
-            log.info("queue_index %s resumed", store.queue_index)
+            log.info("queue_index %s %s", store.queue_index, "paused" if on else "resumed")
         return changed
 
     @rpc.remote
