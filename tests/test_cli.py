@@ -605,8 +605,7 @@ def test_up_piped_into_tee_stops_everything_on_ctrl_c_and_the_task_is_reported(t
         family = descendants(up_pid) | {up_pid}
         assert len(family) >= 4
         os.killpg(shell.pid, signal.SIGINT)
-        wait_for(lambda: not tee.is_running() or tee.status() == psutil.STATUS_ZOMBIE, timeout=10,
-                 what="tee to die of the Ctrl-C")
+        wait_for(lambda: pid_gone(tee.pid), timeout=10, what="tee to die of the Ctrl-C")
         wait_for(lambda: all(pid_gone(p) for p in family), timeout=60,
                  what=f"ppq up and its children to exit: {[p for p in family if not pid_gone(p)]}")
         log = (tmp_path / "up.err").read_text()
