@@ -29,6 +29,7 @@ for _, id in ipairs(ids) do
     local exp = redis.call('HINCRBY', tk, 'expiries', 1)
     local slot = redis.call('HGET', tk, 'slot')
     if slot then
+      use_limits()
       ready = ready + free_slot(slot)
       redis.call('HDEL', tk, 'slot')
     end

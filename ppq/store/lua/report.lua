@@ -62,6 +62,7 @@ for i = 11, #ARGV, 6 do
     -- A slot of its function's concurrency limit is given back, whatever the outcome.
     local slot = slotted and redis.call('HGET', tk, 'slot')
     if slot then
+      use_limits()
       ready = ready + free_slot(slot)
       redis.call('HDEL', tk, 'slot')
     end

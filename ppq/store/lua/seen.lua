@@ -11,7 +11,9 @@
 
 local function mark_seen()
   local sk = P .. 'workers:seen'
-  if redis.call('ZSCORE', sk, wid) or redis.call('ZCARD', sk) < maxw then
+  -- Listed already (the usual case): one ZADD moves its time on. XX: only if listed; CH: 1
+  -- when it was (a score already equal gives 0, and the ZADD below changes nothing).
+  if redis.call('ZADD', sk, 'XX', 'CH', now + seen, wid) == 0 and redis.call('ZCARD', sk) < maxw then
     redis.call('ZADD', sk, now + seen, wid)
   end
 end
