@@ -71,6 +71,7 @@ class Store(Admin, ScheduleStore, LimitStore):
         self._purge_dead = Script(SOURCES["purge_dead"], self.redis, self._link)
         self._purge = Script(SOURCES["purge"], self.redis, self._link)
         self._pause = Script(SOURCES["pause"], self.redis, self._link)
+        self._workflow_push = Script(SOURCES["workflow_push"], self.redis, self._link)
 
     def close(self) -> None:
         """Close every connection; the Store is not used after."""
@@ -188,6 +189,29 @@ class Store(Admin, ScheduleStore, LimitStore):
         """Cancel a task (see cancel.lua); return the state it had, None if it is unknown."""
         state = self._cancel([self.prefix, task_id, self.result_ttl])
         return text(state) or None
+
+    @storage_errors
+    def push_workflow(self, records: Sequence[tuple[str, Sequence[Any], Sequence[str]]]) -> bool:
+        """Store a workflow's nodes, its root first, each (id, flat field/value list, children's ids),
+        and start it (workflow_push.lua); False, with nothing stored, if its root exists already."""
+        args: list[Any] = [self.prefix, records[0][0]]
+        for node_id, fields, kids in records:
+            args += [node_id, len(fields) // 2, *fields, len(kids), *kids]
+        return bool(self._workflow_push(args))
+
+    @storage_errors
+    def children(self, node_id: str, count: int) -> tuple[int, list[tuple[str, str]]]:
+        """How many children a workflow's node has, and the first ``count`` of them as (id, state)."""
+        kids = self.prefix + "t:" + node_id + ":kids"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(kids)
+        pipe.lrange(kids, 0, count - 1)
+        total, ids = pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for kid in ids:
+            pipe.hget(self.prefix + "t:" + text(kid), "state")
+        states = pipe.execute() if ids else []
+        return int(total), [(text(kid), text(state) or "unknown") for kid, state in zip(ids, states, strict=True)]
 
     # -- Records and counts
 
