@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .task import PUSH_FIELDS
+
 # Deepest nesting of chains, groups and chords (a leaf step adds no level).
 MAX_DEPTH = 8
 # What a chord does when a member fails: 'fail' (the callback never runs, the chord is dead)
@@ -56,6 +58,9 @@ class Signature(Node):
                  kwargs: dict[str, Any] | None = None, immutable: bool = False, **options: Any) -> None:
         from .client import target_name  # the client imports this module
 
+        unknown = sorted(set(options) - set(PUSH_FIELDS))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a push option (a function's keyword arguments go in kwargs=)")
         refused = sorted(set(options) & set(STEP_REFUSED))
         if refused:
             raise ValueError(f"{refused[0]} is not an option of a workflow step (a workflow lives in one "
