@@ -36,15 +36,22 @@ class FlowRecord(NamedTuple):
     kids: list[str]
 
 
-def carry_layout(body: bytes) -> str:
+def carry_layout(body: bytes, args: Any = None, kwargs: Any = None) -> str:
     """Where a leaf's body holds what ``workflow.lua`` needs to put the previous result first
     among its arguments: "H S E n" (the body's first H bytes are everything before the
-    parameters; body[S:E] are the n args' items; body[E:] the kwargs' msgpack)."""
-    params = decode_body(body)["params"]
-    args, kwargs = codec.decode_parameters(params)
-    packed_params = codec.pack(params)
-    head = len(body) - len(packed_params)
-    bin_header = len(packed_params) - len(params)
+    parameters; body[S:E] are the n args' items; body[E:] the kwargs' msgpack).
+
+    ``args`` and ``kwargs``, when the push gave them as a list and a dict (or None), spare
+    decoding the body."""
+    if isinstance(args, (list, tuple)) and isinstance(kwargs, (dict, type(None))):
+        args, kwargs = list(args), kwargs or {}
+        size = len(codec.pack([args, kwargs]))
+    else:
+        params = decode_body(body)["params"]
+        args, kwargs = codec.decode_parameters(params)
+        size = len(params)
+    bin_header = 2 if size < 0x100 else (3 if size < 0x10000 else 5)
+    head = len(body) - size - bin_header
     start = head + bin_header + 1 + (1 if len(args) < 16 else (3 if len(args) < 0x10000 else 5))
     end = len(body) - len(codec.pack(kwargs))
     return f"{head} {start} {end} {len(args)}"
@@ -61,6 +68,7 @@ class Builder:
         self.limits = limits
         self.ttl = ttl
         self.records: list[FlowRecord] = []
+        self.by_id: dict[str, FlowRecord] = {}
         self.leaves = 0
         self.count = 0
 
@@ -93,6 +101,7 @@ class Builder:
             fields += ["parent", parent, "pos", pos]
         record = FlowRecord(node_id, fields, [])
         self.records.append(record)
+        self.by_id[node_id] = record
         if kind == "chord":
             on_error = data.get("on_error", "fail")
             if on_error not in ON_ERROR:
@@ -106,7 +115,7 @@ class Builder:
                 raise InvalidTaskError(f"{here}: a chord needs a callback")
             group_id = self.node(header, here, node_id, 1, depth + 1)
             if on_error == "run":
-                self.records[[r.id for r in self.records].index(group_id)].fields.extend(["onerr", "run"])
+                self.by_id[group_id].fields.extend(["onerr", "run"])
             record.kids.extend([group_id, self.node(data["callback"], f"{here}.callback", node_id, 2, depth + 1)])
             fields += ["n", 2, "next", 0]
             return node_id
@@ -147,11 +156,32 @@ class Builder:
         if not parent:
             fields[4:8] = []
         if not immutable:
-            fields += ["take", carry_layout(spec.body)]
+            fields += ["take", carry_layout(spec.body, options.get("args", ()) if options.get("parameters") is None
+                                            else None, options.get("kwargs"))]
         for name, value in spec.options:
             fields += [name, value]
-        self.records.append(FlowRecord(node_id, fields, []))
+        record = FlowRecord(node_id, fields, [])
+        self.records.append(record)
+        self.by_id[node_id] = record
         return node_id
+
+    def start(self, node_id: str) -> None:
+        """Mark what runs as soon as the workflow is stored (state 'pending' is a record's
+        first field/value pair after 'kind'): the root, the first step of each chain or chord
+        started, every member of each group started; those leaves are 'queued'."""
+        record = self.by_id[node_id]
+        fields = record.fields
+        at = fields.index("state") + 1
+        if not record.kids:
+            fields[at] = "queued"
+            return
+        fields[at] = "running"
+        if fields[1] == "group":
+            for kid in record.kids:
+                self.start(kid)
+        else:
+            fields[fields.index("next") + 1] = 1
+            self.start(record.kids[0])
 
 
 def build(data: Any, queue_index: int, queue_indexes: Iterable[int], limits: LimitsConfig, ttl: int,
@@ -164,5 +194,5 @@ def build(data: Any, queue_index: int, queue_indexes: Iterable[int], limits: Lim
         if len(root) > MAX_ROOT_ID:
             raise InvalidTaskError(f"workflow_id is longer than {MAX_ROOT_ID} characters")
     builder = Builder(root, queue_index, queue_indexes, limits, ttl)
-    builder.node(data, "", "", 0, 1)
+    builder.start(builder.node(data, "", "", 0, 1))
     return builder.records

@@ -11,8 +11,9 @@
 --                       or chord starts its first step with carry, a group every member
 --          wf_finished  a function (id, pos, result): child pos (from 1) of running node id ended
 --                       with result (msgpack bytes); a chain or chord starts its next step with
---                       it or ends done with it; a group keeps it in t:<id>:res and, once every
---                       member has ended, ends done with their results as one msgpack array
+--                       it or ends done with it (only from the step running: field 'next'); a
+--                       group keeps it in t:<id>:res (once per member) and, once every member
+--                       has ended, ends done with their results as one msgpack array
 --          wf_failed    a function (id, pos, error, from): child pos of running node id failed
 --                       (from: the id of the leaf that failed); a group of a chord run with
 --                       on_error 'run' (field 'onerr') takes {error, task_id} as that member's
@@ -110,7 +111,8 @@ wf_finished = function(id, pos, result)
   if f[1] ~= 'running' then return end
   local n = tonumber(f[4])
   if f[2] == 'group' then
-    redis.call('HSET', tk .. ':res', pos, result)
+    -- Each member counts once (a dead member requeued by hand may end again).
+    if redis.call('HSETNX', tk .. ':res', pos, result) == 0 then return end
     if redis.call('HINCRBY', tk, 'remaining', -1) > 0 then return end
     local parts = {wf_array(n)}
     for i = 1, n, 1000 do
@@ -121,6 +123,8 @@ wf_finished = function(id, pos, result)
     end
     result = table.concat(parts)
   else
+    -- Only the step running moves a chain on.
+    if tonumber(pos) ~= tonumber(f[3]) then return end
     local nxt = tonumber(f[3]) + 1
     if nxt <= n then
       redis.call('HSET', tk, 'next', nxt)
