@@ -118,6 +118,8 @@ def _steps(kind: str, steps: tuple[Any, ...]) -> list[Node]:
 class Chain(Node):
     """Steps run one after the other, each result passed to the next."""
 
+    steps: list[Node]
+
     def __init__(self, *steps: Any) -> None:
         flat: list[Node] = []
         for step in _steps("chain", steps):
@@ -132,6 +134,8 @@ class Chain(Node):
 
 class Group(Node):
     """Members run at once; the result is the list of theirs, in order."""
+
+    steps: list[Node]
 
     def __init__(self, *steps: Any) -> None:
         self.steps = _steps("group", steps)

@@ -214,7 +214,8 @@ def test_a_dead_step_stops_its_chain_and_cancels_the_steps_after_it(client, tmp_
 
 def test_a_chord_with_a_dead_member_never_calls_back_and_ends_dead(client, tmp_path):
     runs = path_of(tmp_path)
-    members = [ft.add.s(1, 1), sig("flow_tasks.boom", max_retry=0), sig("flow_tasks.square", 3, kwargs={"seconds": 0.3})]
+    members = [ft.add.s(1, 1), sig("flow_tasks.boom", max_retry=0),
+               sig("flow_tasks.square", 3, kwargs={"seconds": 0.3})]
     cid = client.push(chord(members, sig("flow_tasks.tally", runs)))
     with pytest.raises(TaskFailedError, match="ValueError: boom"):
         client.result(cid, timeout=20)

@@ -3,7 +3,8 @@
 Each script is one file, ``lua/<name>.lua``, opening with its contract: every
 ``ARGV[i]`` by name and meaning, KEYS (none: every key is built from the prefix in
 ``ARGV[1]``), and what it returns. Code shared by several scripts is a *fragment*
-(``now.lua``, ``module.lua``, ``limits.lua``, ``lease.lua``, ``seen.lua``, ``workflow.lua``...): a script line that reads exactly
+(``now.lua``, ``module.lua``, ``limits.lua``, ``lease.lua``, ``seen.lua``, ``workflow.lua``...):
+a script line that reads exactly
 
     -- include: lease.lua
 
