@@ -15,7 +15,7 @@ from .limits import LimitClient, declare
 from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
 from .schedules import ScheduleClient
 from .task import DONE, EXPIRED, FINAL_STATES, new_id
-from .workflow import Node, Signature
+from .workflow import Node, Signature, target_name
 
 # Tasks sent per push_tasks call by push_many.
 DEFAULT_CHUNK = 5000
@@ -25,23 +25,6 @@ LOOKUP_CHUNK = 1000
 PURGE_CHUNK = 20_000
 # Longest single wait the master is asked to hold, in seconds.
 _WAIT_STEP = 20.0
-
-
-def target_name(target: str | Callable[..., Any]) -> tuple[str, str, str | None]:
-    """(module, func, fclass) of a dotted name or a function object."""
-    if callable(target) and not isinstance(target, str):
-        fn = inspect.unwrap(target)
-        qual = fn.__qualname__.split(".")
-        if "<locals>" in qual or "<lambda>" in fn.__qualname__:
-            raise InvalidTaskError(f"{fn.__qualname__} is not importable by a worker: use a module-level function")
-        module = fn.__module__
-        if len(qual) == 2:
-            return module, qual[1], qual[0]
-        return module, qual[-1], None
-    if not isinstance(target, str) or "." not in target:
-        raise InvalidTaskError(f"target must be 'module.func' or a function, got {target!r:.80}")
-    module, _, func = target.rpartition(".")
-    return module, func, None
 
 
 class Client(ScheduleClient, LimitClient):
@@ -241,7 +224,22 @@ class Client(ScheduleClient, LimitClient):
             expires = info.get("expires")
             when = f" (expires {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(expires))} UTC)" if expires else ""
             raise TaskExpiredError(info["id"], f"not started before its expiry{when}, never run", "", expires)
+        if info.get("failed_task"):
+            raise self._step_failed(info)
         raise TaskFailedError(info["id"], info.get("error") or info["state"], info.get("traceback") or "")
+
+    def _step_failed(self, info: dict[str, Any]) -> TaskFailedError:
+        """The error of a workflow whose step ``failed_task`` failed: its message names the step; its
+        ``type``, ``message`` and ``traceback`` are the step's."""
+        error = info.get("error") or info["state"]
+        step = info["failed_task"]
+        record = self.info(step, info.get("queue_index"))
+        exc = TaskFailedError(info["id"], error, (record or {}).get("traceback") or "")
+        prefix = f"step {step} failed: "
+        if error.startswith(prefix):
+            inner = TaskFailedError(step, error[len(prefix):])
+            exc.type, exc.message = inner.type, inner.message
+        return exc
 
     def result(self, task_id: str, timeout: float | None = None, queue_index: int | None = None) -> Any:
         """Wait for the task to end and return its result; raise TaskFailedError if it failed

@@ -19,9 +19,11 @@ scripts in ``ppq/store/lua/`` run it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .errors import InvalidTaskError
 from .task import PUSH_FIELDS
 
 # Deepest nesting of chains, groups and chords (a leaf step adds no level).
@@ -32,6 +34,23 @@ ON_ERROR = ("fail", "run")
 # Push options a step may not carry: a workflow lives in one queue_index and its ids are made
 # by the master.
 STEP_REFUSED = ("queue_index", "task_id", "key", "delay")
+
+
+def target_name(target: str | Callable[..., Any]) -> tuple[str, str, str | None]:
+    """(module, func, fclass) of a dotted name or a function object."""
+    if callable(target) and not isinstance(target, str):
+        fn = inspect.unwrap(target)
+        qual = fn.__qualname__.split(".")
+        if "<locals>" in qual or "<lambda>" in fn.__qualname__:
+            raise InvalidTaskError(f"{fn.__qualname__} is not importable by a worker: use a module-level function")
+        module = fn.__module__
+        if len(qual) == 2:
+            return module, qual[1], qual[0]
+        return module, qual[-1], None
+    if not isinstance(target, str) or "." not in target:
+        raise InvalidTaskError(f"target must be 'module.func' or a function, got {target!r:.80}")
+    module, _, func = target.rpartition(".")
+    return module, func, None
 
 
 class Node:
@@ -56,8 +75,6 @@ class Signature(Node):
 
     def __init__(self, target: str | Callable[..., Any], args: Iterable[Any] = (),
                  kwargs: dict[str, Any] | None = None, immutable: bool = False, **options: Any) -> None:
-        from .client import target_name  # the client imports this module
-
         unknown = sorted(set(options) - set(PUSH_FIELDS))
         if unknown:
             raise ValueError(f"{unknown[0]!r} is not a push option (a function's keyword arguments go in kwargs=)")
