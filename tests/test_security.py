@@ -857,8 +857,8 @@ METHODS: dict[str, tuple[str, ...]] = {
 }
 # Methods that may change Redis when (and only when) they succeed.
 CHANGING = {"push_task", "push_tasks", "push_workflow", "report", "heartbeat", "get_task", "get_tasks", "purge_queue",
-            "pause_queue", "schedule_add", "schedule_remove", "schedule_pause", "schedule_resume", "schedule_run_now", "limit_set",
-            "limit_remove"}
+            "pause_queue", "schedule_add", "schedule_remove", "schedule_pause", "schedule_resume", "schedule_run_now",
+            "limit_set", "limit_remove"}
 
 SCALARS = st.one_of(
     st.none(),
