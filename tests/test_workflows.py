@@ -266,6 +266,19 @@ def test_cancelling_one_step_ends_its_workflow(client):
     assert client.info(wid)["state"] == "dead"
 
 
+def test_a_purged_step_ends_its_workflow(client):
+    client.pause_queue()
+    try:
+        wid = client.push(ft.add.s(1, 2) | ft.add.s(3))
+        assert client.info(f"{wid}.1")["state"] == "queued"
+        assert client.purge_queue() == 1
+        with pytest.raises(TaskFailedError, match=r"step \S+\.1 was purged"):
+            client.result(wid, timeout=5)
+        assert client.info(f"{wid}.2")["state"] == "cancelled"
+    finally:
+        client.resume_queue()
+
+
 def test_result_of_a_workflow_wakes_as_it_ends_without_polling(client):
     wid = client.push(chain(sig("flow_tasks.nap", 0.6, "x"), sig("flow_tasks.ident")))
     value = client.result(wid, timeout=20)
@@ -301,13 +314,14 @@ def test_a_chord_of_1000_calls_back_once_while_a_worker_and_a_master_are_killed(
     spawn.worker(a1, a2, allow=ALLOW, concurrency=2)
     c = Client([a1, a2], retry=3)
     try:
-        members = [sig("flow_tasks.square", i, kwargs={"seconds": 0.004}) for i in range(1000)]
+        members = [sig("flow_tasks.square", i, kwargs={"seconds": 0.01}) for i in range(1000)]
         cid = c.push(chord(members, sig("flow_tasks.tally", runs)))
         gid = f"{cid}.1"
         wait_for(lambda: int(ra.hget(f"ppq:0:t:{gid}", "remaining") or 1000) < 700, timeout=60,
                  what="300 members done")
         w1.send_signal(signal.SIGKILL)
         m1.send_signal(signal.SIGKILL)
+        assert ra.hget(f"ppq:0:t:{gid}", "state") == b"running"  # killed mid-way
         assert c.result(cid, timeout=90) == [i * i for i in range(1000)]
         assert lines(runs) == ["1000"]
         assert c.info(gid)["progress"] == "1000 of 1000 done"
@@ -327,6 +341,7 @@ def test_a_chain_of_100_steps_ends_in_order_while_a_worker_is_killed(spawn, redi
                            *(sig("flow_tasks.step", i, runs, 0.01) for i in range(1, 100))))
         wait_for(lambda: len(lines(runs)) >= 30, timeout=60, what="30 steps run")
         w1.send_signal(signal.SIGKILL)
+        assert ra.hget(f"ppq:0:t:{wid}", "state") == b"running"  # killed mid-way
         assert c.result(wid, timeout=90) == list(range(100))
         ran = [int(x) for x in lines(runs)]
         # At least once each, in order: a step the killed worker ran may run again, right after.
