@@ -48,3 +48,7 @@ def square(x, seconds=0.0):
 def nap(seconds, value=None):
     time.sleep(seconds)
     return value
+
+
+def echo(*args, **kwargs):
+    return {"args": list(args), "kwargs": kwargs}

@@ -20,9 +20,12 @@ import Pyro5.api
 import pytest
 import redis
 
-from ppq import AuthError, Client, TaskFailedError, chain, chord, group, sig
+from ppq import AuthError, Client, codec, TaskFailedError, chain, chord, group, sig
+from ppq.config import LimitsConfig
 from ppq.master import MasterServer
+from ppq.master.flows import build
 from ppq.rpc import PyroFunc
+from ppq.store import Store
 from ppq.workflow import MAX_DEPTH
 
 from .conftest import TESTS_DIR, Spawner, address_of, redis_snapshot, run_ppq, wait_for
@@ -78,6 +81,39 @@ def test_a_chain_passes_each_result_as_the_first_argument_and_an_immutable_step_
     assert [s["args"] for s in steps] == [[1, 2], [3, 10], [5, 5], [10, 3]]
     assert [s["result"] for s in steps] == [3, 13, 10, 30]
     assert all(s["wf"] == wid for s in steps) and [s["pos"] for s in steps] == [1, 2, 3, 4]
+
+
+def test_the_previous_result_goes_first_whatever_the_size_of_the_arguments_and_the_result(client):
+    # 20 args (a 3-byte array header), kwargs kept after them, a 70,000-byte result (a bin32 body).
+    wid = client.push(chain(ft.add.s(1, 2), sig("flow_tasks.echo", *range(20), kwargs={"k": [1, "x"]})))
+    assert client.result(wid, timeout=20) == {"args": [3, *range(20)], "kwargs": {"k": [1, "x"]}}
+    big = "x" * 70_000
+    wid = client.push(sig("flow_tasks.ident", big) | sig("flow_tasks.echo", kwargs={"n": None}))
+    assert client.result(wid, timeout=20) == {"args": [big], "kwargs": {"n": None}}
+    # Parameters given as bytes (the seed's shape) work as args do.
+    raw = {"func": "echo", "module": "flow_tasks", "parameters": codec.encode_parameters([7], {"a": 1})}
+    wid = client.call("push_workflow", {"chain": [GOOD, raw]}, 0)
+    assert client.result(wid, timeout=20) == {"args": [3, 7], "kwargs": {"a": 1}}
+
+
+def test_a_result_that_is_not_msgpack_fails_the_workflow_naming_its_step(redis_a, ra):
+    store = Store(0, redis_a.url)
+    try:
+        records = build({"chain": [GOOD, GOOD]}, 0, [0], LimitsConfig(), 100)
+        assert store.push_workflow(records)
+        _, leased, _ = store.report("w1", [], 1, 10.0)
+        [task] = leased
+        assert task["id"] == f"{records[0].id}.1"
+        report = {"id": task["id"], "lease": task["lease"], "ok": True, "result": pickle.dumps({1, 2})}
+        assert store.report("w1", [report], 0, 10.0)[0] == [True]
+        root = store.info(records[0].id)
+        assert root is not None and root["state"] == "dead"
+        assert root["error"] == (f"step {task['id']} returned a value that is not msgpack; workflows pass msgpack "
+                                 f"results only")
+        assert store.info(f"{records[0].id}.2")["state"] == "cancelled"
+        assert not store.push_workflow(records)  # pushed again (a retried call): nothing changes
+    finally:
+        store.close()
 
 
 def test_a_group_lists_results_in_the_order_given_whatever_order_they_end_in(client):

@@ -189,7 +189,7 @@ class Master(Operations, Scheduling, Limiting, Waiting):
         store = self._store(queue_index)
         records = build(workflow, store.queue_index, self.stores, self.limits, store.result_ttl, workflow_id)
         if store.push_workflow(records):
-            log.info("queue_index %s: workflow %s pushed (%d nodes)", store.queue_index, records[0].id, len(records))
+            log.debug("queue_index %s: workflow %s pushed (%d nodes)", store.queue_index, records[0].id, len(records))
         return records[0].id
 
     @rpc.remote(role=rpc.WORKER)
