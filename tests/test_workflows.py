@@ -20,7 +20,7 @@ import Pyro5.api
 import pytest
 import redis
 
-from ppq import AuthError, Client, codec, TaskFailedError, chain, chord, group, sig
+from ppq import AuthError, Client, TaskFailedError, chain, chord, codec, group, sig
 from ppq.config import LimitsConfig
 from ppq.master import MasterServer
 from ppq.master.flows import build
