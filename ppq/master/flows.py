@@ -20,10 +20,13 @@ from typing import Any, NamedTuple
 
 from .. import codec
 from ..config import LimitsConfig
-from ..errors import InvalidTaskError
+from ..errors import CodecError, InvalidTaskError
 from ..task import check_push, check_task_id, decode_body, new_id, show
 from ..workflow import MAX_DEPTH, ON_ERROR, STEP_REFUSED
 
+# Shapes of steps a Builder remembers (see Builder.leaf).
+MAX_TEMPLATES = 1000
+NONE = type(None)
 # The longest a root id may be: its nodes' ids add '.' and up to 6 digits within the 64 a task id may have.
 MAX_ROOT_ID = 56
 
@@ -69,6 +72,8 @@ class Builder:
         self.ttl = ttl
         self.records: list[FlowRecord] = []
         self.by_id: dict[str, FlowRecord] = {}
+        # The shape of a step (its options but its arguments) -> (its body's head, its options as fields).
+        self.templates: dict[Any, tuple[bytes, list[Any]]] = {}
         self.leaves = 0
         self.count = 0
 
@@ -146,24 +151,55 @@ class Builder:
         if options.get("parameters") is not None and codec.is_pickle(codec.from_wire(options["parameters"])):
             raise InvalidTaskError(f"{where}: parameters are pickled; workflows pass msgpack parameters only")
         node_id = self._id()
-        options["task_id"] = node_id
         options["queue_index"] = self.queue_index
+        args, kwargs = options.get("args"), options.get("kwargs")
+        plain = options.get("parameters") is None and args.__class__ is list and kwargs.__class__ in (dict, NONE)
+        # Steps alike but for their arguments (a big group's) are checked once: the first is
+        # checked whole, the others reuse its body's head and options.
+        shape: Any = None
+        if plain:
+            try:
+                shape = tuple(sorted((k, v) for k, v in options.items() if k not in ("args", "kwargs")))
+                hash(shape)
+            except TypeError:
+                shape = None
+        template = self.templates.get(shape) if shape is not None else None
         try:
-            spec = check_push(options, self.queue_indexes, self.limits, False)
+            if template is not None:
+                head, extra = template
+                body = head + codec.pack(self._parameters(args, kwargs))
+            else:
+                spec = check_push(dict(options, task_id=node_id), self.queue_indexes, self.limits, False)
+                body = spec.body
+                extra = [x for pair in spec.options for x in pair]
+                if shape is not None and len(self.templates) < MAX_TEMPLATES:
+                    head = body[:len(body) - len(codec.pack(self._parameters(args, kwargs)))]
+                    self.templates[shape] = (head, extra)
         except InvalidTaskError as exc:
             raise type(exc)(f"{where}: {exc}") from None
-        fields: list[Any] = ["state", "pending", "body", spec.body, "wf", parent or "", "pos", pos]
+        fields: list[Any] = ["state", "pending", "body", body, "wf", parent or "", "pos", pos]
         if not parent:
             fields[4:8] = []
         if not immutable:
-            fields += ["take", carry_layout(spec.body, options.get("args", ()) if options.get("parameters") is None
-                                            else None, options.get("kwargs"))]
-        for name, value in spec.options:
-            fields += [name, value]
+            fields += ["take", carry_layout(body, args if options.get("parameters") is None else None, kwargs)]
+        fields += extra
         record = FlowRecord(node_id, fields, [])
         self.records.append(record)
         self.by_id[node_id] = record
         return node_id
+
+    def _parameters(self, args: Any, kwargs: Any) -> bytes:
+        """A step's parameters as task.check_push packs a list of args and a dict of kwargs."""
+        if kwargs and not all(isinstance(k, str) for k in kwargs):
+            raise InvalidTaskError("kwargs must be a dict with string keys")
+        try:
+            params = codec.pack([args, kwargs or {}])
+        except CodecError as exc:
+            raise CodecError(f"args/kwargs: {exc}") from None
+        if len(params) > self.limits.max_payload:
+            raise InvalidTaskError(f"parameters are {len(params)} bytes, more than the limit of "
+                                   f"{self.limits.max_payload}")
+        return params
 
     def start(self, node_id: str) -> None:
         """Mark what runs as soon as the workflow is stored (state 'pending' is a record's
