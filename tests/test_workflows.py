@@ -196,6 +196,8 @@ BAD_WORKFLOWS = [
     ({"chain": [GOOD, dict(GOOD, parameters=pickle.dumps(([1], {})))]}, "chain[1]: parameters are pickled"),
     ({"chain": [dict(GOOD, queue_index=1)]}, "chain[0]: queue_index is not an option of a workflow step"),
     ({"group": [dict(GOOD, immutable="yes")]}, "group[0]: immutable must be true or false"),
+    ({"group": [GOOD, GOOD, dict(GOOD, kwargs={1: 2})]}, "group[2]: kwargs must be a dict with string keys"),
+    ({"group": [GOOD, dict(GOOD, args=[2**70])]}, "group[1]: args/kwargs: an integer of 71 bits"),
     ({"chain": [GOOD], "group": [GOOD]}, "a chain node holds only chain"),
     ("chain", "workflow: a step must be a dict"),
 ]
