@@ -21,7 +21,8 @@
 --                       has not started is cancelled (running steps finish, their results are
 --                       ignored) and its parent fails in turn
 --          wf_leaf_done  a function (id, wf, pos, result): leaf id of node wf reported done; a
---                        result that is not msgpack (a pickle) fails the workflow instead
+--                        result that is not msgpack (a pickle) fails the workflow instead, and
+--                        none ('') counts as nil
 --          wf_cancel    a function (id, flag, ttl): cancels what of node or leaf id has not
 --                       ended: pending and waiting leaves end cancelled (a ready list drops
 --                       an id it meets no longer queued), running leaves get their cancel flag
@@ -170,6 +171,7 @@ wf_cancel = function(id, flag, ttl)
 end
 
 local function wf_leaf_done(id, wf, pos, result)
+  if result == '' then result = '\192' end
   if #result > 1 and string.byte(result, 1) == 0x80 then
     wf_failed(wf, pos, 'step ' .. id .. ' returned a value that is not msgpack; workflows pass msgpack results only',
       id)
