@@ -39,6 +39,7 @@ log = logging.getLogger("ppq.master")
 # Children of a workflow's node that get_task_info lists.
 CHILDREN_LISTED = 20
 
+
 def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add decoded args/kwargs for clients that are not ppq's own worker."""
     if rpc.client_is_ppq():
