@@ -116,6 +116,24 @@ def test_a_result_that_is_not_msgpack_fails_the_workflow_naming_its_step(redis_a
         store.close()
 
 
+def test_a_step_whose_worker_was_lost_too_often_ends_its_workflow(redis_a, ra):
+    store = Store(0, redis_a.url, lease_timeout=0.05, max_lease_expiries=0)
+    try:
+        records = build({"group": [GOOD, GOOD]}, 0, [0], LimitsConfig(), 100)
+        assert store.push_workflow(records)
+        _, leased, _ = store.report("w1", [], 1, 10.0)
+        assert [t["id"] for t in leased] == [f"{records[0].id}.1"]
+        wait_for(lambda: store.reap()[1], what="the lease to expire")
+        root = store.info(records[0].id)
+        assert root is not None and root["state"] == "dead" and root["failed_task"] == leased[0]["id"]
+        assert root["error"] == f"step {leased[0]['id']} failed: LeaseExpired: the worker running it was lost 1 times"
+        # The other member, not started, is cancelled: a lease drops it.
+        assert store.info(f"{records[0].id}.2")["state"] == "cancelled"
+        assert store.report("w1", [], 1, 10.0)[1] == []
+    finally:
+        store.close()
+
+
 def test_a_group_lists_results_in_the_order_given_whatever_order_they_end_in(client):
     # The first member sleeps, so it ends last.
     gid = client.push(group(sig("flow_tasks.square", 7, kwargs={"seconds": 1.2}),
@@ -315,6 +333,15 @@ def test_a_purged_step_ends_its_workflow(client):
         assert client.info(f"{wid}.2")["state"] == "cancelled"
     finally:
         client.resume_queue()
+
+
+def test_a_step_whose_expiry_passed_before_its_turn_ends_its_workflow(client, tmp_path):
+    runs = path_of(tmp_path)
+    # expires counts from the push: the second step's turn comes after it.
+    wid = client.push(chain(sig("flow_tasks.nap", 0.6, 1), sig("flow_tasks.tally", runs, expires=0.2)))
+    with pytest.raises(TaskFailedError, match=r"step \S+\.2 expired before it started"):
+        client.result(wid, timeout=20)
+    assert client.info(f"{wid}.2")["state"] == "expired" and not Path(runs).exists()
 
 
 def test_result_of_a_workflow_wakes_as_it_ends_without_polling(client):
