@@ -1,7 +1,8 @@
 """ppq: a distributed task queue over Pyro5 and Redis.
 
 What users import is here: :class:`Client` and :func:`task` to push and wait,
-:func:`periodic` to declare a schedule on a task function,
+:func:`periodic` to declare a schedule on a task function, :func:`chain`,
+:func:`group`, :func:`chord` and :func:`sig` to build workflows,
 :class:`Master` and :class:`Worker` to run the daemons from Python, :class:`Config`,
 the errors, and :class:`PyroFunc` for the seed's calling style. Inside, each
 layer imports only those below it:
@@ -40,6 +41,7 @@ from .errors import (
 )
 from .rpc import PyroFunc
 from .schedules import periodic
+from .workflow import chain, chord, group, sig
 
 __version__ = "0.1.0"
 
@@ -63,9 +65,13 @@ __all__ = [
     "TaskFailedError",
     "TaskTimeoutError",
     "Worker",
+    "chain",
+    "chord",
     "decode_parameters",
     "encode_parameters",
+    "group",
     "load_config",
     "periodic",
+    "sig",
     "task",
 ]

@@ -15,6 +15,7 @@ from .limits import LimitClient, declare
 from .rpc import DEFAULT_TIMEOUT, PyroFunc, apply_tls
 from .schedules import ScheduleClient
 from .task import DONE, EXPIRED, FINAL_STATES, new_id
+from .workflow import Node, Signature, target_name
 
 # Tasks sent per push_tasks call by push_many.
 DEFAULT_CHUNK = 5000
@@ -24,23 +25,6 @@ LOOKUP_CHUNK = 1000
 PURGE_CHUNK = 20_000
 # Longest single wait the master is asked to hold, in seconds.
 _WAIT_STEP = 20.0
-
-
-def target_name(target: str | Callable[..., Any]) -> tuple[str, str, str | None]:
-    """(module, func, fclass) of a dotted name or a function object."""
-    if callable(target) and not isinstance(target, str):
-        fn = inspect.unwrap(target)
-        qual = fn.__qualname__.split(".")
-        if "<locals>" in qual or "<lambda>" in fn.__qualname__:
-            raise InvalidTaskError(f"{fn.__qualname__} is not importable by a worker: use a module-level function")
-        module = fn.__module__
-        if len(qual) == 2:
-            return module, qual[1], qual[0]
-        return module, qual[-1], None
-    if not isinstance(target, str) or "." not in target:
-        raise InvalidTaskError(f"target must be 'module.func' or a function, got {target!r:.80}")
-    module, _, func = target.rpartition(".")
-    return module, func, None
 
 
 class Client(ScheduleClient, LimitClient):
@@ -93,11 +77,21 @@ class Client(ScheduleClient, LimitClient):
         task.update(options)
         return task
 
-    def push(self, target: str | Callable[..., Any], *args: Any, kwargs: dict[str, Any] | None = None,
+    def push(self, target: str | Callable[..., Any] | Node, *args: Any, kwargs: dict[str, Any] | None = None,
              **options: Any) -> str:
         """Push ``target(*args, **kwargs)``; ``options`` are push_task's (queue_index, delay, key,
         priority: 0-9, higher first; expires: seconds from now or a unix time by which it must
-        have started...)."""
+        have started...).
+
+        ``target`` may be a workflow (``chain``, ``group``, ``chord`` from :mod:`ppq.workflow`):
+        it is sent as plain data to the master's ``push_workflow``, with ``queue_index`` the
+        only option; its id is returned, for :meth:`result`, :meth:`info` and :meth:`cancel`."""
+        if isinstance(target, Node):
+            if args or kwargs or set(options) - {"queue_index"}:
+                raise InvalidTaskError("a workflow is pushed with queue_index as its only option; give the other "
+                                       "options (priority, max_retry...) to its steps")
+            qi = options.get("queue_index", self.queue_index)
+            return str(self.call("push_workflow", target.to_data(), qi, new_id()))
         return str(self.call("push_task", **self._task(target, args, kwargs, options)))
 
     def push_many(self, tasks: Iterable[Any], chunk: int = DEFAULT_CHUNK, **options: Any) -> list[str]:
@@ -230,7 +224,22 @@ class Client(ScheduleClient, LimitClient):
             expires = info.get("expires")
             when = f" (expires {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(expires))} UTC)" if expires else ""
             raise TaskExpiredError(info["id"], f"not started before its expiry{when}, never run", "", expires)
+        if info.get("failed_task"):
+            raise self._step_failed(info)
         raise TaskFailedError(info["id"], info.get("error") or info["state"], info.get("traceback") or "")
+
+    def _step_failed(self, info: dict[str, Any]) -> TaskFailedError:
+        """The error of a workflow whose step ``failed_task`` failed: its message names the step; its
+        ``type``, ``message`` and ``traceback`` are the step's."""
+        error = info.get("error") or info["state"]
+        step = info["failed_task"]
+        record = self.info(step, info.get("queue_index"))
+        exc = TaskFailedError(info["id"], error, (record or {}).get("traceback") or "")
+        prefix = f"step {step} failed: "
+        if error.startswith(prefix):
+            inner = TaskFailedError(step, error[len(prefix):])
+            exc.type, exc.message = inner.type, inner.message
+        return exc
 
     def result(self, task_id: str, timeout: float | None = None, queue_index: int | None = None) -> Any:
         """Wait for the task to end and return its result; raise TaskFailedError if it failed
@@ -306,9 +315,16 @@ def default_client() -> Client:
     return _default_client
 
 
+def _step_options(push_options: dict[str, Any]) -> dict[str, Any]:
+    """The decorator's push options that apply to a workflow step (not queue_index, key, delay)."""
+    return {k: v for k, v in push_options.items() if k not in ("queue_index", "key", "delay", "task_id")}
+
+
 def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, rate_limit: str | None = None,
          concurrency_limit: int | None = None, **push_options: Any) -> Any:
-    """Decorate a module-level function so that ``fn.push(*args, **kwargs)`` enqueues it.
+    """Decorate a module-level function so that ``fn.push(*args, **kwargs)`` enqueues it, and
+    ``fn.s(*args, **kwargs)`` / ``fn.si(...)`` make it a workflow step (``si``: immutable, it
+    ignores the previous step's result).
 
     ``fn(*args, **kwargs)`` still runs it here. ``push_options`` (queue_index,
     delay, max_retry, key, priority, expires...) apply to every push. ``rate_limit``
@@ -327,7 +343,15 @@ def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, 
         def push(*args: Any, **kwargs: Any) -> str:
             return (client or default_client()).push(func, *args, kwargs=kwargs, **push_options)
 
+        def s(*args: Any, **kwargs: Any) -> Signature:
+            return Signature(func, args, kwargs, **_step_options(push_options))
+
+        def si(*args: Any, **kwargs: Any) -> Signature:
+            return Signature(func, args, kwargs, True, **_step_options(push_options))
+
         func.push = push  # type: ignore[attr-defined]
+        func.s = s  # type: ignore[attr-defined]
+        func.si = si  # type: ignore[attr-defined]
         return func
 
     return decorate(fn) if fn is not None else decorate

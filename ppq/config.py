@@ -46,6 +46,8 @@ DEFAULT_MAX_WORKER_INFO = 4096
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 # Task ids one wait_tasks / get_tasks_info call looks up (and dead tasks one dead_tasks lists).
 DEFAULT_MAX_LOOKUP = 1000
+# Most leaf tasks one workflow (chain, group, chord) may hold.
+DEFAULT_MAX_WORKFLOW_TASKS = 100_000
 # Longest a worker stays listed after it was last heard from, in seconds.
 DEFAULT_WORKER_TTL = 300.0
 
@@ -75,6 +77,7 @@ class LimitsConfig:
     max_worker_info: int = DEFAULT_MAX_WORKER_INFO
     max_message: int = DEFAULT_MAX_MESSAGE
     max_lookup: int = DEFAULT_MAX_LOOKUP
+    max_workflow_tasks: int = DEFAULT_MAX_WORKFLOW_TASKS
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ _POSITIVE = {
     "worker.heartbeat_interval", "client.retry", "client.timeout", "limits.max_payload", "limits.max_batch",
     "limits.max_name_length", "limits.max_key_length", "limits.max_delay", "limits.max_timeout",
     "limits.max_result_ttl", "limits.max_message", "limits.max_workers", "master.worker_ttl", "limits.max_lookup",
+    "limits.max_workflow_tasks",
 }
 # Keys with a floor above zero: key -> the smallest value accepted.
 _AT_LEAST = {"limits.max_worker_info": 1024, "limits.max_message": 65536}

@@ -357,6 +357,8 @@ BLOCKS: dict[str, Callable[..., None]] = {
     "$ ppq schedule add adder": periodic_commands,
     "# periodic_jobs.py": declared_schedules,
     "$ ppq limit set mytasks.add": limit_commands,
+    "pipeline = chain(": python_block(["30", "[0,", "1,", "4,", "9,", "16]", "5", "of", "5", "done",
+                                       "[0,", "1,", "4,", "9,", "16,", "25]", "TypeError"]),
 }
 
 

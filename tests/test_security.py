@@ -826,6 +826,7 @@ METHODS: dict[str, tuple[str, ...]] = {
                   "queue_index", "delay", "args", "kwargs", "timeout", "result_ttl", "task_id", "priority",
                   "expires"),
     "push_tasks": ("tasks",),
+    "push_workflow": ("workflow", "queue_index", "workflow_id"),
     "get_task": ("worker_info", "queue_index", "wait"),
     "get_tasks": ("worker_info", "queue_index", "count", "wait"),
     "task_finish": ("task_id", "worker_info", "queue_index", "piggyback", "result", "result_bytes", "lease"),
@@ -855,9 +856,9 @@ METHODS: dict[str, tuple[str, ...]] = {
     "limit_list": (),
 }
 # Methods that may change Redis when (and only when) they succeed.
-CHANGING = {"push_task", "push_tasks", "report", "heartbeat", "get_task", "get_tasks", "purge_queue", "pause_queue",
-            "schedule_add", "schedule_remove", "schedule_pause", "schedule_resume", "schedule_run_now", "limit_set",
-            "limit_remove"}
+CHANGING = {"push_task", "push_tasks", "push_workflow", "report", "heartbeat", "get_task", "get_tasks", "purge_queue",
+            "pause_queue", "schedule_add", "schedule_remove", "schedule_pause", "schedule_resume", "schedule_run_now",
+            "limit_set", "limit_remove"}
 
 SCALARS = st.one_of(
     st.none(),
@@ -900,6 +901,12 @@ VALID: dict[str, list[Any]] = {
     "task_id": [None, "abc", "t-1", "a" * 64],
     "tasks": [[], [{"func": "add", "module": "tasks"}], [{"func": "add", "module": "tasks", "queue_index": 1},
                                                            {"func": "echo", "module": "tasks", "key": "k1"}]],
+    "workflow": [{"chain": [{"func": "add", "module": "tasks", "args": [1, 2]}, {"func": "add", "module": "tasks"}]},
+                 {"group": [{"func": "add", "module": "tasks"}, {"chain": [{"func": "echo", "module": "tasks"}]}]},
+                 {"chord": [{"func": "add", "module": "tasks"}], "callback": {"func": "echo", "module": "tasks"},
+                  "on_error": "run"},
+                 {"chain": [{"func": "add", "module": "tasks", "queue_index": 1}]}, {"chain": []}],
+    "workflow_id": [None, "wf-1", "a" * 57],
     "worker_info": ["w1", 7, {"id": "w1"}, {"id": "w1", "heartbeat_interval": 1}, {"host": "h", "pid": 1}],
     "wait": [0, 0.01], "count": [1, 2, 5], "piggyback": [False, True], "result": [None, 1, "x", {"a": [1]}],
     "result_bytes": [None, b"\xc0", b""], "lease": [None, "", "w1/1"], "error": ["", "boom"],

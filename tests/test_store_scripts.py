@@ -63,7 +63,8 @@ def test_every_file_is_a_script_the_store_runs_or_a_fragment_one_includes():
     included = {name for script in NAMES for name in INCLUDE.findall(read(script + ".lua"))}
     assert {name + ".lua" for name in NAMES} <= set(FILES)
     assert set(FRAGMENTS) == included, "a .lua file that is neither run nor included"
-    assert FRAGMENTS == ["expire.lua", "lease.lua", "limits.lua", "module.lua", "now.lua", "ready.lua", "seen.lua"]
+    assert FRAGMENTS == ["expire.lua", "lease.lua", "limits.lua", "module.lua", "now.lua", "ready.lua", "seen.lua",
+                         "workflow.lua"]
 
 
 @pytest.mark.parametrize("filename", FILES)

@@ -308,6 +308,11 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
     if as_json:
         _print_json(info)
         return
+    if "kind" in info:
+        _show_node(task_id, info)
+        if info["state"] == "dead" and wait:
+            sys.exit(RET_ERROR)
+        return
     table = _table(title=f"task {task_id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -328,9 +333,33 @@ def task(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, 
         elif name in ("args", "kwargs", "result"):
             value = json.dumps(value, default=_json_default) if value is not None else ""
         table.add_row(name, "" if value is None else str(value))
+    if info.get("wf"):
+        table.add_row("workflow", f"{info['wf']} (step {info.get('pos', 0)})")
     console.print(table)
     if info["state"] in ("dead", "failed") and wait:
         sys.exit(RET_ERROR)
+
+
+def _show_node(task_id: str, info: dict[str, Any]) -> None:
+    """A workflow's node (chain, group, chord): where it stands and its children."""
+    table = _table(title=f"{info['kind']} {task_id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [("kind", info["kind"]), ("state", info["state"]), ("queue_index", info["queue_index"]),
+            ("parent", info.get("parent") or ""), ("progress", info.get("progress", "")),
+            ("created", _when(info.get("created"))), ("started", _when(info.get("started"))),
+            ("finished", _when(info.get("finished")))]
+    if info["state"] == "done":
+        rows.append(("result", json.dumps(info.get("result"), default=_json_default)))
+    if info.get("error"):
+        rows += [("error", info["error"]), ("failed task", info.get("failed_task", ""))]
+    children = [f"{kid['id']}  {kid['state']}" for kid in info.get("children", [])]
+    if info.get("children_more"):
+        children.append(f"and {info['children_more']} more")
+    rows.append(("children", "\n".join(children)))
+    for name, value in rows:
+        table.add_row(name, "" if value is None else str(value))
+    console.print(table)
 
 
 def _expires(info: dict[str, Any]) -> str:
@@ -385,7 +414,7 @@ def cancel(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
         if state is None:
             bad += 1
             err_console.print(f"{task_id}: unknown in queue_index {queue_index}", markup=False, highlight=False)
-        elif state in ("queued", "delayed", "failed"):
+        elif state in ("queued", "delayed", "failed", "pending"):
             click.echo(f"{task_id}: cancelled (was {state})")
         elif state == "running":
             click.echo(f"{task_id}: running; it is cancelled when it ends, its result dropped")

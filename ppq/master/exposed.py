@@ -28,12 +28,17 @@ from .checks import (
     worker_id_of,
 )
 from .duties import run_duties
+from .flows import build
 from .limits import Limiting
 from .operate import Operations, unrouted
 from .schedules import Scheduling
 from .waiting import Waiting, Waker
 
 log = logging.getLogger("ppq.master")
+
+# Children of a workflow's node that get_task_info lists.
+CHILDREN_LISTED = 20
+
 
 def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add decoded args/kwargs for clients that are not ppq's own worker."""
@@ -176,6 +181,18 @@ class Master(Operations, Scheduling, Limiting, Waiting):
                 log.debug("queue_index %s: task %s pushed", spec.queue_index, tid)
         return ids
 
+    @rpc.remote
+    def push_workflow(self, workflow: Any, queue_index: Any = 0, workflow_id: Any = None) -> str:
+        """Push a workflow (chain, group, chord) given as plain data (``ppq/master/flows.py``);
+        return its id. Every node is checked first, and an error names the path of the bad
+        one ("chain[2].group[0]: func: ..."); nothing is stored then. ``workflow_id`` (made by
+        the caller) makes a retried push store the workflow once."""
+        store = self._store(queue_index)
+        records = build(workflow, store.queue_index, self.stores, self.limits, store.result_ttl, workflow_id)
+        if store.push_workflow(records):
+            log.debug("queue_index %s: workflow %s pushed (%d nodes)", store.queue_index, records[0].id, len(records))
+        return records[0].id
+
     @rpc.remote(role=rpc.WORKER)
     def get_task(self, worker_info: Any, queue_index: Any = 0, wait: Any = 0) -> dict[str, Any] | None:
         """Lease the next task of ``queue_index`` (waiting up to ``wait`` seconds); None if there is none."""
@@ -293,6 +310,8 @@ class Master(Operations, Scheduling, Limiting, Waiting):
         check_task_id(task_id)
         store = self._store(queue_index)
         record = store.info(task_id)
+        if record is not None and "kind" in record:
+            self._node_info(store, record)
         if record is not None and record["state"] in (QUEUED, FAILED) and record["module"]:
             if unrouted({record["module"]: 1}, self._live_allows(store)):
                 record["waiting_for"] = f"a worker that allows {record['module']}"
@@ -301,6 +320,20 @@ class Master(Operations, Scheduling, Limiting, Waiting):
                 if held:
                     record["waiting_for"] = held
         return record
+
+    def _node_info(self, store: Store, record: dict[str, Any]) -> None:
+        """A workflow node's ``children`` (up to CHILDREN_LISTED, as {id, state}),
+        ``children_more`` (how many more) and ``progress`` ("step 3 of 5", "412 of 1000 done")."""
+        total, kids = store.children(record["id"], CHILDREN_LISTED)
+        record["children"] = [{"id": kid, "state": state} for kid, state in kids]
+        record["children_more"] = max(0, total - len(kids))
+        n = record.get("n", total)
+        if record["kind"] == "group":
+            record["progress"] = f"{n - record.get('remaining', n)} of {n} done"
+        elif record["state"] == "done":
+            record["progress"] = f"{n} of {n} steps done"
+        else:
+            record["progress"] = f"step {record.get('next', 0) or 1} of {n}"
 
     @rpc.remote
     def wait_task(self, task_id: Any, queue_index: Any = 0, timeout: Any = 10) -> dict[str, Any] | None:

@@ -3,7 +3,9 @@
 Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1]``
 (``P`` in their text) and append the names below.
 
-    t:<id>         hash   the task record (fields below)
+    t:<id>         hash   the task record (fields below), or a workflow's node (workflow.lua)
+    t:<id>:kids    list   a workflow node's children's ids, in order
+    t:<id>:res     hash   a running group's member results so far, pos -> result
     queue          list   ids ready to run, FIFO (RPUSH in, LPOP out), of priority 0
     queue:p:<n>    list   ready ids of priority n (1-9), FIFO; leased before ``queue``, highest n first
     priorities     zset   the priorities n that may have a ``queue:p:<n>`` list (score n); a lease reads
@@ -46,7 +48,9 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
 Task record fields: body (msgpack of the target, parameters and timeout),
 state, created, eta, key, the options that differ from their defaults
 (max_retry, retry_delay, result_ttl, priority, expires: a unix time), and as the task lives: started finished
-worker lease attempts retry expiries result error traceback cancel slot.
+worker lease attempts retry expiries result error traceback cancel slot; in a workflow
+wf pos take. A workflow node's: kind state parent pos n next remaining onerr ttl created started
+finished result error failed_task.
 """
 
 from __future__ import annotations

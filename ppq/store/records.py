@@ -87,6 +87,14 @@ def record_of(task_id: str, raw: dict[Any, Any], queue_index: int) -> dict[str, 
             except CodecError:
                 out["result_pickled"] = result
     out["has_result"] = result is not None
+    if "kind" in data or "wf" in data:
+        # A workflow's node, or one of its tasks.
+        for name in ("kind", "parent", "wf", "failed_task"):
+            if name in data:
+                out[name] = text(data[name])
+        for name in ("pos", "n", "next", "remaining"):
+            if name in data:
+                out[name] = int(text(data[name]))
     return out
 
 

@@ -3,7 +3,8 @@
 Each script is one file, ``lua/<name>.lua``, opening with its contract: every
 ``ARGV[i]`` by name and meaning, KEYS (none: every key is built from the prefix in
 ``ARGV[1]``), and what it returns. Code shared by several scripts is a *fragment*
-(``now.lua``, ``module.lua``, ``limits.lua``, ``lease.lua``, ``seen.lua``): a script line that reads exactly
+(``now.lua``, ``module.lua``, ``limits.lua``, ``lease.lua``, ``seen.lua``, ``workflow.lua``...):
+a script line that reads exactly
 
     -- include: lease.lua
 
@@ -29,7 +30,7 @@ from .link import Link
 
 # The scripts a Store runs, by file name without ".lua".
 NAMES = ("push", "report", "heartbeat", "reap", "move", "cancel", "requeue_dead", "purge_dead", "purge", "pause",
-         "schedule_save", "schedule_claim", "schedule_change", "limit", "held")
+         "schedule_save", "schedule_claim", "schedule_change", "limit", "held", "workflow_push")
 
 INCLUDE = re.compile(r"^-- include: (\w+\.lua)$", re.MULTILINE)
 

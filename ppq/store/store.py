@@ -33,6 +33,10 @@ log = logging.getLogger("ppq.store")
 ANY_MODULE = "*"
 # Most modules whose lists of tasks moved aside counts() and parked() read.
 PARKED_LISTED = 1000
+# Workflows of more nodes than this are stored over a connection of their own, with a longer timeout.
+BIG_WORKFLOW = 5000
+# Seconds that connection waits for Redis to store a big workflow.
+BIG_WORKFLOW_TIMEOUT = 120.0
 # The priorities above 0, each with its own list of ready ids (P..'queue:p:<n>').
 PRIORITIES = tuple(range(1, MAX_PRIORITY + 1))
 
@@ -59,6 +63,7 @@ class Store(Admin, ScheduleStore, LimitStore):
         self.result_ttl = result_ttl
         # Worker ids listed at once; see the heartbeat script.
         self.max_workers = max_workers
+        self.timeout = timeout
         self.redis = connect(url, timeout)
         self._link = Link(url, timeout) if Link.usable(url) else None
         self._push = Script(SOURCES["push"], self.redis, self._link)
@@ -71,6 +76,7 @@ class Store(Admin, ScheduleStore, LimitStore):
         self._purge_dead = Script(SOURCES["purge_dead"], self.redis, self._link)
         self._purge = Script(SOURCES["purge"], self.redis, self._link)
         self._pause = Script(SOURCES["pause"], self.redis, self._link)
+        self._workflow_push = Script(SOURCES["workflow_push"], self.redis, self._link)
 
     def close(self) -> None:
         """Close every connection; the Store is not used after."""
@@ -188,6 +194,39 @@ class Store(Admin, ScheduleStore, LimitStore):
         """Cancel a task (see cancel.lua); return the state it had, None if it is unknown."""
         state = self._cancel([self.prefix, task_id, self.result_ttl])
         return text(state) or None
+
+    @storage_errors
+    def push_workflow(self, records: Sequence[tuple[str, Sequence[Any], Sequence[str]]]) -> bool:
+        """Store a workflow's nodes, its root first, each (id, flat field/value list, children's ids),
+        and start it (workflow_push.lua); False, with nothing stored, if its root exists already."""
+        args: list[Any] = [self.prefix, records[0][0]]
+        # One argument per node (Redis takes at most 1,048,576 per command), as cmsgpack reads it.
+        pack = msgpack.Packer(use_bin_type=False).pack
+        for node_id, fields, kids in records:
+            args.append(pack([node_id, [v if isinstance(v, bytes) else str(v) for v in fields], kids]))
+        if len(records) <= BIG_WORKFLOW:
+            return bool(self._workflow_push(args))
+        # Redis runs a big one for seconds (about 4 s for 100,000 tasks): on a connection of its own
+        # that waits that long.
+        client = connect(self.url, max(self.timeout, BIG_WORKFLOW_TIMEOUT))
+        try:
+            return bool(Script(SOURCES["workflow_push"], client, None)(args))
+        finally:
+            client.close()
+
+    @storage_errors
+    def children(self, node_id: str, count: int) -> tuple[int, list[tuple[str, str]]]:
+        """How many children a workflow's node has, and the first ``count`` of them as (id, state)."""
+        kids = self.prefix + "t:" + node_id + ":kids"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(kids)
+        pipe.lrange(kids, 0, count - 1)
+        total, ids = pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for kid in ids:
+            pipe.hget(self.prefix + "t:" + text(kid), "state")
+        states = pipe.execute() if ids else []
+        return int(total), [(text(kid), text(state) or "unknown") for kid, state in zip(ids, states, strict=True)]
 
     # -- Records and counts
 

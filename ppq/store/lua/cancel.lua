@@ -12,16 +12,26 @@
 -- cancel flag: its worker learns at its next heartbeat, and the task ends cancelled when
 -- it is reported or its lease expires. A task that already ended is left as it is. A waiting
 -- task held back by its function's limits is taken out of P..'queue:f:<func>' (limits.lua).
+-- A workflow's node (field 'kind': chain, group, chord) pending or running ends cancelled
+-- with what of it has not ended (workflow.lua's wf_cancel: running steps get their cancel
+-- flag). A node or a task of a workflow, cancelled, fails the node it is part of
+-- (wf_failed), so the workflow ends rather than waits for it; the steps that starts (a chord
+-- run with on_error 'run') are counted in a P..'wake' publish.
 
 -- include: now.lua
 -- include: module.lua
 local P, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 -- include: ready.lua
+-- include: workflow.lua
 local tk = P .. 't:' .. id
-local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'priority')
+local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'priority', 'kind', 'wf', 'pos', 'parent')
 local state = f[1]
 if not state then return false end
-if state == 'queued' or state == 'delayed' or state == 'failed' then
+local up, pos = f[6] or f[8], f[7]
+if f[5] or state == 'pending' then
+  wf_cancel(id, true, ttl)
+  if up and (state == 'pending' or state == 'running') then wf_failed(up, pos, 'step ' .. id .. ' was cancelled', id) end
+elseif state == 'queued' or state == 'delayed' or state == 'failed' then
   -- A ready task is in its priority's ready list, or in its module's list if a lease moved it aside.
   local mod = state ~= 'delayed' and redis.call('LREM', ready_list(f[4]), 1, id) == 0 and module_of(f[3])
   if mod then
@@ -45,7 +55,9 @@ if state == 'queued' or state == 'delayed' or state == 'failed' then
   redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
   redis.call('EXPIRE', tk, math.max(ttl, 1))
   if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
+  if up then wf_failed(up, pos, 'step ' .. id .. ' was cancelled', id) end
 elseif state == 'running' then
   redis.call('HSET', tk, 'cancel', '1')
 end
+if wf_ready > 0 then redis.call('PUBLISH', P .. 'wake', wf_ready) end
 return state

@@ -15,6 +15,7 @@
 -- include: now.lua
 local P, limit, dttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 -- include: ready.lua
+-- include: workflow.lua
 -- include: expire.lua
 local ids = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now, 'LIMIT', 0, limit)
 local moved = 0
@@ -31,6 +32,6 @@ for _, id in ipairs(ids) do
     moved = moved + 1
   end
 end
-if moved > 0 then redis.call('PUBLISH', P .. 'wake', moved) end
+if moved + wf_ready > 0 then redis.call('PUBLISH', P .. 'wake', moved + wf_ready) end
 local nxt = redis.call('ZRANGE', P .. 'delayed', 0, 0, 'WITHSCORES')
 return {moved, nxt[2] or false, tostring(now)}

@@ -17,15 +17,20 @@
 -- function's limits (limits.lua, the functions in P..'throttled') are emptied after the
 -- modules' lists, and counted in stats 'parked' too.
 -- Counts them in stats 'purged'; publishes P..'finished' for each one someone waits on
--- (P..'waiting'), so that its wait ends.
+-- (P..'waiting'), so that its wait ends. A purged step of a workflow (field 'wf') fails its
+-- workflow (workflow.lua's wf_failed), which then ends rather than waits for it; the steps
+-- that starts (a chord run with on_error 'run') are counted in a P..'wake' publish.
 
+-- include: now.lua
 local P, limit = ARGV[1], tonumber(ARGV[2])
+-- include: ready.lua
+-- include: workflow.lua
 local purged, taken = 0, 0
 local watched = redis.call('EXISTS', P .. 'waiting') == 1
 local function drop(ids)
   for _, id in ipairs(ids) do
     local tk = P .. 't:' .. id
-    local f = redis.call('HMGET', tk, 'state', 'key')
+    local f = redis.call('HMGET', tk, 'state', 'key', 'wf', 'pos')
     if f[1] == 'queued' or f[1] == 'delayed' or f[1] == 'failed' then
       if f[2] and f[2] ~= '' and redis.call('HGET', P .. 'keys', f[2]) == id then
         redis.call('HDEL', P .. 'keys', f[2])
@@ -33,6 +38,7 @@ local function drop(ids)
       redis.call('DEL', tk)
       purged = purged + 1
       if watched and redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
+      if f[3] then wf_failed(f[3], f[4], 'step ' .. id .. ' was purged', id) end
     end
   end
   taken = taken + #ids
@@ -81,6 +87,7 @@ if taken < limit then
   end
 end
 if purged > 0 then redis.call('HINCRBY', P .. 'stats', 'purged', purged) end
+if wf_ready > 0 then redis.call('PUBLISH', P .. 'wake', wf_ready) end
 local left = redis.call('LLEN', P .. 'queue') + redis.call('ZCARD', P .. 'delayed')
   + math.max(0, tonumber(redis.call('HGET', P .. 'stats', 'parked')) or 0)
 for _, pri in ipairs(redis.call('ZRANGE', P .. 'priorities', 0, -1)) do

@@ -30,6 +30,7 @@
 local P, wid, count, lt, seen, nonce, maxw, allow, dttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
 -- include: ready.lua
+-- include: workflow.lua
 -- include: expire.lua
 local renamed = {}
 local position = 0
@@ -150,7 +151,7 @@ if wid == '' then count = 0 end
 -- include: seen.lua
 
 if #out > 0 then mark_seen() end
-ready = ready - #out
+ready = ready + wf_ready - #out
 if ready > 0 and redis.call('ZCOUNT', P .. 'waiters', now, '+inf') > 0 then
   redis.call('PUBLISH', P .. 'wake', ready)
 end

@@ -13,11 +13,13 @@
 -- dead after maxexp expiries. It also drops past entries of P..'waiting' and
 -- P..'waiters', rate buckets older than two minutes, and workers that went quiet (with their
 -- pause in P..'paused'). A task that held a slot of its function's concurrency limit gives
--- it back (limits.lua).
+-- it back (limits.lua). A task of a workflow that ends dead or cancelled fails its workflow
+-- (workflow.lua's wf_failed).
 
 -- include: now.lua
 local P, maxexp, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 -- include: ready.lua
+-- include: workflow.lua
 local ids = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0, limit)
 local ready = 0
 local dead = {}
@@ -34,8 +36,10 @@ for _, id in ipairs(ids) do
       redis.call('HDEL', tk, 'slot')
     end
     redis.call('HINCRBY', P .. 'stats', 'expired', 1)
-    if redis.call('HGET', tk, 'cancel') == '1' then
+    local w = redis.call('HMGET', tk, 'cancel', 'wf', 'pos')
+    if w[1] == '1' then
       redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
+      if w[2] then wf_failed(w[2], w[3], 'step ' .. id .. ' was cancelled', id) end
     elseif exp > maxexp then
       redis.call('HSET', tk, 'state', 'dead', 'finished', now,
         'error', 'LeaseExpired: the worker running it was lost ' .. exp .. ' times', 'traceback', '')
@@ -44,6 +48,10 @@ for _, id in ipairs(ids) do
       if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
       dead[#dead + 1] = id
       dead[#dead + 1] = exp
+      if w[2] then
+        wf_failed(w[2], w[3], 'step ' .. id .. ' failed: LeaseExpired: the worker running it was lost ' .. exp ..
+          ' times', id)
+      end
     else
       redis.call('HSET', tk, 'state', 'queued', 'eta', now)
       redis.call('HDEL', tk, 'lease')
@@ -52,6 +60,7 @@ for _, id in ipairs(ids) do
     end
   end
 end
+ready = ready + wf_ready
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 redis.call('ZREMRANGEBYSCORE', P .. 'waiting', '-inf', now)
 redis.call('ZREMRANGEBYSCORE', P .. 'waiters', '-inf', now)

@@ -29,12 +29,15 @@
 -- P..'finished' with the id of each watched task (P..'waiting') reported on, hand-backs
 -- aside, and P..'wake' with the number of tasks made ready (a task that gives back a slot
 -- of its function's concurrency limit while others wait for one counts as one).
+-- A task of a workflow (field 'wf') that ends done, dead or cancelled moves its workflow on
+-- (workflow.lua: wf_leaf_done, wf_failed); the steps that starts count in 'wake'.
 
 -- include: now.lua
 -- include: module.lua
 local P, wid, count, lt, seen, dttl, nonce, maxw, allow = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
   tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
 -- include: ready.lua
+-- include: workflow.lua
 -- include: expire.lua
 local accepted = {}
 local ready = 0
@@ -52,7 +55,7 @@ for i = 11, #ARGV, 6 do
              traceback = ARGV[i + 5]}
   local tk = P .. 't:' .. r.id
   local f = redis.call('HMGET', tk, 'state', 'lease', 'retry', 'max_retry', 'retry_delay', 'result_ttl', 'cancel',
-    'priority')
+    'priority', 'wf', 'pos')
   -- Taking it out of the running set is the last check: a task not in it has no live lease.
   if f[1] ~= 'running' or f[2] ~= r.lease or redis.call('ZREM', P .. 'running', r.id) == 0 then
     accepted[#accepted + 1] = 0
@@ -72,6 +75,7 @@ for i = 11, #ARGV, 6 do
       redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
       redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
       redis.call('EXPIRE', tk, math.max(ttl, 1))
+      if f[9] then wf_failed(f[9], f[10], 'step ' .. r.id .. ' was cancelled', r.id) end
     elseif r.kind == 'release' then
       redis.call('HSET', tk, 'state', 'queued', 'eta', now)
       redis.call('HDEL', tk, 'lease')
@@ -82,6 +86,7 @@ for i = 11, #ARGV, 6 do
       redis.call('HSET', tk, 'state', 'done', 'finished', now, 'result', r.result)
       done_n = done_n + 1
       if ttl > 0 then redis.call('EXPIRE', tk, ttl) else redis.call('DEL', tk) end
+      if f[9] then wf_leaf_done(r.id, f[9], f[10], r.result) end
     else
       failed_n = failed_n + 1
       local retry = (tonumber(f[3]) or 0) + 1
@@ -106,6 +111,7 @@ for i = 11, #ARGV, 6 do
         redis.call('HSET', tk, 'state', 'dead')
         redis.call('ZADD', P .. 'dead', now, r.id)
         redis.call('HINCRBY', P .. 'stats', 'dead', 1)
+        if f[9] then wf_failed(f[9], f[10], 'step ' .. r.id .. ' failed: ' .. r.error, r.id) end
       end
       failed[#failed + 1] = r.id
       failed[#failed + 1] = retry
@@ -128,6 +134,7 @@ if failed_n > 0 then
 end
 -- include: lease.lua
 -- include: seen.lua
+ready = ready + wf_ready
 if ready > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 if wid ~= '' and not refused then mark_seen() end
 return {accepted, out, more and 1 or 0, failed}
