@@ -23,7 +23,7 @@ Each command parses its options, builds the config and calls into the library:
 
 from __future__ import annotations
 
-from . import daemons, limits, operate, queues, schedules, tasks  # noqa: F401 - importing them adds their commands to main
+from . import daemons, dashboard, limits, operate, queues, schedules, tasks  # noqa: F401 - importing them adds their commands to main
 from .base import _examples_last, main
 from .operate import status_tables
 from .output import RET_CONFIG, RET_ERROR, RET_OK
