@@ -22,8 +22,8 @@ def dashboard(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
               host: str | None, port: int | None, read_only: bool | None) -> None:
     """Serve the web dashboard: queues, workers, tasks, the dead list, schedules and limits.
 
-    It reaches the masters as a client does (and fails over between them), never
-    Redis. With auth_token set it asks for it on a sign-in page; without one it
+    It logs "dashboard ready: URL" once it listens. It reaches the masters as a
+    client does (and fails over between them), never Redis. With auth_token set it asks for it on a sign-in page; without one it
     refuses any address but loopback. Ctrl-C or SIGTERM stops it.
 
     \b
@@ -41,4 +41,4 @@ def dashboard(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
     run_guarded(lambda: dashboard_mod.check_bind(config))
     from ..dashboard.app import serve
 
-    run_guarded(lambda: serve(config, on_ready=lambda url: click.echo(f"dashboard: {url}", err=True)))
+    run_guarded(lambda: serve(config))
