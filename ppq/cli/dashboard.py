@@ -23,8 +23,9 @@ def dashboard(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
     """Serve the web dashboard: queues, workers, tasks, the dead list, schedules and limits.
 
     It logs "dashboard ready: URL" once it listens. It reaches the masters as a
-    client does (and fails over between them), never Redis. With auth_token set it asks for it on a sign-in page; without one it
-    refuses any address but loopback. Ctrl-C or SIGTERM stops it.
+    client does (and fails over between them), never Redis. With auth_token set
+    it asks for it on a sign-in page; without one it refuses any address but
+    loopback. Ctrl-C or SIGTERM stops it.
 
     \b
     Example:

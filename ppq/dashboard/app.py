@@ -104,8 +104,8 @@ def serve(config: Config, masters: list[str] | None = None, read_only: bool | No
     url = f"http://{connect_address(config.dashboard.host, port)}/"
     app = create_app(config, masters, read_only)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
-                                           h11_max_incomplete_event_size=16 * 1024, timeout_keep_alive=5, timeout_graceful_shutdown=3,
-                                           limit_concurrency=200, lifespan="on"))
+                                           h11_max_incomplete_event_size=16 * 1024, timeout_keep_alive=5,
+                                           timeout_graceful_shutdown=3, limit_concurrency=200, lifespan="on"))
     log.info("dashboard ready: %s (masters: %s%s)", url, ", ".join(app.state.views.source.masters),
              "; read-only" if app.state.views.read_only else "")
     if on_ready is not None:

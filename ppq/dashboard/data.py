@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,6 +33,8 @@ SAMPLE_WATCHED = 2.0
 SAMPLE_IDLE = 15.0
 # Seconds after the last request during which the dashboard counts as watched.
 WATCHED_FOR = 60.0
+# Fewest seconds between two points of the charts (reads for pages in between add none).
+MIN_POINT_GAP = 1.0
 # Seconds of history the charts show.
 HISTORY_SECONDS = 600.0
 # Workers whose run times feed the latency chart (the first by id).
@@ -121,6 +122,8 @@ class Source:
             if not self._latest.get("ok") and self._latest.get("at"):
                 log.info("dashboard: a master answers again")
             self._latest = {"ok": True, "error": "", "at": now, "queues": queues}
+            if self._points and now - self._points[-1]["t"] < MIN_POINT_GAP:
+                return self._latest
             self._points.append(point)
             while self._points and self._points[0]["t"] < now - HISTORY_SECONDS:
                 self._points.popleft()
@@ -193,10 +196,10 @@ class Source:
 
     # -- the pages' reads -----------------------------------------------------------------
 
-    def workers(self, page: int) -> dict[str, Any]:
+    def workers(self, page: int, fresh: float = 0.0) -> dict[str, Any]:
         """One page of the live workers (by id), each with what its control object says: its
         functions (count, ok, failed, mean time) and the tasks it runs now, for how long."""
-        latest = self.latest()
+        latest = self.latest(fresh)
         listed = []
         for qi, entry in sorted(latest["queues"].items()):
             for w in entry.get("workers") or []:
@@ -226,10 +229,6 @@ class Source:
         rows = list(self._pool.map(ask, shown))
         return {"ok": latest["ok"], "error": latest["error"], "rows": rows, "page": page, "pages": pages,
                 "total": len(listed)}
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run one read or action against the masters (a PPQError goes to the caller)."""
-        return fn()
 
     def task(self, task_id: str, queue_index: int) -> dict[str, Any] | None:
         return self.client.info(task_id, queue_index)

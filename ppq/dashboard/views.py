@@ -45,6 +45,8 @@ DONE_MESSAGES = {
     "requeue": "Requeued {n} task(s).", "purge": "Purged {n} task(s).", "pause": "Schedule {name} paused.",
     "resume": "Schedule {name} resumed.", "run-now": "Schedule {name} pushed task {task}.",
 }
+# Seconds a live page's poll may be answered from the last sample (shared by every open page).
+POLL_FRESH = 1.0
 # Longest schedule name, task id or number a form or query may carry.
 MAX_FIELD = 200
 
@@ -252,8 +254,9 @@ class Views:
 
     # -- overview --------------------------------------------------------------------------
 
-    def _overview(self) -> dict[str, Any]:
-        latest = self.source.latest()
+    def _overview(self, fresh: float = 0.0) -> dict[str, Any]:
+        """The last ``server_info``, read again if older than ``fresh`` seconds (0: a page, read now)."""
+        latest = self.source.latest(fresh)
         queues = [dict(entry, queue_index=qi) for qi, entry in sorted(latest["queues"].items())]
         self.queue_indexes = [q["queue_index"] for q in queues] or self.queue_indexes
         return {"ok": latest["ok"], "error": latest["error"], "at": latest["at"], "queues": queues}
@@ -264,7 +267,7 @@ class Views:
                            queues_html=self.fragment("_queues.html", data=data))
 
     async def api_overview(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
-        data = await self.read(self._overview)
+        data = await self.read(self._overview, POLL_FRESH)
         series = await self.read(self.source.series)
         return JSONResponse({"ok": data["ok"], "error": data["error"], "at": data["at"], "series": series,
                              "html": self.fragment("_queues.html", data=data)}, 200)
@@ -279,7 +282,7 @@ class Views:
 
     async def api_workers(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
         page = _int(request.query_params.get("page"), "page", 1, 1)
-        data = await self.read(self.source.workers, page)
+        data = await self.read(self.source.workers, page, POLL_FRESH)
         return JSONResponse({"ok": data["ok"], "error": data["error"],
                              "html": self.fragment("_workers.html", data=data, now=time.time())})
 
@@ -317,7 +320,7 @@ class Views:
         page = _int(request.query_params.get("page"), "page", 1, 1, 10**6)
         tasks = await self.read(self.source.dead, qi, page)
         overview = await self.read(self._overview)
-        entry = next((q for q in overview["queues"] if q["queue_index"] == qi), {})
+        entry: dict[str, Any] = next((q for q in overview["queues"] if q["queue_index"] == qi), {})
         total = int(entry.get("dead", 0) or 0)
         return self.render("dead.html", request, session, lost=not overview["ok"], tasks=tasks, qi=qi, page=page,
                            pages=max(1, -(-total // DEAD_PER_PAGE)), total=total, done=self._done(request),
@@ -334,7 +337,7 @@ class Views:
             raise HTTPError(400, "choose the tasks first (or all of them)")
         if (form.get("confirm") or [""])[0] != "1":
             overview = await self.read(self._overview)
-            entry = next((q for q in overview["queues"] if q["queue_index"] == qi), {})
+            entry: dict[str, Any] = next((q for q in overview["queues"] if q["queue_index"] == qi), {})
             return self.render("confirm.html", request, session, action=action, qi=qi, ids=ids, every=every,
                                count=int(entry.get("dead", 0) or 0) if every else len(ids))
         target = None if every else ids
