@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +99,27 @@ def serve(config: Config, masters: list[str] | None = None, read_only: bool | No
     """
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn's server, stopping on SIGINT and SIGTERM with exit code 0 (uvicorn raises the
+        signal again once stopped, which would end the process as killed by it)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
     check_bind(config)
     sock = listen(config.dashboard.host, config.dashboard.port)
     port = sock.getsockname()[1]
     url = f"http://{connect_address(config.dashboard.host, port)}/"
     app = create_app(config, masters, read_only)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
-                                           h11_max_incomplete_event_size=16 * 1024, timeout_keep_alive=5,
-                                           timeout_graceful_shutdown=3, limit_concurrency=200, lifespan="on"))
+    server = Server(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
+                                   h11_max_incomplete_event_size=16 * 1024, timeout_keep_alive=5,
+                                   timeout_graceful_shutdown=3, limit_concurrency=200, lifespan="on"))
     log.info("dashboard ready: %s (masters: %s%s)", url, ", ".join(app.state.views.source.masters),
              "; read-only" if app.state.views.read_only else "")
     if on_ready is not None:
