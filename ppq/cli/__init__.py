@@ -16,7 +16,8 @@ Each command parses its options, builds the config and calls into the library:
   ``workers pause`` / ``workers resume``;
 - ``schedules.py``: the ``schedule`` group (``list``, ``add``, ``remove``,
   ``pause``, ``resume``, ``run-now``);
-- ``limits.py``: the ``limit`` group (``set``, ``remove``, ``list``).
+- ``limits.py``: the ``limit`` group (``set``, ``remove``, ``list``);
+- ``dashboard.py``: ``dashboard``, the web dashboard (``ppq.dashboard``).
 
 ``main`` is the entry point of the ``ppq`` console script and of ``python -m ppq``.
 """
