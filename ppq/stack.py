@@ -341,7 +341,9 @@ class Stack:
             live.append(self.dashboard)
         for child in live:
             with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGINT)
+                # SIGTERM for the dashboard: it stops the same once serving, and, still starting,
+                # it ends quietly where a SIGINT would print a KeyboardInterrupt traceback.
+                child.send_signal(signal.SIGTERM if child is self.dashboard else signal.SIGINT)
         w = self.config.worker
         deadline = time.monotonic() + w.task_timeout + w.max_sleep + DEFAULT_STOP_GRACE
         told_now = False

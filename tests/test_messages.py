@@ -135,6 +135,7 @@ def test_up_says_each_fact_once_in_its_banner(daemons, tmp_path):
     matching(up.out(), [
         rf"redis: redis://127\.0\.0\.1:\d+/0 \(data in {data}\)",
         rf"master: PYRO:queue@127\.0\.0\.1:{port}",
+        r"dashboard: http://127\.0\.0\.1:\d+/",
         rf"1 worker\(s\) started \(allowed modules: tasks\)\. Push with: ppq push --master 127\.0\.0\.1:{port} "
         r"module\.func ARGS   \(Ctrl-C stops\)",
         r"stopping\.\.\.",

@@ -40,6 +40,10 @@ def dashboard(ctx: click.Context, sub_config: str | None, sub_log_level: str | N
     if missing:
         fail(f"the dashboard needs {', '.join(missing)}: pip install starlette uvicorn jinja2", RET_CONFIG)
     run_guarded(lambda: dashboard_mod.check_bind(config))
-    from ..dashboard.app import serve
 
-    run_guarded(lambda: serve(config))
+    def run() -> None:
+        from ..dashboard.app import serve
+
+        serve(config)
+
+    run_guarded(run)
