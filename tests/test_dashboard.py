@@ -10,6 +10,7 @@ Chromium, its driver or Selenium is not installed (``.ci/run`` installs them whe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -307,6 +308,10 @@ def test_sign_in_with_auth_token_and_csrf(system, page):
     assert system.call("get_task_info", tid) is None
     # A body larger than the bound is refused before it is read.
     assert post(page, "/dead/0/act", "csrf=" + "x" * 100_000) == 413
+    # Wrong tokens: ten a minute from one address (the one above among them), then even the right one waits.
+    form = f"csrf={csrf_of(page)}&next=/&token="
+    assert [post(page, "/signin", form + "wrong") for _ in range(9)] == [403] * 9
+    assert post(page, "/signin", form + TOKEN) == 429
 
 
 def test_read_only_hides_and_refuses_actions(system, page):
@@ -353,17 +358,21 @@ def test_the_connection_lost_banner_shows_while_no_master_answers(system, page):
 # -- ppq up --------------------------------------------------------------------------------------
 
 
-def test_ppq_up_prints_the_dashboard_url_and_goes_on_when_its_port_is_taken(tmp_path):
+def test_ppq_up_prints_the_dashboard_url_and_goes_on_without_it_when_its_port_is_taken_or_a_library_missing(
+        tmp_path):
     import socket
 
     from .conftest import ppq_command, ppq_env
 
-    def up(*args: str) -> tuple[subprocess.Popen[str], str]:
+    def up(*args: str, pythonpath: str = "") -> tuple[subprocess.Popen[str], str]:
         log = tmp_path / f"up-{uuid.uuid4().hex[:6]}.log"
+        env = ppq_env({"PPQ_DASHBOARD_PORT": str(port)})
+        if pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([pythonpath, env["PYTHONPATH"]])
         with open(log, "w") as out:
             proc = subprocess.Popen([*ppq_command(), "up", "--workers", "0", "--port", "0", "--data-dir",
                                      str(tmp_path / "data"), *args], stdout=out, stderr=subprocess.STDOUT,
-                                    env=ppq_env({"PPQ_DASHBOARD_PORT": str(port)}), stdin=subprocess.DEVNULL)
+                                    env=env, stdin=subprocess.DEVNULL)
         wait_for(lambda: proc.poll() is not None or "Push with" in log.read_text(), timeout=30, what="ppq up")
         return proc, str(log)  # type: ignore[return-value]
 
@@ -378,6 +387,7 @@ def test_ppq_up_prints_the_dashboard_url_and_goes_on_when_its_port_is_taken(tmp_
         assert proc.wait(30) == 0, Path(log).read_text()
     assert get_refused(port)
     with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind(("127.0.0.1", port))
         taken.listen(1)
         proc, log = up()
@@ -391,6 +401,24 @@ def test_ppq_up_prints_the_dashboard_url_and_goes_on_when_its_port_is_taken(tmp_
     proc, log = up("--no-dashboard")
     try:
         assert "dashboard" not in Path(log).read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, Path(log).read_text()
+    # Where starlette cannot be imported (a sitecustomize hides it), one line, and the stack runs.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'starlette':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    proc, log = up(pythonpath=str(hide))
+    try:
+        lines = [line for line in Path(log).read_text().splitlines() if "dashboard" in line]
+        assert len(lines) == 1 and "dashboard off: starlette not installed" in lines[0], lines
+        assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, Path(log).read_text()

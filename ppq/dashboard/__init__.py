@@ -29,7 +29,15 @@ LIBRARIES = ("starlette", "uvicorn", "jinja2")
 
 def missing_libraries() -> list[str]:
     """The libraries of :data:`LIBRARIES` that cannot be imported here."""
-    return [name for name in LIBRARIES if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in LIBRARIES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 def is_loopback(host: str) -> bool:

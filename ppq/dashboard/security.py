@@ -15,7 +15,9 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
+from collections import deque
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -27,6 +29,9 @@ SESSION_SECONDS = 12 * 3600
 MAX_BODY = 64 * 1024
 # Most fields one form may hold (task ids of a bulk requeue among them).
 MAX_FIELDS = 1100
+# Wrong sign-in tokens one address may send per SIGN_IN_WINDOW seconds; more are refused unread.
+SIGN_IN_FAILURES = 10
+SIGN_IN_WINDOW = 60.0
 
 
 class BodyTooLargeError(Exception):
@@ -39,6 +44,24 @@ class Sessions:
     def __init__(self, token: str | None) -> None:
         self.token = token
         self._key = secrets.token_bytes(32)
+        self._failures: dict[str, deque[float]] = {}
+        self._failures_lock = threading.Lock()
+
+    def throttled(self, address: str) -> bool:
+        """Whether ``address`` sent SIGN_IN_FAILURES wrong tokens in the last SIGN_IN_WINDOW seconds."""
+        now = time.monotonic()
+        with self._failures_lock:
+            times = self._failures.get(address)
+            while times and times[0] < now - SIGN_IN_WINDOW:
+                times.popleft()
+            return times is not None and len(times) >= SIGN_IN_FAILURES
+
+    def failed(self, address: str) -> None:
+        """Count a wrong token from ``address`` (the table is bounded: it is cleared when it is large)."""
+        with self._failures_lock:
+            if len(self._failures) > 10_000:
+                self._failures.clear()
+            self._failures.setdefault(address, deque(maxlen=SIGN_IN_FAILURES)).append(time.monotonic())
 
     def _sign(self, data: bytes) -> str:
         return base64.urlsafe_b64encode(hmac.new(self._key, data, hashlib.sha256).digest()).decode().rstrip("=")

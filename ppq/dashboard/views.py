@@ -238,8 +238,12 @@ class Views:
             return RedirectResponse(target, 303)
         if request.method == "GET":
             return self.render("signin.html", request, session, next=target, refused=False)
+        address = request.client.host if request.client else "?"
+        if self.sessions.throttled(address):
+            raise HTTPError(429, "too many wrong tokens from this address: try again in a minute")
         if not self.sessions.check_token((form.get("token") or [""])[0]):
-            log.warning("dashboard: a wrong sign-in token from %s", request.client.host if request.client else "?")
+            self.sessions.failed(address)
+            log.warning("dashboard: a wrong sign-in token from %s", address)
             return self.render("signin.html", request, session, status=403, next=target, refused=True)
         cookie, _ = self.sessions.make(signed_in=True)  # a new session id on sign-in
         response = RedirectResponse(target, 303)
