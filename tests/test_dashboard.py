@@ -290,6 +290,7 @@ def test_sign_in_with_auth_token_and_csrf(system, page):
     tid, _ = system.dead_task("auth")
     page.get(f"{url}/dead/0")
     assert page.current_url.startswith(f"{url}/signin")  # not signed in: sent to sign in
+    assert system.address not in page.page_source  # nothing of the system before sign-in
     assert get(f"{url}/api/overview")[0] == 401
     page.find_element("id", "token").send_keys("not-the-token")
     click(page, "#signin")

@@ -128,7 +128,6 @@ class Views:
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                                             autoescape=jinja2.select_autoescape(["html"], default=True))
         self.templates.filters.update(when=_when, ago=_ago, duration=_duration, size=_size, pretty=_pretty)
-        self.queue_indexes: list[int] = []
 
     # -- the guard around every endpoint ---------------------------------------------------
 
@@ -217,6 +216,8 @@ class Views:
             "path": request.url.path, "read_only": self.read_only,
             "csrf": self.sessions.csrf(session) if session else "",
             "signed_in": bool(self.sessions.token) and self.sessions.signed_in(session),
+            # Before sign-in a page shows nothing of the system, not even where its masters are.
+            "authed": self.sessions.signed_in(session),
             "masters": self.source.masters, **values,
         }
         return HTMLResponse(self.templates.get_template(name).render(context), status)
@@ -262,7 +263,6 @@ class Views:
         """The last ``server_info``, read again if older than ``fresh`` seconds (0: a page, read now)."""
         latest = self.source.latest(fresh)
         queues = [dict(entry, queue_index=qi) for qi, entry in sorted(latest["queues"].items())]
-        self.queue_indexes = [q["queue_index"] for q in queues] or self.queue_indexes
         return {"ok": latest["ok"], "error": latest["error"], "at": latest["at"], "queues": queues}
 
     async def overview(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
