@@ -33,7 +33,7 @@ SAMPLE_WATCHED = 2.0
 SAMPLE_IDLE = 15.0
 # Seconds after the last request during which the dashboard counts as watched.
 WATCHED_FOR = 60.0
-# Fewest seconds between two points of the charts (reads for pages in between add none).
+# Fewest seconds between two points of the charts.
 MIN_POINT_GAP = 1.0
 # Seconds of history the charts show.
 HISTORY_SECONDS = 600.0
@@ -95,13 +95,14 @@ class Source:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.sample()
+            self.sample(chart=True)
             watched = time.monotonic() - self._watched <= WATCHED_FOR
             self._wake.wait(SAMPLE_WATCHED if watched else SAMPLE_IDLE)
             self._wake.clear()
 
-    def sample(self) -> dict[str, Any]:
-        """Read ``server_info`` once: the latest state, and a point of the charts."""
+    def sample(self, chart: bool = False) -> dict[str, Any]:
+        """Read ``server_info`` once: the latest state, and with ``chart`` (the sampler's own
+        reads, evenly spaced) a point of the charts."""
         now = time.time()
         try:
             info = self.client.server_info()
@@ -113,16 +114,15 @@ class Source:
                 return self._latest
         queues = {int(qi): entry for qi, entry in info.items()}
         point: dict[str, Any] = {"t": now, "run_time": None}
-        for name in ("pushed", "done", "errors"):
+        for name in ("pushed", "done", "errors", "queued"):
             point[name] = sum(int(e.get(name, 0) or 0) for e in queues.values() if e.get("ok", True))
-        point["queued"] = sum(int(e.get("queued", 0) or 0) for e in queues.values() if e.get("ok", True))
-        if time.monotonic() - self._watched <= WATCHED_FOR:
+        if chart and time.monotonic() - self._watched <= WATCHED_FOR:
             point["run_time"] = self._mean_run_time(queues)
         with self._lock:
             if not self._latest.get("ok") and self._latest.get("at"):
                 log.info("dashboard: a master answers again")
             self._latest = {"ok": True, "error": "", "at": now, "queues": queues}
-            if self._points and now - self._points[-1]["t"] < MIN_POINT_GAP:
+            if not chart or (self._points and now - self._points[-1]["t"] < MIN_POINT_GAP):
                 return self._latest
             self._points.append(point)
             while self._points and self._points[0]["t"] < now - HISTORY_SECONDS:
@@ -154,7 +154,7 @@ class Source:
 
     def _mean_run_time(self, queues: dict[int, dict[str, Any]]) -> float | None:
         """The mean run time of the tasks the first STATS_SAMPLED workers finished since the last
-        sample, from the totals their control objects keep."""
+        sample, from the totals their control objects keep (the sampler thread's alone)."""
         workers = sorted((w for e in queues.values() for w in e.get("workers") or []), key=lambda w: str(w.get("id")))
         workers = [w for w in workers if w.get("control_uri")][:STATS_SAMPLED]
         if not workers or not self.ask_control:

@@ -45,8 +45,8 @@ DONE_MESSAGES = {
     "requeue": "Requeued {n} task(s).", "purge": "Purged {n} task(s).", "pause": "Schedule {name} paused.",
     "resume": "Schedule {name} resumed.", "run-now": "Schedule {name} pushed task {task}.",
 }
-# Seconds a live page's poll may be answered from the last sample (shared by every open page).
-POLL_FRESH = 1.0
+# Seconds a live page's poll may be answered from the sampler's last read (shared by every open page).
+POLL_FRESH = 2.5
 # Longest schedule name, task id or number a form or query may carry.
 MAX_FIELD = 200
 
