@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -21,12 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ppq import PyroFunc
 from ppq.config import load_config
 from ppq.embedded import RedisServer, free_port
 from ppq.errors import ConfigError
+from ppq.stack import DEFAULT_QUICK_DEATH
 
 from .conftest import Spawner, run_ppq, wait_for, wait_state
 
@@ -383,6 +386,15 @@ def test_ppq_up_prints_the_dashboard_url_and_goes_on_without_it_when_its_port_is
         assert f"dashboard: http://127.0.0.1:{port}/\n" in Path(log).read_text()
         wait_for(lambda: "dashboard ready" in Path(log).read_text(), timeout=20, what="the dashboard")
         assert get(f"http://127.0.0.1:{port}/")[0] == 200
+        # Supervised like a worker: killed after its first seconds, it is started again.
+        (child,) = [p for p in psutil.Process(proc.pid).children() if "dashboard" in p.cmdline()]
+        wait_for(lambda: time.time() - child.create_time() > DEFAULT_QUICK_DEATH + 0.5, timeout=15,
+                 what="the dashboard to have run its first seconds")
+        child.kill()
+        wait_for(lambda: f"the dashboard (pid {child.pid}) exited with -9; starting another" in Path(log).read_text(),
+                 timeout=10, what="the dashboard to be started again")
+        wait_for(lambda: not get_refused(port) and get(f"http://127.0.0.1:{port}/")[0] == 200, timeout=20,
+                 what="the new dashboard to answer")
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, Path(log).read_text()
