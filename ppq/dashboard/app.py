@@ -26,6 +26,22 @@ log = logging.getLogger("ppq.dashboard")
 STATIC = Path(__file__).resolve().parent / "static"
 
 
+class _Forward(logging.Handler):
+    """Hands uvicorn's log records (its warnings: bad requests, closed connections) to
+    ``ppq.dashboard.http``, so that they go out like every ppq line (text or JSON)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.name = "ppq.dashboard.http"
+        logging.getLogger(record.name).handle(record)
+
+
+def _forward_uvicorn_logs() -> None:
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.handlers = [_Forward()]
+    uvicorn_log.setLevel(logging.WARNING)
+    uvicorn_log.propagate = False
+
+
 class _Static(StaticFiles):
     """The stylesheet and the script, with the same headers as the pages."""
 
@@ -113,6 +129,7 @@ def serve(config: Config, masters: list[str] | None = None, read_only: bool | No
                     signal.signal(sig, handler)
 
     check_bind(config)
+    _forward_uvicorn_logs()
     sock = listen(config.dashboard.host, config.dashboard.port)
     port = sock.getsockname()[1]
     url = f"http://{connect_address(config.dashboard.host, port)}/"

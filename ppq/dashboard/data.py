@@ -107,10 +107,11 @@ class Source:
         try:
             info = self.client.server_info()
         except PPQError as exc:
+            error = f"{type(exc).__name__}: {exc}"
             with self._lock:
-                if self._latest.get("ok") or self._latest.get("error") != str(exc):
-                    log.warning("dashboard: no master answers: %s", exc)
-                self._latest = {**self._latest, "ok": False, "error": f"{type(exc).__name__}: {exc}", "at": now}
+                if self._latest.get("ok") or self._latest.get("error") != error:  # once per outage
+                    log.warning("dashboard: no master answers: %s", error)
+                self._latest = {**self._latest, "ok": False, "error": error, "at": now}
                 return self._latest
         queues = {int(qi): entry for qi, entry in info.items()}
         point: dict[str, Any] = {"t": now, "run_time": None}
