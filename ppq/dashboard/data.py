@@ -43,14 +43,15 @@ STATS_SAMPLED = 32
 WORKERS_PER_PAGE = 25
 # Dead tasks shown on one page.
 DEAD_PER_PAGE = 50
-# Most children of a workflow node read at once; most levels shown.
+# Most children of a workflow node read at once; most levels shown; most nodes shown in all.
 WORKFLOW_CHILDREN = 200
 WORKFLOW_DEPTH = 6
+WORKFLOW_NODES = 1000
 
 
 class Source:
     """The dashboard's view of the system: a client on the masters, control objects of workers, and
-    a sampler thread feeding :meth:`overview` (the latest ``server_info``) and the charts."""
+    a sampler thread feeding :meth:`latest` (the last ``server_info``) and :meth:`series` (the charts)."""
 
     def __init__(self, config: Config, masters: list[str] | None = None) -> None:
         self.config = config
@@ -240,22 +241,24 @@ class Source:
 
     def workflow(self, task_id: str, queue_index: int) -> dict[str, Any] | None:
         """A task and, when it is a workflow node (``kind``, ``children``), its tree: each node
-        ``{"info": record, "children": [nodes]}``, WORKFLOW_DEPTH levels and WORKFLOW_CHILDREN
-        children per node at most."""
+        ``{"info": record, "children": [nodes], "more": children left out}``, WORKFLOW_DEPTH levels,
+        WORKFLOW_CHILDREN children per node and WORKFLOW_NODES nodes at most."""
         root = self.client.info(task_id, queue_index)
         if root is None:
             return None
+        budget = [WORKFLOW_NODES]
 
         def node(info: dict[str, Any], depth: int) -> dict[str, Any]:
-            ids = [str(c) for c in info.get("children") or [] if isinstance(c, str)][:WORKFLOW_CHILDREN]
+            listed = [str(c) for c in info.get("children") or [] if isinstance(c, str)]
+            ids = listed[:min(WORKFLOW_CHILDREN, budget[0])] if depth < WORKFLOW_DEPTH else []
+            budget[0] -= len(ids)
             children: list[dict[str, Any]] = []
-            if ids and depth < WORKFLOW_DEPTH:
+            if ids:
                 infos = self.client.call("get_tasks_info", ids, queue_index)
-                children = [node(i, depth + 1) if i is not None else {"info": {"id": tid, "state": "unknown"},
-                                                                      "children": []}
+                children = [node(i, depth + 1) if i is not None else
+                            {"info": {"id": tid, "state": "unknown"}, "children": [], "more": 0}
                             for tid, i in zip(ids, infos, strict=False)]
-            return {"info": info, "children": children,
-                    "more": max(0, len(info.get("children") or []) - len(ids))}
+            return {"info": info, "children": children, "more": len(listed) - len(ids)}
 
         return node(root, 0)
 
