@@ -448,3 +448,34 @@ def get_refused(port: int) -> bool:
 def test_env_port_reaches_the_config():
     config = load_config(environ={"PPQ_DASHBOARD_PORT": "7681", "PPQ_DASHBOARD_HOST": "::1"})
     assert (config.dashboard.port, config.dashboard.host, config.dashboard.read_only) == (7681, "::1", False)
+
+
+def test_a_workflow_tree_renders_nested_and_escaped():
+    """The workflows page's template, given a tree as Source.workflow builds it from records with
+    ``kind`` and ``children`` (the fields a workflow's records carry)."""
+    from ppq.dashboard.data import Source
+    from ppq.dashboard.security import Sessions
+    from ppq.dashboard.views import Views
+
+    source = Source(load_config(environ={}), ["127.0.0.1:1"])
+    try:
+        views = Views(source, Sessions(None), False, "127.0.0.1")
+
+        def leaf(tid: str, state: str) -> dict[str, Any]:
+            return {"info": {"id": tid, "state": state, "module": "tasks", "func": "add"}, "children": [], "more": 0}
+
+        group = {"info": {"id": "g1", "state": "running", "kind": "group"},
+                 "children": [leaf("b1", "running"), leaf("<script>x</script>", "queued")], "more": 3}
+        tree = {"info": {"id": "c1", "state": "running", "kind": "chain"}, "children": [leaf("a1", "done"), group],
+                "more": 0}
+        html = views.templates.get_template("workflows.html").render(
+            path="/workflows", read_only=False, csrf="", signed_in=False, authed=True, masters=[], lost=False,
+            message="", tree=tree, qi=0, task_id="c1")
+    finally:
+        source.close()
+    body = html[html.index('id="workflow"'):]
+    order = [body.index(text) for text in ("chain", "a1", "group", "b1", "&lt;script&gt;x&lt;/script&gt;",
+                                           "and 3 more")]
+    assert order == sorted(order)
+    assert "<script>x" not in html
+    assert body.count("<ul>") == 2  # the chain's children, and the group's inside them
