@@ -50,6 +50,8 @@ DEFAULT_MAX_LOOKUP = 1000
 DEFAULT_MAX_WORKFLOW_TASKS = 100_000
 # Longest a worker stays listed after it was last heard from, in seconds.
 DEFAULT_WORKER_TTL = 300.0
+# Port of the web dashboard (`ppq dashboard`, and the one `ppq up` starts); 0 picks a free port.
+DEFAULT_DASHBOARD_PORT = 7680
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,13 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_DASHBOARD_PORT
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     auth_token: str | None = None
     worker_token: str | None = None
@@ -142,6 +151,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     schedules: list[dict[str, Any]] = field(default_factory=list)
     rate_limits: dict[str, str] = field(default_factory=dict)
     concurrency_limits: dict[str, int] = field(default_factory=dict)
@@ -221,6 +231,7 @@ _SECTIONS = {
     "client": ClientConfig,
     "limits": LimitsConfig,
     "tls": TLSConfig,
+    "dashboard": DashboardConfig,
 }
 _TOKENS = ("auth_token", "worker_token", "client_token")
 _CHOICES = {
@@ -231,7 +242,7 @@ _CHOICES = {
 }
 _NON_NEGATIVE = {
     "master.port", "worker.port", "worker.concurrency", "worker.queue_index",
-    "master.metrics_port", "worker.metrics_port",
+    "master.metrics_port", "worker.metrics_port", "dashboard.port",
 }
 _POSITIVE = {
     "master.lease_timeout", "master.reaper_interval", "master.redis_timeout", "master.threadpool_size",
@@ -379,8 +390,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"{key}: must be at least {_AT_LEAST[key]}, got {value!r}")
         if key == "worker.prefetch" and value < -1:
             raise ConfigError(f"{key}: must be -1 (automatic), 0 or more, got {value!r}")
-        if key in ("master.port", "worker.port") and value > 65535:
+        if key in ("master.port", "worker.port", "dashboard.port") and value > 65535:
             raise ConfigError(f"{key}: not a port number: {value!r}")
+        if key == "dashboard.host" and not value.strip():
+            raise ConfigError(f"{key}: expected an address to bind (127.0.0.1, or 0.0.0.0 for every "
+                              f"interface), got an empty string")
         kwargs[name] = value
     return cls(**kwargs)
 

@@ -17,6 +17,12 @@ parent-death signal). Their output is relayed to this process's own, so a closed
 pipe (``ppq up | tee log``, then tee exits) never breaks a worker or a task that prints:
 the stack notices its standard output is gone and stops as on a signal.
 
+With ``dashboard``, the web dashboard (``ppq dashboard``) runs as one more child, started
+after the workers and stopped with them. It is optional: without its libraries, or with its
+port taken, the stack says so in one log line and goes on without it; a dashboard that dies
+is started again, or, if it died on a configuration error or right after its start, left
+stopped with one log line, and the stack goes on.
+
 A worker that dies on its own is named in one log line and started again, unless it
 exited on a configuration error (another would fail the same way) or died within
 :data:`DEFAULT_QUICK_DEATH` seconds of its start (it would only die again): then the
@@ -136,7 +142,7 @@ class Stack:
 
     def __init__(self, config: Config, workers: int = 1, config_path: str | None = None,
                  concurrency: int | None = None, allow: list[str] | None = None,
-                 announce: int = logging.INFO) -> None:
+                 announce: int = logging.INFO, dashboard: bool = False) -> None:
         self.config = config
         self.announce = announce
         self.worker_count = workers
@@ -152,6 +158,12 @@ class Stack:
         self._started_at: dict[int, float] = {}
         self._relay: _Relay | None = None
         self._output: _Output | None = None
+        self.want_dashboard = dashboard
+        # The dashboard's process and URL while it runs; why it does not, when it was wanted.
+        self.dashboard: subprocess.Popen[bytes] | None = None
+        self.dashboard_url = ""
+        self.dashboard_note = ""
+        self._dashboard_port = 0
 
     # -- start --
 
@@ -170,6 +182,8 @@ class Stack:
         try:
             for _ in range(self.worker_count):
                 self.workers.append(self._start_worker())
+            if self.want_dashboard:
+                self._start_dashboard()
         except BaseException:
             self.stop()
             raise
@@ -188,12 +202,50 @@ class Stack:
         return command
 
     def _start_worker(self) -> subprocess.Popen[bytes]:
+        return self._start_child(self.worker_command())
+
+    def _start_dashboard(self) -> None:
+        """Start the dashboard (``ppq dashboard``) on ``dashboard.host:dashboard.port`` (a free port
+        for 0), or say in one log line why it does not run. A non-loopback host without a token is
+        a ConfigError, as it is for ``ppq dashboard``."""
+        from . import dashboard
+        from .embedded import free_port
+
+        missing = dashboard.missing_libraries()
+        if missing:
+            self.dashboard_note = (f"dashboard off: {', '.join(missing)} not installed "
+                                   f"(pip install starlette uvicorn jinja2)")
+            log.warning("%s", self.dashboard_note)
+            return
+        dashboard.check_bind(self.config)
+        host = self.config.dashboard.host
+        port = self.config.dashboard.port or free_port()
+        taken = _cannot_listen(host, port)
+        if taken:
+            self.dashboard_note = f"dashboard off: cannot listen on {host}:{port} ({taken}); set dashboard.port"
+            log.warning("%s", self.dashboard_note)
+            return
+        self._dashboard_port = port
+        self.dashboard_url = f"http://{connect_address(host, port)}/"
+        self.dashboard = self._start_child(self.dashboard_command())
+
+    def dashboard_command(self) -> list[str]:
+        command = [sys.executable, "-m", "ppq"]
+        if self.config_path:
+            command += ["--config", self.config_path]
+        command += ["dashboard", "--master", self.address, "--host", self.config.dashboard.host,
+                    "--port", str(self._dashboard_port)]
+        if self.config.dashboard.read_only:
+            command.append("--read-only")
+        return command
+
+    def _start_child(self, command: list[str]) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         if self.config.log_level:
             env["PPQ_LOG_LEVEL"] = self.config.log_level
         env["PPQ_LOG_FORMAT"] = self.config.log_format
         env.setdefault("PYTHONUNBUFFERED", "1")  # its output goes through a pipe to ours: keep it prompt
-        proc = subprocess.Popen(self.worker_command(), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, preexec_fn=_own_session_dying_with_parent)
         self._started_at[proc.pid] = time.monotonic()
         assert self._relay is not None
@@ -259,7 +311,24 @@ class Stack:
                 return DIED
             log.warning("worker pid %s exited with %s; starting another", child.pid, child.returncode)
             self.workers[i] = self._start_worker()
+        self._check_dashboard()
         return STOPPED
+
+    def _check_dashboard(self) -> None:
+        """Start the dashboard again if it died, unless it died on a configuration error or right
+        after its start: then the stack goes on without it."""
+        child = self.dashboard
+        if child is None or child.poll() is None or self.stopping.is_set():
+            return
+        lived = time.monotonic() - self._started_at.pop(child.pid, 0.0)
+        if child.returncode == WORKER_CONFIG_EXIT or lived <= DEFAULT_QUICK_DEATH:
+            self.dashboard = None
+            self.dashboard_note = (f"the dashboard (pid {child.pid}) exited with {child.returncode} "
+                                   f"{lived:.1f}s after it started")
+            log.error("%s; the stack goes on without it", self.dashboard_note)
+            return
+        log.warning("the dashboard (pid %s) exited with %s; starting another", child.pid, child.returncode)
+        self.dashboard = self._start_child(self.dashboard_command())
 
     # -- stop --
 
@@ -268,9 +337,13 @@ class Stack:
         master, then its embedded redis-server. Safe to call more than once."""
         self.stopping.set()
         live = [w for w in self.workers if w.poll() is None]
+        if self.dashboard is not None and self.dashboard.poll() is None:
+            live.append(self.dashboard)
         for child in live:
             with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGINT)
+                # SIGTERM for the dashboard: it stops the same once serving, and, still starting,
+                # it ends quietly where a SIGINT would print a KeyboardInterrupt traceback.
+                child.send_signal(signal.SIGTERM if child is self.dashboard else signal.SIGINT)
         w = self.config.worker
         deadline = time.monotonic() + w.task_timeout + w.max_sleep + DEFAULT_STOP_GRACE
         told_now = False
@@ -279,12 +352,15 @@ class Stack:
                 told_now = True
                 log.warning("stopping the workers at once: their running tasks go back to the queue")
                 for child in live:
+                    if child is self.dashboard:
+                        continue
                     with contextlib.suppress(ProcessLookupError):
                         child.send_signal(signal.SIGINT)  # a worker's second SIGINT: stop now
             time.sleep(0.05)
         for child in live:
             if child.poll() is None:
-                log.warning("worker pid %s did not stop in time: killing it", child.pid)
+                log.warning("%s pid %s did not stop in time: killing it",
+                            "the dashboard" if child is self.dashboard else "worker", child.pid)
                 child.kill()
                 child.wait(10)
         relay, self._relay = self._relay, None
@@ -293,6 +369,20 @@ class Stack:
         server, self.server = self.server, None
         if server is not None:
             server.stop()  # the master, then its embedded redis-server
+
+
+def _cannot_listen(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on ("" if it can)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return ""
 
 
 class _Output:

@@ -129,12 +129,14 @@ def test_a_daemon_error_with_json_logs_is_a_json_line(daemons, redis_a):
 def test_up_says_each_fact_once_in_its_banner(daemons, tmp_path):
     port = free_port()
     data = tmp_path / "data"
-    up = daemons("up", "up", "--port", str(port), "--data-dir", str(data), "--allow", "tasks")
+    up = daemons("up", "up", "--port", str(port), "--data-dir", str(data), "--allow", "tasks",
+                 env={"PPQ_DASHBOARD_PORT": "0"})  # a free port: 7680 may be another test's
     wait_for(lambda: any("executor" in line for line in up.err()), what="the worker to start")
     assert up.stop(signal.SIGINT) == 0
     matching(up.out(), [
         rf"redis: redis://127\.0\.0\.1:\d+/0 \(data in {data}\)",
         rf"master: PYRO:queue@127\.0\.0\.1:{port}",
+        r"dashboard: http://127\.0\.0\.1:\d+/",
         rf"1 worker\(s\) started \(allowed modules: tasks\)\. Push with: ppq push --master 127\.0\.0\.1:{port} "
         r"module\.func ARGS   \(Ctrl-C stops\)",
         r"stopping\.\.\.",

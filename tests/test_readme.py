@@ -68,6 +68,7 @@ class Session:
         """The user's environment; PPQ_MASTER_PORT stands for the README's 7600 (none when ``port`` is 0)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PPQ_", "XDG_"))}
         env.update(HOME=str(self.home), PYTHONPATH=str(REPO))
+        env["PPQ_DASHBOARD_PORT"] = "0"  # the dashboard each `ppq up` starts: a free port, not the README's 7680
         if port != 0:
             env["PPQ_MASTER_PORT"] = str(port or self.port)
         return env
@@ -333,6 +334,35 @@ def limit_commands(s: Session, text: str, ctx: dict[str, Any]) -> None:
     assert s.run("ppq limit list").stdout.strip() == "no limits"
 
 
+def dashboard(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Run as written (7681 replaced by a free port) against the stack, which it reaches through
+    the config's own master (PPQ_MASTER_PORT): the overview answers with the stack's queue_index 0,
+    the dead list has no actions (read-only), and it stops on SIGINT."""
+    import urllib.request
+
+    (command, _), = console_commands(text)
+    assert command == "ppq dashboard --port 7681 --read-only"
+    port = free_port()
+    proc = s.start(s.argv(command.replace("7681", str(port))))
+
+    def fetch(path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return str(response.read().decode())
+
+    def answers_http() -> bool:
+        assert proc.poll() is None, s.log(proc)
+        try:
+            return "Overview" in fetch("/")
+        except OSError:
+            return False
+
+    wait_for(answers_http, timeout=30, what="ppq dashboard")
+    overview = json.loads(fetch("/api/overview"))
+    assert overview["ok"] is True and 'data-queue="0"' in overview["html"], overview
+    assert "read-only" in fetch("/dead/0") and "requeue-all" not in fetch("/dead/0")
+    assert s.stop(proc) == 0, s.log(proc)
+
+
 def development(s: Session, text: str, ctx: dict[str, Any]) -> None:
     """Not run: installing is what the test environment already did, and the test run is this one."""
     assert [c for c, _ in console_commands(text)] == ["pip install -e .[dev]", "ruff check ppq tests", "mypy",
@@ -359,6 +389,7 @@ BLOCKS: dict[str, Callable[..., None]] = {
     "$ ppq limit set mytasks.add": limit_commands,
     "pipeline = chain(": python_block(["30", "[0,", "1,", "4,", "9,", "16]", "5", "of", "5", "done",
                                        "[0,", "1,", "4,", "9,", "16,", "25]", "TypeError"]),
+    "$ ppq dashboard --port 7681": dashboard,
 }
 
 

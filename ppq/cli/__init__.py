@@ -16,14 +16,15 @@ Each command parses its options, builds the config and calls into the library:
   ``workers pause`` / ``workers resume``;
 - ``schedules.py``: the ``schedule`` group (``list``, ``add``, ``remove``,
   ``pause``, ``resume``, ``run-now``);
-- ``limits.py``: the ``limit`` group (``set``, ``remove``, ``list``).
+- ``limits.py``: the ``limit`` group (``set``, ``remove``, ``list``);
+- ``dashboard.py``: ``dashboard``, the web dashboard (``ppq.dashboard``).
 
 ``main`` is the entry point of the ``ppq`` console script and of ``python -m ppq``.
 """
 
 from __future__ import annotations
 
-from . import daemons, limits, operate, queues, schedules, tasks  # noqa: F401 - importing them adds their commands to main
+from . import daemons, dashboard, limits, operate, queues, schedules, tasks  # noqa: F401 - importing them adds their commands to main
 from .base import _examples_last, main
 from .operate import status_tables
 from .output import RET_CONFIG, RET_ERROR, RET_OK

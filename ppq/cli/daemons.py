@@ -172,10 +172,12 @@ def worker(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
               help="Serve the master's Prometheus metrics on this port.")
 @click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without auth_token.")
 @click.option("--demo", is_flag=True, help="Push a few ppq.demo tasks once the stack is up and show their results.")
+@click.option("--dashboard/--no-dashboard", default=True,
+              help="Start the web dashboard (on dashboard.host:dashboard.port, 127.0.0.1:7680).")
 @click.pass_context
 def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, workers: int,
        concurrency: int | None, host: str | None, port: int | None, queue_index: int | None, data_dir: str | None,
-       allow: tuple[str, ...], metrics_port: int | None, insecure: bool | None, demo: bool) -> None:
+       allow: tuple[str, ...], metrics_port: int | None, insecure: bool | None, demo: bool, dashboard: bool) -> None:
     """Run a whole local stack in the foreground: embedded Redis, a master and workers.
 
     Ctrl-C, SIGTERM or SIGHUP stops everything, in order, piped or not (and so
@@ -189,8 +191,10 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     stops, as it does if the embedded Redis dies (exit code 2 for a
     configuration error, else 1).
 
-    Its stdout says where Redis and the master run and how to push; with
-    --log-format json it prints nothing there, and the log says it instead.
+    Its stdout says where Redis, the master and the web dashboard run and how
+    to push; with --log-format json it prints nothing there, and the log says it
+    instead. The dashboard is left out with --no-dashboard, and, in one line,
+    when its libraries are missing or its port is taken.
 
     \b
     Example:
@@ -208,7 +212,8 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
         fail("--workers must not be negative", RET_CONFIG)
     # The banner says where Redis and the master run; the log says it only when there is no banner.
     stack = stack_mod.Stack(config, workers, config_path=ctx.obj.get("config"), concurrency=concurrency,
-                            allow=_split(allow), announce=logging.INFO if json_logs() else logging.DEBUG)
+                            allow=_split(allow), announce=logging.INFO if json_logs() else logging.DEBUG,
+                            dashboard=dashboard)
     stack.install_signal_handlers()
     run_guarded(stack.start)
     server = stack.server
@@ -217,6 +222,8 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
         if server.embedded is not None:
             _say(f"redis: {server.embedded.url} (data in {server.embedded.data_dir})")
         _say(f"master: {server.uri}")
+        if stack.dashboard_url:
+            _say(f"dashboard: {stack.dashboard_url}")
         allowed = ", ".join(config.worker.allowed_modules) or "none: pass --allow MODULE"
         reach = f"--config {ctx.obj['config']}" if ctx.obj.get("config") else f"--master {stack.address}"
         _say(f"{workers} worker(s) started (allowed modules: {allowed}). Push with: "

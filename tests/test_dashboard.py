@@ -1,0 +1,481 @@
+"""The web dashboard in a real browser: headless Chromium driven by Selenium, against real
+``ppq master``, ``ppq worker`` and ``ppq dashboard`` processes.
+
+One master serves queue_index 0 (a worker runs its tasks) and 1 (no worker: what is pushed
+there stays queued, so its counts are exact). Three dashboards read it: a plain one, one with
+``auth_token`` set and a read-only one. Browser tests are skipped, with the reason, when
+Chromium, its driver or Selenium is not installed (``.ci/run`` installs them where it can).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from ppq import PyroFunc
+from ppq.config import load_config
+from ppq.embedded import RedisServer, free_port
+from ppq.errors import ConfigError
+from ppq.stack import DEFAULT_QUICK_DEATH
+
+from .conftest import Spawner, run_ppq, wait_for, wait_state
+
+TOKEN = "dashboard-test-token"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _browser_missing() -> str:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium)"
+    if not CHROMIUM or not CHROMEDRIVER:
+        return "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+    return ""
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """A plain GET (no redirects followed): (status, body)."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class System:
+    """The processes of this module: a master (restartable on its port), a worker, dashboards."""
+
+    def __init__(self, spawn: Spawner, redis_a: RedisServer, redis_b: RedisServer, tmp: Path) -> None:
+        self.spawn = spawn
+        self.tmp = tmp
+        self.redis = (redis_a.url, redis_b.url)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.master: subprocess.Popen[bytes] | None = None
+        self.start_master()
+        self.call = PyroFunc(self.address, timeout=5, retry=3)  # retried: the master is restarted once
+        self.worker = spawn.worker(self.address, allow="tasks", concurrency=1)
+        wait_for(lambda: self.call("server_info")[0]["workers"], what="the worker to register")
+
+    def start_master(self) -> None:
+        self.master = self.spawn("master", "--port", str(self.port), "--redis-map", f"0={self.redis[0]}",
+                                 "--redis-map", f"1={self.redis[1]}", name="master")
+        ping = PyroFunc(self.address, timeout=2, default_return=None)
+        try:
+            wait_for(lambda: self.master.poll() is not None or ping("ping") == "pong",  # type: ignore[union-attr]
+                     what="the master")
+        finally:
+            ping.close()
+        assert self.master.poll() is None, self.spawn.log(self.master)
+
+    def dashboard(self, *args: str, env: dict[str, str] | None = None) -> str:
+        """Start ``ppq dashboard`` on a free port; return its URL once it answers."""
+        port = free_port()
+        proc = self.spawn("dashboard", "-m", self.address, "--port", str(port), *args, env=env, name="dashboard")
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, self.spawn.log(proc)
+            try:
+                return get(url + "/static/dashboard.css")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(up, what="the dashboard")
+        return url
+
+    def dead_task(self, tag: str) -> tuple[str, Path]:
+        """A task of queue_index 0 that failed for good (tasks.fail_until without its flag); its flag."""
+        flag = self.tmp / f"flag-{tag}"
+        tid = self.call("push_task", "fail_until", module="tasks", max_retry=0,
+                        args=[str(flag), str(self.tmp / f"runs-{tag}"), tag])
+        wait_state(self.call, tid, "dead")
+        return tid, flag
+
+
+@pytest.fixture(scope="module")
+def system(redis_a: RedisServer, redis_b: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    import redis
+
+    for url in (redis_a.url, redis_b.url):
+        client = redis.Redis.from_url(url)
+        client.flushall()
+        client.close()
+    tmp = tmp_path_factory.mktemp("dashboard")
+    spawn = Spawner(tmp)
+    try:
+        s = System(spawn, redis_a, redis_b, tmp)
+        s.plain = s.dashboard()  # type: ignore[attr-defined]
+        yield s
+        s.call.close()
+    finally:
+        spawn.cleanup()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    missing = _browser_missing()
+    if missing:
+        pytest.skip(f"no browser for the dashboard tests: {missing}")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # type: ignore[assignment]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", "--disable-extensions"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser: Any) -> Any:
+    """The browser with no cookies left from the test before."""
+    browser.delete_all_cookies()
+    return browser
+
+
+def text_of(driver: Any, css: str) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        return str(found[0].text) if found else ""
+    except StaleElementReferenceException:  # the page changed under it (a poll, a navigation)
+        return ""
+
+
+def shows(driver: Any, css: str, wanted: str, exact: bool = True) -> str:
+    """Wait (a page may still be loading after a click) until ``css`` holds ``wanted``; its text."""
+    def check() -> str:
+        found = text_of(driver, css)
+        return found if (found == wanted if exact else wanted in found) else ""
+
+    return str(wait_for(check, timeout=10, interval=0.05, what=f"{css} to show {wanted!r}"))
+
+
+def click(driver: Any, css: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, css).click()
+
+
+def post(driver: Any, path: str, body: str) -> int:
+    """A POST from the page (with its cookies), as a form would send it; its status."""
+    return int(driver.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {method: 'POST', body: arguments[1], credentials: 'same-origin', redirect: 'manual',"
+        " headers: {'Content-Type': 'application/x-www-form-urlencoded'}})"
+        ".then(function (r) { done(r.status); }).catch(function () { done(-1); });", path, body))
+
+
+def csrf_of(driver: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.CSS_SELECTOR, "meta[name=csrf]").get_attribute("content"))
+
+
+# -- pages -----------------------------------------------------------------------------------------
+
+
+def test_overview_shows_the_counts_after_pushes_and_updates_them_live(system, page):
+    base = int(system.call("server_info")[1]["queued"])
+    for i in range(3):
+        system.call("push_task", "add", module="tasks", args=[i, i], queue_index=1)
+    page.get(system.plain + "/")
+    cell = "tr[data-queue='1'] td[data-field='queued']"
+    shows(page, cell, str(base + 3))  # shows(): the live part of the page is replaced at each poll
+    shows(page, "tr[data-queue='0'] td[data-field='dead']", str(system.call("server_info")[0]["dead"]))
+    # Pushed with the page open: the count changes without a reload (the page polls its JSON).
+    system.call("push_tasks", [{"func": "add", "module": "tasks", "args": [1, 2], "queue_index": 1}] * 2)
+    shows(page, cell, str(base + 5))
+    assert page.find_element("id", "conn-lost").is_displayed() is False
+    # The workers page lists the worker and what its control object says.
+    system.call("wait_task", system.call("push_task", "add", module="tasks", args=[2, 3]), 0, 10)
+    page.get(system.plain + "/workers")
+    shows(page, "#workers", "tasks.add", exact=False)
+
+
+def test_a_failed_task_shows_its_traceback_and_requeue_from_the_dead_list_moves_it(system, page):
+    tid, flag = system.dead_task("requeue")
+    page.get(f"{system.plain}/tasks/0/{tid}")
+    assert text_of(page, "#task-state") == "dead"
+    traceback = text_of(page, "#task-traceback")
+    assert "Traceback (most recent call last)" in traceback and "fail_until" in traceback
+    assert "flag flag-requeue is missing" in text_of(page, "#task-error")
+    flag.write_text("")  # the next run succeeds
+    page.get(f"{system.plain}/dead/0")
+    click(page, f"input[type=checkbox][value='{tid}']")
+    click(page, "#requeue-chosen")
+    # A confirmation first: nothing has moved yet.
+    shows(page, "h1", "Requeue 1 dead task(s) of queue_index 0?", exact=False)
+    assert system.call("get_task_info", tid)["state"] == "dead"
+    click(page, "#confirm")
+    shows(page, "#done", "Requeued 1 task(s).")
+    assert tid not in text_of(page, "#dead")
+    wait_state(system.call, tid, "done")
+    page.get(f"{system.plain}/tasks/0/{tid}")
+    assert text_of(page, "#task-state") == "done" and text_of(page, "#task-result") == '"requeue"'
+
+
+def test_script_in_args_is_shown_as_text(system, page):
+    payload = "<script>window.pwned = 1</script><img src=x onerror='window.pwned = 2'>"
+    tid = system.call("push_task", "echo", module="tasks", args=[payload], queue_index=1)
+    page.get(f"{system.plain}/tasks/1/{tid}")
+    assert json.loads(text_of(page, "#task-args")) == [payload]
+    assert page.execute_script("return window.pwned === undefined") is True
+    status, body = get(f"{system.plain}/tasks/1/{tid}")
+    assert status == 200 and "<script>window.pwned" not in body and "&lt;script&gt;" in body
+
+
+def test_an_unknown_task_and_a_bad_id_are_pages_without_tracebacks(system):
+    status, body = get(f"{system.plain}/tasks/0/{uuid.uuid4().hex}")
+    assert status == 404 and "is unknown in queue_index 0" in body
+    status, body = get(f"{system.plain}/tasks/0/bad%20id%3Cb%3E")
+    assert status == 400 and "id must be a string" in body and "Traceback" not in body and "<b>" not in body
+    status, body = get(f"{system.plain}/tasks/7/{uuid.uuid4().hex}")
+    assert status == 400 and "queue_index" in body and "Traceback" not in body
+    # A host name that is not loopback is refused on a loopback bind (DNS rebinding).
+    assert get(system.plain + "/", {"Host": "evil.example:80"})[0] == 400
+
+
+def test_schedules_and_limits_pages(system, page):
+    system.call("schedule_add", {"name": "dash-tick", "every": 3600, "task": "tasks.add", "args": [1, 1],
+                                 "queue_index": 1})
+    system.call("limit_set", "tasks.mul", "5/s", None, 1)
+    try:
+        page.get(system.plain + "/schedules")
+        row = "tr[data-name='dash-tick']"
+        assert "tasks.add" in text_of(page, row) and "active" in text_of(page, row)
+        click(page, f"{row} button[value='pause']")
+        shows(page, "#done", "Schedule dash-tick paused.")
+        assert "paused" in text_of(page, row)
+        click(page, f"{row} button[value='run-now']")
+        shows(page, "#done", "Schedule dash-tick pushed task s:dash-tick:", exact=False)
+        page.get(system.plain + "/limits")
+        assert "tasks.mul" in text_of(page, "#limits") and "5/s" in text_of(page, "#limits")
+        page.get(system.plain + "/workflows")
+        assert "No workflows yet" in text_of(page, "#no-workflows")
+    finally:
+        system.call("schedule_remove", "dash-tick", None)
+        system.call("limit_remove", "tasks.mul", None, 1)
+
+
+# -- security ------------------------------------------------------------------------------------
+
+
+def test_sign_in_with_auth_token_and_csrf(system, page):
+    url = system.dashboard(env={"PPQ_AUTH_TOKEN": TOKEN})
+    tid, _ = system.dead_task("auth")
+    page.get(f"{url}/dead/0")
+    assert page.current_url.startswith(f"{url}/signin")  # not signed in: sent to sign in
+    assert system.address not in page.page_source  # nothing of the system before sign-in
+    assert get(f"{url}/api/overview")[0] == 401
+    page.find_element("id", "token").send_keys("not-the-token")
+    click(page, "#signin")
+    shows(page, "#refused", "not the right one", exact=False)
+    page.find_element("id", "token").send_keys(TOKEN)
+    click(page, "#signin")
+    wait_for(lambda: page.current_url == f"{url}/dead/0", timeout=10, what="back where it was going")
+    assert tid in text_of(page, "#dead")
+    cookie = page.get_cookie("ppq_dashboard")
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    # A POST without the form's CSRF token is refused, and changes nothing; with it, it goes on.
+    assert post(page, "/dead/0/act", f"action=requeue&confirm=1&id={tid}") == 403
+    assert post(page, "/dead/0/act", f"action=requeue&confirm=1&id={tid}&csrf=forged") == 403
+    assert system.call("get_task_info", tid)["state"] == "dead"
+    assert post(page, "/dead/0/act", f"action=purge&confirm=1&id={tid}&csrf={csrf_of(page)}") in (0, 303)
+    assert system.call("get_task_info", tid) is None
+    # A body larger than the bound is refused before it is read.
+    assert post(page, "/dead/0/act", "csrf=" + "x" * 100_000) == 413
+    # Wrong tokens: ten a minute from one address (the one above among them), then even the right one waits.
+    form = f"csrf={csrf_of(page)}&next=/&token="
+    assert [post(page, "/signin", form + "wrong") for _ in range(9)] == [403] * 9
+    assert post(page, "/signin", form + TOKEN) == 429
+
+
+def test_read_only_hides_and_refuses_actions(system, page):
+    url = system.dashboard("--read-only")
+    tid, _ = system.dead_task("readonly")
+    page.get(f"{url}/dead/0")
+    assert tid in text_of(page, "#dead")
+    assert not page.find_elements("css selector", "#requeue-chosen, #requeue-all, #purge-all, input[type=checkbox]")
+    page.get(f"{url}/tasks/0/{tid}")
+    assert text_of(page, "#task-state") == "dead" and not page.find_elements("css selector", "form.actions")
+    assert post(page, "/dead/0/act", f"action=requeue&confirm=1&id={tid}&csrf={csrf_of(page)}") == 403
+    assert system.call("get_task_info", tid)["state"] == "dead"
+
+
+def test_a_non_loopback_bind_without_a_token_is_refused():
+    out = run_ppq("dashboard", "--host", "0.0.0.0", "--port", str(free_port()), timeout=30)
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert "dashboard.host" in line and "auth_token" in line
+    with pytest.raises(ConfigError, match="dashboard.port: not a port number"):
+        load_config(overrides={"dashboard.port": 70000}, environ={})
+    with pytest.raises(ConfigError, match="dashboard.read_only: expected true or false"):
+        load_config(overrides={"dashboard.read_only": "maybe"}, environ={})
+
+
+# -- failing over --------------------------------------------------------------------------------
+
+
+def test_the_connection_lost_banner_shows_while_no_master_answers(system, page):
+    page.get(system.plain + "/")
+    banner = page.find_element("id", "conn-lost")
+    assert not banner.is_displayed()
+    assert system.master is not None
+    system.master.send_signal(signal.SIGKILL)
+    system.master.wait(10)
+    wait_for(banner.is_displayed, timeout=15, what="the connection-lost banner")
+    system.start_master()
+    wait_for(lambda: not banner.is_displayed(), timeout=15, what="the banner to clear")
+    system.call("push_task", "add", module="tasks", args=[0, 0], queue_index=1)
+    expected = str(system.call("server_info")[1]["queued"])
+    shows(page, "tr[data-queue='1'] td[data-field='queued']", expected)
+
+
+# -- ppq up --------------------------------------------------------------------------------------
+
+
+def test_ppq_up_prints_the_dashboard_url_and_goes_on_without_it_when_its_port_is_taken_or_a_library_missing(
+        tmp_path):
+    import socket
+
+    from .conftest import ppq_command, ppq_env
+
+    def up(*args: str, pythonpath: str = "") -> tuple[subprocess.Popen[str], str]:
+        log = tmp_path / f"up-{uuid.uuid4().hex[:6]}.log"
+        env = ppq_env({"PPQ_DASHBOARD_PORT": str(port)})
+        if pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([pythonpath, env["PYTHONPATH"]])
+        with open(log, "w") as out:
+            proc = subprocess.Popen([*ppq_command(), "up", "--workers", "0", "--port", "0", "--data-dir",
+                                     str(tmp_path / "data"), *args], stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, stdin=subprocess.DEVNULL)
+        wait_for(lambda: proc.poll() is not None or "Push with" in log.read_text(), timeout=30, what="ppq up")
+        return proc, str(log)  # type: ignore[return-value]
+
+    port = free_port()
+    proc, log = up()
+    try:
+        assert f"dashboard: http://127.0.0.1:{port}/\n" in Path(log).read_text()
+        wait_for(lambda: "dashboard ready" in Path(log).read_text(), timeout=20, what="the dashboard")
+        assert get(f"http://127.0.0.1:{port}/")[0] == 200
+        # Supervised like a worker: killed after its first seconds, it is started again.
+        (child,) = [p for p in psutil.Process(proc.pid).children() if "dashboard" in p.cmdline()]
+        wait_for(lambda: time.time() - child.create_time() > DEFAULT_QUICK_DEATH + 0.5, timeout=15,
+                 what="the dashboard to have run its first seconds")
+        child.kill()
+        wait_for(lambda: f"the dashboard (pid {child.pid}) exited with -9; starting another" in Path(log).read_text(),
+                 timeout=10, what="the dashboard to be started again")
+        wait_for(lambda: not get_refused(port) and get(f"http://127.0.0.1:{port}/")[0] == 200, timeout=20,
+                 what="the new dashboard to answer")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, Path(log).read_text()
+    assert get_refused(port)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen(1)
+        proc, log = up()
+        try:
+            text = Path(log).read_text()
+            assert f"dashboard off: cannot listen on 127.0.0.1:{port}" in text and "dashboard: http" not in text
+            assert proc.poll() is None
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0, Path(log).read_text()
+    proc, log = up("--no-dashboard")
+    try:
+        assert "dashboard" not in Path(log).read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, Path(log).read_text()
+    # Where starlette cannot be imported (a sitecustomize hides it), one line, and the stack runs.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'starlette':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    proc, log = up(pythonpath=str(hide))
+    try:
+        lines = [line for line in Path(log).read_text().splitlines() if "dashboard" in line]
+        assert len(lines) == 1 and "dashboard off: starlette not installed" in lines[0], lines
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, Path(log).read_text()
+
+
+def get_refused(port: int) -> bool:
+    try:
+        get(f"http://127.0.0.1:{port}/")
+    except OSError:
+        return True
+    return False
+
+
+def test_env_port_reaches_the_config():
+    config = load_config(environ={"PPQ_DASHBOARD_PORT": "7681", "PPQ_DASHBOARD_HOST": "::1"})
+    assert (config.dashboard.port, config.dashboard.host, config.dashboard.read_only) == (7681, "::1", False)
+
+
+def test_a_workflow_tree_renders_nested_and_escaped():
+    """The workflows page's template, given a tree as Source.workflow builds it from records with
+    ``kind`` and ``children`` (the fields a workflow's records carry)."""
+    from ppq.dashboard.data import Source
+    from ppq.dashboard.security import Sessions
+    from ppq.dashboard.views import Views
+
+    source = Source(load_config(environ={}), ["127.0.0.1:1"])
+    try:
+        views = Views(source, Sessions(None), False, "127.0.0.1")
+
+        def leaf(tid: str, state: str) -> dict[str, Any]:
+            return {"info": {"id": tid, "state": state, "module": "tasks", "func": "add"}, "children": [], "more": 0}
+
+        group = {"info": {"id": "g1", "state": "running", "kind": "group"},
+                 "children": [leaf("b1", "running"), leaf("<script>x</script>", "queued")], "more": 3}
+        tree = {"info": {"id": "c1", "state": "running", "kind": "chain"}, "children": [leaf("a1", "done"), group],
+                "more": 0}
+        html = views.templates.get_template("workflows.html").render(
+            path="/workflows", read_only=False, csrf="", signed_in=False, authed=True, masters=[], lost=False,
+            message="", tree=tree, qi=0, task_id="c1")
+    finally:
+        source.close()
+    body = html[html.index('id="workflow"'):]
+    order = [body.index(text) for text in ("chain", "a1", "group", "b1", "&lt;script&gt;x&lt;/script&gt;",
+                                           "and 3 more")]
+    assert order == sorted(order)
+    assert "<script>x" not in html
+    assert body.count("<ul>") == 2  # the chain's children, and the group's inside them
