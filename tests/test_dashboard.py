@@ -285,6 +285,24 @@ def test_schedules_and_limits_pages(system, page):
         system.call("limit_remove", "tasks.mul", None, 1)
 
 
+def test_a_pushed_chord_shows_as_a_tree(system, page):
+    """A chord pushed on queue_index 1 (no worker: it stays as pushed) shows its group, the group's
+    members and the callback, each a link to its task page."""
+    add = {"func": "add", "module": "tasks", "args": [1, 2]}
+    wid = system.call("push_workflow", {"chain": [add, {"chord": {"group": [add, add, add]}, "callback": add}]}, 1)
+    page.get(f"{system.plain}/workflows?id={wid}&q=1")
+    tree = text_of(page, "#workflow")
+    assert tree.split()[1:3] == ["chain", wid], tree
+    for kind in ("chord", "group"):
+        assert kind in tree, tree
+    links = [a.get_attribute("href") for a in page.find_elements("css selector", "#workflow a")]
+    # chain, its first step, the chord, its group, three members and the callback: 8 nodes.
+    assert len(links) == 8, links
+    assert all("/tasks/1/" in link for link in links)
+    info = system.call("get_task_info", wid, 1)
+    assert [c["id"] for c in info["children"]] == [link.rsplit("/", 1)[1] for link in links[1:3]]
+
+
 # -- security ------------------------------------------------------------------------------------
 
 

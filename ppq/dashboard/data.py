@@ -249,16 +249,21 @@ class Source:
         budget = [WORKFLOW_NODES]
 
         def node(info: dict[str, Any], depth: int) -> dict[str, Any]:
-            listed = [str(c) for c in info.get("children") or [] if isinstance(c, str)]
+            # The master lists a node's first children as {id, state} and counts the rest.
+            listed = [str(c["id"]) for c in info.get("children") or [] if isinstance(c, dict) and "id" in c]
             ids = listed[:min(WORKFLOW_CHILDREN, budget[0])] if depth < WORKFLOW_DEPTH else []
             budget[0] -= len(ids)
             children: list[dict[str, Any]] = []
             if ids:
                 infos = self.client.call("get_tasks_info", ids, queue_index)
+                # A child that is a node itself: its own info lists its children.
+                infos = [self.client.info(tid, queue_index) if i is not None and "kind" in i else i
+                         for tid, i in zip(ids, infos, strict=False)]
                 children = [node(i, depth + 1) if i is not None else
                             {"info": {"id": tid, "state": "unknown"}, "children": [], "more": 0}
                             for tid, i in zip(ids, infos, strict=False)]
-            return {"info": info, "children": children, "more": len(listed) - len(ids)}
+            more = len(listed) - len(ids) + int(info.get("children_more") or 0)
+            return {"info": info, "children": children, "more": more}
 
         return node(root, 0)
 
