@@ -733,3 +733,47 @@ def test_a_task_prefetched_behind_a_long_one_goes_back_to_an_idle_worker(master,
     assert call("get_task_info", long_id, 0)["state"] == "running"
     assert call("server_info")[0]["released"] == 1
     assert wait_state(call, long_id, "done", timeout=15)["worker"] == first_id
+
+
+def test_an_executor_whose_pipe_breaks_at_hand_over_fails_that_batch_and_is_replaced():
+    """An executor process whose pipe breaks just as the agent hands it a batch: those tasks are
+    reported failed (ExecutorError, retried by the master), the executor is replaced by a new
+    process, and the pool counts nothing as running afterwards; the tasks that went to the other
+    executor run."""
+    from ppq.config import load_config
+    from ppq.worker.pool import Pool
+
+    config = load_config(None)
+    pool = Pool(config, 2, ["tests.tasks"], stopping=lambda: False, wake=lambda: None)
+    reports: list[dict] = []
+    pool.report = reports.append
+    pool.start_executors()
+    try:
+        broken = pool.slots[0]
+        old_pid = broken.pid
+        broken.conn.close()  # the agent's end of the pipe: the next send fails as a broken pipe does
+        tasks = [{"id": f"t{i}", "lease": f"l{i}", "module": "tests.tasks", "func": "add", "fclass": "", "path": "",
+                  "parameters": encode_parameters([i, 1]), "retry": 0} for i in range(4)]
+        with pool.cond:
+            pool.accept(0, tasks)
+        failed = [r for r in reports if not r["ok"]]
+        # The first executor was handed an even share (2 of 4); both failed at once, to be retried.
+        assert [r["id"] for r in failed] == ["t0", "t1"]
+        assert all(r["error"].startswith("ExecutorError: cannot hand the task to the executor") and r["retry"]
+                   for r in failed)
+        assert pool.slots[0] is not broken and pool.slots[0].pid not in (None, old_pid)
+
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+
+        def supervised() -> bool:
+            pool.supervise_once(0.05, wake_r)
+            return len(reports) == 4
+
+        wait_for(supervised, timeout=15, what="the other two tasks to run")
+        assert sorted((r["id"], r.get("ok")) for r in reports[2:]) == [("t2", True), ("t3", True)]
+        assert pool.busy() == 0 and not pool.inbox
+        os.close(wake_r)
+        os.close(wake_w)
+    finally:
+        pool.close()
