@@ -266,10 +266,15 @@ def test_worker_kill9_mid_task_500_tasks_done_exactly_once(spawn: Spawner, redis
     try:
         for kill in range(6):
             time.sleep(rng.uniform(0.3, 0.7))  # the interval between deliberate kills
+            victim = rng.randrange(len(workers))
+            # On a loaded machine a replacement may still be starting: the kill is meant for a worker
+            # that has signed in (its heartbeat lists its pid), so that it holds leases.
+            pid = workers[victim].pid
+            wait_for(lambda: any(w.get("pid") == pid for w in queue_info(call)["workers"]), timeout=30,
+                     what=f"worker {pid} to sign in before it is killed")
             c = queue_info(call)
             if c["queued"] + c["running"] > 0:
                 kills_with_work_left += 1
-            victim = rng.randrange(len(workers))
             orphans += kill9(workers[victim], tree=kill % 2 == 1)
             workers[victim] = spawn.worker(address, concurrency=2)
 
