@@ -5,14 +5,21 @@ One master serves queue_index 0 (a worker runs its tasks) and 1 (no worker: what
 there stays queued, so its counts are exact). Three dashboards read it: a plain one, one with
 ``auth_token`` set and a read-only one. Browser tests are skipped, with the reason, when
 Chromium, its driver or Selenium is not installed (``.ci/run`` installs them where it can).
+
+Every page is saved as a PNG at a desk's size and a phone's (SIZES) in
+``test-artifacts/dashboard/<page>-<width>.png`` under the repository (PPQ_TEST_ARTIFACTS
+elsewhere), each checked to be a page and not a blank, and no wider than the screen.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import time
 import urllib.error
@@ -31,9 +38,12 @@ from ppq.embedded import RedisServer, free_port
 from ppq.errors import ConfigError
 from ppq.stack import DEFAULT_QUICK_DEATH
 
-from .conftest import Spawner, run_ppq, wait_for, wait_state
+from .conftest import REPO, Spawner, run_ppq, wait_for, wait_state
 
 TOKEN = "dashboard-test-token"
+# Where the screenshots go, and the screens they are taken at (a desk's, a phone's).
+ARTIFACTS = Path(os.environ.get("PPQ_TEST_ARTIFACTS") or REPO / "test-artifacts") / "dashboard"
+SIZES = ((1280, 800), (390, 844))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
 
@@ -199,6 +209,40 @@ def csrf_of(driver: Any) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, "meta[name=csrf]").get_attribute("content"))
 
 
+def not_blank(png: bytes, what: str) -> None:
+    """The PNG decodes, and is a page: many colours, none over 99% of its pixels."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        rgb = image.convert("RGB")
+    colours = rgb.getcolors(maxcolors=1 << 24) or []
+    top = max(n for n, _ in colours) / (rgb.width * rgb.height)
+    assert len(colours) >= 16 and top < 0.99, f"{what} looks blank: {len(colours)} colours, one on {top:.1%}"
+
+
+def screenshots(driver: Any, name: str) -> list[Path]:
+    """Save the page at each of SIZES as ``<name>-<width>.png``, checked; the page must fit the
+    width (wide tables scroll in their box, the nav wraps). Back to the browser's size after."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    saved = []
+    try:
+        for width, height in SIZES:
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+            wait_for(lambda w=width: driver.execute_script("return window.innerWidth") == w, timeout=5,
+                     what=f"the page laid out {width} wide")
+            wide = driver.execute_script("return document.documentElement.scrollWidth")
+            assert wide <= width, f"{name} is {wide}px wide on a {width}px screen"
+            png = driver.get_screenshot_as_png()
+            path = ARTIFACTS / f"{name}-{width}.png"
+            path.write_bytes(png)
+            not_blank(png, str(path))
+            saved.append(path)
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    return saved
+
+
 # -- pages -----------------------------------------------------------------------------------------
 
 
@@ -218,6 +262,85 @@ def test_overview_shows_the_counts_after_pushes_and_updates_them_live(system, pa
     system.call("wait_task", system.call("push_task", "add", module="tasks", args=[2, 3]), 0, 10)
     page.get(system.plain + "/workers")
     shows(page, "#workers", "tasks.add", exact=False)
+
+
+def test_a_push_shows_on_the_open_overview_within_a_second_and_a_half(system, page):
+    """Measured from before the push to the change of the page's DOM (a MutationObserver's clock
+    is the machine's, as time.time() is), three times."""
+    cell = "tr[data-queue='1'] td[data-field='queued']"
+    page.get(system.plain + "/")
+    shows(page, cell, str(system.call("server_info")[1]["queued"]))
+    page.execute_script(
+        "window.seen = []; var cell = arguments[0];"
+        "new MutationObserver(function () {"
+        "  var c = document.querySelector(cell); if (c) { window.seen.push([Date.now(), c.textContent]); }"
+        "}).observe(document.getElementById('live'), {childList: true, subtree: true, characterData: true});",
+        cell)
+    delays = []
+    for _ in range(3):
+        expected = str(int(system.call("server_info")[1]["queued"]) + 1)
+        pushed = time.time() * 1000
+        system.call("push_task", "add", module="tasks", args=[1, 1], queue_index=1)
+        seen = wait_for(lambda e=expected: [t for t, text in page.execute_script("return window.seen")
+                                            if text == e], timeout=10, interval=0.05, what="the new count")
+        delays.append((seen[0] - pushed) / 1000)
+    assert statistics.median(delays) < 1.5 and max(delays) < 2.5, delays
+
+
+def test_the_tasks_page_lists_each_state_a_page_at_a_time_with_a_function_filter(system, page):
+    """queue_index 1 has no worker: what is pushed there stays queued (or delayed) as pushed."""
+    before = int(system.call("server_info")[1]["queued"])
+    mine = [system.call("push_task", "echo" if i % 3 == 0 else "add", module="tasks", args=[i, i], queue_index=1)
+            for i in range(60)]
+    later = system.call("push_task", "mul", module="tasks", args=[2, 3], queue_index=1, delay=3600)
+    page.get(f"{system.plain}/tasks?q=1")
+    assert text_of(page, "#states a.here").split() == ["queued", str(before + 60)]
+
+    def listed() -> list[str]:
+        return [str(r.get_attribute("data-id")) for r in page.find_elements("css selector", "#tasks tbody tr[data-id]")]
+
+    # In lease order, 50 to a page: the first page ends with mine[:50 - before], the next goes on.
+    first = listed()
+    assert len(first) == 50 and first[before:] == mine[:50 - before]
+    click(page, "#next")
+    shows(page, "#page-note", "Tasks 51 to", exact=False)
+    assert listed() == mine[50 - before:]
+    # Filtered: only the page read is filtered, and says so.
+    page.get(f"{system.plain}/tasks?q=1&func=tasks.echo")
+    echoes = [tid for i, tid in enumerate(mine[:50 - before]) if i % 3 == 0]
+    assert listed()[-len(echoes):] == echoes and all(t in mine or t not in mine for t in listed())
+    assert all("tasks.echo" == r.text for r in page.find_elements("css selector", "#tasks tbody td:nth-child(2)"))
+    assert "of the 50 read" in text_of(page, "#page-note") or "the 50 read" in text_of(page, "#page-note")
+    page.get(f"{system.plain}/tasks?q=1&state=delayed")
+    assert later in listed() and "tasks.mul" in text_of(page, f"tr[data-id='{later}']")
+    tid, _ = system.dead_task("listed")
+    page.get(f"{system.plain}/tasks?q=0&state=dead")
+    assert listed()[0] == tid and "flag flag-listed is missing" in text_of(page, f"tr[data-id='{tid}']")
+    # A task running on queue_index 0's worker.
+    slow = system.call("push_task", "sleep_then", module="tasks", args=[3, "x"])
+    wait_state(system.call, slow, "running")
+    page.get(f"{system.plain}/tasks?q=0&state=running")
+    assert slow in listed()
+    # Bad arguments are a page naming them.
+    status, body = get(f"{system.plain}/tasks?state=finished")
+    assert status == 400 and "state must be one of" in body
+    status, body = get(f"{system.plain}/tasks?offset=-5")
+    assert status == 400 and "offset must be" in body
+    system.call("purge_queue", 1)
+    system.call("wait_task", slow, 0, 10)
+
+
+def test_the_workers_page_shows_p95_run_times(system, page):
+    """tasks.record runs only here: twice for 50 ms, once for 300 ms (its p95, up to a bucket's 25% over)."""
+    for seconds in (0.05, 0.05, 0.3):
+        tid = system.call("push_task", "record", module="tasks", args=[str(system.tmp / "p95"), "x", seconds])
+        system.call("wait_task", tid, 0, 10)
+    page.get(system.plain + "/workers")
+    shows(page, "#workers", "tasks.record", exact=False)
+    mean = text_of(page, "div[data-func='tasks.record'] span[data-field='mean']")
+    p95 = text_of(page, "div[data-func='tasks.record'] span[data-field='p95']")
+    assert mean.endswith(" ms") and 130 <= float(mean.split()[0]) < 200, mean
+    assert p95.endswith(" ms") and 300 <= float(p95.split()[0]) <= 400, p95
 
 
 def test_a_failed_task_shows_its_traceback_and_requeue_from_the_dead_list_moves_it(system, page):
@@ -303,6 +426,53 @@ def test_a_pushed_chord_shows_as_a_tree(system, page):
     assert [c["id"] for c in info["children"]] == [link.rsplit("/", 1)[1] for link in links[1:3]]
 
 
+def test_every_page_is_saved_as_a_screenshot_at_a_desk_and_a_phone_width(system, page):
+    """What an operator sees, kept as test artifacts: each page with something on it (a failed task,
+    a schedule, a limit, a workflow's tree, tasks queued), at 1280x800 and 390x844."""
+    tid, _ = system.dead_task("shot")
+    for i in range(12):
+        system.call("push_task", "echo" if i % 2 else "add", module="tasks", args=[i, i], queue_index=1)
+    system.call("wait_task", system.call("push_task", "record", module="tasks",
+                                         args=[str(system.tmp / "shot"), "x", 0.02]), 0, 10)
+    system.call("schedule_add", {"name": "nightly-report", "cron": "0 3 * * *", "task": "tasks.add", "args": [1, 1],
+                                 "queue_index": 1})
+    system.call("limit_set", "tasks.mul", "5/s", 2, 1)
+    add = {"func": "add", "module": "tasks", "args": [1, 2]}
+    wid = system.call("push_workflow", {"chain": [add, {"chord": {"group": [add, add, add]}, "callback": add}]}, 1)
+    try:
+        saved = []
+        page.get(system.plain + "/")
+        wait_for(lambda: len(page.execute_script("return document.querySelectorAll('#chart-throughput path')")) >= 2,
+                 timeout=15, what="the charts' lines")
+        saved += screenshots(page, "overview")
+        page.get(system.plain + "/workers")
+        shows(page, "#workers", "tasks.record", exact=False)
+        saved += screenshots(page, "workers")
+        page.get(system.plain + "/tasks?q=1")
+        saved += screenshots(page, "tasks")
+        page.get(f"{system.plain}/tasks/0/{tid}")
+        assert "Traceback" in text_of(page, "#task-traceback")
+        saved += screenshots(page, "task")
+        page.get(system.plain + "/dead/0")
+        saved += screenshots(page, "dead")
+        click(page, f"input[type=checkbox][value='{tid}']")
+        click(page, "#requeue-chosen")
+        shows(page, "h1", "Requeue 1 dead task(s)", exact=False)
+        saved += screenshots(page, "confirm")
+        page.get(system.plain + "/schedules")
+        saved += screenshots(page, "schedules")
+        page.get(system.plain + "/limits")
+        saved += screenshots(page, "limits")
+        page.get(f"{system.plain}/workflows?id={wid}&q=1")
+        assert "chord" in text_of(page, "#workflow")
+        saved += screenshots(page, "workflows")
+        assert len(saved) == 18 and all(p.stat().st_size > 5000 for p in saved)
+    finally:
+        system.call("schedule_remove", "nightly-report", None)
+        system.call("limit_remove", "tasks.mul", None, 1)
+        system.call("purge_dead", [tid], 0)
+
+
 # -- security ------------------------------------------------------------------------------------
 
 
@@ -311,6 +481,7 @@ def test_sign_in_with_auth_token_and_csrf(system, page):
     tid, _ = system.dead_task("auth")
     page.get(f"{url}/dead/0")
     assert page.current_url.startswith(f"{url}/signin")  # not signed in: sent to sign in
+    screenshots(page, "signin")
     assert system.address not in page.page_source  # nothing of the system before sign-in
     assert get(f"{url}/api/overview")[0] == 401
     page.find_element("id", "token").send_keys("not-the-token")
@@ -370,6 +541,7 @@ def test_the_connection_lost_banner_shows_while_no_master_answers(system, page):
     system.master.send_signal(signal.SIGKILL)
     system.master.wait(10)
     wait_for(banner.is_displayed, timeout=15, what="the connection-lost banner")
+    screenshots(page, "connection-lost")
     system.start_master()
     wait_for(lambda: not banner.is_displayed(), timeout=15, what="the banner to clear")
     system.call("push_task", "add", module="tasks", args=[0, 0], queue_index=1)
@@ -382,7 +554,6 @@ def test_the_connection_lost_banner_shows_while_no_master_answers(system, page):
 
 def test_ppq_up_prints_the_dashboard_url_and_goes_on_without_it_when_its_port_is_taken_or_a_library_missing(
         tmp_path):
-    import socket
 
     from .conftest import ppq_command, ppq_env
 

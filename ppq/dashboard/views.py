@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from ..errors import ConnectError, InvalidTaskError, PPQError
 from ..task import check_task_id
 from . import is_loopback
-from .data import DEAD_PER_PAGE, Source
+from .data import DEAD_PER_PAGE, TASKS_PER_PAGE, Source
 from .security import COOKIE, MAX_BODY, SESSION_SECONDS, BodyTooLargeError, Sessions, parse_form
 
 log = logging.getLogger("ppq.dashboard")
@@ -45,8 +45,12 @@ DONE_MESSAGES = {
     "requeue": "Requeued {n} task(s).", "purge": "Purged {n} task(s).", "pause": "Schedule {name} paused.",
     "resume": "Schedule {name} resumed.", "run-now": "Schedule {name} pushed task {task}.",
 }
-# Seconds a live page's poll may be answered from the sampler's last read (shared by every open page).
-POLL_FRESH = 2.5
+# Seconds a live page's poll may be answered from the last read of the masters (shared by every open
+# page): the page polls every second, so what is pushed shows within about 1.3 s at most.
+POLL_FRESH = 0.3
+# The states the tasks page lists, as the master's list_tasks names them, with what each is ordered by.
+TASK_STATES = {"queued": "next to run first", "delayed": "soonest due first", "running": "soonest lease end first",
+               "dead": "newest first"}
 # Longest schedule name, task id or number a form or query may carry.
 MAX_FIELD = 200
 
@@ -296,16 +300,32 @@ class Views:
         return _int(value, "queue_index", 0, 0, 10**6)
 
     async def tasks(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
-        task_id = (request.query_params.get("id") or "").strip()
-        qi = self._queue_index(request.query_params.get("q"))
+        params = request.query_params
+        task_id = (params.get("id") or "").strip()
+        qi = self._queue_index(params.get("q"))
         if task_id:
             check_task_id(task_id[:MAX_FIELD], "id")
             return RedirectResponse(f"/tasks/{qi}/{quote(task_id, safe='')}", 303)
+        state = params.get("state") or "queued"
+        if state not in TASK_STATES:
+            raise HTTPError(400, f"state must be one of {', '.join(TASK_STATES)}, got {state[:40]!r}")
+        offset = _int(params.get("offset"), "offset", 0, 0, 10**12)
+        func = (params.get("func") or "").strip()
+        if len(func) > MAX_FIELD:
+            raise HTTPError(400, f"func must be at most {MAX_FIELD} characters")
         data = await self.read(self._overview)
-        running = [(q["queue_index"], w.get("id"), tid) for q in data["queues"] for w in q.get("workers") or []
-                   for tid in w.get("running") or []][:100]
-        return self.render("tasks.html", request, session, lost=not data["ok"], running=running,
-                           queue_indexes=[q["queue_index"] for q in data["queues"]] or [0])
+        listed = await self.read(self.source.list_tasks, state, qi, offset, func or None)
+        entry: dict[str, Any] = next((q for q in data["queues"] if q["queue_index"] == qi), {})
+        counts = {name: entry.get(name) for name in TASK_STATES}
+        counts[state] = listed["total"]  # as the page read it
+
+        def link(**change: Any) -> str:
+            values = {"q": qi, "state": state, "func": func, "offset": offset, **change}
+            return "/tasks?" + urlencode({k: v for k, v in values.items() if v not in ("", None, 0) or k == "q"})
+
+        return self.render("tasks.html", request, session, lost=not data["ok"], state=state, qi=qi, func=func,
+                           offset=offset, listed=listed, counts=counts, states=TASK_STATES, link=link,
+                           per_page=TASKS_PER_PAGE, queue_indexes=[q["queue_index"] for q in data["queues"]] or [qi])
 
     async def task(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
         qi = self._queue_index(request.path_params["qi"])

@@ -25,7 +25,7 @@ def task_name(task: dict[str, Any]) -> str:
 
 
 # Run times are counted in a log-histogram per function: STEPS buckets per power of two (each about
-# 19% wide), from 2**MIN_EXP seconds (about 8 us; shorter counts in the first bucket) to
+# 12% to 25% wide), from 2**MIN_EXP seconds (about 8 us; shorter counts in the first bucket) to
 # 2**MAX_EXP (about 36 h; longer counts in the last). Its list of ints is made once per function:
 # counting a task is a frexp and an increment, and the whole table stays MAX_FUNC_LABELS x BUCKETS.
 STEPS = 4
@@ -75,7 +75,7 @@ class FuncStats:
 
     def quantile(self, q: float) -> float:
         """The run time that a share ``q`` of the counted tasks took at most (the top of its
-        bucket: at most about 19% over); 0.0 before any task."""
+        bucket: at most 25% over); 0.0 before any task."""
         if not self.count:
             return 0.0
         rank = math.ceil(q * self.count)

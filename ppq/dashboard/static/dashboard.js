@@ -1,9 +1,9 @@
-// ppq dashboard: keeps the live pages current (a poll of their JSON every 2 s), shows the
+// ppq dashboard: keeps the live pages current (a poll of their JSON every second), shows the
 // "connection lost" banner while no master answers, and draws the charts as inline SVG.
 // No library, nothing fetched from elsewhere.
 "use strict";
 (function () {
-  var POLL_MS = 2000;
+  var POLL_MS = 1000;
   var WINDOW_S = 600;
   var SVG = "http://www.w3.org/2000/svg";
 
