@@ -14,6 +14,7 @@ elsewhere), each checked to be a page and not a blank, and no wider than the scr
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -29,6 +30,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import psutil
 import pytest
@@ -71,6 +73,32 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def http_call(url: str, method: str = "GET", path: str = "/", body: str = "", cookie: str = "",
+              headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    """One request, no redirect followed: (status, headers with lower-case names, body)."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=15)
+    try:
+        sent = {"Cookie": f"ppq_dashboard={cookie}"} if cookie else {}
+        if body:
+            sent["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(method, path, body=body.encode() if body else None, headers={**sent, **(headers or {})})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read().decode()
+    finally:
+        conn.close()
+
+
+def session_of(url: str, path: str = "/signin", cookie: str = "") -> tuple[str, str]:
+    """A page's session cookie (a new one unless ``cookie`` is given) and its CSRF token."""
+    status, headers, body = http_call(url, path=path, cookie=cookie)
+    given = headers.get("set-cookie", "")
+    if given:
+        cookie = given.split(";", 1)[0].split("=", 1)[1]
+    marker = '<meta name="csrf" content="'
+    return cookie, body[body.index(marker) + len(marker):].split('"', 1)[0]
 
 
 class System:
@@ -674,3 +702,138 @@ def test_a_workflow_tree_renders_nested_and_escaped():
     assert order == sorted(order)
     assert "<script>x" not in html
     assert body.count("<ul>") == 2  # the chain's children, and the group's inside them
+
+
+# -- red team: the dashboard's own pages -------------------------------------------------------------
+
+XSS = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
+
+
+def test_every_post_needs_its_own_session_csrf_token_and_changes_nothing_without_it(system):
+    system.call("schedule_add", {"name": "csrf-tick", "every": 3600, "task": "tasks.add", "queue_index": 1})
+    tid, _ = system.dead_task("csrf")
+    try:
+        cookie, csrf = session_of(system.plain, "/schedules")
+        _, other_csrf = session_of(system.plain, "/schedules")  # another session's token
+        assert csrf and other_csrf and csrf != other_csrf
+        posts = [("/schedules/act", "action=pause&name=csrf-tick&queue_index=1"),
+                 ("/dead/0/act", f"action=purge&confirm=1&id={tid}"), ("/signout", ""), ("/signin", "token=x")]
+        for path, form in posts:
+            for extra in ("", "&csrf=", f"&csrf={other_csrf}", "&csrf=" + "A" * 43):
+                status, _, body = http_call(system.plain, "POST", path, (form + extra).lstrip("&"), cookie)
+                assert status == 403 and "CSRF" in body, (path, extra, status)
+        assert not system.call("schedule_list", 1)[0].get("paused")
+        assert system.call("get_task_info", tid)["state"] == "dead"
+        # With the right one, it goes through.
+        assert http_call(system.plain, "POST", "/schedules/act", posts[0][1] + f"&csrf={csrf}", cookie)[0] == 303
+        assert [s["paused"] for s in system.call("schedule_list", 1) if s["name"] == "csrf-tick"] == [True]
+    finally:
+        system.call("schedule_remove", "csrf-tick", None)
+        system.call("purge_dead", [tid], 0)
+
+
+def test_sign_in_makes_a_new_session_sign_out_ends_it_and_next_stays_on_the_site(system):
+    url = system.dashboard(env={"PPQ_AUTH_TOKEN": TOKEN})
+    before, csrf = session_of(url)
+    status, headers, _ = http_call(url, "POST", "/signin", f"csrf={csrf}&next=/limits&token={TOKEN}", before)
+    assert status == 303 and headers["location"] == "/limits"
+    after = headers["set-cookie"].split(";", 1)[0].split("=", 1)[1]
+    assert after != before  # a session fixed before sign-in is not the one signed in
+    assert http_call(url, path="/limits", cookie=before)[0] == 303  # still sent to sign in
+    assert http_call(url, path="/limits", cookie=after)[0] == 200
+    _, csrf_after = session_of(url, "/limits", after)
+    status, headers, _ = http_call(url, "POST", "/signout", f"csrf={csrf_after}", after)
+    assert status == 303 and 'ppq_dashboard=""' in headers["set-cookie"]
+    # The cookie, replayed after sign-out (a copy kept elsewhere), signs in no one.
+    status, headers, _ = http_call(url, path="/limits", cookie=after)
+    assert status == 303 and headers["location"].startswith("/signin")
+    # Sign-in's next= leads to a path of this site only, whatever it is given.
+    for evil in ("//evil.example/", "/\\evil.example/", "/\t/evil.example/", "/\n/evil", "https://evil.example/",
+                 "javascript:alert(1)", "/\r\nSet-Cookie: x=1", " /x", "\\\\evil.example"):
+        status, headers, _ = http_call(system.plain, path="/signin?" + urlencode({"next": evil}))
+        assert status == 303 and headers["location"] == "/", (evil, headers.get("location"))
+    status, headers, _ = http_call(system.plain, path="/signin?" + urlencode({"next": "/dead/0?page=2"}))
+    assert headers["location"] == "/dead/0?page=2"
+    cookie, csrf = session_of(url)
+    status, headers, _ = http_call(url, "POST", "/signin", urlencode({"csrf": csrf, "next": "/\t/evil.example",
+                                                                      "token": TOKEN}), cookie)
+    assert status == 303 and headers["location"] == "/"
+
+
+def test_what_tasks_and_workers_send_is_shown_as_text_on_every_page(system, page):
+    """Error, traceback and args of a task, a worker's host and id, as a task or a worker could
+    send them; func, module and schedule names are refused with such characters."""
+    tid = system.call("push_task", "boom", module="tasks", args=[XSS], max_retry=0)
+    wait_state(system.call, tid, "dead")
+    worker = {"id": "xss<b>worker", "host": XSS, "pid": 1, "concurrency": 1, "running": [], "done": 0, "failed": 0,
+              "control_uri": "", "heartbeat_interval": 30}
+    system.call("heartbeat", worker, 1, [])
+    for bad in ({"func": XSS}, {"func": "add", "module": XSS}):
+        with pytest.raises(Exception, match="func|module"):
+            system.call("push_task", **{"module": "tasks", **bad})
+    with pytest.raises(Exception, match="name"):
+        system.call("schedule_add", {"name": XSS, "every": 60, "task": "tasks.add"})
+    try:
+        cookie, _ = session_of(system.plain, "/")
+        for path in ("/", "/api/overview", "/workers", "/api/workers", "/tasks?q=0&state=dead", f"/tasks/0/{tid}",
+                     "/dead/0", f"/workflows?id={tid}&q=0", "/tasks?q=1&func=" + quote(XSS)):
+            status, _, body = http_call(system.plain, path=path, cookie=cookie)
+            text = json.loads(body).get("html", "") if path.startswith("/api/") else body
+            assert status in (200, 400) and "<script>window.pwned" not in text and "<img src=x" not in text, path
+        for path in ("/workers", f"/tasks/0/{tid}", "/dead/0"):
+            page.get(system.plain + path)
+            shows(page, "main", "window.pwned = 1", exact=False)  # there, as text
+            assert page.execute_script("return window.pwned === undefined") is True, path
+    finally:
+        system.call("release_worker", worker, 1, True)
+        system.call("purge_dead", [tid], 0)
+
+
+def test_long_addresses_and_slow_clients_are_cut_off(system):
+    port = int(system.plain.rsplit(":", 1)[1])
+    slow = socket.create_connection(("127.0.0.1", port))
+    try:
+        # A client that trickles its request's headers is closed after REQUEST_READ_TIMEOUT (10 s),
+        # though every byte it sends would reset uvicorn's own keep-alive timeout.
+        slow.settimeout(0.5)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        opened = time.monotonic()
+        status, _, body = http_call(system.plain, path="/tasks?func=" + "a" * 100_000)
+        assert status == 414 and "too long" in body
+        status, _, body = http_call(system.plain, path="/tasks?func=" + "a" * 5_000)
+        assert status == 400 and "func must be at most 200" in body
+        status, _, body = http_call(system.plain, path="/", headers={"X-Junk": "j" * 40_000})
+        assert status == 431 and "headers take more than" in body
+        closed = None
+        while time.monotonic() - opened < 20:
+            try:
+                slow.sendall(b"X")
+                if slow.recv(1024) == b"":
+                    closed = time.monotonic() - opened
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = time.monotonic() - opened
+                break
+        assert closed is not None and 9 <= closed < 15, closed
+    finally:
+        slow.close()
+    assert get(system.plain + "/static/dashboard.css")[0] == 200
+
+
+def test_the_listening_socket_gives_connections_without_nagle():
+    """asyncio sets TCP_NODELAY only where the socket's proto says TCP: else each kept-alive request
+    waits for the client's delayed ACK (40 ms) between the reply's headers and its body."""
+    from ppq.dashboard.app import listen
+
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        client = socket.create_connection(sock.getsockname())
+        accepted, _ = sock.accept()
+        assert accepted.proto == socket.IPPROTO_TCP
+        accepted.close()
+        client.close()
+    finally:
+        sock.close()

@@ -26,7 +26,7 @@ from ..errors import ConnectError, InvalidTaskError, PPQError
 from ..task import check_task_id
 from . import is_loopback
 from .data import DEAD_PER_PAGE, TASKS_PER_PAGE, Source
-from .security import COOKIE, MAX_BODY, SESSION_SECONDS, BodyTooLargeError, Sessions, parse_form
+from .security import COOKIE, MAX_BODY, SESSION_SECONDS, BodyTooLargeError, Sessions, parse_form, safe_next
 
 log = logging.getLogger("ppq.dashboard")
 
@@ -53,6 +53,12 @@ TASK_STATES = {"queued": "next to run first", "delayed": "soonest due first", "r
                "dead": "newest first"}
 # Longest schedule name, task id or number a form or query may carry.
 MAX_FIELD = 200
+# Longest query string and path a request may have (bytes); longer is refused with 414 unread. uvicorn's
+# h11 bound (16 KiB) holds only for a request that arrives in pieces: one sent whole passes it.
+MAX_QUERY = 8 * 1024
+MAX_PATH = 2 * 1024
+# Most bytes of headers a request may have; more is refused with 431 (the same holds for h11's bound).
+MAX_HEADERS = 16 * 1024
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -162,6 +168,12 @@ class Views:
         async def endpoint(request: Request) -> Response:
             if not self._host_ok(request):
                 return self._error(request, 400, "this dashboard answers to loopback host names only", api, None)
+            if len(request.scope.get("query_string") or b"") > MAX_QUERY or len(request.url.path) > MAX_PATH:
+                return self._error(request, 414, f"the address is too long (at most {MAX_PATH} bytes of path and "
+                                                 f"{MAX_QUERY} of query)", api, None)
+            if sum(len(k) + len(v) for k, v in request.scope.get("headers") or ()) > MAX_HEADERS:
+                return self._error(request, 431, f"the request's headers take more than {MAX_HEADERS} bytes", api,
+                                   None)
             session = self.sessions.read(request.cookies.get(COOKIE))
             new_cookie = None
             if session is None:
@@ -236,9 +248,7 @@ class Views:
     # -- sign-in ---------------------------------------------------------------------------
 
     async def signin(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
-        target = request.query_params.get("next") or (form.get("next") or ["/"])[0]
-        if not target.startswith("/") or target.startswith("//") or "\\" in target or len(target) > 2000:
-            target = "/"
+        target = safe_next(request.query_params.get("next") or (form.get("next") or ["/"])[0])
         if not self.sessions.token:
             return RedirectResponse(target, 303)
         if request.method == "GET":
@@ -257,6 +267,7 @@ class Views:
         return response
 
     async def signout(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
+        self.sessions.sign_out(session)
         response = RedirectResponse("/signin" if self.sessions.token else "/", 303)
         response.delete_cookie(COOKIE, path="/")
         return response
