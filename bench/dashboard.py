@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {info[0]['queued']:,} queued and {info[0]['delayed']:,} delayed in queue_index 0, "
                   f"{info[1]['dead']:,} dead and {info[1]['workers_live']} live workers in queue_index 1 "
                   f"(pushed in {push_s:.0f} s); {args.requests} requests per page")
-            print(f"| page | median ms | p95 ms | max ms | status | bytes |\n|---|---|---|---|---|---|")
+            print("| page | median ms | p95 ms | max ms | status | bytes |\n|---|---|---|---|---|---|")
             for path, median, p95, top, statuses, size in rows:
                 flag = "" if p95 < GOAL_MS else " (over the goal)"
                 print(f"| `{path[:60]}` | {median:.1f} | {p95:.1f}{flag} | {top:.1f} | "

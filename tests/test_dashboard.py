@@ -364,6 +364,25 @@ def test_the_tasks_page_lists_each_state_a_page_at_a_time_with_a_function_filter
     system.call("wait_task", slow, 0, 10)
 
 
+def test_list_tasks_reads_priorities_first_then_push_order_and_only_the_page(system):
+    """The master's list_tasks on queue_index 1 (no worker): priority 9, then 3, then 0, each in
+    push order; a filter keeps the page's matches only; ``next`` goes on where the page ended."""
+    system.call("purge_queue", 1)
+    plain = [system.call("push_task", "add", module="tasks", args=[i, i], queue_index=1) for i in range(3)]
+    high = system.call("push_task", "mul", module="tasks", args=[1, 1], queue_index=1, priority=9)
+    mid = [system.call("push_task", "echo", module="tasks", args=[i], queue_index=1, priority=3) for i in range(2)]
+    page = system.call("list_tasks", "queued", 1, 200, 0)
+    assert [t["id"] for t in page["tasks"]] == [high, *mid, *plain]
+    assert (page["total"], page["read"], page["next"]) == (6, 6, None)
+    assert page["tasks"][0]["name"] == "tasks.mul" and page["tasks"][0]["priority"] == 9
+    page = system.call("list_tasks", "queued", 1, 2, 2)
+    assert [t["id"] for t in page["tasks"]] == [mid[1], plain[0]] and page["next"] == 4
+    page = system.call("list_tasks", "queued", 1, 3, 2, "tasks.add")  # ids 2..4 read: two of them add
+    assert [t["id"] for t in page["tasks"]] == plain[:2] and page["read"] == 3
+    assert [t["id"] for t in system.call("list_tasks", "queued", 1, 50, 0, "echo")["tasks"]] == mid
+    system.call("purge_queue", 1)
+
+
 def test_the_workers_page_shows_p95_run_times(system, page):
     """tasks.record runs only here: twice for 50 ms, once for 300 ms (its p95, up to a bucket's 25% over)."""
     for seconds in (0.05, 0.05, 0.3):
