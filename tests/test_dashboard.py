@@ -856,3 +856,34 @@ def test_the_listening_socket_gives_connections_without_nagle():
         client.close()
     finally:
         sock.close()
+
+
+def test_a_worker_keeps_p95_per_function_in_fixed_memory():
+    """The workers page's p95 comes from each function's log-histogram (ppq/worker/stats.py): a fixed
+    list of ints per function, counted into without allocating; its quantile is the top of the bucket
+    holding it, at most 25% over."""
+    import tracemalloc
+
+    from ppq.worker.stats import BUCKETS, FuncStats, bucket_of, bucket_top
+
+    stats = FuncStats()
+    for ms in range(1, 101):  # 1..100 ms, once each
+        stats.observe(ms / 1000)
+    assert 0.095 <= stats.quantile(0.95) <= 0.095 * 1.25
+    assert 0.050 <= stats.quantile(0.5) <= 0.050 * 1.25
+    assert stats.as_dict()["p95_time"] == stats.quantile(0.95) and stats.as_dict()["count"] == 100
+    for seconds in (1e-7, 2**-16, 0.3, 1.0, 7.5, 3600.0, 1e9):
+        index = bucket_of(seconds)
+        assert index == 0 or bucket_top(index - 1) <= seconds
+        assert index == BUCKETS - 1 or seconds < bucket_top(index)
+    assert bucket_of(0.0) == bucket_of(-1.0) == 0 and bucket_of(float("nan")) == 0
+    assert FuncStats().quantile(0.95) == 0.0
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            stats.observe(0.001 * (i % 500))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1024 and len(stats.histogram) == BUCKETS and stats.count == 20_100
