@@ -260,6 +260,11 @@ def screenshots(driver: Any, name: str) -> list[Path]:
                 "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
             wait_for(lambda w=width: driver.execute_script("return window.innerWidth") == w, timeout=5,
                      what=f"the page laid out {width} wide")
+            # The charts are drawn again at their new size (the script does it on resize).
+            wait_for(lambda: driver.execute_script(
+                "return Array.prototype.every.call(document.querySelectorAll('svg.chart'), function (s) {"
+                "  return s.viewBox.baseVal.width === Math.max(200, Math.round(s.clientWidth)); })"),
+                timeout=5, what="the charts drawn at the page's width")
             wide, tall = driver.execute_script("return [document.documentElement.scrollWidth, "
                                                "document.documentElement.scrollHeight]")
             assert wide <= width, f"{name} is {wide}px wide on a {width}px screen"

@@ -27,7 +27,7 @@
   }
 
   function label(v) {
-    if (v >= 1000) { return (v / 1000).toFixed(1) + "k"; }
+    if (v >= 10000) { return (v / 1000).toFixed(0) + "k"; }
     if (v >= 10 || v === 0) { return v.toFixed(0); }
     if (v >= 1) { return v.toFixed(1); }
     return v.toPrecision(2);
@@ -39,7 +39,7 @@
     var svg = document.getElementById(id);
     if (!svg) { return; }
     while (svg.firstChild) { svg.removeChild(svg.firstChild); }
-    var W = Math.max(200, Math.round(svg.clientWidth || 600)), H = 170, L = 46, R = 8, B = 18, T = 8;
+    var W = Math.max(200, Math.round(svg.clientWidth || 600)), H = 170, L = 62, R = 8, B = 18, T = 8;
     svg.setAttribute("viewBox", "0 0 " + W + " " + H);
     var now = Date.now() / 1000, start = now - WINDOW_S;
     var value = function (p, s) {
