@@ -815,12 +815,14 @@ def test_what_tasks_and_workers_send_is_shown_as_text_on_every_page(system, page
 
 def test_long_addresses_and_slow_clients_are_cut_off(system):
     port = int(system.plain.rsplit(":", 1)[1])
-    slow = socket.create_connection(("127.0.0.1", port))
+    # Two clients that trickle their request, a byte at a time (each byte would reset uvicorn's own
+    # keep-alive timeout): one its headers, one its form's body. Both are closed after
+    # REQUEST_READ_TIMEOUT (10 s).
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
     try:
-        # A client that trickles its request's headers is closed after REQUEST_READ_TIMEOUT (10 s),
-        # though every byte it sends would reset uvicorn's own keep-alive timeout.
-        slow.settimeout(0.5)
-        slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        slow[0].sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        slow[1].sendall(b"POST /signin HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
+                        b"Content-Type: application/x-www-form-urlencoded\r\n\r\ntoken=")
         opened = time.monotonic()
         status, _, body = http_call(system.plain, path="/tasks?func=" + "a" * 100_000)
         assert status == 414 and "too long" in body
@@ -828,21 +830,26 @@ def test_long_addresses_and_slow_clients_are_cut_off(system):
         assert status == 400 and "func must be at most 200" in body
         status, _, body = http_call(system.plain, path="/", headers={"X-Junk": "j" * 40_000})
         assert status == 431 and "headers take more than" in body
-        closed = None
-        while time.monotonic() - opened < 20:
-            try:
-                slow.sendall(b"X")
-                if slow.recv(1024) == b"":
-                    closed = time.monotonic() - opened
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                closed = time.monotonic() - opened
-                break
-        assert closed is not None and 9 <= closed < 15, closed
+        closed: dict[int, float] = {}
+        for sock in slow:
+            sock.settimeout(0.05)
+        while len(closed) < 2 and time.monotonic() - opened < 20:
+            for i, sock in enumerate(slow):
+                if i in closed:
+                    continue
+                try:
+                    sock.sendall(b"x")
+                    if sock.recv(1024) == b"":
+                        closed[i] = time.monotonic() - opened
+                except TimeoutError:
+                    pass
+                except OSError:
+                    closed[i] = time.monotonic() - opened
+            time.sleep(0.2)  # the trickle's pace
+        assert sorted(closed) == [0, 1] and all(9 <= t < 15 for t in closed.values()), closed
     finally:
-        slow.close()
+        for sock in slow:
+            sock.close()
     assert get(system.plain + "/static/dashboard.css")[0] == 200
 
 
