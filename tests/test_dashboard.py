@@ -599,9 +599,12 @@ def test_the_connection_lost_banner_shows_while_no_master_answers(system, page):
     system.master.send_signal(signal.SIGKILL)
     system.master.wait(10)
     wait_for(banner.is_displayed, timeout=15, what="the connection-lost banner")
+    lost = "return document.body.classList.contains('lost')"
+    assert page.execute_script(lost) is True  # the last figures read, dimmed
     screenshots(page, "connection-lost")
     system.start_master()
     wait_for(lambda: not banner.is_displayed(), timeout=15, what="the banner to clear")
+    assert page.execute_script(lost) is False
     system.call("push_task", "add", module="tasks", args=[0, 0], queue_index=1)
     expected = str(system.call("server_info")[1]["queued"])
     shows(page, "tr[data-queue='1'] td[data-field='queued']", expected)

@@ -10,6 +10,7 @@
   function banner(lost) {
     var el = document.getElementById("conn-lost");
     if (el) { el.hidden = !lost; }
+    document.body.classList.toggle("lost", lost);  // the figures shown are the last read: dimmed
   }
 
   function el(name, attrs, text) {
