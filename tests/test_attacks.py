@@ -692,6 +692,7 @@ def test_worker_token_is_refused_client_methods(role_master: Master, ra: redis.R
             "requeue_dead": lambda: call("requeue_dead", None, 0),
             "purge_dead": lambda: call("purge_dead", None, 0),
             "purge_queue": lambda: call("purge_queue", 0),
+            "list_tasks": lambda: call("list_tasks", "queued", 0),
             "pause_queue": lambda: call("pause_queue", 0),
             "pause_worker": lambda: call("pause_worker", "w1"),
             "schedule_add": lambda: call("schedule_add", {"name": "s1", "every": 1, "task": "redteam_tasks.ok"}),

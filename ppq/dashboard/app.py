@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -24,6 +25,9 @@ from .views import SECURITY_HEADERS, Views
 log = logging.getLogger("ppq.dashboard")
 
 STATIC = Path(__file__).resolve().parent / "static"
+# Seconds a client has to send a whole request (headers and body), from its connection or from the
+# end of the reply before: a client that trickles bytes holds a connection no longer than that.
+REQUEST_READ_TIMEOUT = 10.0
 
 
 class _Forward(logging.Handler):
@@ -49,6 +53,47 @@ class _Static(StaticFiles):
         response = await super().get_response(path, scope)
         response.headers.update({k: v for k, v in SECURITY_HEADERS.items() if k != "Cache-Control"})
         return response
+
+
+def _protocol() -> type:
+    """uvicorn's h11 protocol, with REQUEST_READ_TIMEOUT: uvicorn's own keep-alive timeout is reset
+    by every byte received, so a slow client could hold a connection (and one of
+    ``limit_concurrency``'s places) for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(REQUEST_READ_TIMEOUT, self._too_slow)
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            # IDLE: no request yet; SEND_BODY: its body still coming. DONE: the reply is being made.
+            if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+                log.debug("dashboard: closing a connection that sent no whole request in %ss",
+                          REQUEST_READ_TIMEOUT)
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            super().connection_lost(exc)
+
+    return Protocol
 
 
 def create_app(config: Config, masters: list[str] | None = None, read_only: bool | None = None,
@@ -94,7 +139,10 @@ def create_app(config: Config, masters: list[str] | None = None, read_only: bool
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (0: a free port), or ConfigError naming dashboard.port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and the
+    # connections accepted here inherit it. Without it a reply written in two parts (headers,
+    # then body) waits on the client's delayed ACK: 40 ms per request on a kept-alive connection.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
@@ -134,7 +182,7 @@ def serve(config: Config, masters: list[str] | None = None, read_only: bool | No
     port = sock.getsockname()[1]
     url = f"http://{connect_address(config.dashboard.host, port)}/"
     app = create_app(config, masters, read_only)
-    server = Server(uvicorn.Config(app, log_config=None, access_log=False, server_header=False,
+    server = Server(uvicorn.Config(app, http=_protocol(), log_config=None, access_log=False, server_header=False,
                                    h11_max_incomplete_event_size=16 * 1024, timeout_keep_alive=5,
                                    timeout_graceful_shutdown=3, limit_concurrency=200, lifespan="on"))
     log.info("dashboard ready: %s (masters: %s%s)", url, ", ".join(app.state.views.source.masters),

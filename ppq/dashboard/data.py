@@ -43,6 +43,8 @@ STATS_SAMPLED = 32
 WORKERS_PER_PAGE = 25
 # Dead tasks shown on one page.
 DEAD_PER_PAGE = 50
+# Tasks read for one page of the tasks page (queued, delayed, running or dead).
+TASKS_PER_PAGE = 50
 # Most children of a workflow node read at once; most levels shown; most nodes shown in all.
 WORKFLOW_CHILDREN = 200
 WORKFLOW_DEPTH = 6
@@ -234,6 +236,11 @@ class Source:
 
     def task(self, task_id: str, queue_index: int) -> dict[str, Any] | None:
         return self.client.info(task_id, queue_index)
+
+    def list_tasks(self, state: str, queue_index: int, offset: int, func: str | None) -> dict[str, Any]:
+        """A page of the tasks in ``state`` (the master's ``list_tasks``: TASKS_PER_PAGE ids read
+        from ``offset``, those of ``func`` kept)."""
+        return dict(self.client.call("list_tasks", state, queue_index, TASKS_PER_PAGE, offset, func))
 
     def dead(self, queue_index: int, page: int) -> list[dict[str, Any]]:
         offset = (max(page, 1) - 1) * DEAD_PER_PAGE

@@ -32,6 +32,18 @@ MAX_FIELDS = 1100
 # Wrong sign-in tokens one address may send per SIGN_IN_WINDOW seconds; more are refused unread.
 SIGN_IN_FAILURES = 10
 SIGN_IN_WINDOW = 60.0
+# Most signed-out sessions remembered (until they would have expired anyway); past it, the oldest go.
+MAX_SIGNED_OUT = 10_000
+
+
+def safe_next(target: str) -> str:
+    r"""Where sign-in may send the browser after: a path of this site, else "/". Refused: anything
+    not starting with one "/" ("//host" and "/\host" lead elsewhere), and any control character or
+    space (browsers drop tabs and newlines from a URL, so "/	/host" would become "//host")."""
+    if (not target.startswith("/") or target.startswith("//") or len(target) > 2000
+            or any(c == "\\" or ord(c) <= 0x20 or ord(c) == 0x7f for c in target)):
+        return "/"
+    return target
 
 
 class BodyTooLargeError(Exception):
@@ -46,6 +58,8 @@ class Sessions:
         self._key = secrets.token_bytes(32)
         self._failures: dict[str, deque[float]] = {}
         self._failures_lock = threading.Lock()
+        # Session id -> when it was made, for the sessions signed out: their cookies are refused.
+        self._signed_out: dict[str, int] = {}
 
     def throttled(self, address: str) -> bool:
         """Whether ``address`` sent SIGN_IN_FAILURES wrong tokens in the last SIGN_IN_WINDOW seconds."""
@@ -85,9 +99,20 @@ class Sessions:
             return None
         if not isinstance(session, dict) or not isinstance(session.get("at"), int):
             return None
-        if time.time() - session["at"] > SESSION_SECONDS:
+        if time.time() - session["at"] > SESSION_SECONDS or session.get("id") in self._signed_out:
             return None
         return session
+
+    def sign_out(self, session: dict[str, Any]) -> None:
+        """Refuse this session's cookie from now on (a copy of it kept elsewhere signs in no one)."""
+        with self._failures_lock:
+            now = time.time()
+            for sid, at in list(self._signed_out.items()):
+                if now - at > SESSION_SECONDS:
+                    del self._signed_out[sid]
+            while len(self._signed_out) >= MAX_SIGNED_OUT:
+                del self._signed_out[next(iter(self._signed_out))]
+            self._signed_out[str(session.get("id"))] = int(session.get("at") or now)
 
     def signed_in(self, session: dict[str, Any] | None) -> bool:
         """Whether the session may see the pages: always without a token."""

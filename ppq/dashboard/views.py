@@ -25,8 +25,8 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from ..errors import ConnectError, InvalidTaskError, PPQError
 from ..task import check_task_id
 from . import is_loopback
-from .data import DEAD_PER_PAGE, Source
-from .security import COOKIE, MAX_BODY, SESSION_SECONDS, BodyTooLargeError, Sessions, parse_form
+from .data import DEAD_PER_PAGE, TASKS_PER_PAGE, Source
+from .security import COOKIE, MAX_BODY, SESSION_SECONDS, BodyTooLargeError, Sessions, parse_form, safe_next
 
 log = logging.getLogger("ppq.dashboard")
 
@@ -45,10 +45,20 @@ DONE_MESSAGES = {
     "requeue": "Requeued {n} task(s).", "purge": "Purged {n} task(s).", "pause": "Schedule {name} paused.",
     "resume": "Schedule {name} resumed.", "run-now": "Schedule {name} pushed task {task}.",
 }
-# Seconds a live page's poll may be answered from the sampler's last read (shared by every open page).
-POLL_FRESH = 2.5
+# Seconds a live page's poll may be answered from the last read of the masters (shared by every open
+# page): the page polls every second, so what is pushed shows within about 1.3 s at most.
+POLL_FRESH = 0.3
+# The states the tasks page lists, as the master's list_tasks names them, with what each is ordered by.
+TASK_STATES = {"queued": "next to run first", "delayed": "soonest due first", "running": "soonest lease end first",
+               "dead": "newest first"}
 # Longest schedule name, task id or number a form or query may carry.
 MAX_FIELD = 200
+# Longest query string and path a request may have (bytes); longer is refused with 414 unread. uvicorn's
+# h11 bound (16 KiB) holds only for a request that arrives in pieces: one sent whole passes it.
+MAX_QUERY = 8 * 1024
+MAX_PATH = 2 * 1024
+# Most bytes of headers a request may have; more is refused with 431 (the same holds for h11's bound).
+MAX_HEADERS = 16 * 1024
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -158,6 +168,12 @@ class Views:
         async def endpoint(request: Request) -> Response:
             if not self._host_ok(request):
                 return self._error(request, 400, "this dashboard answers to loopback host names only", api, None)
+            if len(request.scope.get("query_string") or b"") > MAX_QUERY or len(request.url.path) > MAX_PATH:
+                return self._error(request, 414, f"the address is too long (at most {MAX_PATH} bytes of path and "
+                                                 f"{MAX_QUERY} of query)", api, None)
+            if sum(len(k) + len(v) for k, v in request.scope.get("headers") or ()) > MAX_HEADERS:
+                return self._error(request, 431, f"the request's headers take more than {MAX_HEADERS} bytes", api,
+                                   None)
             session = self.sessions.read(request.cookies.get(COOKIE))
             new_cookie = None
             if session is None:
@@ -232,9 +248,7 @@ class Views:
     # -- sign-in ---------------------------------------------------------------------------
 
     async def signin(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
-        target = request.query_params.get("next") or (form.get("next") or ["/"])[0]
-        if not target.startswith("/") or target.startswith("//") or "\\" in target or len(target) > 2000:
-            target = "/"
+        target = safe_next(request.query_params.get("next") or (form.get("next") or ["/"])[0])
         if not self.sessions.token:
             return RedirectResponse(target, 303)
         if request.method == "GET":
@@ -253,6 +267,7 @@ class Views:
         return response
 
     async def signout(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
+        self.sessions.sign_out(session)
         response = RedirectResponse("/signin" if self.sessions.token else "/", 303)
         response.delete_cookie(COOKIE, path="/")
         return response
@@ -296,16 +311,32 @@ class Views:
         return _int(value, "queue_index", 0, 0, 10**6)
 
     async def tasks(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
-        task_id = (request.query_params.get("id") or "").strip()
-        qi = self._queue_index(request.query_params.get("q"))
+        params = request.query_params
+        task_id = (params.get("id") or "").strip()
+        qi = self._queue_index(params.get("q"))
         if task_id:
             check_task_id(task_id[:MAX_FIELD], "id")
             return RedirectResponse(f"/tasks/{qi}/{quote(task_id, safe='')}", 303)
+        state = params.get("state") or "queued"
+        if state not in TASK_STATES:
+            raise HTTPError(400, f"state must be one of {', '.join(TASK_STATES)}, got {state[:40]!r}")
+        offset = _int(params.get("offset"), "offset", 0, 0, 10**12)
+        func = (params.get("func") or "").strip()
+        if len(func) > MAX_FIELD:
+            raise HTTPError(400, f"func must be at most {MAX_FIELD} characters")
         data = await self.read(self._overview)
-        running = [(q["queue_index"], w.get("id"), tid) for q in data["queues"] for w in q.get("workers") or []
-                   for tid in w.get("running") or []][:100]
-        return self.render("tasks.html", request, session, lost=not data["ok"], running=running,
-                           queue_indexes=[q["queue_index"] for q in data["queues"]] or [0])
+        listed = await self.read(self.source.list_tasks, state, qi, offset, func or None)
+        entry: dict[str, Any] = next((q for q in data["queues"] if q["queue_index"] == qi), {})
+        counts = {name: entry.get(name) for name in TASK_STATES}
+        counts[state] = listed["total"]  # as the page read it
+
+        def link(**change: Any) -> str:
+            values = {"q": qi, "state": state, "func": func, "offset": offset, **change}
+            return "/tasks?" + urlencode({k: v for k, v in values.items() if v not in ("", None, 0) or k == "q"})
+
+        return self.render("tasks.html", request, session, lost=not data["ok"], state=state, qi=qi, func=func,
+                           offset=offset, listed=listed, counts=counts, states=TASK_STATES, link=link,
+                           per_page=TASKS_PER_PAGE, queue_indexes=[q["queue_index"] for q in data["queues"]] or [qi])
 
     async def task(self, request: Request, session: dict[str, Any], form: dict[str, list[str]]) -> Response:
         qi = self._queue_index(request.path_params["qi"])

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import rpc
 from ..config import Config, LimitsConfig
 from ..errors import InvalidTaskError, StorageError
-from ..store import PURGE_BATCH, Store
+from ..store import LISTED_STATES, PURGE_BATCH, Store
 from ..task import check_task_id
 from .checks import check_ids, check_worker_id, required_number, spec_allows
 from .waiting import Waker
@@ -42,6 +42,11 @@ def unrouted(modules: Mapping[str, int], specs: list[str]) -> dict[str, int]:
     return {m: n for m, n in modules.items() if not any(spec_allows(spec, m) for spec in specs)}
 
 
+# Most tasks one list_tasks call reads; the fields of each it returns; the longest error it returns.
+MAX_LISTED = 200
+LISTED_FIELDS = ("id", "state", "module", "fclass", "func", "created", "eta", "started", "finished", "retry",
+                 "max_retry", "worker", "priority", "expires")
+LISTED_ERROR = 300
 # Most waiting tasks one purge_queue call deletes (PURGE_BATCH per script, Redis free in between).
 MAX_PURGE = 100_000
 
@@ -87,6 +92,40 @@ class Operations:
         limit = int(required_number("limit", limit, 1, self.limits.max_lookup))
         offset = int(required_number("offset", offset, 0, 1e12))
         return self._store(queue_index).dead(limit, offset, self._reply_bytes)
+
+    @rpc.remote
+    def list_tasks(self, state: Any, queue_index: Any = 0, limit: Any = 50, offset: Any = 0,
+                   func: Any = None) -> dict[str, Any]:
+        """A page of the tasks in ``state`` (queued, delayed, running or dead), ``limit`` (at most
+        MAX_LISTED) ids from ``offset`` in the order Store.list_ids gives, each as a summary
+        (LISTED_FIELDS, and ``error`` cut to LISTED_ERROR characters). ``func`` (``module.func``,
+        or a bare function name) keeps only that function's tasks *of the page read*: a page may
+        hold fewer than ``limit``, and no more than the page is ever read.
+
+        Returns ``{"tasks": [...], "total": tasks in that state, "read": ids read, "next":
+        the offset of the next page or None}``.
+        """
+        if state not in LISTED_STATES:
+            raise InvalidTaskError(f"state must be one of {', '.join(LISTED_STATES)}, got {str(state)[:40]!r}")
+        limit = int(required_number("limit", limit, 1, MAX_LISTED))
+        offset = int(required_number("offset", offset, 0, 1e12))
+        if func is not None and (not isinstance(func, str) or not 0 < len(func) <= 200):
+            raise InvalidTaskError("func must be a function name (module.func) of at most 200 characters, or None")
+        store = self._store(queue_index)
+        ids, total = store.list_ids(state, limit, offset)
+        tasks = []
+        for record in store.infos(ids, self._reply_bytes) if ids else []:
+            if record is None:  # ended between the two reads
+                continue
+            name = f"{record['module']}.{record['fclass'] + '.' if record.get('fclass') else ''}{record['func']}"
+            if func is not None and func not in (name, record["func"]):
+                continue
+            summary = {k: record.get(k) for k in LISTED_FIELDS}
+            summary["name"] = name
+            summary["error"] = (record.get("error") or "")[:LISTED_ERROR]
+            tasks.append(summary)
+        end = offset + len(ids)
+        return {"tasks": tasks, "total": total, "read": len(ids), "next": end if end < total else None}
 
     @rpc.remote
     def requeue_dead(self, task_ids: Any = None, queue_index: Any = 0) -> list[str]:

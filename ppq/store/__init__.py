@@ -16,9 +16,9 @@
 Each module imports only those below it in this list, plus ppq's errors, codec and task.
 """
 
-from .admin import PURGE_BATCH
+from .admin import LISTED_STATES, PURGE_BATCH
 from .keys import keys_of
 from .records import task_of
 from .store import ANY_MODULE, Store
 
-__all__ = ["ANY_MODULE", "PURGE_BATCH", "Store", "keys_of", "task_of"]
+__all__ = ["ANY_MODULE", "LISTED_STATES", "PURGE_BATCH", "Store", "keys_of", "task_of"]

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 # Most waiting tasks one purge script deletes: one batch holds Redis for a few milliseconds.
 PURGE_BATCH = 1000
+# The states list_tasks reads, and the order each is listed in.
+LISTED_STATES = ("queued", "delayed", "running", "dead")
+# Most lists of tasks moved aside (per module, per limited function) list_tasks reads past the others.
+ASIDE_LISTS = 50
 
 
 class Admin:
@@ -35,6 +39,52 @@ class Admin:
 
     if TYPE_CHECKING:
         def infos(self, task_ids: Sequence[str], max_bytes: int = 0) -> list[dict[str, Any] | None]: ...
+
+    # -- Tasks by state, a page at a time
+
+    @storage_errors
+    def list_ids(self, state: str, limit: int, offset: int) -> tuple[list[str], int]:
+        """A page of the ids in ``state`` and how many there are in it, never reading more than
+        the page: ``queued`` in lease order (priority lists highest first, then the queue, then
+        the first ASIDE_LISTS lists of tasks moved aside by module and by limited function, each
+        oldest first), ``delayed`` soonest due first, ``running`` soonest lease end first,
+        ``dead`` newest first. A list's length or a set's size is one O(1) command."""
+        p = self.prefix
+        if state != "queued":
+            key = p + state
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcard(key)
+            if state == "dead":
+                pipe.zrevrange(key, offset, offset + limit - 1)
+            else:
+                pipe.zrange(key, offset, offset + limit - 1)
+            total, ids = pipe.execute()
+            return [text(i) for i in ids], int(total)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrevrange(p + "priorities", 0, -1)
+        pipe.zrange(p + "parked", 0, ASIDE_LISTS - 1)
+        pipe.zrange(p + "throttled", 0, ASIDE_LISTS - 1)
+        priorities, modules, functions = pipe.execute()
+        keys = [p + "queue:p:" + text(n) for n in priorities if text(n).isdigit()]
+        keys += [p + "queue"] + [p + "queue:m:" + text(m) for m in modules]
+        keys += [p + "queue:f:" + text(f) for f in functions]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.llen(key)
+        lengths = [int(n) for n in pipe.execute()]
+        pipe = self.redis.pipeline(transaction=False)
+        skip, want = offset, limit
+        for key, length in zip(keys, lengths, strict=True):
+            if want <= 0:
+                break
+            if skip >= length:
+                skip -= length
+                continue
+            pipe.lrange(key, skip, skip + want - 1)
+            want -= min(length - skip, want)
+            skip = 0
+        ids = [text(i) for chunk in pipe.execute() for i in chunk]
+        return ids[:limit], sum(lengths)
 
     # -- The dead list
 
