@@ -40,8 +40,7 @@ from ppq.aio import AsyncClient  # noqa: E402
 from ppq.client import Client  # noqa: E402
 from ppq.config import load_config  # noqa: E402
 from ppq.embedded import RedisServer, free_port  # noqa: E402
-from ppq.rpc import PyroFunc  # noqa: E402
-from ppq.rpc import wire  # noqa: E402
+from ppq.rpc import PyroFunc, wire  # noqa: E402
 from ppq.rpc.client import register_errors  # noqa: E402
 from ppq.task import new_id  # noqa: E402
 
@@ -211,6 +210,7 @@ def main() -> None:
         purge = Client([address], config=load_config(environ={}))
         designs: dict[str, Callable[[], dict[str, float]]] = {
             "sync Client, sequential (reference)": lambda: sync_round(address, options.n),
+            "AsyncClient, thread pool of 4": lambda: asyncio.run(thread_pool_round(address, options.n, 4)),
             "AsyncClient, thread pool of 8": lambda: asyncio.run(thread_pool_round(address, options.n, 8)),
             "AsyncClient, thread pool of 32": lambda: asyncio.run(thread_pool_round(address, options.n, 32)),
             "native asyncio, 8 connections": lambda: asyncio.run(native_round(address, options.n, 8)),

@@ -8,8 +8,9 @@ this with Pyro5 calls made on the loop itself; its README has the figures.
 
 Waiting for results takes no thread per waiter: the ids awaited in one queue_index are
 asked for together, with ``wait_tasks`` (the master holds the call until one of them
-ends), in at most :data:`DEFAULT_WAIT_CALLS` calls at once; an id awaited while those
-are all held joins the next one.
+ends), in at most :data:`DEFAULT_WAIT_CALLS` calls at once, made in threads of their own
+so that pushes never wait behind them; an id awaited while those are all held joins
+the next one.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ log = logging.getLogger("ppq.aio")
 
 __all__ = ["DEFAULT_THREADS", "DEFAULT_WAIT_CALLS", "AsyncClient"]
 
-# Threads that make an AsyncClient's calls: as many calls are in flight at once.
-DEFAULT_THREADS = 32
-# wait_tasks calls held at once per queue_index while results are awaited.
+# Threads that make an AsyncClient's calls but wait_tasks: as many such calls are in flight at once.
+# More threads do not push faster (the master's round trip sets the pace) but contend for the GIL
+# with the event loop: bench/aio.py measured its lag at 1,000 pushes at once with 8 and 32.
+DEFAULT_THREADS = 8
+# wait_tasks calls held at once, in threads of their own, while results are awaited.
 DEFAULT_WAIT_CALLS = 4
 # Longest a master holds one wait_tasks call, in seconds: an id awaited while every call is
 # held waits at most this long to be asked for.
@@ -48,7 +51,6 @@ class _Waiter:
         self.queue_index = queue_index
         self.futures: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self.unasked: dict[str, None] = {}  # ordered: the longest waiting first
-        self.in_flight = 0
 
     def wait(self, task_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future of the task's final record (or the error of asking for it)."""
@@ -70,19 +72,22 @@ class _Waiter:
                 self.unasked.pop(task_id, None)
 
     def _ask(self) -> None:
-        while self.unasked and self.in_flight < self.owner.wait_calls:
+        owner = self.owner
+        while self.unasked and owner._waiting_calls < owner.wait_calls:
             ids = list(self.unasked)[:LOOKUP_CHUNK]
             for task_id in ids:
                 del self.unasked[task_id]
-            self.in_flight += 1
+            owner._waiting_calls += 1
             task = asyncio.ensure_future(self._call(ids))
             self.owner._tasks.add(task)
             task.add_done_callback(self.owner._tasks.discard)
 
     async def _call(self, ids: list[str]) -> None:
         try:
-            hold = min(_HOLD, self.owner.client._wait_step)
-            infos = await self.owner._run(self.owner.client._wait_infos, ids, self.queue_index, hold)
+            client = self.owner.client
+            hold = min(_HOLD, client._wait_step)
+            infos = await asyncio.get_running_loop().run_in_executor(
+                self.owner._wait_pool, client._wait_infos, ids, self.queue_index, hold)
         except Exception as exc:  # noqa: BLE001 - the waiters get the error, whatever it is
             for task_id in ids:
                 for future in self.futures.pop(task_id, []):
@@ -109,8 +114,9 @@ class _Waiter:
                 else:
                     self.unasked[task_id] = None
         finally:
-            self.in_flight -= 1
-            self._ask()
+            self.owner._waiting_calls -= 1
+            for waiter in [self, *self.owner._waiters.values()]:
+                waiter._ask()
 
 
 class AsyncClient:
@@ -118,8 +124,8 @@ class AsyncClient:
 
     The arguments are Client's (``masters``, ``config``, ``token``, ``retry``, ``timeout``,
     ``allow_pickle``, ``queue_index``), plus ``threads``, the most calls in flight at once (more
-    wait for a free thread), and ``wait_calls``, the most ``wait_tasks`` calls held at once per
-    queue_index for awaited results. Use it as ``async with AsyncClient(...) as client:`` or
+    wait for a free thread), and ``wait_calls``, the most ``wait_tasks`` calls held at once for
+    awaited results, each in a thread of its own. Use it as ``async with AsyncClient(...) as client:`` or
     call :meth:`close` (awaitable) at the end; one client serves a whole application.
     """
 
@@ -138,14 +144,15 @@ class AsyncClient:
     ) -> None:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads: expected an integer of at least 1, got {threads!r}")
-        if not isinstance(wait_calls, int) or isinstance(wait_calls, bool) or not 1 <= wait_calls < threads:
-            raise ValueError(f"wait_calls: expected an integer from 1 to threads - 1 ({threads - 1}), "
-                             f"got {wait_calls!r}")
+        if not isinstance(wait_calls, int) or isinstance(wait_calls, bool) or wait_calls < 1:
+            raise ValueError(f"wait_calls: expected an integer of at least 1, got {wait_calls!r}")
         self.client = Client(masters, config=config, token=token, retry=retry, timeout=timeout,
                              allow_pickle=allow_pickle, queue_index=queue_index)
         self.queue_index = queue_index
         self.wait_calls = wait_calls
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ppq-aio")
+        self._wait_pool = ThreadPoolExecutor(wait_calls, thread_name_prefix="ppq-aio-wait")
+        self._waiting_calls = 0
         self._waiters: dict[int, _Waiter] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
 
@@ -291,7 +298,8 @@ class AsyncClient:
         return list(await self._run(self.client.remove_limit, function, kind, queue_index))
 
     async def close(self) -> None:
-        """Stop waiting (awaited results get CancelledError), then close the connections."""
+        """Stop waiting (awaited results get CancelledError) and let the threads go: each ends, and
+        its connections close, once its call in flight has returned (a held wait_tasks within 2 s)."""
         for task in list(self._tasks):
             task.cancel()
         for waiter in self._waiters.values():
@@ -299,5 +307,6 @@ class AsyncClient:
                 for future in futures:
                     future.cancel()
         self._waiters.clear()
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._wait_pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
