@@ -8,6 +8,8 @@ A ``ppq master`` runs as its own process over a fresh redis-server (the redislit
 Each round runs, on a new event loop, N pushes at once (``asyncio.gather``) while a ticker
 sleeps 1 ms at a time and records how late each wake-up is: the loop's lag. Printed per
 design: the median over rounds of pushes/s, and of the max and p99 lag of each round.
+The last row pushes N ``ppq.demo.add`` tasks at once and awaits each one's result (a
+``ppq worker`` with 2 executors runs them): calls/s are round trips through the worker.
 
 The native caller speaks ppq's side of the wire as ``ppq.rpc`` does on its direct path (a
 Pyro5 handshake with the token, then msgpack invoke messages), over asyncio streams: a pool
@@ -175,6 +177,17 @@ async def native_round(address: str, n: int, size: int) -> dict[str, float]:
         caller.close()
 
 
+async def results_round(address: str, n: int, threads: int) -> dict[str, float]:
+    """N tasks at once, each pushed and its result awaited (a worker runs them): what a web app does."""
+    async with AsyncClient([address], config=load_config(environ={}), threads=threads) as client:
+        await asyncio.gather(*(client.push("bench.noop") for _ in range(threads * 2)))
+
+        async def call(i: int) -> Any:
+            return await client.result(await client.push("ppq.demo.add", i, i), timeout=120)
+
+        return await measure(call, n)
+
+
 def sync_round(address: str, n: int) -> dict[str, float]:
     """The plain Client pushing one after another, for reference (no loop, so no lag)."""
     client = Client([address], config=load_config(environ={}))
@@ -200,6 +213,9 @@ def main() -> None:
         env["PYTHONPATH"] = str(REPO)
         master = subprocess.Popen([sys.executable, "-m", "ppq", "master", "--port", str(port), "--redis-map",
                                    f"0={redis.url}", "--log-level", "WARNING"], env=env)
+        worker = subprocess.Popen([sys.executable, "-m", "ppq", "worker", "--master-hosts", f"127.0.0.1:{port}",
+                                   "--allow", "ppq.demo", "--concurrency", "2", "--port", "0", "--log-level",
+                                   "WARNING"], env=env)
         address = f"127.0.0.1:{port}"
         ping = PyroFunc(address, timeout=2, default_return=None)
         deadline = time.monotonic() + 30
@@ -215,6 +231,7 @@ def main() -> None:
             "AsyncClient, thread pool of 32": lambda: asyncio.run(thread_pool_round(address, options.n, 32)),
             "native asyncio, 8 connections": lambda: asyncio.run(native_round(address, options.n, 8)),
             "native asyncio, 32 connections": lambda: asyncio.run(native_round(address, options.n, 32)),
+            "AsyncClient (8), push + await result": lambda: asyncio.run(results_round(address, options.n, 8)),
         }
         figures: dict[str, list[dict[str, float]]] = {name: [] for name in designs}
         try:
@@ -225,6 +242,8 @@ def main() -> None:
         finally:
             purge.close()
             ping.close()
+            worker.terminate()
+            worker.wait(30)
             master.terminate()
             master.wait(30)
             redis.stop()
