@@ -21,8 +21,6 @@ from ppq.rpc import PyroFunc
 
 from .conftest import REPO, address_of, pid_gone, wait_for, wait_state, worker_entry
 
-pytest.importorskip("django")
-
 SETTINGS = """\
 SECRET_KEY = "test"
 DEBUG = False
@@ -252,7 +250,8 @@ def test_push_on_commit_pushes_after_the_commit_and_never_on_rollback(project, c
         with transaction.atomic():
             Item.objects.create(name="fork")
             committed = push_on_commit(create_item, "knife")
-            inside = client.info(committed)
+            named = push_on_commit("shop.tasks.names", priority=5)
+            inside = client.info(committed) or client.info(named)
         after = client.info(committed)
         try:
             with transaction.atomic():
@@ -261,14 +260,16 @@ def test_push_on_commit_pushes_after_the_commit_and_never_on_rollback(project, c
                 raise RuntimeError
         except RuntimeError:
             pass
-        print(json.dumps({"committed": committed, "inside": inside, "after": after and after["state"],
-                          "rolled_back": rolled_back}))
+        print(json.dumps({"committed": committed, "named": named, "inside": inside,
+                          "after": after and after["state"], "rolled_back": rolled_back}))
     """)
     assert out["inside"] is None and out["after"] == "queued"
     assert call("get_task_info", out["rolled_back"]) is None
     worker = start_worker(project, call)
     # The row written in the same transaction as the push is there when the task runs.
     assert wait_state(call, out["committed"], "done")["result"] == ["fork", "knife"]
+    named = wait_state(call, out["named"], "done")
+    assert named["priority"] == 5 and named["result"] in (["fork"], ["fork", "knife"])
     assert call("get_task_info", out["rolled_back"]) is None
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0, project.log(worker)
@@ -312,6 +313,10 @@ def test_flags_and_env_override_settings(project, call, master):
     # Any ppq command, through `manage.py ppq`, reaches the master settings.PPQ names.
     out = project.manage("ppq", "task", task_id, "--queue-index", "1", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["state"] == "done", out.stdout + out.stderr
+    # call_command hands its arguments to click as they are.
+    out = project.manage("shell", "-v", "0", "-c", "from django.core.management import call_command\n"
+                         f"call_command('ppq', 'task', '{task_id}', '--queue-index', '1', '--json')")
+    assert out.returncode == 0 and json.loads(out.stdout)["result"] == 3, out.stdout + out.stderr
 
 
 def test_ppq_up_runs_the_apps_tasks(project):

@@ -123,8 +123,16 @@ class ClickCommand(BaseCommand):
         run_click(self.click_command(), ["--help"], f"{os.path.basename(prog_name)} {subcommand}")
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> Any:
+        """Django's parser, for ``call_command``: what it does not know goes to click as it came."""
         parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.add_argument("args", nargs="*")
+        parse_known_args = parser.parse_known_args
+
+        def parse_args(args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+            options, rest = parse_known_args(args, namespace)
+            options.args = rest
+            return options
+
+        parser.parse_args = parse_args
         return parser
 
     def handle(self, *args: Any, **options: Any) -> None:
