@@ -126,7 +126,8 @@ class AsyncClient:
     ``allow_pickle``, ``queue_index``), plus ``threads``, the most calls in flight at once (more
     wait for a free thread), and ``wait_calls``, the most ``wait_tasks`` calls held at once for
     awaited results, each in a thread of its own. Use it as ``async with AsyncClient(...) as client:`` or
-    call :meth:`close` (awaitable) at the end; one client serves a whole application.
+    call :meth:`close` (awaitable) at the end; one client serves a whole application,
+    from the one event loop it is first awaited in.
     """
 
     def __init__(

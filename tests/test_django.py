@@ -211,8 +211,9 @@ def test_app_tasks_pushed_with_push_run_on_a_manage_py_worker(project, call):
     assert worker.wait(30) == 0, project.log(worker)
 
 
-def test_orm_task_after_a_database_restart(project, call):
-    worker = start_worker(project, call)
+@pytest.mark.parametrize("pool", ["processes", "threads"])
+def test_orm_task_after_a_database_restart(project, call, pool):
+    worker = start_worker(project, call, "--pool", pool)
     first = call("push_task", "create_item", module="shop.tasks", args=["cup"])
     assert wait_state(call, first, "done")["result"] == ["cup"]
     # The connection the task used is held by the executor, then lost under it.
@@ -226,6 +227,11 @@ def test_orm_task_after_a_database_restart(project, call):
     replaced = call("push_task", "create_item", module="shop.tasks", args=["bowl"])
     assert wait_state(call, replaced, "done")["result"] == ["bowl"]
     assert call("get_task_info", replaced)["worker"] == call("get_task_info", broken)["worker"]
+    if pool == "threads":
+        assert executor == worker.pid  # one executor thread, whose connection Django keeps per thread
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, project.log(worker)
+        return
     assert executor != worker.pid and not pid_gone(executor)  # the same executor ran them all
     # An executor started afresh (from the fork server, not forked from the set-up agent) sets Django up.
     os.kill(executor, signal.SIGKILL)
