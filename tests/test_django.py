@@ -111,7 +111,7 @@ class Project:
         (root / "manage.py").write_text(MANAGE)
         self.configure(ppq)
 
-    def configure(self, ppq: dict[str, Any]) -> None:
+    def configure(self, ppq: Any) -> None:
         (self.root / "site_settings.py").write_text(SETTINGS.format(db=str(self.db), ppq=ppq))
 
     def env(self) -> dict[str, str]:
@@ -296,6 +296,9 @@ def test_settings_errors_name_the_key(tmp_path, master, call):
         project.configure({"client": {"retry": "often"}})
         out = project.manage("shell", "-c", "from shop.tasks import add; add.push(1, 2)")
         assert out.returncode != 0 and "settings.PPQ: client.retry: expected an integer" in out.stderr, out.stderr
+        project.configure(["worker"])
+        out = project.manage("ppq_worker")
+        assert out.returncode == 2 and "settings.PPQ: expected a dict of ppq config keys, got list" in out.stderr
         assert call("server_info")[0]["pushed"] == 0
     finally:
         project.cleanup()
