@@ -9,6 +9,8 @@ layer imports only those below it:
 
 - :mod:`ppq.cli` and :mod:`ppq.stack`: the ``ppq`` command and what ``ppq up`` supervises;
 - :mod:`ppq.master` and :mod:`ppq.worker`: the two daemons;
+- :mod:`ppq.contrib.django`: the Django app (its management commands run the ``ppq`` commands);
+- :mod:`ppq.aio`: ``AsyncClient``, the client for asyncio code;
 - :mod:`ppq.client`: the retrying client;
 - :mod:`ppq.store`: Redis and its Lua scripts (the only importer of redis);
 - :mod:`ppq.rpc`: Pyro5 (the only importer of Pyro5);

@@ -305,14 +305,30 @@ class Client(ScheduleClient, LimitClient):
 
 
 _default_client: Client | None = None
+_default_config: Callable[[], Config] | None = None
 
 
 def default_client() -> Client:
-    """The Client used by ``@task`` functions: configured from ``PPQ_*`` variables."""
+    """The Client used by ``@task`` functions: configured from ``PPQ_*`` variables (and the file
+    ``PPQ_CONFIG`` names), or as :func:`set_default_config` says."""
     global _default_client
     if _default_client is None:
-        _default_client = Client()
+        _default_client = Client(config=_default_config() if _default_config is not None else None)
     return _default_client
+
+
+def set_default_config(config: Config | Callable[[], Config] | None) -> None:
+    """Configure the Client of ``@task`` functions (:func:`default_client`): a Config, or a function
+    that builds one when the first push needs it (``ppq.contrib.django`` reads ``settings.PPQ``);
+    None goes back to ``PPQ_*`` variables. The next push builds the client anew."""
+    global _default_client, _default_config
+    if isinstance(config, Config):
+        built = config
+        config = lambda: built  # noqa: E731
+    _default_config = config
+    if _default_client is not None:
+        _default_client.close()
+        _default_client = None
 
 
 def _step_options(push_options: dict[str, Any]) -> dict[str, Any]:
@@ -322,7 +338,8 @@ def _step_options(push_options: dict[str, Any]) -> dict[str, Any]:
 
 def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, rate_limit: str | None = None,
          concurrency_limit: int | None = None, **push_options: Any) -> Any:
-    """Decorate a module-level function so that ``fn.push(*args, **kwargs)`` enqueues it, and
+    """Decorate a module-level function so that ``fn.push(*args, **kwargs)`` enqueues it
+    (``fn.push_with(args, kwargs, **options)`` with other push options too), and
     ``fn.s(*args, **kwargs)`` / ``fn.si(...)`` make it a workflow step (``si``: immutable, it
     ignores the previous step's result).
 
@@ -343,6 +360,10 @@ def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, 
         def push(*args: Any, **kwargs: Any) -> str:
             return (client or default_client()).push(func, *args, kwargs=kwargs, **push_options)
 
+        def push_with(args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any) -> str:
+            """``push`` with push options besides the decorator's (``task_id``, ``delay``...), over them."""
+            return (client or default_client()).push(func, *args, kwargs=kwargs, **{**push_options, **options})
+
         def s(*args: Any, **kwargs: Any) -> Signature:
             return Signature(func, args, kwargs, **_step_options(push_options))
 
@@ -350,6 +371,7 @@ def task(fn: Callable[..., Any] | None = None, *, client: Client | None = None, 
             return Signature(func, args, kwargs, True, **_step_options(push_options))
 
         func.push = push  # type: ignore[attr-defined]
+        func.push_with = push_with  # type: ignore[attr-defined]
         func.s = s  # type: ignore[attr-defined]
         func.si = si  # type: ignore[attr-defined]
         return func

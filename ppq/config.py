@@ -495,17 +495,22 @@ def load_config(
     path: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Config:
     """Build a :class:`Config` from defaults, a YAML file, ``PPQ_*`` env and overrides.
 
     With no ``path``, the file named by ``PPQ_CONFIG`` is read, if set.
     ``overrides`` holds dotted keys (``{"master.port": 7601}``) from command-line
-    flags; a None value means "not given" and is skipped.
+    flags; a None value means "not given" and is skipped. ``settings`` is read as
+    the YAML file is (Django's ``settings.PPQ``, say), over the file's keys and
+    under the ``PPQ_*`` variables.
     """
     env = os.environ if environ is None else environ
     path = path or env.get("PPQ_CONFIG") or None
     data: dict[str, Any] = read_yaml(path) if path else {}
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    if settings:
+        _merge(data, {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in settings.items()})
     _merge(data, env_overrides(env))
     _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     return _build(Config, data, "")

@@ -142,8 +142,10 @@ class Stack:
 
     def __init__(self, config: Config, workers: int = 1, config_path: str | None = None,
                  concurrency: int | None = None, allow: list[str] | None = None,
-                 announce: int = logging.INFO, dashboard: bool = False) -> None:
+                 announce: int = logging.INFO, dashboard: bool = False, launcher: list[str] | None = None) -> None:
         self.config = config
+        # The command that runs ppq's CLI in a child (``manage.py ppq`` under Django).
+        self.launcher = list(launcher or [sys.executable, "-m", "ppq"])
         self.announce = announce
         self.worker_count = workers
         self.config_path = config_path
@@ -190,7 +192,7 @@ class Stack:
         return self
 
     def worker_command(self) -> list[str]:
-        command = [sys.executable, "-m", "ppq"]
+        command = list(self.launcher)
         if self.config_path:
             command += ["--config", self.config_path]
         command += ["worker", "--master-hosts", self.address, "--port", "0", "--queue-index",
@@ -230,7 +232,7 @@ class Stack:
         self.dashboard = self._start_child(self.dashboard_command())
 
     def dashboard_command(self) -> list[str]:
-        command = [sys.executable, "-m", "ppq"]
+        command = list(self.launcher)
         if self.config_path:
             command += ["--config", self.config_path]
         command += ["dashboard", "--master", self.address, "--host", self.config.dashboard.host,

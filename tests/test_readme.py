@@ -369,6 +369,116 @@ def development(s: Session, text: str, ctx: dict[str, Any]) -> None:
                                                       "python -m pytest -q -p no:cacheprovider"]
 
 
+# The Django project the README's blocks go into: the settings a new project has, less what the
+# README's example does not use (admin, sessions, middleware), with a root URLconf for shop's view.
+DJANGO_SETTINGS = """\
+SECRET_KEY = "readme"
+ALLOWED_HOSTS = ["testserver"]
+USE_TZ = True
+INSTALLED_APPS = ["django.contrib.auth", "django.contrib.contenttypes", "shop"]
+DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": {db!r}}}}}
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+ROOT_URLCONF = "urls"
+"""
+DJANGO_MANAGE = """\
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+"""
+
+
+def django_settings(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """A Django project in site/ (sqlite, the auth app, an empty shop app, no URLs yet): the block is appended to
+    its settings.py, the master's 7600 replaced by the stack's port; then migrated."""
+    site = s.cwd / "site"
+    (site / "shop").mkdir(parents=True)
+    (site / "shop" / "__init__.py").write_text("")
+    (site / "manage.py").write_text(DJANGO_MANAGE)
+    (site / "urls.py").write_text("urlpatterns = []\n")
+    (site / "settings.py").write_text(DJANGO_SETTINGS.format(db=str(site / "db.sqlite3")) + "\n"
+                                      + text.replace("7600", str(s.port)))
+    ctx["site"] = site
+
+
+def django_tasks(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """shop/tasks.py, as written."""
+    (ctx["site"] / "shop" / "tasks.py").write_text(text)
+
+
+def django_worker(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Migrated, then the worker started as written, next to manage.py: it registers with the
+    stack's master allowing shop.tasks (and mytasks.py's module not)."""
+    site = ctx["site"]
+    (command, _), = console_commands(text)
+    assert command == "python manage.py ppq_worker --concurrency 2"
+    out = subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=site, env=s.env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    worker = s.start([sys.executable, str(site / "manage.py"), *shlex.split(command)[2:]])
+    call = PyroFunc(f"127.0.0.1:{s.port}", timeout=3)
+    entry = wait_for(lambda: worker.poll() is not None or next(
+        (w for w in call("server_info")[0]["workers"] if w.get("pid") == worker.pid), None),
+        timeout=60, what="manage.py ppq_worker")
+    call.close()
+    assert worker.poll() is None, s.log(worker)
+    assert "shop.tasks" in entry["allow"] and "mytasks" not in entry["allow"], entry
+    ctx["django_worker"] = worker
+
+
+def django_view(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """shop/views.py as written, behind /signup: a POST through Django's test client (in `manage.py
+    shell`) answers the task's id, and the task, pushed at the commit, greets the new user."""
+    site = ctx["site"]
+    (site / "shop" / "views.py").write_text(text)
+    (site / "urls.py").write_text("from django.urls import path\n\nfrom shop import views\n\n"
+                                  "urlpatterns = [path(\"signup\", views.signup)]\n")
+    script = ("from django.test import Client\n"
+              "print(Client().post('/signup', {'username': 'ada'}).json()['task_id'])\n")
+    out = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=site, env=s.env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    task_id = out.stdout.split()[-1]
+    call = PyroFunc(f"127.0.0.1:{s.port}", timeout=15)
+    info = call("wait_task", task_id, 0, 10)
+    call.close()
+    assert info["state"] == "done" and info["result"] == "welcome, ada", info
+    assert s.stop(ctx["django_worker"], signal.SIGTERM) == 0, s.log(ctx["django_worker"])
+
+
+def asgi_app(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """webapp.py, written to the working directory with the stack's port for 7600."""
+    (s.cwd / "webapp.py").write_text(text.replace("7600", str(s.port)))
+
+
+def asgi_commands(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """uvicorn as written (8000 replaced by a free port), in the working directory; the curl line's
+    request answers what the README shows; SIGINT stops uvicorn (and the app's client) cleanly."""
+    import urllib.request
+
+    commands = console_commands(text)
+    assert [c for c, _ in commands] == ["uvicorn webapp:app --port 8000",
+                                        "curl http://127.0.0.1:8000/add?a=2&b=3"]
+    port = free_port()
+    server = s.start([sys.executable, "-m", *shlex.split(commands[0][0].replace("8000", str(port)))])
+    url = commands[1][0].split()[1].replace("8000", str(port))
+
+    def fetch() -> str | None:
+        assert server.poll() is None, s.log(server)
+        try:
+            with urllib.request.urlopen(url, timeout=15) as response:
+                return str(response.read().decode())
+        except OSError:
+            return None
+
+    assert wait_for(fetch, timeout=30, what="uvicorn webapp:app") == "\n".join(commands[1][1]).strip()
+    assert s.stop(server) == 0, s.log(server)
+
+
 # A line of each block -> how it runs.
 BLOCKS: dict[str, Callable[..., None]] = {
     "$ ppq up --demo": quickstart,
@@ -390,6 +500,13 @@ BLOCKS: dict[str, Callable[..., None]] = {
     "pipeline = chain(": python_block(["30", "[0,", "1,", "4,", "9,", "16]", "5", "of", "5", "done",
                                        "[0,", "1,", "4,", "9,", "16,", "25]", "TypeError"]),
     "$ ppq dashboard --port 7681": dashboard,
+    "INSTALLED_APPS += [\"ppq.contrib.django\"]": django_settings,
+    "def welcome(user_id):": django_tasks,
+    "$ python manage.py ppq_worker": django_worker,
+    "def signup(request):": django_view,
+    "async def main():": python_block(["90"]),
+    "# webapp.py": asgi_app,
+    "$ uvicorn webapp:app": asgi_commands,
 }
 
 

@@ -18,6 +18,9 @@ from .output import run_guarded, setup_logging
 
 
 def build_config(ctx: click.Context, overrides: dict[str, Any]) -> Config:
+    """The command's config. A front end that runs these commands (``ppq.contrib.django``) may put in
+    ``ctx.obj`` ``settings``, a mapping read as the YAML file is, and ``adjust``, a function the
+    built config goes through."""
     path = ctx.obj.get("config") or os.environ.get("PPQ_CONFIG")
     base = dict(ctx.obj.get("overrides", {}))
     base.update(overrides)
@@ -25,7 +28,8 @@ def build_config(ctx: click.Context, overrides: dict[str, Any]) -> Config:
         # So that a warning or error while loading the config is printed like the others.
         fmt = base.get("log_format") or os.environ.get("PPQ_LOG_FORMAT", "").lower()
         setup_logging(Config(log_format="json" if fmt == "json" else "text"))
-    config = run_guarded(lambda: load_config(path, base))
+    adjust = ctx.obj.get("adjust") or (lambda config: config)
+    config = run_guarded(lambda: adjust(load_config(path, base, settings=ctx.obj.get("settings"))))
     setup_logging(config)
     return config
 

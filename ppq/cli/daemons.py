@@ -213,7 +213,7 @@ def up(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, wo
     # The banner says where Redis and the master run; the log says it only when there is no banner.
     stack = stack_mod.Stack(config, workers, config_path=ctx.obj.get("config"), concurrency=concurrency,
                             allow=_split(allow), announce=logging.INFO if json_logs() else logging.DEBUG,
-                            dashboard=dashboard)
+                            dashboard=dashboard, launcher=ctx.obj.get("launcher"))
     stack.install_signal_handlers()
     run_guarded(stack.start)
     server = stack.server

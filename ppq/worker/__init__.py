@@ -35,7 +35,7 @@ from .control import WorkerControl
 from .executors import MAX_EXECUTOR_BATCH, ProcessSlot, Running, Slot, ThreadSlot, execute, resolve
 from .fetcher import Fetcher
 from .heartbeat import Heartbeat
-from .hooks import HOOK_NAMES, add_hook
+from .hooks import HOOK_NAMES, add_hook, preload_in_executors
 from .pool import Pool
 from .reporter import Reporter
 from .runner import install_signal_handlers, restart, restart_command, run
@@ -45,5 +45,5 @@ __all__ = [
     "GRACEFUL", "HOOK_NAMES", "MAX_EXECUTOR_BATCH", "MAX_FUNC_LABELS", "NOW", "OTHER", "REFUSED", "RESTART",
     "Agent", "Backoff", "Counters", "Fetcher", "FuncStats", "Heartbeat", "Pool", "ProcessSlot", "Reporter",
     "Running", "Slot", "ThreadSlot", "WorkerControl", "add_hook", "execute", "install_signal_handlers",
-    "resolve", "restart", "restart_command", "run",
+    "preload_in_executors", "resolve", "restart", "restart_command", "run",
 ]

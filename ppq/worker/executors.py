@@ -70,10 +70,16 @@ def execute(task: dict[str, Any], allowed_modules: list[str], allowed_paths: lis
 
 def _start(task: dict[str, Any], allowed_modules: list[str], allowed_paths: list[str], allow_pickle: bool,
            queue_index: int) -> dict[str, Any]:
-    """Run the ``on_task_executing`` hooks for ``task``, then the task itself; return its report."""
+    """Run the ``on_task_executing`` hooks for ``task``, the task itself, then the ``on_task_executed``
+    hooks; return its report."""
+    context = None
     if has_hooks("on_task_executing"):
-        call_hooks("on_task_executing", task_context(task, queue_index, allow_pickle))
-    return execute(task, allowed_modules, allowed_paths, allow_pickle)
+        context = task_context(task, queue_index, allow_pickle)
+        call_hooks("on_task_executing", context)
+    report = execute(task, allowed_modules, allowed_paths, allow_pickle)
+    if has_hooks("on_task_executed"):
+        call_hooks("on_task_executed", context or task_context(task, queue_index, allow_pickle))
+    return report
 
 
 def _import_allowed(allowed_modules: Sequence[str]) -> None:

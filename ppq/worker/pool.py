@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .executors import MAX_EXECUTOR_BATCH, ProcessSlot, Running, Slot, ThreadSlot
-from .hooks import call_hooks, has_hooks, task_context
+from .hooks import call_hooks, executor_preload, has_hooks, task_context
 from .stats import Counters, task_name
 
 if TYPE_CHECKING:
@@ -47,7 +47,8 @@ class Pool:
         self.task_timeout = w.task_timeout
         # What an executor needs: the allowlists, the codec option, the queue_index for hooks, and the
         # modules to import before its first task (autodiscovered ``tasks`` modules register hooks).
-        preload = [*allowed_modules, *(f"{package}.tasks" for package in w.autodiscover)]
+        # A framework's set-up (hooks.preload_in_executors) comes first.
+        preload = [*executor_preload(), *allowed_modules, *(f"{package}.tasks" for package in w.autodiscover)]
         self.options = (allowed_modules, list(w.allowed_paths), w.allow_pickle, w.queue_index, preload)
         self._stopping = stopping
         self._wake = wake
