@@ -270,7 +270,7 @@ def test_worker_kill9_mid_task_500_tasks_done_exactly_once(spawn: Spawner, redis
             # On a loaded machine a replacement may still be starting: the kill is meant for a worker
             # that has signed in (its heartbeat lists its pid), so that it holds leases.
             pid = workers[victim].pid
-            wait_for(lambda: any(w.get("pid") == pid for w in queue_info(call)["workers"]), timeout=30,
+            wait_for(lambda pid=pid: any(w.get("pid") == pid for w in queue_info(call)["workers"]), timeout=30,
                      what=f"worker {pid} to sign in before it is killed")
             c = queue_info(call)
             if c["queued"] + c["running"] > 0:
