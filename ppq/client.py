@@ -85,7 +85,20 @@ class Client(ScheduleClient, LimitClient):
 
         ``target`` may be a workflow (``chain``, ``group``, ``chord`` from :mod:`ppq.workflow`):
         it is sent as plain data to the master's ``push_workflow``, with ``queue_index`` the
-        only option; its id is returned, for :meth:`result`, :meth:`info` and :meth:`cancel`."""
+        only option; its id is returned, for :meth:`result`, :meth:`info` and :meth:`cancel`.
+
+        ``on_commit=True`` (with Django: :mod:`ppq.contrib.django`) pushes once the current
+        database transaction commits, and never if it rolls back; the id is returned at once."""
+        if options.get("on_commit") is not None:
+            on_commit = options.pop("on_commit")
+            if on_commit is not True and on_commit is not False:
+                raise InvalidTaskError(f"on_commit must be true or false, got {on_commit!r}")
+            if on_commit:
+                try:
+                    from .contrib.django import push_on_commit
+                except ImportError as exc:
+                    raise InvalidTaskError(f"on_commit=True needs Django ({exc})") from None
+                return push_on_commit(target, *args, kwargs=kwargs, client=self, **options)
         if isinstance(target, Node):
             if args or kwargs or set(options) - {"queue_index"}:
                 raise InvalidTaskError("a workflow is pushed with queue_index as its only option; give the other "

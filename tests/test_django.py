@@ -257,20 +257,25 @@ def test_push_on_commit_pushes_after_the_commit_and_never_on_rollback(project, c
             Item.objects.create(name="fork")
             committed = push_on_commit(create_item, "knife")
             named = push_on_commit("shop.tasks.names", priority=5)
-            inside = client.info(committed) or client.info(named)
+            by_client = client.push("shop.tasks.names", on_commit=True)
+            inside = client.info(committed) or client.info(named) or client.info(by_client)
         after = client.info(committed)
         try:
             with transaction.atomic():
                 Item.objects.create(name="plate")
                 rolled_back = push_on_commit("shop.tasks.create_item", "glass", priority=3)
+                client_rolled_back = client.push("shop.tasks.names", on_commit=True)
                 raise RuntimeError
         except RuntimeError:
             pass
         print(json.dumps({"committed": committed, "named": named, "inside": inside,
-                          "after": after and after["state"], "rolled_back": rolled_back}))
+                          "after": after and after["state"], "rolled_back": rolled_back,
+                          "by_client": by_client, "client_rolled_back": client_rolled_back}))
     """)
     assert out["inside"] is None and out["after"] == "queued"
     assert call("get_task_info", out["rolled_back"]) is None
+    assert call("get_task_info", out["by_client"])["state"] == "queued"
+    assert call("get_task_info", out["client_rolled_back"]) is None
     worker = start_worker(project, call)
     # The row written in the same transaction as the push is there when the task runs.
     assert wait_state(call, out["committed"], "done")["result"] == ["fork", "knife"]
@@ -351,3 +356,15 @@ def test_ppq_up_runs_the_apps_tasks(project):
         call.close()
     up.send_signal(signal.SIGINT)
     assert up.wait(60) == 0, project.log(up)
+
+
+def test_on_commit_takes_only_true_or_false():
+    from ppq import Client
+    from ppq.errors import InvalidTaskError
+
+    client = Client(["127.0.0.1:1"], retry=0, timeout=1)
+    try:
+        with pytest.raises(InvalidTaskError, match="on_commit must be true or false, got 'yes'"):
+            client.push("shop.tasks.names", on_commit="yes")
+    finally:
+        client.close()
