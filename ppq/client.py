@@ -89,6 +89,12 @@ class Client(ScheduleClient, LimitClient):
 
         ``on_commit=True`` (with Django: :mod:`ppq.contrib.django`) pushes once the current
         database transaction commits, and never if it rolls back; the id is returned at once."""
+        if isinstance(target, Node):
+            if args or kwargs or set(options) - {"queue_index"}:
+                raise InvalidTaskError("a workflow is pushed with queue_index as its only option; give the other "
+                                       "options (priority, max_retry...) to its steps")
+            qi = options.get("queue_index", self.queue_index)
+            return str(self.call("push_workflow", target.to_data(), qi, new_id()))
         if options.get("on_commit") is not None:
             on_commit = options.pop("on_commit")
             if on_commit is not True and on_commit is not False:
@@ -99,12 +105,6 @@ class Client(ScheduleClient, LimitClient):
                 except ImportError as exc:
                     raise InvalidTaskError(f"on_commit=True needs Django ({exc})") from None
                 return push_on_commit(target, *args, kwargs=kwargs, client=self, **options)
-        if isinstance(target, Node):
-            if args or kwargs or set(options) - {"queue_index"}:
-                raise InvalidTaskError("a workflow is pushed with queue_index as its only option; give the other "
-                                       "options (priority, max_retry...) to its steps")
-            qi = options.get("queue_index", self.queue_index)
-            return str(self.call("push_workflow", target.to_data(), qi, new_id()))
         return str(self.call("push_task", **self._task(target, args, kwargs, options)))
 
     def push_many(self, tasks: Iterable[Any], chunk: int = DEFAULT_CHUNK, **options: Any) -> list[str]:
