@@ -366,7 +366,7 @@ def dashboard(s: Session, text: str, ctx: dict[str, Any]) -> None:
 def development(s: Session, text: str, ctx: dict[str, Any]) -> None:
     """Not run: installing is what the test environment already did, and the test run is this one."""
     assert [c for c, _ in console_commands(text)] == ["pip install -e .[dev]", "ruff check ppq tests", "mypy",
-                                                      "python -m pytest -q -p no:cacheprovider"]
+                                                      "python -m pytest -q -p no:cacheprovider --durations=20"]
 
 
 # The Django project the README's blocks go into: the settings a new project has, less what the
