@@ -7,8 +7,11 @@
 -- Sets:    wf_ready     how many leaves the functions below made ready (to add to a 'wake')
 --          wf_start     a function (id, carry): starts pending node id; a leaf becomes queued on
 --                       its priority's ready list, with carry (msgpack bytes, or nil) put first
---                       among its arguments unless it has no field 'take' (immutable); a chain
---                       or chord starts its first step with carry, a group every member
+--                       among its arguments unless it has no field 'take' (immutable), and
+--                       leaves stats 'pending'; a leaf whose parameters would then be more than
+--                       its field 'maxp' bytes ends dead instead, unstarted, and fails its
+--                       workflow (wf_failed) naming it; a chain or chord starts its first step
+--                       with carry, a group every member
 --          wf_finished  a function (id, pos, result): child pos (from 1) of running node id ended
 --                       with result (msgpack bytes); a chain or chord starts its next step with
 --                       it or ends done with it (only from the step running: field 'next'); a
@@ -24,8 +27,9 @@
 --                        result that is not msgpack (a pickle) fails the workflow instead, and
 --                        none ('') counts as nil
 --          wf_cancel    a function (id, flag, ttl): cancels what of node or leaf id has not
---                       ended: pending and waiting leaves end cancelled (a ready list drops
---                       an id it meets no longer queued), running leaves get their cancel flag
+--                       ended: pending (leaving stats 'pending') and waiting leaves end
+--                       cancelled (a ready list drops an id it meets no longer queued),
+--                       running leaves get their cancel flag
 --                       when flag is true, nodes end cancelled; ttl: seconds a leaf's record
 --                       is kept when it has no result_ttl of its own
 --          wf_close, wf_be, wf_array, wf_bin, wf_kids  its own helpers
@@ -34,7 +38,8 @@
 -- 1) or remaining (group), ttl, created, started, finished, result, error, failed_task; its
 -- children's ids are the list t:<id>:kids. A leaf is a task record with wf and pos (its parent
 -- and place), state 'pending' until its turn, and take ("H S E n": its body's first H bytes
--- come before the parameters, body[S:E] are its n args, body[E:] its kwargs) unless immutable.
+-- come before the parameters, body[S:E] are its n args, body[E:] its kwargs) and maxp (the
+-- most bytes of parameters a push may carry) unless immutable.
 -- A node that ends publishes P..'finished' with its id when someone waits on it.
 
 local wf_ready = 0
@@ -82,13 +87,27 @@ end
 
 wf_start = function(id, carry)
   local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'kind', 'take', 'priority', 'n')
+  local f = redis.call('HMGET', tk, 'state', 'kind', 'take', 'priority', 'n', 'maxp', 'wf', 'pos')
   if f[1] ~= 'pending' then return end
   if not f[2] then
+    redis.call('HINCRBY', P .. 'stats', 'pending', -1)
     if carry and f[3] then
       local body = redis.call('HGET', tk, 'body')
       local h, s, e, n = string.match(f[3], '^(%d+) (%d+) (%d+) (%d+)$')
       h, s, e, n = tonumber(h), tonumber(s), tonumber(e), tonumber(n)
+      local size = 1 + #wf_array(n + 1) + #carry + (#body - s)
+      if f[6] and size > tonumber(f[6]) then
+        -- Its arguments and the previous result are more than a push may carry: the step
+        -- ends dead without running, and its workflow fails.
+        local err = 'step ' .. id .. ' was not started: its arguments with the previous result are ' .. size ..
+          ' bytes, more than the limit of ' .. f[6] .. ' (limits.max_payload)'
+        redis.call('HSET', tk, 'state', 'dead', 'finished', now, 'error', err)
+        redis.call('ZADD', P .. 'dead', now, id)
+        redis.call('HINCRBY', P .. 'stats', 'dead', 1)
+        if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
+        if f[7] then wf_failed(f[7], f[8], err, id) end
+        return
+      end
       local params = '\146' .. wf_array(n + 1) .. carry .. string.sub(body, s + 1, e) .. string.sub(body, e + 1)
       redis.call('HSET', tk, 'body', string.sub(body, 1, h) .. wf_bin(#params) .. params)
     end
@@ -160,6 +179,7 @@ wf_cancel = function(id, flag, ttl)
       wf_kids(id, tonumber(f[4]), function(kid) wf_cancel(kid, flag, f[3]) end)
     end
   elseif state == 'pending' or state == 'queued' or state == 'failed' or state == 'delayed' then
+    if state == 'pending' then redis.call('HINCRBY', P .. 'stats', 'pending', -1) end
     redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
     redis.call('ZREM', P .. 'delayed', id)
     redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
