@@ -15,9 +15,11 @@
 --          wf_finished  a function (id, pos, result): child pos (from 1) of running node id ended
 --                       with result (msgpack bytes); a chain or chord starts its next step with
 --                       it or ends done with it (only from the step running: field 'next'); a
---                       group keeps it in t:<id>:res (once per member) and, once every member
---                       has ended, ends done with their results as one msgpack array
---          wf_failed    a function (id, pos, error, from): child pos of running node id failed
+--                       group (running, or pending: it ends when started) keeps it in
+--                       t:<id>:res (once per member) and, once every member has ended, ends
+--                       done with their results as one msgpack array (wf_group_done)
+--          wf_failed    a function (id, pos, error, from): child pos of running or pending
+--                       (not started yet: a step of it cancelled before its turn) node id failed
 --                       (from: the id of the leaf that failed); a group of a chord run with
 --                       on_error 'run' (field 'onerr') takes {error, task_id} as that member's
 --                       result; any other node ends dead (fields error, failed_task), what of it
@@ -32,7 +34,7 @@
 --                       running leaves get their cancel flag
 --                       when flag is true, nodes end cancelled; ttl: seconds a leaf's record
 --                       is kept when it has no result_ttl of its own
---          wf_close, wf_be, wf_array, wf_bin, wf_kids  its own helpers
+--          wf_group_done, wf_close, wf_be, wf_array, wf_bin, wf_kids  its own helpers
 -- Records: a node t:<id> has kind (chain, group, chord), state (pending, running, done, dead,
 -- cancelled), parent and pos (none at the root), n, next (chain, chord: the step running, from
 -- 1) or remaining (group), ttl, created, started, finished, result, error, failed_task; its
@@ -43,7 +45,7 @@
 -- A node that ends publishes P..'finished' with its id when someone waits on it.
 
 local wf_ready = 0
-local wf_start, wf_finished, wf_failed, wf_cancel = nil, nil, nil, nil
+local wf_start, wf_finished, wf_failed, wf_cancel, wf_group_done = nil, nil, nil, nil, nil
 
 local function wf_be(n, bytes)
   local t = {}
@@ -119,38 +121,51 @@ wf_start = function(id, carry)
   redis.call('HSET', tk, 'state', 'running', 'started', now)
   if f[2] == 'group' then
     wf_kids(id, tonumber(f[5]), function(kid) wf_start(kid, carry) end)
+    -- Every member ended before it started (cancelled, in a group run with on_error 'run').
+    if tonumber(redis.call('HGET', tk, 'remaining')) <= 0 then wf_group_done(id, tonumber(f[5])) end
   else
     redis.call('HSET', tk, 'next', 1)
     wf_start(redis.call('LINDEX', tk .. ':kids', 0), carry)
   end
 end
 
+-- Group id of n members, every one ended: it ends done with their results as one array.
+wf_group_done = function(id, n)
+  local tk = P .. 't:' .. id
+  local parts = {wf_array(n)}
+  for i = 1, n, 1000 do
+    local names = {}
+    for j = i, math.min(i + 999, n) do names[#names + 1] = j end
+    local values = redis.call('HMGET', tk .. ':res', unpack(names))
+    for j = 1, #names do parts[#parts + 1] = values[j] or '\192' end
+  end
+  local result = table.concat(parts)
+  local f = redis.call('HMGET', tk, 'parent', 'pos', 'ttl')
+  wf_close(id, 'done', f[3], {'result', result})
+  if f[1] then wf_finished(f[1], f[2], result) end
+end
+
 wf_finished = function(id, pos, result)
   local tk = P .. 't:' .. id
   local f = redis.call('HMGET', tk, 'state', 'kind', 'next', 'n', 'parent', 'pos', 'ttl')
-  if f[1] ~= 'running' then return end
   local n = tonumber(f[4])
   if f[2] == 'group' then
+    -- A group not started yet takes the error of a member cancelled meanwhile (on_error
+    -- 'run'); it ends once started.
+    if f[1] ~= 'running' and f[1] ~= 'pending' then return end
     -- Each member counts once (a dead member requeued by hand may end again).
     if redis.call('HSETNX', tk .. ':res', pos, result) == 0 then return end
-    if redis.call('HINCRBY', tk, 'remaining', -1) > 0 then return end
-    local parts = {wf_array(n)}
-    for i = 1, n, 1000 do
-      local names = {}
-      for j = i, math.min(i + 999, n) do names[#names + 1] = j end
-      local values = redis.call('HMGET', tk .. ':res', unpack(names))
-      for j = 1, #names do parts[#parts + 1] = values[j] or '\192' end
-    end
-    result = table.concat(parts)
-  else
-    -- Only the step running moves a chain on.
-    if tonumber(pos) ~= tonumber(f[3]) then return end
-    local nxt = tonumber(f[3]) + 1
-    if nxt <= n then
-      redis.call('HSET', tk, 'next', nxt)
-      wf_start(redis.call('LINDEX', tk .. ':kids', nxt - 1), result)
-      return
-    end
+    if redis.call('HINCRBY', tk, 'remaining', -1) > 0 or f[1] == 'pending' then return end
+    wf_group_done(id, n)
+    return
+  end
+  -- Only the step running moves a chain on.
+  if f[1] ~= 'running' or tonumber(pos) ~= tonumber(f[3]) then return end
+  local nxt = tonumber(f[3]) + 1
+  if nxt <= n then
+    redis.call('HSET', tk, 'next', nxt)
+    wf_start(redis.call('LINDEX', tk .. ':kids', nxt - 1), result)
+    return
   end
   wf_close(id, 'done', f[7], {'result', result})
   if f[5] then wf_finished(f[5], f[6], result) end
@@ -159,7 +174,8 @@ end
 wf_failed = function(id, pos, err, from)
   local tk = P .. 't:' .. id
   local f = redis.call('HMGET', tk, 'state', 'onerr', 'parent', 'pos', 'ttl', 'n')
-  if f[1] ~= 'running' then return end
+  -- A node not started yet fails too (a step of it cancelled before its turn).
+  if f[1] ~= 'running' and f[1] ~= 'pending' then return end
   if f[2] == 'run' then
     wf_finished(id, pos, cmsgpack.pack({error = err, task_id = from}))
     return
