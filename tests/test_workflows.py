@@ -103,10 +103,10 @@ def test_the_previous_result_goes_first_whatever_the_size_of_the_arguments_and_t
     assert client.result(wid, timeout=20) == {"args": [3, 7], "kwargs": {"a": 1}}
 
 
-def test_a_result_that_is_not_msgpack_fails_the_workflow_naming_its_step(redis_a, ra):
-    store = Store(0, redis_a.url)
+def test_a_result_that_is_not_msgpack_fails_the_workflow_naming_its_step(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
     try:
-        records = build({"chain": [GOOD, GOOD]}, 0, [0], LimitsConfig(), 100)
+        records = build({"chain": [GOOD, GOOD]}, 2, [2], LimitsConfig(), 100)
         assert store.push_workflow(records)
         _, leased, _ = store.report("w1", [], 1, 10.0)
         [task] = leased
@@ -123,10 +123,10 @@ def test_a_result_that_is_not_msgpack_fails_the_workflow_naming_its_step(redis_a
         store.close()
 
 
-def test_a_step_whose_worker_was_lost_too_often_ends_its_workflow(redis_a, ra):
-    store = Store(0, redis_a.url, lease_timeout=0.05, max_lease_expiries=0)
+def test_a_step_whose_worker_was_lost_too_often_ends_its_workflow(redis_b, rb):
+    store = Store(2, redis_b.url, lease_timeout=0.05, max_lease_expiries=0)
     try:
-        records = build({"group": [GOOD, GOOD]}, 0, [0], LimitsConfig(), 100)
+        records = build({"group": [GOOD, GOOD]}, 2, [2], LimitsConfig(), 100)
         assert store.push_workflow(records)
         _, leased, _ = store.report("w1", [], 1, 10.0)
         assert [t["id"] for t in leased] == [f"{records[0].id}.1"]
@@ -408,11 +408,12 @@ def test_cyclic_deep_or_shared_data_is_refused_before_it_is_built_naming_the_lim
     assert len(records) == 21
 
 
-def test_a_workflow_of_max_workflow_tasks_big_steps_fits_a_capped_master(redis_a, ra, tmp_path):
+def test_a_workflow_of_max_workflow_tasks_big_steps_fits_a_capped_master(redis_b, rb, tmp_path):
     from .attack_tools import Master
 
     tasks = 10_000
-    target = Master(tmp_path, redis_a.url, None,
+    # On the Redis no worker of this module pulls from: the steps stay queued.
+    target = Master(tmp_path, redis_b.url, None,
                     config={"limits": {"max_workflow_tasks": tasks}, "master": {"threadpool_size": 16}}).wait_ready()
     call = PyroFunc(target.address, timeout=120)
     try:
@@ -420,7 +421,7 @@ def test_a_workflow_of_max_workflow_tasks_big_steps_fits_a_capped_master(redis_a
         # About 1,400 bytes of arguments each: 14 MB, within max_message, each step checked and stored.
         steps = [{"func": "ident", "module": "flow_tasks", "args": [f"{i:06d}" + "x" * 1400]} for i in range(tasks)]
         wid = call("push_workflow", {"group": steps}, 0)
-        assert ra.hget(f"ppq:0:t:{wid}", "n") == str(tasks).encode() and ra.llen("ppq:0:queue") == tasks
+        assert rb.hget(f"ppq:0:t:{wid}", "n") == str(tasks).encode() and rb.llen("ppq:0:queue") == tasks
         # One more is refused, naming the limit.
         with pytest.raises(ValueError, match=rf"more than {tasks} tasks \(limits.max_workflow_tasks\)"):
             call("push_workflow", {"group": [*steps, GOOD]}, 0)
@@ -459,12 +460,12 @@ def test_a_workflow_id_in_use_by_another_task_or_workflow_is_refused_and_nothing
     assert stored(ra) == before
 
 
-def test_cancelling_a_chord_as_its_last_member_ends_never_runs_the_callback(redis_a, ra):
-    store = Store(0, redis_a.url)
+def test_cancelling_a_chord_as_its_last_member_ends_never_runs_the_callback(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
     try:
         for cancel_first in (True, False):
-            ra.flushdb()
-            records = build({"chord": [GOOD, GOOD], "callback": GOOD}, 0, [0], LimitsConfig(), 100)
+            rb.flushdb()
+            records = build({"chord": [GOOD, GOOD], "callback": GOOD}, 2, [2], LimitsConfig(), 100)
             assert store.push_workflow(records) is True
             root, callback = records[0].id, f"{records[0].id}.4"
             _, leased, _ = store.report("w1", [], 2, 10.0)
@@ -488,8 +489,8 @@ def test_cancelling_a_chord_as_its_last_member_ends_never_runs_the_callback(redi
         store.close()
 
 
-def test_a_step_cancelled_before_its_group_started_ends_the_workflow_or_takes_its_place(redis_a, ra):
-    store = Store(0, redis_a.url)
+def test_a_step_cancelled_before_its_group_started_ends_the_workflow_or_takes_its_place(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
 
     def run_next(expect: str, result: Any) -> dict[str, Any]:
         [task] = store.report("w1", [], 1, 10.0)[1]
@@ -500,17 +501,17 @@ def test_a_step_cancelled_before_its_group_started_ends_the_workflow_or_takes_it
 
     try:
         # chain(a, group(b, c)): b cancelled while a runs ends the workflow at once.
-        [root, *_] = records = build({"chain": [GOOD, {"group": [GOOD, GOOD]}]}, 0, [0], LimitsConfig(), 100)
+        [root, *_] = records = build({"chain": [GOOD, {"group": [GOOD, GOOD]}]}, 2, [2], LimitsConfig(), 100)
         assert store.push_workflow(records) is True
         wid = root.id
         assert store.cancel(f"{wid}.3") == "pending"
         assert store.info(wid)["state"] == "dead" and store.info(wid)["failed_task"] == f"{wid}.3"
         assert store.info(f"{wid}.2")["state"] == "dead" and store.info(f"{wid}.4")["state"] == "cancelled"
         assert store.counts()["pending"] == 0
-        ra.flushdb()
+        rb.flushdb()
         # chain(a, chord([b, c], cb, on_error='run')): b's error takes its place; the callback runs.
         data = {"chain": [GOOD, {"chord": [GOOD, GOOD], "callback": GOOD, "on_error": "run"}]}
-        records = build(data, 0, [0], LimitsConfig(), 100)
+        records = build(data, 2, [2], LimitsConfig(), 100)
         assert store.push_workflow(records) is True
         wid = records[0].id
         assert store.cancel(f"{wid}.4") == "pending"
@@ -521,9 +522,9 @@ def test_a_step_cancelled_before_its_group_started_ends_the_workflow_or_takes_it
         given = codec.decode_parameters(callback["parameters"])[0][0]
         assert given == [{"error": f"step {wid}.4 was cancelled", "task_id": f"{wid}.4"}, 4]
         assert store.info(wid)["state"] == "done" and store.info(wid)["result"] == "cb"
-        ra.flushdb()
+        rb.flushdb()
         # Both members cancelled before their turn: the group ends as it starts.
-        records = build(data, 0, [0], LimitsConfig(), 100)
+        records = build(data, 2, [2], LimitsConfig(), 100)
         assert store.push_workflow(records) is True
         wid = records[0].id
         assert [store.cancel(f"{wid}.{n}") for n in (4, 5)] == ["pending", "pending"]
@@ -586,7 +587,7 @@ def test_steps_not_started_are_counted_as_pending_in_ppq_status(client, master):
 
 def test_ppq_cancel_says_what_became_of_the_workflow(client, master):
     address = address_of(master)
-    wid = client.push(chain(sig("flow_tasks.nap", 0.8, 1), ft.add.s(1), ft.add.s(2)))
+    wid = client.push(chain(sig("flow_tasks.nap", 2.5, 1), ft.add.s(1), ft.add.s(2)))
     wait_for(lambda: client.info(f"{wid}.1")["state"] == "running", what="the first step running")
     out = run_ppq("cancel", wid, "-m", address)
     assert out.returncode == 0, out.stderr
@@ -605,12 +606,12 @@ def test_ppq_cancel_says_what_became_of_the_workflow(client, master):
     assert client.info(wid)["state"] == "dead" and client.info(f"{wid}.4")["state"] == "cancelled"
 
 
-def test_a_step_whose_arguments_with_the_previous_result_exceed_max_payload_fails_its_workflow(redis_a, ra):
-    store = Store(0, redis_a.url)
+def test_a_step_whose_arguments_with_the_previous_result_exceed_max_payload_fails_its_workflow(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
     limits = LimitsConfig(max_payload=1000)
     try:
         data = {"chain": [dict(GOOD, func="ident", args=["a"]), dict(GOOD, func="echo", args=["b" * 500])]}
-        records = build(data, 0, [0], limits, 100)
+        records = build(data, 2, [2], limits, 100)
         assert store.push_workflow(records) is True
         root, second = records[0].id, f"{records[0].id}.2"
         [task] = store.report("w1", [], 1, 10.0)[1]
@@ -625,7 +626,7 @@ def test_a_step_whose_arguments_with_the_previous_result_exceed_max_payload_fail
         assert store.info(root)["failed_task"] == second
         assert store.report("w1", [], 1, 10.0)[1] == [] and store.counts()["pending"] == 0
         # A result that fits is put first as ever.
-        records = build(data, 0, [0], limits, 100)
+        records = build(data, 2, [2], limits, 100)
         assert store.push_workflow(records) is True
         [task] = store.report("w1", [], 1, 10.0)[1]
         report = {"id": task["id"], "lease": task["lease"], "ok": True, "result": codec.pack("r" * 400)}
