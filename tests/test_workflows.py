@@ -536,6 +536,27 @@ def test_a_step_cancelled_before_its_group_started_ends_the_workflow_or_takes_it
         store.close()
 
 
+def test_a_group_whose_results_together_pass_max_message_ends_dead_naming_the_limit(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
+    try:
+        for on_error in ("fail", "run"):
+            rb.flushdb()
+            data = {"chord": [GOOD, GOOD, GOOD], "callback": GOOD, "on_error": on_error}
+            records = build(data, 2, [2], LimitsConfig(max_message=2000), 100)
+            assert store.push_workflow(records) is True
+            wid, gid = records[0].id, records[1].id
+            leased = store.report("w1", [], 3, 10.0)[1]
+            done = [{"id": t["id"], "lease": t["lease"], "ok": True, "result": codec.pack("r" * 800)} for t in leased]
+            assert store.report("w1", done, 0, 10.0)[0] == [True, True, True]
+            message = f"the results of group {gid} are more than 2000 bytes (limits.max_message)"
+            assert store.info(gid)["state"] == "dead" and store.info(gid)["error"] == message
+            assert store.info(gid)["failed_task"] == leased[2]["id"]
+            assert store.info(wid)["state"] == "dead" and store.info(f"{wid}.5")["state"] == "cancelled"
+            assert store.report("w1", [], 1, 10.0)[1] == []  # the callback never runs
+    finally:
+        store.close()
+
+
 # -- dead steps, pending steps, cancels, sizes ----------------------------------------------------
 
 

@@ -177,7 +177,8 @@ class Builder:
         for i, step in enumerate(steps):
             record.kids.append(self.node(step, f"{here}[{i}]", node_id, i + 1, depth + 1))
         fields += ["n", len(steps)]
-        fields += ["next", 0] if kind == "chain" else ["remaining", len(steps)]
+        # maxr: the most bytes a group's results may hold together (they make one value).
+        fields += ["next", 0] if kind == "chain" else ["remaining", len(steps), "maxr", self.limits.max_message]
         return node_id
 
     def leaf(self, data: Mapping[str, Any], path: str, parent: str, pos: int) -> str:

@@ -50,7 +50,7 @@ Task record fields: body (msgpack of the target, parameters and timeout),
 state, created, eta, key, the options that differ from their defaults
 (max_retry, retry_delay, result_ttl, priority, expires: a unix time), and as the task lives: started finished
 worker lease attempts retry expiries result error traceback cancel slot; in a workflow
-wf pos take maxp. A workflow node's: kind state parent pos n next remaining onerr ttl created started
+wf pos take maxp. A workflow node's: kind state parent pos n next remaining maxr bytes onerr ttl created started
 finished result error failed_task, and the root's digest.
 """
 

@@ -16,12 +16,13 @@
 --                       with result (msgpack bytes); a chain or chord starts its next step with
 --                       it or ends done with it (only from the step running: field 'next'); a
 --                       group (running, or pending: it ends when started) keeps it in
---                       t:<id>:res (once per member) and, once every member has ended, ends
---                       done with their results as one msgpack array (wf_group_done)
---          wf_failed    a function (id, pos, error, from): child pos of running or pending
+--                       t:<id>:res (once per member), counting their bytes (field 'bytes'):
+--                       past its field 'maxr' it fails (hard); once every member has ended, it
+--                       ends done with their results as one msgpack array (wf_group_done)
+--          wf_failed    a function (id, pos, error, from, hard): child pos of running or pending
 --                       (not started yet: a step of it cancelled before its turn) node id failed
---                       (from: the id of the leaf that failed); a group of a chord run with
---                       on_error 'run' (field 'onerr') takes {error, task_id} as that member's
+--                       (from: the id of the leaf that failed); unless hard, a group of a chord
+--                       run with on_error 'run' (field 'onerr') takes {error, task_id} as that member's
 --                       result; any other node ends dead (fields error, failed_task), what of it
 --                       has not started is cancelled (running steps finish, their results are
 --                       ignored) and its parent fails in turn
@@ -31,13 +32,14 @@
 --          wf_cancel    a function (id, flag, ttl): cancels what of node or leaf id has not
 --                       ended: pending (leaving stats 'pending') and waiting leaves end
 --                       cancelled (a ready list drops an id it meets no longer queued),
---                       running leaves get their cancel flag
---                       when flag is true, nodes end cancelled; ttl: seconds a leaf's record
---                       is kept when it has no result_ttl of its own
+--                       running leaves get their cancel flag when flag is true, nodes end
+--                       cancelled; ttl: seconds a leaf's record is kept when it has no
+--                       result_ttl of its own
 --          wf_group_done, wf_close, wf_be, wf_array, wf_bin, wf_kids  its own helpers
 -- Records: a node t:<id> has kind (chain, group, chord), state (pending, running, done, dead,
 -- cancelled), parent and pos (none at the root), n, next (chain, chord: the step running, from
--- 1) or remaining (group), ttl, created, started, finished, result, error, failed_task; its
+-- 1) or remaining, maxr and bytes (group), ttl, created, started, finished, result, error,
+-- failed_task; its
 -- children's ids are the list t:<id>:kids. A leaf is a task record with wf and pos (its parent
 -- and place), state 'pending' until its turn, and take ("H S E n": its body's first H bytes
 -- come before the parameters, body[S:E] are its n args, body[E:] its kwargs) and maxp (the
@@ -147,14 +149,19 @@ end
 
 wf_finished = function(id, pos, result)
   local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'kind', 'next', 'n', 'parent', 'pos', 'ttl')
+  local f = redis.call('HMGET', tk, 'state', 'kind', 'next', 'n', 'parent', 'pos', 'ttl', 'maxr')
   local n = tonumber(f[4])
   if f[2] == 'group' then
     -- A group not started yet takes the error of a member cancelled meanwhile (on_error
     -- 'run'); it ends once started.
     if f[1] ~= 'running' and f[1] ~= 'pending' then return end
-    -- Each member counts once (a dead member requeued by hand may end again).
+    -- Each member counts once.
     if redis.call('HSETNX', tk .. ':res', pos, result) == 0 then return end
+    if f[8] and redis.call('HINCRBY', tk, 'bytes', #result) > tonumber(f[8]) then
+      wf_failed(id, pos, 'the results of group ' .. id .. ' are more than ' .. f[8] ..
+        ' bytes (limits.max_message)', redis.call('LINDEX', tk .. ':kids', pos - 1), true)
+      return
+    end
     if redis.call('HINCRBY', tk, 'remaining', -1) > 0 or f[1] == 'pending' then return end
     wf_group_done(id, n)
     return
@@ -171,12 +178,12 @@ wf_finished = function(id, pos, result)
   if f[5] then wf_finished(f[5], f[6], result) end
 end
 
-wf_failed = function(id, pos, err, from)
+wf_failed = function(id, pos, err, from, hard)
   local tk = P .. 't:' .. id
   local f = redis.call('HMGET', tk, 'state', 'onerr', 'parent', 'pos', 'ttl', 'n')
   -- A node not started yet fails too (a step of it cancelled before its turn).
   if f[1] ~= 'running' and f[1] ~= 'pending' then return end
-  if f[2] == 'run' then
+  if f[2] == 'run' and not hard then
     wf_finished(id, pos, cmsgpack.pack({error = err, task_id = from}))
     return
   end
