@@ -211,7 +211,8 @@ class Store(Admin, ScheduleStore, LimitStore):
             node = pack([node_id, [v if isinstance(v, bytes) else str(v) for v in fields], kids])
             digest.update(node)
             nodes.append(node)
-            if not kids and any(fields[i] == "state" and fields[i + 1] == "pending" for i in range(0, len(fields), 2)):
+            # A leaf's fields open with its state (flows.Builder.leaf).
+            if not kids and fields[0] == "state" and fields[1] == "pending":
                 pending += 1
         args: list[Any] = [self.prefix, records[0][0], digest.hexdigest(), pending, *nodes]
         if len(records) <= BIG_WORKFLOW:
