@@ -375,7 +375,7 @@ def test_ppq_task_shows_a_chain_and_a_group(client, master):
 # -- attacks on push_workflow -------------------------------------------------------------------
 
 
-def test_cyclic_deep_or_shared_data_is_refused_before_it_is_built_naming_the_limit(master, ra):
+def test_cyclic_deep_or_shared_data_is_refused_before_it_is_built_naming_the_limit(master, client, ra):
     direct = master.master  # a call in the master's own process: data no wire would carry
     loop: list[Any] = []
     loop.append(loop)
@@ -402,6 +402,12 @@ def test_cyclic_deep_or_shared_data_is_refused_before_it_is_built_naming_the_lim
         finally:
             tracemalloc.stop()
         assert peak < 4_000_000, (message, peak)  # refused before anything was made of the data
+    # Over the wire too (msgpack carries 1100 levels; the walk stops at its limit).
+    deep = 1
+    for _ in range(1100):
+        deep = [deep]
+    with pytest.raises(ValueError, match="workflow: the data nests deeper than 1044 levels of lists and dicts"):
+        client.call("push_workflow", {"chain": [dict(GOOD, args=[deep])]}, 0)
     assert stored(ra) == before
     # The same shared list given to 20 members (10 MB once expanded) is within the limit.
     records = build({"group": [dict(GOOD, args=half_mb) for _ in range(20)]}, 0, [0], LimitsConfig(), 100)
