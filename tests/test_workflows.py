@@ -204,6 +204,10 @@ def test_more_tasks_than_max_workflow_tasks_are_refused_and_nothing_is_stored(ma
         with pytest.raises(ValueError, match=r"more than 5 tasks \(limits.max_workflow_tasks\)"):
             c.push(group(ft.add.s(i, i) for i in range(6)))
         assert stored(ra) == before
+        # Nodes that hold one step each add no task, and are held to the same number.
+        with pytest.raises(ValueError, match=r"more than 5 chains, groups and chords \(limits.max_workflow_tasks\)"):
+            c.push(group(chain(group(ft.add.s(i, i))) for i in range(3)))
+        assert stored(ra) == before
         c.push(group(ft.add.s(i, i) for i in range(5)))
         assert len(stored(ra)[0]) > len(before[0])
     finally:

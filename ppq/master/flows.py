@@ -146,6 +146,10 @@ class Builder:
         if len(kinds) > 1 or extra:
             raise InvalidTaskError(f"{path or 'workflow'}: a {kind} node holds only {', '.join(sorted(allowed))}; "
                                    f"got {', '.join(extra or kinds)}")
+        if self.count - self.leaves >= self.limits.max_workflow_tasks:
+            # Chains of one step wrapped in groups of one add nodes, not tasks: held to the same number.
+            raise InvalidTaskError(f"workflow: more than {self.limits.max_workflow_tasks} chains, groups and chords "
+                                   f"(limits.max_workflow_tasks)")
         node_id = self._id()
         here = f"{path}.{kind}" if path else kind
         fields: list[Any] = ["kind", kind, "state", "pending", "ttl", self.ttl]
