@@ -62,8 +62,10 @@ def client(master: MasterServer) -> Iterator[Client]:
 
 
 def stored(r: redis.Redis) -> list[dict[bytes, Any]]:
-    """What Redis holds but the worker agents' registrations (their heartbeats go on meanwhile)."""
-    return [{k: v for k, v in snap.items() if not k.startswith(b"ppq:0:workers")} for snap in redis_snapshot(r)]
+    """What Redis holds but the worker agents' registrations and long-polls (their heartbeats
+    and polls go on meanwhile)."""
+    return [{k: v for k, v in snap.items() if not k.startswith((b"ppq:0:workers", b"ppq:0:waiters"))}
+            for snap in redis_snapshot(r)]
 
 
 def path_of(tmp_path: Path, name: str = "runs") -> str:
