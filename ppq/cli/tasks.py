@@ -375,6 +375,9 @@ def _cancelled_in_workflow(client: Any, task_id: str, queue_index: int, state: s
         up = node.get("parent")
     workflow = run_guarded(functools.partial(client.info, root, queue_index)) or {}
     where = f"workflow {root} ({workflow.get('kind', '?')})"
+    if state == "cancelled":
+        click.echo(f"{task_id}: already cancelled; {where} is {workflow.get('state', '?')}")
+        return 0
     if state not in ("pending", "running", "queued", "delayed", "failed"):
         err_console.print(f"{task_id}: already {state}, not cancelled; {where} is {workflow.get('state', '?')}",
                           markup=False, highlight=False)
