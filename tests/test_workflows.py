@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import re
 import signal
 import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,13 @@ def client(master: MasterServer) -> Iterator[Client]:
     c.close()
 
 
+def stored(r: redis.Redis) -> list[dict[bytes, Any]]:
+    """What Redis holds but the worker agents' registrations and long-polls (their heartbeats
+    and polls go on meanwhile)."""
+    return [{k: v for k, v in snap.items() if not k.startswith((b"ppq:0:workers", b"ppq:0:waiters"))}
+            for snap in redis_snapshot(r)]
+
+
 def path_of(tmp_path: Path, name: str = "runs") -> str:
     return str(tmp_path / name)
 
@@ -96,10 +105,10 @@ def test_the_previous_result_goes_first_whatever_the_size_of_the_arguments_and_t
     assert client.result(wid, timeout=20) == {"args": [3, 7], "kwargs": {"a": 1}}
 
 
-def test_a_result_that_is_not_msgpack_fails_the_workflow_naming_its_step(redis_a, ra):
-    store = Store(0, redis_a.url)
+def test_a_result_that_is_not_msgpack_fails_the_workflow_naming_its_step(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
     try:
-        records = build({"chain": [GOOD, GOOD]}, 0, [0], LimitsConfig(), 100)
+        records = build({"chain": [GOOD, GOOD]}, 2, [2], LimitsConfig(), 100)
         assert store.push_workflow(records)
         _, leased, _ = store.report("w1", [], 1, 10.0)
         [task] = leased
@@ -116,10 +125,10 @@ def test_a_result_that_is_not_msgpack_fails_the_workflow_naming_its_step(redis_a
         store.close()
 
 
-def test_a_step_whose_worker_was_lost_too_often_ends_its_workflow(redis_a, ra):
-    store = Store(0, redis_a.url, lease_timeout=0.05, max_lease_expiries=0)
+def test_a_step_whose_worker_was_lost_too_often_ends_its_workflow(redis_b, rb):
+    store = Store(2, redis_b.url, lease_timeout=0.05, max_lease_expiries=0)
     try:
-        records = build({"group": [GOOD, GOOD]}, 0, [0], LimitsConfig(), 100)
+        records = build({"group": [GOOD, GOOD]}, 2, [2], LimitsConfig(), 100)
         assert store.push_workflow(records)
         _, leased, _ = store.report("w1", [], 1, 10.0)
         assert [t["id"] for t in leased] == [f"{records[0].id}.1"]
@@ -182,10 +191,10 @@ def test_nesting_deeper_than_the_limit_is_refused_naming_the_depth_and_the_limit
     data: Any = {"func": "add", "module": "flow_tasks", "args": [1, 1]}
     for _ in range(MAX_DEPTH + 1):
         data = {"group": [data]}
-    before = redis_snapshot(ra)
+    before = stored(ra)
     with pytest.raises(ValueError, match=rf"9 deep here, more than the limit of {MAX_DEPTH}"):
         client.call("push_workflow", data, 0)
-    assert redis_snapshot(ra) == before
+    assert stored(ra) == before
     assert client.result(client.push(node), timeout=20) == [[[[2]]]]
 
 
@@ -193,12 +202,16 @@ def test_more_tasks_than_max_workflow_tasks_are_refused_and_nothing_is_stored(ma
     small = make_master(limits__max_workflow_tasks=5)
     c = Client([address_of(small)], retry=1)
     try:
-        before = redis_snapshot(ra)
+        before = stored(ra)
         with pytest.raises(ValueError, match=r"more than 5 tasks \(limits.max_workflow_tasks\)"):
             c.push(group(ft.add.s(i, i) for i in range(6)))
-        assert redis_snapshot(ra) == before
+        assert stored(ra) == before
+        # Nodes that hold one step each add no task, and are held to the same number.
+        with pytest.raises(ValueError, match=r"more than 5 chains, groups and chords \(limits.max_workflow_tasks\)"):
+            c.push(group(chain(group(ft.add.s(i, i))) for i in range(3)))
+        assert stored(ra) == before
         c.push(group(ft.add.s(i, i) for i in range(5)))
-        assert len(redis_snapshot(ra)[0]) > len(before[0])
+        assert len(stored(ra)[0]) > len(before[0])
     finally:
         c.close()
 
@@ -226,14 +239,12 @@ def test_bad_workflows_over_a_plain_pyro5_proxy_name_the_node_and_store_nothing(
     proxy._pyroSerializer = "serpent"
     proxy._pyroTimeout = 10
     try:
-        keys = ra.dbsize()
-        before = redis_snapshot(ra)
+        before = stored(ra)
         for data, message in BAD_WORKFLOWS:
             with pytest.raises(ValueError) as caught:
                 proxy.push_workflow(data, 0)
             assert message in str(caught.value), (data, str(caught.value))
-        assert ra.dbsize() == keys
-        assert redis_snapshot(ra) == before
+        assert stored(ra) == before
         wid = proxy.push_workflow({"chain": [GOOD, {"func": "add", "module": "flow_tasks", "args": [4]}]}, 0)
         assert proxy.wait_task(wid, 0, 20)["result"] == 7
     finally:
@@ -245,10 +256,10 @@ def test_a_worker_token_cannot_push_a_workflow(make_master, ra):
     as_worker = PyroFunc(address_of(guarded), token="w" * 32, timeout=5)
     as_client = PyroFunc(address_of(guarded), token="c" * 32, timeout=5)
     try:
-        before = redis_snapshot(ra)
+        before = stored(ra)
         with pytest.raises(AuthError, match="push_workflow is for clients"):
             as_worker("push_workflow", {"chain": [GOOD]}, 0)
-        assert redis_snapshot(ra) == before
+        assert stored(ra) == before
         wid = as_client("push_workflow", {"chain": [GOOD]}, 0)
         assert as_client("get_task_info", wid, 0)["kind"] == "chain"
     finally:
@@ -367,6 +378,301 @@ def test_ppq_task_shows_a_chain_and_a_group(client, master):
     assert out.returncode == 0, out.stderr
     assert "group" in out.stdout and "25 of 25 done" in out.stdout and "and 5 more" in out.stdout
     assert f"{gid}.20  done" in out.stdout and f"{gid}.21  done" not in out.stdout
+
+
+# -- attacks on push_workflow -------------------------------------------------------------------
+
+
+def test_cyclic_deep_or_shared_data_is_refused_before_it_is_built_naming_the_limit(master, client, ra):
+    direct = master.master  # a call in the master's own process: data no wire would carry
+    loop: list[Any] = []
+    loop.append(loop)
+    knot: dict[str, Any] = {"group": []}
+    knot["group"].append(knot)  # a workflow that holds itself
+    deep: Any = 1
+    for _ in range(100_000):
+        deep = [deep]
+    half_mb = ["x" * 100_000] * 5  # one list of 500 KB, given to 200 members: 100 MB
+    cases = [
+        ({"group": [dict(GOOD, args=loop)]}, "nests deeper than 1044 levels of lists and dicts"),
+        (knot, "nests deeper than 1044 levels"),
+        ({"chain": [dict(GOOD, args=[deep])]}, "nests deeper than 1044 levels"),
+        ({"group": [dict(GOOD, args=half_mb) for _ in range(200)]},
+         "more than 16777216 bytes (limits.max_message), its shared parts counted each time they appear"),
+    ]
+    before = stored(ra)
+    for data, message in cases:
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                direct.push_workflow(data, 0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8_000_000, (message, peak)  # refused before anything was made of the data (100 MB)
+    # Over the wire too (msgpack carries 1100 levels; the walk stops at its limit).
+    deep = 1
+    for _ in range(1100):
+        deep = [deep]
+    with pytest.raises(ValueError, match="workflow: the data nests deeper than 1044 levels of lists and dicts"):
+        client.call("push_workflow", {"chain": [dict(GOOD, args=[deep])]}, 0)
+    assert stored(ra) == before
+    # The same shared list given to 20 members (10 MB once expanded) is within the limit.
+    records = build({"group": [dict(GOOD, args=half_mb) for _ in range(20)]}, 0, [0], LimitsConfig(), 100)
+    assert len(records) == 21
+
+
+def test_a_workflow_of_max_workflow_tasks_big_steps_fits_a_capped_master(redis_b, rb, tmp_path):
+    from .attack_tools import Master
+
+    tasks = 10_000
+    # On the Redis no worker of this module pulls from: the steps stay queued.
+    target = Master(tmp_path, redis_b.url, None,
+                    config={"limits": {"max_workflow_tasks": tasks}, "master": {"threadpool_size": 16}}).wait_ready()
+    call = PyroFunc(target.address, timeout=120)
+    try:
+        idle = target.rss()
+        # About 1,400 bytes of arguments each: 14 MB, within max_message, each step checked and stored.
+        steps = [{"func": "ident", "module": "flow_tasks", "args": [f"{i:06d}" + "x" * 1400]} for i in range(tasks)]
+        wid = call("push_workflow", {"group": steps}, 0)
+        assert rb.hget(f"ppq:0:t:{wid}", "n") == str(tasks).encode() and rb.llen("ppq:0:queue") == tasks
+        # One more is refused, naming the limit.
+        with pytest.raises(ValueError, match=rf"more than {tasks} tasks \(limits.max_workflow_tasks\)"):
+            call("push_workflow", {"group": [*steps, GOOD]}, 0)
+        assert target.alive() and call("ping") == "pong"
+        # Under its 1.5 GB cap with room to spare: the data, its records and their packing.
+        assert target.hwm() - idle < 600 * 1024 * 1024, (idle, target.hwm())
+    finally:
+        call.close()
+        target.stop()
+
+
+def test_a_workflow_id_in_use_by_another_task_or_workflow_is_refused_and_nothing_is_written(client, master, ra):
+    call = client.call
+    plain = call("push_task", "add", module="flow_tasks", args=[1, 2], task_id="t-1")
+    # A workflow whose second node would be 'w-9.2', the id of a task pushed earlier.
+    squatter = call("push_task", "add", module="flow_tasks", args=[5, 5], task_id="w-9.2")
+    pair = {"chain": [GOOD, dict(GOOD, args=[4])]}
+    first = call("push_workflow", pair, 0, "w-1")
+    assert first == "w-1" and client.result(first, timeout=20) == 7
+    assert client.result(plain, timeout=20) == 3 and client.result(squatter, timeout=20) == 10
+    before = stored(ra)
+    cases = [
+        ({"chain": [GOOD, GOOD]}, plain, rf"workflow_id '{plain}' is the id of another task or workflow"),
+        ({"chain": [GOOD, GOOD]}, "w-9", r"workflow_id 'w-9' would give a node the id 'w-9.2', which is the id of "
+                                         r"another task or workflow"),
+        ({"group": [GOOD, GOOD, GOOD]}, "w-1", r"workflow_id 'w-1' is the id of another task or workflow"),
+        ({"group": [GOOD]}, "w-1.1", r"workflow_id 'w-1.1' is the id of another task or workflow"),
+    ]
+    for data, wid, message in cases:
+        with pytest.raises(ValueError, match=message + "; nothing was stored"):
+            call("push_workflow", data, 0, wid)
+    assert stored(ra) == before  # not a field of t-1, w-9.2 or w-1's records changed
+    assert client.info("w-9") is None
+    # The same workflow pushed again with its id (a retried push) is stored once, and its id returned.
+    assert call("push_workflow", pair, 0, "w-1") == "w-1"
+    assert stored(ra) == before
+
+
+def test_cancelling_a_chord_as_its_last_member_ends_never_runs_the_callback(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
+    try:
+        for cancel_first in (True, False):
+            rb.flushdb()
+            records = build({"chord": [GOOD, GOOD], "callback": GOOD}, 2, [2], LimitsConfig(), 100)
+            assert store.push_workflow(records) is True
+            root, callback = records[0].id, f"{records[0].id}.4"
+            _, leased, _ = store.report("w1", [], 2, 10.0)
+            assert len(leased) == 2 and store.counts()["pending"] == 1
+            done = [{"id": t["id"], "lease": t["lease"], "ok": True, "result": codec.pack(3)} for t in leased]
+            assert store.report("w1", done[:1], 0, 10.0)[0] == [True]
+            if cancel_first:
+                # The cancel lands just before the last member's report, which would push the callback.
+                assert store.cancel(root) == "running"
+                assert store.report("w1", done[1:], 0, 10.0)[0] == [True]
+            else:
+                # The last member's report pushed the callback; the cancel lands before a worker takes it.
+                assert store.report("w1", done[1:], 0, 10.0)[0] == [True]
+                assert store.info(callback)["state"] == "queued"
+                assert store.cancel(root) == "running"
+            assert store.info(root)["state"] == "cancelled"
+            assert store.info(callback)["state"] == "cancelled"
+            assert store.report("w1", [], 5, 10.0)[1] == []  # nothing to run: the callback never starts
+            assert store.counts()["pending"] == 0
+    finally:
+        store.close()
+
+
+def test_a_step_cancelled_before_its_group_started_ends_the_workflow_or_takes_its_place(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
+
+    def run_next(expect: str, result: Any) -> dict[str, Any]:
+        [task] = store.report("w1", [], 1, 10.0)[1]
+        assert task["id"] == expect
+        report = {"id": task["id"], "lease": task["lease"], "ok": True, "result": codec.pack(result)}
+        assert store.report("w1", [report], 0, 10.0)[0] == [True]
+        return task
+
+    try:
+        # chain(a, group(b, c)): b cancelled while a runs ends the workflow at once.
+        [root, *_] = records = build({"chain": [GOOD, {"group": [GOOD, GOOD]}]}, 2, [2], LimitsConfig(), 100)
+        assert store.push_workflow(records) is True
+        wid = root.id
+        assert store.cancel(f"{wid}.3") == "pending"
+        assert store.info(wid)["state"] == "dead" and store.info(wid)["failed_task"] == f"{wid}.3"
+        assert store.info(f"{wid}.2")["state"] == "dead" and store.info(f"{wid}.4")["state"] == "cancelled"
+        assert store.counts()["pending"] == 0
+        rb.flushdb()
+        # chain(a, chord([b, c], cb, on_error='run')): b's error takes its place; the callback runs.
+        data = {"chain": [GOOD, {"chord": [GOOD, GOOD], "callback": GOOD, "on_error": "run"}]}
+        records = build(data, 2, [2], LimitsConfig(), 100)
+        assert store.push_workflow(records) is True
+        wid = records[0].id
+        assert store.cancel(f"{wid}.4") == "pending"
+        assert store.info(wid)["state"] == "running" and store.info(f"{wid}.3")["state"] == "pending"
+        run_next(f"{wid}.1", 3)
+        run_next(f"{wid}.5", 4)
+        callback = run_next(f"{wid}.6", "cb")
+        given = codec.decode_parameters(callback["parameters"])[0][0]
+        assert given == [{"error": f"step {wid}.4 was cancelled", "task_id": f"{wid}.4"}, 4]
+        assert store.info(wid)["state"] == "done" and store.info(wid)["result"] == "cb"
+        rb.flushdb()
+        # Both members cancelled before their turn: the group ends as it starts.
+        records = build(data, 2, [2], LimitsConfig(), 100)
+        assert store.push_workflow(records) is True
+        wid = records[0].id
+        assert [store.cancel(f"{wid}.{n}") for n in (4, 5)] == ["pending", "pending"]
+        run_next(f"{wid}.1", 3)
+        callback = run_next(f"{wid}.6", "cb")
+        assert [r["task_id"] for r in codec.decode_parameters(callback["parameters"])[0][0]] == [f"{wid}.4", f"{wid}.5"]
+        assert store.info(wid)["state"] == "done" and store.counts()["pending"] == 0
+    finally:
+        store.close()
+
+
+def test_a_group_whose_results_together_pass_max_message_ends_dead_naming_the_limit(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
+    try:
+        for on_error in ("fail", "run"):
+            rb.flushdb()
+            data = {"chord": [GOOD, GOOD, GOOD], "callback": GOOD, "on_error": on_error}
+            records = build(data, 2, [2], LimitsConfig(max_message=2000), 100)
+            assert store.push_workflow(records) is True
+            wid, gid = records[0].id, records[1].id
+            leased = store.report("w1", [], 3, 10.0)[1]
+            done = [{"id": t["id"], "lease": t["lease"], "ok": True, "result": codec.pack("r" * 800)} for t in leased]
+            assert store.report("w1", done, 0, 10.0)[0] == [True, True, True]
+            message = f"the results of group {gid} are more than 2000 bytes (limits.max_message)"
+            assert store.info(gid)["state"] == "dead" and store.info(gid)["error"] == message
+            assert store.info(gid)["failed_task"] == leased[2]["id"]
+            assert store.info(wid)["state"] == "dead" and store.info(f"{wid}.5")["state"] == "cancelled"
+            assert store.report("w1", [], 1, 10.0)[1] == []  # the callback never runs
+    finally:
+        store.close()
+
+
+# -- dead steps, pending steps, cancels, sizes ----------------------------------------------------
+
+
+def test_a_dead_step_is_not_requeued_alone_and_its_workflow_stays_dead(client, master, tmp_path):
+    runs = path_of(tmp_path)
+    wid = client.push(chain(ft.add.s(1, 2), sig("flow_tasks.boom", max_retry=0), sig("flow_tasks.tally", runs)))
+    with pytest.raises(TaskFailedError):
+        client.result(wid, timeout=20)
+    step = f"{wid}.2"
+    lone = client.call("push_task", "boom", module="flow_tasks", max_retry=0)
+    with pytest.raises(TaskFailedError):
+        client.result(lone, timeout=20)
+    with pytest.raises(ValueError, match=rf"task_ids: '{re.escape(step)}' is a step of a workflow, which ended when "
+                                         rf"it went dead: a step is not requeued alone \(push the workflow again\); "
+                                         rf"nothing was requeued"):
+        client.call("requeue_dead", [lone, step], 0)
+    assert client.info(lone)["state"] == "dead" and client.info(step)["state"] == "dead"
+    # Every dead task: the lone one goes back, the step stays dead, and ppq says so.
+    out = run_ppq("dead", "requeue", "--all", "-m", address_of(master))
+    assert out.returncode == 0, out.stderr
+    assert "requeued 1 task(s)" in out.stdout
+    assert "left 1 step(s) of workflows dead: a step is not requeued alone" in out.stdout
+    wait_for(lambda: client.info(lone)["attempts"] == 2, what="the lone task run again")
+    assert client.info(step)["state"] == "dead" and client.info(step)["attempts"] == 1
+    assert client.info(wid)["state"] == "dead" and client.info(f"{wid}.3")["state"] == "cancelled"
+    assert not Path(runs).exists()
+
+
+def test_steps_not_started_are_counted_as_pending_in_ppq_status(client, master):
+    client.pause_queue()
+    try:
+        wid = client.push(chain(ft.add.s(1, 2), ft.add.s(3), group(ft.add.s(1), ft.add.s(2))))
+        assert client.server_info()[0]["pending"] == 3
+        out = run_ppq("status", "-m", address_of(master), env={"COLUMNS": "200"})
+        assert out.returncode == 0, out.stderr
+        header = next(line for line in out.stdout.splitlines() if "queued" in line and "pending" in line)
+        row = next(line for line in out.stdout.splitlines() if "0 paused" in line)
+        cells = row.replace("│", " ").replace(" paused", "").split()
+        names = header.replace("│", " ").split()
+        assert cells[names.index("pending")] == "3" and cells[names.index("queued")] == "1", out.stdout
+        # Cancelled, they no longer wait.
+        client.cancel(wid)
+        assert client.server_info()[0]["pending"] == 0
+    finally:
+        client.resume_queue()
+    wid = client.push(ft.add.s(1, 2) | ft.add.s(3))
+    assert client.result(wid, timeout=20) == 6 and client.server_info()[0]["pending"] == 0
+
+
+def test_ppq_cancel_says_what_became_of_the_workflow(client, master):
+    address = address_of(master)
+    wid = client.push(chain(sig("flow_tasks.nap", 5.0, 1), ft.add.s(1), ft.add.s(2)))
+    wait_for(lambda: client.info(f"{wid}.1")["state"] == "running", what="the first step running")
+    out = run_ppq("cancel", wid, "-m", address)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"{wid}: chain cancelled (was running, step 1 of 3): its steps not started are "
+                                  f"cancelled, a running one finishes with its result dropped")
+    out = run_ppq("cancel", wid, "-m", address)
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"{wid}: already cancelled; workflow {wid} (chain) is cancelled"
+    out = run_ppq("cancel", f"{wid}.1", "-m", address)  # the running step, flagged by the first cancel
+    assert out.returncode == 0 and out.stdout.strip() == (f"{wid}.1: running; it is cancelled when it ends, its result "
+                                                          f"dropped; workflow {wid} (chain) is now cancelled")
+    # One step of a group of a chain: its workflow ends dead.
+    wid = client.push(chain(sig("flow_tasks.nap", 2.0, 1), group(ft.add.s(1), ft.add.s(2))))
+    wait_for(lambda: client.info(f"{wid}.1")["state"] == "running", what="the first step running")
+    out = run_ppq("cancel", f"{wid}.3", "-m", address)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"{wid}.3: cancelled (was pending); workflow {wid} (chain) is now dead (the "
+                                  f"steps after the cancelled one do not run)")
+    assert client.info(wid)["state"] == "dead" and client.info(f"{wid}.4")["state"] == "cancelled"
+
+
+def test_a_step_whose_arguments_with_the_previous_result_exceed_max_payload_fails_its_workflow(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
+    limits = LimitsConfig(max_payload=1000)
+    try:
+        data = {"chain": [dict(GOOD, func="ident", args=["a"]), dict(GOOD, func="echo", args=["b" * 500])]}
+        records = build(data, 2, [2], limits, 100)
+        assert store.push_workflow(records) is True
+        root, second = records[0].id, f"{records[0].id}.2"
+        [task] = store.report("w1", [], 1, 10.0)[1]
+        # Its result (600 bytes) with the next step's 500 bytes of arguments: more than 1000.
+        report = {"id": task["id"], "lease": task["lease"], "ok": True, "result": codec.pack("r" * 600)}
+        assert store.report("w1", [report], 0, 10.0)[0] == [True]
+        info = store.info(second)
+        message = (f"step {second} was not started: its arguments with the previous result are 1109 bytes, more "
+                   f"than the limit of 1000 (limits.max_payload)")
+        assert info["state"] == "dead" and info["error"] == message
+        assert store.info(root)["state"] == "dead" and store.info(root)["error"] == message
+        assert store.info(root)["failed_task"] == second
+        assert store.report("w1", [], 1, 10.0)[1] == [] and store.counts()["pending"] == 0
+        # A result that fits is put first as ever.
+        records = build(data, 2, [2], limits, 100)
+        assert store.push_workflow(records) is True
+        [task] = store.report("w1", [], 1, 10.0)[1]
+        report = {"id": task["id"], "lease": task["lease"], "ok": True, "result": codec.pack("r" * 400)}
+        [nxt] = store.report("w1", [report], 1, 10.0)[1]
+        assert nxt["id"] == f"{records[0].id}.2"
+        assert codec.decode_parameters(nxt["parameters"])[0] == ["r" * 400, "b" * 500]
+    finally:
+        store.close()
 
 
 # -- the reliability model: SIGKILLs mid-way ------------------------------------------------------

@@ -34,3 +34,12 @@ def noop(i: int) -> None:
 def stamp(i: int) -> None:
     started = time.time()
     conn().rpush(LAT_KEY, f"{i} {started!r}")
+
+
+CHORD_KEY = "bench:chord"
+
+
+def chord_done(results: list | None = None) -> None:
+    """A chord's callback: records when it started and how many results it was given."""
+    started = time.time()
+    conn().set(CHORD_KEY, f"{started!r} {len(results) if results is not None else -1}")

@@ -53,7 +53,7 @@ def status(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
 # number) first; the rest keep this order.
 QUEUE_COLUMNS = (
     ("queue_index", "queue", 0), ("queued", "queued", 0), ("delayed", "delayed", 1), ("leased", "leased", 0),
-    ("running", "running", 2), ("dead", "dead", 1), ("done_per_min", "done/min", 3),
+    ("running", "running", 2), ("pending", "pending", 2), ("dead", "dead", 1), ("done_per_min", "done/min", 3),
     ("failed_per_min", "fail/min", 4), ("workers", "workers", 5), ("pushed", "pushed", 6), ("done", "done", 6),
     ("retried", "retried", 7), ("expired", "expired", 8), ("cancelled", "cancelled", 8),
 )
@@ -132,7 +132,8 @@ def status_tables(info: dict[Any, dict[str, Any]], width: int | None = None) -> 
     """The queues and workers of ``server_info()``, fitted to ``width`` columns (the terminal's).
 
     "leased" counts the tasks handed to workers (prefetched ones included),
-    "running" those the workers said they were running at their last heartbeat.
+    "running" those the workers said they were running at their last heartbeat, "pending"
+    the steps of workflows stored whose turn has not come.
     """
     from rich.console import Group
     from rich.text import Text
@@ -410,7 +411,9 @@ def dead_requeue(ctx: click.Context, sub_config: str | None, sub_log_level: str 
                  task_ids: tuple[str, ...], all_: bool, queue_index: int) -> None:
     """Put dead tasks (IDs, or --all) back in the queue, their retries reset.
 
-    An id that is unknown or not dead is named on stderr, and the exit code is 1.
+    An id that is unknown or not dead is named on stderr, and the exit code is 1. A
+    workflow's step is not requeued alone (its workflow ended when it went dead): given
+    by id it is an error and nothing is requeued; --all leaves it dead and says so.
 
     \b
     Example:
@@ -422,6 +425,12 @@ def dead_requeue(ctx: click.Context, sub_config: str | None, sub_log_level: str 
     done = run_guarded(lambda: client.call("requeue_dead", ids, queue_index))
     skipped = _not_dead(client, [t for t in ids if t not in set(done)], queue_index) if ids else {}
     click.echo(f"requeued {len(done)} task(s)")
+    if ids is None:
+        left = run_guarded(lambda: client.call("dead_tasks", queue_index, 1000))
+        steps = sum(1 for info in left if info.get("wf"))
+        if steps:
+            click.echo(f"left {steps} step(s) of workflows dead: a step is not requeued alone, as its workflow "
+                       f"ended when it went dead (push the workflow again)")
     _report_skipped(skipped, queue_index)
     if skipped:
         sys.exit(RET_ERROR)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import PPQError, TaskExpiredError, TaskFailedError
+from ..workflow import MAX_DEPTH
 from .base import _apply_sub, _client, _default, _renamed, config_option, main, master_option
 from .output import (
     RET_CONFIG,
@@ -362,6 +363,40 @@ def _show_node(task_id: str, info: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _cancelled_in_workflow(client: Any, task_id: str, queue_index: int, state: str, after: dict[str, Any]) -> int:
+    """Print what cancelling ``task_id``, a workflow's node or step that was in ``state`` (its
+    record now ``after``), did to its workflow; return 1 if it had already ended, else 0."""
+    root, up = task_id, after.get("parent") or after.get("wf")
+    for _ in range(MAX_DEPTH + 1):
+        if not up:
+            break
+        root = up
+        node = run_guarded(functools.partial(client.info, up, queue_index)) or {}
+        up = node.get("parent")
+    workflow = run_guarded(functools.partial(client.info, root, queue_index)) or {}
+    where = f"workflow {root} ({workflow.get('kind', '?')})"
+    if state == "cancelled":
+        click.echo(f"{task_id}: already cancelled; {where} is {workflow.get('state', '?')}")
+        return 0
+    if state not in ("pending", "running", "queued", "delayed", "failed"):
+        err_console.print(f"{task_id}: already {state}, not cancelled; {where} is {workflow.get('state', '?')}",
+                          markup=False, highlight=False)
+        return 1
+    if after.get("kind"):
+        what = (f"{task_id}: {after['kind']} cancelled (was {state}, {after.get('progress', '')}): its steps not "
+                f"started are cancelled, a running one finishes with its result dropped")
+    elif state == "running":
+        what = f"{task_id}: running; it is cancelled when it ends, its result dropped"
+    else:
+        what = f"{task_id}: cancelled (was {state})"
+    if root != task_id:
+        what += f"; {where} is now {workflow.get('state', '?')}"
+        if workflow.get("state") == "dead":
+            what += " (the steps after the cancelled one do not run)"
+    click.echo(what)
+    return 0
+
+
 def _expires(info: dict[str, Any]) -> str:
     """When the task must have started by ("" for never), and whether it missed it."""
     expires = info.get("expires")
@@ -411,7 +446,10 @@ def cancel(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
     bad = 0
     for task_id in dict.fromkeys(task_ids):
         state = run_guarded(functools.partial(client.cancel, task_id, queue_index))
-        if state is None:
+        after = run_guarded(functools.partial(client.info, task_id, queue_index)) if state else None
+        if after and (after.get("kind") or after.get("wf")):
+            bad += _cancelled_in_workflow(client, task_id, queue_index, state or "", after)
+        elif state is None:
             bad += 1
             err_console.print(f"{task_id}: unknown in queue_index {queue_index}", markup=False, highlight=False)
         elif state in ("queued", "delayed", "failed", "pending"):

@@ -17,7 +17,7 @@ from .. import codec, rpc
 from ..config import Config
 from ..errors import CodecError, InvalidTaskError, LeaseLostError
 from ..store import Store
-from ..task import FAILED, QUEUED, check_push, check_queue_index, check_task_id
+from ..task import FAILED, QUEUED, check_push, check_queue_index, check_task_id, show
 from .checks import (
     MAX_WAIT,
     check_batch,
@@ -186,10 +186,17 @@ class Master(Operations, Scheduling, Limiting, Waiting):
         """Push a workflow (chain, group, chord) given as plain data (``ppq/master/flows.py``);
         return its id. Every node is checked first, and an error names the path of the bad
         one ("chain[2].group[0]: func: ..."); nothing is stored then. ``workflow_id`` (made by
-        the caller) makes a retried push store the workflow once."""
+        the caller) makes a retried push store the workflow once; an id that another task or
+        workflow has (the root's or any node's: ``<id>.<n>``) is refused, and nothing is stored."""
         store = self._store(queue_index)
         records = build(workflow, store.queue_index, self.stores, self.limits, store.result_ttl, workflow_id)
-        if store.push_workflow(records):
+        stored = store.push_workflow(records)
+        if isinstance(stored, str):
+            taken = ("is the id" if stored == records[0].id
+                     else f"would give a node the id {show(stored)}, which is the id")
+            raise InvalidTaskError(f"workflow_id {show(records[0].id)} {taken} of another task or workflow; "
+                                   f"nothing was stored")
+        if stored:
             log.debug("queue_index %s: workflow %s pushed (%d nodes)", store.queue_index, records[0].id, len(records))
         return records[0].id
 

@@ -24,6 +24,11 @@ from ..errors import CodecError, InvalidTaskError
 from ..task import check_push, check_task_id, decode_body, new_id, show
 from ..workflow import MAX_DEPTH, ON_ERROR, STEP_REFUSED
 
+# Deepest nesting of lists and dicts in a workflow's data: each level of nodes is a dict and its
+# list of steps, a leaf's fields a dict, its args a list holding what the codec packs.
+MAX_DATA_DEPTH = 2 * (MAX_DEPTH + 1) + 2 + codec.MAX_DEPTH
+# What a value other than a string, bytes, list or dict counts for in measure().
+SCALAR_BYTES = 9
 # Shapes of steps a Builder remembers (see Builder.leaf).
 MAX_TEMPLATES = 1000
 NONE = type(None)
@@ -37,6 +42,48 @@ class FlowRecord(NamedTuple):
     id: str
     fields: list[Any]
     kids: list[str]
+
+
+def measure(data: Any, max_bytes: int, max_depth: int = MAX_DATA_DEPTH) -> int:
+    """The size of a workflow's data in bytes, about as msgpack would pack it (a string or
+    bytes its length plus one, any other value SCALAR_BYTES, a list or dict one more per
+    item), counting a sub-object as often as it appears, walked with its own stack. Before
+    anything else is made of the data: InvalidTaskError as soon as the count passes
+    ``max_bytes`` or the nesting ``max_depth`` (a cycle is nested without end)."""
+    total = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    pop, push = stack.pop, stack.append
+    scalars = (int, float, bool, NONE)
+    while stack and total <= max_bytes:
+        item, depth = pop()
+        kind = item.__class__
+        if kind is dict or (kind is not list and kind is not tuple and isinstance(item, Mapping)):
+            children: Iterable[Any] = item.values()
+            for key in item:
+                if key.__class__ is str:
+                    total += len(key) + 1
+                else:
+                    push((key, depth + 1))
+        elif kind is list or kind is tuple or isinstance(item, (list, tuple)):
+            children = item
+        else:
+            total += len(item) + 1 if isinstance(item, (str, bytes, bytearray)) else SCALAR_BYTES
+            continue
+        if depth >= max_depth:
+            raise InvalidTaskError(f"workflow: the data nests deeper than {max_depth} levels of lists and dicts")
+        total += 1 + len(item)
+        for child in children:
+            kind = child.__class__
+            if kind is str:
+                total += len(child) + 1
+            elif kind in scalars:
+                total += SCALAR_BYTES
+            else:
+                push((child, depth + 1))
+    if total > max_bytes:
+        raise InvalidTaskError(f"workflow: its data is more than {max_bytes} bytes (limits.max_message), its "
+                               f"shared parts counted each time they appear")
+    return total
 
 
 def carry_layout(body: bytes, args: Any = None, kwargs: Any = None) -> str:
@@ -99,6 +146,10 @@ class Builder:
         if len(kinds) > 1 or extra:
             raise InvalidTaskError(f"{path or 'workflow'}: a {kind} node holds only {', '.join(sorted(allowed))}; "
                                    f"got {', '.join(extra or kinds)}")
+        if self.count - self.leaves >= self.limits.max_workflow_tasks:
+            # Chains of one step wrapped in groups of one add nodes, not tasks: held to the same number.
+            raise InvalidTaskError(f"workflow: more than {self.limits.max_workflow_tasks} chains, groups and chords "
+                                   f"(limits.max_workflow_tasks)")
         node_id = self._id()
         here = f"{path}.{kind}" if path else kind
         fields: list[Any] = ["kind", kind, "state", "pending", "ttl", self.ttl]
@@ -130,7 +181,8 @@ class Builder:
         for i, step in enumerate(steps):
             record.kids.append(self.node(step, f"{here}[{i}]", node_id, i + 1, depth + 1))
         fields += ["n", len(steps)]
-        fields += ["next", 0] if kind == "chain" else ["remaining", len(steps)]
+        # maxr: the most bytes a group's results may hold together (they make one value).
+        fields += ["next", 0] if kind == "chain" else ["remaining", len(steps), "maxr", self.limits.max_message]
         return node_id
 
     def leaf(self, data: Mapping[str, Any], path: str, parent: str, pos: int) -> str:
@@ -181,7 +233,9 @@ class Builder:
         if not parent:
             fields[4:8] = []
         if not immutable:
-            fields += ["take", carry_layout(body, args if options.get("parameters") is None else None, kwargs)]
+            # maxp: the most bytes its parameters may hold once the previous result is put first.
+            fields += ["take", carry_layout(body, args if options.get("parameters") is None else None, kwargs),
+                       "maxp", self.limits.max_payload]
         fields += extra
         record = FlowRecord(node_id, fields, [])
         self.records.append(record)
@@ -229,6 +283,7 @@ def build(data: Any, queue_index: int, queue_indexes: Iterable[int], limits: Lim
         root = check_task_id(workflow_id, "workflow_id")
         if len(root) > MAX_ROOT_ID:
             raise InvalidTaskError(f"workflow_id is longer than {MAX_ROOT_ID} characters")
+    measure(data, limits.max_message)
     builder = Builder(root, queue_index, queue_indexes, limits, ttl)
     builder.start(builder.node(data, "", "", 0, 1))
     return builder.records

@@ -17,7 +17,7 @@ from .. import rpc
 from ..config import Config, LimitsConfig
 from ..errors import InvalidTaskError, StorageError
 from ..store import LISTED_STATES, PURGE_BATCH, Store
-from ..task import check_task_id
+from ..task import check_task_id, show
 from .checks import check_ids, check_worker_id, required_number, spec_allows
 from .waiting import Waker
 
@@ -129,8 +129,20 @@ class Operations:
 
     @rpc.remote
     def requeue_dead(self, task_ids: Any = None, queue_index: Any = 0) -> list[str]:
-        """Put dead tasks (the given ids, or all when None) back in the queue."""
-        return self._store(queue_index).requeue_dead(check_ids(task_ids, self.limits.max_batch))
+        """Put dead tasks (the given ids, or all when None) back in the queue. A dead step of a
+        workflow is not requeued: given by id, InvalidTaskError names it and nothing is requeued;
+        with None, it stays dead."""
+        store = self._store(queue_index)
+        done, steps = store.requeue_dead(check_ids(task_ids, self.limits.max_batch))
+        if steps and task_ids is not None:
+            raise InvalidTaskError(
+                f"task_ids: {show(steps[0])}{f' (and {len(steps) - 1} more)' if len(steps) > 1 else ''} is a step "
+                f"of a workflow, which ended when it went dead: a step is not requeued alone (push the workflow "
+                f"again); nothing was requeued")
+        if steps:
+            log.info("queue_index %s: %d dead workflow step(s) left dead: a step is not requeued alone",
+                     store.queue_index, len(steps))
+        return done
 
     @rpc.remote
     def purge_dead(self, task_ids: Any = None, queue_index: Any = 0) -> int:

@@ -96,9 +96,12 @@ class Admin:
         return [i for i in infos if i is not None]
 
     @storage_errors
-    def requeue_dead(self, ids: Sequence[str] | None = None) -> list[str]:
-        """Put dead tasks (``ids``; None: all) back in the queue; return the ids requeued."""
-        return [text(i) for i in self._requeue_dead([self.prefix, *(ids or [])])]
+    def requeue_dead(self, ids: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+        """Put dead tasks (``ids``; None: all) back in the queue; return the ids requeued and the
+        dead steps of workflows left dead (requeue_dead.lua: when ``ids`` holds one, nothing is
+        requeued)."""
+        done, steps = self._requeue_dead([self.prefix, *(ids or [])])
+        return [text(i) for i in done], [text(i) for i in steps]
 
     @storage_errors
     def purge_dead(self, ids: Sequence[str] | None = None) -> int:

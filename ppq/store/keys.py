@@ -30,8 +30,9 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
     keys           hash   de-duplication key -> id, while that task waits
     stats          hash   counters: pushed, leased, done, errors (failed attempts), retried, dead,
                           expired (leases that ran out), expired_tasks (tasks not started before
-                          their expiry), cancelled, released, purged; and parked, the ids in all
-                          the ``queue:m:<module>`` and ``queue:f:<func>`` lists
+                          their expiry), cancelled, released, purged; parked, the ids in all
+                          the ``queue:m:<module>`` and ``queue:f:<func>`` lists; and pending, the
+                          workflow steps stored whose turn has not come (workflow.lua)
     rate           hash   d:<10 s bucket> / f:<bucket> -> tasks done / failed attempts
     workers        hash   worker id -> msgpack of its last reported info
     workers:seen   zset   worker id -> time after which it counts as gone
@@ -49,8 +50,8 @@ Task record fields: body (msgpack of the target, parameters and timeout),
 state, created, eta, key, the options that differ from their defaults
 (max_retry, retry_delay, result_ttl, priority, expires: a unix time), and as the task lives: started finished
 worker lease attempts retry expiries result error traceback cancel slot; in a workflow
-wf pos take. A workflow node's: kind state parent pos n next remaining onerr ttl created started
-finished result error failed_task.
+wf pos take maxp. A workflow node's: kind state parent pos n next remaining maxr bytes onerr ttl created started
+finished result error failed_task, and the root's digest.
 """
 
 from __future__ import annotations

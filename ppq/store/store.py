@@ -7,6 +7,7 @@ single commands or pipelines. Redis errors come out as StorageError.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -196,23 +197,37 @@ class Store(Admin, ScheduleStore, LimitStore):
         return text(state) or None
 
     @storage_errors
-    def push_workflow(self, records: Sequence[tuple[str, Sequence[Any], Sequence[str]]]) -> bool:
+    def push_workflow(self, records: Sequence[tuple[str, Sequence[Any], Sequence[str]]]) -> bool | str:
         """Store a workflow's nodes, its root first, each (id, flat field/value list, children's ids),
-        and start it (workflow_push.lua); False, with nothing stored, if its root exists already."""
-        args: list[Any] = [self.prefix, records[0][0]]
-        # One argument per node (Redis takes at most 1,048,576 per command), as cmsgpack reads it.
+        and start it (workflow_push.lua). True when stored; False, with nothing stored, when the
+        same workflow is stored already (a retried push); else the id of a node whose record
+        exists already (another task's or workflow's), with nothing stored."""
         pack = msgpack.Packer(use_bin_type=False).pack
+        digest = hashlib.sha256()
+        nodes: list[bytes] = []
+        pending = 0
+        # One argument per node (Redis takes at most 1,048,576 per command), as cmsgpack reads it.
         for node_id, fields, kids in records:
-            args.append(pack([node_id, [v if isinstance(v, bytes) else str(v) for v in fields], kids]))
+            node = pack([node_id, [v if isinstance(v, bytes) else str(v) for v in fields], kids])
+            digest.update(node)
+            nodes.append(node)
+            # A leaf's fields open with its state (flows.Builder.leaf).
+            if not kids and fields[0] == "state" and fields[1] == "pending":
+                pending += 1
+        args: list[Any] = [self.prefix, records[0][0], digest.hexdigest(), pending, *nodes]
         if len(records) <= BIG_WORKFLOW:
-            return bool(self._workflow_push(args))
-        # Redis runs a big one for seconds (about 4 s for 100,000 tasks): on a connection of its own
-        # that waits that long.
-        client = connect(self.url, max(self.timeout, BIG_WORKFLOW_TIMEOUT))
-        try:
-            return bool(Script(SOURCES["workflow_push"], client, None)(args))
-        finally:
-            client.close()
+            stored = self._workflow_push(args)
+        else:
+            # Redis runs a big one for seconds (about 4 s for 100,000 tasks): on a connection of its own
+            # that waits that long.
+            client = connect(self.url, max(self.timeout, BIG_WORKFLOW_TIMEOUT))
+            try:
+                stored = Script(SOURCES["workflow_push"], client, None)(args)
+            finally:
+                client.close()
+        if isinstance(stored, bytes):
+            return text(stored)
+        return bool(stored)
 
     @storage_errors
     def children(self, node_id: str, count: int) -> tuple[int, list[tuple[str, str]]]:
@@ -263,7 +278,8 @@ class Store(Admin, ScheduleStore, LimitStore):
         aside by leases for workers that may not run them (they count in ``queued`` too), for
         the first ``PARKED_LISTED`` modules by name; ``priorities``: priority (1-9) -> how
         many ready tasks wait in its list (they count in ``queued`` too; priority 0 and the
-        tasks moved aside are the rest); and ``paused``: whether the queue_index is paused."""
+        tasks moved aside are the rest); ``pending``: the steps of workflows not started yet (their
+        turn has not come); and ``paused``: whether the queue_index is paused."""
         p = self.prefix
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(p + "queue")
@@ -281,7 +297,8 @@ class Store(Admin, ScheduleStore, LimitStore):
         parked = self.parked([text(m) for m in modules])
         by_priority = {str(priority): n for priority, n in zip(PRIORITIES, lengths, strict=True) if n}
         queued += max(0, int(stats.get(b"parked", 0))) + sum(by_priority.values())
-        sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead}
+        sizes = {"queued": queued, "delayed": delayed, "running": running, "dead": dead,
+                 "pending": max(0, int(stats.get(b"pending", 0)))}
         return {**counts_of(sizes, stats, rate, int(now[0])), "paused": bool(paused), "parked": parked,
                 "priorities": by_priority}
 

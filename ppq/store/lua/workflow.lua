@@ -7,16 +7,22 @@
 -- Sets:    wf_ready     how many leaves the functions below made ready (to add to a 'wake')
 --          wf_start     a function (id, carry): starts pending node id; a leaf becomes queued on
 --                       its priority's ready list, with carry (msgpack bytes, or nil) put first
---                       among its arguments unless it has no field 'take' (immutable); a chain
---                       or chord starts its first step with carry, a group every member
+--                       among its arguments unless it has no field 'take' (immutable), and
+--                       leaves stats 'pending'; a leaf whose parameters would then be more than
+--                       its field 'maxp' bytes ends dead instead, unstarted, and fails its
+--                       workflow (wf_failed) naming it; a chain or chord starts its first step
+--                       with carry, a group every member
 --          wf_finished  a function (id, pos, result): child pos (from 1) of running node id ended
 --                       with result (msgpack bytes); a chain or chord starts its next step with
 --                       it or ends done with it (only from the step running: field 'next'); a
---                       group keeps it in t:<id>:res (once per member) and, once every member
---                       has ended, ends done with their results as one msgpack array
---          wf_failed    a function (id, pos, error, from): child pos of running node id failed
---                       (from: the id of the leaf that failed); a group of a chord run with
---                       on_error 'run' (field 'onerr') takes {error, task_id} as that member's
+--                       group (running, or pending: it ends when started) keeps it in
+--                       t:<id>:res (once per member), counting their bytes (field 'bytes'):
+--                       past its field 'maxr' it fails (hard); once every member has ended, it
+--                       ends done with their results as one msgpack array (wf_group_done)
+--          wf_failed    a function (id, pos, error, from, hard): child pos of running or pending
+--                       (not started yet: a step of it cancelled before its turn) node id failed
+--                       (from: the id of the leaf that failed); unless hard, a group of a chord
+--                       run with on_error 'run' (field 'onerr') takes {error, task_id} as that member's
 --                       result; any other node ends dead (fields error, failed_task), what of it
 --                       has not started is cancelled (running steps finish, their results are
 --                       ignored) and its parent fails in turn
@@ -24,21 +30,24 @@
 --                        result that is not msgpack (a pickle) fails the workflow instead, and
 --                        none ('') counts as nil
 --          wf_cancel    a function (id, flag, ttl): cancels what of node or leaf id has not
---                       ended: pending and waiting leaves end cancelled (a ready list drops
---                       an id it meets no longer queued), running leaves get their cancel flag
---                       when flag is true, nodes end cancelled; ttl: seconds a leaf's record
---                       is kept when it has no result_ttl of its own
---          wf_close, wf_be, wf_array, wf_bin, wf_kids  its own helpers
+--                       ended: pending (leaving stats 'pending') and waiting leaves end
+--                       cancelled (a ready list drops an id it meets no longer queued),
+--                       running leaves get their cancel flag when flag is true, nodes end
+--                       cancelled; ttl: seconds a leaf's record is kept when it has no
+--                       result_ttl of its own
+--          wf_group_done, wf_close, wf_be, wf_array, wf_bin, wf_kids  its own helpers
 -- Records: a node t:<id> has kind (chain, group, chord), state (pending, running, done, dead,
 -- cancelled), parent and pos (none at the root), n, next (chain, chord: the step running, from
--- 1) or remaining (group), ttl, created, started, finished, result, error, failed_task; its
+-- 1) or remaining, maxr and bytes (group), ttl, created, started, finished, result, error,
+-- failed_task; its
 -- children's ids are the list t:<id>:kids. A leaf is a task record with wf and pos (its parent
 -- and place), state 'pending' until its turn, and take ("H S E n": its body's first H bytes
--- come before the parameters, body[S:E] are its n args, body[E:] its kwargs) unless immutable.
+-- come before the parameters, body[S:E] are its n args, body[E:] its kwargs) and maxp (the
+-- most bytes of parameters a push may carry) unless immutable.
 -- A node that ends publishes P..'finished' with its id when someone waits on it.
 
 local wf_ready = 0
-local wf_start, wf_finished, wf_failed, wf_cancel = nil, nil, nil, nil
+local wf_start, wf_finished, wf_failed, wf_cancel, wf_group_done = nil, nil, nil, nil, nil
 
 local function wf_be(n, bytes)
   local t = {}
@@ -82,13 +91,27 @@ end
 
 wf_start = function(id, carry)
   local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'kind', 'take', 'priority', 'n')
+  local f = redis.call('HMGET', tk, 'state', 'kind', 'take', 'priority', 'n', 'maxp', 'wf', 'pos')
   if f[1] ~= 'pending' then return end
   if not f[2] then
+    redis.call('HINCRBY', P .. 'stats', 'pending', -1)
     if carry and f[3] then
       local body = redis.call('HGET', tk, 'body')
       local h, s, e, n = string.match(f[3], '^(%d+) (%d+) (%d+) (%d+)$')
       h, s, e, n = tonumber(h), tonumber(s), tonumber(e), tonumber(n)
+      local size = 1 + #wf_array(n + 1) + #carry + (#body - s)
+      if f[6] and size > tonumber(f[6]) then
+        -- Its arguments and the previous result are more than a push may carry: the step
+        -- ends dead without running, and its workflow fails.
+        local err = 'step ' .. id .. ' was not started: its arguments with the previous result are ' .. size ..
+          ' bytes, more than the limit of ' .. f[6] .. ' (limits.max_payload)'
+        redis.call('HSET', tk, 'state', 'dead', 'finished', now, 'error', err)
+        redis.call('ZADD', P .. 'dead', now, id)
+        redis.call('HINCRBY', P .. 'stats', 'dead', 1)
+        if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
+        if f[7] then wf_failed(f[7], f[8], err, id) end
+        return
+      end
       local params = '\146' .. wf_array(n + 1) .. carry .. string.sub(body, s + 1, e) .. string.sub(body, e + 1)
       redis.call('HSET', tk, 'body', string.sub(body, 1, h) .. wf_bin(#params) .. params)
     end
@@ -100,48 +123,67 @@ wf_start = function(id, carry)
   redis.call('HSET', tk, 'state', 'running', 'started', now)
   if f[2] == 'group' then
     wf_kids(id, tonumber(f[5]), function(kid) wf_start(kid, carry) end)
+    -- Every member ended before it started (cancelled, in a group run with on_error 'run').
+    if tonumber(redis.call('HGET', tk, 'remaining')) <= 0 then wf_group_done(id, tonumber(f[5])) end
   else
     redis.call('HSET', tk, 'next', 1)
     wf_start(redis.call('LINDEX', tk .. ':kids', 0), carry)
   end
 end
 
+-- Group id of n members, every one ended: it ends done with their results as one array.
+wf_group_done = function(id, n)
+  local tk = P .. 't:' .. id
+  local parts = {wf_array(n)}
+  for i = 1, n, 1000 do
+    local names = {}
+    for j = i, math.min(i + 999, n) do names[#names + 1] = j end
+    local values = redis.call('HMGET', tk .. ':res', unpack(names))
+    for j = 1, #names do parts[#parts + 1] = values[j] or '\192' end
+  end
+  local result = table.concat(parts)
+  local f = redis.call('HMGET', tk, 'parent', 'pos', 'ttl')
+  wf_close(id, 'done', f[3], {'result', result})
+  if f[1] then wf_finished(f[1], f[2], result) end
+end
+
 wf_finished = function(id, pos, result)
   local tk = P .. 't:' .. id
-  local f = redis.call('HMGET', tk, 'state', 'kind', 'next', 'n', 'parent', 'pos', 'ttl')
-  if f[1] ~= 'running' then return end
+  local f = redis.call('HMGET', tk, 'state', 'kind', 'next', 'n', 'parent', 'pos', 'ttl', 'maxr')
   local n = tonumber(f[4])
   if f[2] == 'group' then
-    -- Each member counts once (a dead member requeued by hand may end again).
+    -- A group not started yet takes the error of a member cancelled meanwhile (on_error
+    -- 'run'); it ends once started.
+    if f[1] ~= 'running' and f[1] ~= 'pending' then return end
+    -- Each member counts once.
     if redis.call('HSETNX', tk .. ':res', pos, result) == 0 then return end
-    if redis.call('HINCRBY', tk, 'remaining', -1) > 0 then return end
-    local parts = {wf_array(n)}
-    for i = 1, n, 1000 do
-      local names = {}
-      for j = i, math.min(i + 999, n) do names[#names + 1] = j end
-      local values = redis.call('HMGET', tk .. ':res', unpack(names))
-      for j = 1, #names do parts[#parts + 1] = values[j] or '\192' end
-    end
-    result = table.concat(parts)
-  else
-    -- Only the step running moves a chain on.
-    if tonumber(pos) ~= tonumber(f[3]) then return end
-    local nxt = tonumber(f[3]) + 1
-    if nxt <= n then
-      redis.call('HSET', tk, 'next', nxt)
-      wf_start(redis.call('LINDEX', tk .. ':kids', nxt - 1), result)
+    if f[8] and redis.call('HINCRBY', tk, 'bytes', #result) > tonumber(f[8]) then
+      wf_failed(id, pos, 'the results of group ' .. id .. ' are more than ' .. f[8] ..
+        ' bytes (limits.max_message)', redis.call('LINDEX', tk .. ':kids', pos - 1), true)
       return
     end
+    if redis.call('HINCRBY', tk, 'remaining', -1) > 0 or f[1] == 'pending' then return end
+    wf_group_done(id, n)
+    return
+  end
+  -- Only the step running moves a chain on.
+  if f[1] ~= 'running' or tonumber(pos) ~= tonumber(f[3]) then return end
+  local nxt = tonumber(f[3]) + 1
+  if nxt <= n then
+    redis.call('HSET', tk, 'next', nxt)
+    wf_start(redis.call('LINDEX', tk .. ':kids', nxt - 1), result)
+    return
   end
   wf_close(id, 'done', f[7], {'result', result})
   if f[5] then wf_finished(f[5], f[6], result) end
 end
 
-wf_failed = function(id, pos, err, from)
+wf_failed = function(id, pos, err, from, hard)
   local tk = P .. 't:' .. id
   local f = redis.call('HMGET', tk, 'state', 'onerr', 'parent', 'pos', 'ttl', 'n')
-  if f[1] ~= 'running' then return end
-  if f[2] == 'run' then
+  -- A node not started yet fails too (a step of it cancelled before its turn).
+  if f[1] ~= 'running' and f[1] ~= 'pending' then return end
+  if f[2] == 'run' and not hard then
     wf_finished(id, pos, cmsgpack.pack({error = err, task_id = from}))
     return
   end
@@ -160,6 +202,7 @@ wf_cancel = function(id, flag, ttl)
       wf_kids(id, tonumber(f[4]), function(kid) wf_cancel(kid, flag, f[3]) end)
     end
   elseif state == 'pending' or state == 'queued' or state == 'failed' or state == 'delayed' then
+    if state == 'pending' then redis.call('HINCRBY', P .. 'stats', 'pending', -1) end
     redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
     redis.call('ZREM', P .. 'delayed', id)
     redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
