@@ -17,15 +17,16 @@ import msgpack
 import redis
 import redis.exceptions
 
+from ..config import redis_target
 from ..errors import MessageTooLargeError
 from ..task import MAX_PRIORITY, TaskSpec
 from .admin import Admin
 from .keys import keys_of
 from .limits import LimitStore
-from .link import Link, connect, redact, storage_errors
+from .link import Link, Locator, connect, redact, storage_errors
 from .records import counts_of, record_of, task_of, text, worker_of
 from .schedules import ScheduleStore
-from .scripts import SOURCES, Script
+from .scripts import ACKNOWLEDGED, SOURCES, Script
 
 log = logging.getLogger("ppq.store")
 
@@ -53,30 +54,44 @@ class Store(Admin, ScheduleStore, LimitStore):
         max_lease_expiries: int = 10,
         result_ttl: int = 86400,
         max_workers: int = 10000,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.queue_index = queue_index
         self.url = url
         self.safe_url = redact(url)
-        self.prefix = keys_of(queue_index)
+        target = redis_target(url)
+        # In a cluster, every key of the queue_index carries one hash tag (keys.py).
+        self.cluster = target.kind == "cluster"
+        self.prefix = keys_of(queue_index, self.cluster)
         self.lease_timeout = lease_timeout
         self.max_lease_expiries = max_lease_expiries
         self.result_ttl = result_ttl
         # Worker ids listed at once; see the heartbeat script.
         self.max_workers = max_workers
         self.timeout = timeout
-        self.redis = connect(url, timeout)
-        self._link = Link(url, timeout) if Link.usable(url) else None
-        self._push = Script(SOURCES["push"], self.redis, self._link)
-        self._report = Script(SOURCES["report"], self.redis, self._link)
-        self._heartbeat = Script(SOURCES["heartbeat"], self.redis, self._link)
-        self._reap = Script(SOURCES["reap"], self.redis, self._link)
-        self._move = Script(SOURCES["move"], self.redis, self._link)
-        self._cancel = Script(SOURCES["cancel"], self.redis, self._link)
-        self._requeue_dead = Script(SOURCES["requeue_dead"], self.redis, self._link)
-        self._purge_dead = Script(SOURCES["purge_dead"], self.redis, self._link)
-        self._purge = Script(SOURCES["purge"], self.redis, self._link)
-        self._pause = Script(SOURCES["pause"], self.redis, self._link)
-        self._workflow_push = Script(SOURCES["workflow_push"], self.redis, self._link)
+        # Replicas that must confirm each acknowledged write (WAIT), and for how long (ms).
+        self.wait = (wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas > 0 else None
+        # Where the primary is, behind Sentinel or in a cluster; None for one plain Redis.
+        self._locator = Locator(target, timeout, self.prefix) if target.kind != "redis" else None
+        self.redis = connect(url, timeout, self._locator)
+        self._link = Link(url, timeout, self._locator) if Link.usable(url) else None
+        self._push = self._script("push")
+        self._report = self._script("report")
+        self._heartbeat = self._script("heartbeat")
+        self._reap = self._script("reap")
+        self._move = self._script("move")
+        self._cancel = self._script("cancel")
+        self._requeue_dead = self._script("requeue_dead")
+        self._purge_dead = self._script("purge_dead")
+        self._purge = self._script("purge")
+        self._pause = self._script("pause")
+        self._workflow_push = self._script("workflow_push")
+
+    def _script(self, name: str, client: redis.Redis | None = None, link: Link | None = None) -> Script:
+        """Script ``name`` on this store's connections (or on ``client`` alone)."""
+        return Script(SOURCES[name], client or self.redis, self._link if client is None else link,
+                      key=self.prefix if self.cluster else None, wait=self.wait if name in ACKNOWLEDGED else None)
 
     def close(self) -> None:
         """Close every connection; the Store is not used after."""
@@ -208,9 +223,9 @@ class Store(Admin, ScheduleStore, LimitStore):
             return bool(self._workflow_push(args))
         # Redis runs a big one for seconds (about 4 s for 100,000 tasks): on a connection of its own
         # that waits that long.
-        client = connect(self.url, max(self.timeout, BIG_WORKFLOW_TIMEOUT))
+        client = connect(self.url, max(self.timeout, BIG_WORKFLOW_TIMEOUT), self._locator)
         try:
-            return bool(Script(SOURCES["workflow_push"], client, None)(args))
+            return bool(self._script("workflow_push", client)(args))
         finally:
             client.close()
 
@@ -385,6 +400,8 @@ class Store(Admin, ScheduleStore, LimitStore):
                     else:
                         on_finished(text(msg["data"]))
             except redis.exceptions.RedisError as exc:
+                if self._locator is not None:
+                    self._locator.forget()
                 log.warning("queue_index %s: wake-up channel lost (%s); retrying", self.queue_index, exc)
                 stop.wait(delay)
                 delay = min(delay * 2, 5.0)
