@@ -274,6 +274,8 @@ class Link:
         try:
             try:
                 conn = self._idle.pop()
+                if self.locator is not None and self._stale(conn):
+                    conn = self._connect()
             except IndexError:
                 conn = self._connect()
             reply = self._roundtrip(conn, args)
@@ -295,6 +297,8 @@ class Link:
         try:
             try:
                 conn = self._idle.pop()
+                if self.locator is not None and self._stale(conn):
+                    conn = self._connect()
             except IndexError:
                 conn = self._connect()
             conn[0].sendall(hiredis.pack_command(tuple(first)) + hiredis.pack_command(tuple(then)))
@@ -310,6 +314,21 @@ class Link:
         else:
             self._idle.append(conn)
         return reply, after
+
+    @staticmethod
+    def _stale(conn: tuple[socket.socket, Any]) -> bool:
+        """Whether an idle connection was closed by the server (a demoted primary closes its
+        clients' connections), or has something unasked to read: then it is closed here. Checked
+        only behind Sentinel or in a cluster, where a command sent on such a connection would
+        fail although a fresh connection would find the new primary."""
+        try:
+            conn[0].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False  # nothing to read: open and quiet
+        except OSError:
+            pass
+        conn[0].close()
+        return True
 
     def _keep(self, conn: tuple[socket.socket, Any] | None, error: redis.exceptions.ResponseError) -> None:
         """After an error reply: keep the connection, unless the reply says the server is no

@@ -41,7 +41,12 @@ ACKNOWLEDGED = frozenset(("push", "report", "cancel", "requeue_dead", "purge_dea
 
 
 class UnreplicatedError(redis.exceptions.RedisError):
-    """A write the primary made that fewer replicas than ``redis.wait_replicas`` confirmed in time."""
+    """A write the primary made that fewer replicas than ``redis.wait_replicas`` confirmed in time;
+    ``reply`` is the script's own reply."""
+
+    def __init__(self, message: str, reply: Any) -> None:
+        super().__init__(message)
+        self.reply = reply
 
 # The scripts a Store runs, by file name without ".lua".
 NAMES = ("push", "report", "heartbeat", "reap", "move", "cancel", "requeue_dead", "purge_dead", "purge", "pause",
@@ -127,6 +132,6 @@ class Script:
                 raise UnreplicatedError(
                     f"the primary made this change, but only {acked} of the {replicas} replicas "
                     f"redis.wait_replicas asks for confirmed it within {millis / 1000:g}s: a failover "
-                    f"now could lose it")
+                    f"now could lose it", reply)
             return reply
         raise AssertionError("unreachable")  # pragma: no cover

@@ -26,7 +26,7 @@ from .limits import LimitStore
 from .link import Link, Locator, connect, redact, storage_errors
 from .records import counts_of, record_of, task_of, text, worker_of
 from .schedules import ScheduleStore
-from .scripts import ACKNOWLEDGED, SOURCES, Script
+from .scripts import ACKNOWLEDGED, SOURCES, Script, UnreplicatedError
 
 log = logging.getLogger("ppq.store")
 
@@ -74,10 +74,15 @@ class Store(Admin, ScheduleStore, LimitStore):
         self.wait = (wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas > 0 else None
         # Where the primary is, behind Sentinel or in a cluster; None for one plain Redis.
         self._locator = Locator(target, timeout, self.prefix) if target.kind != "redis" else None
-        self.redis = connect(url, timeout, self._locator)
-        self._link = Link(url, timeout, self._locator) if Link.usable(url) else None
+        # A WAIT holds its connection up to wait_timeout longer than any other command.
+        wire = timeout + wait_timeout if self.wait else timeout
+        self.redis = connect(url, wire, self._locator)
+        self._link = Link(url, wire, self._locator) if Link.usable(url) else None
         self._push = self._script("push")
         self._report = self._script("report")
+        # The same script when it only leases: a lease lost in a failover runs out and is
+        # handed out again, so it is not worth a WAIT.
+        self._lease = self._script("report", wait=False)
         self._heartbeat = self._script("heartbeat")
         self._reap = self._script("reap")
         self._move = self._script("move")
@@ -88,10 +93,12 @@ class Store(Admin, ScheduleStore, LimitStore):
         self._pause = self._script("pause")
         self._workflow_push = self._script("workflow_push")
 
-    def _script(self, name: str, client: redis.Redis | None = None, link: Link | None = None) -> Script:
-        """Script ``name`` on this store's connections (or on ``client`` alone)."""
-        return Script(SOURCES[name], client or self.redis, self._link if client is None else link,
-                      key=self.prefix if self.cluster else None, wait=self.wait if name in ACKNOWLEDGED else None)
+    def _script(self, name: str, client: redis.Redis | None = None, wait: bool = True) -> Script:
+        """Script ``name`` on this store's connections (or on ``client`` alone), followed by WAIT
+        when ``redis.wait_replicas`` asks for it and the script acknowledges a change."""
+        return Script(SOURCES[name], client or self.redis, self._link if client is None else None,
+                      key=self.prefix if self.cluster else None,
+                      wait=self.wait if wait and name in ACKNOWLEDGED else None)
 
     def close(self) -> None:
         """Close every connection; the Store is not used after."""
@@ -164,6 +171,7 @@ class Store(Admin, ScheduleStore, LimitStore):
         """
         args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict),
                            os.urandom(16).hex() if count > 0 else "", self.max_workers, allow]
+        given = len(args)
         for r in reports:
             if r.get("release"):
                 kind = "release"
@@ -172,7 +180,16 @@ class Store(Admin, ScheduleStore, LimitStore):
             else:
                 kind = "error" if r.get("retry", True) else "error-final"
             args += [r["id"], r["lease"], kind, r.get("result") or b"", r.get("error") or "", r.get("traceback") or ""]
-        accepted, leased, more, outcomes = self._report(args)
+        if len(args) == given:
+            accepted, leased, more, outcomes = self._lease(args)
+        else:
+            try:
+                accepted, leased, more, outcomes = self._report(args)
+            except UnreplicatedError as exc:
+                # Refused reports changed nothing: only an accepted one waits for the replicas.
+                accepted, leased, more, outcomes = exc.reply
+                if any(accepted):
+                    raise
         if failed is not None:
             for k in range(0, len(outcomes), 4):
                 failed[text(outcomes[k])] = [int(outcomes[k + 1]), int(outcomes[k + 2]), int(outcomes[k + 3])]
