@@ -10,7 +10,9 @@ schedules, limits, workflows), and every key of a queue_index carries its hash t
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -23,7 +25,7 @@ from ppq.master import MasterServer
 from ppq.rpc import PyroFunc
 from ppq.store import Store, keys_of
 
-from .conftest import Spawner, address_of, wait_for, wait_state
+from .conftest import REPO, Spawner, address_of, wait_for, wait_state
 from .redis_topology import Node, cluster_of
 
 QUEUES = (0, 1, 2)
@@ -181,3 +183,15 @@ def test_config_mapping_of_a_cluster_round_trips(cluster: list[Node]):
     finally:
         store.close()
 
+
+
+def test_the_readme_cluster_example_is_a_valid_config(tmp_path: Path):
+    found = re.search(r"```yaml\n(# cluster\.yaml\n.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    assert found, "README.md: no cluster.yaml block"
+    path = tmp_path / "cluster.yaml"
+    path.write_text(found.group(1))
+    config = load_config(str(path), environ={})
+    targets = [redis_target(config.master.redis_map[qi]) for qi in (0, 1, 2)]
+    assert [t.kind for t in targets] == ["cluster"] * 3
+    assert targets[0].nodes == targets[1].nodes and len(targets[0].nodes) == 3
+    assert targets[2].password == "redis-secret"

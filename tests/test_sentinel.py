@@ -14,6 +14,7 @@ test reports how many did.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from ppq.rpc import PyroFunc
 from ppq.store import Store
 from ppq.task import new_id
 
-from .conftest import Spawner, wait_for
+from .conftest import REPO, Spawner, wait_for
 from .redis_topology import primary_of, sentinel_group
 
 # Acknowledged pushes before the primary is killed, and after the master follows the new one.
@@ -195,3 +196,15 @@ def test_a_switchover_is_followed_on_the_next_call_without_an_error(tmp_path: Pa
         server.stop()
         for node in [primary, replica, *sentinels]:
             node.stop()
+
+
+def test_the_readme_sentinel_example_is_a_valid_config(tmp_path: Path):
+    found = re.search(r"```yaml\n(# sentinel\.yaml\n.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    assert found, "README.md: no sentinel.yaml block"
+    path = tmp_path / "sentinel.yaml"
+    path.write_text(found.group(1))
+    config = load_config(str(path), environ={})
+    zero, one = (redis_target(config.master.redis_map[qi]) for qi in (0, 1))
+    assert (zero.kind, zero.service, zero.db, len(zero.nodes)) == ("sentinel", "mymaster", 0, 3)
+    assert (one.kind, one.db, one.password, one.sentinel_password) == ("sentinel", 1, "redis-secret", "sentinel-secret")
+    assert (config.redis.wait_replicas, config.redis.wait_timeout) == (1, 1.0)
