@@ -107,6 +107,12 @@ class Locator:
         """Look the primary up again before the next connection."""
         self._address = None
 
+    def close(self) -> None:
+        """Close the connections to the sentinels."""
+        if self._sentinel is not None:
+            for client in self._sentinel.sentinels:
+                client.close()
+
     def describe(self) -> str:
         if self.target.kind == "sentinel":
             return f"sentinel service {self.target.service!r}"

@@ -105,6 +105,8 @@ class Store(Admin, ScheduleStore, LimitStore):
         if self._link is not None:
             self._link.close()
         self.redis.close()
+        if self._locator is not None:
+            self._locator.close()
 
     @storage_errors
     def ping(self) -> bool:
