@@ -195,3 +195,35 @@ def test_the_readme_cluster_example_is_a_valid_config(tmp_path: Path):
     assert [t.kind for t in targets] == ["cluster"] * 3
     assert targets[0].nodes == targets[1].nodes and len(targets[0].nodes) == 3
     assert targets[2].password == "redis-secret"
+
+
+def test_a_store_follows_its_slot_when_it_moves_to_another_node(cluster: list[Node], cluster_url: str):
+    """Resharding moves a queue_index's slot (and its keys) to another node: the store's next script
+    gets MOVED from the old node, asks the cluster again and runs on the new one, in one call."""
+    store = Store(7, cluster_url)
+    try:
+        assert store.pause() == 1
+        slot = key_slot(b"ppq:{7}:")
+        assert store._locator is not None
+        source = next(n for n in cluster if n.port == store._locator.address()[1])
+        target = next(n for n in cluster if n is not source)
+        with source.client() as src, target.client() as dst:
+            src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            assert "ppq:{7}:paused" in keys
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            for node in cluster:
+                with node.client() as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        assert store._locator.address()[1] == source.port  # nothing told the store yet
+        assert store.resume() == 1
+        assert store._locator.address()[1] == target.port
+        assert store.paused() == {}
+        assert store.pause() == 1
+        with target.client() as dst, source.client() as src:
+            assert dst.hexists("ppq:{7}:paused", "queue")
+            assert src.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    finally:
+        store.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -327,12 +328,10 @@ class Link:
         clients' connections), or has something unasked to read: then it is closed here. Checked
         only behind Sentinel or in a cluster, where a command sent on such a connection would
         fail although a fresh connection would find the new primary."""
-        try:
-            conn[0].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        poller = select.poll()
+        poller.register(conn[0], select.POLLIN)
+        if not poller.poll(0):
             return False  # nothing to read: open and quiet
-        except OSError:
-            pass
         conn[0].close()
         return True
 
