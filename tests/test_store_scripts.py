@@ -8,11 +8,15 @@ import ast
 import fnmatch
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 import ppq.store
+from ppq.errors import StorageError
 from ppq.store import Store
 from ppq.store.scripts import INCLUDE, NAMES, SOURCES, read
 
@@ -149,6 +153,47 @@ def test_a_store_reloads_its_scripts_after_a_script_flush(redis_a, ra, query):
         moved, next_eta, now = store.move_due()
         assert (moved, next_eta) == (0, None) and now > 0
         assert ra.script_exists(sha) == [True]
+    finally:
+        store.close()
+
+
+def commands_sent(client: redis.Redis, action: Callable[[], Any]) -> list[str]:
+    """The commands other clients sent the server while ``action`` ran (not those scripts ran), in order."""
+    with client.monitor() as monitor:
+        action()
+        client.echo("end of action")
+        sent: list[tuple[tuple[str, str], str]] = []
+        while True:
+            command = monitor.next_command()
+            if command["client_type"] == "lua":
+                continue
+            client_of = (command["client_address"], command["client_port"])
+            if command["command"] == "ECHO end of action":
+                return [name for who, name in sent if who != client_of]  # not the test's own client
+            sent.append((client_of, command["command"].split()[0].upper()))
+
+
+@pytest.mark.parametrize("wait", [0, 1], ids=["plain", "wait_replicas"])
+def test_a_plain_redis_store_sends_one_evalsha_per_script_and_a_wait_only_when_asked(redis_a, ra, wait):
+    """On one Redis with no Sentinel, cluster or redis.wait_replicas, a script is one EVALSHA and
+    nothing more; with wait_replicas, one WAIT rides along (and, with no replica here, the call
+    fails as unconfirmed while the primary keeps the change)."""
+    store = Store(0, redis_a.url, wait_replicas=wait, wait_timeout=0.05)
+    try:
+        store.move_due()  # the connection is open and the scripts loaded
+        ra.script_load(SOURCES["pause"])
+
+        def calls() -> None:
+            for _ in range(5):
+                store.move_due()
+            if wait:
+                with pytest.raises(StorageError, match=r"only 0 of the 1 replicas redis\.wait_replicas asks for"):
+                    store.pause()
+            else:
+                assert store.pause() == 1
+
+        assert commands_sent(ra, calls) == ["EVALSHA"] * 6 + (["WAIT"] if wait else [])
+        assert store.paused().keys() == {"queue"}
     finally:
         store.close()
 

@@ -40,7 +40,8 @@ def open_stores(config: Config, announce: int = logging.INFO) -> tuple[dict[int,
     stores = {
         qi: Store(qi, url, timeout=m.redis_timeout, lease_timeout=m.lease_timeout,
                   max_lease_expiries=m.max_lease_expiries, result_ttl=m.result_ttl,
-                  max_workers=config.limits.max_workers)
+                  max_workers=config.limits.max_workers, wait_replicas=config.redis.wait_replicas,
+                  wait_timeout=config.redis.wait_timeout)
         for qi, url in redis_map.items()
     }
     for qi, store in stores.items():

@@ -9,9 +9,11 @@
                 and set, and are pulled in by an explicit "-- include: name.lua" line
     scripts.py  reads and assembles the scripts once, runs them with EVALSHA
     link.py     the connections: redis-py's client, the plain sockets the scripts use,
+                the Locator that finds the primary behind Sentinel or in a cluster,
                 and redis errors turned into StorageError
     records.py  decoding: Redis hashes and script rows into the dicts the master returns
-    keys.py     the key layout under ppq:<queue_index>:, built by keys_of only
+    keys.py     the key layout under ppq:<queue_index>: (ppq:{<queue_index>}: in a
+                cluster), built by keys_of only
 
 Each module imports only those below it in this list, plus ppq's errors, codec and task.
 """

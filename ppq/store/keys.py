@@ -1,5 +1,10 @@
 """The Redis keys of one queue_index, all under ``ppq:<queue_index>:``.
 
+In a Redis Cluster the prefix is ``ppq:{<queue_index>}:`` instead: the braces make
+``<queue_index>`` the hash tag of every key, so all of one queue_index's keys sit in
+one hash slot (one node) and each script's keys are local to the node it runs on.
+A single Redis keeps ``ppq:<queue_index>:``, so data stored before stays valid.
+
 Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1]``
 (``P`` in their text) and append the names below.
 
@@ -57,6 +62,6 @@ finished result error failed_task, and the root's digest.
 from __future__ import annotations
 
 
-def keys_of(queue_index: int) -> str:
-    """The prefix of every Redis key of one queue_index."""
-    return f"ppq:{queue_index}:"
+def keys_of(queue_index: int, cluster: bool = False) -> str:
+    """The prefix of every Redis key of one queue_index (hash-tagged in a ``cluster``)."""
+    return f"ppq:{{{queue_index}}}:" if cluster else f"ppq:{queue_index}:"

@@ -17,7 +17,7 @@ from typing import Any
 
 from .link import storage_errors
 from .records import text
-from .scripts import SOURCES, Script
+from .scripts import Script
 
 # Most limited functions limits() reads.
 LIMITS_LISTED = 1000
@@ -28,15 +28,16 @@ class LimitStore:
 
     redis: Any
     _link: Any
+    _script: Any
     prefix: str
 
     @functools.cached_property
     def _limit(self) -> Script:
-        return Script(SOURCES["limit"], self.redis, self._link)
+        return self._script("limit")
 
     @functools.cached_property
     def _held(self) -> Script:
-        return Script(SOURCES["held"], self.redis, self._link)
+        return self._script("held")
 
     @storage_errors
     def wake_held(self, since: float = 0.0) -> tuple[int, float | None, float]:

@@ -23,7 +23,7 @@ import msgpack
 
 from .link import storage_errors
 from .records import text
-from .scripts import SOURCES, Script
+from .scripts import Script
 
 
 class ScheduleStore:
@@ -31,21 +31,22 @@ class ScheduleStore:
 
     redis: Any
     _link: Any
+    _script: Any
     prefix: str
     queue_index: int
     safe_url: str
 
     @functools.cached_property
     def _schedule_save(self) -> Script:
-        return Script(SOURCES["schedule_save"], self.redis, self._link)
+        return self._script("schedule_save")
 
     @functools.cached_property
     def _schedule_claim(self) -> Script:
-        return Script(SOURCES["schedule_claim"], self.redis, self._link)
+        return self._script("schedule_claim")
 
     @functools.cached_property
     def _schedule_change(self) -> Script:
-        return Script(SOURCES["schedule_change"], self.redis, self._link)
+        return self._script("schedule_change")
 
     @storage_errors
     def schedule_save(self, definition: dict[str, Any], next_tick: int, mode: str, source: str) -> int:

@@ -18,15 +18,16 @@ import msgpack
 import redis
 import redis.exceptions
 
+from ..config import redis_target
 from ..errors import MessageTooLargeError
 from ..task import MAX_PRIORITY, TaskSpec
 from .admin import Admin
 from .keys import keys_of
 from .limits import LimitStore
-from .link import Link, connect, redact, storage_errors
+from .link import Link, Locator, connect, redact, storage_errors
 from .records import counts_of, record_of, task_of, text, worker_of
 from .schedules import ScheduleStore
-from .scripts import SOURCES, Script
+from .scripts import ACKNOWLEDGED, SOURCES, Script, UnreplicatedError
 
 log = logging.getLogger("ppq.store")
 
@@ -54,36 +55,59 @@ class Store(Admin, ScheduleStore, LimitStore):
         max_lease_expiries: int = 10,
         result_ttl: int = 86400,
         max_workers: int = 10000,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.queue_index = queue_index
         self.url = url
         self.safe_url = redact(url)
-        self.prefix = keys_of(queue_index)
+        target = redis_target(url)
+        # In a cluster, every key of the queue_index carries one hash tag (keys.py).
+        self.cluster = target.kind == "cluster"
+        self.prefix = keys_of(queue_index, self.cluster)
         self.lease_timeout = lease_timeout
         self.max_lease_expiries = max_lease_expiries
         self.result_ttl = result_ttl
         # Worker ids listed at once; see the heartbeat script.
         self.max_workers = max_workers
         self.timeout = timeout
-        self.redis = connect(url, timeout)
-        self._link = Link(url, timeout) if Link.usable(url) else None
-        self._push = Script(SOURCES["push"], self.redis, self._link)
-        self._report = Script(SOURCES["report"], self.redis, self._link)
-        self._heartbeat = Script(SOURCES["heartbeat"], self.redis, self._link)
-        self._reap = Script(SOURCES["reap"], self.redis, self._link)
-        self._move = Script(SOURCES["move"], self.redis, self._link)
-        self._cancel = Script(SOURCES["cancel"], self.redis, self._link)
-        self._requeue_dead = Script(SOURCES["requeue_dead"], self.redis, self._link)
-        self._purge_dead = Script(SOURCES["purge_dead"], self.redis, self._link)
-        self._purge = Script(SOURCES["purge"], self.redis, self._link)
-        self._pause = Script(SOURCES["pause"], self.redis, self._link)
-        self._workflow_push = Script(SOURCES["workflow_push"], self.redis, self._link)
+        # Replicas that must confirm each acknowledged write (WAIT), and for how long (ms).
+        self.wait = (wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas > 0 else None
+        # Where the primary is, behind Sentinel or in a cluster; None for one plain Redis.
+        self._locator = Locator(target, timeout, self.prefix) if target.kind != "redis" else None
+        # A WAIT holds its connection up to wait_timeout longer than any other command.
+        wire = timeout + wait_timeout if self.wait else timeout
+        self.redis = connect(url, wire, self._locator)
+        self._link = Link(url, wire, self._locator) if Link.usable(url) else None
+        self._push = self._script("push")
+        self._report = self._script("report")
+        # The same script when it only leases: a lease lost in a failover runs out and is
+        # handed out again, so it is not worth a WAIT.
+        self._lease = self._script("report", wait=False)
+        self._heartbeat = self._script("heartbeat")
+        self._reap = self._script("reap")
+        self._move = self._script("move")
+        self._cancel = self._script("cancel")
+        self._requeue_dead = self._script("requeue_dead")
+        self._purge_dead = self._script("purge_dead")
+        self._purge = self._script("purge")
+        self._pause = self._script("pause")
+        self._workflow_push = self._script("workflow_push")
+
+    def _script(self, name: str, client: redis.Redis | None = None, wait: bool = True) -> Script:
+        """Script ``name`` on this store's connections (or on ``client`` alone), followed by WAIT
+        when ``redis.wait_replicas`` asks for it and the script acknowledges a change."""
+        return Script(SOURCES[name], client or self.redis, self._link if client is None else None,
+                      key=self.prefix if self.cluster else None,
+                      wait=self.wait if wait and name in ACKNOWLEDGED else None)
 
     def close(self) -> None:
         """Close every connection; the Store is not used after."""
         if self._link is not None:
             self._link.close()
         self.redis.close()
+        if self._locator is not None:
+            self._locator.close()
 
     @storage_errors
     def ping(self) -> bool:
@@ -150,6 +174,7 @@ class Store(Admin, ScheduleStore, LimitStore):
         """
         args: list[Any] = [self.prefix, worker_id, count, self.lease_timeout, seen, self.result_ttl, int(strict),
                            os.urandom(16).hex() if count > 0 else "", self.max_workers, allow]
+        given = len(args)
         for r in reports:
             if r.get("release"):
                 kind = "release"
@@ -158,7 +183,16 @@ class Store(Admin, ScheduleStore, LimitStore):
             else:
                 kind = "error" if r.get("retry", True) else "error-final"
             args += [r["id"], r["lease"], kind, r.get("result") or b"", r.get("error") or "", r.get("traceback") or ""]
-        accepted, leased, more, outcomes = self._report(args)
+        if len(args) == given:
+            accepted, leased, more, outcomes = self._lease(args)
+        else:
+            try:
+                accepted, leased, more, outcomes = self._report(args)
+            except UnreplicatedError as exc:
+                # Refused reports changed nothing: only an accepted one waits for the replicas.
+                accepted, leased, more, outcomes = exc.reply
+                if any(accepted):
+                    raise
         if failed is not None:
             for k in range(0, len(outcomes), 4):
                 failed[text(outcomes[k])] = [int(outcomes[k + 1]), int(outcomes[k + 2]), int(outcomes[k + 3])]
@@ -220,9 +254,9 @@ class Store(Admin, ScheduleStore, LimitStore):
         else:
             # Redis runs a big one for seconds (about 4 s for 100,000 tasks): on a connection of its own
             # that waits that long.
-            client = connect(self.url, max(self.timeout, BIG_WORKFLOW_TIMEOUT))
+            client = connect(self.url, max(self.timeout, BIG_WORKFLOW_TIMEOUT), self._locator)
             try:
-                stored = Script(SOURCES["workflow_push"], client, None)(args)
+                stored = self._script("workflow_push", client)(args)
             finally:
                 client.close()
         if isinstance(stored, bytes):
@@ -402,6 +436,8 @@ class Store(Admin, ScheduleStore, LimitStore):
                     else:
                         on_finished(text(msg["data"]))
             except redis.exceptions.RedisError as exc:
+                if self._locator is not None:
+                    self._locator.forget()
                 log.warning("queue_index %s: wake-up channel lost (%s); retrying", self.queue_index, exc)
                 stop.wait(delay)
                 delay = min(delay * 2, 5.0)
