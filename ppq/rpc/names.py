@@ -335,7 +335,7 @@ class BoundedNameServer(Pyro5.nameserver.NameServer):
 
     def _may_change(self) -> None:
         if caller_role() == WORKER:
-            raise Pyro5.errors.SecurityError("the worker token may look names up, not change them")
+            raise PermissionError("the worker token may look names up, not change them")
 
     def register(self, name: Any, uri: Any, safe: bool = False, metadata: Any = None) -> None:
         self._may_change()
