@@ -79,7 +79,8 @@ def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
 @click.option("--host", default="127.0.0.1", help="Address to bind.")
 @click.option("--port", type=int, default=DEFAULT_NAMESERVER_PORT, help="Port to bind; 0 = any free port.")
 @click.option("--prune-after", type=float, default=DEFAULT_PRUNE_AFTER,
-              help="Remove an entry whose address refused connections this many seconds; 0 = never.")
+              help="Remove an entry not registered again for this many seconds whose address refuses "
+                   "connections; 0 = never.")
 @click.option("--insecure", is_flag=True, default=False, help="Allow a non-loopback bind without auth_token.")
 @click.pass_context
 def nameserver(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, host: str, port: int,
@@ -89,8 +90,9 @@ def nameserver(ctx: click.Context, sub_config: str | None, sub_log_level: str | 
     It is Pyro5's own name server object (`Pyro.NameServer`), served with ppq's
     token check (auth_token; the worker token may only look names up), TLS
     settings and message limits. It keeps its names in memory: restarted, it
-    is empty until the masters register again (every few seconds). Entries
-    whose address refuses connections for --prune-after seconds are removed.
+    is empty until the masters register again (every few seconds). An entry
+    not registered again for --prune-after seconds whose address refuses a
+    connection (a master that was killed) is removed.
     Like the master, it refuses a non-loopback address without auth_token.
 
     \b

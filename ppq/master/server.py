@@ -139,6 +139,7 @@ class MasterServer:
         """This master's entry in ``master.nameserver``: ``<nameserver_name>.<host>_<port>`` -> its URI,
         tagged ``ppq.queue`` and ``ppq.queue_indexes:0,1``."""
         m = self.config.master
+        rpc.apply_tls(self.config.tls)  # the name server is reached as a client reaches a master
         ns_host, ns_port = rpc.parse_location(m.nameserver, "master.nameserver")
         host = rpc.reachable_host(m.host, ns_host, ns_port)
         uri = f"PYRO:{rpc.MASTER_OBJECT}@{f'[{host}]' if ':' in host else host}:{self.port}"

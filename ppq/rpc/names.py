@@ -3,7 +3,8 @@
 - :func:`serve_nameserver` runs Pyro5's own name server object (``Pyro.NameServer``)
   inside ppq's daemon, so that it has ppq's token check, TLS and wire limits; it
   refuses registrations past :data:`MAX_NAMES`, and :class:`Pruner` removes the
-  entries whose address has not taken a TCP connection for a while.
+  entries that were not registered again for a while and whose address refuses a
+  TCP connection.
 - :class:`Registration` keeps one master registered (again after the name server
   restarts) and removes it on a clean stop.
 - :class:`Finder` turns a ``PYRONAME:name@host:port`` or ``PYROMETA:tag@host:port``
@@ -65,7 +66,8 @@ MAX_NAMES = 10_000
 # Longest name, URI or metadata tag accepted, in characters, and most tags per registration.
 MAX_NAME_LENGTH = 300
 MAX_TAGS = 32
-# Seconds an entry's address may refuse TCP connections before a ppq name server removes it (0 = never).
+# Seconds after its last registration that an entry whose address refuses TCP connections is
+# removed by a ppq name server (0 = never).
 DEFAULT_PRUNE_AFTER = 30.0
 # Seconds between two checks of the registered addresses.
 PRUNE_INTERVAL = 2.0
@@ -333,6 +335,11 @@ class BoundedNameServer(Pyro5.nameserver.NameServer):
     characters, at most MAX_TAGS tags, MAX_NAMES registrations; connections that
     authenticated with the worker token may look up but not change anything."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # name -> when it was last registered (monotonic seconds), for the Pruner.
+        self.refreshed: dict[str, float] = {}
+
     def _may_change(self) -> None:
         if caller_role() == WORKER:
             raise PermissionError("the worker token may look names up, not change them")
@@ -349,6 +356,7 @@ class BoundedNameServer(Pyro5.nameserver.NameServer):
             if name not in self.storage and len(self.storage) >= MAX_NAMES:
                 raise Pyro5.errors.NamingError(f"the name server holds {MAX_NAMES} names already")
             super().register(name, uri, safe, metadata)
+            self.refreshed[name] = time.monotonic()
 
     def set_metadata(self, name: Any, metadata: Any) -> None:
         self._may_change()
@@ -373,13 +381,14 @@ class BoundedNameServer(Pyro5.nameserver.NameServer):
 
 
 class Pruner:
-    """Remove the registrations whose address has refused TCP connections for ``after`` seconds."""
+    """Remove the registrations that were not registered again for ``after`` seconds and whose
+    address refuses a TCP connection (a ppq master registers again every REFRESH_INTERVAL:
+    its address is only probed once it stops)."""
 
     def __init__(self, nameserver: BoundedNameServer, after: float, interval: float = PRUNE_INTERVAL) -> None:
         self.nameserver = nameserver
         self.after = after
         self.interval = interval
-        self._down_since: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ppq-nameserver-pruner", daemon=True)
 
@@ -399,13 +408,12 @@ class Pruner:
                 log.exception("pruning the name server's entries failed")
 
     def prune_once(self) -> list[str]:
-        with self.nameserver.lock:
-            entries = {name: uri for name, (uri, _) in self.nameserver.storage.items() if name != NAMESERVER_OBJECT}
         now = time.monotonic()
+        ns = self.nameserver
+        with ns.lock:
+            entries = {name: uri for name, (uri, _) in ns.storage.items()
+                       if name != NAMESERVER_OBJECT and now - ns.refreshed.setdefault(name, now) >= self.after}
         removed = []
-        for name in list(self._down_since):
-            if name not in entries:
-                del self._down_since[name]
         for name, uri in entries.items():
             location = _uri_location(uri)
             if location is None:
@@ -413,17 +421,14 @@ class Pruner:
             try:
                 socket.create_connection(location, timeout=1.0).close()
             except OSError:
-                since = self._down_since.setdefault(name, now)
-                if now - since >= self.after:
-                    with self.nameserver.lock:
-                        current = self.nameserver.storage.get(name)
-                        if current is not None and current[0] == uri:
-                            del self.nameserver.storage[name]
-                            removed.append(name)
-                    self._down_since.pop(name, None)
-                    log.info("removed %s (%s): unreachable for %.0fs", name, uri, now - since)
-                continue
-            self._down_since.pop(name, None)
+                with ns.lock:
+                    current = ns.storage.get(name)
+                    if current is not None and current[0] == uri and now - ns.refreshed.get(name, now) >= self.after:
+                        del ns.storage[name]
+                        ns.refreshed.pop(name, None)
+                        removed.append(name)
+                        log.info("removed %s (%s): not registered again for %.0fs and unreachable", name, uri,
+                                 self.after)
         return removed
 
 
