@@ -20,8 +20,8 @@ import redis
 from ppq.client import Client
 from ppq.config import load_config
 from ppq.embedded import RedisServer, free_port
-from ppq.errors import ConfigError
-from ppq.rpc import make_proxy
+from ppq.errors import ConfigError, ConnectError
+from ppq.rpc import PyroFunc, make_proxy
 from ppq.rpc.names import (
     MAX_LOOKUP_REPLY,
     Finder,
@@ -149,11 +149,11 @@ def test_the_name_server_prunes_an_entry_whose_master_is_gone(make_master: Calla
         server.stop()
 
 
-def test_a_token_protects_the_name_server_and_the_worker_token_only_looks_up(
+def test_a_token_protects_the_name_server_and_other_tokens_only_look_up(
         make_master: Callable[..., Any]) -> None:
-    """With tokens set, a lookup without one is refused; the worker token may look up, not register;
-    the master registers with auth_token."""
-    server = NameServerProcess("127.0.0.1", 0, token_roles("s3cret", "w-token", None)).start()
+    """With tokens set, a lookup without one is refused; the worker and client tokens may look up,
+    not register or remove; the master registers with auth_token."""
+    server = NameServerProcess("127.0.0.1", 0, token_roles("s3cret", "w-token", "c-token")).start()
     try:
         ns_port = int(server.location.rsplit(":", 1)[1])
         master = make_master(auth_token="s3cret", master__nameserver=f"127.0.0.1:{ns_port}")
@@ -161,15 +161,16 @@ def test_a_token_protects_the_name_server_and_the_worker_token_only_looks_up(
         wait_for(lambda: registered(ns_port, "s3cret") == alive, what="the master registered")
         assert registered(ns_port, None) is None
         assert registered(ns_port, "wrong") is None
-        assert registered(ns_port, "w-token") == alive
-        proxy = make_proxy(server.uri, "w-token")
-        try:
-            with pytest.raises(PermissionError, match="worker token"):
-                proxy.register(f"{NS_NAME}.intruder", "PYRO:queue@127.0.0.1:1", False, ["ppq.queue"])
-            with pytest.raises(PermissionError):
-                proxy.remove(f"{NS_NAME}.127.0.0.1_{master.port}")
-        finally:
-            proxy._pyroRelease()
+        for token, role in (("w-token", "worker"), ("c-token", "client")):
+            assert registered(ns_port, token) == alive
+            proxy = make_proxy(server.uri, token)
+            try:
+                with pytest.raises(PermissionError, match=f"the {role} token may look names up"):
+                    proxy.register(f"{NS_NAME}.intruder", "PYRO:queue@127.0.0.1:1", False, ["ppq.queue"])
+                with pytest.raises(PermissionError, match="auth_token"):
+                    proxy.remove(f"{NS_NAME}.127.0.0.1_{master.port}")
+            finally:
+                proxy._pyroRelease()
         assert registered(ns_port, "s3cret") == alive
         # A client with the token finds the master through it.
         config = load_config(overrides={"auth_token": "s3cret", "client.nameserver": f"127.0.0.1:{ns_port}"},
@@ -195,6 +196,11 @@ def test_lookups_are_bounded_in_time_and_reply_size() -> None:
         with pytest.raises(Pyro5.errors.CommunicationError):
             lookup(NameServerEntry(f"PYRONAME:{NS_NAME}@127.0.0.1:{port}"), None, timeout=1.0)
         assert time.monotonic() - start < 3.0
+        # A client whose only master address is that name server says so.
+        call = PyroFunc(f"PYRONAME:{NS_NAME}@127.0.0.1:{port}", timeout=1)
+        with pytest.raises(ConnectError, match=f"name server 127.0.0.1:{port} did not answer"):
+            call("ping")
+        call.close()
     finally:
         silent.close()
 

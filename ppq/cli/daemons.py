@@ -88,7 +88,8 @@ def nameserver(ctx: click.Context, sub_config: str | None, sub_log_level: str | 
     """Run a Pyro5 name server where masters register and clients and workers find them.
 
     It is Pyro5's own name server object (`Pyro.NameServer`), served with ppq's
-    token check (auth_token; the worker token may only look names up), TLS
+    token check (only auth_token may register; worker_token and client_token
+    may only look names up), TLS
     settings and message limits. It keeps its names in memory: restarted, it
     is empty until the masters register again (every few seconds). An entry
     not registered again for --prune-after seconds whose address refuses a

@@ -145,8 +145,8 @@ class MasterServer:
         uri = f"PYRO:{rpc.MASTER_OBJECT}@{f'[{host}]' if ':' in host else host}:{self.port}"
         metadata = {rpc.QUEUE_TAG, rpc.QUEUE_INDEXES_TAG + ",".join(map(str, sorted(self.stores)))}
         name = rpc.master_name(m.nameserver_name, host, self.port)
-        # Registering changes the name server: the worker token may not, the others may.
-        token = self.config.auth_token or self.config.client_token
+        # Only auth_token may change a name server's entries (with no tokens, anyone may).
+        token = self.config.auth_token
         return rpc.Registration(m.nameserver, name, uri, metadata, token)
 
     def close_stores(self) -> None:

@@ -391,7 +391,8 @@ class PyroFunc:
                 time.sleep(min(0.05 * 2 ** attempt, 2.0) * (0.5 + random.random()))
             order = self.order(self.targets(fresh=last is not None))
             if not order:
-                last = CommunicationError("no master is registered with the name server")
+                problems = [f.problem for f in self._finders.values() if f.problem]
+                last = CommunicationError("; ".join(problems) or "no master is registered with the name server")
             for n, uri in enumerate(order):
                 try:
                     result = self._call_one(uri, method, args, kwargs)

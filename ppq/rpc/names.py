@@ -36,7 +36,7 @@ from Pyro5.api import expose
 from ..errors import ConfigError
 from .client import _MISSING, _direct_call, make_proxy
 from .exposed import caller_role
-from .roles import WORKER
+from .roles import ALL
 from .server import Daemon
 
 log = logging.getLogger("ppq.names")
@@ -204,6 +204,8 @@ class Finder:
         self.queue_index = queue_index
         self.timeout = timeout
         self._uris: list[str] = []
+        # Why the last lookup failed ('' after one that answered).
+        self.problem = ""
         self._looked_up = float("-inf")
         self._lock = threading.Lock()
         self._failing = False
@@ -220,11 +222,13 @@ class Finder:
         try:
             found = lookup(self.entry, self.token, self.timeout)
         except (Pyro5.errors.PyroError, OSError) as exc:
+            self.problem = f"name server {self.entry.location} did not answer: {type(exc).__name__}: {exc}"
             if not self._failing:
                 self._failing = True
                 log.warning("name server %s did not answer (%s: %s); using the %d master(s) it named before",
                             self.entry.location, type(exc).__name__, exc, len(self._uris))
             return
+        self.problem = ""
         if self._failing:
             self._failing = False
             log.info("name server %s answers again", self.entry.location)
@@ -274,6 +278,7 @@ class Registration:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.registered = threading.Event()
+        self._warned = False
 
     def _proxy(self) -> Any:
         return make_proxy(nameserver_uri(self.host, self.port), self.token, LOOKUP_TIMEOUT)
@@ -283,7 +288,7 @@ class Registration:
         try:
             _call(proxy, "register", self.name, self.uri, False, self.metadata)
         except (Pyro5.errors.CommunicationError, OSError) as exc:
-            if self.registered.is_set() or not hasattr(self, "_warned"):
+            if self.registered.is_set() or not self._warned:
                 self._warned = True
                 log.warning("cannot register %s with the name server %s (%s: %s); trying again every %gs",
                             self.name, self.location, type(exc).__name__, exc, self.interval)
@@ -332,8 +337,10 @@ class Registration:
 @expose
 class BoundedNameServer(Pyro5.nameserver.NameServer):
     """Pyro5's name server with limits: names, URIs and tags of at most MAX_NAME_LENGTH
-    characters, at most MAX_TAGS tags, MAX_NAMES registrations; connections that
-    authenticated with the worker token may look up but not change anything."""
+    characters, at most MAX_TAGS tags, MAX_NAMES registrations. Only connections that
+    authenticated with ``auth_token`` (or all, when it has no tokens) may change entries:
+    one holding the worker or the client token may only look names up (else it could point
+    the others at a master of its own and collect their tokens)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -341,8 +348,9 @@ class BoundedNameServer(Pyro5.nameserver.NameServer):
         self.refreshed: dict[str, float] = {}
 
     def _may_change(self) -> None:
-        if caller_role() == WORKER:
-            raise PermissionError("the worker token may look names up, not change them")
+        if caller_role() != ALL:
+            raise PermissionError(f"the {caller_role()} token may look names up, not change them: "
+                                  f"registering needs auth_token")
 
     def register(self, name: Any, uri: Any, safe: bool = False, metadata: Any = None) -> None:
         self._may_change()
