@@ -211,11 +211,19 @@ class Finder:
         self._failing = False
 
     def uris(self, fresh: bool = False) -> list[str]:
-        with self._lock:
-            age = time.monotonic() - self._looked_up
-            if age >= CACHE_SECONDS or (fresh and age >= MIN_LOOKUP_GAP):
-                self._refresh()
-            return list(self._uris)
+        """The masters' URIs, looked up again if the answer is old (or ``fresh`` is asked for). While
+        one thread looks up, the others use the last answer, if there is one, instead of waiting."""
+        if self._due(fresh) and self._lock.acquire(blocking=not self._uris):
+            try:
+                if self._due(fresh):
+                    self._refresh()
+            finally:
+                self._lock.release()
+        return list(self._uris)
+
+    def _due(self, fresh: bool) -> bool:
+        age = time.monotonic() - self._looked_up
+        return age >= CACHE_SECONDS or (fresh and age >= MIN_LOOKUP_GAP)
 
     def _refresh(self) -> None:
         self._looked_up = time.monotonic()
