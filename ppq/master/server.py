@@ -142,6 +142,9 @@ class MasterServer:
         rpc.apply_tls(self.config.tls)  # the name server is reached as a client reaches a master
         ns_host, ns_port = rpc.parse_location(m.nameserver, "master.nameserver")
         host = rpc.reachable_host(m.host, ns_host, ns_port)
+        if rpc.is_loopback(host) and not rpc.is_loopback(ns_host):
+            log.warning("master.host %s is a loopback address: the name server %s will hand other machines an "
+                        "address they cannot reach (bind an address of this machine, or 0.0.0.0)", host, m.nameserver)
         uri = f"PYRO:{rpc.MASTER_OBJECT}@{f'[{host}]' if ':' in host else host}:{self.port}"
         metadata = {rpc.QUEUE_TAG, rpc.QUEUE_INDEXES_TAG + ",".join(map(str, sorted(self.stores)))}
         name = rpc.master_name(m.nameserver_name, host, self.port)
