@@ -253,3 +253,26 @@ def test_ppq_nameserver_refuses_a_public_address_without_a_token() -> None:
     result = run_ppq("nameserver", "--host", "0.0.0.0", "--port", "0", timeout=20)
     assert result.returncode == 2, result.stderr
     assert "--host" in result.stderr and "auth_token" in result.stderr
+
+
+def test_a_worker_finds_only_the_masters_that_serve_its_queue_index() -> None:
+    """Masters tagged ppq.queue_indexes:0 and :0,1: a Finder for queue_index 1 (what a worker uses)
+    gets only the second; one for a client (no queue_index) gets both; PYROMETA on a tag, the one tagged."""
+    server = NameServerProcess("127.0.0.1", 0, prune_after=0).start()
+    try:
+        ns_port = int(server.location.rsplit(":", 1)[1])
+        proxy = make_proxy(server.uri)
+        try:
+            proxy.register(f"{NS_NAME}.a", "PYRO:queue@10.0.0.1:7600", False, ["ppq.queue", "ppq.queue_indexes:0"])
+            proxy.register(f"{NS_NAME}.b", "PYRO:queue@10.0.0.2:7600", False,
+                           ["ppq.queue", "ppq.queue_indexes:0,1"])
+            proxy.register("other.c", "PYRO:queue@10.0.0.3:7600", False, ["elsewhere"])
+        finally:
+            proxy._pyroRelease()
+        address = f"PYRONAME:{NS_NAME}@127.0.0.1:{ns_port}"
+        assert Finder(address, None, queue_index=1).uris() == ["PYRO:queue@10.0.0.2:7600"]
+        assert sorted(Finder(address, None).uris()) == ["PYRO:queue@10.0.0.1:7600", "PYRO:queue@10.0.0.2:7600"]
+        assert Finder(f"PYROMETA:elsewhere@127.0.0.1:{ns_port}", None).uris() == ["PYRO:queue@10.0.0.3:7600"]
+        assert Finder(f"PYRONAME:{NS_NAME}.b@127.0.0.1:{ns_port}", None).uris() == ["PYRO:queue@10.0.0.2:7600"]
+    finally:
+        server.stop()
