@@ -30,8 +30,9 @@ _WAIT_STEP = 20.0
 class Client(ScheduleClient, LimitClient):
     """Push tasks and read their state and results (and manage periodic schedules: ScheduleClient).
 
-    ``masters`` is a list of ``host:port`` or ``PYRO:`` URIs (default: from the
-    config: ``client.masters``, else ``worker.master_hosts``). Each push carries a
+    ``masters`` is a list of ``host:port`` or ``PYRO:`` URIs, or name server entries
+    (``PYRONAME:ppq.master@host:port``: every master registered there; default: from the
+    config: ``client.masters`` and ``client.nameserver``, else the worker's). Each push carries a
     task id made here, so a push retried after a dropped reply is stored once.
     """
 

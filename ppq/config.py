@@ -56,6 +56,8 @@ DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_REDIS_PORT = 6379
 # Seconds WAIT (redis.wait_replicas) gives the replicas to confirm a write.
 DEFAULT_WAIT_TIMEOUT = 1.0
+# Name masters register under in a name server (each as "<name>.<host>_<port>").
+DEFAULT_NAMESERVER_NAME = "ppq.master"
 # Port of the web dashboard (`ppq dashboard`, and the one `ppq up` starts); 0 picks a free port.
 DEFAULT_DASHBOARD_PORT = 7680
 
@@ -107,6 +109,8 @@ class MasterConfig:
     metrics_host: str = "127.0.0.1"
     worker_ttl: float = DEFAULT_WORKER_TTL
     schedule_modules: list[str] = field(default_factory=list)
+    nameserver: str = ""
+    nameserver_name: str = DEFAULT_NAMESERVER_NAME
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_WORKER_PORT
     master_hosts: list[str] = field(default_factory=list)
+    nameserver: str = ""
     queue_index: int = 0
     concurrency: int = 0
     pool: str = "processes"
@@ -133,6 +138,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class ClientConfig:
     masters: list[str] = field(default_factory=list)
+    nameserver: str = ""
     retry: int = 3
     timeout: float = 10.0
     allow_pickle: bool = False
@@ -221,9 +227,23 @@ class Config:
         return bool(self.auth_token or self.worker_token or self.client_token)
 
     def client_masters(self) -> list[str]:
-        """The master addresses a client uses: ``client.masters``, else ``worker.master_hosts``,
-        which itself defaults to this config's own master."""
-        return list(self.client.masters or self.worker.master_hosts)
+        """The master addresses a client uses: ``client.masters`` and the masters registered with
+        ``client.nameserver``; else those of a worker (:meth:`worker_masters`)."""
+        if self.client.masters or self.client.nameserver:
+            return [*self.client.masters, *self._registered(self.client.nameserver)]
+        return self.worker_masters()
+
+    def worker_masters(self) -> list[str]:
+        """The master addresses a worker uses: ``worker.master_hosts`` and the masters registered
+        with ``worker.nameserver``; with neither, this config's own master."""
+        if not self.worker.nameserver:
+            return list(self.worker.master_hosts)
+        given = [] if getattr(self.worker, "_derived_from", None) is not None else list(self.worker.master_hosts)
+        return [*given, *self._registered(self.worker.nameserver)]
+
+    def _registered(self, nameserver: str) -> list[str]:
+        """The address that stands for every master registered with ``nameserver`` (host:port)."""
+        return [f"PYRONAME:{self.master.nameserver_name}@{nameserver}"] if nameserver else []
 
 
 def connect_address(host: str, port: int) -> str:
@@ -540,11 +560,25 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"{key}: must be -1 (automatic), 0 or more, got {value!r}")
         if key in ("master.port", "worker.port", "dashboard.port") and value > 65535:
             raise ConfigError(f"{key}: not a port number: {value!r}")
+        if key in ("master.nameserver", "worker.nameserver", "client.nameserver") and value:
+            value = _nameserver_address(key, value)
+        if key == "master.nameserver_name" and (not value or any(c in value for c in "@:, \t\n")):
+            raise ConfigError(f"{key}: expected a dotted name such as ppq.master (no '@', ':', ',' or spaces), "
+                              f"got {value!r}")
         if key == "dashboard.host" and not value.strip():
             raise ConfigError(f"{key}: expected an address to bind (127.0.0.1, or 0.0.0.0 for every "
                               f"interface), got an empty string")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _nameserver_address(key: str, value: str) -> str:
+    """A name server's ``host:port`` (``[v6]:port``), checked."""
+    value = value.strip()
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected host:port of a name server, got {value!r}")
+    return value
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:

@@ -363,6 +363,48 @@ def dashboard(s: Session, text: str, ctx: dict[str, Any]) -> None:
     assert s.stop(proc) == 0, s.log(proc)
 
 
+def nameserver_commands(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """Each command as written, on loopback (10.0.0.1 becomes 127.0.0.1, 9090 a free port), with a
+    ppq.yaml of the test's (master port, data directory): the master registers, the worker finds
+    it through the name server alone, `ppq status -m PYRONAME:...` lists the worker; stopped with
+    SIGTERM, the master unregisters."""
+    from ppq.rpc.names import NameServerEntry, lookup
+
+    commands = [c for c, _ in console_commands(text)]
+    assert commands == ["ppq nameserver --host 10.0.0.1 --port 9090",
+                        "ppq master --nameserver 10.0.0.1:9090 --config ppq.yaml",
+                        "ppq worker --nameserver 10.0.0.1:9090 --config ppq.yaml",
+                        "ppq status -m PYRONAME:ppq.master@10.0.0.1:9090"]
+    ns_port, port = free_port(), free_port()
+    commands = [c.replace("10.0.0.1", "127.0.0.1").replace("9090", str(ns_port)) for c in commands]
+    (s.cwd / "ppq.yaml").write_text(yaml.safe_dump({
+        "master": {"port": port, "data_dir": str(s.cwd / "names-data")},
+        "worker": {"heartbeat_interval": 0.5, "max_sleep": 1, "concurrency": 1}}))
+    entry = NameServerEntry(f"PYRONAME:ppq.master@127.0.0.1:{ns_port}")
+
+    def registered() -> list[str] | None:
+        try:
+            return [uri for uri, _ in lookup(entry, None, timeout=2)]
+        except Exception:  # noqa: BLE001 - not answering yet
+            return None
+
+    nameserver = s.start(s.argv(commands[0]), port=0)
+    wait_for(lambda: nameserver.poll() is not None or registered() is not None, what="ppq nameserver")
+    assert nameserver.poll() is None, s.log(nameserver)
+    master = s.start(s.argv(commands[1]), port=0)
+    wait_for(lambda: master.poll() is not None or registered(), what="the master to register")
+    assert master.poll() is None, s.log(master)
+    assert registered() == [f"PYRO:queue@127.0.0.1:{port}"]
+    worker = s.start(s.argv(commands[2]), port=0)
+    wait_for(lambda: worker.poll() is not None or "workers (1)" in s.run(commands[3], port=0).stdout,
+             interval=0.3, what="ppq status through the name server to list the worker")
+    assert worker.poll() is None, s.log(worker)
+    assert s.stop(worker, signal.SIGTERM) == 0, s.log(worker)
+    assert s.stop(master, signal.SIGTERM) == 0, s.log(master)
+    assert registered() == []
+    assert s.stop(nameserver, signal.SIGTERM) == 0, s.log(nameserver)
+
+
 def development(s: Session, text: str, ctx: dict[str, Any]) -> None:
     """Not run: installing is what the test environment already did, and the test run is this one."""
     assert [c for c, _ in console_commands(text)] == ["pip install -e .[dev]", "ruff check ppq tests", "mypy",
@@ -507,6 +549,7 @@ BLOCKS: dict[str, Callable[..., None]] = {
     "async def main():": python_block(["90"]),
     "# webapp.py": asgi_app,
     "$ uvicorn webapp:app": asgi_commands,
+    "$ ppq nameserver --host 10.0.0.1": nameserver_commands,
 }
 
 

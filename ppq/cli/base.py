@@ -35,7 +35,14 @@ def build_config(ctx: click.Context, overrides: dict[str, Any]) -> Config:
 
 
 def _split(values: tuple[str, ...]) -> list[str] | None:
-    items = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    """Comma-separated or repeated values; the tags of a ``PYROMETA:a,b@host:port`` stay together."""
+    items: list[str] = []
+    for value in values:
+        for v in value.split(","):
+            if items and items[-1].upper().startswith("PYROMETA:") and "@" not in items[-1]:
+                items[-1] += "," + v.strip()
+            elif v.strip():
+                items.append(v.strip())
     return items or None
 
 
@@ -137,7 +144,8 @@ def _client(ctx: click.Context, masters: tuple[str, ...]) -> Any:
 def master_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--master", "-m", "masters", multiple=True,
                         show_default="client.masters, else worker.master_hosts, else master.host:master.port",
-                        help="Master host:port, PYRO: or PYROLOC:// address; repeatable.")(fn)
+                        help="Master host:port, PYRO: or PYROLOC:// address, or masters registered in a "
+                             "name server (PYRONAME:ppq.master@host:port); repeatable.")(fn)
 
 
 def _examples_last(group: click.Group) -> None:

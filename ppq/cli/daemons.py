@@ -13,8 +13,9 @@ from typing import Any
 import click
 
 from ..config import DEFAULT_WORKER_PORT, Config
-from ..errors import PPQError, TaskFailedError
-from .base import _apply_sub, _default, _redis_map, _split, build_config, config_option, main
+from ..errors import ConfigError, PPQError, TaskFailedError
+from ..rpc.names import DEFAULT_NAMESERVER_PORT, DEFAULT_PRUNE_AFTER
+from .base import _apply_sub, _default, _redis_map, _split, _stop_on_signals, build_config, config_option, main
 from .output import RET_CONFIG, RET_ERROR, RET_OK, _table, console, fail, json_logs, run_guarded
 
 log = logging.getLogger("ppq.cli")
@@ -47,10 +48,12 @@ def _check_port_free(host: str, port: int, key: str) -> None:
 @click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback bind without auth_token.")
 @click.option("--metrics-port", type=int, default=None, show_default="master.metrics_port: 0 = off",
               help="Serve Prometheus metrics on this port.")
+@click.option("--nameserver", default=None, show_default="master.nameserver: none",
+              help="host:port of a Pyro5 name server to register with (see `ppq nameserver`).")
 @click.pass_context
 def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, host: str | None,
            port: int | None, redis_map: tuple[str, ...], data_dir: str | None, lease_timeout: float | None,
-           insecure: bool | None, metrics_port: int | None) -> None:
+           insecure: bool | None, metrics_port: int | None, nameserver: str | None) -> None:
     """Run a master: the Pyro5 object `queue` over the Redis stores.
 
     It prints nothing on stdout; its log (stderr) says where it serves, in a
@@ -66,18 +69,78 @@ def master(ctx: click.Context, sub_config: str | None, sub_log_level: str | None
     config = build_config(ctx, {
         "master.host": host, "master.port": port, "master.redis_map": _redis_map(redis_map),
         "master.data_dir": data_dir, "master.lease_timeout": lease_timeout, "master.insecure": insecure,
-        "master.metrics_port": metrics_port,
+        "master.metrics_port": metrics_port, "master.nameserver": nameserver,
     })
     run_guarded(lambda: serve(config, signals=("SIGTERM", "SIGINT", "SIGUSR1")))
 
 
-def _worker_overrides(master_hosts: tuple[str, ...], queue_index: int | None, concurrency: int | None,
+@main.command()
+@config_option
+@click.option("--host", default="127.0.0.1", help="Address to bind.")
+@click.option("--port", type=int, default=DEFAULT_NAMESERVER_PORT, help="Port to bind; 0 = any free port.")
+@click.option("--prune-after", type=float, default=DEFAULT_PRUNE_AFTER,
+              help="Remove an entry not registered again for this many seconds whose address refuses "
+                   "connections; 0 = never.")
+@click.option("--insecure", is_flag=True, default=False, help="Allow a non-loopback bind without auth_token.")
+@click.pass_context
+def nameserver(ctx: click.Context, sub_config: str | None, sub_log_level: str | None, host: str, port: int,
+               prune_after: float, insecure: bool) -> None:
+    """Run a Pyro5 name server where masters register and clients and workers find them.
+
+    It is Pyro5's own name server object (`Pyro.NameServer`), served with ppq's
+    token check (only auth_token may register; worker_token and client_token
+    may only look names up), TLS
+    settings and message limits. It keeps its names in memory: restarted, it
+    is empty until the masters register again (every few seconds). An entry
+    not registered again for --prune-after seconds whose address refuses a
+    connection (a master that was killed) is removed.
+    Like the master, it refuses a non-loopback address without auth_token.
+
+    \b
+    Example:
+      ppq nameserver --host 10.0.0.1 --port 9090      # with PPQ_AUTH_TOKEN set
+      ppq master --nameserver 10.0.0.1:9090 ...
+      ppq worker --master-hosts PYRONAME:ppq.master@10.0.0.1:9090 ...
+    """
+    from .. import rpc
+
+    _apply_sub(ctx, sub_config, sub_log_level)
+    config = build_config(ctx, {})
+    if not 0 <= port <= 65535:
+        fail(f"--port: not a port number: {port}", RET_CONFIG)
+    if prune_after < 0:
+        fail(f"--prune-after: must not be negative, got {prune_after:g}", RET_CONFIG)
+
+    def start() -> Any:
+        rpc.check_bind(host, config.any_token, insecure, "--host")
+        tokens = rpc.token_roles(config.auth_token, config.worker_token, config.client_token)
+        try:
+            return rpc.NameServerProcess(host, port, tokens, rpc.server_ssl_context(config.tls),
+                                         prune_after=prune_after).start()
+        except OSError as exc:
+            raise ConfigError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+    server = run_guarded(start)
+    log.info("name server ready: %s", server.uri)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        log.info("name server stopped")
+
+
+def _worker_overrides(master_hosts: tuple[str, ...], nameserver: str | None, queue_index: int | None,
+                      concurrency: int | None,
                       pool: str | None, port: int | None, host: str | None, allow: tuple[str, ...],
                       allowed_paths: tuple[str, ...], task_timeout: float | None, max_sleep: float | None,
                       heartbeat_interval: float | None, autodiscover: tuple[str, ...],
                       insecure: bool | None, metrics_port: int | None, prefetch: int | None) -> dict[str, Any]:
     return {
-        "worker.master_hosts": _split(master_hosts), "worker.queue_index": queue_index,
+        "worker.master_hosts": _split(master_hosts), "worker.nameserver": nameserver,
+        "worker.queue_index": queue_index,
         "worker.concurrency": concurrency, "worker.pool": pool, "worker.port": port, "worker.host": host,
         "worker.allowed_modules": _split(allow), "worker.allowed_paths": _split(allowed_paths),
         "worker.task_timeout": task_timeout, "worker.max_sleep": max_sleep,
@@ -90,7 +153,10 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--master-hosts", "master_hosts", multiple=True,
                      show_default="worker.master_hosts, else the config's own master",
-                     help="Master host:port, PYRO: or PYROLOC:// address; comma-separated or repeated."),
+                     help="Master host:port, PYRO:, PYROLOC://, or name server address (PYRONAME:ppq.master@"
+                          "host:port, PYROMETA:ppq.queue@host:port); comma-separated or repeated."),
+        click.option("--nameserver", default=None, show_default="worker.nameserver: none",
+                     help="host:port of a name server: pull from the masters registered there."),
         click.option("--queue-index", type=int, default=None, show_default=_default("worker.queue_index"),
                      help="The queue_index to pull."),
         click.option("--concurrency", "-c", type=int, default=None,

@@ -106,6 +106,7 @@ class MasterServer:
         self.uri = str(self.daemon.register(self.master, objectId=rpc.MASTER_OBJECT))
         self.port = self.daemon.locationStr.rsplit(":", 1)[1]
         self._thread: threading.Thread | None = None
+        self.registration: rpc.Registration | None = None
 
     def start(self) -> MasterServer:
         try:
@@ -131,7 +132,26 @@ class MasterServer:
                                   f"{exc.strerror or exc}") from None
         self._thread = rpc.serve_in_thread(self.daemon, "ppq-master-daemon")
         log.log(self.announce, "master ready: %s, queue_index %s", self.uri, ", ".join(map(str, sorted(self.stores))))
+        if self.config.master.nameserver:
+            self.registration = self._registration().start()
         return self
+
+    def _registration(self) -> rpc.Registration:
+        """This master's entry in ``master.nameserver``: ``<nameserver_name>.<host>_<port>`` -> its URI,
+        tagged ``ppq.queue`` and ``ppq.queue_indexes:0,1``."""
+        m = self.config.master
+        rpc.apply_tls(self.config.tls)  # the name server is reached as a client reaches a master
+        ns_host, ns_port = rpc.parse_location(m.nameserver, "master.nameserver")
+        host = rpc.reachable_host(m.host, ns_host, ns_port)
+        if rpc.is_loopback(host) and not rpc.is_loopback(ns_host):
+            log.warning("master.host %s is a loopback address: the name server %s will hand other machines an "
+                        "address they cannot reach (bind an address of this machine, or 0.0.0.0)", host, m.nameserver)
+        uri = f"PYRO:{rpc.MASTER_OBJECT}@{f'[{host}]' if ':' in host else host}:{self.port}"
+        metadata = {rpc.QUEUE_TAG, rpc.QUEUE_INDEXES_TAG + ",".join(map(str, sorted(self.stores)))}
+        name = rpc.master_name(m.nameserver_name, host, self.port)
+        # Only auth_token may change a name server's entries (with no tokens, anyone may).
+        token = self.config.auth_token
+        return rpc.Registration(m.nameserver, name, uri, metadata, token)
 
     def close_stores(self) -> None:
         for store in self.stores.values():
@@ -140,6 +160,9 @@ class MasterServer:
             self.embedded.stop()
 
     def stop(self) -> None:
+        if self.registration is not None:
+            self.registration.stop()
+            self.registration = None
         metrics_server = getattr(self, "metrics_server", None)
         if metrics_server is not None:
             from ..metrics import stop_metrics

@@ -8,7 +8,8 @@
 - :mod:`.client`: proxies, the direct call path, and :class:`PyroFunc`;
 - :mod:`.exposed`: ``@remote``, the wrapper of every exposed method (roles, errors);
 - :mod:`.roles`: which token grants which role;
-- :mod:`.net`: the loopback bind rule and TLS settings.
+- :mod:`.net`: the loopback bind rule and TLS settings;
+- :mod:`.names`: Pyro5 name servers: serving one, registering masters, finding them.
 
 Importing this package changes nothing in Pyro5: ppq's daemons and proxies set up
 what they need when they are made, for themselves.
@@ -28,6 +29,16 @@ from .client import (
     register_errors,
 )
 from .exposed import caller_role, client_address, client_is_ppq, client_session, remote
+from .names import (
+    DEFAULT_NAMESERVER_PORT,
+    QUEUE_INDEXES_TAG,
+    QUEUE_TAG,
+    NameServerProcess,
+    Registration,
+    master_name,
+    parse_location,
+    reachable_host,
+)
 from .net import apply_tls, check_bind, is_loopback, server_ssl_context
 from .roles import ALL, ANY, CLIENT, WORKER, token_roles
 from .server import Daemon, serve_in_thread
@@ -36,9 +47,14 @@ __all__ = [
     "ALL",
     "ANY",
     "CLIENT",
+    "DEFAULT_NAMESERVER_PORT",
     "DEFAULT_SERIALIZER",
     "DEFAULT_TIMEOUT",
     "MASTER_OBJECT",
+    "QUEUE_INDEXES_TAG",
+    "QUEUE_TAG",
+    "NameServerProcess",
+    "Registration",
     "WORKER",
     "WORKER_OBJECT",
     "CommunicationError",
@@ -53,7 +69,10 @@ __all__ = [
     "expose",
     "is_loopback",
     "make_proxy",
+    "master_name",
     "master_uri",
+    "parse_location",
+    "reachable_host",
     "register_errors",
     "remote",
     "serve_in_thread",

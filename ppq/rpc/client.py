@@ -34,6 +34,8 @@ WORKER_OBJECT = "worker"
 DEFAULT_SERIALIZER = "msgpack"
 # Seconds a ppq proxy waits for a reply before giving up.
 DEFAULT_TIMEOUT = 10.0
+# Seconds a master that failed a call is tried after the others.
+DOWN_SECONDS = 5.0
 
 CommunicationError = Pyro5.errors.CommunicationError
 
@@ -144,8 +146,11 @@ def _direct_wire() -> bool:
 
 
 def _direct_call(proxy: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 max_message: int = DEFAULT_MAX_MESSAGE) -> Any:
+                 max_message: int = DEFAULT_MAX_MESSAGE, max_reply: int | None = None) -> Any:
     """Call ``method`` on a connected msgpack proxy over the direct path.
+
+    A reply larger than ``max_reply`` bytes (default: Pyro5's MAX_MESSAGE_SIZE) is refused
+    unread with ProtocolError.
 
     Returns ``_MISSING`` (nothing sent) when the arguments need Pyro5's own conversion.
     A failure after the request went out closes the connection, as Pyro5 does, so a
@@ -173,7 +178,7 @@ def _direct_call(proxy: Any, method: str, args: tuple[Any, ...], kwargs: dict[st
         if header.kind != wire.MSG_RESULT or header.seq != seq or header.serializer_id != serializer_id:
             raise Pyro5.errors.ProtocolError(f"invoke: reply out of sync (seq {header.seq}, expected {seq})")
         total = header.size + header.annotations
-        if total > pyro_config.MAX_MESSAGE_SIZE:
+        if total > (max_reply or pyro_config.MAX_MESSAGE_SIZE):
             raise Pyro5.errors.ProtocolError(f"reply too large ({total} bytes)")
         body = conn.recv(total) if total else b""
         if header.annotations:
@@ -225,6 +230,12 @@ class PyroFunc:
     once, with a jittered pause between rounds. When every try failed,
     ``default_return`` is returned if it was given, else :class:`ConnectError` is
     raised. Errors raised by the master itself (bad arguments...) are not retried.
+    A master that failed within the last :data:`DOWN_SECONDS` is tried after the others.
+
+    An address may be a name server entry, ``PYRONAME:ppq.master@host:port`` or
+    ``PYROMETA:ppq.queue@host:port``: it stands for every master registered there
+    (see :mod:`ppq.rpc.names`), looked up again after a failure and every few
+    seconds; with ``queue_index`` given, only the masters that serve it.
 
     ``push_task`` and ``push_tasks`` calls get a task id made here (unless
     given), so a push retried after a lost reply is stored once. ``token``
@@ -252,6 +263,7 @@ class PyroFunc:
         serializer: str = DEFAULT_SERIALIZER,
         objid: str = MASTER_OBJECT,
         max_message: int = DEFAULT_MAX_MESSAGE,
+        queue_index: int | None = None,
     ) -> None:
         addresses = [uri_or_list] if isinstance(uri_or_list, str) else list(uri_or_list)
         if not addresses:
@@ -267,25 +279,45 @@ class PyroFunc:
         self.serializer = serializer
         self.max_message = max_message
         self._local = threading.local()
-        # Indexes of the masters whose last call failed (shared by the threads): each is
-        # named in one warning until it answers again.
-        self._down: set[int] = set()
+        # Name server entries -> their finders (ppq.rpc.names).
+        self._finders: dict[str, Any] = {}
+        for uri in self.uris:
+            if uri.upper().startswith(("PYRONAME:", "PYROMETA:")):
+                from .names import Finder
 
-    def _proxies(self) -> dict[int, Any]:
+                self._finders[uri] = Finder(uri, self.token, queue_index)
+        # The masters whose last call failed (shared by the threads): each is named in one
+        # warning until it answers again; and when each failed last (monotonic seconds).
+        self._down: set[str] = set()
+        self._failed_at: dict[str, float] = {}
+
+    def targets(self, fresh: bool = False) -> list[str]:
+        """The ``PYRO:`` URIs of the masters: the addresses given, name server entries looked up
+        (again, with ``fresh``, unless they were a moment ago)."""
+        if not self._finders:
+            return self.uris
+        found: dict[str, None] = {}
+        for uri in self.uris:
+            finder = self._finders.get(uri)
+            for target in (finder.uris(fresh) if finder is not None else [uri]):
+                found.setdefault(target)
+        return list(found)
+
+    def _proxies(self) -> dict[str, Any]:
         proxies = getattr(self._local, "proxies", None)
         if proxies is None:
             proxies = self._local.proxies = {}
         return proxies
 
-    def _proxy(self, index: int) -> Any:
+    def _proxy(self, uri: str) -> Any:
         proxies = self._proxies()
-        proxy = proxies.get(index)
+        proxy = proxies.get(uri)
         if proxy is None:
-            proxy = proxies[index] = make_proxy(self.uris[index], self.token, self.timeout, self.serializer)
+            proxy = proxies[uri] = make_proxy(uri, self.token, self.timeout, self.serializer)
         return proxy
 
-    def _drop(self, index: int) -> None:
-        proxy = self._proxies().pop(index, None)
+    def _drop(self, uri: str) -> None:
+        proxy = self._proxies().pop(uri, None)
         if proxy is not None:
             try:
                 proxy._pyroRelease()
@@ -294,18 +326,25 @@ class PyroFunc:
 
     def close(self) -> None:
         """Close this thread's connections."""
-        for index in list(self._proxies()):
-            self._drop(index)
+        for uri in list(self._proxies()):
+            self._drop(uri)
 
-    def order(self) -> list[int]:
-        indexes = list(range(len(self.uris)))
-        if self.random_idx and len(indexes) > 1:
-            start = random.randrange(len(indexes))
-            indexes = indexes[start:] + indexes[:start]
-        return indexes
+    def order(self, targets: Sequence[str] | None = None) -> list[str]:
+        """The masters in the order a call tries them: from a random one with ``random_idx``,
+        those that failed within DOWN_SECONDS last."""
+        uris = list(self.targets() if targets is None else targets)
+        if self.random_idx and len(uris) > 1:
+            start = random.randrange(len(uris))
+            uris = uris[start:] + uris[:start]
+        if self._failed_at and len(uris) > 1:
+            now = time.monotonic()
+            recent = {u for u in uris if now - self._failed_at.get(u, -DOWN_SECONDS) < DOWN_SECONDS}
+            if recent:
+                uris = [u for u in uris if u not in recent] + [u for u in uris if u in recent]
+        return uris
 
-    def _call_one(self, index: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        proxy = self._proxy(index)
+    def _call_one(self, uri: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        proxy = self._proxy(uri)
         if self.set_one_way:
             if method not in proxy._pyroOneway:
                 # Binding fetches the object's metadata, which resets the one-way set.
@@ -320,22 +359,23 @@ class PyroFunc:
                 return result
         return getattr(proxy, method)(*args, **kwargs)
 
-    def _failed(self, index: int, method: str, exc: BaseException, more: bool) -> None:
+    def _failed(self, uri: str, method: str, exc: BaseException, more: bool) -> None:
         """Say that a master did not answer, once until it answers again, and only when another
         master is tried next: with one master, or past the last, the caller's error says it all."""
-        first = index not in self._down
-        self._down.add(index)
-        if first and more and len(self.uris) > 1:
-            log.warning("%s on %s failed (%s: %s); trying the next master", method, self.uris[index],
-                        type(exc).__name__, exc)
+        first = uri not in self._down
+        self._down.add(uri)
+        self._failed_at[uri] = time.monotonic()
+        if first and more:
+            log.warning("%s on %s failed (%s: %s); trying the next master", method, uri, type(exc).__name__, exc)
         else:
-            log.debug("%s on %s failed (%s: %s)", method, self.uris[index], type(exc).__name__, exc)
+            log.debug("%s on %s failed (%s: %s)", method, uri, type(exc).__name__, exc)
 
-    def _answered(self, index: int) -> None:
-        if index in self._down:
-            self._down.discard(index)
-            if len(self.uris) > 1:
-                log.info("%s answers again", self.uris[index])
+    def _answered(self, uri: str) -> None:
+        self._failed_at.pop(uri, None)
+        if uri in self._down:
+            self._down.discard(uri)
+            if len(self.uris) > 1 or self._finders:
+                log.info("%s answers again", uri)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.func:
@@ -346,24 +386,26 @@ class PyroFunc:
             method, args = args[0], args[1:]
         args, kwargs = _with_task_ids(method, args, kwargs)
         last: BaseException | None = None
-        tried = 0
         for attempt in range(self.retry):
             if attempt:
                 time.sleep(min(0.05 * 2 ** attempt, 2.0) * (0.5 + random.random()))
-            for index in self.order():
-                tried += 1
+            order = self.order(self.targets(fresh=last is not None))
+            if not order:
+                problems = [f.problem for f in self._finders.values() if f.problem]
+                last = CommunicationError("; ".join(problems) or "no master is registered with the name server")
+            for n, uri in enumerate(order):
                 try:
-                    result = self._call_one(index, method, args, kwargs)
+                    result = self._call_one(uri, method, args, kwargs)
                 except CommunicationError as exc:
-                    self._drop(index)
+                    self._drop(uri)
                     if _auth_failure(exc):
-                        raise AuthError(f"authentication failed at {self.uris[index]}: "
+                        raise AuthError(f"authentication failed at {uri}: "
                                         f"check auth_token / PPQ_AUTH_TOKEN") from None
                     last = exc
-                    self._failed(index, method, exc, tried < self.retry * len(self.uris))
+                    self._failed(uri, method, exc, len(order) > 1 and (n + 1 < len(order) or attempt + 1 < self.retry))
                     continue
-                if self._down:
-                    self._answered(index)
+                if uri in self._failed_at:
+                    self._answered(uri)
                 return result
         if self.default_return is not _MISSING:
             return self.default_return

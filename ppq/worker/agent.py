@@ -54,12 +54,14 @@ class Agent:
         self.host = socket.gethostname()
         self.id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.started = time.time()
-        addresses = list(w.master_hosts)
+        addresses = config.worker_masters()
         if not addresses:
             raise ConfigError("worker.master_hosts is empty: give at least one master address")
         random.shuffle(addresses)
         self.masters = [rpc.master_uri(a) for a in addresses]
-        self.call = rpc.PyroFunc(self.masters, retry=1, token=config.worker_secret, timeout=self.max_sleep + 15)
+        # Name server entries (PYRONAME:, PYROMETA:) stand for the masters that serve this queue_index.
+        self.call = rpc.PyroFunc(self.masters, retry=1, token=config.worker_secret, timeout=self.max_sleep + 15,
+                                 queue_index=self.queue_index)
         self._stop_mode: str | None = None
         self.stop_event = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
