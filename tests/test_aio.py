@@ -75,9 +75,12 @@ def make_app(masters: list[str]) -> Starlette:
 
 @pytest.fixture
 def stack(spawn, redis_a, ra) -> Iterator[dict[str, Any]]:
-    """Two `ppq master` processes on one Redis and a worker pulling from both."""
-    first, first_address = spawn.master(redis_a.url)
-    second, second_address = spawn.master(redis_a.url)
+    """Two `ppq master` processes on one Redis and a worker pulling from both. A task the first
+    master had leased to the worker when it was killed, in a reply the worker never got, runs
+    again once its lease expires: 5 s here, and the reaper looks every 0.2 s."""
+    args, env = ("--lease-timeout", "5"), {"PPQ_MASTER_REAPER_INTERVAL": "0.2"}
+    first, first_address = spawn.master(redis_a.url, *args, env=env)
+    second, second_address = spawn.master(redis_a.url, *args, env=env)
     worker = spawn.worker(first_address, second_address, concurrency=2)
     yield {"masters": [first, second], "addresses": [first_address, second_address], "worker": worker}
 
