@@ -28,6 +28,7 @@ local f = redis.call('HMGET', tk, 'state', 'key', 'body', 'priority', 'kind', 'w
 local state = f[1]
 if not state then return false end
 local up, pos = f[6] or f[8], f[7]
+if up or f[5] or state == 'pending' then use_workflows() end
 if f[5] or state == 'pending' then
   wf_cancel(id, true, ttl)
   if up and (state == 'pending' or state == 'running') then wf_failed(up, pos, 'step ' .. id .. ' was cancelled', id) end

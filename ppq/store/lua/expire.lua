@@ -4,7 +4,7 @@
 -- Expects: P     the key prefix, ppq:<queue_index>:
 --          now   from now.lua
 --          dttl  the default result ttl, seconds (a task's own result_ttl wins)
---          wf_failed  from workflow.lua
+--          use_workflows, wf_failed  from workflow.lua
 -- Sets:    expire  a function (id, key): the task t:<id>, already taken off its list by the
 --                  caller, becomes 'expired' (finished: now) and is never run; its
 --                  de-duplication key (its field 'key') is freed in P..'keys', its record kept
@@ -22,5 +22,8 @@ local function expire(id, key)
   redis.call('EXPIRE', tk, math.max(math.floor(ttl), 1))
   redis.call('HINCRBY', P .. 'stats', 'expired_tasks', 1)
   if redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
-  if g[2] then wf_failed(g[2], g[3], 'step ' .. id .. ' expired before it started', id) end
+  if g[2] then
+    use_workflows()
+    wf_failed(g[2], g[3], 'step ' .. id .. ' expired before it started', id)
+  end
 end

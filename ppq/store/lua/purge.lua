@@ -38,7 +38,10 @@ local function drop(ids)
       redis.call('DEL', tk)
       purged = purged + 1
       if watched and redis.call('ZSCORE', P .. 'waiting', id) then redis.call('PUBLISH', P .. 'finished', id) end
-      if f[3] then wf_failed(f[3], f[4], 'step ' .. id .. ' was purged', id) end
+      if f[3] then
+        use_workflows()
+        wf_failed(f[3], f[4], 'step ' .. id .. ' was purged', id)
+      end
     end
   end
   taken = taken + #ids

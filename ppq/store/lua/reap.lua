@@ -39,7 +39,10 @@ for _, id in ipairs(ids) do
     local w = redis.call('HMGET', tk, 'cancel', 'wf', 'pos')
     if w[1] == '1' then
       redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
-      if w[2] then wf_failed(w[2], w[3], 'step ' .. id .. ' was cancelled', id) end
+      if w[2] then
+        use_workflows()
+        wf_failed(w[2], w[3], 'step ' .. id .. ' was cancelled', id)
+      end
     elseif exp > maxexp then
       redis.call('HSET', tk, 'state', 'dead', 'finished', now,
         'error', 'LeaseExpired: the worker running it was lost ' .. exp .. ' times', 'traceback', '')
@@ -49,6 +52,7 @@ for _, id in ipairs(ids) do
       dead[#dead + 1] = id
       dead[#dead + 1] = exp
       if w[2] then
+        use_workflows()
         wf_failed(w[2], w[3], 'step ' .. id .. ' failed: LeaseExpired: the worker running it was lost ' .. exp ..
           ' times', id)
       end

@@ -75,7 +75,10 @@ for i = 11, #ARGV, 6 do
       redis.call('HSET', tk, 'state', 'cancelled', 'finished', now)
       redis.call('HINCRBY', P .. 'stats', 'cancelled', 1)
       redis.call('EXPIRE', tk, math.max(ttl, 1))
-      if f[9] then wf_failed(f[9], f[10], 'step ' .. r.id .. ' was cancelled', r.id) end
+      if f[9] then
+        use_workflows()
+        wf_failed(f[9], f[10], 'step ' .. r.id .. ' was cancelled', r.id)
+      end
     elseif r.kind == 'release' then
       redis.call('HSET', tk, 'state', 'queued', 'eta', now)
       redis.call('HDEL', tk, 'lease')
@@ -86,7 +89,10 @@ for i = 11, #ARGV, 6 do
       redis.call('HSET', tk, 'state', 'done', 'finished', now, 'result', r.result)
       done_n = done_n + 1
       if ttl > 0 then redis.call('EXPIRE', tk, ttl) else redis.call('DEL', tk) end
-      if f[9] then wf_leaf_done(r.id, f[9], f[10], r.result) end
+      if f[9] then
+        use_workflows()
+        wf_leaf_done(r.id, f[9], f[10], r.result)
+      end
     else
       failed_n = failed_n + 1
       local retry = (tonumber(f[3]) or 0) + 1
@@ -111,7 +117,10 @@ for i = 11, #ARGV, 6 do
         redis.call('HSET', tk, 'state', 'dead')
         redis.call('ZADD', P .. 'dead', now, r.id)
         redis.call('HINCRBY', P .. 'stats', 'dead', 1)
-        if f[9] then wf_failed(f[9], f[10], 'step ' .. r.id .. ' failed: ' .. r.error, r.id) end
+        if f[9] then
+          use_workflows()
+          wf_failed(f[9], f[10], 'step ' .. r.id .. ' failed: ' .. r.error, r.id)
+        end
       end
       failed[#failed + 1] = r.id
       failed[#failed + 1] = retry
