@@ -19,11 +19,12 @@ import redis
 from redis.crc import key_slot
 
 from ppq import Client, chain, group
-from ppq.config import load_config, redis_target
+from ppq.config import load_config
 from ppq.errors import ConfigError
 from ppq.master import MasterServer
 from ppq.rpc import PyroFunc
 from ppq.store import Store, keys_of
+from ppq.targets import redis_target
 
 from .conftest import REPO, Spawner, address_of, wait_for, wait_state
 from .redis_topology import Node, cluster_of

@@ -9,9 +9,10 @@ import re
 import pytest
 import yaml
 
-from ppq.config import Config, env_overrides, load_config, redis_url, to_dict
+from ppq.config import Config, env_overrides, load_config, to_dict
 from ppq.errors import ConfigError
 from ppq.rpc import PyroFunc, master_uri
+from ppq.targets import redis_url
 
 from .conftest import REPO
 

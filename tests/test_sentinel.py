@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from ppq.config import ConfigError, load_config, redis_target
+from ppq.config import ConfigError, load_config
 from ppq.master import MasterServer
 from ppq.rpc import PyroFunc
 from ppq.store import Store
+from ppq.targets import redis_target
 from ppq.task import new_id
 
 from .conftest import REPO, Spawner, wait_for

@@ -32,8 +32,8 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
 
-from ..config import RedisTarget
 from ..errors import StorageError
+from ..targets import RedisTarget
 
 log = logging.getLogger("ppq.store")
 

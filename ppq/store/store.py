@@ -18,8 +18,8 @@ import msgpack
 import redis
 import redis.exceptions
 
-from ..config import redis_target
 from ..errors import MessageTooLargeError
+from ..targets import redis_target
 from ..task import MAX_PRIORITY, TaskSpec
 from .admin import Admin
 from .keys import keys_of
