@@ -1,8 +1,11 @@
 """One queue_index's storage in Redis: the only part of ppq that imports redis.
 
     store.py    Store, the API the master calls: push, report, heartbeat, reap,
-                move_due, cancel, records, counts, workers, waiting
-    admin.py    Admin, a base class of Store: the dead list, purge and pause
+                move_due, cancel, records, counts; its parts (base classes) are
+    admin.py    Admin: the dead list, listing, purge and pause
+    schedules.py, limits.py, flows.py  ScheduleStore, LimitStore, FlowStore: periodic
+                schedules, rate and concurrency limits, workflows
+    presence.py Presence: the workers heard from, long-polls, watched tasks, wake-ups
     lua/*.lua   one Lua script per state change, each opening with its contract
                 (KEYS, every ARGV[i], what it returns); fragments shared by several
                 scripts (now.lua, module.lua, lease.lua, seen.lua) say which locals they expect

@@ -7,11 +7,9 @@ single commands or pipelines. Redis errors come out as StorageError.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgpack
@@ -22,10 +20,12 @@ from ..errors import MessageTooLargeError
 from ..targets import redis_target
 from ..task import MAX_PRIORITY, TaskSpec
 from .admin import Admin
+from .flows import FlowStore
 from .keys import keys_of
 from .limits import LimitStore
 from .link import Link, Locator, connect, redact, storage_errors
-from .records import counts_of, record_of, task_of, text, worker_of
+from .presence import Presence
+from .records import counts_of, record_of, task_of, text
 from .schedules import ScheduleStore
 from .scripts import ACKNOWLEDGED, SOURCES, Script, UnreplicatedError
 
@@ -35,16 +35,13 @@ log = logging.getLogger("ppq.store")
 ANY_MODULE = "*"
 # Most modules whose lists of tasks moved aside counts() and parked() read.
 PARKED_LISTED = 1000
-# Workflows of more nodes than this are stored over a connection of their own, with a longer timeout.
-BIG_WORKFLOW = 5000
-# Seconds that connection waits for Redis to store a big workflow.
-BIG_WORKFLOW_TIMEOUT = 120.0
 # The priorities above 0, each with its own list of ready ids (P..'queue:p:<n>').
 PRIORITIES = tuple(range(1, MAX_PRIORITY + 1))
 
-class Store(Admin, ScheduleStore, LimitStore):
+class Store(Admin, ScheduleStore, LimitStore, FlowStore, Presence):
     """The tasks of one queue_index, in one Redis database (the dead list, purge and pause:
-    Admin; periodic schedules: ScheduleStore; rate and concurrency limits: LimitStore)."""
+    Admin; periodic schedules: ScheduleStore; rate and concurrency limits: LimitStore;
+    workflows: FlowStore; workers, long-polls and wake-ups: Presence)."""
 
     def __init__(
         self,
@@ -92,7 +89,6 @@ class Store(Admin, ScheduleStore, LimitStore):
         self._purge_dead = self._script("purge_dead")
         self._purge = self._script("purge")
         self._pause = self._script("pause")
-        self._workflow_push = self._script("workflow_push")
 
     def _script(self, name: str, client: redis.Redis | None = None, wait: bool = True) -> Script:
         """Script ``name`` on this store's connections (or on ``client`` alone), followed by WAIT
@@ -230,53 +226,6 @@ class Store(Admin, ScheduleStore, LimitStore):
         state = self._cancel([self.prefix, task_id, self.result_ttl])
         return text(state) or None
 
-    @storage_errors
-    def push_workflow(self, records: Sequence[tuple[str, Sequence[Any], Sequence[str]]]) -> bool | str:
-        """Store a workflow's nodes, its root first, each (id, flat field/value list, children's ids),
-        and start it (workflow_push.lua). True when stored; False, with nothing stored, when the
-        same workflow is stored already (a retried push); else the id of a node whose record
-        exists already (another task's or workflow's), with nothing stored."""
-        pack = msgpack.Packer(use_bin_type=False).pack
-        digest = hashlib.sha256()
-        nodes: list[bytes] = []
-        pending = 0
-        # One argument per node (Redis takes at most 1,048,576 per command), as cmsgpack reads it.
-        for node_id, fields, kids in records:
-            node = pack([node_id, [v if isinstance(v, bytes) else str(v) for v in fields], kids])
-            digest.update(node)
-            nodes.append(node)
-            # A leaf's fields open with its state (flows.Builder.leaf).
-            if not kids and fields[0] == "state" and fields[1] == "pending":
-                pending += 1
-        args: list[Any] = [self.prefix, records[0][0], digest.hexdigest(), pending, *nodes]
-        if len(records) <= BIG_WORKFLOW:
-            stored = self._workflow_push(args)
-        else:
-            # Redis runs a big one for seconds (about 4 s for 100,000 tasks): on a connection of its own
-            # that waits that long.
-            client = connect(self.url, max(self.timeout, BIG_WORKFLOW_TIMEOUT), self._locator)
-            try:
-                stored = self._script("workflow_push", client)(args)
-            finally:
-                client.close()
-        if isinstance(stored, bytes):
-            return text(stored)
-        return bool(stored)
-
-    @storage_errors
-    def children(self, node_id: str, count: int) -> tuple[int, list[tuple[str, str]]]:
-        """How many children a workflow's node has, and the first ``count`` of them as (id, state)."""
-        kids = self.prefix + "t:" + node_id + ":kids"
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.llen(kids)
-        pipe.lrange(kids, 0, count - 1)
-        total, ids = pipe.execute()
-        pipe = self.redis.pipeline(transaction=False)
-        for kid in ids:
-            pipe.hget(self.prefix + "t:" + text(kid), "state")
-        states = pipe.execute() if ids else []
-        return int(total), [(text(kid), text(state) or "unknown") for kid, state in zip(ids, states, strict=True)]
-
     # -- Records and counts
 
     @storage_errors
@@ -349,101 +298,3 @@ class Store(Admin, ScheduleStore, LimitStore):
         for module in modules:
             pipe.llen(self.prefix + "queue:m:" + module)
         return {module: n for module, n in zip(modules, pipe.execute(), strict=True) if n}
-
-    # -- Workers
-
-    @storage_errors
-    def workers(self, max_bytes: int = 8 * 1024 * 1024) -> list[dict[str, Any]]:
-        """The workers heard from recently, with their last reported info and ``paused`` (whether
-        nothing is leased to them), soonest to go quiet first; no more than ``max_bytes`` of
-        stored infos are read."""
-        p = self.prefix
-        now = float(self.redis.time()[0])
-        paused = set(self.redis.hkeys(p + "paused"))
-        live: list[Any] = list(self.redis.zrangebyscore(p + "workers:seen", now, "+inf"))
-        out: list[dict[str, Any]] = []
-        used = 0
-        for start in range(0, len(live), 500):
-            chunk = live[start:start + 500]
-            for wid, blob in zip(chunk, self.redis.hmget(p + "workers", chunk), strict=True):
-                used += len(wid) + len(blob or b"")
-                if used > max_bytes:
-                    return out
-                info = worker_of(wid, blob)
-                info["paused"] = b"worker:" + wid in paused
-                out.append(info)
-        return out
-
-    @storage_errors
-    def live_workers(self) -> int:
-        """How many workers were heard from recently."""
-        now = float(self.redis.time()[0])
-        return int(self.redis.zcount(self.prefix + "workers:seen", now, "+inf"))
-
-    @storage_errors
-    def forget_worker(self, worker_id: str) -> None:
-        """Take a worker off the list of live workers (it said it is leaving)."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.prefix + "workers", worker_id)
-        pipe.zrem(self.prefix + "workers:seen", worker_id)
-        pipe.execute()
-
-    # -- Waiting: long-polls, watched tasks, the wake-up channels
-
-    @storage_errors
-    def add_waiter(self, member: str, seconds: float) -> None:
-        """Register a long-poll, so that pushes publish a wake-up while it waits."""
-        now = float(self.redis.time()[0])
-        self.redis.zadd(self.prefix + "waiters", {member: now + seconds + 2})
-
-    @storage_errors
-    def remove_waiter(self, member: str) -> None:
-        """Take a long-poll off the list (it was answered or gave up)."""
-        self.redis.zrem(self.prefix + "waiters", member)
-
-    @storage_errors
-    def watch(self, task_ids: Sequence[str], seconds: float) -> None:
-        """Ask for a message on the ``finished`` channel when any of ``task_ids`` ends."""
-        now = float(self.redis.time()[0])
-        self.redis.zadd(self.prefix + "waiting", {tid: now + seconds for tid in task_ids})
-
-    def listen(self, on_wake: Callable[[int], None], on_finished: Callable[[str], None],
-               stop: threading.Event) -> None:
-        """Call ``on_wake(n)`` whenever tasks become ready and ``on_finished(id)`` when a
-        watched task ends; runs until ``stop`` is set.
-
-        Survives Redis outages: it reconnects with a capped backoff, and calls
-        ``on_wake(0)`` after each (re)connection so waiters look again.
-        """
-        wake_channel = (self.prefix + "wake").encode()
-        delay = 0.1
-        while not stop.is_set():
-            pubsub = None
-            try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.prefix + "wake", self.prefix + "finished")
-                on_wake(0)
-                delay = 0.1
-                while not stop.is_set():
-                    msg = pubsub.get_message(timeout=0.5)
-                    if not msg or msg.get("type") != "message":
-                        continue
-                    if msg["channel"] == wake_channel:
-                        try:
-                            on_wake(int(msg["data"]))
-                        except ValueError:
-                            on_wake(1)
-                    else:
-                        on_finished(text(msg["data"]))
-            except redis.exceptions.RedisError as exc:
-                if self._locator is not None:
-                    self._locator.forget()
-                log.warning("queue_index %s: wake-up channel lost (%s); retrying", self.queue_index, exc)
-                stop.wait(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except redis.exceptions.RedisError:
-                        pass
