@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import socket
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import redis
 
 from ppq.embedded import find_redis_server, free_port
+
+from .conftest import wait_for
 
 # Seconds a process has to answer after it is started.
 START_TIMEOUT = 10.0
@@ -46,16 +47,18 @@ class Node:
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT)
         client = self.client(timeout=0.5)
-        deadline = time.monotonic() + START_TIMEOUT
+
+        def answers() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"redis on port {self.port} exited at start: {self.log()}")
+            try:
+                return bool(client.ping())
+            except redis.exceptions.RedisError:
+                return False
+
         try:
-            while True:
-                try:
-                    client.ping()
-                    return self
-                except redis.exceptions.RedisError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(f"redis on port {self.port} did not start: {self.log()}") from None
-                    time.sleep(0.02)
+            wait_for(answers, timeout=START_TIMEOUT, what=f"redis on port {self.port} to start")
+            return self
         finally:
             client.close()
 
@@ -121,11 +124,7 @@ def sentinel_group(directory: Path, service: str = "mymaster", replicas: int = 1
                     return False
         return True
 
-    deadline = time.monotonic() + 30
-    while not ready():
-        if time.monotonic() > deadline:
-            raise AssertionError("the sentinels did not see every replica and each other within 30s")
-        time.sleep(0.1)
+    wait_for(ready, timeout=30, interval=0.1, what="the sentinels to see every replica and each other")
     return primary, others, watchers
 
 
@@ -167,13 +166,9 @@ def cluster_of(directory: Path, primaries: int = 3) -> list[Node]:
             c.execute_command("CLUSTER", "ADDSLOTS", *range(i * per, end + 1))
         for node in nodes[1:]:
             clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
-        deadline = time.monotonic() + 30
-        while not all(c.execute_command("CLUSTER", "INFO").startswith("cluster_state:ok") and
-                      "cluster_known_nodes:" + str(primaries) in c.execute_command("CLUSTER", "INFO")
-                      for c in clients):
-            if time.monotonic() > deadline:
-                raise AssertionError("the cluster did not reach state ok within 30s")
-            time.sleep(0.1)
+        wait_for(lambda: all(c.execute_command("CLUSTER", "INFO").startswith("cluster_state:ok") and
+                             "cluster_known_nodes:" + str(primaries) in c.execute_command("CLUSTER", "INFO")
+                             for c in clients), timeout=30, interval=0.1, what="the cluster to reach state ok")
     finally:
         for c in clients:
             c.close()
