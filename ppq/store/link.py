@@ -276,15 +276,20 @@ class Link:
             raise redis.exceptions.ResponseError(str(reply))
         return reply
 
+    def _take(self) -> Any:
+        """An idle connection (one a locator finds stale is replaced), or a new one."""
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            return self._connect()
+        if self.locator is not None and self._stale(conn):
+            return self._connect()
+        return conn
+
     def call(self, *args: Any) -> Any:
         conn = None
         try:
-            try:
-                conn = self._idle.pop()
-                if self.locator is not None and self._stale(conn):
-                    conn = self._connect()
-            except IndexError:
-                conn = self._connect()
+            conn = self._take()
             reply = self._roundtrip(conn, args)
         except redis.exceptions.ResponseError as exc:
             self._keep(conn, exc)
@@ -302,12 +307,7 @@ class Link:
         WAIT must); their replies, or ResponseError for ``first``'s error after both are read."""
         conn = None
         try:
-            try:
-                conn = self._idle.pop()
-                if self.locator is not None and self._stale(conn):
-                    conn = self._connect()
-            except IndexError:
-                conn = self._connect()
+            conn = self._take()
             conn[0].sendall(hiredis.pack_command(tuple(first)) + hiredis.pack_command(tuple(then)))
             reply, after = self._read(conn), self._read(conn)
         except (OSError, hiredis.ProtocolError) as exc:
