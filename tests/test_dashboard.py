@@ -198,13 +198,14 @@ def page(browser: Any) -> Any:
 
 
 def text_of(driver: Any, css: str) -> str:
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
+    """The visible text of the first element ``css`` matches, read in one step in the page ("" when
+    none does, or when the page is changing under the read: a poll's redraw, a navigation)."""
+    from selenium.common.exceptions import WebDriverException
 
     try:
-        found = driver.find_elements(By.CSS_SELECTOR, css)
-        return str(found[0].text) if found else ""
-    except StaleElementReferenceException:  # the page changed under it (a poll, a navigation)
+        return str(driver.execute_script(
+            "var e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css) or "")
+    except WebDriverException:
         return ""
 
 
