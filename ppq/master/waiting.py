@@ -17,12 +17,14 @@
 
 from __future__ import annotations
 
+import functools
+import heapq
 import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import rpc
@@ -66,6 +68,48 @@ class Waiter:
         self.tasks = tasks
         self.event.set()
 
+    def wake(self) -> None:
+        self.event.set()
+
+    def release(self) -> None:
+        self.released = True
+        self.event.set()
+
+
+class ParkedWaiter(Waiter):
+    """A long-poll waiting without a thread: its reply is held (``rpc.HeldReply``) and sent by
+    whoever ends the wait: a push's hand-off, a wake-up's look, the deadline, release_worker,
+    the master's stop (:class:`Waiting`). Exactly one reply goes out (the HeldReply's claim)."""
+
+    __slots__ = ("held", "owner", "store", "deadline", "reply_of")
+
+    def __init__(self, wid: str, count: int, seen: float, allow: str, held: rpc.HeldReply, owner: Waiting,
+                 store: Store, deadline: float, reply_of: Callable[[list[dict[str, Any]]], Any]) -> None:
+        super().__init__(wid, count, seen, allow)
+        self.held = held
+        self.owner = owner
+        self.store = store
+        self.deadline = deadline
+        # The call's reply, given the tasks leased: the same dict the method returns when it does not wait.
+        self.reply_of = reply_of
+
+    def __lt__(self, other: ParkedWaiter) -> bool:  # heap order on equal deadlines
+        return id(self) < id(other)
+
+    def hand(self, tasks: list[dict[str, Any]]) -> None:
+        self.owner._answer(self, tasks)
+
+    def wake(self) -> None:
+        self.owner._woken(self)
+
+    def release(self) -> None:
+        self.released = True
+        self.owner._answer(self, [])
+
+
+class Parked(Exception):  # noqa: N818 - not an error: the long-poll's reply is held
+    """Raised by ``Waiting._lease`` when the long-poll waits without a thread: reply ``rpc.HELD``."""
+
 
 class Waker:
     """The long-polls of one queue_index waiting on this master.
@@ -88,6 +132,7 @@ class Waker:
         """Wake ``count`` idle waiters (all when ``count`` <= 0) to look for tasks: ``count`` of each
         allow spec when they do not all run the same modules (a count does not say whose
         tasks were made ready)."""
+        woken: list[Waiter] = []
         with self.lock:
             self.generation += 1
             if count <= 0:
@@ -96,10 +141,12 @@ class Waker:
                 for group in list(self.by_allow.values()):
                     for waiter in list(itertools.islice(group, count)):
                         self._discard(waiter)
-                        waiter.event.set()
-                return
-            for _ in range(min(count, len(self.idle))):
-                self._take().event.set()
+                        woken.append(waiter)
+            else:
+                for _ in range(min(count, len(self.idle))):
+                    woken.append(self._take())
+        for waiter in woken:
+            waiter.wake()
 
     def claim(self, module: str = "") -> Waiter | None:
         """Take the longest-waiting idle waiter that may run ``module``; the caller must ``hand()``
@@ -125,9 +172,22 @@ class Waker:
             mine = [w for w in self.idle if w.wid == wid]
             for waiter in mine:
                 self._discard(waiter)
-                waiter.released = True
-                waiter.event.set()
+        for waiter in mine:
+            waiter.release()
         return len(mine)
+
+    def park(self, waiter: Waiter, generation: int) -> bool:
+        """List ``waiter`` as idle, unless a wake-up came after ``generation`` (False: look again)."""
+        with self.lock:
+            if self.generation != generation:
+                return False
+            self._add(waiter)
+            return True
+
+    def discard(self, waiter: Waiter) -> bool:
+        """Take ``waiter`` off the idle lists; True if it was on them (then the caller ends its wait)."""
+        with self.lock:
+            return self._discard(waiter)
 
     def _take(self) -> Waiter:
         """Remove and return the longest-waiting idle waiter (``self.lock`` held)."""
@@ -170,6 +230,41 @@ class Waker:
         return waiter.tasks
 
 
+class Deadlines:
+    """The one timer thread of a master's parked long-polls: a heap of their deadlines."""
+
+    def __init__(self, expired: Callable[[list[ParkedWaiter]], None], stop: threading.Event) -> None:
+        self._expired = expired
+        self._stop = stop
+        self._heap: list[tuple[float, ParkedWaiter]] = []
+        self._cond = threading.Condition(threading.Lock())
+
+    def add(self, waiter: ParkedWaiter) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (waiter.deadline, waiter))
+            if self._heap[0][1] is waiter:
+                self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            due: list[ParkedWaiter] = []
+            with self._cond:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[1])
+                if not due:
+                    self._cond.wait(min(1.0, self._heap[0][0] - now) if self._heap else 1.0)
+                    continue
+            try:
+                self._expired(due)
+            except Exception:  # noqa: BLE001 - the timer must keep running
+                log.exception("ending expired long-polls failed")
+
+
 class Waiting:
     """The long-poll, hand-off and wake-up half of :class:`~ppq.master.exposed.Master`."""
 
@@ -184,6 +279,11 @@ class Waiting:
     _watch_lock: threading.Lock
     _handed: OrderedDict[tuple[int, str], tuple[str, str, str]]
     _handed_lock: threading.Lock
+    # Parked long-polls (at most master.max_waiters), and their deadlines' timer (set by start_background).
+    _parked: int
+    _parked_lock: threading.Lock
+    _full_logged: bool
+    _timer: Deadlines | None
 
     if TYPE_CHECKING:
         def _store(self, queue_index: Any) -> Store: ...
@@ -197,13 +297,19 @@ class Waiting:
         return min(3 * float(interval) + 1, self.config.master.worker_ttl)
 
     def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
-               wait: float, strict: bool = False, failed: dict[str, list[int]] | None = None
+               wait: float, strict: bool = False, failed: dict[str, list[int]] | None = None,
+               hold: Callable[[list[bool], list[dict[str, Any]]], Any] | None = None
                ) -> tuple[list[bool], list[dict[str, Any]]]:
+        """Record ``reports``, then lease up to ``count`` tasks, waiting up to ``wait`` seconds for some.
+
+        With ``hold`` (the call's reply, given ``accepted`` and the tasks), a wait that finds
+        nothing holds the call's reply instead of its thread (:meth:`_park`) and raises
+        :class:`Parked`; the reply ``hold(accepted, tasks)`` is sent when the wait ends.
+        """
         store = self._store(queue_index)
         wid = worker_id_of(worker_info)
         allow = allow_of(worker_info)
         waker = self.wakers[store.queue_index]
-        generation = waker.generation
         seen = self._seen(worker_info)
         accepted, tasks, more = store.report(wid, reports, count, seen, strict, allow, failed)
         if more and not tasks and not (strict and not all(accepted)):
@@ -212,6 +318,14 @@ class Waiting:
             self._log_changes(store.queue_index, wid, reports, accepted, tasks)
         if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):
             return accepted, tasks
+        if hold is not None and self._timer is not None:
+            tasks = self._park(store, waker, wid, count, seen, allow, wait, functools.partial(hold, accepted))
+            return accepted, tasks
+        return accepted, self._wait(store, waker, wid, count, seen, allow, wait)
+
+    def _wait(self, store: Store, waker: Waker, wid: str, count: int, seen: float, allow: str,
+              wait: float) -> list[dict[str, Any]]:
+        """The long-poll in the calling thread: up to ``wait`` seconds for tasks."""
         # Register as a waiter first, then look again: a push in between is not missed.
         member = f"{self.id}:{threading.get_ident()}"
         store.add_waiter(member, wait)
@@ -241,7 +355,109 @@ class Waiting:
                     store.remove_waiter(member)
                 except StorageError:
                     pass
-        return accepted, tasks
+        return tasks
+
+    def _park(self, store: Store, waker: Waker, wid: str, count: int, seen: float, allow: str, wait: float,
+              reply_of: Callable[[list[dict[str, Any]]], Any]) -> list[dict[str, Any]]:
+        """The long-poll of a call whose reply can be held: return the tasks found at once, else
+        park a :class:`ParkedWaiter` and raise :class:`Parked` (the call's thread goes back to
+        the pool). Past ``master.max_waiters`` parked long-polls, return no tasks at once."""
+        if self._parked >= self.config.master.max_waiters:
+            if not self._full_logged:
+                self._full_logged = True
+                log.warning("%d long-polls are waiting (master.max_waiters): more return at once with no task",
+                            self._parked)
+            return []
+        held = rpc.hold_reply()
+        if held is None:  # not a call whose reply can be held: wait in this thread
+            return self._wait(store, waker, wid, count, seen, allow, wait)
+        # Register as a waiter first, then look again: a push in between is not missed. One
+        # registration per connection: the next long-poll renews it, a gone one expires.
+        store.add_waiter(f"{self.id}:{held.conn_id}", wait)
+        waiter = ParkedWaiter(wid, count, seen, allow, held, self, store, time.monotonic() + wait, reply_of)
+        while True:
+            generation = waker.generation
+            tasks = self._look(store, wid, count, seen, allow)
+            if tasks or self._stop.is_set():
+                return tasks  # the call replies itself: nobody else knows of ``held``
+            if waker.park(waiter, generation):
+                break
+        with self._parked_lock:
+            self._parked += 1
+        held.on_abandon = functools.partial(self._abandoned, waiter)
+        if self._timer is not None:
+            self._timer.add(waiter)
+        raise Parked
+
+    def _answer(self, waiter: ParkedWaiter, tasks: list[dict[str, Any]]) -> None:
+        """End a parked long-poll (taken off its Waker's idle list by the caller): reply with ``tasks``."""
+        try:
+            reply = waiter.reply_of(tasks)
+        except Exception as exc:  # noqa: BLE001 - answered as the call would have failed
+            self._settled(waiter, waiter.held.fail(rpc.client_error(exc, "report", waiter.held.client_is_ppq)))
+            return
+        sent = waiter.held.send(reply, again_soon=bool(tasks))
+        self._settled(waiter, sent)
+        if tasks and sent and log.isEnabledFor(logging.DEBUG):
+            self._log_changes(waiter.store.queue_index, waiter.wid, [], [], tasks)
+        if tasks and not sent:
+            waiter.held.submit(self._hand_back, waiter.store, waiter.wid, tasks)
+
+    def _settled(self, waiter: ParkedWaiter, replied: bool) -> None:
+        if replied:
+            with self._parked_lock:
+                self._parked -= 1
+                self._full_logged = False
+
+    def _hand_back(self, store: Store, wid: str, tasks: list[dict[str, Any]]) -> None:
+        """Tasks leased to a long-poll whose client went away: back to the queue at once."""
+        reports = [{"id": t["id"], "lease": t["lease"], "ok": False, "result": b"", "error": "", "traceback": "",
+                    "retry": True, "release": True} for t in tasks]
+        try:
+            store.report(wid, reports, 0, self._seen(), False)
+        except StorageError as exc:
+            log.warning("queue_index %s: cannot hand back %d tasks of a gone long-poll (%s); their lease "
+                        "expires", store.queue_index, len(tasks), exc)
+
+    def _abandoned(self, waiter: ParkedWaiter) -> None:
+        """The client of a parked long-poll went away (the selector thread: no store calls here)."""
+        self.wakers[waiter.store.queue_index].discard(waiter)
+        self._settled(waiter, True)
+
+    def _woken(self, waiter: ParkedWaiter) -> None:
+        """A wake-up took a parked long-poll off its Waker's idle list: look for tasks in a pool thread."""
+        if self._stop.is_set():
+            self._answer(waiter, [])
+        else:
+            waiter.held.submit(self._rewake, waiter)
+
+    def _rewake(self, waiter: ParkedWaiter) -> None:
+        """A pool job: a woken parked long-poll looks for tasks; it replies with them, or waits
+        on until its deadline (the timer replies then)."""
+        if waiter.held.done:
+            return
+        store = waiter.store
+        waker = self.wakers[store.queue_index]
+        try:
+            while True:
+                generation = waker.generation
+                tasks = self._look(store, waiter.wid, waiter.count, waiter.seen, waiter.allow)
+                if tasks or waiter.released or self._stop.is_set() or time.monotonic() >= waiter.deadline:
+                    break
+                if waker.park(waiter, generation):
+                    if self._timer is not None:
+                        self._timer.add(waiter)
+                    return
+        except StorageError as exc:
+            self._settled(waiter, waiter.held.fail(rpc.client_error(exc, "report", waiter.held.client_is_ppq)))
+            return
+        self._answer(waiter, tasks)
+
+    def _expired(self, waiters: list[ParkedWaiter]) -> None:
+        """The timer: these parked long-polls reached their deadline; those still idle reply empty."""
+        for waiter in waiters:
+            if self.wakers[waiter.store.queue_index].discard(waiter):
+                self._answer(waiter, [])
 
     def _look(self, store: Store, wid: str, count: int, seen: float, allow: str) -> list[dict[str, Any]]:
         """Lease up to ``count`` tasks with nothing to report; ask again at once (MAX_LOOKS times at
@@ -276,7 +492,8 @@ class Waiting:
             ids, tasks = store.push(specs, (waiter.wid, waiter.count, waiter.seen, waiter.allow))
         finally:
             waiter.hand(tasks)
-        if tasks:
+        if tasks and not isinstance(waiter, ParkedWaiter):
+            # (A parked waiter's reply was sent by hand() itself.)
             # Let the waiter's thread send the tasks before this one replies to the pusher:
             # without this it waits for the GIL until that reply is out (about 0.1 ms more
             # from push to start; bench/run.py's latency phase).

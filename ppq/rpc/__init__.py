@@ -27,10 +27,11 @@ from .client import (
     master_uri,
     register_errors,
 )
-from .exposed import caller_role, client_address, client_is_ppq, client_session, remote
+from .exposed import caller_role, client_address, client_error, client_is_ppq, client_session, remote
 from .net import apply_tls, check_bind, is_loopback, server_ssl_context
 from .roles import ALL, ANY, CLIENT, WORKER, token_roles
-from .server import Daemon, serve_in_thread
+from .server import HELD, Daemon, hold_reply, serve_in_thread
+from .transport import HeldReply
 
 __all__ = [
     "ALL",
@@ -38,19 +39,23 @@ __all__ = [
     "CLIENT",
     "DEFAULT_SERIALIZER",
     "DEFAULT_TIMEOUT",
+    "HELD",
     "MASTER_OBJECT",
     "WORKER",
     "WORKER_OBJECT",
     "CommunicationError",
     "Daemon",
+    "HeldReply",
     "PyroFunc",
     "apply_tls",
     "caller_role",
     "check_bind",
     "client_address",
+    "client_error",
     "client_is_ppq",
     "client_session",
     "expose",
+    "hold_reply",
     "is_loopback",
     "make_proxy",
     "master_uri",
