@@ -75,6 +75,7 @@ class Master(Operations, Scheduling, Limiting, Waiting):
         self._parked_lock = threading.Lock()
         self._full_logged = False
         self._timer: Deadlines | None = None
+        self._registered: dict[int, float] = {}
         # queue_index -> (when read, the allow specs of its live workers): see _live_allows.
         self._allows: dict[int, tuple[float, list[str]]] = {}
 

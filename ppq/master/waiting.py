@@ -40,6 +40,10 @@ log = logging.getLogger("ppq.master")
 # (a queue long with tasks of modules the worker may not run); then it waits as usual.
 MAX_LOOKS = 100
 
+# Seconds more than a parked long-poll's wait that a master's registration in the store's
+# waiters lasts (renewed by the long-polls that find it about to end).
+REGISTERED = 30.0
+
 # Leases handed out by get_task / get_tasks / piggyback that this master remembers for
 # finishes and errors sent without their lease (the seed's call shape); the oldest go first.
 MAX_REMEMBERED_LEASES = 100_000
@@ -85,7 +89,14 @@ class ParkedWaiter(Waiter):
 
     def __init__(self, wid: str, count: int, seen: float, allow: str, held: rpc.HeldReply, owner: Waiting,
                  store: Store, deadline: float, reply_of: Callable[[list[dict[str, Any]]], Any]) -> None:
-        super().__init__(wid, count, seen, allow)
+        # No event: nothing waits on one (Waiter.__init__ is not called).
+        self.wid = wid
+        self.count = count
+        self.seen = seen
+        self.allow = allow
+        self.order = 0
+        self.released = False
+        self.tasks = None
         self.held = held
         self.owner = owner
         self.store = store
@@ -284,6 +295,8 @@ class Waiting:
     _parked_lock: threading.Lock
     _full_logged: bool
     _timer: Deadlines | None
+    # queue_index -> until when (monotonic) this master's registration in the store's waiters lasts.
+    _registered: dict[int, float]
 
     if TYPE_CHECKING:
         def _store(self, queue_index: Any) -> Store: ...
@@ -310,6 +323,7 @@ class Waiting:
         wid = worker_id_of(worker_info)
         allow = allow_of(worker_info)
         waker = self.wakers[store.queue_index]
+        generation = waker.generation
         seen = self._seen(worker_info)
         accepted, tasks, more = store.report(wid, reports, count, seen, strict, allow, failed)
         if more and not tasks and not (strict and not all(accepted)):
@@ -319,7 +333,8 @@ class Waiting:
         if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):
             return accepted, tasks
         if hold is not None and self._timer is not None:
-            tasks = self._park(store, waker, wid, count, seen, allow, wait, functools.partial(hold, accepted))
+            tasks = self._park(store, waker, generation, wid, count, seen, allow, wait,
+                               functools.partial(hold, accepted))
             return accepted, tasks
         return accepted, self._wait(store, waker, wid, count, seen, allow, wait)
 
@@ -357,11 +372,12 @@ class Waiting:
                     pass
         return tasks
 
-    def _park(self, store: Store, waker: Waker, wid: str, count: int, seen: float, allow: str, wait: float,
-              reply_of: Callable[[list[dict[str, Any]]], Any]) -> list[dict[str, Any]]:
+    def _park(self, store: Store, waker: Waker, generation: int, wid: str, count: int, seen: float, allow: str,
+              wait: float, reply_of: Callable[[list[dict[str, Any]]], Any]) -> list[dict[str, Any]]:
         """The long-poll of a call whose reply can be held: return the tasks found at once, else
         park a :class:`ParkedWaiter` and raise :class:`Parked` (the call's thread goes back to
-        the pool). Past ``master.max_waiters`` parked long-polls, return no tasks at once."""
+        the pool). ``generation``: the Waker's, read before the call's lease looked. Past
+        ``master.max_waiters`` parked long-polls, return no tasks at once."""
         if self._parked >= self.config.master.max_waiters:
             if not self._full_logged:
                 self._full_logged = True
@@ -371,17 +387,25 @@ class Waiting:
         held = rpc.hold_reply()
         if held is None:  # not a call whose reply can be held: wait in this thread
             return self._wait(store, waker, wid, count, seen, allow, wait)
-        # Register as a waiter first, then look again: a push in between is not missed. One
-        # registration per connection: the next long-poll renews it, a gone one expires.
-        store.add_waiter(f"{self.id}:{held.conn_id}", wait)
-        waiter = ParkedWaiter(wid, count, seen, allow, held, self, store, time.monotonic() + wait, reply_of)
-        while True:
+        now = time.monotonic()
+        if self._registered.get(store.queue_index, 0.0) < now + wait + 1:
+            # Pushes elsewhere publish a wake-up only while a long-poll is registered in the store:
+            # this master registers once for all its parked long-polls, for REGISTERED seconds
+            # more than the wait (a master that stops leaves it to expire). Register first, then
+            # look again: a push in between is not missed.
+            store.add_waiter(self.id, wait + REGISTERED)
+            self._registered[store.queue_index] = now + wait + REGISTERED
+            generation = waker.generation
+            tasks = self._look(store, wid, count, seen, allow)
+            if tasks:
+                return tasks
+        waiter = ParkedWaiter(wid, count, seen, allow, held, self, store, now + wait, reply_of)
+        while not waker.park(waiter, generation):
+            # Woken since the lease looked: look again.
             generation = waker.generation
             tasks = self._look(store, wid, count, seen, allow)
             if tasks or self._stop.is_set():
                 return tasks  # the call replies itself: nobody else knows of ``held``
-            if waker.park(waiter, generation):
-                break
         with self._parked_lock:
             self._parked += 1
         held.on_abandon = functools.partial(self._abandoned, waiter)
@@ -510,7 +534,14 @@ class Waiting:
                 for event in events:
                     event.set()
 
-        store.listen(self.wakers[qi].wake, finished, self._stop)
+        waker = self.wakers[qi]
+
+        def wake(count: int) -> None:
+            if count <= 0:  # (re)connected: the store may have lost this master's registration
+                self._registered.pop(qi, None)
+            waker.wake(count)
+
+        store.listen(wake, finished, self._stop)
 
     def _wait_final(self, store: Store, task_ids: list[str], timeout: float) -> list[dict[str, Any] | None]:
         """Infos of ``task_ids`` once one has ended (or ``timeout`` passed), without polling."""

@@ -351,6 +351,14 @@ class Transport(Handshakes):
                         if item.abandon():
                             self._close_conn(item.conn)
                 continue
+            if action == "park" and not self._shutting_down:
+                try:
+                    # Still watched for its held reply: the same registration now waits for a request.
+                    self._selector.modify(item.sock, selectors.EVENT_READ, item)
+                    self._parked[item.sock.fileno()] = item
+                except (KeyError, ValueError, OSError):
+                    self._register_parked(item)
+                continue
             self._forget(item)
             if self._shutting_down or action == "close":
                 self._close_conn(item)
