@@ -119,7 +119,13 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         time.sleep(args.wait + 1)  # every agent is in its long-poll cycle
         mproc = psutil.Process(master.pid)
         c0, t0 = cpu_seconds([mproc]), time.monotonic()
-        time.sleep(args.seconds)
+        profile = os.environ.get("IDLE_AGENTS_PYSPY")  # a py-spy profile of the window, for a closer look
+        if profile:
+            subprocess.run(["py-spy", "record", "-p", str(master.pid), "-d", str(int(args.seconds)), "-o",
+                            f"{profile}-{n}.txt", "-f", "raw", "-r", "200", "--gil"],
+                           capture_output=True)
+        else:
+            time.sleep(args.seconds)
         result["master_cpu_pct"] = round((cpu_seconds([mproc]) - c0) / (time.monotonic() - t0) * 100, 1)
         result["master_threads"] = mproc.num_threads()
         result["master_rss_mb"] = round(mproc.memory_info().rss / 2**20)

@@ -353,10 +353,15 @@ class Transport(Handshakes):
                 continue
             if action == "park" and not self._shutting_down:
                 try:
-                    # Still watched for its held reply: the same registration now waits for a request.
-                    self._selector.modify(item.sock, selectors.EVENT_READ, item)
-                    self._parked[item.sock.fileno()] = item
+                    fd = item.sock.fileno()
+                    watched = self._selector.get_map().get(fd) is not None
+                    if watched:
+                        # Still watched for its held reply: the same registration now waits for a request.
+                        self._selector.modify(fd, selectors.EVENT_READ, item)
+                        self._parked[fd] = item
                 except (KeyError, ValueError, OSError):
+                    watched = False
+                if not watched:
                     self._register_parked(item)
                 continue
             self._forget(item)
@@ -370,10 +375,11 @@ class Transport(Handshakes):
     def _forget(self, conn: Any) -> None:
         """Take ``conn``'s socket out of the selector if it is there (a held reply's watch)."""
         try:
-            key = self._selector.get_key(conn.sock)
-        except (KeyError, ValueError):
+            # By descriptor: a miss costs no KeyError naming the socket (its repr asks the kernel).
+            key = self._selector.get_map().get(conn.sock.fileno())
+        except (KeyError, ValueError, OSError):
             return
-        if key.data is not conn and not isinstance(key.data, HeldReply):
+        if key is None or (key.data is not conn and not isinstance(key.data, HeldReply)):
             return
         try:
             self._selector.unregister(conn.sock)
