@@ -146,25 +146,31 @@ def test_master_stop_ends_parked_long_polls(make_master: Callable[..., MasterSer
     assert out.get("reply") == {"accepted": [], "tasks": []} or "error" in out, out
 
 
-def test_parked_long_polls_past_max_waiters_return_at_once(make_master: Callable[..., MasterServer],
-                                                           ra: redis.Redis) -> None:
+def test_long_polls_past_max_waiters_wait_in_a_thread(make_master: Callable[..., MasterServer],
+                                                      ra: redis.Redis) -> None:
+    """Past master.max_waiters a long-poll is not parked: it waits in its thread, as before
+    (not answered at once: the agent would ask again at once), and a push still reaches it."""
     server = make_master(master__max_waiters=2)
-    outs: list[dict[str, Any]] = [{}, {}]
+    outs: list[dict[str, Any]] = [{}, {}, {}]
     threads = [_report_poll(server, {"id": f"w{i}"}, 1, 20, outs[i]) for i in range(2)]
     wait_for(lambda: _parked(server, 2), what="two long-polls to park")
-    third: dict[str, Any] = {}
-    _report_poll(server, {"id": "w3"}, 1, 20, third).join(10)
-    assert third["reply"] == {"accepted": [], "tasks": []} and third["seconds"] < 2
+    threads.append(_report_poll(server, {"id": "w2"}, 1, 20, outs[2]))
+    wait_for(lambda: len(server.master.wakers[0].idle) == 3, what="the third long-poll to wait")
+    assert server.master._parked == 2 and "reply" not in outs[2]
     call = PyroFunc(server.uri)
     try:
         for i in range(2):
             assert call("release_worker", {"id": f"w{i}"}, 0) == 1
+        for thread in threads[:2]:
+            thread.join(5)
+            assert not thread.is_alive()
+        assert server.master._parked == 0
+        task_id = call("push_task", "add", module="tasks", args=[1, 2])
+        threads[2].join(5)
+        assert not threads[2].is_alive()
+        assert [t["id"] for t in outs[2]["reply"]["tasks"]] == [task_id]
     finally:
         call.close()
-    for thread in threads:
-        thread.join(5)
-        assert not thread.is_alive()
-    assert server.master._parked == 0
 
 
 def test_parked_long_poll_of_a_client_that_goes_away_is_freed(make_master: Callable[..., MasterServer],

@@ -376,16 +376,20 @@ class Waiting:
               wait: float, reply_of: Callable[[list[dict[str, Any]]], Any]) -> list[dict[str, Any]]:
         """The long-poll of a call whose reply can be held: return the tasks found at once, else
         park a :class:`ParkedWaiter` and raise :class:`Parked` (the call's thread goes back to
-        the pool). ``generation``: the Waker's, read before the call's lease looked. Past
-        ``master.max_waiters`` parked long-polls, return no tasks at once."""
-        if self._parked >= self.config.master.max_waiters:
-            if not self._full_logged:
-                self._full_logged = True
-                log.warning("%d long-polls are waiting (master.max_waiters): more return at once with no task",
-                            self._parked)
-            return []
-        held = rpc.hold_reply()
-        if held is None:  # not a call whose reply can be held: wait in this thread
+        the pool). ``generation``: the Waker's, read before the call's lease looked.
+
+        Past ``master.max_waiters`` parked long-polls, one waits in its thread as before
+        (``master.threadpool_size`` bounds those): returning at once with no task would
+        have the agent ask again at once (its backoff is for errors), a busy loop.
+        """
+        held = None
+        if self._parked < self.config.master.max_waiters:
+            held = rpc.hold_reply()
+        elif not self._full_logged:
+            self._full_logged = True
+            log.warning("%d long-polls are parked (master.max_waiters): more wait in a server thread each",
+                        self._parked)
+        if held is None:  # over the bound, or not a call whose reply can be held: wait in this thread
             return self._wait(store, waker, wid, count, seen, allow, wait)
         now = time.monotonic()
         if self._registered.get(store.queue_index, 0.0) < now + wait + 1:
