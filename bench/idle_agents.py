@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One master, N connected idle agents long-polling: the master's CPU, and push latency meanwhile.
 
-    python bench/idle_agents.py [--agents 100,1000,10000] [--per-process 1000] [--wait 5]
+    python bench/idle_agents.py [--agents 100,1000,10000] [--per-process 1000] [--wait 5] [--heartbeat 5]
                                 [--seconds 10] [--pushes 500] [--repo PATH]
 
 For each N: two throwaway redis-servers (queue_index 0 and 1), one ``ppq master``
@@ -107,7 +107,7 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             count = min(left, args.per_process)
             left -= count
             agents.append(subprocess.Popen([sys.executable, str(fake), f"PYRO:queue@{address}", str(count),
-                                            "--queue-index", "1", "--wait", str(args.wait), "--heartbeat", "5"],
+                                            "--queue-index", "1", "--wait", str(args.wait), "--heartbeat", str(args.heartbeat)],
                                            cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                            text=True))
         for proc in agents:
@@ -118,15 +118,19 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         result["connect_s"] = round(time.monotonic() - started, 1)
         time.sleep(args.wait + 1)  # every agent is in its long-poll cycle
         mproc = psutil.Process(master.pid)
-        c0, t0 = cpu_seconds([mproc]), time.monotonic()
+        c0, t0, times0 = cpu_seconds([mproc]), time.monotonic(), mproc.cpu_times()
         profile = os.environ.get("IDLE_AGENTS_PYSPY")  # a py-spy profile of the window, for a closer look
         if profile:
             subprocess.run(["py-spy", "record", "-p", str(master.pid), "-d", str(int(args.seconds)), "-o",
-                            f"{profile}-{n}.txt", "-f", "raw", "-r", "200", "--gil"],
+                            f"{profile}-{n}.txt", "-f", "raw", "-r", "100"],
                            capture_output=True)
         else:
             time.sleep(args.seconds)
-        result["master_cpu_pct"] = round((cpu_seconds([mproc]) - c0) / (time.monotonic() - t0) * 100, 1)
+        took = time.monotonic() - t0
+        times1 = mproc.cpu_times()
+        result["master_cpu_pct"] = round((cpu_seconds([mproc]) - c0) / took * 100, 1)
+        result["master_sys_pct"] = round((times1.system - times0.system) / took * 100, 1)
+        result["master_ctx_switches"] = sum(mproc.num_ctx_switches())
         result["master_threads"] = mproc.num_threads()
         result["master_rss_mb"] = round(mproc.memory_info().rss / 2**20)
         lat = redis.Redis.from_url(ra.url)
@@ -205,6 +209,7 @@ def main() -> int:
     p.add_argument("--agents", default="100,1000,10000", help="comma-separated agent counts")
     p.add_argument("--per-process", type=int, default=1000, help="fake agents (threads) per process")
     p.add_argument("--wait", type=float, default=5.0, help="the agents' long-poll wait (worker.max_sleep: 5)")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="the agents' heartbeat interval (as the 1,000-agent test)")
     p.add_argument("--seconds", type=float, default=10.0, help="CPU measurement window")
     p.add_argument("--pushes", type=int, default=500, help="single pushes timed")
     p.add_argument("--repo", default=str(BENCH_DIR.parent), help="the checkout to run (default: this one)")

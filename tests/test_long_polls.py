@@ -108,7 +108,7 @@ def test_parked_long_poll_replies_empty_at_its_deadline_not_sooner(make_master: 
     thread.join(10)
     assert not thread.is_alive()
     assert out["reply"] == {"accepted": [], "tasks": []}
-    assert 1.5 <= out["seconds"] < 2.5, out["seconds"]
+    assert 1.5 <= out["seconds"] < 4, out
     assert server.master._parked == 0 and not server.master.wakers[0].idle
 
 

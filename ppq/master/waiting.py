@@ -241,6 +241,10 @@ class Waker:
         return waiter.tasks
 
 
+# Seconds the deadline timer may answer a parked long-poll late, to end those due together at once.
+SLACK = 0.02
+
+
 class Deadlines:
     """The one timer thread of a master's parked long-polls: a heap of their deadlines."""
 
@@ -268,7 +272,8 @@ class Deadlines:
                 while self._heap and self._heap[0][0] <= now:
                     due.append(heapq.heappop(self._heap)[1])
                 if not due:
-                    self._cond.wait(min(1.0, self._heap[0][0] - now) if self._heap else 1.0)
+                    # Up to SLACK late, never early: the long-polls due within it end in one batch.
+                    self._cond.wait(min(1.0, self._heap[0][0] - now + SLACK) if self._heap else 1.0)
                     continue
             try:
                 self._expired(due)
@@ -424,7 +429,9 @@ class Waiting:
         except Exception as exc:  # noqa: BLE001 - answered as the call would have failed
             self._settled(waiter, waiter.held.fail(rpc.client_error(exc, "report", waiter.held.client_is_ppq)))
             return
-        sent = waiter.held.send(reply, again_soon=bool(tasks))
+        # The agent asks again at once (or reports the tasks soon): a pool thread waits for that
+        # request, without a trip through the selector; one released (it is stopping) will not.
+        sent = waiter.held.send(reply, again_soon=not waiter.released)
         self._settled(waiter, sent)
         if tasks and sent and log.isEnabledFor(logging.DEBUG):
             self._log_changes(waiter.store.queue_index, waiter.wid, [], [], tasks)

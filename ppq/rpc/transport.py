@@ -215,6 +215,7 @@ class Transport(Handshakes):
         # (action, connection or HeldReply); see _run_commands.
         self._commands: collections.deque[tuple[str, Any]] = collections.deque()
         self._parked: dict[int, Any] = {}
+        self._wake_pending = False
         self._shutting_down = False
         self._accepting = True
         self._resume_at = 0.0
@@ -236,6 +237,7 @@ class Transport(Handshakes):
         raise TypeError("ppq's server runs its own loop")
 
     def wakeup(self) -> None:
+        self._wake_pending = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -336,9 +338,13 @@ class Transport(Handshakes):
         pool thread reads its next request), "close" it, or "watch" a HeldReply's
         connection for the client going away."""
         self._commands.append((action, item))
-        self.wakeup()
+        # One wake-up is enough for the commands queued until the selector thread runs them
+        # (it clears the flag before it takes them).
+        if not self._wake_pending:
+            self.wakeup()
 
     def _run_commands(self) -> None:
+        self._wake_pending = False
         while self._commands:
             action, item = self._commands.popleft()
             if action == "watch":
