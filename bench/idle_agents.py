@@ -107,7 +107,8 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             count = min(left, args.per_process)
             left -= count
             agents.append(subprocess.Popen([sys.executable, str(fake), f"PYRO:queue@{address}", str(count),
-                                            "--queue-index", "1", "--wait", str(args.wait), "--heartbeat", str(args.heartbeat)],
+                                            "--queue-index", "1", "--wait", str(args.wait),
+                                            "--heartbeat", str(args.heartbeat)],
                                            cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                            text=True))
         for proc in agents:
@@ -130,38 +131,13 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         times1 = mproc.cpu_times()
         result["master_cpu_pct"] = round((cpu_seconds([mproc]) - c0) / took * 100, 1)
         result["master_sys_pct"] = round((times1.system - times0.system) / took * 100, 1)
-        result["master_ctx_switches"] = sum(mproc.num_ctx_switches())
         result["master_threads"] = mproc.num_threads()
         result["master_rss_mb"] = round(mproc.memory_info().rss / 2**20)
-        lat = redis.Redis.from_url(ra.url)
-        # Warm up: the worker's first tasks (its executor starting) are not measured.
-        for i in range(20):
-            client.push("peers.noop_tasks.stamp", -1 - i)
-            time.sleep(0.02)
-        wait_until(lambda: lat.llen(LAT_KEY) >= 20, 60, "the warm-up tasks")
-        time.sleep(0.5)
-        lat.delete(LAT_KEY)
-        pushed: dict[int, float] = {}
-        calls: list[float] = []
-        for i in range(args.pushes):
-            wall, t = time.time(), time.perf_counter()
-            client.push("peers.noop_tasks.stamp", i)
-            calls.append((time.perf_counter() - t) * 1000)
-            pushed[i] = wall
-            time.sleep(random.uniform(0.010, 0.020))
-        wait_until(lambda: lat.llen(LAT_KEY) >= args.pushes, 60, "the stamp tasks")
-        starts = []
-        for raw in lat.lrange(LAT_KEY, 0, -1):
-            i, at = raw.decode().split()
-            starts.append((float(at) - pushed[int(i)]) * 1000)
-        if os.environ.get("IDLE_AGENTS_DEBUG"):
-            print("starts:", [round(x, 1) for x in sorted(starts)[-30:]], file=sys.stderr)
-        result.update({
-            "push_p50_ms": round(statistics.median(calls), 2), "push_p99_ms": round(percentile(calls, 99), 2),
-            "start_p50_ms": round(statistics.median(starts), 2), "start_p99_ms": round(percentile(starts, 99), 2),
-        })
+        try:
+            result.update(measure_pushes(client, ra.url, args))
+        except Exception as exc:  # noqa: BLE001 - a master that cannot serve is a result too
+            result["push_error"] = f"{type(exc).__name__}: {exc}"[:200]
         client.close()
-        lat.close()
     finally:
         for proc in agents:
             if proc.stdin is not None:
@@ -178,6 +154,9 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             result["agent_errors"] = sum(s["errors"] for s in summaries)
             result["short_polls"] = sum(s["short_polls"] for s in summaries)
             result["polls"] = sum(s["polls"] for s in summaries)
+            result["heartbeats"] = sum(s["heartbeats"] for s in summaries)
+            result["slowest_heartbeat_s"] = max(s["slowest_heartbeat"] for s in summaries)
+            result["error_samples"] = sorted({e[:80] for s in summaries for e in s["error_samples"]})[:4]
         for proc in procs:
             proc.terminate()
         for proc in procs:
@@ -188,6 +167,39 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         ra.stop()
         rb.stop()
     return result
+
+
+def measure_pushes(client: Any, redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Push p50/p99 and push-to-start p50/p99 of --pushes single pushes, after a warm-up."""
+    lat = redis.Redis.from_url(redis_url)
+    # Warm up: the worker's first tasks (its executor starting) are not measured.
+    for i in range(20):
+        client.push("peers.noop_tasks.stamp", -1 - i)
+        time.sleep(0.02)
+    wait_until(lambda: lat.llen(LAT_KEY) >= 20, 60, "the warm-up tasks")
+    time.sleep(0.5)
+    lat.delete(LAT_KEY)
+    pushed: dict[int, float] = {}
+    calls: list[float] = []
+    for i in range(args.pushes):
+        wall, t = time.time(), time.perf_counter()
+        client.push("peers.noop_tasks.stamp", i)
+        calls.append((time.perf_counter() - t) * 1000)
+        pushed[i] = wall
+        time.sleep(random.uniform(0.010, 0.020))
+    wait_until(lambda: lat.llen(LAT_KEY) >= args.pushes, 60, "the stamp tasks")
+    starts = []
+    for raw in lat.lrange(LAT_KEY, 0, -1):
+        i, at = raw.decode().split()
+        starts.append((float(at) - pushed[int(i)]) * 1000)
+    if os.environ.get("IDLE_AGENTS_DEBUG"):
+        print("starts:", [round(x, 1) for x in sorted(starts)[-30:]], file=sys.stderr)
+    figures = {
+        "push_p50_ms": round(statistics.median(calls), 2), "push_p99_ms": round(percentile(calls, 99), 2),
+        "start_p50_ms": round(statistics.median(starts), 2), "start_p99_ms": round(percentile(starts, 99), 2),
+    }
+    lat.close()
+    return figures
 
 
 def _answers(client: Any) -> bool:
@@ -209,7 +221,8 @@ def main() -> int:
     p.add_argument("--agents", default="100,1000,10000", help="comma-separated agent counts")
     p.add_argument("--per-process", type=int, default=1000, help="fake agents (threads) per process")
     p.add_argument("--wait", type=float, default=5.0, help="the agents' long-poll wait (worker.max_sleep: 5)")
-    p.add_argument("--heartbeat", type=float, default=5.0, help="the agents' heartbeat interval (as the 1,000-agent test)")
+    p.add_argument("--heartbeat", type=float, default=5.0,
+                   help="the agents' heartbeat interval (5: as the 1,000-agent test)")
     p.add_argument("--seconds", type=float, default=10.0, help="CPU measurement window")
     p.add_argument("--pushes", type=int, default=500, help="single pushes timed")
     p.add_argument("--repo", default=str(BENCH_DIR.parent), help="the checkout to run (default: this one)")

@@ -429,9 +429,10 @@ class Waiting:
         except Exception as exc:  # noqa: BLE001 - answered as the call would have failed
             self._settled(waiter, waiter.held.fail(rpc.client_error(exc, "report", waiter.held.client_is_ppq)))
             return
-        # The agent asks again at once (or reports the tasks soon): a pool thread waits for that
-        # request, without a trip through the selector; one released (it is stopping) will not.
-        sent = waiter.held.send(reply, again_soon=not waiter.released)
+        # With tasks the agent reports soon: a pool thread waits for that request. Without, the
+        # connection waits in the selector: at thousands of agents, a thread per empty reply
+        # waiting for the agent's next long-poll adds up.
+        sent = waiter.held.send(reply, again_soon=bool(tasks))
         self._settled(waiter, sent)
         if tasks and sent and log.isEnabledFor(logging.DEBUG):
             self._log_changes(waiter.store.queue_index, waiter.wid, [], [], tasks)
