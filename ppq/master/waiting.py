@@ -137,6 +137,8 @@ class Waker:
         self.idle: dict[Waiter, None] = {}
         # The idle waiters by allow spec, each in the order they became idle.
         self.by_allow: dict[str, dict[Waiter, None]] = {}
+        # The idle waiters by worker id (release_worker ends a worker's own).
+        self.by_wid: dict[str, dict[Waiter, None]] = {}
         self._order = 0
 
     def wake(self, count: int) -> None:
@@ -180,7 +182,7 @@ class Waker:
     def release(self, wid: str) -> int:
         """End the waits of worker ``wid`` (it is stopping); return how many there were."""
         with self.lock:
-            mine = [w for w in self.idle if w.wid == wid]
+            mine = list(self.by_wid.get(wid, ()))
             for waiter in mine:
                 self._discard(waiter)
         for waiter in mine:
@@ -212,6 +214,7 @@ class Waker:
         waiter.order = self._order
         self.idle[waiter] = None
         self.by_allow.setdefault(waiter.allow, {})[waiter] = None
+        self.by_wid.setdefault(waiter.wid, {})[waiter] = None
 
     def _discard(self, waiter: Waiter) -> bool:
         """Take ``waiter`` off the idle lists; False if it was not on them (``self.lock`` held)."""
@@ -221,6 +224,10 @@ class Waker:
         del group[waiter]
         if not group:
             del self.by_allow[waiter.allow]
+        mine = self.by_wid[waiter.wid]
+        del mine[waiter]
+        if not mine:
+            del self.by_wid[waiter.wid]
         return True
 
     def wait(self, waiter: Waiter, generation: int, timeout: float) -> list[dict[str, Any]] | None:
