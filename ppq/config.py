@@ -107,6 +107,7 @@ class MasterConfig:
     schedule_modules: list[str] = field(default_factory=list)
     nameserver: str = ""
     nameserver_name: str = DEFAULT_NAMESERVER_NAME
+    max_waiters: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,7 @@ _POSITIVE = {
     "worker.heartbeat_interval", "client.retry", "client.timeout", "limits.max_payload", "limits.max_batch",
     "limits.max_name_length", "limits.max_key_length", "limits.max_delay", "limits.max_timeout",
     "limits.max_result_ttl", "limits.max_message", "limits.max_workers", "master.worker_ttl", "limits.max_lookup",
-    "limits.max_workflow_tasks", "redis.wait_timeout",
+    "limits.max_workflow_tasks", "redis.wait_timeout", "master.max_waiters",
 }
 # Keys with a floor above zero: key -> the smallest value accepted.
 _AT_LEAST = {"limits.max_worker_info": 1024, "limits.max_message": 65536}

@@ -32,7 +32,7 @@ from .flows import build
 from .limits import Limiting
 from .operate import Operations, unrouted
 from .schedules import Scheduling
-from .waiting import Waiting, Waker
+from .waiting import Deadlines, Parked, Waiting, Waker
 
 log = logging.getLogger("ppq.master")
 
@@ -40,9 +40,10 @@ log = logging.getLogger("ppq.master")
 CHILDREN_LISTED = 20
 
 
-def _plain(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add decoded args/kwargs for clients that are not ppq's own worker."""
-    if rpc.client_is_ppq():
+def _plain(tasks: list[dict[str, Any]], ppq_client: bool | None = None) -> list[dict[str, Any]]:
+    """Add decoded args/kwargs for clients that are not ppq's own worker (``ppq_client``: whether
+    the caller is, when the call's context is gone: a held reply)."""
+    if rpc.client_is_ppq() if ppq_client is None else ppq_client:
         return tasks
     for task in tasks:
         try:
@@ -70,6 +71,11 @@ class Master(Operations, Scheduling, Limiting, Waiting):
         self.id = uuid.uuid4().hex[:12]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._parked = 0
+        self._parked_lock = threading.Lock()
+        self._full_logged = False
+        self._timer: Deadlines | None = None
+        self._registered: dict[int, float] = {}
         # queue_index -> (when read, the allow specs of its live workers): see _live_allows.
         self._allows: dict[int, tuple[float, list[str]]] = {}
 
@@ -87,9 +93,16 @@ class Master(Operations, Scheduling, Limiting, Waiting):
                 t = threading.Thread(target=target, args=args, name=f"ppq-{name}-{qi}", daemon=True)
                 t.start()
                 self._threads.append(t)
+        timer = Deadlines(self._expired, self._stop)
+        t = threading.Thread(target=timer.run, name="ppq-deadlines", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self._timer = timer
 
     def stop_background(self) -> None:
         self._stop.set()
+        if self._timer is not None:
+            self._timer.wake()
         for t in self._threads:
             t.join(5)
         for waker in self.wakers.values():
@@ -265,11 +278,20 @@ class Master(Operations, Scheduling, Limiting, Waiting):
             item["release"] = bool(r.get("release"))
             checked.append(item)
         failed: dict[str, list[int]] = {}
-        accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait, failed=failed)
-        reply: dict[str, Any] = {"accepted": accepted, "tasks": _plain(tasks)}
-        if failed:
-            reply["failed"] = failed
-        return reply
+        ppq_client = rpc.client_is_ppq()
+
+        def reply_of(accepted: list[bool], tasks: list[dict[str, Any]]) -> dict[str, Any]:
+            reply: dict[str, Any] = {"accepted": accepted, "tasks": _plain(tasks, ppq_client)}
+            if failed:
+                reply["failed"] = failed
+            return reply
+
+        try:
+            accepted, tasks = self._lease(worker_info, queue_index, checked, want, wait, failed=failed,
+                                          hold=reply_of)
+        except Parked:
+            return rpc.HELD  # the reply is sent when the long-poll ends (Waiting._park)
+        return reply_of(accepted, tasks)
 
     @rpc.remote(role=rpc.WORKER)
     def heartbeat(self, worker_info: Any, queue_index: Any = 0, running: Any = ()) -> dict[str, Any]:

@@ -17,12 +17,14 @@
 
 from __future__ import annotations
 
+import functools
+import heapq
 import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import rpc
@@ -37,6 +39,10 @@ log = logging.getLogger("ppq.master")
 # Most store calls one lease makes in a row while each stops after moving its most ids aside
 # (a queue long with tasks of modules the worker may not run); then it waits as usual.
 MAX_LOOKS = 100
+
+# Seconds more than a parked long-poll's wait that a master's registration in the store's
+# waiters lasts (renewed by the long-polls that find it about to end).
+REGISTERED = 30.0
 
 # Leases handed out by get_task / get_tasks / piggyback that this master remembers for
 # finishes and errors sent without their lease (the seed's call shape); the oldest go first.
@@ -66,6 +72,55 @@ class Waiter:
         self.tasks = tasks
         self.event.set()
 
+    def wake(self) -> None:
+        self.event.set()
+
+    def release(self) -> None:
+        self.released = True
+        self.event.set()
+
+
+class ParkedWaiter(Waiter):
+    """A long-poll waiting without a thread: its reply is held (``rpc.HeldReply``) and sent by
+    whoever ends the wait: a push's hand-off, a wake-up's look, the deadline, release_worker,
+    the master's stop (:class:`Waiting`). Exactly one reply goes out (the HeldReply's claim)."""
+
+    __slots__ = ("held", "owner", "store", "deadline", "reply_of")
+
+    def __init__(self, wid: str, count: int, seen: float, allow: str, held: rpc.HeldReply, owner: Waiting,
+                 store: Store, deadline: float, reply_of: Callable[[list[dict[str, Any]]], Any]) -> None:
+        # No event: nothing waits on one (Waiter.__init__ is not called).
+        self.wid = wid
+        self.count = count
+        self.seen = seen
+        self.allow = allow
+        self.order = 0
+        self.released = False
+        self.tasks = None
+        self.held = held
+        self.owner = owner
+        self.store = store
+        self.deadline = deadline
+        # The call's reply, given the tasks leased: the same dict the method returns when it does not wait.
+        self.reply_of = reply_of
+
+    def __lt__(self, other: ParkedWaiter) -> bool:  # heap order on equal deadlines
+        return id(self) < id(other)
+
+    def hand(self, tasks: list[dict[str, Any]]) -> None:
+        self.owner._answer(self, tasks)
+
+    def wake(self) -> None:
+        self.owner._woken(self)
+
+    def release(self) -> None:
+        self.released = True
+        self.owner._answer(self, [])
+
+
+class Parked(Exception):  # noqa: N818 - not an error: the long-poll's reply is held
+    """Raised by ``Waiting._lease`` when the long-poll waits without a thread: reply ``rpc.HELD``."""
+
 
 class Waker:
     """The long-polls of one queue_index waiting on this master.
@@ -82,12 +137,15 @@ class Waker:
         self.idle: dict[Waiter, None] = {}
         # The idle waiters by allow spec, each in the order they became idle.
         self.by_allow: dict[str, dict[Waiter, None]] = {}
+        # The idle waiters by worker id (release_worker ends a worker's own).
+        self.by_wid: dict[str, dict[Waiter, None]] = {}
         self._order = 0
 
     def wake(self, count: int) -> None:
         """Wake ``count`` idle waiters (all when ``count`` <= 0) to look for tasks: ``count`` of each
         allow spec when they do not all run the same modules (a count does not say whose
         tasks were made ready)."""
+        woken: list[Waiter] = []
         with self.lock:
             self.generation += 1
             if count <= 0:
@@ -96,10 +154,12 @@ class Waker:
                 for group in list(self.by_allow.values()):
                     for waiter in list(itertools.islice(group, count)):
                         self._discard(waiter)
-                        waiter.event.set()
-                return
-            for _ in range(min(count, len(self.idle))):
-                self._take().event.set()
+                        woken.append(waiter)
+            else:
+                for _ in range(min(count, len(self.idle))):
+                    woken.append(self._take())
+        for waiter in woken:
+            waiter.wake()
 
     def claim(self, module: str = "") -> Waiter | None:
         """Take the longest-waiting idle waiter that may run ``module``; the caller must ``hand()``
@@ -122,12 +182,25 @@ class Waker:
     def release(self, wid: str) -> int:
         """End the waits of worker ``wid`` (it is stopping); return how many there were."""
         with self.lock:
-            mine = [w for w in self.idle if w.wid == wid]
+            mine = list(self.by_wid.get(wid, ()))
             for waiter in mine:
                 self._discard(waiter)
-                waiter.released = True
-                waiter.event.set()
+        for waiter in mine:
+            waiter.release()
         return len(mine)
+
+    def park(self, waiter: Waiter, generation: int) -> bool:
+        """List ``waiter`` as idle, unless a wake-up came after ``generation`` (False: look again)."""
+        with self.lock:
+            if self.generation != generation:
+                return False
+            self._add(waiter)
+            return True
+
+    def discard(self, waiter: Waiter) -> bool:
+        """Take ``waiter`` off the idle lists; True if it was on them (then the caller ends its wait)."""
+        with self.lock:
+            return self._discard(waiter)
 
     def _take(self) -> Waiter:
         """Remove and return the longest-waiting idle waiter (``self.lock`` held)."""
@@ -141,6 +214,7 @@ class Waker:
         waiter.order = self._order
         self.idle[waiter] = None
         self.by_allow.setdefault(waiter.allow, {})[waiter] = None
+        self.by_wid.setdefault(waiter.wid, {})[waiter] = None
 
     def _discard(self, waiter: Waiter) -> bool:
         """Take ``waiter`` off the idle lists; False if it was not on them (``self.lock`` held)."""
@@ -150,6 +224,10 @@ class Waker:
         del group[waiter]
         if not group:
             del self.by_allow[waiter.allow]
+        mine = self.by_wid[waiter.wid]
+        del mine[waiter]
+        if not mine:
+            del self.by_wid[waiter.wid]
         return True
 
     def wait(self, waiter: Waiter, generation: int, timeout: float) -> list[dict[str, Any]] | None:
@@ -170,6 +248,46 @@ class Waker:
         return waiter.tasks
 
 
+# Seconds the deadline timer may answer a parked long-poll late, to end those due together at once.
+SLACK = 0.02
+
+
+class Deadlines:
+    """The one timer thread of a master's parked long-polls: a heap of their deadlines."""
+
+    def __init__(self, expired: Callable[[list[ParkedWaiter]], None], stop: threading.Event) -> None:
+        self._expired = expired
+        self._stop = stop
+        self._heap: list[tuple[float, ParkedWaiter]] = []
+        self._cond = threading.Condition(threading.Lock())
+
+    def add(self, waiter: ParkedWaiter) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (waiter.deadline, waiter))
+            if self._heap[0][1] is waiter:
+                self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            due: list[ParkedWaiter] = []
+            with self._cond:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[1])
+                if not due:
+                    # Up to SLACK late, never early: the long-polls due within it end in one batch.
+                    self._cond.wait(min(1.0, self._heap[0][0] - now + SLACK) if self._heap else 1.0)
+                    continue
+            try:
+                self._expired(due)
+            except Exception:  # noqa: BLE001 - the timer must keep running
+                log.exception("ending expired long-polls failed")
+
+
 class Waiting:
     """The long-poll, hand-off and wake-up half of :class:`~ppq.master.exposed.Master`."""
 
@@ -184,6 +302,13 @@ class Waiting:
     _watch_lock: threading.Lock
     _handed: OrderedDict[tuple[int, str], tuple[str, str, str]]
     _handed_lock: threading.Lock
+    # Parked long-polls (at most master.max_waiters), and their deadlines' timer (set by start_background).
+    _parked: int
+    _parked_lock: threading.Lock
+    _full_logged: bool
+    _timer: Deadlines | None
+    # queue_index -> until when (monotonic) this master's registration in the store's waiters lasts.
+    _registered: dict[int, float]
 
     if TYPE_CHECKING:
         def _store(self, queue_index: Any) -> Store: ...
@@ -197,8 +322,15 @@ class Waiting:
         return min(3 * float(interval) + 1, self.config.master.worker_ttl)
 
     def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
-               wait: float, strict: bool = False, failed: dict[str, list[int]] | None = None
+               wait: float, strict: bool = False, failed: dict[str, list[int]] | None = None,
+               hold: Callable[[list[bool], list[dict[str, Any]]], Any] | None = None
                ) -> tuple[list[bool], list[dict[str, Any]]]:
+        """Record ``reports``, then lease up to ``count`` tasks, waiting up to ``wait`` seconds for some.
+
+        With ``hold`` (the call's reply, given ``accepted`` and the tasks), a wait that finds
+        nothing holds the call's reply instead of its thread (:meth:`_park`) and raises
+        :class:`Parked`; the reply ``hold(accepted, tasks)`` is sent when the wait ends.
+        """
         store = self._store(queue_index)
         wid = worker_id_of(worker_info)
         allow = allow_of(worker_info)
@@ -212,6 +344,15 @@ class Waiting:
             self._log_changes(store.queue_index, wid, reports, accepted, tasks)
         if count <= 0 or tasks or wait <= 0 or (strict and not all(accepted)):
             return accepted, tasks
+        if hold is not None and self._timer is not None:
+            tasks = self._park(store, waker, generation, wid, count, seen, allow, wait,
+                               functools.partial(hold, accepted))
+            return accepted, tasks
+        return accepted, self._wait(store, waker, wid, count, seen, allow, wait)
+
+    def _wait(self, store: Store, waker: Waker, wid: str, count: int, seen: float, allow: str,
+              wait: float) -> list[dict[str, Any]]:
+        """The long-poll in the calling thread: up to ``wait`` seconds for tasks."""
         # Register as a waiter first, then look again: a push in between is not missed.
         member = f"{self.id}:{threading.get_ident()}"
         store.add_waiter(member, wait)
@@ -241,7 +382,125 @@ class Waiting:
                     store.remove_waiter(member)
                 except StorageError:
                     pass
-        return accepted, tasks
+        return tasks
+
+    def _park(self, store: Store, waker: Waker, generation: int, wid: str, count: int, seen: float, allow: str,
+              wait: float, reply_of: Callable[[list[dict[str, Any]]], Any]) -> list[dict[str, Any]]:
+        """The long-poll of a call whose reply can be held: return the tasks found at once, else
+        park a :class:`ParkedWaiter` and raise :class:`Parked` (the call's thread goes back to
+        the pool). ``generation``: the Waker's, read before the call's lease looked.
+
+        Past ``master.max_waiters`` parked long-polls, one waits in its thread as before
+        (``master.threadpool_size`` bounds those): returning at once with no task would
+        have the agent ask again at once (its backoff is for errors), a busy loop.
+        """
+        held = None
+        if self._parked < self.config.master.max_waiters:
+            held = rpc.hold_reply()
+        elif not self._full_logged:
+            self._full_logged = True
+            log.warning("%d long-polls are parked (master.max_waiters): more wait in a server thread each",
+                        self._parked)
+        if held is None:  # over the bound, or not a call whose reply can be held: wait in this thread
+            return self._wait(store, waker, wid, count, seen, allow, wait)
+        now = time.monotonic()
+        if self._registered.get(store.queue_index, 0.0) < now + wait + 1:
+            # Pushes elsewhere publish a wake-up only while a long-poll is registered in the store:
+            # this master registers once for all its parked long-polls, for REGISTERED seconds
+            # more than the wait (a master that stops leaves it to expire). Register first, then
+            # look again: a push in between is not missed.
+            store.add_waiter(self.id, wait + REGISTERED)
+            self._registered[store.queue_index] = now + wait + REGISTERED
+            generation = waker.generation
+            tasks = self._look(store, wid, count, seen, allow)
+            if tasks:
+                return tasks
+        waiter = ParkedWaiter(wid, count, seen, allow, held, self, store, now + wait, reply_of)
+        while not waker.park(waiter, generation):
+            # Woken since the lease looked: look again.
+            generation = waker.generation
+            tasks = self._look(store, wid, count, seen, allow)
+            if tasks or self._stop.is_set():
+                return tasks  # the call replies itself: nobody else knows of ``held``
+        with self._parked_lock:
+            self._parked += 1
+        held.on_abandon = functools.partial(self._abandoned, waiter)
+        if self._timer is not None:
+            self._timer.add(waiter)
+        raise Parked
+
+    def _answer(self, waiter: ParkedWaiter, tasks: list[dict[str, Any]]) -> None:
+        """End a parked long-poll (taken off its Waker's idle list by the caller): reply with ``tasks``."""
+        try:
+            reply = waiter.reply_of(tasks)
+        except Exception as exc:  # noqa: BLE001 - answered as the call would have failed
+            self._settled(waiter, waiter.held.fail(rpc.client_error(exc, "report", waiter.held.client_is_ppq)))
+            return
+        # With tasks the agent reports soon: a pool thread waits for that request. Without, the
+        # connection waits in the selector: at thousands of agents, a thread per empty reply
+        # waiting for the agent's next long-poll adds up.
+        sent = waiter.held.send(reply, again_soon=bool(tasks))
+        self._settled(waiter, sent)
+        if tasks and sent and log.isEnabledFor(logging.DEBUG):
+            self._log_changes(waiter.store.queue_index, waiter.wid, [], [], tasks)
+        if tasks and not sent:
+            waiter.held.submit(self._hand_back, waiter.store, waiter.wid, tasks)
+
+    def _settled(self, waiter: ParkedWaiter, replied: bool) -> None:
+        if replied:
+            with self._parked_lock:
+                self._parked -= 1
+                self._full_logged = False
+
+    def _hand_back(self, store: Store, wid: str, tasks: list[dict[str, Any]]) -> None:
+        """Tasks leased to a long-poll whose client went away: back to the queue at once."""
+        reports = [{"id": t["id"], "lease": t["lease"], "ok": False, "result": b"", "error": "", "traceback": "",
+                    "retry": True, "release": True} for t in tasks]
+        try:
+            store.report(wid, reports, 0, self._seen(), False)
+        except StorageError as exc:
+            log.warning("queue_index %s: cannot hand back %d tasks of a gone long-poll (%s); their lease "
+                        "expires", store.queue_index, len(tasks), exc)
+
+    def _abandoned(self, waiter: ParkedWaiter) -> None:
+        """The client of a parked long-poll went away (the selector thread: no store calls here)."""
+        self.wakers[waiter.store.queue_index].discard(waiter)
+        self._settled(waiter, True)
+
+    def _woken(self, waiter: ParkedWaiter) -> None:
+        """A wake-up took a parked long-poll off its Waker's idle list: look for tasks in a pool thread."""
+        if self._stop.is_set():
+            self._answer(waiter, [])
+        else:
+            waiter.held.submit(self._rewake, waiter)
+
+    def _rewake(self, waiter: ParkedWaiter) -> None:
+        """A pool job: a woken parked long-poll looks for tasks; it replies with them, or waits
+        on until its deadline (the timer replies then)."""
+        if waiter.held.done:
+            return
+        store = waiter.store
+        waker = self.wakers[store.queue_index]
+        try:
+            while True:
+                generation = waker.generation
+                tasks = self._look(store, waiter.wid, waiter.count, waiter.seen, waiter.allow)
+                if tasks or waiter.released or self._stop.is_set() or time.monotonic() >= waiter.deadline:
+                    break
+                if waker.park(waiter, generation):
+                    if self._timer is not None:
+                        self._timer.add(waiter)
+                    return
+        except StorageError as exc:
+            self._settled(waiter, waiter.held.fail(rpc.client_error(exc, "report", waiter.held.client_is_ppq)))
+            return
+        self._answer(waiter, tasks)
+
+    def _expired(self, waiters: list[ParkedWaiter]) -> None:
+        """The timer: these parked long-polls reached their deadline; those still idle reply empty."""
+        for waiter in waiters:
+            if self.wakers[waiter.store.queue_index].discard(waiter):
+                self._answer(waiter, [])
 
     def _look(self, store: Store, wid: str, count: int, seen: float, allow: str) -> list[dict[str, Any]]:
         """Lease up to ``count`` tasks with nothing to report; ask again at once (MAX_LOOKS times at
@@ -276,7 +535,8 @@ class Waiting:
             ids, tasks = store.push(specs, (waiter.wid, waiter.count, waiter.seen, waiter.allow))
         finally:
             waiter.hand(tasks)
-        if tasks:
+        if tasks and not isinstance(waiter, ParkedWaiter):
+            # (A parked waiter's reply was sent by hand() itself.)
             # Let the waiter's thread send the tasks before this one replies to the pusher:
             # without this it waits for the GIL until that reply is out (about 0.1 ms more
             # from push to start; bench/run.py's latency phase).
@@ -293,7 +553,14 @@ class Waiting:
                 for event in events:
                     event.set()
 
-        store.listen(self.wakers[qi].wake, finished, self._stop)
+        waker = self.wakers[qi]
+
+        def wake(count: int) -> None:
+            if count <= 0:  # (re)connected: the store may have lost this master's registration
+                self._registered.pop(qi, None)
+            waker.wake(count)
+
+        store.listen(wake, finished, self._stop)
 
     def _wait_final(self, store: Store, task_ids: list[str], timeout: float) -> list[dict[str, Any] | None]:
         """Infos of ``task_ids`` once one has ended (or ``timeout`` passed), without polling."""

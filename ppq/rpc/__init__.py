@@ -28,7 +28,7 @@ from .client import (
     master_uri,
     register_errors,
 )
-from .exposed import caller_role, client_address, client_is_ppq, client_session, remote
+from .exposed import caller_role, client_address, client_error, client_is_ppq, client_session, remote
 from .names import (
     DEFAULT_NAMESERVER_PORT,
     QUEUE_INDEXES_TAG,
@@ -41,7 +41,8 @@ from .names import (
 )
 from .net import apply_tls, check_bind, is_loopback, server_ssl_context
 from .roles import ALL, ANY, CLIENT, WORKER, token_roles
-from .server import Daemon, serve_in_thread
+from .server import HELD, Daemon, hold_reply, serve_in_thread
+from .transport import HeldReply
 
 __all__ = [
     "ALL",
@@ -50,6 +51,7 @@ __all__ = [
     "DEFAULT_NAMESERVER_PORT",
     "DEFAULT_SERIALIZER",
     "DEFAULT_TIMEOUT",
+    "HELD",
     "MASTER_OBJECT",
     "QUEUE_INDEXES_TAG",
     "QUEUE_TAG",
@@ -59,14 +61,17 @@ __all__ = [
     "WORKER_OBJECT",
     "CommunicationError",
     "Daemon",
+    "HeldReply",
     "PyroFunc",
     "apply_tls",
     "caller_role",
     "check_bind",
     "client_address",
+    "client_error",
     "client_is_ppq",
     "client_session",
     "expose",
+    "hold_reply",
     "is_loopback",
     "make_proxy",
     "master_name",

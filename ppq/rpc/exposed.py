@@ -53,6 +53,19 @@ def caller_role() -> str:
     return getattr(conn, "ppq_role", ALL) if conn is not None else ALL
 
 
+def client_error(exc: Exception, name: str, ppq_client: bool) -> Exception:
+    """The error a client gets for ``exc`` raised by exposed method ``name``: a ppq error as
+    itself to ppq's clients, as the closest builtin type naming it to plain Pyro5 clients;
+    anything else logged and reported as an internal error."""
+    if isinstance(exc, PPQError):
+        if ppq_client:
+            return exc
+        plain = next((v for k, v in _PLAIN_ERRORS.items() if isinstance(exc, k)), RuntimeError)
+        return plain(f"{type(exc).__name__}: {exc}")
+    log.error("internal error in %s", name, exc_info=exc)
+    return (PPQError if ppq_client else RuntimeError)(f"internal error in {name}: {type(exc).__name__}: {exc}")
+
+
 def remote(method: F | None = None, *, role: str = CLIENT) -> Any:
     """Expose a method to ppq's clients: ``@remote`` (a client's method),
     ``@remote(role=WORKER)`` or ``@remote(role=ANY)``.
@@ -82,15 +95,11 @@ def remote(method: F | None = None, *, role: str = CLIENT) -> Any:
                     message = str(exc).split(".")[-1].replace("() ", ": ", 1)
                     raise InvalidTaskError(message) from None
                 raise
-        except PPQError as exc:
-            if client_is_ppq():
-                raise
-            plain = next((v for k, v in _PLAIN_ERRORS.items() if isinstance(exc, k)), RuntimeError)
-            raise plain(f"{type(exc).__name__}: {exc}") from None
         except Exception as exc:
-            log.exception("internal error in %s", name)
-            raise (PPQError if client_is_ppq() else RuntimeError)(
-                f"internal error in {name}: {type(exc).__name__}: {exc}") from None
+            error = client_error(exc, name, client_is_ppq())
+            if error is exc:
+                raise
+            raise error from None
 
     wrapper.ppq_role = role  # type: ignore[attr-defined]
     return Pyro5.api.expose(wrapper)

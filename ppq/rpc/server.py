@@ -30,7 +30,7 @@ from Pyro5 import serializers as pyro_serializers
 from ..errors import InvalidTaskError
 from . import wire
 from .roles import ALL
-from .transport import IdleError, Transport
+from .transport import Held, HeldReply, IdleError, Transport
 
 log = logging.getLogger("ppq.rpc")
 
@@ -41,6 +41,31 @@ MIN_RATE = 256 * 1024
 MAX_TEXT_MESSAGE = 1024 * 1024
 
 _DAEMON_OBJECT = Pyro5.core.DAEMON_NAME
+
+
+class _HeldMark:
+    """What a method returns after :func:`hold_reply`: its reply is sent later."""
+
+    def __repr__(self) -> str:
+        return "HELD"
+
+
+HELD: Any = _HeldMark()
+
+
+def hold_reply() -> HeldReply | None:
+    """Hold the current call's reply: the method then returns :data:`HELD`, its thread goes
+    back to the pool, and the reply is sent later through the returned HeldReply (from
+    any thread). None when this call's reply cannot be held (not a direct-path call with a
+    reply, or outside a call): the method answers as usual."""
+    ctx = Pyro5.callcontext.current_context
+    hold = getattr(ctx, "ppq_hold", None)
+    if hold is None:
+        return None
+    daemon, conn, header = hold
+    reply = HeldReply(daemon.transportServer, conn, header.seq, header.serializer_id)
+    ctx.ppq_held = reply
+    return reply
 # Request flags ppq reads: oneway, and a correlation id (in the header, ignored).
 _ACCEPTED_FLAGS = wire.FLAGS_ONEWAY | wire.FLAGS_CORR_ID
 
@@ -268,21 +293,37 @@ class Daemon(Pyro5.server.Daemon):
             except Exception as exc:  # noqa: BLE001 - nobody waits for a oneway call's outcome
                 log.debug("oneway %s from %s failed: %s", method, ctx.client_sock_addr, exc)
             return True
+        ctx.ppq_hold = (self, conn, header)
+        ctx.ppq_held = None
         try:
             result = target(*vargs, **kwargs)
-            if serializer_id == wire.MSGPACK:
-                body = pack_reply(result)
-            else:
-                body = pyro_serializers.serializers_by_id[serializer_id].dumps(result)
+            held = ctx.ppq_held
+            if held is None or result is not HELD:
+                body = self.encode_reply(serializer_id, result)
         except Exception as exc:
+            held = ctx.ppq_held
+            if held is not None and not held.claim():
+                raise Held(held) from None  # a reply was sent already: the connection is the reply's
             self.methodcall_error_handler(self, ctx.client_sock_addr, target, vargs, kwargs, exc)
             self._sendExceptionResponse(conn, header.seq, serializer_id, exc,
                                         Pyro5.errors.format_traceback(detailed=False))
             if isinstance(exc, (Pyro5.errors.CommunicationError, Pyro5.errors.SecurityError)):
                 raise
             return True
+        finally:
+            ctx.ppq_hold = None
+            ctx.ppq_held = None
+        if held is not None and (result is HELD or not held.claim()):
+            raise Held(held)  # the reply is sent (or was) through ``held``
         conn.send(wire.message(wire.MSG_RESULT, serializer_id, header.seq, body))
         return True
+
+    def encode_reply(self, serializer_id: int, result: Any) -> bytes:
+        """A method's result as the direct path sends it."""
+        if serializer_id == wire.MSGPACK:
+            return pack_reply(result)
+        data: bytes = pyro_serializers.serializers_by_id[serializer_id].dumps(result)
+        return data
 
     def _direct_target(self, objid: Any, method: str) -> Callable[..., Any] | None:
         """The bound method a direct call may run: an exposed public method of a registered
