@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """One master, N connected idle agents long-polling: the master's CPU, and push latency meanwhile.
 
-    python bench/idle_agents.py [--agents 100,1000,10000] [--per-process 1000] [--wait 5] [--heartbeat 5]
-                                [--seconds 10] [--pushes 500] [--repo PATH]
+    python bench/idle_agents.py [--agents 100,1000,10000] [--per-process 1000] [--wait 30]
+                                [--heartbeat 10] [--idle-beats N] [--seconds 30] [--pushes 500] [--repo PATH]
 
 For each N: two throwaway redis-servers (queue_index 0 and 1), one ``ppq master``
 serving both, one real ``ppq worker`` (threads, concurrency 1) on queue_index 0,
@@ -108,7 +108,8 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             left -= count
             agents.append(subprocess.Popen([sys.executable, str(fake), f"PYRO:queue@{address}", str(count),
                                             "--queue-index", "1", "--wait", str(args.wait),
-                                            "--heartbeat", str(args.heartbeat)],
+                                            "--heartbeat", str(args.heartbeat)]
+                                           + (["--idle-beats", str(args.idle_beats)] if args.idle_beats else []),
                                            cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                            text=True))
         for proc in agents:
@@ -220,10 +221,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", default="100,1000,10000", help="comma-separated agent counts")
     p.add_argument("--per-process", type=int, default=1000, help="fake agents (threads) per process")
-    p.add_argument("--wait", type=float, default=5.0, help="the agents' long-poll wait (worker.max_sleep: 5)")
-    p.add_argument("--heartbeat", type=float, default=5.0,
-                   help="the agents' heartbeat interval (5: as the 1,000-agent test)")
-    p.add_argument("--seconds", type=float, default=10.0, help="CPU measurement window")
+    p.add_argument("--wait", type=float, default=30.0, help="the agents' long-poll wait (worker.max_sleep: 30)")
+    p.add_argument("--heartbeat", type=float, default=10.0,
+                   help="the agents' heartbeat interval (worker.heartbeat_interval: 10)")
+    p.add_argument("--idle-beats", type=int, default=0,
+                   help="heartbeat every this many intervals (default: as an idle agent does; 1: every one)")
+    p.add_argument("--seconds", type=float, default=30.0, help="CPU measurement window")
     p.add_argument("--pushes", type=int, default=500, help="single pushes timed")
     p.add_argument("--repo", default=str(BENCH_DIR.parent), help="the checkout to run (default: this one)")
     args = p.parse_args()

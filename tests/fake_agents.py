@@ -6,8 +6,9 @@ as ppq's worker agent (ppq/worker.py) does, through the same caller: a
 ``ppq.rpc.PyroFunc`` (msgpack, the direct wire path, one connection per thread),
 with the same calls and arguments:
 
-- ``heartbeat(info, queue_index, [])`` at start and every ``--heartbeat`` seconds, with
-  the worker_info fields an agent sends;
+- ``heartbeat(info, queue_index, [])`` at start, with the worker_info fields an agent
+  sends, then as an idle agent sends them: every ``--idle-beats`` heartbeat intervals
+  (``--heartbeat`` seconds; ``--idle-beats 1``: every interval, as a busy agent);
 - the long-poll ``report(light_info, queue_index, [], want, wait)``, want 1;
 - at the stop, ``release_worker(light_info, queue_index, False)`` (sent for every agent
   from the main thread, as an agent's own stop ends its long-poll in flight), then each
@@ -44,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ppq.rpc import PyroFunc  # noqa: E402
+from ppq.worker.heartbeat import IDLE_BEATS  # noqa: E402
 
 # A long-poll that comes back empty sooner than this share of its wait was not held.
 HELD = 0.9
@@ -112,7 +114,8 @@ def agent(index: int, args: argparse.Namespace, stats: Stats, started: threading
             started.wait()
         except threading.BrokenBarrierError:
             pass
-        next_beat = time.monotonic() + args.heartbeat * random.random()
+        every = args.heartbeat * args.idle_beats
+        next_beat = time.monotonic() + every * random.random()
         # The first long-poll is of a random length, so the agents do not all come
         # back in the same instant (a fleet started together drifts apart the same way).
         wait = round(args.wait * random.uniform(0.05, 1.0), 3)
@@ -134,7 +137,7 @@ def agent(index: int, args: argparse.Namespace, stats: Stats, started: threading
                     with stats.lock:
                         stats.heartbeats += 1
                         stats.slowest_heartbeat = max(stats.slowest_heartbeat, took)
-                    next_beat = time.monotonic() + args.heartbeat
+                    next_beat = time.monotonic() + every
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 stats.error(f"call: {type(exc).__name__}: {exc}")
                 break
@@ -168,6 +171,7 @@ def main() -> int:
     parser.add_argument("--queue-index", type=int, default=1)
     parser.add_argument("--wait", type=float, default=2.0)
     parser.add_argument("--heartbeat", type=float, default=5.0)
+    parser.add_argument("--idle-beats", type=int, default=IDLE_BEATS)
     args = parser.parse_args()
     raise_nofile(args.count + 256)
     threading.stack_size(256 * 1024)

@@ -71,7 +71,7 @@ def test_parked_long_poll_is_answered_by_a_push_with_its_tasks(make_master: Call
             assert ra.hget(f"ppq:0:t:{task['id']}", "state") == b"running"
             assert ra.hget(f"ppq:0:t:{task['id']}", "worker") == W1["id"].encode()
             assert task["lease"] == ra.hget(f"ppq:0:t:{task['id']}", "lease").decode()
-        assert server.master._parked == 0
+        wait_for(lambda: server.master._parked == 0, timeout=5, what="the parked count to settle")
         # The connection serves its next call as usual, and the leases are good.
         done = call("report", W1, 0, [{"id": t["id"], "lease": t["lease"], "ok": True, "result": 1}
                                       for t in reply["tasks"]], 0, 0)
@@ -94,7 +94,7 @@ def test_parked_long_poll_is_woken_by_a_push_on_another_master(make_master: Call
         assert not thread.is_alive() and time.monotonic() - started < 5, out
         assert [t["id"] for t in out["reply"]["tasks"]] == [task_id]
         assert call("get_task_info", task_id)["state"] == "running"
-        assert waiting.master._parked == 0
+        wait_for(lambda: waiting.master._parked == 0, timeout=5, what="the parked count to settle")
     finally:
         call.close()
 
@@ -109,7 +109,8 @@ def test_parked_long_poll_replies_empty_at_its_deadline_not_sooner(make_master: 
     assert not thread.is_alive()
     assert out["reply"] == {"accepted": [], "tasks": []}
     assert 1.5 <= out["seconds"] < 4, out
-    assert server.master._parked == 0 and not server.master.wakers[0].idle
+    wait_for(lambda: server.master._parked == 0 and not server.master.wakers[0].idle, timeout=5,
+             what="the parked count to settle")
 
 
 def test_release_worker_ends_its_parked_long_poll_at_once(make_master: Callable[..., MasterServer],
@@ -164,7 +165,7 @@ def test_long_polls_past_max_waiters_wait_in_a_thread(make_master: Callable[...,
         for thread in threads[:2]:
             thread.join(5)
             assert not thread.is_alive()
-        assert server.master._parked == 0
+        wait_for(lambda: server.master._parked == 0, timeout=5, what="the parked count to settle")
         task_id = call("push_task", "add", module="tasks", args=[1, 2])
         threads[2].join(5)
         assert not threads[2].is_alive()

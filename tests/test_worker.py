@@ -202,6 +202,29 @@ def test_heartbeats_list_the_agent_with_its_running_tasks_and_drop_it_when_dead(
              what="the killed worker to be dropped from server_info")
 
 
+def test_an_idle_worker_is_kept_listed_by_its_long_polls_and_skips_its_heartbeats(master, call, spawn):
+    """Idle (no task held, nothing new to say), an agent sends no heartbeat: each long-poll keeps it
+    listed (until three heartbeat intervals after the long-poll ends). A task it runs changes its
+    info, so a heartbeat says so; killed, it is dropped."""
+    proc = spawn.worker(address_of(master), extra=("--max-sleep", "2", "--heartbeat-interval", "0.2"))
+    first = worker_entry(call, proc.pid)["last_heartbeat"]
+    # Heartbeats every 0.2 s would list it for 1.6 s after each; idle, it sends none for 6 s.
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        entry = next((w for w in workers_of(call) if w.get("pid") == proc.pid), None)
+        assert entry is not None, "the idle worker dropped off the list of live workers"
+        assert entry["last_heartbeat"] == first, "an idle worker sent a heartbeat with nothing new in it"
+        time.sleep(0.2)
+    assert wait_state(call, push(call, "tasks.add", 2, 3), "done")["result"] == 5
+    entry = wait_for(lambda: (e := worker_entry(call, proc.pid)) and e["done"] == 1 and e, timeout=10,
+                     what="the heartbeat that says a task was done")
+    assert entry["last_heartbeat"] > first
+    proc.kill()
+    proc.wait(10)
+    wait_for(lambda: all(w.get("pid") != proc.pid for w in workers_of(call)), timeout=15,
+             what="the killed idle worker to be dropped")
+
+
 def test_lease_is_extended_by_heartbeats_for_a_long_task(make_master, spawn):
     server = make_master(master__lease_timeout=1)
     call = PyroFunc(address_of(server))

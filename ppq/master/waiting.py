@@ -313,13 +313,14 @@ class Waiting:
     if TYPE_CHECKING:
         def _store(self, queue_index: Any) -> Store: ...
 
-    def _seen(self, worker_info: Any = None) -> float:
-        """Seconds a worker counts as live after it was last heard from: three of its heartbeats,
-        at most ``master.worker_ttl``."""
+    def _seen(self, worker_info: Any = None, wait: float = 0.0) -> float:
+        """Seconds a worker counts as live after it was last heard from: three of its heartbeats
+        (after the end of its long-poll, ``wait``, while one waits: an idle agent's long-polls are
+        what keeps it listed), at most ``master.worker_ttl``."""
         interval = worker_info.get("heartbeat_interval") if isinstance(worker_info, Mapping) else None
         if not (isinstance(interval, (int, float)) and not isinstance(interval, bool) and 0 < interval <= 3600):
             interval = self.config.worker.heartbeat_interval
-        return min(3 * float(interval) + 1, self.config.master.worker_ttl)
+        return min(3 * float(interval) + 1 + wait, self.config.master.worker_ttl)
 
     def _lease(self, worker_info: Any, queue_index: Any, reports: list[dict[str, Any]], count: int,
                wait: float, strict: bool = False, failed: dict[str, list[int]] | None = None,
@@ -336,7 +337,7 @@ class Waiting:
         allow = allow_of(worker_info)
         waker = self.wakers[store.queue_index]
         generation = waker.generation
-        seen = self._seen(worker_info)
+        seen = self._seen(worker_info, wait if count > 0 else 0.0)
         accepted, tasks, more = store.report(wid, reports, count, seen, strict, allow, failed)
         if more and not tasks and not (strict and not all(accepted)):
             tasks = self._look(store, wid, count, seen, allow)

@@ -30,6 +30,10 @@ GRACEFUL = "graceful"
 RESTART = "restart"
 NOW = "now"
 
+# Seconds a call that does not wait (heartbeat, report, release) may take before the agent tries
+# another master; the long-poll may take its wait more.
+CALL_TIMEOUT = 20.0
+
 
 class Agent:
     """A worker agent. ``run()`` blocks until it is asked to stop; it returns how."""
@@ -60,8 +64,11 @@ class Agent:
         random.shuffle(addresses)
         self.masters = [rpc.master_uri(a) for a in addresses]
         # Name server entries (PYRONAME:, PYROMETA:) stand for the masters that serve this queue_index.
-        self.call = rpc.PyroFunc(self.masters, retry=1, token=config.worker_secret, timeout=self.max_sleep + 15,
+        self.call = rpc.PyroFunc(self.masters, retry=1, token=config.worker_secret, timeout=CALL_TIMEOUT,
                                  queue_index=self.queue_index)
+        # The fetcher's long-polls: a master that vanished is given up after the wait and CALL_TIMEOUT.
+        self.poll = rpc.PyroFunc(self.masters, retry=1, token=config.worker_secret,
+                                 timeout=self.max_sleep + CALL_TIMEOUT, queue_index=self.queue_index)
         self._stop_mode: str | None = None
         self.stop_event = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -72,7 +79,7 @@ class Agent:
         self.reporter = Reporter(self)
         self.heartbeat = Heartbeat(self)
         # After an outage, a heartbeat at once: leases extended, and the worker listed with its full info.
-        self.outage = Outage(on_back=self.heartbeat.wake.set)
+        self.outage = Outage(on_back=self.heartbeat.refresh)
         self.pool.report = self.reporter.outbox.put
         self.control_uri = ""
         self._daemon: rpc.Daemon | None = None
@@ -262,6 +269,7 @@ class Agent:
         if self.metrics is not None:
             self.metrics.stop()
         self.call.close()
+        self.poll.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

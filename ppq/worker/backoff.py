@@ -15,6 +15,9 @@ log = logging.getLogger("ppq.worker")
 
 # The first pause after a failed call, in seconds.
 DEFAULT_FIRST_PAUSE = 0.05
+# The longest pause between retries, in seconds (less when worker.max_sleep is less): an agent
+# whose masters come back is back within this.
+MAX_PAUSE = 5.0
 
 
 class Backoff:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .. import rpc
 from ..errors import PPQError
-from .backoff import Backoff
+from .backoff import MAX_PAUSE, Backoff
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -18,7 +18,7 @@ class Fetcher:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.backoff = Backoff(agent.max_sleep)
+        self.backoff = Backoff(min(agent.max_sleep, MAX_PAUSE))
         # Set while a long-poll is in flight: a stopping agent waits for it to come back.
         self.fetching = threading.Event()
 
@@ -30,7 +30,7 @@ class Fetcher:
                 continue
             self.fetching.set()
             try:
-                reply = agent.call("report", agent.light_info(), agent.queue_index, [], n, agent.max_sleep)
+                reply = agent.poll("report", agent.light_info(), agent.queue_index, [], n, agent.max_sleep)
                 tasks = reply["tasks"]
                 self.backoff.reset()
                 agent.outage.ok()

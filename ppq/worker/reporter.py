@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import rpc
 from ..errors import InvalidTaskError, MessageTooLargeError, PPQError
-from .backoff import Backoff
+from .backoff import MAX_PAUSE, Backoff
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -29,7 +29,7 @@ class Reporter:
         self.outbox: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         # Set by the agent once nothing more will be queued: the thread ends when the outbox is empty.
         self.done = threading.Event()
-        self.backoff = Backoff(agent.max_sleep)
+        self.backoff = Backoff(min(agent.max_sleep, MAX_PAUSE))
 
     def run(self) -> None:
         while True:
