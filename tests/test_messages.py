@@ -369,6 +369,18 @@ def test_workers_lists_a_new_worker_in_full_and_says_why_figures_are_missing(dae
             if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 6}
     assert rows[entry["id"]] == ["(no task run yet)", "-", "-", "-", "-"], out.stdout
     assert rows["quiet-worker"] == ["(not heard from yet)", "-", "-", "-", "-"], out.stdout
+    # Once it has run a task: its count, and the mean and p95 run times.
+    call = PyroFunc(address)
+    try:
+        assert call("wait_task", call("push_task", "add", module="tasks", args=[1, 2]), 0, 20)["state"] == "done"
+    finally:
+        call.close()
+    out = run_ppq("workers", "-m", address, env={"COLUMNS": "120"})
+    rows = {cells[1]: cells for line in out.stdout.splitlines()
+            if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 6}
+    assert rows["tasks.add"][2:5] == ["1", "1", "0"], out.stdout
+    mean, p95 = (float(x) for x in rows["tasks.add"][5].split(" / "))
+    assert 0 <= mean <= p95 < 5, out.stdout
     out = run_ppq("status", "-m", address, env={"COLUMNS": "200"})
     header = next(line for line in out.stdout.splitlines() if "last heartbeat" in line)
     assert [c.strip() for c in header.split("│")[1:-1]] == [

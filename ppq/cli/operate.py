@@ -306,14 +306,16 @@ def workers(ctx: click.Context, sub_config: str | None, sub_log_level: str | Non
         click.echo("no live workers")
         return
     table = _table(title="workers")
-    for name in ("worker", "function", "count", "ok", "failed", "mean time (s)"):
+    for name in ("worker", "function", "count", "ok", "failed", "mean / p95 (s)"):
         table.add_column(name)
     for row in rows:
         wid = str(row["worker"].get("id")) + (" (paused)" if row["worker"].get("paused") else "")
         if not row["stats"]:
             table.add_row(wid, row["why"], "-", "-", "-", "-")
         for name, s in sorted(row["stats"].items()):
-            table.add_row(wid, name, str(s["count"]), str(s["ok"]), str(s["failed"]), f"{s['mean_time']:.4f}")
+            p95 = s.get("p95_time")
+            times = f"{s['mean_time']:.4f} / " + ("-" if p95 is None else f"{p95:.4f}")
+            table.add_row(wid, name, str(s["count"]), str(s["ok"]), str(s["failed"]), times)
     console.print(table)
 
 
