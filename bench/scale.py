@@ -132,8 +132,9 @@ class Stack:
         wait_until(lambda: all(answers(a) for a in self.addresses), START_TIMEOUT, "the masters",
                    self.masters)
         for j in range(self.args.agents):
+            qi = self.queues[j % len(self.queues)]
             cmd = [sys.executable, "-m", "ppq", "--log-level", "WARNING", "worker",
-                   "--master-hosts", self.addresses[j % self.m], "--queue-index", str(self.queues[j % len(self.queues)]),
+                   "--master-hosts", self.addresses[j % self.m], "--queue-index", str(qi),
                    "--concurrency", str(self.args.concurrency), "--pool", "processes", "--allow", "scale",
                    "--port", "0"]
             self.agents.append(spawn(cmd, self.env, self.log_dir / f"agent-{tag}-{j}.log"))
@@ -258,7 +259,7 @@ class Stack:
 
     def command(self, mode: str, counts: list[int]) -> float:
         """Send each pusher its share; the wall time from the first start to the last end."""
-        for proc, count in zip(self.pushers, counts):
+        for proc, count in zip(self.pushers, counts, strict=True):
             assert proc.stdin is not None
             proc.stdin.write(f"{mode} {count}\n")
             proc.stdin.flush()
