@@ -292,22 +292,22 @@ class Stack:
         base = self.done()
         self.signal_agents(signal.SIGSTOP)
         try:
-            c0, m0 = self.cpu(), psutil.cpu_times()
+            c0, m0, s0 = self.cpu(), psutil.cpu_times(), time.perf_counter()
             wall = self.command(mode, counts)
-            c1, m1 = self.cpu(), psutil.cpu_times()
+            c1, m1, s1 = self.cpu(), psutil.cpu_times(), time.perf_counter()
         finally:
             self.cont()
         t0 = time.perf_counter()
         t1 = self.wait_done(base + n)
-        c2, m2 = self.cpu(), psutil.cpu_times()
-        drain = t1 - t0
-        return {"push": phase(f"{mode} push", n, wall, c0, c1, m0, m1),
-                "drain": phase("drain", n, drain, c1, c2, m1, m2)}
+        c2, m2, s2 = self.cpu(), psutil.cpu_times(), time.perf_counter()
+        return {"push": phase(f"{mode} push", n, wall, s1 - s0, c0, c1, m0, m1),
+                "drain": phase("drain", n, t1 - t0, s2 - s1, c1, c2, m1, m2)}
 
 
-def phase(name: str, n: int, wall: float, c0: dict[str, dict[int, float]], c1: dict[str, dict[int, float]],
-          m0: Any, m1: Any) -> dict[str, Any]:
-    """Rate, CPU microseconds per task of each component, cores busy (ours, the machine's)."""
+def phase(name: str, n: int, wall: float, window: float, c0: dict[str, dict[int, float]],
+          c1: dict[str, dict[int, float]], m0: Any, m1: Any) -> dict[str, Any]:
+    """Rate (n over ``wall``), CPU microseconds per task of each component, and cores busy (ours,
+    the machine's) over ``window``, the time between the two CPU readings."""
     us: dict[str, float] = {}
     total = 0.0
     for component in COMPONENTS:
@@ -317,16 +317,17 @@ def phase(name: str, n: int, wall: float, c0: dict[str, dict[int, float]], c1: d
         total += seconds
     machine = busy_seconds(m1) - busy_seconds(m0)
     return {"phase": name, "n": n, "seconds": wall, "per_s": n / wall, "us_per_task": us,
-            "cores": total / wall, "machine_cores": machine / wall}
+            "cores": total / window, "machine_cores": machine / window}
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
 def busy_seconds(times: Any) -> float:
-    """CPU seconds the whole machine spent busy (psutil.cpu_times(); guest time is already in user)."""
+    """CPU seconds the whole machine spent busy (psutil.cpu_times(); guest time is already in user,
+    steal is the hypervisor's, not ours)."""
     busy = times.user + times.system
-    for name in ("nice", "irq", "softirq", "steal"):
+    for name in ("nice", "irq", "softirq"):
         busy += getattr(times, name, 0.0)
     return busy
 
@@ -426,20 +427,33 @@ def report(results: list[dict[str, Any]], configs: list[tuple[int, int]], args: 
         lines.append(f"{'cores busy (all)':<18}" + "".join(machine))
         lines.append("")
     lines.append(f"Rates (tasks/s), N = {args.n:,}, median of {args.rounds} round(s); cores busy while draining")
-    lines.append(f"{'masters':>7}{'shards':>7}{'push/s':>9}{'bulk/s':>9}{'drain/s':>9}"
-                 f"{'drain ours':>11}{'machine':>8}{'master us':>10}{'redis us':>9}")
+    lines.append(f"{'masters':>8}{'shards':>8}{'push/s':>10}{'bulk/s':>10}{'drain/s':>10}{'ours':>8}{'machine':>9}")
     for m, s in configs:
         rows = [r for r in results if (r["masters"], r["shards"]) == (m, s)]
         if not rows:
             continue
         drains = [(r["drain_single"]["per_s"] + r["drain_bulk"]["per_s"]) / 2 for r in rows]
         lines.append(
-            f"{m:>7}{s:>7}{med([r['single']['per_s'] for r in rows]):>9,.0f}"
-            f"{med([r['bulk']['per_s'] for r in rows]):>9,.0f}{med(drains):>9,.0f}"
-            f"{med([r['drain_single']['cores'] for r in rows]):>11.2f}"
-            f"{med([r['drain_single']['machine_cores'] for r in rows]):>8.2f}"
-            f"{med([r['drain_single']['us_per_task']['master'] for r in rows]):>10.1f}"
-            f"{med([r['drain_single']['us_per_task']['redis'] for r in rows]):>9.1f}")
+            f"{m:>8}{s:>8}{med([r['single']['per_s'] for r in rows]):>10,.0f}"
+            f"{med([r['bulk']['per_s'] for r in rows]):>10,.0f}{med(drains):>10,.0f}"
+            f"{med([r['drain_single']['cores'] for r in rows]):>8.2f}"
+            f"{med([r['drain_single']['machine_cores'] for r in rows]):>9.2f}")
+    lines.append("")
+    lines.append("CPU per task (us) by configuration: single push, and drain")
+    lines.append(f"{'masters':>8}{'shards':>8}{'client':>8}{'master':>8}{'redis':>8}"
+                 f"{'| master':>10}{'redis':>8}{'agent':>8}{'exec':>8}")
+    for m, s in configs:
+        rows = [r for r in results if (r["masters"], r["shards"]) == (m, s)]
+        if not rows:
+            continue
+
+        def us(key: str, component: str, rows: list[dict[str, Any]] = rows) -> float:
+            return med([r[key]["us_per_task"][component] for r in rows])
+
+        lines.append(f"{m:>8}{s:>8}{us('single', 'client'):>8.0f}{us('single', 'master'):>8.0f}"
+                     f"{us('single', 'redis'):>8.0f}{us('drain_single', 'master'):>10.0f}"
+                     f"{us('drain_single', 'redis'):>8.0f}{us('drain_single', 'agent'):>8.0f}"
+                     f"{us('drain_single', 'executor'):>8.0f}")
     loads = [x for r in results for x in r["load1"]]
     if loads:
         lines.append(f"load average (1 min) around the configurations: {min(loads):.2f} to {max(loads):.2f}; "
@@ -463,6 +477,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pushers", type=int, default=4, help="client processes pushing together (default 4)")
     p.add_argument("--cpu-all", action="store_true", help="a CPU table for every configuration, not the first only")
     p.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "scale.json", help="every round, as JSON")
+    p.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved --json file; run nothing")
     args = p.parse_args(argv)
     for name in ("n", "rounds", "queues", "agents", "concurrency", "pushers"):
         if getattr(args, name) < 1:
@@ -478,6 +493,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_push"]:
         return pusher(argv[1], int(argv[2]))
     args = parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        meta = saved["meta"]
+        for name in ("n", "rounds", "queues", "agents", "concurrency", "pushers"):
+            setattr(args, name, meta[name])
+        configs = list(dict.fromkeys((r["masters"], r["shards"]) for r in saved["results"]))
+        print(f"{meta['started']}: {' '.join(meta['argv'])}")
+        print(report(saved["results"], configs, args))
+        return 0
     sys.path.insert(0, str(BENCH_DIR))
     sys.path.insert(0, str(REPO))
     from peers.base import stop_all_spawned
