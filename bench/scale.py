@@ -32,6 +32,11 @@ long-poll); they run in the drain that follows. "cores busy" is the CPU of all t
 processes over the phase's wall time; "machine" is the whole machine's (psutil
 cpu_times: other users of a shared machine included). Figures are medians over
 rounds; --json keeps every round. Logs go to a temporary directory named on stderr.
+
+``--agents 0`` runs the pushes alone, with no agent at all: no long-poll has ever
+waited on a master, so a push publishes no wake-up (push.lua publishes one only while
+a long-poll is registered in the queue_index's ``waiters``), as when every worker has
+been busy for a while.
 """
 
 from __future__ import annotations
@@ -156,8 +161,9 @@ class Stack:
         base = self.done()
         per = 4 * self.args.concurrency * max(1, self.args.agents // max(1, self.args.pushers))
         self.command("single", [per] * len(self.pushers))
-        self.wait_done(base + per * len(self.pushers))
-        self.executors_settled()
+        if self.agents:
+            self.wait_done(base + per * len(self.pushers))
+            self.executors_settled()
 
     def stop(self) -> None:
         from peers.base import stop_procs
@@ -285,7 +291,7 @@ class Stack:
         self.signal_agents(signal.SIGCONT)
 
     def push_and_drain(self, mode: str, n: int) -> dict[str, Any]:
-        """One push phase and its drain: rates and CPU seconds per component."""
+        """One push phase and its drain (none without agents): rates and CPU seconds per component."""
         import psutil
 
         counts = [n // len(self.pushers) + (1 if j < n % len(self.pushers) else 0) for j in range(len(self.pushers))]
@@ -297,11 +303,13 @@ class Stack:
             c1, m1, s1 = self.cpu(), psutil.cpu_times(), time.perf_counter()
         finally:
             self.cont()
+        pushed = phase(f"{mode} push", n, wall, s1 - s0, c0, c1, m0, m1)
+        if not self.agents:
+            return {"push": pushed, "drain": None}
         t0 = time.perf_counter()
         t1 = self.wait_done(base + n)
         c2, m2, s2 = self.cpu(), psutil.cpu_times(), time.perf_counter()
-        return {"push": phase(f"{mode} push", n, wall, s1 - s0, c0, c1, m0, m1),
-                "drain": phase("drain", n, t1 - t0, s2 - s1, c1, c2, m1, m2)}
+        return {"push": pushed, "drain": phase("drain", n, t1 - t0, s2 - s1, c1, c2, m1, m2)}
 
 
 def phase(name: str, n: int, wall: float, window: float, c0: dict[str, dict[int, float]],
@@ -401,6 +409,11 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def drained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rounds that had a drain (none with --agents 0)."""
+    return [r for r in rows if r.get("drain_single")]
+
+
 def report(results: list[dict[str, Any]], configs: list[tuple[int, int]], args: argparse.Namespace) -> str:
     lines = []
     first = True
@@ -415,15 +428,16 @@ def report(results: list[dict[str, Any]], configs: list[tuple[int, int]], args: 
         for component in COMPONENTS:
             cells = []
             for key in ("single", "bulk", "drain_single"):
-                value = med([r[key]["us_per_task"][component] for r in rows])
+                value = med([r[key]["us_per_task"][component] for r in rows if r.get(key)])
                 cells.append(f"{value:>14.1f}")
             lines.append(f"{LABELS[component]:<18}" + "".join(cells))
-        totals = [f"{med([sum(r[k]['us_per_task'].values()) for r in rows]):>14.1f}"
+        totals = [f"{med([sum(r[k]['us_per_task'].values()) for r in rows if r.get(k)]):>14.1f}"
                   for k in ("single", "bulk", "drain_single")]
         lines.append(f"{'total':<18}" + "".join(totals))
-        busy = [f"{med([r[k]['cores'] for r in rows]):>14.2f}" for k in ("single", "bulk", "drain_single")]
+        busy = [f"{med([r[k]['cores'] for r in rows if r.get(k)]):>14.2f}" for k in ("single", "bulk", "drain_single")]
         lines.append(f"{'cores busy (ours)':<18}" + "".join(busy))
-        machine = [f"{med([r[k]['machine_cores'] for r in rows]):>14.2f}" for k in ("single", "bulk", "drain_single")]
+        machine = [f"{med([r[k]['machine_cores'] for r in rows if r.get(k)]):>14.2f}"
+                   for k in ("single", "bulk", "drain_single")]
         lines.append(f"{'cores busy (all)':<18}" + "".join(machine))
         lines.append("")
     lines.append(f"Rates (tasks/s), N = {args.n:,}, median of {args.rounds} round(s); cores busy while draining")
@@ -432,12 +446,12 @@ def report(results: list[dict[str, Any]], configs: list[tuple[int, int]], args: 
         rows = [r for r in results if (r["masters"], r["shards"]) == (m, s)]
         if not rows:
             continue
-        drains = [(r["drain_single"]["per_s"] + r["drain_bulk"]["per_s"]) / 2 for r in rows]
+        drains = [(r["drain_single"]["per_s"] + r["drain_bulk"]["per_s"]) / 2 for r in drained(rows)]
         lines.append(
             f"{m:>8}{s:>8}{med([r['single']['per_s'] for r in rows]):>10,.0f}"
             f"{med([r['bulk']['per_s'] for r in rows]):>10,.0f}{med(drains):>10,.0f}"
-            f"{med([r['drain_single']['cores'] for r in rows]):>8.2f}"
-            f"{med([r['drain_single']['machine_cores'] for r in rows]):>9.2f}")
+            f"{med([r['drain_single']['cores'] for r in drained(rows)]):>8.2f}"
+            f"{med([r['drain_single']['machine_cores'] for r in drained(rows)]):>9.2f}")
     lines.append("")
     lines.append("CPU per task (us) by configuration: single push, and drain")
     lines.append(f"{'masters':>8}{'shards':>8}{'client':>8}{'master':>8}{'redis':>8}"
@@ -448,7 +462,7 @@ def report(results: list[dict[str, Any]], configs: list[tuple[int, int]], args: 
             continue
 
         def us(key: str, component: str, rows: list[dict[str, Any]] = rows) -> float:
-            return med([r[key]["us_per_task"][component] for r in rows])
+            return med([r[key]["us_per_task"][component] for r in rows if r.get(key)])
 
         lines.append(f"{m:>8}{s:>8}{us('single', 'client'):>8.0f}{us('single', 'master'):>8.0f}"
                      f"{us('single', 'redis'):>8.0f}{us('drain_single', 'master'):>10.0f}"
@@ -472,18 +486,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=10000, help="tasks per push phase (default 10000)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; figures are medians (default 3)")
     p.add_argument("--queues", type=int, default=4, help="queue_index values, spread over the shards (default 4)")
-    p.add_argument("--agents", type=int, default=4, help="ppq worker agents (default 4)")
+    p.add_argument("--agents", type=int, default=4,
+                   help="ppq worker agents (default 4); 0: pushes only, no long-poll waits on any master")
     p.add_argument("--concurrency", type=int, default=1, help="executor processes per agent (default 1)")
     p.add_argument("--pushers", type=int, default=4, help="client processes pushing together (default 4)")
     p.add_argument("--cpu-all", action="store_true", help="a CPU table for every configuration, not the first only")
     p.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "scale.json", help="every round, as JSON")
     p.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved --json file; run nothing")
     args = p.parse_args(argv)
-    for name in ("n", "rounds", "queues", "agents", "concurrency", "pushers"):
+    for name in ("n", "rounds", "queues", "concurrency", "pushers"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.agents < args.queues:
-        p.error("--agents must be at least --queues: every queue_index needs an agent")
+    if args.agents and args.agents < args.queues:
+        p.error("--agents must be 0 (pushes only) or at least --queues: every queue_index needs an agent")
     args.config_list = parse_configs(args.configs)
     return args
 
@@ -520,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 print(json.dumps({"masters": m, "shards": s, "single": round(result["single"]["per_s"]),
                                   "bulk": round(result["bulk"]["per_s"]),
-                                  "drain": round(result["drain_single"]["per_s"]),
-                                  "drain_bulk": round(result["drain_bulk"]["per_s"]),
+                                  "drain": result["drain_single"] and round(result["drain_single"]["per_s"]),
+                                  "drain_bulk": result["drain_bulk"] and round(result["drain_bulk"]["per_s"]),
                                   "load1": [round(x, 2) for x in result["load1"]]}), file=sys.stderr, flush=True)
     finally:
         stop_all_spawned()
