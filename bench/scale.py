@@ -31,8 +31,8 @@ client (the pushers), master(s), redis-server(s), agent(s) (the ``ppq worker``
 processes) and executors (their child processes). A few tasks are leased to the
 stopped agents' pending long-polls during a push (a push hands its tasks to a waiting
 long-poll); they run in the drain that follows. "cores busy" is the CPU of all these
-processes over the phase's wall time; "machine" is the whole machine's (psutil
-cpu_times: other users of a shared machine included). Figures are medians over
+processes between the two readings over the time between them; "machine" is the whole
+machine's (psutil cpu_times: other users of a shared machine included). Figures are medians over
 rounds; --json keeps every round. Logs go to a temporary directory named on stderr.
 
 ``--wake-cost N`` measures only the wake-up messages: N PUBLISHes to 1, 2 and 4
@@ -370,10 +370,10 @@ class Stack:
             c1, m1, s1 = self.cpu(), psutil.cpu_times(), time.perf_counter()
         finally:
             self.cont()
+            t0 = time.perf_counter()
         pushed = phase(f"{mode} push", n, wall, s1 - s0, c0, c1, m0, m1)
         if not self.agents:
             return {"push": pushed, "drain": None}
-        t0 = time.perf_counter()
         t1 = self.wait_done(base + n)
         c2, m2, s2 = self.cpu(), psutil.cpu_times(), time.perf_counter()
         return {"push": pushed, "drain": phase("drain", n, t1 - t0, s2 - s1, c1, c2, m1, m2)}
@@ -569,6 +569,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name} must be at least 1")
     if args.agents and args.agents < args.queues:
         p.error("--agents must be 0 (pushes only) or at least --queues: every queue_index needs an agent")
+    if args.pushers < args.queues:
+        p.error("--pushers must be at least --queues: every queue_index gets pushes")
     args.config_list = parse_configs(args.configs)
     return args
 
