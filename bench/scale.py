@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import statistics
@@ -88,7 +89,18 @@ def pusher(address: str, queue_index: int) -> int:
     from ppq import Client
 
     client = Client([address], retry=1, timeout=120, queue_index=queue_index)
-    client.server_info()  # connected and answered once before the first measured call
+    deadline = time.monotonic() + START_TIMEOUT
+    rpc_log = logging.getLogger("ppq.rpc")
+    rpc_log.setLevel(logging.ERROR)  # no line per probe while the master starts
+    while True:  # one answer before the first measured call
+        try:
+            client.server_info()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    rpc_log.setLevel(logging.NOTSET)
     print("READY", flush=True)
     for line in sys.stdin:
         mode, count = line.split()
@@ -201,8 +213,7 @@ class Stack:
         from ppq import Client
 
         self.control = Client(self.addresses[:1], retry=1, timeout=60)
-        wait_until(lambda: all(answers(a) for a in self.addresses), START_TIMEOUT, "the masters",
-                   self.masters)
+        # Agents and pushers start with the masters: each waits for its master to answer.
         for j in range(self.args.agents):
             qi = self.queues[j % len(self.queues)]
             cmd = [sys.executable, "-m", "ppq", "--log-level", "WARNING", "worker",
@@ -215,6 +226,8 @@ class Stack:
                    str(self.queues[j % len(self.queues)])]
             self.pushers.append(subprocess.Popen(cmd, env=self.env, cwd=str(BENCH_DIR), stdin=subprocess.PIPE,
                                                  stdout=subprocess.PIPE, text=True, start_new_session=True))
+        wait_until(lambda: all(answers(a) for a in self.addresses), START_TIMEOUT, "the masters",
+                   self.masters)
         for proc in self.pushers:
             assert proc.stdout is not None
             line = proc.stdout.readline().strip()

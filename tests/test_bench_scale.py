@@ -16,7 +16,7 @@ SCALE = REPO / "bench" / "scale.py"
 def test_a_small_run_drains_every_task_and_its_saved_report_prints_the_same_tables(tmp_path: Path) -> None:
     saved = tmp_path / "scale.json"
     env = dict(os.environ, TMPDIR=str(tmp_path))  # its logs and redis-server directories
-    run = subprocess.run([sys.executable, str(SCALE), "--configs", "2x2", "--n", "120", "--rounds", "1",
+    run = subprocess.run([sys.executable, str(SCALE), "--configs", "2x2", "--n", "60", "--rounds", "1",
                           "--queues", "2", "--agents", "2", "--pushers", "2", "--json", str(saved)],
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -24,7 +24,7 @@ def test_a_small_run_drains_every_task_and_its_saved_report_prints_the_same_tabl
     [result] = data["results"]
     assert (result["masters"], result["shards"]) == (2, 2)
     for key in ("single", "bulk", "drain_single", "drain_bulk"):
-        assert result[key]["n"] == 120 and result[key]["per_s"] > 0, key
+        assert result[key]["n"] == 60 and result[key]["per_s"] > 0, key
         assert set(result[key]["us_per_task"]) == {"client", "master", "redis", "agent", "executor"}, key
     tables = run.stdout[:run.stdout.index("\n\n", run.stdout.index("CPU per task (us) by configuration"))]
     assert "client (pushers)" in tables and "executors" in tables
