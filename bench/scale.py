@@ -147,7 +147,7 @@ def wake_cost(n: int, log_dir: Path) -> str:
 
     server = RedisServer(log_dir)
     channel = "ppq:0:wake"
-    lines = [f"Wake-up messages: {n:,} PUBLISHes to 1, 2 and 4 subscriber processes (us per message)",
+    lines = [f"Wake-up messages: {n:,} PUBLISHes to 1, 2, 4 subscribers (us per message)",
              f"{'subscribers':>12}{'each':>10}{'redis':>10}"]
     try:
         for count in (1, 2, 4):
@@ -174,7 +174,7 @@ def wake_cost(n: int, log_dir: Path) -> str:
             lines.append(f"{count:>12}{each:>10.1f}{(r1 - r0) / n * 1e6:>10.1f}")
     finally:
         server.stop()
-    lines.append("(redis: the PUBLISH commands and their fan-out, the publishing connection included)")
+    lines.append("(redis: the PUBLISH commands and their fan-out, the publisher's connection too)")
     return "\n".join(lines)
 
 
@@ -502,8 +502,9 @@ def report(results: list[dict[str, Any]], configs: list[tuple[int, int]], args: 
         if not rows or (not first and not args.cpu_all):
             continue
         first = False
-        lines.append(f"CPU per task (us), {m} master(s), {s} shard(s), {args.queues} queue_index, "
-                     f"{args.agents}x{args.concurrency} executors, {args.pushers} pushers; median of {len(rows)}")
+        lines.append(f"CPU per task (us), {m} master(s), {s} shard(s); median of {len(rows)} round(s)")
+        lines.append(f"({args.queues} queue_index, {args.agents} agents x {args.concurrency} executors, "
+                     f"{args.pushers} pushers)")
         lines.append(f"{'component':<18}{'single push':>14}{'bulk push':>14}{'drain':>14}")
         for component in COMPONENTS:
             cells = []
