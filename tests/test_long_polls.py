@@ -80,6 +80,41 @@ def test_parked_long_poll_is_answered_by_a_push_with_its_tasks(make_master: Call
         call.close()
 
 
+def test_a_master_wakes_its_own_long_polls_and_publishes_a_wake_up_only_for_other_masters(
+        make_master: Callable[..., MasterServer], ra: redis.Redis) -> None:
+    """Two long-polls parked on one master get one task each of a push of two (the first handed
+    over in the push, the other woken by the master itself), with no wake-up published: no other
+    master waits. With a long-poll parked on another master, a push publishes one, and that
+    long-poll gets the task."""
+    here, other = make_master(), make_master()
+    wake = ra.pubsub(ignore_subscribe_messages=True)
+    wake.subscribe("ppq:0:wake")
+    outs: list[dict[str, Any]] = [{}, {}]
+    threads = [_report_poll(here, W1, 1, 20, outs[0]), _report_poll(here, W2, 1, 20, outs[1])]
+    wait_for(lambda: _parked(here, 2), what="two long-polls to park")
+    call = PyroFunc(here.uri)
+    try:
+        ids = call("push_tasks", [{"func": "add", "module": "tasks", "args": [i, i]} for i in range(2)])
+        for thread in threads:
+            thread.join(15)
+            assert not thread.is_alive()
+        assert sorted(t["id"] for out in outs for t in out["reply"]["tasks"]) == sorted(ids)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert wake.get_message(timeout=0.1) is None, "a wake-up was published with no other master waiting"
+        out: dict[str, Any] = {}
+        thread = _report_poll(other, {"id": "parked-worker-3", "heartbeat_interval": 5}, 1, 20, out)
+        wait_for(lambda: _parked(other), what="the other master's long-poll to park")
+        task_id = call("push_task", "add", module="tasks", args=[5, 5])
+        thread.join(15)
+        assert not thread.is_alive() and [t["id"] for t in out["reply"]["tasks"]] == [task_id]
+        message = wait_for(lambda: wake.get_message(timeout=0.1), timeout=5, what="the wake-up for the other master")
+        assert message["data"] == b"1"
+    finally:
+        call.close()
+        wake.close()
+
+
 def test_parked_long_poll_is_woken_by_a_push_on_another_master(make_master: Callable[..., MasterServer],
                                                                ra: redis.Redis) -> None:
     waiting, other = make_master(), make_master()

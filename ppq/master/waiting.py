@@ -523,19 +523,29 @@ class Waiting:
             log.debug("queue_index %s: task %s %s.%s leased to %s", qi, task["id"], task["module"], task["func"], wid)
 
     def _push(self, queue_index: int, specs: list[TaskSpec]) -> list[str]:
-        """Store tasks; when one is ready at once and a long-poll waits here, lease to it in the same step."""
+        """Store tasks; when one is ready at once and a long-poll waits here, lease to it in the same step.
+
+        This master's own long-polls learn of the other ready tasks from it, not from Redis: the
+        push publishes a wake-up only for other masters' long-polls.
+        """
         store = self.stores[queue_index]
+        waker = self.wakers[queue_index]
         waiter = None
-        ready = next((spec for spec in specs if not spec.delay), None)
-        if ready is not None:
-            waiter = self.wakers[queue_index].claim(ready.module)
+        ready = sum(1 for spec in specs if not spec.delay)
+        if ready:
+            waiter = waker.claim(next(spec for spec in specs if not spec.delay).module)
         if waiter is None:
-            return store.push(specs)[0]
+            ids = store.push(specs, me=self.id)[0]
+            if ready:
+                waker.wake(ready)
+            return ids
         tasks: list[dict[str, Any]] = []
         try:
-            ids, tasks = store.push(specs, (waiter.wid, waiter.count, waiter.seen, waiter.allow))
+            ids, tasks = store.push(specs, (waiter.wid, waiter.count, waiter.seen, waiter.allow), me=self.id)
         finally:
             waiter.hand(tasks)
+        if ready > len(tasks):
+            waker.wake(ready - len(tasks))
         if tasks and not isinstance(waiter, ParkedWaiter):
             # (A parked waiter's reply was sent by hand() itself.)
             # Let the waiter's thread send the tasks before this one replies to the pusher:

@@ -130,18 +130,20 @@ class Store(Admin, ScheduleStore, LimitStore, FlowStore, Presence):
     # -- The scripts of a task's life (ppq/store/lua/)
 
     @storage_errors
-    def push(self, specs: Sequence[TaskSpec], lease_to: tuple[str, int, float, str] | None = None
-             ) -> tuple[list[str], list[dict[str, Any]]]:
+    def push(self, specs: Sequence[TaskSpec], lease_to: tuple[str, int, float, str] | None = None,
+             me: str = "") -> tuple[list[str], list[dict[str, Any]]]:
         """Store tasks (or update waiting ones with the same key); return their ids in order.
 
         With ``lease_to`` = (worker id, count, seen, allow), up to ``count`` ready tasks
         are then leased to that worker in the same step, as :meth:`report` would, and
         returned second; a push that hands work straight to a waiting worker saves the
-        wake-up round.
+        wake-up round. ``me``: the pushing master's registration in the waiters, which wakes
+        its own long-polls itself; only other masters' registrations have the push publish a
+        wake-up.
         """
         wid, count, seen, allow = lease_to or ("", 0, 0.0, ANY_MODULE)
         args: list[Any] = [self.prefix, wid, count, self.lease_timeout, seen, os.urandom(16).hex() if count else "",
-                           self.max_workers, allow, self.result_ttl]
+                           self.max_workers, allow, self.result_ttl, me]
         for spec in specs:
             args += [spec.id, spec.key, spec.delay, spec.body, len(spec.options)]
             for name, value in spec.options:

@@ -12,7 +12,9 @@
 -- ARGV[8]  allow  the modules wid may run, as lease.lua takes them ('*': any)
 -- ARGV[9]  dttl   default result ttl, seconds: how long the record of a task found expired
 --                 is kept (a task's own result_ttl wins)
--- ARGV[10]...     per task, 5 + 2n values: id, key ('' for none), delay (seconds; 0: ready
+-- ARGV[10] me     the pushing master's member in P..'waiters' ('' for none): it wakes its
+--                 own long-polls itself, so its registration alone publishes nothing
+-- ARGV[11]...     per task, 5 + 2n values: id, key ('' for none), delay (seconds; 0: ready
 --                 now), body, n, then n field/value pairs (the options that differ from
 --                 their defaults). 'priority' (1-9) puts a ready task on P..'queue:p:<n>'
 --                 instead of P..'queue' (ready.lua); 'expires' is a unix time, or seconds
@@ -23,12 +25,12 @@
 --            one given: a waiting task with the same key was updated instead
 --   leased   the rows leased to wid, as lease.lua's `out`
 -- Publishes on P..'wake' the number of tasks made ready and not leased, while a long-poll
--- is registered in P..'waiters'.
+-- is registered in P..'waiters' by another master than `me`.
 
 -- include: now.lua
 -- include: module.lua
-local P, wid, count, lt, seen, nonce, maxw, allow, dttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local P, wid, count, lt, seen, nonce, maxw, allow, dttl, me = ARGV[1], ARGV[2], tonumber(ARGV[3]),
+  tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
 -- include: ready.lua
 -- include: workflow.lua
 -- include: expire.lua
@@ -44,7 +46,7 @@ local function flush()
   fresh, nfresh = {}, 0
 end
 local ready, pushed = 0, 0
-local i = 10
+local i = 11
 while i <= #ARGV do
   local id, key, delay, body, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
   local first, last = i + 5, i + 4 + 2 * n
@@ -152,7 +154,12 @@ if wid == '' then count = 0 end
 
 if #out > 0 then mark_seen() end
 ready = ready + wf_ready - #out
-if ready > 0 and redis.call('ZCOUNT', P .. 'waiters', now, '+inf') > 0 then
-  redis.call('PUBLISH', P .. 'wake', ready)
+if ready > 0 then
+  local others = redis.call('ZCOUNT', P .. 'waiters', now, '+inf')
+  if others > 0 and me ~= '' then
+    local mine = redis.call('ZSCORE', P .. 'waiters', me)
+    if mine and tonumber(mine) >= now then others = others - 1 end
+  end
+  if others > 0 then redis.call('PUBLISH', P .. 'wake', ready) end
 end
 return {renamed, out}
