@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import logging
 import os
 import random
@@ -63,12 +64,34 @@ def record(path: str, token: str, seconds: float = 0.0) -> str:
 
 
 class Proc:
-    """A master or worker process the soak started (and may kill): its Popen, port and start time."""
+    """A master or worker process the soak started (and may kill): its Popen, its log, the
+    line that log shows once the process is up, and its port (a master's)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], port: int = 0) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], log: Path, mark: str, port: int = 0) -> None:
         self.popen = popen
+        self.log = log
+        self.mark = mark.encode()
         self.port = port
-        self.started = time.monotonic()
+        self.spawned = time.time()
+        self.up_since: float | None = None  # time.time() of the mark, once seen
+
+    def up_for(self) -> float:
+        """Seconds since the process logged that it is up (-1: not yet)."""
+        if self.up_since is None:
+            try:
+                with open(self.log, "rb") as f:
+                    head = f.read(65536)
+            except OSError:
+                return -1.0
+            at = head.find(self.mark)
+            if at < 0:
+                return -1.0
+            line = head[head.rfind(b"\n", 0, at) + 1:at]
+            try:
+                self.up_since = datetime.datetime.strptime(line[:23].decode(), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                self.up_since = time.time()
+        return time.time() - self.up_since
 
 
 class Stack:
@@ -86,6 +109,7 @@ class Stack:
         self.kills: collections.Counter[str] = collections.Counter()
         self.skipped = 0  # kill times at which no process was old enough
         self.exited: collections.Counter[str] = collections.Counter()  # processes that died unkilled
+        self.lives: dict[str, list[tuple[float, float]]] = {"master": [], "worker": []}  # (start-up, up) s
         self.reaped = 0  # orphans (a killed worker's executors...) reaped or killed here
 
     @property
@@ -96,6 +120,9 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PPQ_")}
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO), env.get("PYTHONPATH", "")])
         env["PPQ_MASTER_REAPER_INTERVAL"] = "0.2"
+        # Thousands of processes start: each reads ppq's bytecode, compiled once into the work directory.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(self.workdir / "pycache")
         if self.args.result_ttl:
             env["PPQ_MASTER_RESULT_TTL"] = str(self.args.result_ttl)
         if master and self.sentinel:
@@ -104,11 +131,13 @@ class Stack:
             env["PPQ_MASTER_REDIS_TIMEOUT"] = "1.0"
         return env
 
-    def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, mark: str, *argv: str, port: int = 0) -> Proc:
         self.count += 1
-        with open(self.workdir / f"{name}-{self.count}.log", "wb") as out:
-            return subprocess.Popen([sys.executable, "-m", "ppq", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env(master=name == "master"), cwd=str(BENCH))
+        path = self.workdir / f"{name}-{self.count}.log"
+        with open(path, "wb") as out:
+            popen = subprocess.Popen([sys.executable, "-m", "ppq", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                     env=self.env(master=name == "master"), cwd=str(BENCH))
+        return Proc(popen, path, mark, port)
 
     @property
     def addresses(self) -> list[str]:
@@ -119,8 +148,8 @@ class Stack:
         is not waited for: clients and workers use the other masters meanwhile)."""
         from ppq.rpc import PyroFunc
 
-        proc = Proc(self._spawn("master", "master", "--port", str(port), "--redis-map", f"0={self.redis_url}",
-                                "--lease-timeout", str(self.args.lease_timeout)), port)
+        proc = self._spawn("master", "master ready:", "master", "--port", str(port), "--redis-map",
+                           f"0={self.redis_url}", "--lease-timeout", str(self.args.lease_timeout), port=port)
         if not wait:
             return proc
         ping = PyroFunc(f"127.0.0.1:{port}", timeout=2, default_return=None)
@@ -135,9 +164,9 @@ class Stack:
         return proc
 
     def start_worker(self) -> Proc:
-        return Proc(self._spawn("worker", "worker", "--master-hosts", ",".join(self.addresses), "--port", "0",
-                                "--concurrency", str(self.args.concurrency), "--allow", "soak",
-                                "--max-sleep", "1", "--heartbeat-interval", "0.5"))
+        return self._spawn("worker", " executor processes on queue_index ", "worker", "--master-hosts",
+                           ",".join(self.addresses), "--port", "0", "--concurrency", str(self.args.concurrency),
+                           "--allow", "soak", "--max-sleep", "1", "--heartbeat-interval", "0.5")
 
     def start(self) -> None:
         from ppq.embedded import free_port
@@ -152,20 +181,20 @@ class Stack:
 
     def kill_random(self, rng: random.Random) -> str | None:
         """SIGKILL a random worker (with its executors) or master (never master 0) that has
-        lived ``--min-age`` seconds, and start its replacement without waiting for it; None
-        when no process of the kind drawn is that old."""
-        oldest = time.monotonic() - self.args.min_age
+        been up (logged so) for ``--min-age`` seconds, and start its replacement without
+        waiting for it; None when no process of the kind drawn has been up that long."""
         if len(self.masters) > 1 and rng.random() < self.args.master_kill_share:
             kind, pool, first = "master", self.masters, 1
         else:
             kind, pool, first = "worker", self.workers, 0
-        ready = [i for i in range(first, len(pool)) if pool[i].started <= oldest]
+        ready = [i for i in range(first, len(pool)) if pool[i].up_for() >= self.args.min_age]
         if not ready:
             self.skipped += 1
             return None
         i = rng.choice(ready)
         kill_tree(pool[i].popen)
         self.kills[kind] += 1
+        self.lives[kind].append((pool[i].up_since - pool[i].spawned, time.time() - pool[i].up_since))
         pool[i] = self.start_master(pool[i].port, wait=False) if kind == "master" else self.start_worker()
         return f"{kind} {i}"
 
@@ -174,7 +203,12 @@ class Stack:
         for kind, pool in (("master", self.masters), ("worker", self.workers)):
             for i, proc in enumerate(pool):
                 if proc.popen.poll() is not None:
-                    self.exited[kind] += 1
+                    try:
+                        refused = b"cannot reach" in proc.log.read_bytes()[-2000:]
+                    except OSError:
+                        refused = False
+                    # A master started while no primary answers refuses to start (it retries nothing).
+                    self.exited[f"{kind} (no redis at its start)" if refused else kind] += 1
                     print(f"  {kind} {i} (pid {proc.popen.pid}) exited by itself with code "
                           f"{proc.popen.returncode}; see {self.workdir}", flush=True)
                     pool[i] = self.start_master(proc.port, wait=False) if kind == "master" else self.start_worker()
@@ -253,6 +287,7 @@ class Sentinel:
             self.thread.start()
 
     def stop_failovers(self) -> None:
+        """Start no more failovers; wait for one under way to end."""
         self.stop_event.set()
         if self.thread.is_alive():
             self.thread.join(180)
@@ -288,7 +323,11 @@ class Sentinel:
         node.start()
 
         def in_sync() -> bool:
-            with self.nodes[new].client(timeout=1) as c:
+            # The primary as the sentinels name it now: they may have failed over once more meanwhile.
+            current = self.primary()
+            if current not in self.nodes:
+                return False
+            with self.nodes[current].client(timeout=1) as c:
                 info = c.info("replication")
             online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)
                       and v.get("state") == "online"]
@@ -298,6 +337,12 @@ class Sentinel:
         self.failovers.append((promotion, time.monotonic() - killed_at))
         print(f"  failover {len(self.failovers)}: primary :{old} killed, :{new} promoted after {promotion:.1f}s, "
               f"{self.args.replicas} replicas in sync after {time.monotonic() - killed_at:.1f}s", flush=True)
+
+    def switches(self) -> int:
+        """Primary changes the sentinels made (``+switch-master`` in their logs): the forced
+        failovers and any the sentinels decided on their own."""
+        logs = [(w.directory / "node.log").read_text(errors="replace") for w in self.watchers]
+        return max((log.count("+switch-master") for log in logs), default=0)
 
     def stop(self) -> None:
         for node in [*self.watchers, *self.nodes.values()]:
@@ -417,8 +462,8 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=3.0, help="Mean seconds between kills (0: none).")
     parser.add_argument("--master-kill-share", type=float, default=0.3,
                         help="Share of kills that hit a master (other than master 0).")
-    parser.add_argument("--min-age", type=float, default=1.0,
-                        help="Seconds a process lives (starts up) before it may be killed.")
+    parser.add_argument("--min-age", type=float, default=0.5,
+                        help="Seconds a process has been up (has logged so) before it may be killed.")
     parser.add_argument("--lease-timeout", type=float, default=2.0)
     parser.add_argument("--appendfsync", choices=["always", "everysec", "no"], default="everysec")
     parser.add_argument("--sentinel", action="store_true",
@@ -500,9 +545,11 @@ def main() -> int:
                 next_progress += args.progress_every
             time.sleep(max(0.0, min(next_sample, next_kill, next_progress, t0 + args.seconds) - time.monotonic()))
         if stack.sentinel:
-            stack.sentinel.stop_failovers()
+            stack.sentinel.stop_event.set()
         pushers.stop()
         push_seconds = time.monotonic() - t0
+        if stack.sentinel:
+            stack.sentinel.stop_failovers()
         rss_load_end = rss_mib(master0)
         progress.close()
 
@@ -541,14 +588,20 @@ def main() -> int:
               f"{drain_seconds:.1f}s")
         print(f"  redis                    {redis_what}")
         print(f"  kills (SIGKILL)          {stack.kills.total()}: workers {stack.kills['worker']}, masters "
-              f"{stack.kills['master']} (mean every {args.kill_every:g}s; {stack.skipped} times none was "
-              f"{args.min_age:g}s old)")
+              f"{stack.kills['master']} (mean every {args.kill_every:g}s; {stack.skipped} times none had been up "
+              f"{args.min_age:g}s)")
+        for kind, lives in stack.lives.items():
+            if lives:
+                startup, up = sorted(a for a, _ in lives), sorted(b for _, b in lives)
+                print(f"  killed {kind}s            start-up (spawn to up) median {startup[len(startup) // 2]:.1f}s, "
+                      f"up before the kill median {up[len(up) // 2]:.1f}s, max {up[-1]:.1f}s")
         if stack.sentinel:
             done_f = stack.sentinel.failovers
             promo = sorted(p for p, _ in done_f)
             print(f"  primary failovers        {len(done_f)} (SIGKILL of the primary every "
                   f"{args.failover_every:g}s; {len(stack.sentinel.failures)} failed "
-                  f"{stack.sentinel.failures[:3] or ''})")
+                  f"{stack.sentinel.failures[:3] or ''}); primary changes the sentinels logged: "
+                  f"{stack.sentinel.switches()}")
             if done_f:
                 print(f"  promotion after          {promo[0]:.1f}s min, {promo[len(promo) // 2]:.1f}s median, "
                       f"{promo[-1]:.1f}s max; every replica in sync again after "
