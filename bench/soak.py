@@ -1,19 +1,36 @@
 """Soak test: a whole ppq stack under continuous load and random SIGKILLs, then a count.
 
     python bench/soak.py --seconds 60 [--workers 3] [--masters 2] [--rate 200]
+    python bench/soak.py --sentinel --seconds 600 --kill-every 0.3 --failover-every 20
 
 Starts its own redis-server (AOF on, ``appendfsync everysec`` as the embedded
 default), ``--masters`` ``ppq master`` processes on that Redis and ``--workers``
 ``ppq worker`` processes connected to all of them, all as subprocesses. Pusher
 threads push ``soak.record(log, token)`` tasks at ``--rate`` tasks/s through
 ``ppq.Client`` (fail-over between masters); the task appends its token to an
-execution log, then works ``--task-seconds``. Every ``--kill-every`` seconds on average a random worker (with
-its executors) or master is killed with SIGKILL and replaced. Master 0 is never
-killed, so its RSS tells whether a master's memory grows with the tasks it serves.
+execution log, then works ``--task-seconds``. Every ``--kill-every`` seconds on
+average (kill times drawn ahead, so a slow kill does not slow the rate) a random
+worker (with its executors) or master that has been up for ``--min-age`` seconds
+(its log says so) is killed with SIGKILL, and its replacement started without
+waiting for it. Master 0 is never killed, so its RSS tells whether a master's
+memory grows with the tasks it serves. This process is the subreaper of what it
+starts: the orphans of a killed worker are reaped here, not left as zombies.
 
-After ``--seconds`` the pushers stop, the kills stop, and the queue drains
-(``--drain`` seconds at most). Then it prints:
+With ``--sentinel`` the Redis is a primary, ``--replicas`` replicas and three
+sentinels (quorum 2), real redis-server processes without persistence
+(tests/redis_topology.py); the masters reach it through a ``redis+sentinel://``
+URL with ``redis.wait_replicas`` = ``--wait-replicas`` (default: every replica).
+Every ``--failover-every`` seconds the primary the sentinels name is SIGKILLed;
+once they have promoted a replica, the killed server starts again, empty, as a
+replica of the new primary, and the next failover waits until every replica is
+in sync.
 
+A line of progress every ``--progress-every`` seconds. After ``--seconds`` the
+pushers stop, the kills and failovers stop, and the queue drains (``--drain``
+seconds at most). Then it prints:
+
+- kills of workers and masters; with --sentinel the failovers, how long the
+  promotions took, and the primary changes the sentinels logged;
 - pushed: pushes acknowledged with an id; push failures (not acknowledged);
 - done / dead: acknowledged tasks in those final states;
 - lost: acknowledged tasks not finished after the drain (the at-least-once
