@@ -468,6 +468,9 @@ def final_states(call: Any, ids: list[str]) -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="How long to push and kill.")
+    parser.add_argument("--kills", type=int, default=0,
+                        help="Go on past --seconds until this many kills are done (at most --seconds-max).")
+    parser.add_argument("--seconds-max", type=float, default=1800.0, help="The longest load with --kills.")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--masters", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=2, help="Executors per worker.")
@@ -538,7 +541,12 @@ def main() -> int:
         next_kill = t0 + rng.expovariate(1 / args.kill_every) if args.kill_every > 0 else float("inf")
         next_sample = t0
         next_progress = t0 + args.progress_every
-        while (now := time.monotonic()) < t0 + args.seconds:
+        def loading(now: float) -> bool:
+            if now < t0 + args.seconds:
+                return True
+            return stack.kills.total() < args.kills and now < t0 + args.seconds_max
+
+        while loading(now := time.monotonic()):
             if now >= next_sample:
                 rss.append((now - t0, rss_mib(master0)))
                 stack.replace_exited()
@@ -554,13 +562,14 @@ def main() -> int:
                 counters = info[0] if info else {}
                 with pushers.lock:
                     acked, failed = len(pushers.acked), pushers.failed_tasks
-                print(f"  {now - t0:5.0f}s  kills {stack.kills['worker']} workers + {stack.kills['master']} "
-                      f"masters, failovers {len(stack.sentinel.failovers) if stack.sentinel else '-'}, "
+                print(f"  {now - t0:5.0f}s  kills {stack.kills.total()} ({stack.kills['worker']} workers, "
+                      f"{stack.kills['master']} masters), "
+                      f"failovers {len(stack.sentinel.failovers) if stack.sentinel else '-'}, "
                       f"pushed {acked} (failed {failed}), done {counters.get('done', '?')}, "
                       f"queued {counters.get('queued', '?')}, children {most_children}, "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
                 next_progress += args.progress_every
-            time.sleep(max(0.0, min(next_sample, next_kill, next_progress, t0 + args.seconds) - time.monotonic()))
+            time.sleep(max(0.0, min(next_sample, next_kill, next_progress) - time.monotonic()))
         if stack.sentinel:
             stack.sentinel.stop_event.set()
         pushers.stop()
