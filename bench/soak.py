@@ -646,7 +646,9 @@ def main() -> int:
             print(f"  lost ids (first 10)      {missing[:10]}")
         print(f"  executions               {sum(runs.values())} of {len(tokens)} acknowledged tasks "
               f"(+{sum(n for t, n in runs.items() if t not in tokens)} of unacknowledged pushes)")
-        print(f"  duplicated executions    {duplicated} (tasks run more than once: {tasks_repeated})")
+        acked_repeats = sum(n - 1 for t, n in runs.items() if t in tokens and n > 1)
+        print(f"  duplicated executions    {duplicated} (tasks run more than once: {tasks_repeated}); of the "
+              f"acknowledged tasks: {acked_repeats} runs beyond the first")
         print(f"  done but never ran       {len(never_ran)}")
         print(f"  master counters          pushed {counters['pushed']}, done {counters['done']}, "
               f"expired leases {counters['expired']}, dead {counters['dead']}")
