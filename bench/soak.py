@@ -124,7 +124,7 @@ class Stack:
         self.workers: list[Proc] = []
         self.count = 0
         self.kills: collections.Counter[str] = collections.Counter()
-        self.skipped = 0  # kill times at which no process was old enough
+        self.skipped = 0  # kill times at which no process of the kind drawn had been up --min-age
         self.exited: collections.Counter[str] = collections.Counter()  # processes that died unkilled
         self.lives: dict[str, list[tuple[float, float]]] = {"master": [], "worker": []}  # (start-up, up) s
         self.reaped = 0  # orphans (a killed worker's executors...) reaped or killed here
