@@ -121,10 +121,10 @@ def run_one(n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         time.sleep(args.wait + 1)  # every agent is in its long-poll cycle
         mproc = psutil.Process(master.pid)
         c0, t0, times0 = cpu_seconds([mproc]), time.monotonic(), mproc.cpu_times()
-        profile = os.environ.get("IDLE_AGENTS_PYSPY")  # a py-spy profile of the window, for a closer look
+        profile = os.environ.get("IDLE_AGENTS_PYSPY")  # a py-spy profile (GIL holder) of the window
         if profile:
             subprocess.run(["py-spy", "record", "-p", str(master.pid), "-d", str(int(args.seconds)), "-o",
-                            f"{profile}-{n}.txt", "-f", "raw", "-r", "100"],
+                            f"{profile}-{n}.txt", "-f", "raw", "-r", "100", "--gil"],
                            capture_output=True)
         else:
             time.sleep(args.seconds)
