@@ -199,6 +199,37 @@ def test_a_switchover_is_followed_on_the_next_call_without_an_error(tmp_path: Pa
             node.stop()
 
 
+def test_a_master_started_during_a_failover_waits_for_the_new_primary(tmp_path: Path, caplog):
+    """A master whose Redis is behind Sentinel, started while the primary is down and none is
+    promoted yet, says so once and waits (not an exit: a supervisor restarting masters during a
+    failover would meet it) until the sentinels name the replica; then it serves."""
+    primary, (replica,), sentinels = sentinel_group(tmp_path / "redis")
+    url = "redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in sentinels) + "/mymaster/0"
+    config = load_config(overrides={"master.port": 0, "master.redis_map": {0: url}, "master.redis_timeout": 0.5},
+                         environ={})
+    server = None
+    try:
+        primary.kill()
+        caplog.set_level("WARNING", logger="ppq.master")
+        server = MasterServer(config).start()
+        assert primary_of(sentinels) == replica.port
+        said = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+        assert len(said) == 1 and "for a primary" in said[0], said
+        call = PyroFunc(server.uri)
+        try:
+            task_id = call("push_task", "add", module="tasks", args=[1, 2])
+            assert call("get_task_info", task_id)["state"] == "queued"
+        finally:
+            call.close()
+        with replica.client() as new:
+            assert new.exists(f"ppq:0:t:{task_id}")
+    finally:
+        if server is not None:
+            server.stop()
+        for node in [primary, replica, *sentinels]:
+            node.stop()
+
+
 def test_the_readme_sentinel_example_is_a_valid_config(tmp_path: Path):
     found = re.search(r"```yaml\n(# sentinel\.yaml\n.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
     assert found, "README.md: no sentinel.yaml block"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from .. import rpc
@@ -24,6 +25,8 @@ log = logging.getLogger("ppq.master")
 
 # Oldest Redis the scripts run on (LPOP with a count).
 MIN_REDIS = (6, 2)
+# Seconds a master starting during a failover (Sentinel, Cluster) waits for a primary to answer.
+FAILOVER_WAIT = 20.0
 
 
 def open_stores(config: Config, announce: int = logging.INFO) -> tuple[dict[int, Store], RedisServer | None]:
@@ -46,7 +49,7 @@ def open_stores(config: Config, announce: int = logging.INFO) -> tuple[dict[int,
     }
     for qi, store in stores.items():
         try:
-            version = store.server_version()
+            version = _first_answer(store)
         except StorageError as exc:
             problem = f"cannot reach {store.safe_url}: {exc}"
         else:
@@ -60,6 +63,25 @@ def open_stores(config: Config, announce: int = logging.INFO) -> tuple[dict[int,
             embedded.stop()
         raise ConfigError(f"master.redis_map[{qi}]: {problem}")
     return stores, embedded
+
+
+def _first_answer(store: Store) -> tuple[int, ...]:
+    """The Redis version of ``store``'s server. Behind Sentinel or in a cluster, a master started
+    during a failover waits up to FAILOVER_WAIT seconds for a primary to be named; a plain
+    Redis that does not answer is an error at once."""
+    deadline = time.monotonic() + FAILOVER_WAIT
+    said = False
+    while True:
+        try:
+            return store.server_version()
+        except StorageError as exc:
+            if not store.follows_failover or time.monotonic() >= deadline:
+                raise
+            if not said:
+                log.warning("queue_index %s: %s does not answer (%s); waiting up to %gs for a primary",
+                            store.queue_index, store.safe_url, exc, FAILOVER_WAIT)
+                said = True
+            time.sleep(0.5)
 
 
 def raise_open_files_limit() -> int:

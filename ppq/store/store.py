@@ -72,6 +72,8 @@ class Store(Admin, ScheduleStore, LimitStore, FlowStore, Presence):
         self.wait = (wait_replicas, max(1, int(wait_timeout * 1000))) if wait_replicas > 0 else None
         # Where the primary is, behind Sentinel or in a cluster; None for one plain Redis.
         self._locator = Locator(target, timeout, self.prefix) if target.kind != "redis" else None
+        # Whether the server behind the URL can change (a failover): worth waiting for at start.
+        self.follows_failover = self._locator is not None
         # A WAIT holds its connection up to wait_timeout longer than any other command.
         wire = timeout + wait_timeout if self.wait else timeout
         self.redis = connect(url, wire, self._locator)
