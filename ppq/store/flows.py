@@ -83,6 +83,27 @@ STAGE_ATTEMPTS = 3
 SETTLE_BATCH = 100
 
 
+def packed(records: Sequence[tuple[str, Sequence[Any], Sequence[str]]]) -> tuple[list[bytes], str, int, int, int]:
+    """A workflow's nodes as the scripts take them, one argument each (Redis takes at most
+    1,048,576 per command): the msgpack, as cmsgpack reads it, of [id, fields, children's ids];
+    with their digest (hex), their number of leaves, of leaves stored 'pending', and of bytes."""
+    pack = msgpack.Packer(use_bin_type=False).pack
+    digest = hashlib.sha256()
+    nodes: list[bytes] = []
+    pending = leaves = size = 0
+    for node_id, fields, kids in records:
+        node = pack([node_id, [v if isinstance(v, bytes) else str(v) for v in fields], kids])
+        digest.update(node)
+        nodes.append(node)
+        size += len(node)
+        if not kids:
+            leaves += 1
+            # A leaf's fields open with its state (flows.Builder.leaf).
+            if fields[0] == "state" and fields[1] == "pending":
+                pending += 1
+    return nodes, digest.hexdigest(), leaves, pending, size
+
+
 class FlowStore:
     """Workflow storage; mixed into Store, whose ``redis``, ``_script`` and ``prefix`` it uses."""
 
@@ -123,27 +144,13 @@ class FlowStore:
         module's docstring). True when stored; False, with nothing stored, when the same
         workflow is stored already (a retried push); else the id of a node whose record
         exists already (another task's or workflow's), with nothing stored."""
-        pack = msgpack.Packer(use_bin_type=False).pack
-        digest = hashlib.sha256()
-        nodes: list[bytes] = []
-        pending = leaves = size = 0
-        # One argument per node (Redis takes at most 1,048,576 per command), as cmsgpack reads it.
-        for node_id, fields, kids in records:
-            node = pack([node_id, [v if isinstance(v, bytes) else str(v) for v in fields], kids])
-            digest.update(node)
-            nodes.append(node)
-            size += len(node)
-            if not kids:
-                leaves += 1
-                # A leaf's fields open with its state (flows.Builder.leaf).
-                if fields[0] == "state" and fields[1] == "pending":
-                    pending += 1
+        nodes, digest, leaves, pending, size = packed(records)
         if len(nodes) == 1 or (len(nodes) <= STAGE_NODES and size <= STAGE_BYTES):
-            stored = self._workflow_push([self.prefix, records[0][0], digest.hexdigest(), pending, *nodes])
+            stored = self._workflow_push([self.prefix, records[0][0], digest, pending, *nodes])
             if isinstance(stored, bytes):
                 return text(stored)
             return bool(stored)
-        return self._push_staged(records[0][0], digest.hexdigest(), nodes, leaves, pending)
+        return self._push_staged(records[0][0], digest, nodes, leaves, pending)
 
     def _push_staged(self, root: str, digest: str, nodes: list[bytes], leaves: int, pending: int) -> bool | str:
         """Store a big workflow in chunks, then make it live (steps 1-4 of the module's docstring)."""
