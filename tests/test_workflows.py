@@ -809,7 +809,7 @@ def test_a_master_duty_deletes_an_abandoned_staging_and_releases_a_committed_one
         rb.zadd("ppq:2:staged", {"gone": 0, "live": 0})
         assert store.settle_staged() == 2
         # The uncommitted one is gone; the committed one's first steps are on their ready list, in order.
-        assert [x.decode() for x in rb.lrange("ppq:2:queue:p:5", 0, -1)] == [f"live.{i}" for i in range(3, n + 3)]
+        assert [x.decode() for x in rb.lrange("ppq:2:queue:p:5", 0, -1)] == [f"live.{i}" for i in range(2, n + 2)]
         assert rb.zrange("ppq:2:priorities", 0, -1) == [b"5"] and ready(rb) == []
         assert not rb.keys("ppq:2:t:gone*") and not rb.keys("ppq:2:stage*") and not rb.exists("ppq:2:staged")
         assert store.info("live")["state"] == "running"
@@ -871,7 +871,7 @@ def test_a_chord_of_20000_is_pushed_while_redis_keeps_answering_others_and_calls
     assert lines(runs) == [str(members)]
 
 
-def push_then_kill(spawn: Spawner, url: str, ra: redis.Redis, data: Any, wid: str,
+def push_then_kill(spawn: Spawner, url: str, rb: redis.Redis, data: Any, wid: str,
                    members: int) -> tuple[Any, str, float]:
     """Push workflow ``wid`` to a master of its own and SIGKILL that master once two chunks of it are
     staged; return a second master on the same Redis (its process and address) and the Redis
@@ -892,53 +892,55 @@ def push_then_kill(spawn: Spawner, url: str, ra: redis.Redis, data: Any, wid: st
 
     pusher = threading.Thread(target=push, daemon=True)
     pusher.start()
-    wait_for(lambda: int(ra.hget(f"ppq:0:stage:{wid}", "written") or 0) >= 2 * flow_store.STAGE_NODES, timeout=120,
+    wait_for(lambda: int(rb.hget(f"ppq:0:stage:{wid}", "written") or 0) >= 2 * flow_store.STAGE_NODES, timeout=120,
              interval=0.002, what="two chunks staged")
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(10)
-    seconds, micros = ra.time()
+    seconds, micros = rb.time()
     pusher.join(30)
     assert errors and not pusher.is_alive()  # the push was never acknowledged
-    staged = int(ra.hget(f"ppq:0:stage:{wid}", "written"))
+    staged = int(rb.hget(f"ppq:0:stage:{wid}", "written"))
     assert staged < members  # killed mid-way
     # Nothing of it is live or ready: no root record, no ready list, nothing counted.
-    assert ra.exists(f"ppq:0:t:{wid}", f"ppq:0:t:{wid}:kids") == 0 and ra.exists(f"ppq:0:t:{wid}.{staged - 1}") == 1
-    assert not ra.keys("ppq:0:queue*") and ra.hget("ppq:0:stats", "pushed") is None
+    assert rb.exists(f"ppq:0:t:{wid}", f"ppq:0:t:{wid}:kids") == 0 and rb.exists(f"ppq:0:t:{wid}.{staged - 1}") == 1
+    assert not rb.keys("ppq:0:queue*") and rb.hget("ppq:0:stats", "pushed") is None
     return survivor, other, seconds + micros / 1e6
 
 
 def test_a_master_killed_while_storing_a_big_workflow_leaves_nothing_runnable_and_another_deletes_it(
-        spawn, redis_a, ra):
+        spawn, redis_b, rb):
+    # On redis_b, whose queue_index 0 no master or worker of this module serves.
     members = 40_000
     data = {"group": [{"func": "square", "module": "flow_tasks", "args": [i]} for i in range(members)]}
-    survivor, other, _ = push_then_kill(spawn, redis_a.url, ra, data, "big-1", members)
+    survivor, other, _ = push_then_kill(spawn, redis_b.url, rb, data, "big-1", members)
     # Once its hold runs out, the other master's duty deletes what it staged.
-    wait_for(lambda: not ra.keys("ppq:0:t:big-1*") and not ra.keys("ppq:0:stage*") and not ra.exists("ppq:0:staged"),
+    wait_for(lambda: not rb.keys("ppq:0:t:big-1*") and not rb.keys("ppq:0:stage*") and not rb.exists("ppq:0:staged"),
              timeout=60, interval=0.2, what="the staging deleted")
     assert "workflow big-1: its master stopped while storing it, before it was live" in spawn.log(survivor)
-    assert not ra.keys("ppq:0:queue*") and ra.hget("ppq:0:stats", "pushed") is None
+    assert not rb.keys("ppq:0:queue*") and rb.hget("ppq:0:stats", "pushed") is None
     # The push again stores it whole.
     call = PyroFunc(other, timeout=120)
     try:
         assert call("push_workflow", data, 0, "big-1") == "big-1"
     finally:
         call.close()
-    assert ra.lrange("ppq:0:queue", 0, -1) == [f"big-1.{i}".encode() for i in range(1, members + 1)]
-    assert not ra.keys("ppq:0:stage*") and not ra.exists("ppq:0:staged")
+    assert rb.lrange("ppq:0:queue", 0, -1) == [f"big-1.{i}".encode() for i in range(1, members + 1)]
+    assert not rb.keys("ppq:0:stage*") and not rb.exists("ppq:0:staged")
 
 
 def test_a_retried_push_takes_over_the_staging_of_a_killed_master_and_the_chord_calls_back_once(
-        spawn, redis_a, ra, tmp_path):
+        spawn, redis_b, rb, tmp_path):
+    # On redis_b, whose queue_index 0 no master or worker of this module serves but those started here.
     runs = path_of(tmp_path)
     members = 20_000
     data = chord([sig("flow_tasks.square", i) for i in range(members)], sig("flow_tasks.tally", runs)).to_data()
-    _, other, killed_at = push_then_kill(spawn, redis_a.url, ra, data, "big-2", members)
+    _, other, killed_at = push_then_kill(spawn, redis_b.url, rb, data, "big-2", members)
     # The client's retry, on the other master, goes on from where the first one stopped.
     c = Client([other], retry=1, timeout=120)
     try:
         assert c.call("push_workflow", data, 0, "big-2") == "big-2"
-        assert float(ra.hget("ppq:0:t:big-2.2", "created")) < killed_at < float(ra.hget("ppq:0:t:big-2", "created"))
-        assert not ra.keys("ppq:0:stage*") and ra.llen("ppq:0:queue") == members
+        assert float(rb.hget("ppq:0:t:big-2.2", "created")) < killed_at < float(rb.hget("ppq:0:t:big-2", "created"))
+        assert not rb.keys("ppq:0:stage*") and rb.llen("ppq:0:queue") == members
         spawn.worker(other, allow=ALLOW, concurrency=2)
         assert c.result("big-2", timeout=600) == [i * i for i in range(members)]
         assert lines(runs) == [str(members)]

@@ -54,7 +54,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -70,6 +70,8 @@ log = logging.getLogger("ppq.store")
 # stored by workflow_push.lua at once; a bigger one is staged in chunks of these sizes.
 STAGE_NODES = 500
 STAGE_BYTES = 512 * 1024
+# The most children's ids one call stores: a node of more (a big group's) takes several calls.
+STAGE_KIDS = 10_000
 # Ready ids one workflow_settle.lua call moves, and staged nodes it deletes.
 SETTLE_IDS = 10_000
 SETTLE_NODES = 500
@@ -83,6 +85,40 @@ STAGE_ATTEMPTS = 3
 SETTLE_BATCH = 100
 
 
+def node_fields(fields: Sequence[Any]) -> list[Any]:
+    """A record's fields as the scripts take them: bytes kept, anything else as text."""
+    return [v if isinstance(v, bytes) else str(v) for v in fields]
+
+
+def chunks(records: Sequence[tuple[str, Sequence[Any], Sequence[str]]], nodes: list[bytes],
+           start: int) -> Iterator[tuple[int, list[bytes]]]:
+    """The workflow_stage.lua calls that store a big workflow's nodes from node ``start`` on, as
+    (the place of their first node, their arguments): up to STAGE_NODES nodes, STAGE_BYTES
+    bytes and STAGE_KIDS children's ids each, and a node of more children in calls of its
+    own, STAGE_KIDS of its ids each (its record with the last)."""
+    pack = msgpack.Packer(use_bin_type=False).pack
+    at = start
+    while at < len(nodes):
+        node_id, fields, kids = records[at]
+        if len(kids) > STAGE_KIDS:
+            last = (len(kids) - 1) // STAGE_KIDS * STAGE_KIDS
+            for offset in range(0, last, STAGE_KIDS):
+                yield at, [pack([node_id, 0, kids[offset:offset + STAGE_KIDS], offset])]
+            yield at, [pack([node_id, node_fields(fields), kids[last:], last])]
+            at += 1
+            continue
+        end, size, ids = at, 0, 0
+        while end < len(nodes) and end - at < STAGE_NODES:
+            more = len(records[end][2])
+            if end > at and (more > STAGE_KIDS or size + len(nodes[end]) > STAGE_BYTES or ids + more > STAGE_KIDS):
+                break
+            size += len(nodes[end])
+            ids += more
+            end += 1
+        yield at, nodes[at:end]
+        at = end
+
+
 def packed(records: Sequence[tuple[str, Sequence[Any], Sequence[str]]]) -> tuple[list[bytes], str, int, int, int]:
     """A workflow's nodes as the scripts take them, one argument each (Redis takes at most
     1,048,576 per command): the msgpack, as cmsgpack reads it, of [id, fields, children's ids];
@@ -92,7 +128,7 @@ def packed(records: Sequence[tuple[str, Sequence[Any], Sequence[str]]]) -> tuple
     nodes: list[bytes] = []
     pending = leaves = size = 0
     for node_id, fields, kids in records:
-        node = pack([node_id, [v if isinstance(v, bytes) else str(v) for v in fields], kids])
+        node = pack([node_id, node_fields(fields), kids])
         digest.update(node)
         nodes.append(node)
         size += len(node)
@@ -150,12 +186,15 @@ class FlowStore:
             if isinstance(stored, bytes):
                 return text(stored)
             return bool(stored)
-        return self._push_staged(records[0][0], digest, nodes, leaves, pending)
+        return self._push_staged(records, digest, nodes, leaves, pending)
 
-    def _push_staged(self, root: str, digest: str, nodes: list[bytes], leaves: int, pending: int) -> bool | str:
+    def _push_staged(self, records: Sequence[tuple[str, Sequence[Any], Sequence[str]]], digest: str,
+                     nodes: list[bytes], leaves: int, pending: int) -> bool | str:
         """Store a big workflow in chunks, then make it live (steps 1-4 of the module's docstring)."""
-        hold = self._hold
+        root, hold = records[0][0], self._hold
         token = os.urandom(12).hex()
+        # The root as the commit takes it: its record, its children's ids staged already.
+        head = msgpack.packb([root, node_fields(records[0][1]), []], use_bin_type=False)
         for _ in range(STAGE_ATTEMPTS):
             what, arg = self._workflow_begin([self.prefix, root, digest, len(nodes), token, hold])
             what = text(what)
@@ -166,20 +205,13 @@ class FlowStore:
             if what == "releasing":
                 self._settle(root)
                 return False
-            written = int(arg)
-            while written < len(nodes):
-                end, size = written, 0
-                while end < len(nodes) and end - written < STAGE_NODES and (end == written
-                                                                           or size + len(nodes[end]) <= STAGE_BYTES):
-                    size += len(nodes[end])
-                    end += 1
-                what, arg = self._workflow_stage([self.prefix, root, token, written, hold, *nodes[written:end]])
+            for first, chunk in chunks(records, nodes, int(arg)):
+                what, arg = self._workflow_stage([self.prefix, root, token, first, hold, *chunk])
                 what = text(what)
                 if what != "ok":
                     break
-                written = int(arg)
             else:
-                what, arg = self._workflow_commit([self.prefix, root, token, digest, leaves, pending, hold, nodes[0]])
+                what, arg = self._workflow_commit([self.prefix, root, token, digest, leaves, pending, hold, head])
                 what = text(what)
             if what == "taken":
                 # Delete what was staged, then refuse the push as workflow_push.lua would.

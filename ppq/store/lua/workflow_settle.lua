@@ -21,7 +21,8 @@
 --   cleaning   up to count nodes are deleted from the last stored back ('written' goes
 --              down): t:<root>.<i> and t:<root>.<i>:kids, a 'queued' one's id popped off the
 --              end of its staged ready list; node 0 is P..'stage:<root>:kids' (t:<root> is
---              never written before the commit); at 0 the staging is deleted. A
+--              never written before the commit); at 0 the staging is deleted (with the
+--              parts of a node stored so far, P..'stage:<root>:part'). A
 --              workflow_begin.lua with the same digest takes it over from what is left
 --   staging    (another owner's, alive) nothing
 -- Returns {root, state, left}: the state it was found in ('none': no staging; root ''
@@ -50,7 +51,7 @@ if state == 'staging' then
   redis.call('HSET', sk, 'state', state)
 end
 local function drop()
-  local gone = {sk, sk .. ':kids'}
+  local gone = {sk, sk .. ':kids', sk .. ':part'}
   for pri = 0, 9 do gone[#gone + 1] = sk .. ':q:' .. pri end
   redis.call('DEL', unpack(gone))
   redis.call('ZREM', P .. 'staged', root)

@@ -10,7 +10,12 @@
 -- ARGV[5]  hold    seconds from now before the staging counts abandoned
 -- ARGV[6]...       the chunk's nodes, in order, each as workflow_push.lua takes them; node
 --                  i's id must be <root>.<i> (flows.Builder makes them so): workflow_settle.lua
---                  finds what to delete by those names
+--                  finds what to delete by those names. A node of many children comes in
+--                  parts, each alone in its call, [id, 0, ids, offset]: 'offset' of its
+--                  children's ids sent before (0: the first part), these appended to
+--                  P..'stage:<root>:part'; then [id, fields, ids, offset], the last part
+--                  with its record, which puts that list in its place ('written' counts a
+--                  node once its last part is stored; a part out of step writes nothing)
 --
 -- Returns {'ok', written} once stored (written: the nodes stored so far); {'lost', 0} when
 -- the token is not the staging's or its state is not 'staging' (taken over, or found
@@ -41,6 +46,22 @@ if #keys > 0 and redis.call('EXISTS', unpack(keys)) > 0 then
     if redis.call('EXISTS', key) == 1 then return {'taken', string.sub(key, #P + 3)} end
   end
 end
+-- The parts of a node of many children.
+local part, offset = sk .. ':part', tonumber(nodes[1][4] or 0)
+if offset == 0 then
+  redis.call('DEL', part)
+elseif #nodes > 1 or redis.call('LLEN', part) ~= offset then
+  return {'lost', 0}
+end
+if nodes[1][2] == 0 then
+  if #nodes > 1 then return redis.error_reply('workflow_stage: a part of node ' .. first .. ' comes with others') end
+  local kids = nodes[1][3]
+  for j = 1, #kids, 1000 do
+    redis.call('RPUSH', part, unpack(kids, j, math.min(j + 999, #kids)))
+  end
+  redis.call('ZADD', P .. 'staged', now + hold, root)
+  return {'ok', first}
+end
 -- Ready ids by priority, appended to their staged lists 1000 at a time.
 local fresh = {}
 local function flush(pri)
@@ -50,10 +71,14 @@ end
 for i, node in ipairs(nodes) do
   local id, fields, kids = node[1], node[2], node[3]
   local list = P .. 't:' .. id .. ':kids'
-  if first + i == 1 then
-    list = sk .. ':kids'
+  if first + i == 1 then list = sk .. ':kids' end
+  if offset > 0 then
+    -- The node's earlier parts: its list so far.
+    redis.call('RENAME', part, list)
+  elseif first + i == 1 then
     redis.call('DEL', list)
-  else
+  end
+  if first + i > 1 then
     local state, pri = nil, '0'
     for j = 1, #fields, 2 do
       local name, value = fields[j], fields[j + 1]
