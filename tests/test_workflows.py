@@ -819,6 +819,31 @@ def test_a_master_duty_deletes_an_abandoned_staging_and_releases_a_committed_one
         store.close()
 
 
+def test_a_group_of_more_children_than_one_call_stores_is_staged_in_parts_and_resumed_from_its_first(redis_b, rb):
+    store = Store(2, redis_b.url)
+    try:
+        n = 2 * flow_store.STAGE_KIDS + 5
+        records = build({"group": [dict(GOOD, args=[i, 1]) for i in range(n)]}, 2, [2], LimitsConfig(), 100, "wide")
+        nodes, digest, _, _, _ = flow_store.packed(records)
+        calls = list(flow_store.chunks(records, nodes, 0))
+        # The root's children in three parts, each a call of its own, then its members in chunks.
+        assert [first for first, _ in calls[:4]] == [0, 0, 0, 1] and all(len(args) == 1 for _, args in calls[:3])
+        assert sum(len(args) for _, args in calls[3:]) == n
+        p = store.prefix
+        assert store._workflow_begin([p, "wide", digest, len(nodes), "first-owner", 60]) == [b"new", 0]
+        assert store._workflow_stage([p, "wide", "first-owner", 0, 60, *calls[0][1]]) == [b"ok", 0]
+        # A part out of step (its offset not what is stored so far) writes nothing.
+        assert store._workflow_stage([p, "wide", "first-owner", 0, 60, *calls[2][1]]) == [b"lost", 0]
+        assert rb.llen("ppq:2:stage:wide:part") == flow_store.STAGE_KIDS
+        # A retried push takes over at node 0 and sends its parts again from the first.
+        assert store.push_workflow(records) is True
+        kids = [f"wide.{i}" for i in range(1, n + 1)]
+        assert [x.decode() for x in rb.lrange("ppq:2:t:wide:kids", 0, -1)] == kids == ready(rb)
+        assert not rb.keys("ppq:2:stage*")
+    finally:
+        store.close()
+
+
 class Prober(threading.Thread):
     """Another client of the Redis, pinging it without a pause; keeps the longest wait."""
 
