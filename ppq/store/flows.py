@@ -19,7 +19,9 @@ of it can run before all of it is stored:
    the root's score in the zset ``staged``: when it counts abandoned if it makes no
    progress (``hold`` seconds, at least ``STAGE_HOLD``).
 2. ``workflow_stage.lua`` stores the nodes in order, a chunk of at most ``STAGE_NODES``
-   nodes and ``STAGE_BYTES`` bytes per call, each one written as ``workflow_push.lua``
+   nodes, ``STAGE_BYTES`` bytes and ``STAGE_KIDS`` children's ids per call (a node of more
+   children, a big group, in parts of its own: its list grows in ``stage:<root>:part``
+   and is put in place with its record), each one written as ``workflow_push.lua``
    writes it, but for two things: the root's record is not written (its children's list
    waits in ``stage:<root>:kids``), and a first step is ``queued`` on no ready list (its id
    waits in ``stage:<root>:q:<priority>``). So nothing of it is leased, run or moved on:
@@ -44,8 +46,11 @@ over at once from where it is (``written``, even part deleted), or, once committ
 finishes releasing it and gets the id as for a workflow stored already. A node's id
 found taken mid-way (a task pushed under ``<root>.<n>``) makes its owner delete what it
 stored before it refuses the push, as ``workflow_push.lua`` refuses it having written
-nothing. Until the commit, a staged node's record can be read (``info``) by whoever
-knows its id, but is reached from nowhere.
+nothing. Until the commit, a staged node is reached from nowhere (no list, no root) but
+by its id, which only a caller that chose the ``workflow_id`` can know before the push
+returns: ``info`` reads it; a ``cancel`` of it is not refused, and ends that node, the
+nodes above it that are staged, and none other, leaving the workflow stuck once live
+(its root waits for them).
 """
 
 from __future__ import annotations
