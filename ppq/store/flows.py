@@ -48,9 +48,9 @@ found taken mid-way (a task pushed under ``<root>.<n>``) makes its owner delete 
 stored before it refuses the push, as ``workflow_push.lua`` refuses it having written
 nothing. Until the commit, a staged node is reached from nowhere (no list, no root) but
 by its id, which only a caller that chose the ``workflow_id`` can know before the push
-returns: ``info`` reads it; a ``cancel`` of it is not refused, and ends that node, the
-nodes above it that are staged, and none other, leaving the workflow stuck once live
-(its root waits for them).
+returns: ``info`` reads it; a ``cancel`` of it is not refused, and ends it and its
+staged parents as in a live workflow, but not the root, not stored yet, which once live
+waits for them without end.
 """
 
 from __future__ import annotations
