@@ -23,7 +23,7 @@ import Pyro5.api
 import pytest
 import redis
 
-from ppq import AuthError, Client, TaskFailedError, chain, chord, codec, group, sig
+from ppq import AuthError, Client, StorageError, TaskFailedError, chain, chord, codec, group, sig
 from ppq.config import LimitsConfig
 from ppq.master import MasterServer
 from ppq.master.flows import build
@@ -840,6 +840,21 @@ def test_a_group_of_more_children_than_one_call_stores_is_staged_in_parts_and_re
         kids = [f"wide.{i}" for i in range(1, n + 1)]
         assert [x.decode() for x in rb.lrange("ppq:2:t:wide:kids", 0, -1)] == kids == ready(rb)
         assert not rb.keys("ppq:2:stage*")
+    finally:
+        store.close()
+
+
+def test_a_big_workflow_whose_commit_no_replica_confirms_is_live_and_its_push_says_so(redis_b, rb):
+    # redis.wait_replicas 1 on a Redis with no replica: the commit is made, and not confirmed.
+    store = Store(2, redis_b.url, wait_replicas=1, wait_timeout=0.05)
+    try:
+        n = 2 * flow_store.STAGE_NODES
+        records = build({"group": [dict(GOOD, args=[i, 1]) for i in range(n)]}, 2, [2], LimitsConfig(), 100, "unsure")
+        with pytest.raises(StorageError, match=r"only 0 of the 1 replicas redis\.wait_replicas asks for"):
+            store.push_workflow(records)
+        # As a push of one call would be: live, its steps ready, nothing left staged.
+        assert ready(rb) == [f"unsure.{i}" for i in range(1, n + 1)] and not rb.keys("ppq:2:stage*")
+        assert store.info("unsure")["state"] == "running"
     finally:
         store.close()
 

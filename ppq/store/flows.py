@@ -67,7 +67,7 @@ import msgpack
 from ..errors import StorageError
 from .link import storage_errors
 from .records import text
-from .scripts import Script
+from .scripts import Script, UnreplicatedError
 
 log = logging.getLogger("ppq.store")
 
@@ -216,7 +216,15 @@ class FlowStore:
                 if what != "ok":
                     break
             else:
-                what, arg = self._workflow_commit([self.prefix, root, token, digest, leaves, pending, hold, head])
+                try:
+                    what, arg = self._workflow_commit([self.prefix, root, token, digest, leaves, pending, hold, head])
+                except UnreplicatedError as exc:
+                    what, arg = exc.reply
+                    if text(what) == "ok":
+                        # Live on the primary, its replicas unconfirmed: its first steps go on their
+                        # ready lists as with workflow_push.lua, then the caller hears of it.
+                        self._settle(root)
+                        raise
                 what = text(what)
             if what == "taken":
                 # Delete what was staged, then refuse the push as workflow_push.lua would.
