@@ -261,13 +261,15 @@ class FlowStore:
             root, state = text(root), text(state)
             if not root:
                 break
+            if state == "none":
+                continue
             done += 1
             if int(left) and state in ("releasing", "cleaning"):
                 self._settle(root)
             if state == "releasing":
                 log.warning("queue_index %s: workflow %s: its master stopped before putting all its first steps on "
                             "the ready lists; done now", self.queue_index, root)
-            elif state != "none":
+            else:
                 log.warning("queue_index %s: workflow %s: its master stopped while storing it, before it was "
                             "live; what it stored is deleted", self.queue_index, root)
         return done
