@@ -17,7 +17,8 @@ results it was given. Measured from just before the push:
 Each figure is the median over rounds. What runs:
 
   ppq       ``Client.push(chord(group(sig(noop, i) ...), sig(chord_done)))``: one
-            ``push_workflow`` call; the master stores the chord in one Lua script, each
+            ``push_workflow`` call; the master stores the chord in Lua scripts of at most
+            500 nodes each (a chord of more is staged, then made live at once), each
             member's report counts it, the last one starts the callback
   celery    ``chord(member.s(i) ...)(done.s())`` with its Redis result backend (the Redis
             backend joins natively: each member INCRs the chord's counter as it stores its

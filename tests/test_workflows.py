@@ -12,6 +12,7 @@ import pickle
 import re
 import signal
 import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -22,12 +23,14 @@ import Pyro5.api
 import pytest
 import redis
 
-from ppq import AuthError, Client, TaskFailedError, chain, chord, codec, group, sig
+from ppq import AuthError, Client, StorageError, TaskFailedError, chain, chord, codec, group, sig
 from ppq.config import LimitsConfig
 from ppq.master import MasterServer
 from ppq.master.flows import build
 from ppq.rpc import PyroFunc
 from ppq.store import Store
+from ppq.store import flows as flow_store
+from ppq.task import check_push
 from ppq.workflow import MAX_DEPTH
 
 from .conftest import TESTS_DIR, Spawner, address_of, redis_snapshot, run_ppq, wait_for
@@ -720,5 +723,272 @@ def test_a_chain_of_100_steps_ends_in_order_while_a_worker_is_killed(spawn, redi
         # At least once each, in order: a step the killed worker ran may run again, right after.
         assert sorted(set(ran)) == list(range(100)) and ran == sorted(ran)
         assert len(ran) - 100 <= 1
+    finally:
+        c.close()
+
+
+# -- big workflows: staged in chunks, no Redis call long -------------------------------------------
+
+
+def stage(store: Store, records: Any, token: str, count: int, commit: bool = False) -> None:
+    """Store the first ``count`` nodes of a big workflow as a push does (ppq/store/flows.py), in
+    chunks of STAGE_NODES, under ``token``; then commit it when asked, without releasing it."""
+    nodes, digest, leaves, pending, _ = flow_store.packed(records)
+    root, p = records[0].id, store.prefix
+    assert store._workflow_begin([p, root, digest, len(nodes), token, 60]) == [b"new", 0]
+    for first in range(0, count, flow_store.STAGE_NODES):
+        chunk = nodes[first:min(first + flow_store.STAGE_NODES, count)]
+        assert store._workflow_stage([p, root, token, first, 60, *chunk]) == [b"ok", first + len(chunk)]
+    if commit:
+        assert store._workflow_commit([p, root, token, digest, leaves, pending, 60, nodes[0]]) == [b"ok", 0]
+
+
+def ready(r: redis.Redis, qi: int = 2) -> list[str]:
+    return [x.decode() for x in r.lrange(f"ppq:{qi}:queue", 0, -1)]
+
+
+def test_a_big_workflow_is_staged_unseen_then_a_retried_push_takes_it_over_and_makes_it_live(redis_b, rb):
+    store = Store(2, redis_b.url)  # queue_index 2: no master or worker of this module serves it
+    try:
+        n = 3 * flow_store.STAGE_NODES
+        records = build({"chord": [dict(GOOD, args=[i, 1]) for i in range(n)], "callback": GOOD}, 2, [2],
+                        LimitsConfig(), 100, "big")
+        stage(store, records, "first-owner", 2 * flow_store.STAGE_NODES)
+        # Two thirds of its records are written, and nothing of it is seen or ready.
+        assert rb.exists("ppq:2:t:big.1", "ppq:2:t:big.500") == 2 and rb.exists("ppq:2:t:big.1000") == 0
+        assert store.info("big") is None and ready(rb) == [] and rb.hget("ppq:2:stats", "pushed") is None
+        # The same push again (a client's retry on another master) goes on from there.
+        assert store.push_workflow(records) is True
+        assert ready(rb) == [f"big.{i}" for i in range(2, n + 2)]  # the chord's members, in order
+        assert rb.keys("ppq:2:stage*") == [] and rb.exists("ppq:2:staged") == 0
+        root = store.info("big")
+        assert root is not None and root["kind"] == "chord" and root["state"] == "running"
+        assert rb.lrange("ppq:2:t:big:kids", 0, -1) == [b"big.1", f"big.{n + 2}".encode()]
+        assert rb.hget("ppq:2:stats", "pushed") == str(n + 1).encode()
+        assert rb.hget("ppq:2:stats", "pending") == b"1"  # the callback
+        # The first owner's next chunk writes nothing; a third push finds it stored.
+        assert store._workflow_stage(["ppq:2:", "big", "first-owner", 1000, 60, b""]) == [b"lost", 0]
+        before = stored(rb)
+        assert store.push_workflow(records) is False
+        assert stored(rb) == before
+    finally:
+        store.close()
+
+
+def test_a_node_id_found_taken_mid_way_refuses_a_big_workflow_and_leaves_nothing_of_it(redis_b, rb):
+    store = Store(2, redis_b.url)
+    try:
+        n = 3 * flow_store.STAGE_NODES
+        # A task already holds the id the workflow's node 1200 would get, in its third chunk.
+        squatter = store.push([check_push({"func": "add", "module": "flow_tasks", "args": [1, 1],
+                                           "task_id": "big.1200", "queue_index": 2}, [2], LimitsConfig(),
+                                          False)])[0][0]
+        assert squatter == "big.1200"
+        before = stored(rb)
+        records = build({"group": [dict(GOOD, args=[i, 1]) for i in range(n)]}, 2, [2], LimitsConfig(), 100, "big")
+        assert store.push_workflow(records) == "big.1200"
+        # What its first two chunks stored is deleted: Redis holds what it held before.
+        assert stored(rb) == before
+    finally:
+        store.close()
+
+
+def test_a_master_duty_deletes_an_abandoned_staging_and_releases_a_committed_one(redis_b, rb):
+    store = Store(2, redis_b.url)
+    try:
+        n = 2 * flow_store.STAGE_NODES + 10
+        before = stored(rb)
+        dropped = build({"group": [dict(GOOD, args=[i, 1]) for i in range(n)]}, 2, [2], LimitsConfig(), 100, "gone")
+        stage(store, dropped, "dead-owner", 2 * flow_store.STAGE_NODES)
+        priority = [dict(GOOD, args=[i, 1], priority=5) for i in range(n)]
+        live = build({"chain": [{"group": priority}, GOOD]}, 2, [2], LimitsConfig(), 100, "live")
+        stage(store, live, "dead-owner", len(live), commit=True)
+        assert store.settle_staged() == 0  # their hold has not run out
+        assert ready(rb) == [] and rb.llen("ppq:2:queue:p:5") == 0
+        # Their masters died: both holds run out.
+        rb.zadd("ppq:2:staged", {"gone": 0, "live": 0})
+        assert store.settle_staged() == 2
+        # The uncommitted one is gone; the committed one's first steps are on their ready list, in order.
+        assert [x.decode() for x in rb.lrange("ppq:2:queue:p:5", 0, -1)] == [f"live.{i}" for i in range(2, n + 2)]
+        assert rb.zrange("ppq:2:priorities", 0, -1) == [b"5"] and ready(rb) == []
+        assert not rb.keys("ppq:2:t:gone*") and not rb.keys("ppq:2:stage*") and not rb.exists("ppq:2:staged")
+        assert store.info("live")["state"] == "running"
+        rb.delete(*rb.keys("ppq:2:t:live*"), "ppq:2:queue:p:5", "ppq:2:priorities", "ppq:2:stats")
+        assert stored(rb) == before
+    finally:
+        store.close()
+
+
+def test_a_group_of_more_children_than_one_call_stores_is_staged_in_parts_and_resumed_from_its_first(redis_b, rb):
+    store = Store(2, redis_b.url)
+    try:
+        n = 2 * flow_store.STAGE_KIDS + 5
+        records = build({"group": [dict(GOOD, args=[i, 1]) for i in range(n)]}, 2, [2], LimitsConfig(), 100, "wide")
+        nodes, digest, _, _, _ = flow_store.packed(records)
+        calls = list(flow_store.chunks(records, nodes, 0))
+        # The root's children in three parts, each a call of its own, then its members in chunks.
+        assert [first for first, _ in calls[:4]] == [0, 0, 0, 1] and all(len(args) == 1 for _, args in calls[:3])
+        assert sum(len(args) for _, args in calls[3:]) == n
+        p = store.prefix
+        assert store._workflow_begin([p, "wide", digest, len(nodes), "first-owner", 60]) == [b"new", 0]
+        assert store._workflow_stage([p, "wide", "first-owner", 0, 60, *calls[0][1]]) == [b"ok", 0]
+        # A part out of step (its offset not what is stored so far) writes nothing.
+        assert store._workflow_stage([p, "wide", "first-owner", 0, 60, *calls[2][1]]) == [b"lost", 0]
+        assert rb.llen("ppq:2:stage:wide:part") == flow_store.STAGE_KIDS
+        # A retried push takes over at node 0 and sends its parts again from the first.
+        assert store.push_workflow(records) is True
+        kids = [f"wide.{i}" for i in range(1, n + 1)]
+        assert [x.decode() for x in rb.lrange("ppq:2:t:wide:kids", 0, -1)] == kids == ready(rb)
+        assert not rb.keys("ppq:2:stage*")
+    finally:
+        store.close()
+
+
+def test_a_big_workflow_whose_commit_no_replica_confirms_is_live_and_its_push_says_so(redis_b, rb):
+    # redis.wait_replicas 1 on a Redis with no replica: the commit is made, and not confirmed.
+    store = Store(2, redis_b.url, wait_replicas=1, wait_timeout=0.05)
+    try:
+        n = 2 * flow_store.STAGE_NODES
+        records = build({"group": [dict(GOOD, args=[i, 1]) for i in range(n)]}, 2, [2], LimitsConfig(), 100, "unsure")
+        with pytest.raises(StorageError, match=r"only 0 of the 1 replicas redis\.wait_replicas asks for"):
+            store.push_workflow(records)
+        # As a push of one call would be: live, its steps ready, nothing left staged.
+        assert ready(rb) == [f"unsure.{i}" for i in range(1, n + 1)] and not rb.keys("ppq:2:stage*")
+        assert store.info("unsure")["state"] == "running"
+    finally:
+        store.close()
+
+
+class Prober(threading.Thread):
+    """Another client of the Redis, without a pause: a PING, then a push of a task to queue_index 5
+    (as a master pushes: push.lua), and again; keeps the longest wait."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.r = redis.Redis.from_url(url, socket_timeout=60)
+        self.store = Store(5, url, timeout=60)
+        self.stop = threading.Event()
+        self.longest = 0.0
+        self.count = 0
+
+    def run(self) -> None:
+        task = {"func": "add", "module": "flow_tasks", "args": [1, 1], "queue_index": 5}
+        while not self.stop.is_set():
+            spec = check_push(task, [5], LimitsConfig(), False)  # a fresh id each time
+            start = time.monotonic()
+            self.r.ping()
+            self.store.push([spec])
+            self.longest = max(self.longest, time.monotonic() - start)
+            self.count += 1
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.join(10)
+        self.r.close()
+        self.store.close()
+
+
+def test_a_chord_of_20000_is_pushed_while_redis_keeps_answering_others_and_calls_back_once(
+        client, redis_a, ra, tmp_path):
+    runs = path_of(tmp_path)
+    members = 20_000
+    old = ra.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+    ra.config_set("slowlog-log-slower-than", 200_000)  # microseconds
+    ra.slowlog_reset()
+    prober = Prober(redis_a.url)
+    prober.start()
+    try:
+        wait_for(lambda: prober.count > 0, what="the prober's first ping")
+        started = time.monotonic()
+        cid = client.push(chord([sig("flow_tasks.square", i) for i in range(members)], sig("flow_tasks.tally", runs)))
+        took = time.monotonic() - started
+        pings = prober.count
+        prober.halt()
+        # Redis answered all along: no call of the push held it (one script held it for seconds before).
+        slow = ra.slowlog_get(10)
+        assert not slow, [(e["duration"], e["command"][:60]) for e in slow]
+        assert prober.longest < 1.0, (prober.longest, took)
+        assert pings > 10 and ra.llen("ppq:5:queue") == prober.count
+        print(f"push {took:.2f} s; longest ping and push {prober.longest * 1000:.0f} ms over {pings}")
+    finally:
+        prober.halt()
+        ra.config_set("slowlog-log-slower-than", old)
+    assert client.result(cid, timeout=600) == [i * i for i in range(members)]
+    assert lines(runs) == [str(members)]
+
+
+def push_then_kill(spawn: Spawner, url: str, rb: redis.Redis, data: Any, wid: str,
+                   members: int) -> tuple[Any, str, float]:
+    """Push workflow ``wid`` to a master of its own and SIGKILL that master once two chunks of it are
+    staged; return a second master on the same Redis (its process and address) and the Redis
+    time of the kill."""
+    env = {"PPQ_MASTER_REAPER_INTERVAL": "0.2"}
+    doomed, address = spawn.master(url, env=env)
+    survivor, other = spawn.master(url, env=env)
+    errors: list[BaseException] = []
+
+    def push() -> None:
+        call = PyroFunc(address, timeout=120)
+        try:
+            call("push_workflow", data, 0, wid)
+        except Exception as exc:  # noqa: BLE001 - the push dies with its master
+            errors.append(exc)
+        finally:
+            call.close()
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    wait_for(lambda: int(rb.hget(f"ppq:0:stage:{wid}", "written") or 0) >= 2 * flow_store.STAGE_NODES, timeout=120,
+             interval=0.002, what="two chunks staged")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(10)
+    seconds, micros = rb.time()
+    pusher.join(30)
+    assert errors and not pusher.is_alive()  # the push was never acknowledged
+    staged = int(rb.hget(f"ppq:0:stage:{wid}", "written"))
+    assert staged < members  # killed mid-way
+    # Nothing of it is live or ready: no root record, no ready list, nothing counted.
+    assert rb.exists(f"ppq:0:t:{wid}", f"ppq:0:t:{wid}:kids") == 0 and rb.exists(f"ppq:0:t:{wid}.{staged - 1}") == 1
+    assert not rb.keys("ppq:0:queue*") and rb.hget("ppq:0:stats", "pushed") is None
+    return survivor, other, seconds + micros / 1e6
+
+
+def test_a_master_killed_while_storing_a_big_workflow_leaves_nothing_runnable_and_another_deletes_it(
+        spawn, redis_b, rb):
+    # On redis_b, whose queue_index 0 no master or worker of this module serves.
+    members = 40_000
+    data = {"group": [{"func": "square", "module": "flow_tasks", "args": [i]} for i in range(members)]}
+    survivor, other, _ = push_then_kill(spawn, redis_b.url, rb, data, "big-1", members)
+    # Once its hold runs out, the other master's duty deletes what it staged.
+    wait_for(lambda: not rb.keys("ppq:0:t:big-1*") and not rb.keys("ppq:0:stage*") and not rb.exists("ppq:0:staged"),
+             timeout=60, interval=0.2, what="the staging deleted")
+    assert "workflow big-1: its master stopped while storing it, before it was live" in spawn.log(survivor)
+    assert not rb.keys("ppq:0:queue*") and rb.hget("ppq:0:stats", "pushed") is None
+    # The push again stores it whole.
+    call = PyroFunc(other, timeout=120)
+    try:
+        assert call("push_workflow", data, 0, "big-1") == "big-1"
+    finally:
+        call.close()
+    assert rb.lrange("ppq:0:queue", 0, -1) == [f"big-1.{i}".encode() for i in range(1, members + 1)]
+    assert not rb.keys("ppq:0:stage*") and not rb.exists("ppq:0:staged")
+
+
+def test_a_retried_push_takes_over_the_staging_of_a_killed_master_and_the_chord_calls_back_once(
+        spawn, redis_b, rb, tmp_path):
+    # On redis_b, whose queue_index 0 no master or worker of this module serves but those started here.
+    runs = path_of(tmp_path)
+    members = 20_000
+    data = chord([sig("flow_tasks.square", i) for i in range(members)], sig("flow_tasks.tally", runs)).to_data()
+    _, other, killed_at = push_then_kill(spawn, redis_b.url, rb, data, "big-2", members)
+    # The client's retry, on the other master, goes on from where the first one stopped.
+    c = Client([other], retry=1, timeout=120)
+    try:
+        assert c.call("push_workflow", data, 0, "big-2") == "big-2"
+        assert float(rb.hget("ppq:0:t:big-2.2", "created")) < killed_at < float(rb.hget("ppq:0:t:big-2", "created"))
+        assert not rb.keys("ppq:0:stage*") and rb.llen("ppq:0:queue") == members
+        spawn.worker(other, allow=ALLOW, concurrency=2)
+        assert c.result("big-2", timeout=600) == [i * i for i in range(members)]
+        assert lines(runs) == [str(members)]
     finally:
         c.close()

@@ -3,7 +3,8 @@
 - the mover: due delayed tasks into the queue, every ``master.reaper_interval`` seconds
   or sooner when the next delayed task is due sooner (at most every 5 ms); it also wakes
   long-polls when a function held back by its rate limit gets its next token;
-- the reaper: expired leases back to the queue (or to the dead list), every
+- the reaper: expired leases back to the queue (or to the dead list), and the stagings of
+  big workflows left by a master that died storing them settled, every
   ``master.reaper_interval`` seconds;
 - the summary: one INFO line of counts every ``SUMMARY_INTERVAL`` seconds, when it changed.
 
@@ -54,6 +55,8 @@ def run_duties(qi: int, store: Store, interval: float, stop: threading.Event) ->
                 for task_id, expiries in dead:
                     log.warning("queue_index %s: task %s dead-listed: its worker was lost %s times "
                                 "(master.max_lease_expiries %s)", qi, task_id, expiries, store.max_lease_expiries)
+                # Big workflows whose master died while storing them (FlowStore.settle_staged).
+                store.settle_staged()
                 next_reap = time.monotonic() + interval
             if failing:
                 log.info("queue_index %s: redis is back", qi)

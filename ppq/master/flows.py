@@ -1,5 +1,5 @@
 """The master's side of workflows: the plain data of ``push_workflow`` checked and turned into
-the records ``workflow_push.lua`` stores.
+the records ``FlowStore.push_workflow`` stores (ppq/store/flows.py).
 
 The data is nested dicts and lists::
 

@@ -11,6 +11,11 @@ Built in one place, :func:`keys_of`; the Lua scripts get that prefix as ``ARGV[1
     t:<id>         hash   the task record (fields below), or a workflow's node (workflow.lua)
     t:<id>:kids    list   a workflow node's children's ids, in order
     t:<id>:res     hash   a running group's member results so far, pos -> result
+    stage:<root>   hash   a big workflow being stored in chunks (ppq/store/flows.py): token, digest,
+                          total, written, state; with stage:<root>:kids (the root's children),
+                          stage:<root>:part (a node's children sent so far) and stage:<root>:q:<n>
+                          (the ids of its first steps of priority n, until they are released)
+    staged         zset   the roots of those stagings -> when they count abandoned
     queue          list   ids ready to run, FIFO (RPUSH in, LPOP out), of priority 0
     queue:p:<n>    list   ready ids of priority n (1-9), FIFO; leased before ``queue``, highest n first
     priorities     zset   the priorities n that may have a ``queue:p:<n>`` list (score n); a lease reads

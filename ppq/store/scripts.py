@@ -37,7 +37,7 @@ from .link import Link
 # background duties, heartbeats and schedule ticks are not: what they change is redone
 # by the next run if a failover loses it.
 ACKNOWLEDGED = frozenset(("push", "report", "cancel", "requeue_dead", "purge_dead", "purge", "pause",
-                          "schedule_save", "schedule_change", "limit", "workflow_push"))
+                          "schedule_save", "schedule_change", "limit", "workflow_push", "workflow_commit"))
 
 
 class UnreplicatedError(redis.exceptions.RedisError):
@@ -50,7 +50,8 @@ class UnreplicatedError(redis.exceptions.RedisError):
 
 # The scripts a Store runs, by file name without ".lua".
 NAMES = ("push", "report", "heartbeat", "reap", "move", "cancel", "requeue_dead", "purge_dead", "purge", "pause",
-         "schedule_save", "schedule_claim", "schedule_change", "limit", "held", "workflow_push")
+         "schedule_save", "schedule_claim", "schedule_change", "limit", "held", "workflow_push",
+         "workflow_begin", "workflow_stage", "workflow_commit", "workflow_settle")
 
 INCLUDE = re.compile(r"^-- include: (\w+\.lua)$", re.MULTILINE)
 
