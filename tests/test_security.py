@@ -681,6 +681,7 @@ BAD_CALLS: list[tuple[str, str, tuple[Any, ...], dict[str, Any], tuple[str, ...]
     ("requeue-bad-ids", "requeue_dead", ([1, 2],), {}, ("task_id",)),
     ("purge-empty-list", "purge_dead", ([],), {}, ("task_ids",)),
     ("get_task-wait", "get_task", ("w1", 0, 31), {}, ("wait",)),
+    ("report-wait", "report", ({"id": "w1"}, 0, [], 1, 301), {}, ("wait",)),
     ("get_task-worker-none", "get_task", (None,), {}, ("worker_info",)),
     ("heartbeat-running", "heartbeat", ("w1", 0, "junk"), {}, ("running",)),
 ]

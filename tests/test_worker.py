@@ -202,11 +202,17 @@ def test_heartbeats_list_the_agent_with_its_running_tasks_and_drop_it_when_dead(
              what="the killed worker to be dropped from server_info")
 
 
+def server_parked(server) -> int:
+    """How many long-polls wait in ``server`` (a MasterServer) without a thread."""
+    return int(server.master._parked)
+
+
 def test_an_idle_worker_is_kept_listed_by_its_long_polls_and_skips_its_heartbeats(master, call, spawn):
     """Idle (no task held, nothing new to say), an agent sends no heartbeat: each long-poll keeps it
     listed (until three heartbeat intervals after the long-poll ends). A task it runs changes its
-    info, so a heartbeat says so; killed, it is dropped."""
-    proc = spawn.worker(address_of(master), extra=("--max-sleep", "2", "--heartbeat-interval", "0.2"))
+    info, so a heartbeat says so. Killed while its long-poll of a minute waits, it is dropped as
+    soon as it would be after a heartbeat: the master sees the poll's connection close."""
+    proc = spawn.worker(address_of(master), extra=("--max-sleep", "60", "--heartbeat-interval", "0.2"))
     first = worker_entry(call, proc.pid)["last_heartbeat"]
     # Heartbeats every 0.2 s would list it for 1.6 s after each; idle, it sends none for 6 s.
     deadline = time.monotonic() + 4.0
@@ -219,6 +225,7 @@ def test_an_idle_worker_is_kept_listed_by_its_long_polls_and_skips_its_heartbeat
     entry = wait_for(lambda: (e := worker_entry(call, proc.pid)) and e["done"] == 1 and e, timeout=10,
                      what="the heartbeat that says a task was done")
     assert entry["last_heartbeat"] > first
+    wait_for(lambda: server_parked(master) == 1, timeout=10, what="its next long-poll to wait")
     proc.kill()
     proc.wait(10)
     wait_for(lambda: all(w.get("pid") != proc.pid for w in workers_of(call)), timeout=15,

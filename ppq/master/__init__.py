@@ -25,7 +25,15 @@ The package, in import order (each module imports only those above it):
   and :func:`serve`, which runs one until it is told to stop.
 """
 
-from .checks import MAX_RUNNING_LISTED, MAX_WAIT, WORKER_NUMBER_FIELDS, WORKER_TEXT_FIELDS, worker_entry, worker_id_of
+from .checks import (
+    MAX_POLL,
+    MAX_RUNNING_LISTED,
+    MAX_WAIT,
+    WORKER_NUMBER_FIELDS,
+    WORKER_TEXT_FIELDS,
+    worker_entry,
+    worker_id_of,
+)
 from .duties import SUMMARY_INTERVAL, run_duties
 from .exposed import Master
 from .operate import Operations
@@ -35,6 +43,7 @@ from .waiting import MAX_REMEMBERED_LEASES, Waiter, Waiting, Waker
 __all__ = [
     "MAX_REMEMBERED_LEASES",
     "MAX_RUNNING_LISTED",
+    "MAX_POLL",
     "MAX_WAIT",
     "MIN_REDIS",
     "SUMMARY_INTERVAL",

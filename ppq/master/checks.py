@@ -32,8 +32,10 @@ from ..task import (
     show,
 )
 
-# Longest long-poll a worker may ask for, in seconds.
+# Longest wait of get_task(s) and wait_task(s), in seconds: each holds a server thread.
 MAX_WAIT = 30.0
+# Longest long-poll of report (a worker agent's), in seconds: it waits without a thread.
+MAX_POLL = 300.0
 # The worker_info fields a master keeps (what ppq's worker agent sends and `ppq status` /
 # `ppq workers` read): text fields with their longest length, and numbers.
 WORKER_TEXT_FIELDS = {"host": 255, "pool": 32, "control_uri": 300}

@@ -19,6 +19,7 @@ from ..errors import CodecError, InvalidTaskError, LeaseLostError
 from ..store import Store
 from ..task import FAILED, QUEUED, check_push, check_queue_index, check_task_id, show
 from .checks import (
+    MAX_POLL,
     MAX_WAIT,
     check_batch,
     encode_result,
@@ -260,7 +261,7 @@ class Master(Operations, Scheduling, Limiting, Waiting):
         if not isinstance(reports, (list, tuple)) or len(reports) > self.limits.max_batch:
             raise InvalidTaskError(f"reports must be a list of at most {self.limits.max_batch} dicts")
         want = int(required_number("want", want, 0, self.limits.max_batch))
-        wait = required_number("wait", wait, 0, MAX_WAIT)
+        wait = required_number("wait", wait, 0, MAX_POLL)
         checked = []
         for i, r in enumerate(reports):
             if not isinstance(r, Mapping):

@@ -85,7 +85,7 @@ class ParkedWaiter(Waiter):
     whoever ends the wait: a push's hand-off, a wake-up's look, the deadline, release_worker,
     the master's stop (:class:`Waiting`). Exactly one reply goes out (the HeldReply's claim)."""
 
-    __slots__ = ("held", "owner", "store", "deadline", "reply_of")
+    __slots__ = ("held", "owner", "store", "deadline", "reply_of", "quiet")
 
     def __init__(self, wid: str, count: int, seen: float, allow: str, held: rpc.HeldReply, owner: Waiting,
                  store: Store, deadline: float, reply_of: Callable[[list[dict[str, Any]]], Any]) -> None:
@@ -103,6 +103,8 @@ class ParkedWaiter(Waiter):
         self.deadline = deadline
         # The call's reply, given the tasks leased: the same dict the method returns when it does not wait.
         self.reply_of = reply_of
+        # Seconds its worker counts as live after a call that does not wait (``seen`` less the wait).
+        self.quiet = seen
 
     def __lt__(self, other: ParkedWaiter) -> bool:  # heap order on equal deadlines
         return id(self) < id(other)
@@ -417,6 +419,7 @@ class Waiting:
             if tasks:
                 return tasks
         waiter = ParkedWaiter(wid, count, seen, allow, held, self, store, now + wait, reply_of)
+        waiter.quiet = max(seen - wait, 1.0)
         while not waker.park(waiter, generation):
             # Woken since the lease looked: look again.
             generation = waker.generation
@@ -467,6 +470,15 @@ class Waiting:
         """The client of a parked long-poll went away (the selector thread: no store calls here)."""
         self.wakers[waiter.store.queue_index].discard(waiter)
         self._settled(waiter, True)
+        waiter.held.submit(self._cut_off, waiter)
+
+    def _cut_off(self, waiter: ParkedWaiter) -> None:
+        """A pool job: the worker of a long-poll whose client went away (killed, say) counts as
+        live no longer than it would after a heartbeat now, instead of past the poll's end."""
+        try:
+            waiter.store.listed_at_most(waiter.wid, waiter.quiet)
+        except StorageError:
+            pass
 
     def _woken(self, waiter: ParkedWaiter) -> None:
         """A wake-up took a parked long-poll off its Waker's idle list: look for tasks in a pool thread."""

@@ -72,6 +72,13 @@ class Presence:
         pipe.execute()
 
     @storage_errors
+    def listed_at_most(self, worker_id: str, seconds: float) -> None:
+        """Have a listed worker count as live ``seconds`` more at most (its long-poll, which
+        listed it past its own end, was cut off: the worker may be gone)."""
+        now = float(self.redis.time()[0])
+        self.redis.zadd(self.prefix + "workers:seen", {worker_id: now + seconds}, xx=True, lt=True)
+
+    @storage_errors
     def add_waiter(self, member: str, seconds: float) -> None:
         """Register a long-poll, so that pushes publish a wake-up while it waits."""
         now = float(self.redis.time()[0])

@@ -30,6 +30,8 @@ GRACEFUL = "graceful"
 RESTART = "restart"
 NOW = "now"
 
+# Longest long-poll a master takes (ppq.master.MAX_POLL), in seconds.
+LONGEST_POLL = 300.0
 # Seconds a call that does not wait (heartbeat, report, release) may take before the agent tries
 # another master; the long-poll may take its wait more.
 CALL_TIMEOUT = 20.0
@@ -44,7 +46,7 @@ class Agent:
         self.queue_index = w.queue_index
         self.concurrency = w.concurrency or os.cpu_count() or 1
         self.task_timeout = w.task_timeout
-        self.max_sleep = min(w.max_sleep, 30.0)
+        self.max_sleep = min(w.max_sleep, LONGEST_POLL)
         self.allowed_modules = list(w.allowed_modules)
         for package in w.autodiscover:
             if package not in self.allowed_modules:
@@ -224,7 +226,7 @@ class Agent:
         # The long-poll in flight ends at once (the master answers it with no task)...
         self._release(leaving=False)
         # ...or may still bring tasks: wait for it, then hand them back.
-        deadline = time.monotonic() + self.max_sleep + 2
+        deadline = time.monotonic() + min(self.max_sleep, CALL_TIMEOUT) + 2
         while self.fetcher.fetching.is_set() and time.monotonic() < deadline and self._stop_mode != NOW:
             time.sleep(0.02)
         with pool.cond:

@@ -31,5 +31,6 @@ for i = 7, #ARGV, 2 do
   end
 end
 redis.call('HSET', P .. 'workers', wid, ARGV[6])
-redis.call('ZADD', P .. 'workers:seen', now + seen, wid)
+-- GT: a long-poll may have listed it for longer.
+redis.call('ZADD', P .. 'workers:seen', 'GT', now + seen, wid)
 return lost
