@@ -6,7 +6,6 @@ import logging
 import marshal
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -85,36 +84,8 @@ def master_uri(address: str, objid: str = MASTER_OBJECT) -> str:
     return f"PYRO:{objid}@{host}:{port}"
 
 
-# TCP keepalive on every connection to a master: after KEEPALIVE_IDLE seconds of silence (a long-poll
-# waiting) the kernel probes every KEEPALIVE_INTERVAL seconds, and KEEPALIVE_COUNT unanswered
-# probes end the connection: a master whose machine vanished is given up in about 30 s, whatever
-# the call's own timeout (an idle worker's long-poll may wait minutes).
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 15, 5, 3
-
-
-def keep_alive(sock: Any) -> None:
-    """Turn on TCP keepalive probes on ``sock`` (where the platform has them)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                            ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
-            option = getattr(socket, name, None)
-            if option is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
-    except (OSError, AttributeError):
-        pass
-
-
 class Proxy(Pyro5.api.Proxy):
-    """A Pyro5 proxy whose plain msgpack calls take the direct path (see :func:`_direct_call`), and
-    whose connections have TCP keepalive on (:func:`keep_alive`)."""
-
-    def _pyroBind(self) -> Any:  # noqa: N802 - Pyro5's name
-        bound = super()._pyroBind()
-        connection = self._pyroConnection
-        if connection is not None:
-            keep_alive(connection.sock)
-        return bound
+    """A Pyro5 proxy whose plain msgpack calls take the direct path (see :func:`_direct_call`)."""
 
     def _pyroInvoke(self, methodname: str, vargs: Any, kwargs: Any, flags: int = 0,  # noqa: N802 - Pyro5's name
                     objectId: Any = None) -> Any:  # noqa: N803 - Pyro5's name
