@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One master, N connected idle agents long-polling: the master's CPU, and push latency meanwhile.
 
-    python bench/idle_agents.py [--agents 100,1000,10000] [--per-process 1000] [--wait 30]
+    python bench/idle_agents.py [--agents 100,1000,10000] [--per-process 1000] [--wait 240]
                                 [--heartbeat 10] [--idle-beats N] [--seconds 30] [--pushes 500] [--repo PATH]
 
 For each N: two throwaway redis-servers (queue_index 0 and 1), one ``ppq master``
@@ -221,7 +221,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", default="100,1000,10000", help="comma-separated agent counts")
     p.add_argument("--per-process", type=int, default=1000, help="fake agents (threads) per process")
-    p.add_argument("--wait", type=float, default=30.0, help="the agents' long-poll wait (worker.max_sleep: 30)")
+    p.add_argument("--wait", type=float, default=240.0, help="the agents' long-poll wait (worker.max_sleep: 240)")
     p.add_argument("--heartbeat", type=float, default=10.0,
                    help="the agents' heartbeat interval (worker.heartbeat_interval: 10)")
     p.add_argument("--idle-beats", type=int, default=0,

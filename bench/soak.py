@@ -502,6 +502,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="Keep the work directory (logs, AOF).")
     parser.add_argument("--verbose", action="store_true", help="Show every kill and the clients' fail-over warnings.")
+    parser.add_argument("--dry-run", action="store_true", help="Check the options, say what would run, start nothing.")
     args = parser.parse_args()
     if args.wait_replicas is None:
         args.wait_replicas = args.replicas
@@ -509,6 +510,15 @@ def main() -> int:
         parser.error("--replicas: at least 1 with --sentinel")
     if args.sentinel and not 0 <= args.wait_replicas <= args.replicas:
         parser.error(f"--wait-replicas: between 0 and --replicas ({args.replicas})")
+    if args.dry_run:
+        redis_kind = (f"a primary, {args.replicas} replica(s) and 3 sentinels, wait_replicas {args.wait_replicas}"
+                      if args.sentinel else "one redis-server with AOF")
+        print(f"would run {args.masters} masters and {args.workers} workers of {args.concurrency} executors on "
+              f"{redis_kind}; {args.rate:g} tasks/s for {args.seconds:g} s"
+              + (f" (or until {args.kills} kills)" if args.kills else "")
+              + f", a kill every {args.kill_every:g} s on average"
+              + (f", a failover every {args.failover_every:g} s" if args.sentinel else ""))
+        return 0
     if not args.verbose:
         logging.getLogger("ppq").setLevel(logging.ERROR)  # fail-over warnings are expected here
 

@@ -119,7 +119,7 @@ class WorkerConfig:
     queue_index: int = 0
     concurrency: int = 0
     pool: str = "processes"
-    max_sleep: float = 120.0
+    max_sleep: float = 240.0
     task_timeout: float = DEFAULT_TASK_TIMEOUT
     heartbeat_interval: float = 10.0
     prefetch: int = -1

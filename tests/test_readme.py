@@ -44,8 +44,11 @@ def readme_blocks() -> list[tuple[str, str]]:
 def console_commands(text: str) -> list[tuple[str, list[str]]]:
     """Each ``$ command`` of a console block, without its comment, with the output lines shown under it."""
     out: list[tuple[str, list[str]]] = []
-    for line in text.splitlines():
+    lines = iter(text.splitlines())
+    for line in lines:
         if line.startswith("$ "):
+            while line.endswith("\\"):  # a command continued on the next line
+                line = line[:-1] + next(lines, "")
             out.append((" ".join(shlex.split(line[2:], comments=True)), []))
         elif out:
             out[-1][1].append(line)
@@ -521,6 +524,18 @@ def asgi_commands(s: Session, text: str, ctx: dict[str, Any]) -> None:
     assert s.stop(server) == 0, s.log(server)
 
 
+def soak_command(s: Session, text: str, ctx: dict[str, Any]) -> None:
+    """The soak's command, as written, is valid for bench/soak.py as it is: its run takes ten
+    minutes (the README's table), so here it checks its options (--dry-run) and starts nothing."""
+    (command, _), = console_commands(text)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "bench/soak.py"], command
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), *argv[2:], "--dry-run"],
+                         capture_output=True, text=True, timeout=60, env=s.env())
+    assert out.returncode == 0, out.stderr
+    assert "3 masters and 8 workers" in out.stdout and "a failover every 20 s" in out.stdout, out.stdout
+
+
 # A line of each block -> how it runs.
 BLOCKS: dict[str, Callable[..., None]] = {
     "$ ppq up --demo": quickstart,
@@ -550,6 +565,7 @@ BLOCKS: dict[str, Callable[..., None]] = {
     "# webapp.py": asgi_app,
     "$ uvicorn webapp:app": asgi_commands,
     "$ ppq nameserver --host 10.0.0.1": nameserver_commands,
+    "$ python bench/soak.py --sentinel": soak_command,
 }
 
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_a_failover_loses_no_acknowledged_push_and_the_master_follows_it(tmp_pat
         config.write_text("redis:\n  wait_replicas: 1\n  wait_timeout: 0.5\n"
                           "master:\n  redis_timeout: 1.0\n  reaper_interval: 0.2\n  lease_timeout: 5\n")
         master, address = spawn.master(url, "--config", str(config))
-        spawn.worker(address, concurrency=2)
+        worker = spawn.worker(address, concurrency=2)
         runs = tmp_path / "runs"
 
         acked: dict[str, int] = {}  # task id -> its token
@@ -131,13 +132,21 @@ def test_a_failover_loses_no_acknowledged_push_and_the_master_follows_it(tmp_pat
         try:
             ids = list(tokens)
 
+            last: dict[str, Any] = {}
+
             def states() -> Counter[str]:
                 infos = [info for start in range(0, len(ids), 500)
                          for info in check("get_tasks_info", ids[start:start + 500])]
                 assert all(info["result"] == tokens[info["id"]] for info in infos if info and info["state"] == "done")
+                last["left"] = [info for info in infos if not info or info["state"] != "done"][:5]
                 return Counter(info["state"] if info else "missing" for info in infos)
 
-            wait_for(lambda: states() == {"done": len(ids)}, timeout=40, what="every acknowledged push to be done")
+            try:
+                wait_for(lambda: states() == {"done": len(ids)}, timeout=40, what="every acknowledged push to be done")
+            except AssertionError:
+                raise AssertionError(f"not done after 40 s: {states()}; some of them: {last['left']}; "
+                                     f"master log: {spawn.log(master)[-3000:]}; "
+                                     f"worker log: {spawn.log(worker)[-3000:]}") from None
         finally:
             check.close()
         assert set(tokens.values()) <= set(runs.read_text().split())
