@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -280,3 +281,20 @@ def module_master(redis_a: RedisServer, redis_b: RedisServer) -> Iterator[Master
     server = MasterServer(config).start()
     yield server
     server.stop()
+
+
+def finish_fake_agents(helpers: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    """Stop processes of tests/fake_agents.py (their stdin closed) and return their SUMMARY dicts."""
+    for h in helpers:
+        if h.stdin is not None:
+            h.stdin.close()
+    summaries = []
+    for h in helpers:
+        assert h.stdout is not None
+        text = h.stdout.read()
+        h.wait(60)
+        h.stdout.close()
+        line = next((ln for ln in text.splitlines() if ln.startswith("SUMMARY ")), None)
+        if line:
+            summaries.append(json.loads(line[len("SUMMARY "):]))
+    return summaries

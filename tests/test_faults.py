@@ -15,7 +15,6 @@ so a killed worker's tasks come back within about 2.5 s.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import random
 import signal
@@ -36,7 +35,7 @@ from ppq.embedded import RedisServer
 from ppq.errors import ConnectError, LeaseLostError, PPQError, StorageError
 from ppq.rpc import PyroFunc, make_proxy
 
-from .conftest import TESTS_DIR, Spawner, wait_for
+from .conftest import TESTS_DIR, Spawner, finish_fake_agents, wait_for
 
 LEASE = 2.0
 MASTER_ARGS = ("--lease-timeout", str(LEASE))
@@ -606,17 +605,7 @@ def test_master_serves_1000_connected_agents_and_a_real_worker(spawn: Spawner, r
         client.close()
         call.close()
     finally:
-        for h in helpers:
-            if h.stdin is not None:
-                h.stdin.close()
-        for h in helpers:
-            assert h.stdout is not None
-            line = h.stdout.read()
-            h.wait(60)
-            h.stdout.close()
-            summary = next((ln for ln in line.splitlines() if ln.startswith("SUMMARY ")), None)
-            if summary:
-                summaries.append(json.loads(summary[len("SUMMARY "):]))
+        summaries += finish_fake_agents(helpers)
     assert len(summaries) == FAKE_PROCESSES
     assert sum(s["polls"] for s in summaries) >= FAKE_PROCESSES * FAKE_PER_PROCESS
     assert sum(s["stolen"] for s in summaries) == 0

@@ -4,7 +4,6 @@ another master, its deadline, release_worker, or dropped when its client goes aw
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from ppq.codec import decode_parameters
 from ppq.master import MasterServer
 from ppq.rpc import PyroFunc
 
-from .conftest import TESTS_DIR, Spawner, address_of, wait_for
+from .conftest import TESTS_DIR, Spawner, address_of, finish_fake_agents, wait_for
 
 W1 = {"id": "parked-worker-1", "heartbeat_interval": 5}
 W2 = {"id": "parked-worker-2", "heartbeat_interval": 5}
@@ -296,17 +295,7 @@ def test_500_parked_long_polls_hold_no_threads(spawn: Spawner, redis_a: Any, red
         assert most_threads < 50, most_threads
         assert slowest < 2.0
     finally:
-        for h in helpers:
-            if h.stdin is not None:
-                h.stdin.close()
-        for h in helpers:
-            assert h.stdout is not None
-            text = h.stdout.read()
-            h.wait(60)
-            h.stdout.close()
-            line = next((ln for ln in text.splitlines() if ln.startswith("SUMMARY ")), None)
-            if line:
-                summaries.append(json.loads(line[len("SUMMARY "):]))
+        summaries += finish_fake_agents(helpers)
     assert len(summaries) == 2
     # Each agent made about one long-poll per 3 s wait, every one held its whole wait
     # (none came back early), and none failed.
