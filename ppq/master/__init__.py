@@ -38,7 +38,8 @@ from .duties import SUMMARY_INTERVAL, run_duties
 from .exposed import Master
 from .operate import Operations
 from .server import MIN_REDIS, MasterServer, open_stores, raise_open_files_limit, serve
-from .waiting import MAX_REMEMBERED_LEASES, Waiter, Waiting, Waker
+from .waiters import Waiter, Waker
+from .waiting import MAX_REMEMBERED_LEASES, Waiting
 
 __all__ = [
     "MAX_REMEMBERED_LEASES",

@@ -33,7 +33,8 @@ from .flows import build
 from .limits import Limiting
 from .operate import Operations, unrouted
 from .schedules import Scheduling
-from .waiting import Deadlines, Parked, Waiting, Waker
+from .waiters import Deadlines, Parked, Waker
+from .waiting import Waiting
 
 log = logging.getLogger("ppq.master")
 

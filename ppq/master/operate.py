@@ -19,7 +19,7 @@ from ..errors import InvalidTaskError, StorageError
 from ..store import LISTED_STATES, PURGE_BATCH, Store
 from ..task import check_task_id, show
 from .checks import check_ids, check_worker_id, required_number, spec_allows
-from .waiting import Waker
+from .waiters import Waker
 
 log = logging.getLogger("ppq.master")
 
